@@ -1,0 +1,784 @@
+//! The CPU reference backend: the readable definition of every op, and the oracle every other
+//! backend is tested against. Generic over the float type so that finite-difference checks run
+//! in f64 (`CpuBackend<f64>`) while the engine runs in f32 (`CpuBackend<f32>`).
+//!
+//! GEMMs go through the `gemm` crate (the kernels under faer), the other ops are plain loops
+//! parallelised over rows or batch entries with rayon. Reductions accumulate in f64.
+//!
+//! Gradient convention: `*_backward_dinp` write (`=`) their output gradient, except
+//! `rmsnorm_backward_dinp` and `scatter_rows_add`, which add (`+=`), as in `backend/mod.rs`.
+
+use rayon::prelude::*;
+
+use super::{relative_position_bucket, Activation, AttnDims, AttnMask, Backend, Gemm, RelBias};
+
+/// The float types the CPU backend runs in.
+pub trait Float:
+    num_traits::Float
+    + num_traits::NumAssign
+    + Default
+    + std::fmt::Debug
+    + std::iter::Sum
+    + Send
+    + Sync
+    + 'static
+{
+    fn of(x: f64) -> Self;
+    fn f64(self) -> f64;
+    fn of_f32(x: f32) -> Self;
+    fn f32(self) -> f32;
+}
+
+impl Float for f32 {
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+    fn f64(self) -> f64 {
+        self as f64
+    }
+    fn of_f32(x: f32) -> Self {
+        x
+    }
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Float for f64 {
+    fn of(x: f64) -> Self {
+        x
+    }
+    fn f64(self) -> f64 {
+        self
+    }
+    fn of_f32(x: f32) -> Self {
+        x as f64
+    }
+    fn f32(self) -> f32 {
+        self as f32
+    }
+}
+
+/// The CPU backend in float type `T`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend<T> {
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Float> CpuBackend<T> {
+    pub fn new() -> Self {
+        CpuBackend {
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+/// Below this many multiply-adds a GEMM runs on one thread: spawning costs more than it saves.
+const GEMM_PARALLEL_MIN: usize = 1 << 18;
+
+/// `out (M, N) = alpha·op(a)·op(b) [+ out]` on raw slices; see [`Gemm`]. Used by the trait's
+/// `matmul` and inside attention.
+fn gemm_slices<T: Float>(out: &mut [T], a: &[T], b: &[T], g: Gemm, parallel: bool) {
+    let Gemm {
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+        alpha,
+        accumulate,
+    } = g;
+    assert_eq!(
+        out.len(),
+        m * n,
+        "matmul: out has {} elements, not M·N",
+        out.len()
+    );
+    assert_eq!(
+        a.len(),
+        m * k,
+        "matmul: a has {} elements, not M·K",
+        a.len()
+    );
+    assert_eq!(
+        b.len(),
+        k * n,
+        "matmul: b has {} elements, not K·N",
+        b.len()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(T::zero());
+        }
+        return;
+    }
+    // Row and column strides of op(a) and op(b) in their row-major storage.
+    let (a_rs, a_cs) = if trans_a {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (b_rs, b_cs) = if trans_b {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
+    let parallelism = if parallel && m * n * k >= GEMM_PARALLEL_MIN {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index the strides reach: out is M×N row-major,
+    // op(a) reads M×K and op(b) K×N elements of buffers of exactly that size.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            T::one(),
+            T::of(alpha),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// The bias of every relative position `key - query` in `-(T-1) ..= S-1`, per head:
+/// `(T+S-1, H)`, row `rel + T - 1`. Built once per call so the inner loops only index.
+fn relative_bias_rows<T: Float>(
+    bias: &RelBias<'_, Vec<T>>,
+    t: usize,
+    s: usize,
+    h: usize,
+) -> Vec<T> {
+    assert_eq!(
+        bias.table.len(),
+        bias.num_buckets * h,
+        "relative bias table is not (num_buckets, H)"
+    );
+    let mut rows = Vec::with_capacity((t + s - 1) * h);
+    for rel in -(t as i64 - 1)..(s as i64) {
+        let bucket =
+            relative_position_bucket(rel, bias.bidirectional, bias.num_buckets, bias.max_distance);
+        rows.extend_from_slice(&bias.table[bucket * h..(bucket + 1) * h]);
+    }
+    rows
+}
+
+/// Scores of one query row against all keys of one head: `scores (S)`, masked entries `-inf`.
+#[allow(clippy::too_many_arguments)]
+fn score_row<T: Float>(
+    scores: &mut [T],
+    q_row: &[T],
+    k_b: &[T],
+    key_mask_b: &[i32],
+    bias_rows: Option<&[T]>,
+    causal: bool,
+    scale: T,
+    i: usize,
+    hh: usize,
+    kvh: usize,
+    dims: AttnDims,
+) {
+    let AttnDims { t, h, h_kv, d, .. } = dims;
+    for (j, score) in scores.iter_mut().enumerate() {
+        if key_mask_b[j] == 0 || (causal && j > i) {
+            *score = T::neg_infinity();
+            continue;
+        }
+        let k_row = &k_b[j * h_kv * d + kvh * d..][..d];
+        let dot: T = q_row.iter().zip(k_row).map(|(&x, &y)| x * y).sum();
+        let mut value = scale * dot;
+        if let Some(rows) = bias_rows {
+            value += rows[(j + t - 1 - i) * h + hh];
+        }
+        *score = value;
+    }
+}
+
+impl<T: Float> Backend for CpuBackend<T> {
+    type Tensor = Vec<T>;
+    type Index = Vec<i32>;
+
+    fn name(&self) -> String {
+        format!("cpu-{}", std::any::type_name::<T>())
+    }
+
+    fn zeros(&self, len: usize) -> Vec<T> {
+        vec![T::zero(); len]
+    }
+
+    fn from_f32(&self, data: Vec<f32>) -> Vec<T> {
+        // For T = f32 this is a move; the generic path converts.
+        let any: Box<dyn std::any::Any> = Box::new(data);
+        match any.downcast::<Vec<T>>() {
+            Ok(same) => *same,
+            Err(any) => match any.downcast::<Vec<f32>>() {
+                Ok(data) => data.into_iter().map(T::of_f32).collect(),
+                Err(_) => unreachable!("downcast of Vec<f32> to Vec<f32> failed"),
+            },
+        }
+    }
+
+    fn from_f64(&self, data: &[f64]) -> Vec<T> {
+        data.iter().map(|&x| T::of(x)).collect()
+    }
+
+    fn to_f32(&self, x: &Vec<T>) -> Vec<f32> {
+        x.iter().map(|v| v.f32()).collect()
+    }
+
+    fn to_f64(&self, x: &Vec<T>) -> Vec<f64> {
+        x.iter().map(|v| v.f64()).collect()
+    }
+
+    fn copy(&self, x: &Vec<T>) -> Vec<T> {
+        x.clone()
+    }
+
+    fn index(&self, data: &[i32]) -> Vec<i32> {
+        data.to_vec()
+    }
+
+    fn len(&self, x: &Vec<T>) -> usize {
+        x.len()
+    }
+
+    fn fill_zero(&self, x: &mut Vec<T>) {
+        x.fill(T::zero());
+    }
+
+    fn add_assign(&self, dst: &mut Vec<T>, src: &Vec<T>) {
+        assert_eq!(dst.len(), src.len(), "add_assign: lengths differ");
+        dst.par_iter_mut()
+            .with_min_len(1 << 14)
+            .zip(src.par_iter())
+            .for_each(|(d, &s)| *d += s);
+    }
+
+    fn matmul(&self, out: &mut Vec<T>, a: &Vec<T>, b: &Vec<T>, g: Gemm) {
+        gemm_slices(out, a, b, g, true);
+    }
+
+    fn gather_rows(&self, out: &mut Vec<T>, table: &Vec<T>, rows: &Vec<i32>, m: usize, c: usize) {
+        assert_eq!(out.len(), m * c, "gather_rows: out is not (M, C)");
+        assert_eq!(rows.len(), m, "gather_rows: rows is not (M)");
+        let r = table.len() / c;
+        for (dst, &row) in out.chunks_exact_mut(c).zip(rows) {
+            let row = usize::try_from(row).ok().filter(|&x| x < r);
+            let row = row.unwrap_or_else(|| panic!("gather_rows: row index out of 0..{r}"));
+            dst.copy_from_slice(&table[row * c..(row + 1) * c]);
+        }
+    }
+
+    fn scatter_rows_add(
+        &self,
+        dtable: &mut Vec<T>,
+        dout: &Vec<T>,
+        rows: &Vec<i32>,
+        m: usize,
+        c: usize,
+    ) {
+        assert_eq!(dout.len(), m * c, "scatter_rows_add: dout is not (M, C)");
+        assert_eq!(rows.len(), m, "scatter_rows_add: rows is not (M)");
+        let r = dtable.len() / c;
+        for (src, &row) in dout.chunks_exact(c).zip(rows) {
+            let row = usize::try_from(row).ok().filter(|&x| x < r);
+            let row = row.unwrap_or_else(|| panic!("scatter_rows_add: row index out of 0..{r}"));
+            for (d, &s) in dtable[row * c..(row + 1) * c].iter_mut().zip(src) {
+                *d += s;
+            }
+        }
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        inp: &Vec<T>,
+        weight: &Vec<T>,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) {
+        assert_eq!(inp.len(), n * c, "rmsnorm_forward: inp is not (N, C)");
+        assert_eq!(out.len(), n * c, "rmsnorm_forward: out is not (N, C)");
+        assert_eq!(rstd.len(), n, "rmsnorm_forward: rstd is not (N)");
+        assert_eq!(weight.len(), c, "rmsnorm_forward: weight is not (C)");
+        out.par_chunks_mut(c)
+            .zip(rstd.par_iter_mut())
+            .zip(inp.par_chunks(c))
+            .for_each(|((y, r), x)| {
+                let mean_sq = x.iter().map(|&v| v.f64() * v.f64()).sum::<f64>() / c as f64;
+                *r = T::of(1.0 / (mean_sq + eps).sqrt());
+                for ((yi, &xi), &wi) in y.iter_mut().zip(x).zip(weight) {
+                    *yi = wi * (xi * *r);
+                }
+            });
+    }
+
+    fn rmsnorm_backward_dinp(
+        &self,
+        dinp: &mut Vec<T>,
+        dout: &Vec<T>,
+        inp: &Vec<T>,
+        weight: &Vec<T>,
+        rstd: &Vec<T>,
+        n: usize,
+        c: usize,
+    ) {
+        assert_eq!(
+            dinp.len(),
+            n * c,
+            "rmsnorm_backward_dinp: dinp is not (N, C)"
+        );
+        assert_eq!(
+            dout.len(),
+            n * c,
+            "rmsnorm_backward_dinp: dout is not (N, C)"
+        );
+        assert_eq!(inp.len(), n * c, "rmsnorm_backward_dinp: inp is not (N, C)");
+        assert_eq!(rstd.len(), n, "rmsnorm_backward_dinp: rstd is not (N)");
+        // y = w·x·r with r = (mean(x²) + eps)^-½, so
+        // dx_i = r·w_i·dy_i − r³/C · x_i · Σ_j w_j·dy_j·x_j.
+        dinp.par_chunks_mut(c)
+            .zip(dout.par_chunks(c))
+            .zip(inp.par_chunks(c))
+            .zip(rstd.par_iter())
+            .for_each(|(((dx, dy), x), &r)| {
+                let dot: f64 = dy
+                    .iter()
+                    .zip(x)
+                    .zip(weight)
+                    .map(|((&g, &xi), &wi)| (g * wi * xi).f64())
+                    .sum();
+                let r64 = r.f64();
+                let coef = T::of(r64 * r64 * r64 * dot / c as f64);
+                for (((dxi, &g), &xi), &wi) in dx.iter_mut().zip(dy).zip(x).zip(weight) {
+                    *dxi += r * wi * g - coef * xi;
+                }
+            });
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut Vec<T>,
+        lse: &mut Vec<T>,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        mask: AttnMask<'_, Vec<i32>>,
+        bias: Option<RelBias<'_, Vec<T>>>,
+        scale: f64,
+        dims: AttnDims,
+    ) {
+        let AttnDims {
+            b,
+            t,
+            s,
+            h,
+            h_kv,
+            d,
+        } = dims;
+        check_attention_dims(dims, q, k, v, mask.key_mask);
+        assert_eq!(
+            out.len(),
+            b * t * h * d,
+            "attention_forward: out is not (B, T, H·D)"
+        );
+        assert_eq!(
+            lse.len(),
+            b * h * t,
+            "attention_forward: lse is not (B, H, T)"
+        );
+        let bias_rows = bias.map(|bias| relative_bias_rows(&bias, t, s, h));
+        let scale = T::of(scale);
+        let group = h / h_kv;
+
+        out.par_chunks_mut(t * h * d)
+            .zip(lse.par_chunks_mut(h * t))
+            .enumerate()
+            .for_each(|(bi, (out_b, lse_b))| {
+                let q_b = &q[bi * t * h * d..][..t * h * d];
+                let k_b = &k[bi * s * h_kv * d..][..s * h_kv * d];
+                let v_b = &v[bi * s * h_kv * d..][..s * h_kv * d];
+                let key_mask_b = &mask.key_mask[bi * s..][..s];
+                let mut scores = vec![T::zero(); s];
+                for hh in 0..h {
+                    let kvh = hh / group;
+                    for i in 0..t {
+                        let q_row = &q_b[i * h * d + hh * d..][..d];
+                        score_row(
+                            &mut scores,
+                            q_row,
+                            k_b,
+                            key_mask_b,
+                            bias_rows.as_deref(),
+                            mask.causal,
+                            scale,
+                            i,
+                            hh,
+                            kvh,
+                            dims,
+                        );
+                        let o_row = &mut out_b[i * h * d + hh * d..][..d];
+                        o_row.fill(T::zero());
+                        let max = scores.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                        if max == T::neg_infinity() {
+                            // No key may be attended to: the row outputs zeros (and gets no gradient).
+                            lse_b[hh * t + i] = T::neg_infinity();
+                            continue;
+                        }
+                        let sum: f64 = scores.iter().map(|&x| (x - max).exp().f64()).sum();
+                        let row_lse = max + T::of(sum.ln());
+                        lse_b[hh * t + i] = row_lse;
+                        for (j, &score) in scores.iter().enumerate() {
+                            if score == T::neg_infinity() {
+                                continue;
+                            }
+                            let p = (score - row_lse).exp();
+                            let v_row = &v_b[j * h_kv * d + kvh * d..][..d];
+                            for (o, &vv) in o_row.iter_mut().zip(v_row) {
+                                *o += p * vv;
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    fn attention_backward_dinp(
+        &self,
+        dq: &mut Vec<T>,
+        dk: &mut Vec<T>,
+        dv: &mut Vec<T>,
+        dout: &Vec<T>,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        out: &Vec<T>,
+        lse: &Vec<T>,
+        mask: AttnMask<'_, Vec<i32>>,
+        bias: Option<RelBias<'_, Vec<T>>>,
+        scale: f64,
+        dims: AttnDims,
+    ) {
+        let AttnDims {
+            b,
+            t,
+            s,
+            h,
+            h_kv,
+            d,
+        } = dims;
+        check_attention_dims(dims, q, k, v, mask.key_mask);
+        assert_eq!(
+            dq.len(),
+            q.len(),
+            "attention_backward_dinp: dq is not (B, T, H·D)"
+        );
+        assert_eq!(
+            dk.len(),
+            k.len(),
+            "attention_backward_dinp: dk is not (B, S, Hkv·D)"
+        );
+        assert_eq!(
+            dv.len(),
+            v.len(),
+            "attention_backward_dinp: dv is not (B, S, Hkv·D)"
+        );
+        assert_eq!(
+            dout.len(),
+            q.len(),
+            "attention_backward_dinp: dout is not (B, T, H·D)"
+        );
+        assert_eq!(
+            out.len(),
+            q.len(),
+            "attention_backward_dinp: out is not (B, T, H·D)"
+        );
+        assert_eq!(
+            lse.len(),
+            b * h * t,
+            "attention_backward_dinp: lse is not (B, H, T)"
+        );
+        let bias_rows = bias.map(|bias| relative_bias_rows(&bias, t, s, h));
+        let scale_t = T::of(scale);
+        let group = h / h_kv;
+
+        // With P the probabilities (recomputed from the saved log-sum-exp) and O = P·V:
+        // dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = scale·dS·K, dK = scale·dSᵀ·Q.
+        dq.par_chunks_mut(t * h * d)
+            .zip(dk.par_chunks_mut(s * h_kv * d))
+            .zip(dv.par_chunks_mut(s * h_kv * d))
+            .enumerate()
+            .for_each(|(bi, ((dq_b, dk_b), dv_b))| {
+                let q_b = &q[bi * t * h * d..][..t * h * d];
+                let k_b = &k[bi * s * h_kv * d..][..s * h_kv * d];
+                let v_b = &v[bi * s * h_kv * d..][..s * h_kv * d];
+                let o_b = &out[bi * t * h * d..][..t * h * d];
+                let do_b = &dout[bi * t * h * d..][..t * h * d];
+                let lse_b = &lse[bi * h * t..][..h * t];
+                let key_mask_b = &mask.key_mask[bi * s..][..s];
+                dq_b.fill(T::zero());
+                dk_b.fill(T::zero());
+                dv_b.fill(T::zero());
+                let mut scores = vec![T::zero(); s];
+                for hh in 0..h {
+                    let kvh = hh / group;
+                    for i in 0..t {
+                        let row_lse = lse_b[hh * t + i];
+                        if row_lse == T::neg_infinity() {
+                            continue;
+                        }
+                        let q_row = &q_b[i * h * d + hh * d..][..d];
+                        let do_row = &do_b[i * h * d + hh * d..][..d];
+                        let o_row = &o_b[i * h * d + hh * d..][..d];
+                        score_row(
+                            &mut scores,
+                            q_row,
+                            k_b,
+                            key_mask_b,
+                            bias_rows.as_deref(),
+                            mask.causal,
+                            scale_t,
+                            i,
+                            hh,
+                            kvh,
+                            dims,
+                        );
+                        let delta: T = do_row.iter().zip(o_row).map(|(&x, &y)| x * y).sum();
+                        for (j, &score) in scores.iter().enumerate() {
+                            if score == T::neg_infinity() {
+                                continue;
+                            }
+                            let p = (score - row_lse).exp();
+                            let kv_off = j * h_kv * d + kvh * d;
+                            let v_row = &v_b[kv_off..][..d];
+                            let dp: T = do_row.iter().zip(v_row).map(|(&x, &y)| x * y).sum();
+                            let ds = p * (dp - delta) * scale_t;
+                            for (dvv, &g) in dv_b[kv_off..][..d].iter_mut().zip(do_row) {
+                                *dvv += p * g;
+                            }
+                            let k_row = &k_b[kv_off..][..d];
+                            let dq_row = &mut dq_b[i * h * d + hh * d..][..d];
+                            for (dqq, &kk) in dq_row.iter_mut().zip(k_row) {
+                                *dqq += ds * kk;
+                            }
+                            for (dkk, &qq) in dk_b[kv_off..][..d].iter_mut().zip(q_row) {
+                                *dkk += ds * qq;
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    fn gated_act_forward(
+        &self,
+        out: &mut Vec<T>,
+        a: &Vec<T>,
+        gate: Option<&Vec<T>>,
+        act: Activation,
+        len: usize,
+    ) {
+        assert_eq!(
+            out.len(),
+            len,
+            "gated_act_forward: out has the wrong length"
+        );
+        assert_eq!(a.len(), len, "gated_act_forward: a has the wrong length");
+        match gate {
+            Some(gate) => {
+                assert_eq!(
+                    gate.len(),
+                    len,
+                    "gated_act_forward: gate has the wrong length"
+                );
+                out.par_iter_mut()
+                    .with_min_len(1 << 12)
+                    .zip(a.par_iter().zip(gate.par_iter()))
+                    .for_each(|(o, (&x, &g))| *o = activation(act, x) * g);
+            }
+            None => out
+                .par_iter_mut()
+                .with_min_len(1 << 12)
+                .zip(a.par_iter())
+                .for_each(|(o, &x)| *o = activation(act, x)),
+        }
+    }
+
+    fn gated_act_backward_dinp(
+        &self,
+        da: &mut Vec<T>,
+        dgate: Option<&mut Vec<T>>,
+        dout: &Vec<T>,
+        a: &Vec<T>,
+        gate: Option<&Vec<T>>,
+        act: Activation,
+        len: usize,
+    ) {
+        assert_eq!(
+            da.len(),
+            len,
+            "gated_act_backward_dinp: da has the wrong length"
+        );
+        assert_eq!(
+            dout.len(),
+            len,
+            "gated_act_backward_dinp: dout has the wrong length"
+        );
+        assert_eq!(
+            a.len(),
+            len,
+            "gated_act_backward_dinp: a has the wrong length"
+        );
+        match (gate, dgate) {
+            (Some(gate), Some(dgate)) => {
+                assert_eq!(
+                    gate.len(),
+                    len,
+                    "gated_act_backward_dinp: gate has the wrong length"
+                );
+                assert_eq!(
+                    dgate.len(),
+                    len,
+                    "gated_act_backward_dinp: dgate has the wrong length"
+                );
+                da.par_iter_mut()
+                    .with_min_len(1 << 12)
+                    .zip(dgate.par_iter_mut())
+                    .zip(dout.par_iter().zip(a.par_iter().zip(gate.par_iter())))
+                    .for_each(|((dx, dg), (&g, (&x, &gv)))| {
+                        *dx = g * gv * activation_grad(act, x);
+                        *dg = g * activation(act, x);
+                    });
+            }
+            (None, None) => da
+                .par_iter_mut()
+                .with_min_len(1 << 12)
+                .zip(dout.par_iter().zip(a.par_iter()))
+                .for_each(|(dx, (&g, &x))| *dx = g * activation_grad(act, x)),
+            _ => {
+                panic!("gated_act_backward_dinp: gate and dgate must both be given or both absent")
+            }
+        }
+    }
+
+    fn cross_entropy_forward_backward(
+        &self,
+        losses: &mut Vec<T>,
+        dlogits: &mut Vec<T>,
+        logits: &Vec<T>,
+        targets: &Vec<i32>,
+        dloss: f64,
+        m: usize,
+        v: usize,
+    ) {
+        assert_eq!(losses.len(), m, "cross_entropy: losses is not (M)");
+        assert_eq!(dlogits.len(), m * v, "cross_entropy: dlogits is not (M, V)");
+        assert_eq!(logits.len(), m * v, "cross_entropy: logits is not (M, V)");
+        assert_eq!(targets.len(), m, "cross_entropy: targets is not (M)");
+        let dloss = T::of(dloss);
+        losses
+            .par_iter_mut()
+            .zip(dlogits.par_chunks_mut(v))
+            .zip(logits.par_chunks(v).zip(targets.par_iter()))
+            .for_each(|((loss, dl), (l, &target))| {
+                let target = usize::try_from(target).ok().filter(|&x| x < v);
+                let target =
+                    target.unwrap_or_else(|| panic!("cross_entropy: target out of 0..{v}"));
+                let max = l.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                let sum: f64 = l.iter().map(|&x| (x - max).exp().f64()).sum();
+                let lse = max + T::of(sum.ln());
+                *loss = lse - l[target];
+                for (j, (g, &x)) in dl.iter_mut().zip(l).enumerate() {
+                    let onehot = if j == target { T::one() } else { T::zero() };
+                    *g = dloss * ((x - lse).exp() - onehot);
+                }
+            });
+    }
+}
+
+fn check_attention_dims<T>(dims: AttnDims, q: &[T], k: &[T], v: &[T], key_mask: &[i32]) {
+    let AttnDims {
+        b,
+        t,
+        s,
+        h,
+        h_kv,
+        d,
+    } = dims;
+    assert!(
+        h_kv > 0 && h % h_kv == 0,
+        "attention: H = {h} is not a multiple of Hkv = {h_kv}"
+    );
+    assert_eq!(q.len(), b * t * h * d, "attention: q is not (B, T, H·D)");
+    assert_eq!(
+        k.len(),
+        b * s * h_kv * d,
+        "attention: k is not (B, S, Hkv·D)"
+    );
+    assert_eq!(
+        v.len(),
+        b * s * h_kv * d,
+        "attention: v is not (B, S, Hkv·D)"
+    );
+    assert_eq!(key_mask.len(), b * s, "attention: key_mask is not (B, S)");
+}
+
+/// `act(x)` for one element.
+pub fn activation<T: Float>(act: Activation, x: T) -> T {
+    match act {
+        Activation::Relu => x.max(T::zero()),
+        Activation::GeluTanh => {
+            let c = T::of((2.0 / std::f64::consts::PI).sqrt());
+            let u = c * (x + T::of(0.044715) * x * x * x);
+            T::of(0.5) * x * (T::one() + u.tanh())
+        }
+        Activation::Silu => x / (T::one() + (-x).exp()),
+    }
+}
+
+/// `d act(x) / dx` for one element. ReLU's derivative at 0 is 0, as in PyTorch.
+pub fn activation_grad<T: Float>(act: Activation, x: T) -> T {
+    match act {
+        Activation::Relu => {
+            if x > T::zero() {
+                T::one()
+            } else {
+                T::zero()
+            }
+        }
+        Activation::GeluTanh => {
+            let c = T::of((2.0 / std::f64::consts::PI).sqrt());
+            let k = T::of(0.044715);
+            let u = c * (x + k * x * x * x);
+            let th = u.tanh();
+            let du = c * (T::one() + T::of(3.0) * k * x * x);
+            T::of(0.5) * (T::one() + th) + T::of(0.5) * x * (T::one() - th * th) * du
+        }
+        Activation::Silu => {
+            let sig = T::one() / (T::one() + (-x).exp());
+            sig * (T::one() + x * (T::one() - sig))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

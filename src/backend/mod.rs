@@ -1,0 +1,388 @@
+//! The ops that models and prompt methods are written in, and nothing more.
+//!
+//! A [`Backend`] owns its buffers: `Tensor` holds floats of the backend's storage type (f32 or f64
+//! on the CPU; bf16 or f32 on a GPU), `Index` holds i32 (token ids, masks, row indices). Tensors
+//! are flat, contiguous and row-major; every op takes its dimensions explicitly, outputs first,
+//! then inputs, then dimensions, with the shape of each buffer in a comment.
+//!
+//! Gradient conventions (see docs/architecture.md): `*_backward_dinp` ops compute only the
+//! gradient of their input, never of weights. They write (`=`) their output gradient, except
+//! [`Backend::rmsnorm_backward_dinp`] and [`Backend::scatter_rows_add`], which add (`+=`) because
+//! their input is the residual stream, whose gradient collects contributions from several places.
+
+pub mod cpu;
+
+// Scalar parameters (alpha, eps, scale, dloss) are f64 so that the f64 CPU backend computes
+// exactly what an f64 reference does; f32 backends round them once.
+
+/// Dimensions of a GEMM `out (M, N) = alpha · op(a) · op(b) [+ out]`.
+///
+/// `op(a)` is `a (M, K)`, or `aᵀ` with `a` stored as `(K, M)` when `trans_a`; likewise `op(b)` is
+/// `b (K, N)`, or `bᵀ` with `b` stored as `(N, K)` when `trans_b`.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f64,
+    /// Add to `out` instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl Gemm {
+    /// `out (M, N) = a (M, K) · b (K, N)`.
+    pub fn nn(m: usize, n: usize, k: usize) -> Self {
+        Gemm {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            accumulate: false,
+        }
+    }
+
+    /// `out (M, N) = a (M, K) · bᵀ` with `b (N, K)`: a linear layer with a PyTorch weight.
+    pub fn nt(m: usize, n: usize, k: usize) -> Self {
+        Gemm {
+            trans_b: true,
+            ..Gemm::nn(m, n, k)
+        }
+    }
+
+    pub fn alpha(self, alpha: f64) -> Self {
+        Gemm { alpha, ..self }
+    }
+
+    pub fn accumulate(self, accumulate: bool) -> Self {
+        Gemm { accumulate, ..self }
+    }
+}
+
+/// Dimensions of multi-head attention. Queries are `(B, T, H·D)`, keys and values `(B, S, Hkv·D)`
+/// with the heads side by side in a row, exactly as the projections write them (no transposes).
+#[derive(Debug, Clone, Copy)]
+pub struct AttnDims {
+    pub b: usize,
+    /// Query positions.
+    pub t: usize,
+    /// Key positions.
+    pub s: usize,
+    /// Query heads.
+    pub h: usize,
+    /// Key/value heads (`h` for T5; fewer for grouped-query attention). Must divide `h`.
+    pub h_kv: usize,
+    /// Width of one head.
+    pub d: usize,
+}
+
+/// How scores are masked and biased before the softmax.
+pub struct AttnMask<'a, I> {
+    /// `(B, S)`: 1 for keys that may be attended to, 0 for padding.
+    pub key_mask: &'a I,
+    /// Query `i` sees only keys `j ≤ i` (decoder self-attention).
+    pub causal: bool,
+}
+
+/// The T5 relative-position bias, computed from bucket ids inside the op: no `(B, H, T, S)` tensor.
+pub struct RelBias<'a, X> {
+    /// `(num_buckets, H)`: the learned bias of each bucket and head.
+    pub table: &'a X,
+    /// Encoder: both directions; decoder self-attention: keys before the query only.
+    pub bidirectional: bool,
+    pub num_buckets: usize,
+    pub max_distance: usize,
+}
+
+// Manual impls: a derive would require `I: Copy` / `X: Copy`, but only references are copied.
+impl<I> Clone for AttnMask<'_, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<I> Copy for AttnMask<'_, I> {}
+impl<X> Clone for RelBias<'_, X> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<X> Copy for RelBias<'_, X> {}
+
+/// The activation of a (gated) feed-forward block: `act(a) · gate`, or `act(a)` without a gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Relu,
+    /// HF's `gelu_new`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+    GeluTanh,
+    /// `x·sigmoid(x)` (Llama's SwiGLU).
+    Silu,
+}
+
+/// The bucket of the relative position `key - query`, exactly as Hugging Face's
+/// `T5Attention._relative_position_bucket` computes it. The logarithmic part runs in f32 as in
+/// PyTorch: bucket boundaries depend on f32 rounding, and every backend must agree on them.
+pub fn relative_position_bucket(
+    relative_position: i64,
+    bidirectional: bool,
+    num_buckets: usize,
+    max_distance: usize,
+) -> usize {
+    let mut num_buckets = num_buckets as i64;
+    let mut bucket = 0i64;
+    let distance = if bidirectional {
+        num_buckets /= 2;
+        if relative_position > 0 {
+            bucket += num_buckets;
+        }
+        relative_position.abs()
+    } else {
+        // Only keys at or before the query get their own buckets; later keys share bucket 0.
+        (-relative_position).max(0)
+    };
+    let max_exact = num_buckets / 2;
+    if distance < max_exact {
+        bucket += distance;
+    } else {
+        let ratio = (distance as f32 / max_exact as f32).ln();
+        let span = ((max_distance as f64) / (max_exact as f64)).ln() as f32;
+        let large = max_exact + (ratio / span * (num_buckets - max_exact) as f32) as i64;
+        bucket += large.min(num_buckets - 1);
+    }
+    bucket as usize
+}
+
+/// The ops of the engine. See the module docs for the conventions.
+pub trait Backend: Sync {
+    /// A flat buffer of the backend's float type.
+    type Tensor: Send + Sync;
+    /// A flat buffer of i32.
+    type Index: Send + Sync;
+
+    /// A short name for logs: "cpu-f32", "cpu-f64", ...
+    fn name(&self) -> String;
+
+    // ---- buffers --------------------------------------------------------------------------
+
+    fn zeros(&self, len: usize) -> Self::Tensor;
+    /// Takes ownership of host data (no copy where the backend stores f32 on the host).
+    fn from_f32(&self, data: Vec<f32>) -> Self::Tensor;
+    fn from_f64(&self, data: &[f64]) -> Self::Tensor;
+    fn to_f32(&self, x: &Self::Tensor) -> Vec<f32>;
+    fn to_f64(&self, x: &Self::Tensor) -> Vec<f64>;
+    fn copy(&self, x: &Self::Tensor) -> Self::Tensor;
+    fn index(&self, data: &[i32]) -> Self::Index;
+    fn len(&self, x: &Self::Tensor) -> usize;
+
+    // ---- elementwise ----------------------------------------------------------------------
+
+    fn fill_zero(&self, x: &mut Self::Tensor);
+    /// `dst += src`, same length.
+    fn add_assign(&self, dst: &mut Self::Tensor, src: &Self::Tensor);
+
+    // ---- GEMM -----------------------------------------------------------------------------
+
+    /// `out = alpha · op(a) · op(b)`, or `out += ...` with `g.accumulate`. See [`Gemm`].
+    fn matmul(&self, out: &mut Self::Tensor, a: &Self::Tensor, b: &Self::Tensor, g: Gemm);
+
+    /// A linear layer with a PyTorch weight: `out (N, OC) = inp (N, IC) · wᵀ`, `w (OC, IC)`.
+    fn linear_forward(
+        &self,
+        out: &mut Self::Tensor,
+        inp: &Self::Tensor,
+        w: &Self::Tensor,
+        n: usize,
+        ic: usize,
+        oc: usize,
+    ) {
+        self.matmul(out, inp, w, Gemm::nt(n, oc, ic));
+    }
+
+    /// Input gradient of [`Backend::linear_forward`]: `dinp (N, IC) (=, or += with accumulate)
+    /// = dout (N, OC) · w`, `w (OC, IC)`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward_dinp(
+        &self,
+        dinp: &mut Self::Tensor,
+        dout: &Self::Tensor,
+        w: &Self::Tensor,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        accumulate: bool,
+    ) {
+        self.matmul(dinp, dout, w, Gemm::nn(n, ic, oc).accumulate(accumulate));
+    }
+
+    // ---- rows -----------------------------------------------------------------------------
+
+    /// `out[i] = table[rows[i]]`: `out (M, C)`, `table (R, C)`, `rows (M)`. Embedding lookup, and
+    /// the selection of the rows that carry a label.
+    fn gather_rows(
+        &self,
+        out: &mut Self::Tensor,
+        table: &Self::Tensor,
+        rows: &Self::Index,
+        m: usize,
+        c: usize,
+    );
+
+    /// Backward of [`Backend::gather_rows`]: `dtable[rows[i]] += dout[i]`. Rows must be distinct.
+    fn scatter_rows_add(
+        &self,
+        dtable: &mut Self::Tensor,
+        dout: &Self::Tensor,
+        rows: &Self::Index,
+        m: usize,
+        c: usize,
+    );
+
+    // ---- normalisation --------------------------------------------------------------------
+
+    /// RMSNorm (T5LayerNorm, LlamaRMSNorm): `out = weight · inp / sqrt(mean(inp²) + eps)`.
+    /// `out (N, C)`, `rstd (N)` saved for the backward, `inp (N, C)`, `weight (C)`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Self::Tensor,
+        rstd: &mut Self::Tensor,
+        inp: &Self::Tensor,
+        weight: &Self::Tensor,
+        n: usize,
+        c: usize,
+        eps: f64,
+    );
+
+    /// `dinp (N, C) +=` the input gradient of RMSNorm (`+=`: `inp` is the residual stream).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward_dinp(
+        &self,
+        dinp: &mut Self::Tensor,
+        dout: &Self::Tensor,
+        inp: &Self::Tensor,
+        weight: &Self::Tensor,
+        rstd: &Self::Tensor,
+        n: usize,
+        c: usize,
+    );
+
+    // ---- attention ------------------------------------------------------------------------
+
+    /// Scaled dot-product attention with padding mask, optional causal mask and optional T5
+    /// relative bias: `out = softmax(scale·q·kᵀ + bias + mask)·v` per head.
+    /// `out (B, T, H·D)`, `lse (B, H, T)` the log-sum-exp of each score row, saved for the
+    /// backward; `q (B, T, H·D)`, `k, v (B, S, Hkv·D)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        out: &mut Self::Tensor,
+        lse: &mut Self::Tensor,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        mask: AttnMask<'_, Self::Index>,
+        bias: Option<RelBias<'_, Self::Tensor>>,
+        scale: f64,
+        dims: AttnDims,
+    );
+
+    /// Input gradients of [`Backend::attention_forward`] (`=`): `dq (B, T, H·D)`,
+    /// `dk, dv (B, S, Hkv·D)`. The bias table is frozen: no gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_dinp(
+        &self,
+        dq: &mut Self::Tensor,
+        dk: &mut Self::Tensor,
+        dv: &mut Self::Tensor,
+        dout: &Self::Tensor,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        out: &Self::Tensor,
+        lse: &Self::Tensor,
+        mask: AttnMask<'_, Self::Index>,
+        bias: Option<RelBias<'_, Self::Tensor>>,
+        scale: f64,
+        dims: AttnDims,
+    );
+
+    // ---- feed-forward ---------------------------------------------------------------------
+
+    /// `out = act(a) · gate` elementwise, or `act(a)` without a gate. All `(N, F)`, `len = N·F`.
+    fn gated_act_forward(
+        &self,
+        out: &mut Self::Tensor,
+        a: &Self::Tensor,
+        gate: Option<&Self::Tensor>,
+        act: Activation,
+        len: usize,
+    );
+
+    /// Input gradients of [`Backend::gated_act_forward`] (`=`): `da`, and `dgate` when gated.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_act_backward_dinp(
+        &self,
+        da: &mut Self::Tensor,
+        dgate: Option<&mut Self::Tensor>,
+        dout: &Self::Tensor,
+        a: &Self::Tensor,
+        gate: Option<&Self::Tensor>,
+        act: Activation,
+        len: usize,
+    );
+
+    // ---- loss -----------------------------------------------------------------------------
+
+    /// Cross-entropy of label rows only. `losses (M)` gets `-log softmax(logits[i])[targets[i]]`,
+    /// `dlogits (M, V) = dloss · (softmax(logits[i]) - onehot(targets[i]))`. `logits (M, V)`,
+    /// `targets (M)` all valid (rows without a label are never computed).
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_forward_backward(
+        &self,
+        losses: &mut Self::Tensor,
+        dlogits: &mut Self::Tensor,
+        logits: &Self::Tensor,
+        targets: &Self::Index,
+        dloss: f64,
+        m: usize,
+        v: usize,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relative_position_bucket;
+
+    #[test]
+    fn relative_position_bucket_matches_hf_small_table() {
+        // Hand-computed with HF's formula for num_buckets = 32, max_distance = 128:
+        // bidirectional → 16 buckets per side, max_exact 8; log buckets from distance 8 on.
+        let b = |r| relative_position_bucket(r, true, 32, 128);
+        assert_eq!(b(0), 0);
+        assert_eq!(b(-1), 1);
+        assert_eq!(b(1), 17);
+        assert_eq!(b(-7), 7);
+        assert_eq!(b(7), 23);
+        // distance 8: 8 + floor(ln(1)/ln(16)·8) = 8
+        assert_eq!(b(-8), 8);
+        // distance 12: 8 + floor(ln(1.5)/ln(16)·8) = 8 + floor(1.1699) = 9
+        assert_eq!(b(-12), 9);
+        // distance 100: 8 + floor(ln(12.5)/ln(16)·8) = 8 + floor(7.2877) = 15
+        assert_eq!(b(-100), 15);
+        // far away saturates at the last bucket of the side
+        assert_eq!(b(-1000), 15);
+        assert_eq!(b(1000), 31);
+        // unidirectional (decoder): later keys share bucket 0, 32 buckets, max_exact 16
+        let u = |r| relative_position_bucket(r, false, 32, 128);
+        assert_eq!(u(5), 0);
+        assert_eq!(u(-5), 5);
+        assert_eq!(u(-15), 15);
+        // distance 16: 16 + floor(ln(1)/ln(8)·16) = 16
+        assert_eq!(u(-16), 16);
+        // distance 64: 16 + floor(ln(4)/ln(8)·16) = 16 + floor(10.667) = 26
+        assert_eq!(u(-64), 26);
+        assert_eq!(u(-500), 31);
+    }
+}

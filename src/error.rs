@@ -1,0 +1,88 @@
+//! The library's error type. Every error that comes from user input names the file, the field
+//! or tensor, and the bad value, so a user can fix the input without reading the code.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be opened or read.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file was read but its content is malformed (corrupt JSON, truncated safetensors, ...).
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+
+    /// A config field is missing, has the wrong type, or is out of range.
+    #[error("{path}: field `{field}`: {msg}")]
+    Config {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
+
+    /// Tensors the model needs are absent from the checkpoint.
+    #[error("{path}: missing tensors ({count}): {}", names.join(", "))]
+    MissingTensors {
+        path: PathBuf,
+        count: usize,
+        names: Vec<String>,
+    },
+
+    /// A tensor exists but has the wrong shape.
+    #[error("{path}: tensor `{name}`: expected shape {expected:?}, found {found:?}")]
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    /// A tensor is stored in a dtype fastpt cannot convert.
+    #[error(
+        "{path}: tensor `{name}`: unsupported dtype {dtype} (fastpt reads F32, F64, BF16 and F16)"
+    )]
+    Dtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+
+    /// Bad input that is not a file (a batch with inconsistent lengths, an unknown shape name, ...).
+    #[error("{0}")]
+    Input(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn config(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::Config {
+            path: path.into(),
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! fastpt: prompt tuning of frozen T5 and Llama models.
+//!
+//! The crate is organised as in docs/architecture.md: `backend` holds the ops (the CPU reference
+//! first), `model` the backbones and their loading, and the binary `fastpt` (src/main.rs) the CLI.
+
+pub mod backend;
+pub mod error;
+pub mod model;
+#[doc(hidden)]
+pub mod testing;
+
+pub use error::{Error, Result};

@@ -1,0 +1,621 @@
+//! Runtime model configs, read from a Hugging Face `config.json` and validated.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// The feed-forward block of a T5 layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedForward {
+    /// T5 v1.0: `wo(relu(wi(x)))`.
+    Relu,
+    /// T5 v1.1 / flan / mT5: `wo(gelu_tanh(wi_0(x)) * wi_1(x))`.
+    GatedGelu,
+}
+
+/// The fields of a Hugging Face `T5Config` that the engine uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct T5Config {
+    pub vocab_size: usize,
+    /// Width of the residual stream (C).
+    pub d_model: usize,
+    /// Width of one attention head (D). `num_heads * d_kv` may differ from `d_model`.
+    pub d_kv: usize,
+    /// Hidden width of the feed-forward block (F).
+    pub d_ff: usize,
+    /// Encoder layers.
+    pub num_layers: usize,
+    /// Decoder layers (`num_decoder_layers`, defaulting to `num_layers`).
+    pub num_decoder_layers: usize,
+    /// Attention heads (H).
+    pub num_heads: usize,
+    pub relative_attention_num_buckets: usize,
+    pub relative_attention_max_distance: usize,
+    pub feed_forward: FeedForward,
+    /// The lm_head is the shared embedding (v1.0); otherwise `lm_head.weight` (v1.1, flan).
+    pub tie_word_embeddings: bool,
+    /// Scale the decoder output by d_model^-0.5 before the lm_head (v1.0). Defaults to
+    /// `tie_word_embeddings`; transformers 5 writes it as its own field.
+    pub scale_decoder_outputs: bool,
+    pub layer_norm_epsilon: f64,
+    pub decoder_start_token_id: u32,
+    pub pad_token_id: u32,
+    pub eos_token_id: u32,
+}
+
+impl T5Config {
+    /// Width of the concatenated attention heads (H·D).
+    pub fn inner_dim(&self) -> usize {
+        self.num_heads * self.d_kv
+    }
+}
+
+/// The values `feed_forward_proj` may take, as written in an error message.
+const ACCEPTED_FEED_FORWARD: &str = "\"relu\" (T5 v1.0) or \"gated-gelu\" (T5 v1.1, flan-T5, mT5)";
+
+impl T5Config {
+    /// Reads and validates a Hugging Face T5 `config.json`.
+    ///
+    /// See [`T5Config::from_json_str`] for the rules.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses and validates the text of a Hugging Face T5 `config.json`; `path` is only used in
+    /// error messages.
+    ///
+    /// Required: `vocab_size`, `d_model`, `d_kv`, `d_ff`, `num_layers`, `num_heads`. Absent (or
+    /// `null`) optional fields take Hugging Face's `T5Config` defaults: `num_decoder_layers` =
+    /// `num_layers`, `relative_attention_num_buckets` = 32, `relative_attention_max_distance` =
+    /// 128, `feed_forward_proj` = `"relu"`, `tie_word_embeddings` = true, `layer_norm_epsilon` =
+    /// 1e-6, `pad_token_id` = 0, `eos_token_id` = 1 (a list takes its first element), and
+    /// `decoder_start_token_id` = `pad_token_id` (what Hugging Face uses for T5).
+    ///
+    /// `num_heads * d_kv` may differ from `d_model` (t5-11b, for instance): the attention
+    /// projections map C to H·D and back, so it is allowed.
+    ///
+    /// Errors: malformed JSON is an [`Error::Format`] with serde_json's line and column; every
+    /// field that is missing, of the wrong JSON type, or out of range is an [`Error::Config`]
+    /// naming the field, the value found and the rule it breaks.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
+        let Value::Object(obj) = &value else {
+            return Err(Error::format(
+                path,
+                format!(
+                    "expected a JSON object at the top level, found {}",
+                    show(&value)
+                ),
+            ));
+        };
+        let fields = Fields { obj, path };
+
+        if let Some(v) = fields.get("model_type") {
+            match v.as_str() {
+                Some("t5" | "mt5") => {}
+                _ => {
+                    return Err(Error::config(
+                        path,
+                        "model_type",
+                        format!(
+                            "unsupported model type {}; fastpt reads \"t5\" and \"mt5\"",
+                            show(v)
+                        ),
+                    ))
+                }
+            }
+        }
+
+        let vocab_size = fields.size("vocab_size", None)?;
+        let d_model = fields.size("d_model", None)?;
+        let d_kv = fields.size("d_kv", None)?;
+        let d_ff = fields.size("d_ff", None)?;
+        let num_layers = fields.size("num_layers", None)?;
+        let num_decoder_layers = fields.size("num_decoder_layers", Some(num_layers))?;
+        let num_heads = fields.size("num_heads", None)?;
+
+        let num_buckets = fields.size("relative_attention_num_buckets", Some(32))?;
+        let max_distance = fields.size("relative_attention_max_distance", Some(128))?;
+        // Hugging Face's `_relative_position_bucket` computes, for a distance n >= max_exact,
+        //     max_exact + log(n / max_exact) / log(max_distance / max_exact) * (buckets - max_exact)
+        // where, in the bidirectional encoder, buckets = num_buckets / 2 and
+        // max_exact = num_buckets / 4 (integer divisions), and in the causal decoder
+        // buckets = num_buckets and max_exact = num_buckets / 2. Both need max_exact >= 1 (else
+        // n / 0) and max_distance > max_exact (else the log is 0 or negative: division by zero
+        // or buckets that shrink with distance). The encoder's max_exact >= 1 needs
+        // num_buckets >= 4; the decoder's max_exact is the larger one, so
+        // max_distance > num_buckets / 2 covers both. Even: the encoder splits the buckets into
+        // two equal halves, one per direction.
+        if num_buckets < 4 || num_buckets % 2 != 0 {
+            return Err(Error::config(
+                path,
+                "relative_attention_num_buckets",
+                format!(
+                    "{num_buckets} is invalid: it must be even and at least 4 (the encoder gives \
+                     half of the buckets to each direction and needs at least one exact bucket \
+                     per half)"
+                ),
+            ));
+        }
+        if max_distance <= num_buckets / 2 {
+            return Err(Error::config(
+                path,
+                "relative_attention_max_distance",
+                format!(
+                    "{max_distance} is invalid: it must be greater than \
+                     relative_attention_num_buckets / 2 = {} (the log-spaced buckets start there)",
+                    num_buckets / 2
+                ),
+            ));
+        }
+
+        let feed_forward = match fields.get("feed_forward_proj") {
+            None => FeedForward::Relu,
+            Some(v) => match v.as_str() {
+                Some("relu") => FeedForward::Relu,
+                Some("gated-gelu") => FeedForward::GatedGelu,
+                _ => {
+                    return Err(Error::config(
+                        path,
+                        "feed_forward_proj",
+                        format!(
+                            "unsupported value {}; accepted: {ACCEPTED_FEED_FORWARD}",
+                            show(v)
+                        ),
+                    ))
+                }
+            },
+        };
+
+        let tie_word_embeddings = fields.boolean("tie_word_embeddings", true)?;
+        // transformers >= 5 writes `scale_decoder_outputs` separately; hub configs only have
+        // `tie_word_embeddings`, which then implies the rescaling (as transformers 4 did).
+        let scale_decoder_outputs = fields.boolean("scale_decoder_outputs", tie_word_embeddings)?;
+
+        let layer_norm_epsilon = match fields.get("layer_norm_epsilon") {
+            None => 1e-6,
+            Some(v) => {
+                let eps = v.as_f64().ok_or_else(|| {
+                    Error::config(
+                        path,
+                        "layer_norm_epsilon",
+                        format!("expected a number, found {}", show(v)),
+                    )
+                })?;
+                if !(eps.is_finite() && eps > 0.0) {
+                    return Err(Error::config(
+                        path,
+                        "layer_norm_epsilon",
+                        format!(
+                            "{} is invalid: it must be finite and greater than 0",
+                            show(v)
+                        ),
+                    ));
+                }
+                eps
+            }
+        };
+
+        let pad_token_id = fields.token_id("pad_token_id", 0, vocab_size)?;
+        let decoder_start_token_id =
+            fields.token_id("decoder_start_token_id", pad_token_id, vocab_size)?;
+        let eos_token_id = fields.token_id("eos_token_id", 1, vocab_size)?;
+
+        Ok(T5Config {
+            vocab_size,
+            d_model,
+            d_kv,
+            d_ff,
+            num_layers,
+            num_decoder_layers,
+            num_heads,
+            relative_attention_num_buckets: num_buckets,
+            relative_attention_max_distance: max_distance,
+            feed_forward,
+            tie_word_embeddings,
+            scale_decoder_outputs,
+            layer_norm_epsilon,
+            decoder_start_token_id,
+            pad_token_id,
+            eos_token_id,
+        })
+    }
+}
+
+/// The top-level object of a config file, with typed getters whose errors name the field.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    /// A boolean field, `default` when absent.
+    fn boolean(&self, field: &str, default: bool) -> Result<bool> {
+        match self.get(field) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                Error::config(
+                    self.path,
+                    field,
+                    format!("expected true or false, found {}", show(v)),
+                )
+            }),
+        }
+    }
+
+    /// The field's value; `null` counts as absent, as Hugging Face treats `None` as "use the
+    /// default".
+    fn get(&self, field: &str) -> Option<&Value> {
+        self.obj.get(field).filter(|v| !v.is_null())
+    }
+
+    /// A non-negative JSON integer; `default` is used when absent, and `None` makes it required.
+    fn uint(&self, field: &str, default: Option<u64>) -> Result<u64> {
+        match self.get(field) {
+            None => default.ok_or_else(|| {
+                let msg = if self.obj.contains_key(field) {
+                    "is null, but it is required (a positive integer)"
+                } else {
+                    "required field is missing (a positive integer)"
+                };
+                Error::config(self.path, field, msg)
+            }),
+            // as_u64 is None for negative numbers, fractions, and integral floats like 512.0.
+            Some(v) => v.as_u64().ok_or_else(|| {
+                Error::config(
+                    self.path,
+                    field,
+                    format!("expected a non-negative integer, found {}", show(v)),
+                )
+            }),
+        }
+    }
+
+    /// A size (a count or a width): an integer >= 1.
+    fn size(&self, field: &str, default: Option<usize>) -> Result<usize> {
+        let n = self.uint(field, default.map(|d| d as u64))?;
+        if n == 0 {
+            return Err(Error::config(
+                self.path,
+                field,
+                "0 is invalid: it must be at least 1",
+            ));
+        }
+        usize::try_from(n).map_err(|_| {
+            Error::config(
+                self.path,
+                field,
+                format!("{n} is too large for this platform"),
+            )
+        })
+    }
+
+    /// A token id: an integer below `vocab_size`. A list (some configs list several eos ids)
+    /// takes its first element.
+    fn token_id(&self, field: &str, default: u32, vocab_size: usize) -> Result<u32> {
+        let id = match self.get(field) {
+            Some(Value::Array(items)) => {
+                let first = items.first().ok_or_else(|| {
+                    Error::config(self.path, field, "is an empty list; expected a token id")
+                })?;
+                first.as_u64().ok_or_else(|| {
+                    Error::config(
+                        self.path,
+                        field,
+                        format!("expected a non-negative integer, found {}", show(first)),
+                    )
+                })?
+            }
+            _ => self.uint(field, Some(u64::from(default)))?,
+        };
+        if id >= vocab_size as u64 {
+            return Err(Error::config(
+                self.path,
+                field,
+                format!("{id} is invalid: token ids must be below vocab_size = {vocab_size}"),
+            ));
+        }
+        // vocab_size may in principle exceed u32::MAX; ids fed to the model are u32.
+        u32::try_from(id).map_err(|_| {
+            Error::config(
+                self.path,
+                field,
+                format!("{id} is too large for a u32 token id"),
+            )
+        })
+    }
+}
+
+/// A JSON value as it appears in the file, shortened for an error message.
+fn show(v: &Value) -> String {
+    const MAX: usize = 80;
+    let s = v.to_string();
+    if s.chars().count() <= MAX {
+        s
+    } else {
+        let head: String = s.chars().take(MAX).collect();
+        format!("{head}...")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PATH: &str = "models/t5/config.json";
+
+    /// The relevant fields of t5-small's config.json (v1.0).
+    const T5_SMALL: &str = r#"{
+        "architectures": ["T5ForConditionalGeneration"],
+        "d_ff": 2048, "d_kv": 64, "d_model": 512, "decoder_start_token_id": 0,
+        "dropout_rate": 0.1, "eos_token_id": 1, "initializer_factor": 1.0,
+        "is_encoder_decoder": true, "layer_norm_epsilon": 1e-06, "model_type": "t5",
+        "n_positions": 512, "num_heads": 8, "num_layers": 6, "output_past": true,
+        "pad_token_id": 0, "relative_attention_num_buckets": 32, "vocab_size": 32128
+    }"#;
+
+    /// The relevant fields of google/flan-t5-base's config.json (v1.1 layout).
+    const FLAN_T5_BASE: &str = r#"{
+        "d_ff": 2048, "d_kv": 64, "d_model": 768, "decoder_start_token_id": 0,
+        "dense_act_fn": "gelu_new", "eos_token_id": 1, "feed_forward_proj": "gated-gelu",
+        "is_gated_act": true, "layer_norm_epsilon": 1e-06, "model_type": "t5",
+        "num_decoder_layers": 12, "num_heads": 12, "num_layers": 12, "pad_token_id": 0,
+        "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
+        "tie_word_embeddings": false, "vocab_size": 32128
+    }"#;
+
+    fn parse(text: &str) -> Result<T5Config> {
+        T5Config::from_json_str(text, Path::new(PATH))
+    }
+
+    /// T5_SMALL with one field replaced (or removed when `value` is None).
+    fn small_with(field: &str, value: Option<Value>) -> String {
+        let mut v: Value = serde_json::from_str(T5_SMALL).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        match value {
+            Some(x) => obj.insert(field.to_string(), x),
+            None => obj.remove(field),
+        };
+        v.to_string()
+    }
+
+    /// Asserts `text` fails with a Config error on `field` whose message contains every needle.
+    fn assert_config_err(text: &str, field: &str, needles: &[&str]) {
+        let err = parse(text).unwrap_err();
+        let msg = err.to_string();
+        match &err {
+            Error::Config { field: f, path, .. } => {
+                assert_eq!(f, field, "{msg}");
+                assert_eq!(path, Path::new(PATH));
+            }
+            other => panic!("expected a Config error on {field}, got {other:?}"),
+        }
+        assert!(msg.contains(PATH), "{msg}");
+        assert!(msg.contains(field), "{msg}");
+        for n in needles {
+            assert!(msg.contains(n), "`{n}` not in: {msg}");
+        }
+    }
+
+    #[test]
+    fn parses_v1_0_config_with_defaults() {
+        let c = parse(T5_SMALL).unwrap();
+        assert_eq!(
+            c,
+            T5Config {
+                vocab_size: 32128,
+                d_model: 512,
+                d_kv: 64,
+                d_ff: 2048,
+                num_layers: 6,
+                num_decoder_layers: 6,
+                num_heads: 8,
+                relative_attention_num_buckets: 32,
+                relative_attention_max_distance: 128,
+                feed_forward: FeedForward::Relu,
+                tie_word_embeddings: true,
+                scale_decoder_outputs: true,
+                layer_norm_epsilon: 1e-6,
+                decoder_start_token_id: 0,
+                pad_token_id: 0,
+                eos_token_id: 1,
+            }
+        );
+        assert_eq!(c.inner_dim(), 512);
+    }
+
+    #[test]
+    fn parses_v1_1_config() {
+        let c = parse(FLAN_T5_BASE).unwrap();
+        assert_eq!(c.feed_forward, FeedForward::GatedGelu);
+        assert!(!c.tie_word_embeddings);
+        assert_eq!(
+            (c.d_model, c.num_layers, c.num_decoder_layers),
+            (768, 12, 12)
+        );
+        assert_eq!(c.relative_attention_max_distance, 128);
+    }
+
+    #[test]
+    fn mt5_and_absent_model_type_are_accepted() {
+        parse(&small_with("model_type", Some("mt5".into()))).unwrap();
+        parse(&small_with("model_type", None)).unwrap();
+    }
+
+    #[test]
+    fn heads_times_d_kv_may_differ_from_d_model() {
+        // t5-11b: d_model 1024, 128 heads of 128.
+        let text = small_with("num_heads", Some(128.into()));
+        let c = parse(&text).unwrap();
+        assert_eq!(c.inner_dim(), 128 * 64);
+        assert_ne!(c.inner_dim(), c.d_model);
+    }
+
+    #[test]
+    fn null_num_decoder_layers_defaults_to_num_layers() {
+        let c = parse(&small_with("num_decoder_layers", Some(Value::Null))).unwrap();
+        assert_eq!(c.num_decoder_layers, 6);
+        let c = parse(&small_with("num_decoder_layers", Some(3.into()))).unwrap();
+        assert_eq!(c.num_decoder_layers, 3);
+    }
+
+    #[test]
+    fn eos_list_takes_first_and_decoder_start_defaults_to_pad() {
+        let mut v: Value = serde_json::from_str(T5_SMALL).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.insert("eos_token_id".into(), serde_json::json!([2, 7]));
+        obj.insert("pad_token_id".into(), 5.into());
+        obj.remove("decoder_start_token_id");
+        let c = parse(&v.to_string()).unwrap();
+        assert_eq!(
+            (c.eos_token_id, c.pad_token_id, c.decoder_start_token_id),
+            (2, 5, 5)
+        );
+    }
+
+    #[test]
+    fn missing_required_field() {
+        assert_config_err(&small_with("d_kv", None), "d_kv", &["missing"]);
+        assert_config_err(
+            &small_with("vocab_size", Some(Value::Null)),
+            "vocab_size",
+            &["null"],
+        );
+    }
+
+    #[test]
+    fn wrong_types() {
+        assert_config_err(
+            &small_with("d_model", Some("512".into())),
+            "d_model",
+            &["\"512\""],
+        );
+        assert_config_err(
+            &small_with("num_heads", Some((-8).into())),
+            "num_heads",
+            &["-8"],
+        );
+        assert_config_err(
+            &small_with("d_ff", Some(2048.5.into())),
+            "d_ff",
+            &["2048.5"],
+        );
+        assert_config_err(
+            &small_with("d_ff", Some(2048.0.into())),
+            "d_ff",
+            &["2048.0"],
+        );
+        assert_config_err(
+            &small_with("tie_word_embeddings", Some("yes".into())),
+            "tie_word_embeddings",
+            &["\"yes\""],
+        );
+        assert_config_err(
+            &small_with("layer_norm_epsilon", Some("1e-6".into())),
+            "layer_norm_epsilon",
+            &["\"1e-6\""],
+        );
+        assert_config_err(
+            &small_with("eos_token_id", Some(serde_json::json!(["1"]))),
+            "eos_token_id",
+            &["\"1\""],
+        );
+        assert_config_err(
+            &small_with("model_type", Some("bart".into())),
+            "model_type",
+            &["\"bart\"", "\"t5\"", "\"mt5\""],
+        );
+    }
+
+    #[test]
+    fn out_of_range() {
+        assert_config_err(
+            &small_with("num_layers", Some(0.into())),
+            "num_layers",
+            &["0", "at least 1"],
+        );
+        assert_config_err(
+            &small_with("num_decoder_layers", Some(0.into())),
+            "num_decoder_layers",
+            &["0", "at least 1"],
+        );
+        let buckets = "relative_attention_num_buckets";
+        assert_config_err(
+            &small_with(buckets, Some(31.into())),
+            buckets,
+            &["31", "even"],
+        );
+        assert_config_err(
+            &small_with(buckets, Some(2.into())),
+            buckets,
+            &["2", "at least 4"],
+        );
+        let dist = "relative_attention_max_distance";
+        assert_config_err(
+            &small_with(dist, Some(16.into())),
+            dist,
+            &["16", "greater than", "16"],
+        );
+        parse(&small_with(dist, Some(17.into()))).unwrap();
+        let eps = "layer_norm_epsilon";
+        assert_config_err(
+            &small_with(eps, Some(0.into())),
+            eps,
+            &["0", "greater than 0"],
+        );
+        assert_config_err(&small_with(eps, Some((-1e-6).into())), eps, &["-1e-6"]);
+        assert_config_err(
+            &small_with("pad_token_id", Some(32128.into())),
+            "pad_token_id",
+            &["32128", "vocab_size"],
+        );
+        assert_config_err(
+            &small_with("eos_token_id", Some(serde_json::json!([40000, 1]))),
+            "eos_token_id",
+            &["40000", "vocab_size = 32128"],
+        );
+        assert_config_err(
+            &small_with("eos_token_id", Some(serde_json::json!([]))),
+            "eos_token_id",
+            &["empty list"],
+        );
+    }
+
+    #[test]
+    fn unknown_feed_forward_proj() {
+        assert_config_err(
+            &small_with("feed_forward_proj", Some("gated-silu".into())),
+            "feed_forward_proj",
+            &["\"gated-silu\"", "\"relu\"", "\"gated-gelu\""],
+        );
+    }
+
+    #[test]
+    fn malformed_json_is_a_format_error_with_position() {
+        let err = parse("{\n  \"d_model\": 512,\n  \"d_kv\": }").unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Format { .. }), "{err:?}");
+        assert!(msg.contains(PATH) && msg.contains("line 3"), "{msg}");
+        let err = parse("[1, 2]").unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn from_file_reads_and_names_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, FLAN_T5_BASE).unwrap();
+        assert_eq!(
+            T5Config::from_file(&path).unwrap(),
+            parse(FLAN_T5_BASE).unwrap()
+        );
+        let missing = dir.path().join("nope.json");
+        let err = T5Config::from_file(&missing).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err:?}");
+        assert!(err.to_string().contains("nope.json"), "{err}");
+    }
+}

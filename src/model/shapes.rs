@@ -1,0 +1,166 @@
+//! Built-in model shapes with random weights: the papers' settings without downloads.
+//!
+//! Efficiency depends on shapes, not weight values, so `fastpt bench` and the embedded default
+//! run on these. Weights follow Hugging Face's T5 initialisation (normal with the same standard
+//! deviations), so activations have realistic magnitudes. Every tensor is generated from the seed
+//! and its own name, so the result does not depend on load order or thread count.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::model::config::{FeedForward, T5Config};
+
+/// The built-in T5 shapes, by name.
+pub const T5_SHAPES: &[&str] = &[
+    "t5-tiny",
+    "t5-small",
+    "t5-base",
+    "t5-large",
+    "t5-3b",
+    "t5-11b",
+    "flan-t5-small",
+    "flan-t5-base",
+    "flan-t5-large",
+];
+
+/// The config of a built-in T5 shape (values of the published Hugging Face configs).
+pub fn t5_shape(name: &str) -> Result<T5Config> {
+    // (d_model, d_kv, d_ff, layers, heads, feed-forward, vocab)
+    let (d_model, d_kv, d_ff, layers, heads, ff, vocab) = match name {
+        // Small enough for the embedded default and CI, same structure as t5-base.
+        "t5-tiny" => (64, 16, 256, 2, 4, FeedForward::Relu, 1000),
+        "t5-small" => (512, 64, 2048, 6, 8, FeedForward::Relu, 32128),
+        "t5-base" => (768, 64, 3072, 12, 12, FeedForward::Relu, 32128),
+        "t5-large" => (1024, 64, 4096, 24, 16, FeedForward::Relu, 32128),
+        "t5-3b" => (1024, 128, 16384, 24, 32, FeedForward::Relu, 32128),
+        "t5-11b" => (1024, 128, 65536, 24, 128, FeedForward::Relu, 32128),
+        "flan-t5-small" => (512, 64, 1024, 8, 6, FeedForward::GatedGelu, 32128),
+        "flan-t5-base" => (768, 64, 2048, 12, 12, FeedForward::GatedGelu, 32128),
+        "flan-t5-large" => (1024, 64, 2816, 24, 16, FeedForward::GatedGelu, 32128),
+        _ => {
+            return Err(Error::Input(format!(
+                "unknown shape `{name}`; built-in shapes: {}",
+                T5_SHAPES.join(", ")
+            )))
+        }
+    };
+    Ok(T5Config {
+        vocab_size: vocab,
+        d_model,
+        d_kv,
+        d_ff,
+        num_layers: layers,
+        num_decoder_layers: layers,
+        num_heads: heads,
+        relative_attention_num_buckets: 32,
+        relative_attention_max_distance: 128,
+        feed_forward: ff,
+        // v1.0 ties the lm_head to the embeddings; v1.1 / flan do not.
+        tie_word_embeddings: ff == FeedForward::Relu,
+        scale_decoder_outputs: ff == FeedForward::Relu,
+        layer_norm_epsilon: 1e-6,
+        decoder_start_token_id: 0,
+        pad_token_id: 0,
+        eos_token_id: 1,
+    })
+}
+
+/// The standard deviation Hugging Face's `T5PreTrainedModel._init_weights` uses for a tensor
+/// (initializer_factor 1); `None` for norms, which start at 1.
+fn t5_init_std(cfg: &T5Config, name: &str) -> Option<f64> {
+    let (c, d_kv, f, hd) = (
+        cfg.d_model as f64,
+        cfg.d_kv as f64,
+        cfg.d_ff as f64,
+        cfg.inner_dim() as f64,
+    );
+    let std = if name.ends_with("layer_norm.weight") {
+        return None;
+    } else if name == "shared.weight" || name == "lm_head.weight" {
+        1.0
+    } else if name.ends_with(".q.weight") {
+        (c * d_kv).powf(-0.5)
+    } else if name.ends_with(".k.weight") || name.ends_with(".v.weight") {
+        c.powf(-0.5)
+    } else if name.ends_with(".o.weight") {
+        hd.powf(-0.5)
+    } else if name.ends_with(".wo.weight") {
+        f.powf(-0.5)
+    } else {
+        // wi, wi_0, wi_1 and the relative attention bias
+        c.powf(-0.5)
+    };
+    Some(std)
+}
+
+/// A stable 64-bit hash of a tensor name (FNV-1a), mixed into the seed.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Values generated per block, each block from its own stream so generation runs in parallel.
+const BLOCK: usize = 1 << 16;
+
+/// The random value of T5 tensor `name` of `shape` for `seed`.
+pub fn random_t5_tensor(cfg: &T5Config, name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
+    let len: usize = shape.iter().product();
+    let Some(std) = t5_init_std(cfg, name) else {
+        return vec![1.0; len];
+    };
+    let base = seed ^ name_hash(name);
+    let mut data = vec![0f32; len];
+    data.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(block, chunk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(base.wrapping_add(block as u64));
+            for x in chunk {
+                let z: f64 = StandardNormal.sample(&mut rng);
+                *x = (z * std) as f32;
+            }
+        });
+    data
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_shape_resolves_and_unknown_names_are_rejected() {
+        for name in T5_SHAPES {
+            let cfg = t5_shape(name).unwrap();
+            assert!(cfg.d_model > 0);
+        }
+        let err = t5_shape("t5-huge").unwrap_err().to_string();
+        assert!(err.contains("t5-huge") && err.contains("t5-base"), "{err}");
+    }
+
+    #[test]
+    fn t5_11b_keeps_its_wide_attention() {
+        // T5-11B: 128 heads of 128 = 16384 ≠ d_model 1024.
+        let cfg = t5_shape("t5-11b").unwrap();
+        assert_eq!(cfg.inner_dim(), 16384);
+        assert_eq!(cfg.d_model, 1024);
+    }
+
+    #[test]
+    fn random_tensors_are_seeded_and_scaled() {
+        let cfg = t5_shape("t5-tiny").unwrap();
+        let name = "encoder.block.0.layer.0.SelfAttention.k.weight";
+        let a = random_t5_tensor(&cfg, name, &[64, 64], 7);
+        let b = random_t5_tensor(&cfg, name, &[64, 64], 7);
+        let c = random_t5_tensor(&cfg, name, &[64, 64], 8);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let var = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / a.len() as f64;
+        // std should be d_model^-0.5 = 0.125, variance 1/64
+        assert!((var * 64.0 - 1.0).abs() < 0.1, "variance {var}");
+        let norm = random_t5_tensor(&cfg, "encoder.final_layer_norm.weight", &[64], 7);
+        assert!(norm.iter().all(|&x| x == 1.0));
+    }
+}

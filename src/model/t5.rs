@@ -1,0 +1,833 @@
+//! T5 (v1.0 and v1.1/flan) over any [`Backend`]: forward from `inputs_embeds`, and the hand-written
+//! backward that returns only d loss / d inputs_embeds (the weights are frozen, never differentiated).
+//!
+//! Gradient accumulation convention: activation gradients inside a sub-layer are written (`=`);
+//! the residual-stream gradient `dx` and the encoder-output gradient `d_enc_out` (read by every
+//! decoder cross-attention) are accumulated (`+=`).
+//!
+//! Shapes: B batch, T encoder positions (prompt rows included), Td decoder positions, C = d_model,
+//! H heads of width D (H·D may differ from C), F = d_ff, V vocab, M label rows, NB buckets.
+//! Dropout is not modelled: fastpt trains with deterministic forwards (dropout 0).
+
+use crate::backend::{Activation, AttnDims, AttnMask, Backend, RelBias};
+use crate::error::{Error, Result};
+use crate::model::config::{FeedForward, T5Config};
+
+/// The weights of one attention block, PyTorch layout `(out, in)`.
+pub struct AttnWeights<B: Backend> {
+    pub q: B::Tensor, // (H·D, C)
+    pub k: B::Tensor, // (H·D, C)
+    pub v: B::Tensor, // (H·D, C)
+    pub o: B::Tensor, // (C, H·D)
+}
+
+/// The weights of one feed-forward block.
+pub struct FfnWeights<B: Backend> {
+    /// `wi` (v1.0) or `wi_0` (v1.1, the activated branch).
+    pub wi: B::Tensor, // (F, C)
+    /// `wi_1` (v1.1 only, the linear gate branch).
+    pub wi_gate: Option<B::Tensor>, // (F, C)
+    pub wo: B::Tensor, // (C, F)
+}
+
+pub struct EncoderLayer<B: Backend> {
+    pub ln_attn: B::Tensor, // (C)
+    pub attn: AttnWeights<B>,
+    pub ln_ff: B::Tensor, // (C)
+    pub ff: FfnWeights<B>,
+}
+
+pub struct DecoderLayer<B: Backend> {
+    pub ln_self: B::Tensor, // (C)
+    pub self_attn: AttnWeights<B>,
+    pub ln_cross: B::Tensor, // (C)
+    pub cross_attn: AttnWeights<B>,
+    pub ln_ff: B::Tensor, // (C)
+    pub ff: FfnWeights<B>,
+}
+
+/// All weights of a T5 model.
+pub struct T5Weights<B: Backend> {
+    pub shared: B::Tensor, // (V, C) token embeddings, shared by encoder and decoder
+    pub encoder: Vec<EncoderLayer<B>>,
+    pub encoder_rel_bias: B::Tensor, // (NB, H) held by encoder layer 0, used by all
+    pub encoder_final_ln: B::Tensor, // (C)
+    pub decoder: Vec<DecoderLayer<B>>,
+    pub decoder_rel_bias: B::Tensor, // (NB, H) held by decoder layer 0, used by all
+    pub decoder_final_ln: B::Tensor, // (C)
+    /// Untied output projection (v1.1); `None` when tied to `shared` (v1.0).
+    pub lm_head: Option<B::Tensor>, // (V, C)
+}
+
+/// The Hugging Face name and shape of every tensor a T5 checkpoint must hold, in load order.
+pub fn t5_tensor_specs(cfg: &T5Config) -> Vec<(String, Vec<usize>)> {
+    let (c, hd, f, v) = (cfg.d_model, cfg.inner_dim(), cfg.d_ff, cfg.vocab_size);
+    let nb_h = vec![cfg.relative_attention_num_buckets, cfg.num_heads];
+    let mut specs: Vec<(String, Vec<usize>)> = vec![("shared.weight".into(), vec![v, c])];
+    let attn = |specs: &mut Vec<(String, Vec<usize>)>, prefix: &str| {
+        for p in ["q", "k", "v"] {
+            specs.push((format!("{prefix}.{p}.weight"), vec![hd, c]));
+        }
+        specs.push((format!("{prefix}.o.weight"), vec![c, hd]));
+    };
+    let ffn = |specs: &mut Vec<(String, Vec<usize>)>, prefix: &str| match cfg.feed_forward {
+        FeedForward::Relu => specs.push((format!("{prefix}.wi.weight"), vec![f, c])),
+        FeedForward::GatedGelu => {
+            specs.push((format!("{prefix}.wi_0.weight"), vec![f, c]));
+            specs.push((format!("{prefix}.wi_1.weight"), vec![f, c]));
+        }
+    };
+    for l in 0..cfg.num_layers {
+        let p = format!("encoder.block.{l}.layer");
+        specs.push((format!("{p}.0.layer_norm.weight"), vec![c]));
+        attn(&mut specs, &format!("{p}.0.SelfAttention"));
+        if l == 0 {
+            specs.push((
+                format!("{p}.0.SelfAttention.relative_attention_bias.weight"),
+                nb_h.clone(),
+            ));
+        }
+        specs.push((format!("{p}.1.layer_norm.weight"), vec![c]));
+        ffn(&mut specs, &format!("{p}.1.DenseReluDense"));
+        specs.push((format!("{p}.1.DenseReluDense.wo.weight"), vec![c, f]));
+    }
+    specs.push(("encoder.final_layer_norm.weight".into(), vec![c]));
+    for l in 0..cfg.num_decoder_layers {
+        let p = format!("decoder.block.{l}.layer");
+        specs.push((format!("{p}.0.layer_norm.weight"), vec![c]));
+        attn(&mut specs, &format!("{p}.0.SelfAttention"));
+        if l == 0 {
+            specs.push((
+                format!("{p}.0.SelfAttention.relative_attention_bias.weight"),
+                nb_h.clone(),
+            ));
+        }
+        specs.push((format!("{p}.1.layer_norm.weight"), vec![c]));
+        attn(&mut specs, &format!("{p}.1.EncDecAttention"));
+        specs.push((format!("{p}.2.layer_norm.weight"), vec![c]));
+        ffn(&mut specs, &format!("{p}.2.DenseReluDense"));
+        specs.push((format!("{p}.2.DenseReluDense.wo.weight"), vec![c, f]));
+    }
+    specs.push(("decoder.final_layer_norm.weight".into(), vec![c]));
+    if !cfg.tie_word_embeddings {
+        specs.push(("lm_head.weight".into(), vec![v, c]));
+    }
+    specs
+}
+
+impl<B: Backend> T5Weights<B> {
+    /// Builds the weights from a source that returns each tensor of [`t5_tensor_specs`] as f32
+    /// (a checkpoint folder, or random weights of a built-in shape). Tensors are uploaded one by
+    /// one so that host memory holds at most one converted tensor at a time.
+    pub fn load(
+        be: &B,
+        cfg: &T5Config,
+        source: &mut dyn FnMut(&str, &[usize]) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        let (c, hd, f, v) = (cfg.d_model, cfg.inner_dim(), cfg.d_ff, cfg.vocab_size);
+        let nb = cfg.relative_attention_num_buckets;
+        // Same names and order as t5_tensor_specs (a test checks that they agree).
+        let shared = be.from_f32(source("shared.weight", &[v, c])?);
+        let mut encoder = Vec::with_capacity(cfg.num_layers);
+        let mut encoder_rel_bias = None;
+        for l in 0..cfg.num_layers {
+            let p = format!("encoder.block.{l}.layer");
+            let ln_attn = be.from_f32(source(&format!("{p}.0.layer_norm.weight"), &[c])?);
+            let attn = load_attn(be, source, &format!("{p}.0.SelfAttention"), hd, c)?;
+            if l == 0 {
+                let name = format!("{p}.0.SelfAttention.relative_attention_bias.weight");
+                encoder_rel_bias = Some(be.from_f32(source(&name, &[nb, cfg.num_heads])?));
+            }
+            let ln_ff = be.from_f32(source(&format!("{p}.1.layer_norm.weight"), &[c])?);
+            let ff = load_ffn(be, source, cfg, &format!("{p}.1.DenseReluDense"), c, f)?;
+            encoder.push(EncoderLayer {
+                ln_attn,
+                attn,
+                ln_ff,
+                ff,
+            });
+        }
+        let encoder_final_ln = be.from_f32(source("encoder.final_layer_norm.weight", &[c])?);
+        let mut decoder = Vec::with_capacity(cfg.num_decoder_layers);
+        let mut decoder_rel_bias = None;
+        for l in 0..cfg.num_decoder_layers {
+            let p = format!("decoder.block.{l}.layer");
+            let ln_self = be.from_f32(source(&format!("{p}.0.layer_norm.weight"), &[c])?);
+            let self_attn = load_attn(be, source, &format!("{p}.0.SelfAttention"), hd, c)?;
+            if l == 0 {
+                let name = format!("{p}.0.SelfAttention.relative_attention_bias.weight");
+                decoder_rel_bias = Some(be.from_f32(source(&name, &[nb, cfg.num_heads])?));
+            }
+            let ln_cross = be.from_f32(source(&format!("{p}.1.layer_norm.weight"), &[c])?);
+            let cross_attn = load_attn(be, source, &format!("{p}.1.EncDecAttention"), hd, c)?;
+            let ln_ff = be.from_f32(source(&format!("{p}.2.layer_norm.weight"), &[c])?);
+            let ff = load_ffn(be, source, cfg, &format!("{p}.2.DenseReluDense"), c, f)?;
+            decoder.push(DecoderLayer {
+                ln_self,
+                self_attn,
+                ln_cross,
+                cross_attn,
+                ln_ff,
+                ff,
+            });
+        }
+        let decoder_final_ln = be.from_f32(source("decoder.final_layer_norm.weight", &[c])?);
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(be.from_f32(source("lm_head.weight", &[v, c])?))
+        };
+        let missing_bias = || Error::Input("T5 config has zero layers".into());
+        Ok(T5Weights {
+            shared,
+            encoder,
+            encoder_rel_bias: encoder_rel_bias.ok_or_else(missing_bias)?,
+            encoder_final_ln,
+            decoder,
+            decoder_rel_bias: decoder_rel_bias.ok_or_else(missing_bias)?,
+            decoder_final_ln,
+            lm_head,
+        })
+    }
+}
+
+fn load_attn<B: Backend>(
+    be: &B,
+    source: &mut dyn FnMut(&str, &[usize]) -> Result<Vec<f32>>,
+    prefix: &str,
+    hd: usize,
+    c: usize,
+) -> Result<AttnWeights<B>> {
+    Ok(AttnWeights {
+        q: be.from_f32(source(&format!("{prefix}.q.weight"), &[hd, c])?),
+        k: be.from_f32(source(&format!("{prefix}.k.weight"), &[hd, c])?),
+        v: be.from_f32(source(&format!("{prefix}.v.weight"), &[hd, c])?),
+        o: be.from_f32(source(&format!("{prefix}.o.weight"), &[c, hd])?),
+    })
+}
+
+fn load_ffn<B: Backend>(
+    be: &B,
+    source: &mut dyn FnMut(&str, &[usize]) -> Result<Vec<f32>>,
+    cfg: &T5Config,
+    prefix: &str,
+    c: usize,
+    f: usize,
+) -> Result<FfnWeights<B>> {
+    let (wi, wi_gate) = match cfg.feed_forward {
+        FeedForward::Relu => (source(&format!("{prefix}.wi.weight"), &[f, c])?, None),
+        FeedForward::GatedGelu => (
+            source(&format!("{prefix}.wi_0.weight"), &[f, c])?,
+            Some(be.from_f32(source(&format!("{prefix}.wi_1.weight"), &[f, c])?)),
+        ),
+    };
+    Ok(FfnWeights {
+        wi: be.from_f32(wi),
+        wi_gate,
+        wo: be.from_f32(source(&format!("{prefix}.wo.weight"), &[c, f])?),
+    })
+}
+
+/// A T5 model: config and weights on a backend.
+pub struct T5<B: Backend> {
+    pub cfg: T5Config,
+    pub weights: T5Weights<B>,
+}
+
+/// One padded batch. Ids and masks stay on the host (the model validates and uploads them).
+pub struct T5Batch<'a, B: Backend> {
+    /// Encoder input rows, prompt rows included.
+    pub inputs_embeds: &'a B::Tensor, // (B, T, C)
+    /// 1 for real rows, 0 for padding.
+    pub attention_mask: &'a [i32], // (B, T)
+    pub decoder_input_ids: &'a [i32], // (B, Td)
+    /// Target ids; -100 marks positions without a loss.
+    pub labels: &'a [i32], // (B, Td)
+    pub batch: usize,
+    pub enc_len: usize,
+    pub dec_len: usize,
+}
+
+/// What a forward returns.
+pub struct T5Output<B: Backend> {
+    /// Mean cross-entropy over the label positions.
+    pub loss: f64,
+    /// Logits of the label positions only; row `i` belongs to decoder position `label_rows[i]`.
+    pub logits: B::Tensor, // (M, V)
+    /// Flat decoder positions `b·Td + t` that carry a label.
+    pub label_rows: Vec<usize>, // (M)
+}
+
+/// The input and saved `1/rms` of one RMSNorm.
+struct NormSaved<B: Backend> {
+    inp: B::Tensor,  // (N, C) the residual stream before the norm
+    rstd: B::Tensor, // (N)
+}
+
+/// What the backward of one attention sub-layer needs.
+struct AttnSaved<B: Backend> {
+    norm: NormSaved<B>,
+    q: B::Tensor,   // (B, T, H·D)
+    k: B::Tensor,   // (B, S, H·D)
+    v: B::Tensor,   // (B, S, H·D)
+    out: B::Tensor, // (B, T, H·D) attention output before the o projection
+    lse: B::Tensor, // (B, H, T)
+}
+
+/// What the backward of one feed-forward sub-layer needs.
+struct FfnSaved<B: Backend> {
+    norm: NormSaved<B>,
+    a: B::Tensor,            // (N, F) pre-activation (wi / wi_0)
+    gate: Option<B::Tensor>, // (N, F) gate branch (wi_1), v1.1 only
+}
+
+struct EncoderLayerSaved<B: Backend> {
+    attn: AttnSaved<B>,
+    ff: FfnSaved<B>,
+}
+
+struct DecoderLayerSaved<B: Backend> {
+    self_attn: AttnSaved<B>,
+    cross_attn: AttnSaved<B>,
+    ff: FfnSaved<B>,
+}
+
+/// Activations saved by [`T5::forward`] for [`T5::backward_dinp`].
+pub struct T5Saved<B: Backend> {
+    batch: usize,
+    enc_len: usize,
+    dec_len: usize,
+    enc_mask: B::Index, // (B, T)
+    dec_mask: B::Index, // (B, Td) all ones: the decoder sees no padding mask, only causality
+    encoder: Vec<EncoderLayerSaved<B>>,
+    enc_final: NormSaved<B>,
+    enc_out: B::Tensor, // (B, T, C)
+    decoder: Vec<DecoderLayerSaved<B>>,
+    dec_final: NormSaved<B>,
+    label_rows: B::Index, // (M)
+    dlogits: B::Tensor,   // (M, V) d loss / d logits, from the fused cross-entropy
+}
+
+impl<B: Backend> T5Saved<B> {
+    /// The encoder output `(B, T, C)` (after the final norm).
+    pub fn encoder_out(&self) -> &B::Tensor {
+        &self.enc_out
+    }
+}
+
+impl<B: Backend> T5<B> {
+    pub fn new(cfg: T5Config, weights: T5Weights<B>) -> Self {
+        T5 { cfg, weights }
+    }
+
+    fn eps(&self) -> f64 {
+        self.cfg.layer_norm_epsilon
+    }
+
+    fn act(&self) -> Activation {
+        match self.cfg.feed_forward {
+            FeedForward::Relu => Activation::Relu,
+            FeedForward::GatedGelu => Activation::GeluTanh,
+        }
+    }
+
+    fn attn_dims(&self, b: usize, t: usize, s: usize) -> AttnDims {
+        AttnDims {
+            b,
+            t,
+            s,
+            h: self.cfg.num_heads,
+            h_kv: self.cfg.num_heads,
+            d: self.cfg.d_kv,
+        }
+    }
+
+    fn rel_bias<'a>(&self, table: &'a B::Tensor, bidirectional: bool) -> RelBias<'a, B::Tensor> {
+        RelBias {
+            table,
+            bidirectional,
+            num_buckets: self.cfg.relative_attention_num_buckets,
+            max_distance: self.cfg.relative_attention_max_distance,
+        }
+    }
+
+    /// The lm_head weight `(V, C)` and the scale applied to the decoder output before it:
+    /// v1.0 ties the head to the embeddings and rescales by d_model^-0.5, as Hugging Face does.
+    fn lm_head(&self) -> (&B::Tensor, f64) {
+        let head = self
+            .weights
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.weights.shared);
+        let scale = if self.cfg.scale_decoder_outputs {
+            (self.cfg.d_model as f64).powf(-0.5)
+        } else {
+            1.0
+        };
+        (head, scale)
+    }
+
+    /// `x + attention(rmsnorm(x))` with keys and values from `kv` (cross-attention) or from the
+    /// normalised `x` itself. `x (B, T, C)` is moved into the saved activations.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_sublayer_forward(
+        &self,
+        be: &B,
+        x: B::Tensor,
+        ln: &B::Tensor,
+        w: &AttnWeights<B>,
+        kv: Option<&B::Tensor>,
+        mask: AttnMask<'_, B::Index>,
+        bias: Option<RelBias<'_, B::Tensor>>,
+        dims: AttnDims,
+    ) -> (B::Tensor, AttnSaved<B>) {
+        let (c, hd) = (self.cfg.d_model, self.cfg.inner_dim());
+        let (n, n_kv) = (dims.b * dims.t, dims.b * dims.s);
+        let mut normed = be.zeros(n * c); // (B, T, C)
+        let mut rstd = be.zeros(n); // (B·T)
+        be.rmsnorm_forward(&mut normed, &mut rstd, &x, ln, n, c, self.eps());
+        let kv_inp = kv.unwrap_or(&normed); // (B, S, C)
+        let mut q = be.zeros(n * hd);
+        let mut k = be.zeros(n_kv * hd);
+        let mut v = be.zeros(n_kv * hd);
+        be.linear_forward(&mut q, &normed, &w.q, n, c, hd);
+        be.linear_forward(&mut k, kv_inp, &w.k, n_kv, c, hd);
+        be.linear_forward(&mut v, kv_inp, &w.v, n_kv, c, hd);
+        let mut out = be.zeros(n * hd);
+        let mut lse = be.zeros(dims.b * dims.h * dims.t);
+        // T5 does not scale scores by 1/sqrt(D): the scale is folded into the q init.
+        be.attention_forward(&mut out, &mut lse, &q, &k, &v, mask, bias, 1.0, dims);
+        let mut y = be.zeros(n * c);
+        be.linear_forward(&mut y, &out, &w.o, n, hd, c);
+        be.add_assign(&mut y, &x);
+        let norm = NormSaved { inp: x, rstd };
+        (
+            y,
+            AttnSaved {
+                norm,
+                q,
+                k,
+                v,
+                out,
+                lse,
+            },
+        )
+    }
+
+    /// Backward of [`Self::attention_sublayer_forward`]: `dx (B, T, C) +=` the gradient through
+    /// the attention branch; for cross-attention `d_kv (B, S, C) +=` the gradient of the keys' and
+    /// values' source (the encoder output).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_sublayer_backward(
+        &self,
+        be: &B,
+        dx: &mut B::Tensor,
+        d_kv: Option<&mut B::Tensor>,
+        saved: &AttnSaved<B>,
+        ln: &B::Tensor,
+        w: &AttnWeights<B>,
+        mask: AttnMask<'_, B::Index>,
+        bias: Option<RelBias<'_, B::Tensor>>,
+        dims: AttnDims,
+    ) {
+        let (c, hd) = (self.cfg.d_model, self.cfg.inner_dim());
+        let (n, n_kv) = (dims.b * dims.t, dims.b * dims.s);
+        let mut d_out = be.zeros(n * hd); // (B, T, H·D)
+        be.linear_backward_dinp(&mut d_out, dx, &w.o, n, hd, c, false);
+        let mut dq = be.zeros(n * hd);
+        let mut dk = be.zeros(n_kv * hd);
+        let mut dv = be.zeros(n_kv * hd);
+        let s = saved;
+        be.attention_backward_dinp(
+            &mut dq, &mut dk, &mut dv, &d_out, &s.q, &s.k, &s.v, &s.out, &s.lse, mask, bias, 1.0,
+            dims,
+        );
+        let mut d_normed = be.zeros(n * c); // (B, T, C)
+        be.linear_backward_dinp(&mut d_normed, &dq, &w.q, n, c, hd, false);
+        let d_kv_inp = match d_kv {
+            Some(d_kv) => d_kv,
+            None => &mut d_normed,
+        };
+        be.linear_backward_dinp(d_kv_inp, &dk, &w.k, n_kv, c, hd, true);
+        be.linear_backward_dinp(d_kv_inp, &dv, &w.v, n_kv, c, hd, true);
+        be.rmsnorm_backward_dinp(dx, &d_normed, &s.norm.inp, ln, &s.norm.rstd, n, c);
+    }
+
+    /// `x + ffn(rmsnorm(x))`, `x (N, C)` moved into the saved activations.
+    fn ffn_sublayer_forward(
+        &self,
+        be: &B,
+        x: B::Tensor,
+        ln: &B::Tensor,
+        w: &FfnWeights<B>,
+        n: usize,
+    ) -> (B::Tensor, FfnSaved<B>) {
+        let (c, f) = (self.cfg.d_model, self.cfg.d_ff);
+        let mut normed = be.zeros(n * c); // (N, C)
+        let mut rstd = be.zeros(n);
+        be.rmsnorm_forward(&mut normed, &mut rstd, &x, ln, n, c, self.eps());
+        let mut a = be.zeros(n * f); // (N, F)
+        be.linear_forward(&mut a, &normed, &w.wi, n, c, f);
+        let gate = w.wi_gate.as_ref().map(|wg| {
+            let mut g = be.zeros(n * f); // (N, F)
+            be.linear_forward(&mut g, &normed, wg, n, c, f);
+            g
+        });
+        let mut hidden = be.zeros(n * f); // (N, F)
+        be.gated_act_forward(&mut hidden, &a, gate.as_ref(), self.act(), n * f);
+        let mut y = be.zeros(n * c);
+        be.linear_forward(&mut y, &hidden, &w.wo, n, f, c);
+        be.add_assign(&mut y, &x);
+        let norm = NormSaved { inp: x, rstd };
+        (y, FfnSaved { norm, a, gate })
+    }
+
+    /// Backward of [`Self::ffn_sublayer_forward`]: `dx (N, C) +=` the gradient through the branch.
+    fn ffn_sublayer_backward(
+        &self,
+        be: &B,
+        dx: &mut B::Tensor,
+        saved: &FfnSaved<B>,
+        ln: &B::Tensor,
+        w: &FfnWeights<B>,
+        n: usize,
+    ) {
+        let (c, f) = (self.cfg.d_model, self.cfg.d_ff);
+        let mut d_hidden = be.zeros(n * f); // (N, F)
+        be.linear_backward_dinp(&mut d_hidden, dx, &w.wo, n, f, c, false);
+        let mut da = be.zeros(n * f);
+        let mut d_gate = saved.gate.as_ref().map(|_| be.zeros(n * f));
+        be.gated_act_backward_dinp(
+            &mut da,
+            d_gate.as_mut(),
+            &d_hidden,
+            &saved.a,
+            saved.gate.as_ref(),
+            self.act(),
+            n * f,
+        );
+        let mut d_normed = be.zeros(n * c); // (N, C)
+        be.linear_backward_dinp(&mut d_normed, &da, &w.wi, n, c, f, false);
+        if let (Some(dg), Some(wg)) = (&d_gate, &w.wi_gate) {
+            be.linear_backward_dinp(&mut d_normed, dg, wg, n, c, f, true);
+        }
+        be.rmsnorm_backward_dinp(dx, &d_normed, &saved.norm.inp, ln, &saved.norm.rstd, n, c);
+    }
+
+    /// Checks a batch against the config; errors name the field and the bad value.
+    fn validate(&self, be: &B, batch: &T5Batch<'_, B>) -> Result<()> {
+        let (b, t, td) = (batch.batch, batch.enc_len, batch.dec_len);
+        let (c, v) = (self.cfg.d_model, self.cfg.vocab_size);
+        let bad = |msg: String| Err(Error::Input(msg));
+        if b == 0 || t == 0 || td == 0 {
+            return bad(format!(
+                "batch: empty dimension (B = {b}, T = {t}, Td = {td})"
+            ));
+        }
+        if be.len(batch.inputs_embeds) != b * t * c {
+            let found = be.len(batch.inputs_embeds);
+            return bad(format!(
+                "inputs_embeds: {found} values, expected B·T·C = {b}·{t}·{c} = {}",
+                b * t * c
+            ));
+        }
+        for (name, len, want) in [
+            ("attention_mask", batch.attention_mask.len(), b * t),
+            ("decoder_input_ids", batch.decoder_input_ids.len(), b * td),
+            ("labels", batch.labels.len(), b * td),
+        ] {
+            if len != want {
+                return bad(format!("{name}: {len} values, expected {want}"));
+            }
+        }
+        for (row, mask) in batch.attention_mask.chunks(t).enumerate() {
+            if let Some(&x) = mask.iter().find(|&&x| x != 0 && x != 1) {
+                return bad(format!(
+                    "attention_mask: row {row} holds {x}; only 0 and 1 are allowed"
+                ));
+            }
+            if mask.iter().all(|&x| x == 0) {
+                return bad(format!("attention_mask: row {row} has no real position"));
+            }
+        }
+        let in_vocab = |x: i32| x >= 0 && (x as usize) < v;
+        if let Some(&x) = batch.decoder_input_ids.iter().find(|&&x| !in_vocab(x)) {
+            return bad(format!(
+                "decoder_input_ids: id {x} is outside the vocabulary 0..{v}"
+            ));
+        }
+        if let Some(&x) = batch.labels.iter().find(|&&x| x != -100 && !in_vocab(x)) {
+            return bad(format!(
+                "labels: id {x} is outside the vocabulary 0..{v} (and not -100)"
+            ));
+        }
+        if batch.labels.iter().all(|&x| x == -100) {
+            return bad("labels: every position is -100, so there is no loss to compute".into());
+        }
+        Ok(())
+    }
+
+    /// Forward through encoder, decoder and the loss; saves what [`Self::backward_dinp`] needs.
+    /// Logits are computed only at label positions: the (B, Td, V) tensor never exists.
+    pub fn forward(&self, be: &B, batch: &T5Batch<'_, B>) -> Result<(T5Output<B>, T5Saved<B>)> {
+        self.validate(be, batch)?;
+        let (b, t, td) = (batch.batch, batch.enc_len, batch.dec_len);
+        let (c, v) = (self.cfg.d_model, self.cfg.vocab_size);
+        let w = &self.weights;
+
+        // Encoder.
+        let enc_mask = be.index(batch.attention_mask);
+        let enc_self = AttnMask {
+            key_mask: &enc_mask,
+            causal: false,
+        };
+        let enc_bias = self.rel_bias(&w.encoder_rel_bias, true);
+        let enc_dims = self.attn_dims(b, t, t);
+        let mut x = be.copy(batch.inputs_embeds); // (B, T, C) residual stream
+        let mut encoder = Vec::with_capacity(w.encoder.len());
+        for layer in &w.encoder {
+            let (y, attn) = self.attention_sublayer_forward(
+                be,
+                x,
+                &layer.ln_attn,
+                &layer.attn,
+                None,
+                enc_self,
+                Some(enc_bias),
+                enc_dims,
+            );
+            let (y, ff) = self.ffn_sublayer_forward(be, y, &layer.ln_ff, &layer.ff, b * t);
+            x = y;
+            encoder.push(EncoderLayerSaved { attn, ff });
+        }
+        let mut enc_out = be.zeros(b * t * c); // (B, T, C)
+        let mut rstd = be.zeros(b * t);
+        be.rmsnorm_forward(
+            &mut enc_out,
+            &mut rstd,
+            &x,
+            &w.encoder_final_ln,
+            b * t,
+            c,
+            self.eps(),
+        );
+        let enc_final = NormSaved { inp: x, rstd };
+
+        // Decoder.
+        let dec_mask = be.index(&vec![1; b * td]);
+        let dec_self = AttnMask {
+            key_mask: &dec_mask,
+            causal: true,
+        };
+        let cross = AttnMask {
+            key_mask: &enc_mask,
+            causal: false,
+        };
+        let dec_bias = self.rel_bias(&w.decoder_rel_bias, false);
+        let (self_dims, cross_dims) = (self.attn_dims(b, td, td), self.attn_dims(b, td, t));
+        let mut x = be.zeros(b * td * c); // (B, Td, C)
+        be.gather_rows(
+            &mut x,
+            &w.shared,
+            &be.index(batch.decoder_input_ids),
+            b * td,
+            c,
+        );
+        let mut decoder = Vec::with_capacity(w.decoder.len());
+        for layer in &w.decoder {
+            let (y, self_attn) = self.attention_sublayer_forward(
+                be,
+                x,
+                &layer.ln_self,
+                &layer.self_attn,
+                None,
+                dec_self,
+                Some(dec_bias),
+                self_dims,
+            );
+            let (y, cross_attn) = self.attention_sublayer_forward(
+                be,
+                y,
+                &layer.ln_cross,
+                &layer.cross_attn,
+                Some(&enc_out),
+                cross,
+                None,
+                cross_dims,
+            );
+            let (y, ff) = self.ffn_sublayer_forward(be, y, &layer.ln_ff, &layer.ff, b * td);
+            x = y;
+            decoder.push(DecoderLayerSaved {
+                self_attn,
+                cross_attn,
+                ff,
+            });
+        }
+        let mut dec_out = be.zeros(b * td * c); // (B, Td, C)
+        let mut rstd = be.zeros(b * td);
+        be.rmsnorm_forward(
+            &mut dec_out,
+            &mut rstd,
+            &x,
+            &w.decoder_final_ln,
+            b * td,
+            c,
+            self.eps(),
+        );
+        let dec_final = NormSaved { inp: x, rstd };
+
+        // Logits and loss at the label rows only.
+        let label_rows: Vec<usize> = (0..b * td).filter(|&i| batch.labels[i] != -100).collect();
+        let m = label_rows.len();
+        let rows_i32: Vec<i32> = label_rows.iter().map(|&i| i as i32).collect();
+        let targets: Vec<i32> = label_rows.iter().map(|&i| batch.labels[i]).collect();
+        let rows = be.index(&rows_i32);
+        let mut h_rows = be.zeros(m * c); // (M, C)
+        be.gather_rows(&mut h_rows, &dec_out, &rows, m, c);
+        let (head, scale) = self.lm_head();
+        let mut logits = be.zeros(m * v); // (M, V)
+        be.matmul(
+            &mut logits,
+            &h_rows,
+            head,
+            crate::backend::Gemm::nt(m, v, c).alpha(scale),
+        );
+        let mut losses = be.zeros(m); // (M)
+        let mut dlogits = be.zeros(m * v); // (M, V)
+        be.cross_entropy_forward_backward(
+            &mut losses,
+            &mut dlogits,
+            &logits,
+            &be.index(&targets),
+            1.0 / m as f64,
+            m,
+            v,
+        );
+        let loss = be.to_f64(&losses).iter().sum::<f64>() / m as f64;
+
+        let output = T5Output {
+            loss,
+            logits,
+            label_rows,
+        };
+        let saved = T5Saved {
+            batch: b,
+            enc_len: t,
+            dec_len: td,
+            enc_mask,
+            dec_mask,
+            encoder,
+            enc_final,
+            enc_out,
+            decoder,
+            dec_final,
+            label_rows: rows,
+            dlogits,
+        };
+        Ok((output, saved))
+    }
+
+    /// d loss / d inputs_embeds `(B, T, C)`, back through lm_head, decoder and encoder.
+    pub fn backward_dinp(&self, be: &B, saved: &T5Saved<B>) -> B::Tensor {
+        let (b, t, td) = (saved.batch, saved.enc_len, saved.dec_len);
+        let (c, v) = (self.cfg.d_model, self.cfg.vocab_size);
+        let w = &self.weights;
+        let m = be.len(&saved.dlogits) / v;
+
+        // lm_head and the final decoder norm.
+        let (head, scale) = self.lm_head();
+        let mut dh_rows = be.zeros(m * c); // (M, C)
+        be.matmul(
+            &mut dh_rows,
+            &saved.dlogits,
+            head,
+            crate::backend::Gemm::nn(m, c, v).alpha(scale),
+        );
+        let mut d_dec_out = be.zeros(b * td * c); // (B, Td, C), zero where no label
+        be.scatter_rows_add(&mut d_dec_out, &dh_rows, &saved.label_rows, m, c);
+        let mut dx = be.zeros(b * td * c); // (B, Td, C) residual-stream gradient
+        let fin = &saved.dec_final;
+        be.rmsnorm_backward_dinp(
+            &mut dx,
+            &d_dec_out,
+            &fin.inp,
+            &w.decoder_final_ln,
+            &fin.rstd,
+            b * td,
+            c,
+        );
+
+        // Decoder, last layer first; cross-attention accumulates into d_enc_out.
+        let dec_self = AttnMask {
+            key_mask: &saved.dec_mask,
+            causal: true,
+        };
+        let cross = AttnMask {
+            key_mask: &saved.enc_mask,
+            causal: false,
+        };
+        let dec_bias = self.rel_bias(&w.decoder_rel_bias, false);
+        let (self_dims, cross_dims) = (self.attn_dims(b, td, td), self.attn_dims(b, td, t));
+        let mut d_enc_out = be.zeros(b * t * c); // (B, T, C)
+        for (layer, s) in w.decoder.iter().zip(&saved.decoder).rev() {
+            self.ffn_sublayer_backward(be, &mut dx, &s.ff, &layer.ln_ff, &layer.ff, b * td);
+            self.attention_sublayer_backward(
+                be,
+                &mut dx,
+                Some(&mut d_enc_out),
+                &s.cross_attn,
+                &layer.ln_cross,
+                &layer.cross_attn,
+                cross,
+                None,
+                cross_dims,
+            );
+            self.attention_sublayer_backward(
+                be,
+                &mut dx,
+                None,
+                &s.self_attn,
+                &layer.ln_self,
+                &layer.self_attn,
+                dec_self,
+                Some(dec_bias),
+                self_dims,
+            );
+        }
+        // dx now holds d (decoder input embeddings): frozen, dropped.
+
+        // Final encoder norm, then the encoder, last layer first.
+        let mut dx = be.zeros(b * t * c); // (B, T, C)
+        let fin = &saved.enc_final;
+        be.rmsnorm_backward_dinp(
+            &mut dx,
+            &d_enc_out,
+            &fin.inp,
+            &w.encoder_final_ln,
+            &fin.rstd,
+            b * t,
+            c,
+        );
+        let enc_self = AttnMask {
+            key_mask: &saved.enc_mask,
+            causal: false,
+        };
+        let enc_bias = self.rel_bias(&w.encoder_rel_bias, true);
+        let enc_dims = self.attn_dims(b, t, t);
+        for (layer, s) in w.encoder.iter().zip(&saved.encoder).rev() {
+            self.ffn_sublayer_backward(be, &mut dx, &s.ff, &layer.ln_ff, &layer.ff, b * t);
+            self.attention_sublayer_backward(
+                be,
+                &mut dx,
+                None,
+                &s.attn,
+                &layer.ln_attn,
+                &layer.attn,
+                enc_self,
+                Some(enc_bias),
+                enc_dims,
+            );
+        }
+        dx
+    }
+}

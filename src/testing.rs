@@ -1,0 +1,66 @@
+//! Helpers shared by the unit tests, the integration tests and the benches: seeded random data,
+//! relative errors, and a finite-difference gradient check in f64.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// `n` values uniform in (-scale, scale), reproducible from `seed`.
+pub fn random_vec(n: usize, scale: f64, seed: u64) -> Vec<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+/// `‖out − reference‖ / ‖reference‖` (plain `‖out‖` when the reference is zero).
+pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len(), "rel_err: lengths differ");
+    let diff: f64 = out
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum();
+    let norm: f64 = reference.iter().map(|b| b * b).sum();
+    if norm == 0.0 {
+        diff.sqrt()
+    } else {
+        (diff / norm).sqrt()
+    }
+}
+
+/// Same as [`rel_err`] for f32 data.
+pub fn rel_err_f32(out: &[f32], reference: &[f32]) -> f64 {
+    let a: Vec<f64> = out.iter().map(|&x| x as f64).collect();
+    let b: Vec<f64> = reference.iter().map(|&x| x as f64).collect();
+    rel_err(&a, &b)
+}
+
+/// Central finite differences of the scalar `f` at `x`, for the coordinates in `coords`
+/// (all of them when `None`): returns the numerical gradient at those coordinates.
+pub fn finite_diff(
+    f: &mut dyn FnMut(&[f64]) -> f64,
+    x: &[f64],
+    coords: Option<&[usize]>,
+    eps: f64,
+) -> Vec<f64> {
+    let all: Vec<usize> = (0..x.len()).collect();
+    let coords = coords.unwrap_or(&all);
+    let mut x = x.to_vec();
+    coords
+        .iter()
+        .map(|&i| {
+            let orig = x[i];
+            x[i] = orig + eps;
+            let plus = f(&x);
+            x[i] = orig - eps;
+            let minus = f(&x);
+            x[i] = orig;
+            (plus - minus) / (2.0 * eps)
+        })
+        .collect()
+}
+
+/// `Σ a ⊙ b`: the scalar whose gradient with respect to `a` is `b`, used to turn an op with a
+/// tensor output into a scalar for finite differences.
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "dot: lengths differ");
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
