@@ -4,6 +4,8 @@
 //! first), `model` the backbones and their loading, and the binary `fastpt` (src/main.rs) the CLI.
 
 pub mod backend;
+pub mod data;
+pub mod engine;
 pub mod error;
 pub mod model;
 #[doc(hidden)]

@@ -1,1 +1,243 @@
-fn main() {}
+//! The `fastpt` command line. Thin: parsing and printing only; the work is in the library.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+
+use fastpt::backend::cpu::CpuBackend;
+use fastpt::backend::Backend;
+use fastpt::data::HostBatch;
+use fastpt::engine::{t5_forward_backward, StepOutput};
+use fastpt::model::hf::{load_tokenizer, save_safetensors, TensorData};
+use fastpt::model::shapes::T5_SHAPES;
+use fastpt::model::t5::{t5_tensor_specs, T5};
+use fastpt::model::{load_t5, random_t5};
+
+#[derive(Parser)]
+#[command(
+    name = "fastpt",
+    version,
+    about = "Prompt tuning of frozen T5 and Llama models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One forward + backward of a built-in T5 shape (random weights) on a built-in batch,
+    /// printing loss, gradient norm and timing. (The trainer will replace this.)
+    Run(RunArgs),
+    /// One forward + backward of a model on a batch given as JSON; writes logits, loss and
+    /// d loss / d inputs_embeds to a safetensors file, to check parity with another implementation.
+    Forward(ForwardArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Built-in shape with random weights.
+    #[arg(long, default_value = "t5-tiny", value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES))]
+    shape: String,
+    /// Seed of the random weights and the built-in batch.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run the CPU reference in f64 instead of f32.
+    #[arg(long)]
+    f64: bool,
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    /// A Hugging Face T5 folder: config.json, model.safetensors (or sharded), tokenizer.json.
+    #[arg(long, required_unless_present = "shape", conflicts_with = "shape")]
+    model: Option<PathBuf>,
+    /// A built-in shape with random weights, instead of --model.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES))]
+    shape: Option<String>,
+    /// Seed of the random weights (with --shape).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The batch as JSON: input_ids | inputs_embeds | input_text, optional attention_mask,
+    /// labels | target_text, optional decoder_input_ids (see README.md).
+    #[arg(long)]
+    batch: PathBuf,
+    /// Where to write logits, label_rows, loss, inputs_embeds, encoder_last_hidden_state and
+    /// d_inputs_embeds (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Run the CPU reference in f64 instead of f32.
+    #[arg(long)]
+    f64: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    // Errors print as one line with their causes (`{:#}`), without a backtrace.
+    match dispatch(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            if args.f64 {
+                run(&CpuBackend::<f64>::new(), &args)
+            } else {
+                run(&CpuBackend::<f32>::new(), &args)
+            }
+        }
+        Command::Forward(args) => {
+            if args.f64 {
+                forward(&CpuBackend::<f64>::new(), &args)
+            } else {
+                forward(&CpuBackend::<f32>::new(), &args)
+            }
+        }
+    }
+}
+
+fn describe<B: Backend>(name: &str, model: &T5<B>) -> String {
+    let cfg = &model.cfg;
+    let params: usize = t5_tensor_specs(cfg)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum();
+    format!(
+        "{name}: d_model {}, {}+{} layers, {} heads × {}, d_ff {}, vocab {}, {:.2} M parameters",
+        cfg.d_model,
+        cfg.num_layers,
+        cfg.num_decoder_layers,
+        cfg.num_heads,
+        cfg.d_kv,
+        cfg.d_ff,
+        cfg.vocab_size,
+        params as f64 / 1e6
+    )
+}
+
+fn print_step(be_name: &str, step: &StepOutput, batch: &HostBatch) {
+    println!(
+        "backend    {be_name} ({} threads)",
+        rayon::current_num_threads()
+    );
+    println!(
+        "batch      {} rows, encoder {} positions, decoder {} positions, {} label positions",
+        batch.batch,
+        batch.enc_len,
+        batch.dec_len,
+        step.label_rows.len()
+    );
+    println!("loss       {:.6}", step.loss);
+    println!(
+        "grad norm  {:.6e}  (‖d loss / d inputs_embeds‖)",
+        step.grad_norm()
+    );
+    println!(
+        "time       forward {:.1} ms, backward {:.1} ms",
+        step.forward_time.as_secs_f64() * 1e3,
+        step.backward_time.as_secs_f64() * 1e3
+    );
+}
+
+fn run<B: Backend>(be: &B, args: &RunArgs) -> Result<()> {
+    println!(
+        "fastpt run: the backbone is the built-in `{}` shape with RANDOM weights (seed {}), no download.",
+        args.shape, args.seed
+    );
+    println!(
+        "For now `run` does one forward + backward on a built-in batch; to check a real checkpoint:\n  \
+         fastpt forward --model DIR --batch FILE.json --out OUT.safetensors\n"
+    );
+    let model = random_t5(be, &args.shape, args.seed)?;
+    println!("model      {}", describe(&args.shape, &model));
+    // Four rows of different lengths, as a dynamically padded batch would have.
+    let batch = HostBatch::random(&model.cfg, &[24, 17, 32, 9], &[6, 3, 8, 5], args.seed);
+    let step = t5_forward_backward(be, &model, &batch)?;
+    print_step(&be.name(), &step, &batch);
+    Ok(())
+}
+
+fn forward<B: Backend>(be: &B, args: &ForwardArgs) -> Result<()> {
+    let (model, tokenizer_dir) = match (&args.model, &args.shape) {
+        (Some(dir), _) => (load_t5(be, dir)?, Some(dir.as_path())),
+        (None, Some(shape)) => (random_t5(be, shape, args.seed)?, None),
+        (None, None) => bail!("give --model DIR or --shape NAME"),
+    };
+    let name = match (&args.model, &args.shape) {
+        (Some(dir), _) => dir.display().to_string(),
+        (_, Some(shape)) => format!("{shape} (random weights, seed {})", args.seed),
+        _ => unreachable!("checked above"),
+    };
+    println!("model      {}", describe(&name, &model));
+    let batch = read_batch(&args.batch, &model, tokenizer_dir)?;
+    let step = t5_forward_backward(be, &model, &batch)?;
+    print_step(&be.name(), &step, &batch);
+
+    let (b, t, c, v) = (
+        batch.batch,
+        batch.enc_len,
+        model.cfg.d_model,
+        model.cfg.vocab_size,
+    );
+    let m = step.label_rows.len();
+    let tensors = vec![
+        (
+            "logits".to_string(),
+            vec![m, v],
+            TensorData::F32(step.logits),
+        ),
+        (
+            "label_rows".to_string(),
+            vec![m],
+            TensorData::I64(step.label_rows.iter().map(|&r| r as i64).collect()),
+        ),
+        ("loss".to_string(), vec![], TensorData::F64(vec![step.loss])),
+        (
+            "inputs_embeds".to_string(),
+            vec![b, t, c],
+            TensorData::F32(step.inputs_embeds),
+        ),
+        (
+            "encoder_last_hidden_state".to_string(),
+            vec![b, t, c],
+            TensorData::F32(step.encoder_out),
+        ),
+        (
+            "d_inputs_embeds".to_string(),
+            vec![b, t, c],
+            TensorData::F32(step.d_inputs_embeds),
+        ),
+    ];
+    save_safetensors(&args.out, &tensors)?;
+    println!("wrote      {}", args.out.display());
+    Ok(())
+}
+
+/// Reads the JSON batch, tokenizing text fields with the model folder's tokenizer.json.
+fn read_batch<B: Backend>(
+    path: &Path,
+    model: &T5<B>,
+    tokenizer_dir: Option<&Path>,
+) -> Result<HostBatch> {
+    let tokenizer = match tokenizer_dir {
+        Some(dir) if dir.join("tokenizer.json").exists() => Some(load_tokenizer(dir)?),
+        _ => None,
+    };
+    let encode = |text: &str| -> fastpt::Result<Vec<u32>> {
+        let tok = tokenizer.as_ref().ok_or_else(|| {
+            fastpt::Error::Input("text fields need a --model folder with tokenizer.json".into())
+        })?;
+        let enc = tok
+            .encode(text, true)
+            .map_err(|e| fastpt::Error::Input(format!("tokenizing {text:?}: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    };
+    // The library's errors already name the batch file.
+    Ok(HostBatch::from_json_file(path, &model.cfg, Some(&encode))?)
+}

@@ -57,7 +57,7 @@ fn t5_input_gradient_matches_finite_differences() {
         let c = cfg.d_model;
         let embeds = random_vec(b * t * c, 1.0, 3);
         let loss = |x: &[f64]| {
-            let x = be.from_f64(x);
+            let x = be.upload_f64(x);
             let batch = T5Batch::<CpuBackend<f64>> {
                 inputs_embeds: &x,
                 attention_mask: &attention_mask,
@@ -72,7 +72,7 @@ fn t5_input_gradient_matches_finite_differences() {
         let (out, saved) = loss(&embeds);
         assert!(out.loss.is_finite() && out.loss > 0.0);
         assert_eq!(out.label_rows, vec![0, 1, 2, 3, 4, 5, 6]);
-        let analytic = be.to_f64(&m.backward_dinp(&be, &saved));
+        let analytic = be.download_f64(&m.backward_dinp(&be, &saved));
         let numeric = finite_diff(&mut |x| loss(x).0.loss, &embeds, None, 1e-6);
         let err = rel_err(&analytic, &numeric);
         assert!(err < 1e-7, "{ff:?} tied={tied}: rel err {err}");

@@ -40,7 +40,7 @@ fn errors<B: Backend>(be: &B, dir: &Path) -> [f64; 4] {
     let (b, t) = (shape[0], shape[1]);
     let td = golden(&g, "labels").0[1];
     let v = model.cfg.vocab_size;
-    let x = be.from_f64(&embeds);
+    let x = be.upload_f64(&embeds);
     let (mask, dec_ids, labels) = (
         ids(&g, "attention_mask"),
         ids(&g, "decoder_input_ids"),
@@ -70,13 +70,13 @@ fn errors<B: Backend>(be: &B, dir: &Path) -> [f64; 4] {
     );
     let loss = golden(&g, "loss").1[0];
     [
-        rel_err(&be.to_f64(&out.logits), &expected),
+        rel_err(&be.download_f64(&out.logits), &expected),
         ((out.loss - loss) / loss).abs(),
         rel_err(
-            &be.to_f64(saved.encoder_out()),
+            &be.download_f64(saved.encoder_out()),
             &golden(&g, "encoder_last_hidden_state").1,
         ),
-        rel_err(&be.to_f64(&dx), &golden(&g, "d_inputs_embeds").1),
+        rel_err(&be.download_f64(&dx), &golden(&g, "d_inputs_embeds").1),
     ]
 }
 
@@ -129,7 +129,7 @@ fn input_ids_gather_to_the_golden_inputs_embeds() {
         be.gather_rows(
             &mut x,
             &model.weights.shared,
-            &be.index(&input_ids),
+            &be.upload_index(&input_ids),
             input_ids.len(),
             c,
         );

@@ -168,12 +168,12 @@ pub trait Backend: Sync {
 
     fn zeros(&self, len: usize) -> Self::Tensor;
     /// Takes ownership of host data (no copy where the backend stores f32 on the host).
-    fn from_f32(&self, data: Vec<f32>) -> Self::Tensor;
-    fn from_f64(&self, data: &[f64]) -> Self::Tensor;
-    fn to_f32(&self, x: &Self::Tensor) -> Vec<f32>;
-    fn to_f64(&self, x: &Self::Tensor) -> Vec<f64>;
+    fn upload_f32(&self, data: Vec<f32>) -> Self::Tensor;
+    fn upload_f64(&self, data: &[f64]) -> Self::Tensor;
+    fn download_f32(&self, x: &Self::Tensor) -> Vec<f32>;
+    fn download_f64(&self, x: &Self::Tensor) -> Vec<f64>;
     fn copy(&self, x: &Self::Tensor) -> Self::Tensor;
-    fn index(&self, data: &[i32]) -> Self::Index;
+    fn upload_index(&self, data: &[i32]) -> Self::Index;
     fn len(&self, x: &Self::Tensor) -> usize;
 
     // ---- elementwise ----------------------------------------------------------------------

@@ -59,6 +59,10 @@ pub struct T5Weights<B: Backend> {
     pub lm_head: Option<B::Tensor>, // (V, C)
 }
 
+/// Where weights come from: given a Hugging Face tensor name and its expected shape, returns the
+/// values as f32 (a checkpoint folder, or random weights of a built-in shape).
+pub type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>> + 'a;
+
 /// The Hugging Face name and shape of every tensor a T5 checkpoint must hold, in load order.
 pub fn t5_tensor_specs(cfg: &T5Config) -> Vec<(String, Vec<usize>)> {
     let (c, hd, f, v) = (cfg.d_model, cfg.inner_dim(), cfg.d_ff, cfg.vocab_size);
@@ -119,26 +123,22 @@ impl<B: Backend> T5Weights<B> {
     /// Builds the weights from a source that returns each tensor of [`t5_tensor_specs`] as f32
     /// (a checkpoint folder, or random weights of a built-in shape). Tensors are uploaded one by
     /// one so that host memory holds at most one converted tensor at a time.
-    pub fn load(
-        be: &B,
-        cfg: &T5Config,
-        source: &mut dyn FnMut(&str, &[usize]) -> Result<Vec<f32>>,
-    ) -> Result<Self> {
+    pub fn load(be: &B, cfg: &T5Config, source: &mut WeightSource<'_>) -> Result<Self> {
         let (c, hd, f, v) = (cfg.d_model, cfg.inner_dim(), cfg.d_ff, cfg.vocab_size);
         let nb = cfg.relative_attention_num_buckets;
         // Same names and order as t5_tensor_specs (a test checks that they agree).
-        let shared = be.from_f32(source("shared.weight", &[v, c])?);
+        let shared = be.upload_f32(source("shared.weight", &[v, c])?);
         let mut encoder = Vec::with_capacity(cfg.num_layers);
         let mut encoder_rel_bias = None;
         for l in 0..cfg.num_layers {
             let p = format!("encoder.block.{l}.layer");
-            let ln_attn = be.from_f32(source(&format!("{p}.0.layer_norm.weight"), &[c])?);
+            let ln_attn = be.upload_f32(source(&format!("{p}.0.layer_norm.weight"), &[c])?);
             let attn = load_attn(be, source, &format!("{p}.0.SelfAttention"), hd, c)?;
             if l == 0 {
                 let name = format!("{p}.0.SelfAttention.relative_attention_bias.weight");
-                encoder_rel_bias = Some(be.from_f32(source(&name, &[nb, cfg.num_heads])?));
+                encoder_rel_bias = Some(be.upload_f32(source(&name, &[nb, cfg.num_heads])?));
             }
-            let ln_ff = be.from_f32(source(&format!("{p}.1.layer_norm.weight"), &[c])?);
+            let ln_ff = be.upload_f32(source(&format!("{p}.1.layer_norm.weight"), &[c])?);
             let ff = load_ffn(be, source, cfg, &format!("{p}.1.DenseReluDense"), c, f)?;
             encoder.push(EncoderLayer {
                 ln_attn,
@@ -147,20 +147,20 @@ impl<B: Backend> T5Weights<B> {
                 ff,
             });
         }
-        let encoder_final_ln = be.from_f32(source("encoder.final_layer_norm.weight", &[c])?);
+        let encoder_final_ln = be.upload_f32(source("encoder.final_layer_norm.weight", &[c])?);
         let mut decoder = Vec::with_capacity(cfg.num_decoder_layers);
         let mut decoder_rel_bias = None;
         for l in 0..cfg.num_decoder_layers {
             let p = format!("decoder.block.{l}.layer");
-            let ln_self = be.from_f32(source(&format!("{p}.0.layer_norm.weight"), &[c])?);
+            let ln_self = be.upload_f32(source(&format!("{p}.0.layer_norm.weight"), &[c])?);
             let self_attn = load_attn(be, source, &format!("{p}.0.SelfAttention"), hd, c)?;
             if l == 0 {
                 let name = format!("{p}.0.SelfAttention.relative_attention_bias.weight");
-                decoder_rel_bias = Some(be.from_f32(source(&name, &[nb, cfg.num_heads])?));
+                decoder_rel_bias = Some(be.upload_f32(source(&name, &[nb, cfg.num_heads])?));
             }
-            let ln_cross = be.from_f32(source(&format!("{p}.1.layer_norm.weight"), &[c])?);
+            let ln_cross = be.upload_f32(source(&format!("{p}.1.layer_norm.weight"), &[c])?);
             let cross_attn = load_attn(be, source, &format!("{p}.1.EncDecAttention"), hd, c)?;
-            let ln_ff = be.from_f32(source(&format!("{p}.2.layer_norm.weight"), &[c])?);
+            let ln_ff = be.upload_f32(source(&format!("{p}.2.layer_norm.weight"), &[c])?);
             let ff = load_ffn(be, source, cfg, &format!("{p}.2.DenseReluDense"), c, f)?;
             decoder.push(DecoderLayer {
                 ln_self,
@@ -171,11 +171,11 @@ impl<B: Backend> T5Weights<B> {
                 ff,
             });
         }
-        let decoder_final_ln = be.from_f32(source("decoder.final_layer_norm.weight", &[c])?);
+        let decoder_final_ln = be.upload_f32(source("decoder.final_layer_norm.weight", &[c])?);
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(be.from_f32(source("lm_head.weight", &[v, c])?))
+            Some(be.upload_f32(source("lm_head.weight", &[v, c])?))
         };
         let missing_bias = || Error::Input("T5 config has zero layers".into());
         Ok(T5Weights {
@@ -193,22 +193,22 @@ impl<B: Backend> T5Weights<B> {
 
 fn load_attn<B: Backend>(
     be: &B,
-    source: &mut dyn FnMut(&str, &[usize]) -> Result<Vec<f32>>,
+    source: &mut WeightSource<'_>,
     prefix: &str,
     hd: usize,
     c: usize,
 ) -> Result<AttnWeights<B>> {
     Ok(AttnWeights {
-        q: be.from_f32(source(&format!("{prefix}.q.weight"), &[hd, c])?),
-        k: be.from_f32(source(&format!("{prefix}.k.weight"), &[hd, c])?),
-        v: be.from_f32(source(&format!("{prefix}.v.weight"), &[hd, c])?),
-        o: be.from_f32(source(&format!("{prefix}.o.weight"), &[c, hd])?),
+        q: be.upload_f32(source(&format!("{prefix}.q.weight"), &[hd, c])?),
+        k: be.upload_f32(source(&format!("{prefix}.k.weight"), &[hd, c])?),
+        v: be.upload_f32(source(&format!("{prefix}.v.weight"), &[hd, c])?),
+        o: be.upload_f32(source(&format!("{prefix}.o.weight"), &[c, hd])?),
     })
 }
 
 fn load_ffn<B: Backend>(
     be: &B,
-    source: &mut dyn FnMut(&str, &[usize]) -> Result<Vec<f32>>,
+    source: &mut WeightSource<'_>,
     cfg: &T5Config,
     prefix: &str,
     c: usize,
@@ -218,13 +218,13 @@ fn load_ffn<B: Backend>(
         FeedForward::Relu => (source(&format!("{prefix}.wi.weight"), &[f, c])?, None),
         FeedForward::GatedGelu => (
             source(&format!("{prefix}.wi_0.weight"), &[f, c])?,
-            Some(be.from_f32(source(&format!("{prefix}.wi_1.weight"), &[f, c])?)),
+            Some(be.upload_f32(source(&format!("{prefix}.wi_1.weight"), &[f, c])?)),
         ),
     };
     Ok(FfnWeights {
-        wi: be.from_f32(wi),
+        wi: be.upload_f32(wi),
         wi_gate,
-        wo: be.from_f32(source(&format!("{prefix}.wo.weight"), &[c, f])?),
+        wo: be.upload_f32(source(&format!("{prefix}.wo.weight"), &[c, f])?),
     })
 }
 
@@ -576,7 +576,7 @@ impl<B: Backend> T5<B> {
         let w = &self.weights;
 
         // Encoder.
-        let enc_mask = be.index(batch.attention_mask);
+        let enc_mask = be.upload_index(batch.attention_mask);
         let enc_self = AttnMask {
             key_mask: &enc_mask,
             causal: false,
@@ -614,7 +614,7 @@ impl<B: Backend> T5<B> {
         let enc_final = NormSaved { inp: x, rstd };
 
         // Decoder.
-        let dec_mask = be.index(&vec![1; b * td]);
+        let dec_mask = be.upload_index(&vec![1; b * td]);
         let dec_self = AttnMask {
             key_mask: &dec_mask,
             causal: true,
@@ -629,7 +629,7 @@ impl<B: Backend> T5<B> {
         be.gather_rows(
             &mut x,
             &w.shared,
-            &be.index(batch.decoder_input_ids),
+            &be.upload_index(batch.decoder_input_ids),
             b * td,
             c,
         );
@@ -681,7 +681,7 @@ impl<B: Backend> T5<B> {
         let m = label_rows.len();
         let rows_i32: Vec<i32> = label_rows.iter().map(|&i| i as i32).collect();
         let targets: Vec<i32> = label_rows.iter().map(|&i| batch.labels[i]).collect();
-        let rows = be.index(&rows_i32);
+        let rows = be.upload_index(&rows_i32);
         let mut h_rows = be.zeros(m * c); // (M, C)
         be.gather_rows(&mut h_rows, &dec_out, &rows, m, c);
         let (head, scale) = self.lm_head();
@@ -698,12 +698,12 @@ impl<B: Backend> T5<B> {
             &mut losses,
             &mut dlogits,
             &logits,
-            &be.index(&targets),
+            &be.upload_index(&targets),
             1.0 / m as f64,
             m,
             v,
         );
-        let loss = be.to_f64(&losses).iter().sum::<f64>() / m as f64;
+        let loss = be.download_f64(&losses).iter().sum::<f64>() / m as f64;
 
         let output = T5Output {
             loss,

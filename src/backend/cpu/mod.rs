@@ -180,34 +180,74 @@ fn relative_bias_rows<T: Float>(
     rows
 }
 
-/// Scores of one query row against all keys of one head: `scores (S)`, masked entries `-inf`.
+/// Copies head `head` of every row: `dst (N, D)` from `src (N, heads·D)`.
+fn gather_head<T: Float>(dst: &mut [T], src: &[T], head: usize, heads: usize, d: usize) {
+    for (row, out) in src.chunks_exact(heads * d).zip(dst.chunks_exact_mut(d)) {
+        out.copy_from_slice(&row[head * d..(head + 1) * d]);
+    }
+}
+
+/// Adds `src (N, D)` into head `head` of every row of `dst (N, heads·D)`.
+fn scatter_head_add<T: Float>(dst: &mut [T], src: &[T], head: usize, heads: usize, d: usize) {
+    for (row, x) in dst.chunks_exact_mut(heads * d).zip(src.chunks_exact(d)) {
+        for (o, &v) in row[head * d..(head + 1) * d].iter_mut().zip(x) {
+            *o += v;
+        }
+    }
+}
+
+/// The probabilities of one head of one batch entry, `probs (T, S)`: scores `scale·q·kᵀ` plus
+/// the relative bias, masked entries (padding keys, future keys when causal) set to probability
+/// 0. With `lse = None` the softmax is computed and each row's log-sum-exp written to `lse_out`;
+/// with `Some(lse)` (the backward) the saved log-sum-exp is reused instead.
 #[allow(clippy::too_many_arguments)]
-fn score_row<T: Float>(
-    scores: &mut [T],
-    q_row: &[T],
-    k_b: &[T],
+fn head_probs<T: Float>(
+    probs: &mut [T],
+    qh: &[T],
+    kh: &[T],
     key_mask_b: &[i32],
     bias_rows: Option<&[T]>,
     causal: bool,
     scale: T,
-    i: usize,
     hh: usize,
-    kvh: usize,
     dims: AttnDims,
+    lse_in: Option<&[T]>,
+    lse_out: Option<&mut [T]>,
 ) {
-    let AttnDims { t, h, h_kv, d, .. } = dims;
-    for (j, score) in scores.iter_mut().enumerate() {
-        if key_mask_b[j] == 0 || (causal && j > i) {
-            *score = T::neg_infinity();
-            continue;
+    let AttnDims { t, s, h, d, .. } = dims;
+    gemm_slices(probs, qh, kh, Gemm::nt(t, s, d).alpha(scale.f64()), false);
+    let mut lse_out = lse_out;
+    for (i, row) in probs.chunks_exact_mut(s).enumerate() {
+        for (j, x) in row.iter_mut().enumerate() {
+            if key_mask_b[j] == 0 || (causal && j > i) {
+                *x = T::neg_infinity();
+            } else if let Some(rows) = bias_rows {
+                *x += rows[(j + t - 1 - i) * h + hh];
+            }
         }
-        let k_row = &k_b[j * h_kv * d + kvh * d..][..d];
-        let dot: T = q_row.iter().zip(k_row).map(|(&x, &y)| x * y).sum();
-        let mut value = scale * dot;
-        if let Some(rows) = bias_rows {
-            value += rows[(j + t - 1 - i) * h + hh];
+        let row_lse = match lse_in {
+            Some(lse) => lse[i],
+            None => {
+                let max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                if max == T::neg_infinity() {
+                    T::neg_infinity()
+                } else {
+                    let sum: f64 = row.iter().map(|&x| (x - max).exp().f64()).sum();
+                    max + T::of(sum.ln())
+                }
+            }
+        };
+        if let Some(out) = lse_out.as_deref_mut() {
+            out[i] = row_lse;
         }
-        *score = value;
+        for x in row.iter_mut() {
+            // A row with no visible key (lse = -inf) gets all-zero probabilities: output 0, no gradient.
+            *x = if *x == T::neg_infinity() || row_lse == T::neg_infinity() {
+                T::zero()
+            } else {
+                (*x - row_lse).exp()
+            };
+        }
     }
 }
 
@@ -223,7 +263,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         vec![T::zero(); len]
     }
 
-    fn from_f32(&self, data: Vec<f32>) -> Vec<T> {
+    fn upload_f32(&self, data: Vec<f32>) -> Vec<T> {
         // For T = f32 this is a move; the generic path converts.
         let any: Box<dyn std::any::Any> = Box::new(data);
         match any.downcast::<Vec<T>>() {
@@ -235,15 +275,15 @@ impl<T: Float> Backend for CpuBackend<T> {
         }
     }
 
-    fn from_f64(&self, data: &[f64]) -> Vec<T> {
+    fn upload_f64(&self, data: &[f64]) -> Vec<T> {
         data.iter().map(|&x| T::of(x)).collect()
     }
 
-    fn to_f32(&self, x: &Vec<T>) -> Vec<f32> {
+    fn download_f32(&self, x: &Vec<T>) -> Vec<f32> {
         x.iter().map(|v| v.f32()).collect()
     }
 
-    fn to_f64(&self, x: &Vec<T>) -> Vec<f64> {
+    fn download_f64(&self, x: &Vec<T>) -> Vec<f64> {
         x.iter().map(|v| v.f64()).collect()
     }
 
@@ -251,7 +291,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         x.clone()
     }
 
-    fn index(&self, data: &[i32]) -> Vec<i32> {
+    fn upload_index(&self, data: &[i32]) -> Vec<i32> {
         data.to_vec()
     }
 
@@ -410,6 +450,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         let scale = T::of(scale);
         let group = h / h_kv;
 
+        // One batch entry per task; per head: P = softmax(scale·Q·Kᵀ + bias + mask), O = P·V.
         out.par_chunks_mut(t * h * d)
             .zip(lse.par_chunks_mut(h * t))
             .enumerate()
@@ -418,46 +459,35 @@ impl<T: Float> Backend for CpuBackend<T> {
                 let k_b = &k[bi * s * h_kv * d..][..s * h_kv * d];
                 let v_b = &v[bi * s * h_kv * d..][..s * h_kv * d];
                 let key_mask_b = &mask.key_mask[bi * s..][..s];
-                let mut scores = vec![T::zero(); s];
+                let (mut qh, mut kh, mut vh) = (
+                    vec![T::zero(); t * d],
+                    vec![T::zero(); s * d],
+                    vec![T::zero(); s * d],
+                );
+                let mut probs = vec![T::zero(); t * s]; // (T, S)
+                let mut oh = vec![T::zero(); t * d]; // (T, D)
+                out_b.fill(T::zero());
                 for hh in 0..h {
                     let kvh = hh / group;
-                    for i in 0..t {
-                        let q_row = &q_b[i * h * d + hh * d..][..d];
-                        score_row(
-                            &mut scores,
-                            q_row,
-                            k_b,
-                            key_mask_b,
-                            bias_rows.as_deref(),
-                            mask.causal,
-                            scale,
-                            i,
-                            hh,
-                            kvh,
-                            dims,
-                        );
-                        let o_row = &mut out_b[i * h * d + hh * d..][..d];
-                        o_row.fill(T::zero());
-                        let max = scores.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
-                        if max == T::neg_infinity() {
-                            // No key may be attended to: the row outputs zeros (and gets no gradient).
-                            lse_b[hh * t + i] = T::neg_infinity();
-                            continue;
-                        }
-                        let sum: f64 = scores.iter().map(|&x| (x - max).exp().f64()).sum();
-                        let row_lse = max + T::of(sum.ln());
-                        lse_b[hh * t + i] = row_lse;
-                        for (j, &score) in scores.iter().enumerate() {
-                            if score == T::neg_infinity() {
-                                continue;
-                            }
-                            let p = (score - row_lse).exp();
-                            let v_row = &v_b[j * h_kv * d + kvh * d..][..d];
-                            for (o, &vv) in o_row.iter_mut().zip(v_row) {
-                                *o += p * vv;
-                            }
-                        }
-                    }
+                    gather_head(&mut qh, q_b, hh, h, d);
+                    gather_head(&mut kh, k_b, kvh, h_kv, d);
+                    gather_head(&mut vh, v_b, kvh, h_kv, d);
+                    let lse_h = &mut lse_b[hh * t..(hh + 1) * t];
+                    head_probs(
+                        &mut probs,
+                        &qh,
+                        &kh,
+                        key_mask_b,
+                        bias_rows.as_deref(),
+                        mask.causal,
+                        scale,
+                        hh,
+                        dims,
+                        None,
+                        Some(lse_h),
+                    );
+                    gemm_slices(&mut oh, &probs, &vh, Gemm::nn(t, d, s), false);
+                    scatter_head_add(out_b, &oh, hh, h, d);
                 }
             });
     }
@@ -521,7 +551,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         let scale_t = T::of(scale);
         let group = h / h_kv;
 
-        // With P the probabilities (recomputed from the saved log-sum-exp) and O = P·V:
+        // With P recomputed from the saved log-sum-exp and O = P·V:
         // dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = scale·dS·K, dK = scale·dSᵀ·Q.
         dq.par_chunks_mut(t * h * d)
             .zip(dk.par_chunks_mut(s * h_kv * d))
@@ -538,53 +568,73 @@ impl<T: Float> Backend for CpuBackend<T> {
                 dq_b.fill(T::zero());
                 dk_b.fill(T::zero());
                 dv_b.fill(T::zero());
-                let mut scores = vec![T::zero(); s];
+                let (mut qh, mut kh, mut vh) = (
+                    vec![T::zero(); t * d],
+                    vec![T::zero(); s * d],
+                    vec![T::zero(); s * d],
+                );
+                let (mut oh, mut doh) = (vec![T::zero(); t * d], vec![T::zero(); t * d]);
+                let mut probs = vec![T::zero(); t * s]; // (T, S)
+                let mut dprobs = vec![T::zero(); t * s]; // (T, S)
+                let mut dqh = vec![T::zero(); t * d];
+                let (mut dkh, mut dvh) = (vec![T::zero(); s * d], vec![T::zero(); s * d]);
                 for hh in 0..h {
                     let kvh = hh / group;
-                    for i in 0..t {
-                        let row_lse = lse_b[hh * t + i];
-                        if row_lse == T::neg_infinity() {
-                            continue;
-                        }
-                        let q_row = &q_b[i * h * d + hh * d..][..d];
-                        let do_row = &do_b[i * h * d + hh * d..][..d];
-                        let o_row = &o_b[i * h * d + hh * d..][..d];
-                        score_row(
-                            &mut scores,
-                            q_row,
-                            k_b,
-                            key_mask_b,
-                            bias_rows.as_deref(),
-                            mask.causal,
-                            scale_t,
-                            i,
-                            hh,
-                            kvh,
-                            dims,
-                        );
-                        let delta: T = do_row.iter().zip(o_row).map(|(&x, &y)| x * y).sum();
-                        for (j, &score) in scores.iter().enumerate() {
-                            if score == T::neg_infinity() {
-                                continue;
-                            }
-                            let p = (score - row_lse).exp();
-                            let kv_off = j * h_kv * d + kvh * d;
-                            let v_row = &v_b[kv_off..][..d];
-                            let dp: T = do_row.iter().zip(v_row).map(|(&x, &y)| x * y).sum();
-                            let ds = p * (dp - delta) * scale_t;
-                            for (dvv, &g) in dv_b[kv_off..][..d].iter_mut().zip(do_row) {
-                                *dvv += p * g;
-                            }
-                            let k_row = &k_b[kv_off..][..d];
-                            let dq_row = &mut dq_b[i * h * d + hh * d..][..d];
-                            for (dqq, &kk) in dq_row.iter_mut().zip(k_row) {
-                                *dqq += ds * kk;
-                            }
-                            for (dkk, &qq) in dk_b[kv_off..][..d].iter_mut().zip(q_row) {
-                                *dkk += ds * qq;
-                            }
+                    gather_head(&mut qh, q_b, hh, h, d);
+                    gather_head(&mut kh, k_b, kvh, h_kv, d);
+                    gather_head(&mut vh, v_b, kvh, h_kv, d);
+                    gather_head(&mut oh, o_b, hh, h, d);
+                    gather_head(&mut doh, do_b, hh, h, d);
+                    let lse_h = &lse_b[hh * t..(hh + 1) * t];
+                    head_probs(
+                        &mut probs,
+                        &qh,
+                        &kh,
+                        key_mask_b,
+                        bias_rows.as_deref(),
+                        mask.causal,
+                        scale_t,
+                        hh,
+                        dims,
+                        Some(lse_h),
+                        None,
+                    );
+                    gemm_slices(
+                        &mut dvh,
+                        &probs,
+                        &doh,
+                        Gemm {
+                            trans_a: true,
+                            ..Gemm::nn(s, d, t)
+                        },
+                        false,
+                    );
+                    gemm_slices(&mut dprobs, &doh, &vh, Gemm::nt(t, s, d), false);
+                    for ((dp_row, p_row), (o_row, do_row)) in dprobs
+                        .chunks_exact_mut(s)
+                        .zip(probs.chunks_exact(s))
+                        .zip(oh.chunks_exact(d).zip(doh.chunks_exact(d)))
+                    {
+                        let delta: T = o_row.iter().zip(do_row).map(|(&x, &y)| x * y).sum();
+                        for (ds, &p) in dp_row.iter_mut().zip(p_row) {
+                            *ds = p * (*ds - delta) * scale_t;
                         }
                     }
+                    let dscores = &dprobs;
+                    gemm_slices(&mut dqh, dscores, &kh, Gemm::nn(t, d, s), false);
+                    gemm_slices(
+                        &mut dkh,
+                        dscores,
+                        &qh,
+                        Gemm {
+                            trans_a: true,
+                            ..Gemm::nn(s, d, t)
+                        },
+                        false,
+                    );
+                    scatter_head_add(dq_b, &dqh, hh, h, d);
+                    scatter_head_add(dk_b, &dkh, kvh, h_kv, d);
+                    scatter_head_add(dv_b, &dvh, kvh, h_kv, d);
                 }
             });
     }

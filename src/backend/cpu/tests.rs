@@ -343,7 +343,7 @@ fn attention_forward_matches_naive_definition() {
             &mask,
             bias.as_ref(),
             case.causal,
-            case.scale as f64,
+            case.scale,
             case.dims,
         );
         let err = rel_err(&out, &expected);
@@ -516,17 +516,17 @@ fn f32_backend_agrees_with_f64() {
     let inp = random_vec(n * c, 1.0, 16);
     let w = random_vec(c, 1.0, 17);
     let b32: CpuBackend<f32> = CpuBackend::new();
-    let inp32 = b32.from_f64(&inp);
-    let w32 = b32.from_f64(&w);
+    let inp32 = b32.upload_f64(&inp);
+    let w32 = b32.upload_f64(&w);
     let mut out32 = b32.zeros(n * c);
     let mut rstd32 = b32.zeros(n);
     b32.rmsnorm_forward(&mut out32, &mut rstd32, &inp32, &w32, n, c, 1e-6);
     let mut out = vec![0.0; n * c];
     let mut rstd = vec![0.0; n];
     be().rmsnorm_forward(&mut out, &mut rstd, &inp, &w, n, c, 1e-6);
-    assert!(rel_err(&b32.to_f64(&out32), &out) < 1e-6);
+    assert!(rel_err(&b32.download_f64(&out32), &out) < 1e-6);
     assert_eq!(b32.name(), "cpu-f32");
     // from_f32 on the f32 backend is a move, on f64 a conversion
-    assert_eq!(b32.from_f32(vec![1.5, 2.0]), vec![1.5f32, 2.0]);
-    assert_eq!(be().from_f32(vec![1.5, 2.0]), vec![1.5f64, 2.0]);
+    assert_eq!(b32.upload_f32(vec![1.5, 2.0]), vec![1.5f32, 2.0]);
+    assert_eq!(be().upload_f32(vec![1.5, 2.0]), vec![1.5f64, 2.0]);
 }

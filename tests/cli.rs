@@ -1,0 +1,172 @@
+//! The `fastpt` binary end to end: the README's `run`, and `forward` on a golden fixture folder
+//! (its outputs must match the Hugging Face goldens), with text input and with bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use fastpt::model::hf::read_all_f64;
+use fastpt::testing::rel_err;
+
+fn fastpt(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fastpt"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+#[test]
+fn run_says_the_backbone_is_random_and_prints_loss_and_gradient() {
+    let (ok, stdout, stderr) = fastpt(&["run"]);
+    assert!(ok, "{stderr}");
+    let first = stdout.lines().next().unwrap();
+    assert!(first.contains("RANDOM weights"), "{first}");
+    let loss: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("loss"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Random init over a 1000-token vocabulary: near ln(1000) ≈ 6.9, certainly finite.
+    assert!(loss.is_finite() && loss > 3.0 && loss < 20.0, "{loss}");
+    assert!(stdout.contains("grad norm") && stdout.contains("backward"));
+}
+
+#[test]
+fn forward_on_a_golden_folder_matches_hf() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["t5-v1_0-tiny", "t5-v1_1-tiny"] {
+        let model = fixture(name);
+        let g = read_all_f64(&model.join("golden.safetensors")).unwrap();
+        // Rebuild the golden batch as ragged JSON rows (padding and mask are then implicit).
+        let rows = |key: &str, keep: &dyn Fn(usize, usize) -> bool| -> Vec<Vec<i64>> {
+            let (shape, data) = &g[key];
+            (0..shape[0])
+                .map(|i| {
+                    (0..shape[1])
+                        .filter(|&j| keep(i, j))
+                        .map(|j| data[i * shape[1] + j] as i64)
+                        .collect()
+                })
+                .collect()
+        };
+        let (mshape, mask) = &g["attention_mask"];
+        let (lshape, labels) = &g["labels"];
+        let real = |i: usize, j: usize| mask[i * mshape[1] + j] != 0.0;
+        let labeled = |i: usize, j: usize| labels[i * lshape[1] + j] != -100.0;
+        let batch = serde_json::json!({
+            "input_ids": rows("input_ids", &real),
+            "labels": rows("labels", &labeled),
+        });
+        let batch_path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&batch_path, batch.to_string()).unwrap();
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let (ok, stdout, stderr) = fastpt(&[
+            "forward",
+            "--model",
+            model.to_str().unwrap(),
+            "--batch",
+            batch_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{name}: {stderr}");
+        assert!(stdout.contains("wrote"));
+        let res = read_all_f64(&out).unwrap();
+        let loss = res["loss"].1[0];
+        let want = g["loss"].1[0];
+        assert!(
+            ((loss - want) / want).abs() < 1e-4,
+            "{name}: loss {loss} vs {want}"
+        );
+        let grad_err = rel_err(&res["d_inputs_embeds"].1, &g["d_inputs_embeds"].1);
+        assert!(
+            grad_err < 1e-3,
+            "{name}: d_inputs_embeds rel err {grad_err}"
+        );
+        let v = res["logits"].0[1];
+        let golden_logits = &g["logits"].1;
+        let expected: Vec<f64> = res["label_rows"]
+            .1
+            .iter()
+            .flat_map(|&r| golden_logits[r as usize * v..(r as usize + 1) * v].to_vec())
+            .collect();
+        assert!(
+            rel_err(&res["logits"].1, &expected) < 1e-4,
+            "{name}: logits"
+        );
+    }
+}
+
+#[test]
+fn forward_tokenizes_text_with_the_folder_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("text.json");
+    std::fs::write(
+        &batch,
+        r#"{"input_text": ["the cat sat on the mat", "a dog"], "target_text": ["yes", "no"]}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out.safetensors");
+    let model = fixture("t5-v1_0-tiny");
+    let (ok, _, stderr) = fastpt(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--batch",
+        batch.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let res = read_all_f64(&out).unwrap();
+    assert!(res["loss"].1[0].is_finite());
+    assert_eq!(res["inputs_embeds"].0[0], 2);
+}
+
+#[test]
+fn forward_with_a_bad_batch_names_the_file_and_field_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("bad.json");
+    std::fs::write(&batch, r#"{"input_ids": [[3, 4, 99999]], "labels": [[1]]}"#).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let model = fixture("t5-v1_0-tiny");
+    let (ok, _, stderr) = fastpt(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--batch",
+        batch.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("bad.json") && stderr.contains("input_ids") && stderr.contains("99999"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+
+    let (ok, _, stderr) = fastpt(&[
+        "forward",
+        "--model",
+        "/nonexistent/model",
+        "--batch",
+        batch.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("/nonexistent/model"), "{stderr}");
+}
