@@ -19,6 +19,15 @@ fn fastpt(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `fastpt forward --model MODEL --batch BATCH --out OUT`.
+fn forward(model: &Path, batch: &Path, out: &Path) -> (bool, String, String) {
+    let arg = |p: &Path| p.to_str().unwrap().to_string();
+    let (model, batch, out) = (arg(model), arg(batch), arg(out));
+    fastpt(&[
+        "forward", "--model", &model, "--batch", &batch, "--out", &out,
+    ])
+}
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -72,15 +81,7 @@ fn forward_on_a_golden_folder_matches_hf() {
         let batch_path = dir.path().join(format!("{name}.json"));
         std::fs::write(&batch_path, batch.to_string()).unwrap();
         let out = dir.path().join(format!("{name}.safetensors"));
-        let (ok, stdout, stderr) = fastpt(&[
-            "forward",
-            "--model",
-            model.to_str().unwrap(),
-            "--batch",
-            batch_path.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let (ok, stdout, stderr) = forward(&model, &batch_path, &out);
         assert!(ok, "{name}: {stderr}");
         assert!(stdout.contains("wrote"));
         let res = read_all_f64(&out).unwrap();
@@ -120,15 +121,7 @@ fn forward_tokenizes_text_with_the_folder_tokenizer() {
     .unwrap();
     let out = dir.path().join("out.safetensors");
     let model = fixture("t5-v1_0-tiny");
-    let (ok, _, stderr) = fastpt(&[
-        "forward",
-        "--model",
-        model.to_str().unwrap(),
-        "--batch",
-        batch.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, _, stderr) = forward(&model, &batch, &out);
     assert!(ok, "{stderr}");
     let res = read_all_f64(&out).unwrap();
     assert!(res["loss"].1[0].is_finite());
@@ -142,15 +135,7 @@ fn forward_with_a_bad_batch_names_the_file_and_field_and_writes_nothing() {
     std::fs::write(&batch, r#"{"input_ids": [[3, 4, 99999]], "labels": [[1]]}"#).unwrap();
     let out = dir.path().join("out.safetensors");
     let model = fixture("t5-v1_0-tiny");
-    let (ok, _, stderr) = fastpt(&[
-        "forward",
-        "--model",
-        model.to_str().unwrap(),
-        "--batch",
-        batch.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, _, stderr) = forward(&model, &batch, &out);
     assert!(!ok);
     assert!(
         stderr.contains("bad.json") && stderr.contains("input_ids") && stderr.contains("99999"),
@@ -158,15 +143,7 @@ fn forward_with_a_bad_batch_names_the_file_and_field_and_writes_nothing() {
     );
     assert!(!out.exists());
 
-    let (ok, _, stderr) = fastpt(&[
-        "forward",
-        "--model",
-        "/nonexistent/model",
-        "--batch",
-        batch.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, _, stderr) = forward(Path::new("/nonexistent/model"), &batch, &out);
     assert!(!ok);
     assert!(stderr.contains("/nonexistent/model"), "{stderr}");
 }
