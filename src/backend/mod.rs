@@ -9,6 +9,9 @@
 //! gradient of their input, never of weights. They write (`=`) their output gradient, except
 //! [`Backend::rmsnorm_backward_dinp`] and [`Backend::scatter_rows_add`], which add (`+=`) because
 //! their input is the residual stream, whose gradient collects contributions from several places.
+//! Ops that produce gradients of prompt-method parameters (`*_backward_dweight`, `bias_backward`,
+//! `layernorm_backward`'s dweight/dbias, `lamp_pool_backward`) add (`+=`), so that gradients
+//! accumulate over micro-batches.
 
 pub mod cpu;
 
@@ -121,6 +124,16 @@ pub enum Activation {
     Silu,
 }
 
+/// The two readings of EPT-MS's prompt fusion (see src/prompt/ept.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusionMode {
+    /// `P_f = Ps + W·(A·B)`, W softmaxed over the M axis (the default).
+    Attend,
+    /// The paper's einsum read literally, with the softmax over the prompt axis instead:
+    /// `P_f[p] = (1 + Σ_j W'[p, j])·Ps[p]`.
+    Paper,
+}
+
 /// The bucket of the relative position `key - query`, exactly as Hugging Face's
 /// `T5Attention._relative_position_bucket` computes it. The logarithmic part runs in f32 as in
 /// PyTorch: bucket boundaries depend on f32 rounding, and every backend must agree on them.
@@ -216,6 +229,30 @@ pub trait Backend: Sync {
         self.matmul(dinp, dout, w, Gemm::nn(n, ic, oc).accumulate(accumulate));
     }
 
+    /// Weight gradient of a linear layer, for the prompt methods' own networks (the backbone's
+    /// weights are never differentiated): `dw (OC, IC) += dout (N, OC)ᵀ · inp (N, IC)`.
+    fn linear_backward_dweight(
+        &self,
+        dw: &mut Self::Tensor,
+        dout: &Self::Tensor,
+        inp: &Self::Tensor,
+        n: usize,
+        ic: usize,
+        oc: usize,
+    ) {
+        let g = Gemm {
+            trans_a: true,
+            ..Gemm::nn(oc, ic, n)
+        };
+        self.matmul(dw, dout, inp, g.accumulate(true));
+    }
+
+    /// `x (N, F) += bias (F)` on every row. Also broadcasts one row to N rows (on zeroed `x`).
+    fn add_bias(&self, x: &mut Self::Tensor, bias: &Self::Tensor, n: usize, f: usize);
+
+    /// `dbias (F) += Σ_rows dout (N, F)`: the bias gradient, and the backward of a broadcast row.
+    fn bias_backward(&self, dbias: &mut Self::Tensor, dout: &Self::Tensor, n: usize, f: usize);
+
     // ---- rows -----------------------------------------------------------------------------
 
     /// `out[i] = table[rows[i]]`: `out (M, C)`, `table (R, C)`, `rows (M)`. Embedding lookup, and
@@ -236,6 +273,38 @@ pub trait Backend: Sync {
         dout: &Self::Tensor,
         rows: &Self::Index,
         m: usize,
+        c: usize,
+    );
+
+    /// The encoder input of a prompt-tuned step, `out (B, P+T, C)`: the P prompt rows first, then
+    /// the token embeddings `table[ids[b, t]]`, plus `update[t]` when the method updates the text
+    /// embeddings (DePT, EPT; `update (M, C)` with M ≥ T). `ids (B, T)`, `prompt (P, C)`.
+    #[allow(clippy::too_many_arguments)]
+    fn embed_prompt_forward(
+        &self,
+        out: &mut Self::Tensor,
+        table: &Self::Tensor,
+        ids: &Self::Index,
+        prompt: &Self::Tensor,
+        update: Option<&Self::Tensor>,
+        b: usize,
+        t: usize,
+        p: usize,
+        c: usize,
+    );
+
+    /// Backward of [`Backend::embed_prompt_forward`] (`=`): `d_prompt (P, C) = Σ_b dout[b, ..P]`
+    /// and, when given, `d_update (M, C)`: rows `..T` get `Σ_b dout[b, P + t]`, rows `T..M` zero.
+    /// The frozen table gets nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn embed_prompt_backward(
+        &self,
+        d_prompt: &mut Self::Tensor,
+        d_update: Option<&mut Self::Tensor>,
+        dout: &Self::Tensor,
+        b: usize,
+        t: usize,
+        p: usize,
         c: usize,
     );
 
@@ -266,6 +335,52 @@ pub trait Backend: Sync {
         rstd: &Self::Tensor,
         n: usize,
         c: usize,
+    );
+
+    /// LayerNorm with mean, `weight` and `bias` (Residual PT's reparameterisation):
+    /// `out (N, C)`, `mean (N)` and `rstd (N)` saved, `inp (N, C)`, `weight, bias (C)`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        out: &mut Self::Tensor,
+        mean: &mut Self::Tensor,
+        rstd: &mut Self::Tensor,
+        inp: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: &Self::Tensor,
+        n: usize,
+        c: usize,
+        eps: f64,
+    );
+
+    /// Backward of [`Backend::layernorm_forward`]: `dinp (N, C) =`, and the parameter gradients
+    /// `dweight, dbias (C) +=` (LayerNorm only occurs inside trainable prompt networks).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        dinp: &mut Self::Tensor,
+        dweight: &mut Self::Tensor,
+        dbias: &mut Self::Tensor,
+        dout: &Self::Tensor,
+        inp: &Self::Tensor,
+        weight: &Self::Tensor,
+        mean: &Self::Tensor,
+        rstd: &Self::Tensor,
+        n: usize,
+        c: usize,
+    );
+
+    /// Softmax of each row: `out (N, K) = softmax(inp (N, K))` along K.
+    fn softmax_rows_forward(&self, out: &mut Self::Tensor, inp: &Self::Tensor, n: usize, k: usize);
+
+    /// `dinp (N, K) = out ⊙ (dout − rowsum(dout ⊙ out))` (`=`).
+    fn softmax_rows_backward_dinp(
+        &self,
+        dinp: &mut Self::Tensor,
+        dout: &Self::Tensor,
+        out: &Self::Tensor,
+        n: usize,
+        k: usize,
     );
 
     // ---- attention ------------------------------------------------------------------------
@@ -331,6 +446,99 @@ pub trait Backend: Sync {
         gate: Option<&Self::Tensor>,
         act: Activation,
         len: usize,
+    );
+
+    // ---- prompt-method ops ----------------------------------------------------------------
+
+    /// EPT-MS prompt fusion (see src/prompt/ept.rs): with `W = softmax(ps·lrᵀ / √C)` (S, M)
+    /// over the M axis, `Attend`: `out = ps + W·lr`; with `W' = softmax` of the same scores over
+    /// the S axis, `Paper`: `out[p] = (1 + Σ_j W'[p, j])·ps[p]`. `out, ps (S, C)`, `lr (M, C)`.
+    /// `probs (S, M)` saves W (Attend) or W' (Paper) for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn fusion_attention_forward(
+        &self,
+        out: &mut Self::Tensor,
+        probs: &mut Self::Tensor,
+        ps: &Self::Tensor,
+        lr: &Self::Tensor,
+        mode: FusionMode,
+        s: usize,
+        m: usize,
+        c: usize,
+    );
+
+    /// Backward of [`Backend::fusion_attention_forward`] (`=`): `d_ps (S, C)`, `d_lr (M, C)`.
+    #[allow(clippy::too_many_arguments)]
+    fn fusion_attention_backward(
+        &self,
+        d_ps: &mut Self::Tensor,
+        d_lr: &mut Self::Tensor,
+        dout: &Self::Tensor,
+        ps: &Self::Tensor,
+        lr: &Self::Tensor,
+        probs: &Self::Tensor,
+        mode: FusionMode,
+        s: usize,
+        m: usize,
+        c: usize,
+    );
+
+    /// The gated sum of EPT-MS's experts: `out (N, C) = Σ_i gate[:, i] ⊙ experts[i]`,
+    /// `gate (N, E)` (already softmaxed), `experts`: E tensors `(N, C)`.
+    fn gated_experts_forward(
+        &self,
+        out: &mut Self::Tensor,
+        gate: &Self::Tensor,
+        experts: &[&Self::Tensor],
+        n: usize,
+        c: usize,
+    );
+
+    /// Backward of [`Backend::gated_experts_forward`] (`=`): `d_gate (N, E)`, and each
+    /// `d_experts[i] (N, C) = gate[:, i] ⊙ dout`.
+    fn gated_experts_backward(
+        &self,
+        d_gate: &mut Self::Tensor,
+        d_experts: &mut [Self::Tensor],
+        dout: &Self::Tensor,
+        gate: &Self::Tensor,
+        experts: &[&Self::Tensor],
+        n: usize,
+        c: usize,
+    );
+
+    /// LAMP's pooled compressed outer product `out (L/p, C) = pool_p(u)·diag(q²)·vᵀ`, where
+    /// `pool_p` averages blocks of `p` consecutive rows: `u (L, R)`, `q (R)`, `v (C, R)`.
+    /// Pooling U first gives the same rows as pooling `u·diag(q²)·vᵀ`, with L/p × R work.
+    #[allow(clippy::too_many_arguments)]
+    fn lamp_pool_forward(
+        &self,
+        out: &mut Self::Tensor,
+        u: &Self::Tensor,
+        q: &Self::Tensor,
+        v: &Self::Tensor,
+        l: usize,
+        r: usize,
+        c: usize,
+        p: usize,
+    );
+
+    /// Backward of [`Backend::lamp_pool_forward`] into the parameters (`+=`): `du (L, R)`,
+    /// `dq (R)`, `dv (C, R)`.
+    #[allow(clippy::too_many_arguments)]
+    fn lamp_pool_backward(
+        &self,
+        du: &mut Self::Tensor,
+        dq: &mut Self::Tensor,
+        dv: &mut Self::Tensor,
+        dout: &Self::Tensor,
+        u: &Self::Tensor,
+        q: &Self::Tensor,
+        v: &Self::Tensor,
+        l: usize,
+        r: usize,
+        c: usize,
+        p: usize,
     );
 
     // ---- loss -----------------------------------------------------------------------------

@@ -10,7 +10,11 @@
 
 use rayon::prelude::*;
 
-use super::{relative_position_bucket, Activation, AttnDims, AttnMask, Backend, Gemm, RelBias};
+mod method_ops;
+
+use super::{
+    relative_position_bucket, Activation, AttnDims, AttnMask, Backend, FusionMode, Gemm, RelBias,
+};
 
 /// The float types the CPU backend runs in.
 pub trait Float:
@@ -344,6 +348,194 @@ impl<T: Float> Backend for CpuBackend<T> {
                 *d += s;
             }
         }
+    }
+
+    fn add_bias(&self, x: &mut Vec<T>, bias: &Vec<T>, n: usize, f: usize) {
+        method_ops::add_bias(x, bias, n, f);
+    }
+
+    fn bias_backward(&self, dbias: &mut Vec<T>, dout: &Vec<T>, n: usize, f: usize) {
+        method_ops::bias_backward(dbias, dout, n, f);
+    }
+
+    fn embed_prompt_forward(
+        &self,
+        out: &mut Vec<T>,
+        table: &Vec<T>,
+        ids: &Vec<i32>,
+        prompt: &Vec<T>,
+        update: Option<&Vec<T>>,
+        b: usize,
+        t: usize,
+        p: usize,
+        c: usize,
+    ) {
+        method_ops::embed_prompt_forward(
+            out,
+            table,
+            ids,
+            prompt,
+            update.map(|u| u.as_slice()),
+            b,
+            t,
+            p,
+            c,
+        );
+    }
+
+    fn embed_prompt_backward(
+        &self,
+        d_prompt: &mut Vec<T>,
+        d_update: Option<&mut Vec<T>>,
+        dout: &Vec<T>,
+        b: usize,
+        t: usize,
+        p: usize,
+        c: usize,
+    ) {
+        method_ops::embed_prompt_backward(
+            d_prompt,
+            d_update.map(|u| u.as_mut_slice()),
+            dout,
+            b,
+            t,
+            p,
+            c,
+        );
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &mut Vec<T>,
+        mean: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        inp: &Vec<T>,
+        weight: &Vec<T>,
+        bias: &Vec<T>,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) {
+        method_ops::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c, eps);
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &mut Vec<T>,
+        dweight: &mut Vec<T>,
+        dbias: &mut Vec<T>,
+        dout: &Vec<T>,
+        inp: &Vec<T>,
+        weight: &Vec<T>,
+        mean: &Vec<T>,
+        rstd: &Vec<T>,
+        n: usize,
+        c: usize,
+    ) {
+        method_ops::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c);
+    }
+
+    fn softmax_rows_forward(&self, out: &mut Vec<T>, inp: &Vec<T>, n: usize, k: usize) {
+        method_ops::softmax_rows_forward(out, inp, n, k);
+    }
+
+    fn softmax_rows_backward_dinp(
+        &self,
+        dinp: &mut Vec<T>,
+        dout: &Vec<T>,
+        out: &Vec<T>,
+        n: usize,
+        k: usize,
+    ) {
+        method_ops::softmax_rows_backward_dinp(dinp, dout, out, n, k);
+    }
+
+    fn fusion_attention_forward(
+        &self,
+        out: &mut Vec<T>,
+        probs: &mut Vec<T>,
+        ps: &Vec<T>,
+        lr: &Vec<T>,
+        mode: FusionMode,
+        s: usize,
+        m: usize,
+        c: usize,
+    ) {
+        method_ops::fusion_attention_forward(out, probs, ps, lr, mode, s, m, c);
+    }
+
+    fn fusion_attention_backward(
+        &self,
+        d_ps: &mut Vec<T>,
+        d_lr: &mut Vec<T>,
+        dout: &Vec<T>,
+        ps: &Vec<T>,
+        lr: &Vec<T>,
+        probs: &Vec<T>,
+        mode: FusionMode,
+        s: usize,
+        m: usize,
+        c: usize,
+    ) {
+        method_ops::fusion_attention_backward(d_ps, d_lr, dout, ps, lr, probs, mode, s, m, c);
+    }
+
+    fn gated_experts_forward(
+        &self,
+        out: &mut Vec<T>,
+        gate: &Vec<T>,
+        experts: &[&Vec<T>],
+        n: usize,
+        c: usize,
+    ) {
+        let experts: Vec<&[T]> = experts.iter().map(|x| x.as_slice()).collect();
+        method_ops::gated_experts_forward(out, gate, &experts, n, c);
+    }
+
+    fn gated_experts_backward(
+        &self,
+        d_gate: &mut Vec<T>,
+        d_experts: &mut [Vec<T>],
+        dout: &Vec<T>,
+        gate: &Vec<T>,
+        experts: &[&Vec<T>],
+        n: usize,
+        c: usize,
+    ) {
+        let experts: Vec<&[T]> = experts.iter().map(|x| x.as_slice()).collect();
+        let mut d: Vec<&mut [T]> = d_experts.iter_mut().map(|x| x.as_mut_slice()).collect();
+        method_ops::gated_experts_backward(d_gate, &mut d, dout, gate, &experts, n, c);
+    }
+
+    fn lamp_pool_forward(
+        &self,
+        out: &mut Vec<T>,
+        u: &Vec<T>,
+        q: &Vec<T>,
+        v: &Vec<T>,
+        l: usize,
+        r: usize,
+        c: usize,
+        p: usize,
+    ) {
+        method_ops::lamp_pool_forward(out, u, q, v, l, r, c, p);
+    }
+
+    fn lamp_pool_backward(
+        &self,
+        du: &mut Vec<T>,
+        dq: &mut Vec<T>,
+        dv: &mut Vec<T>,
+        dout: &Vec<T>,
+        u: &Vec<T>,
+        q: &Vec<T>,
+        v: &Vec<T>,
+        l: usize,
+        r: usize,
+        c: usize,
+        p: usize,
+    ) {
+        method_ops::lamp_pool_backward(du, dq, dv, dout, u, q, v, l, r, c, p);
     }
 
     fn rmsnorm_forward(

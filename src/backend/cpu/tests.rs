@@ -530,3 +530,281 @@ fn f32_backend_agrees_with_f64() {
     assert_eq!(b32.upload_f32(vec![1.5, 2.0]), vec![1.5f32, 2.0]);
     assert_eq!(be().upload_f32(vec![1.5, 2.0]), vec![1.5f64, 2.0]);
 }
+
+// ---- prompt-method ops ---------------------------------------------------------------------
+
+/// Checks `analytic` against the finite-difference gradient of `x ↦ ⟨f(x), dout⟩` at `x`.
+fn check_fd(
+    name: &str,
+    f: &mut dyn FnMut(&[f64]) -> Vec<f64>,
+    x: &[f64],
+    dout: &[f64],
+    analytic: &[f64],
+) {
+    let numeric = finite_diff(&mut |y| dot(&f(y), dout), x, None, FD_EPS);
+    let err = rel_err(analytic, &numeric);
+    assert!(err < FD_TOL, "{name}: rel err {err}");
+}
+
+#[test]
+fn embed_prompt_forward_lays_out_rows_and_backward_is_its_adjoint() {
+    let (b, t, p, c, v, m) = (2, 3, 2, 4, 7, 5);
+    let table = random_vec(v * c, 1.0, 200);
+    let ids = vec![6, 0, 3, 2, 2, 5];
+    let prompt = random_vec(p * c, 1.0, 201);
+    let update = random_vec(m * c, 1.0, 202);
+    let mut out = vec![f64::NAN; b * (p + t) * c];
+    be().embed_prompt_forward(&mut out, &table, &ids, &prompt, Some(&update), b, t, p, c);
+    for bi in 0..b {
+        let row = |j: usize| &out[(bi * (p + t) + j) * c..][..c];
+        assert_eq!(row(0), &prompt[..c]);
+        assert_eq!(row(1), &prompt[c..2 * c]);
+        for ti in 0..t {
+            let id = ids[bi * t + ti] as usize;
+            let want: Vec<f64> = (0..c)
+                .map(|k| table[id * c + k] + update[ti * c + k])
+                .collect();
+            assert_eq!(row(p + ti), want.as_slice());
+        }
+    }
+    // Linear in (prompt, update): the backward must be the adjoint.
+    let dout = random_vec(out.len(), 1.0, 203);
+    let mut d_prompt = vec![f64::NAN; p * c];
+    let mut d_update = vec![f64::NAN; m * c];
+    be().embed_prompt_backward(&mut d_prompt, Some(&mut d_update), &dout, b, t, p, c);
+    let mut f_prompt = |x: &[f64]| {
+        let mut o = vec![0.0; b * (p + t) * c];
+        be().embed_prompt_forward(&mut o, &table, &ids, &x.to_vec(), Some(&update), b, t, p, c);
+        o
+    };
+    check_fd("d_prompt", &mut f_prompt, &prompt, &dout, &d_prompt);
+    let mut f_update = |x: &[f64]| {
+        let mut o = vec![0.0; b * (p + t) * c];
+        be().embed_prompt_forward(&mut o, &table, &ids, &prompt, Some(&x.to_vec()), b, t, p, c);
+        o
+    };
+    check_fd("d_update", &mut f_update, &update, &dout, &d_update);
+    assert!(
+        d_update[t * c..].iter().all(|&x| x == 0.0),
+        "rows past T get no gradient"
+    );
+}
+
+#[test]
+fn linear_backward_dweight_and_bias_backward_match_finite_differences() {
+    let (n, ic, oc) = (4, 3, 5);
+    let inp = random_vec(n * ic, 1.0, 210);
+    let w = random_vec(oc * ic, 1.0, 211);
+    let bias = random_vec(oc, 1.0, 212);
+    let dout = random_vec(n * oc, 1.0, 213);
+    let run = |w: &[f64], bias: &[f64]| {
+        let mut out = vec![0.0; n * oc];
+        be().linear_forward(&mut out, &inp, &w.to_vec(), n, ic, oc);
+        be().add_bias(&mut out, &bias.to_vec(), n, oc);
+        out
+    };
+    let prior = random_vec(oc * ic, 1.0, 214);
+    let mut dw = prior.clone();
+    be().linear_backward_dweight(&mut dw, &dout, &inp, n, ic, oc);
+    let added: Vec<f64> = dw.iter().zip(&prior).map(|(a, b)| a - b).collect();
+    check_fd("dweight", &mut |x| run(x, &bias), &w, &dout, &added);
+    let mut db = vec![0.0; oc];
+    be().bias_backward(&mut db, &dout, n, oc);
+    check_fd("dbias", &mut |x| run(&w, x), &bias, &dout, &db);
+}
+
+#[test]
+fn layernorm_backward_matches_finite_differences() {
+    let (n, c) = (3, 7);
+    let inp = random_vec(n * c, 2.0, 220);
+    let w = random_vec(c, 1.0, 221);
+    let bias = random_vec(c, 1.0, 222);
+    let dout = random_vec(n * c, 1.0, 223);
+    let eps = 1e-3;
+    let run = |x: &[f64], w: &[f64], bias: &[f64]| {
+        let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        be().layernorm_forward(
+            &mut out,
+            &mut mean,
+            &mut rstd,
+            &x.to_vec(),
+            &w.to_vec(),
+            &bias.to_vec(),
+            n,
+            c,
+            eps,
+        );
+        (out, mean, rstd)
+    };
+    let (out, mean, rstd) = run(&inp, &w, &bias);
+    // the definition: zero mean, unit variance per row before the affine map
+    for i in 0..n {
+        let xhat: Vec<f64> = (0..c).map(|j| (out[i * c + j] - bias[j]) / w[j]).collect();
+        assert!(xhat.iter().sum::<f64>().abs() < 1e-10);
+    }
+    let mut dinp = vec![f64::NAN; n * c];
+    let (mut dw, mut db) = (vec![0.0; c], vec![0.0; c]);
+    be().layernorm_backward(
+        &mut dinp, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, n, c,
+    );
+    check_fd("dinp", &mut |x| run(x, &w, &bias).0, &inp, &dout, &dinp);
+    check_fd("dweight", &mut |x| run(&inp, x, &bias).0, &w, &dout, &dw);
+    check_fd("dbias", &mut |x| run(&inp, &w, x).0, &bias, &dout, &db);
+}
+
+#[test]
+fn softmax_rows_backward_dinp_matches_finite_differences() {
+    let (n, k) = (3, 5);
+    let inp = random_vec(n * k, 3.0, 230);
+    let dout = random_vec(n * k, 1.0, 231);
+    let run = |x: &[f64]| {
+        let mut out = vec![0.0; n * k];
+        be().softmax_rows_forward(&mut out, &x.to_vec(), n, k);
+        out
+    };
+    let out = run(&inp);
+    for row in out.chunks(k) {
+        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-14);
+    }
+    let mut dinp = vec![f64::NAN; n * k];
+    be().softmax_rows_backward_dinp(&mut dinp, &dout, &out, n, k);
+    check_fd("dinp", &mut |x| run(x), &inp, &dout, &dinp);
+}
+
+#[test]
+fn fusion_attention_matches_definition_and_finite_differences() {
+    let (s, m, c) = (3, 5, 4);
+    let ps = random_vec(s * c, 1.0, 240);
+    let lr = random_vec(m * c, 1.0, 241);
+    let dout = random_vec(s * c, 1.0, 242);
+    for mode in [FusionMode::Attend, FusionMode::Paper] {
+        let run = |ps: &[f64], lr: &[f64]| {
+            let (mut out, mut probs) = (vec![0.0; s * c], vec![0.0; s * m]);
+            be().fusion_attention_forward(
+                &mut out,
+                &mut probs,
+                &ps.to_vec(),
+                &lr.to_vec(),
+                mode,
+                s,
+                m,
+                c,
+            );
+            (out, probs)
+        };
+        let (out, probs) = run(&ps, &lr);
+        // Definition, written out directly.
+        let score = |p: usize, j: usize| {
+            (0..c).map(|k| ps[p * c + k] * lr[j * c + k]).sum::<f64>() / (c as f64).sqrt()
+        };
+        for p in 0..s {
+            for k in 0..c {
+                let want = match mode {
+                    FusionMode::Attend => {
+                        let z: f64 = (0..m).map(|j| score(p, j).exp()).sum();
+                        ps[p * c + k]
+                            + (0..m)
+                                .map(|j| score(p, j).exp() / z * lr[j * c + k])
+                                .sum::<f64>()
+                    }
+                    FusionMode::Paper => {
+                        let g: f64 = (0..m)
+                            .map(|j| {
+                                score(p, j).exp() / (0..s).map(|q| score(q, j).exp()).sum::<f64>()
+                            })
+                            .sum();
+                        (1.0 + g) * ps[p * c + k]
+                    }
+                };
+                assert!((out[p * c + k] - want).abs() < 1e-12, "{mode:?} ({p}, {k})");
+            }
+        }
+        let (mut d_ps, mut d_lr) = (vec![f64::NAN; s * c], vec![f64::NAN; m * c]);
+        be().fusion_attention_backward(
+            &mut d_ps, &mut d_lr, &dout, &ps, &lr, &probs, mode, s, m, c,
+        );
+        check_fd(
+            &format!("{mode:?} d_ps"),
+            &mut |x| run(x, &lr).0,
+            &ps,
+            &dout,
+            &d_ps,
+        );
+        check_fd(
+            &format!("{mode:?} d_lr"),
+            &mut |x| run(&ps, x).0,
+            &lr,
+            &dout,
+            &d_lr,
+        );
+    }
+}
+
+#[test]
+fn gated_experts_backward_matches_finite_differences() {
+    let (n, c, e) = (3, 4, 3);
+    let gate = random_vec(n * e, 1.0, 250);
+    let experts: Vec<Vec<f64>> = (0..e)
+        .map(|i| random_vec(n * c, 1.0, 251 + i as u64))
+        .collect();
+    let dout = random_vec(n * c, 1.0, 255);
+    let run = |gate: &[f64], experts: &[Vec<f64>]| {
+        let mut out = vec![0.0; n * c];
+        let refs: Vec<&Vec<f64>> = experts.iter().collect();
+        be().gated_experts_forward(&mut out, &gate.to_vec(), &refs, n, c);
+        out
+    };
+    let mut d_gate = vec![f64::NAN; n * e];
+    let mut d_experts = vec![vec![f64::NAN; n * c]; e];
+    let refs: Vec<&Vec<f64>> = experts.iter().collect();
+    be().gated_experts_backward(&mut d_gate, &mut d_experts, &dout, &gate, &refs, n, c);
+    check_fd("d_gate", &mut |x| run(x, &experts), &gate, &dout, &d_gate);
+    for i in 0..e {
+        let mut f = |x: &[f64]| {
+            let mut ex = experts.clone();
+            ex[i] = x.to_vec();
+            run(&gate, &ex)
+        };
+        check_fd(
+            &format!("d_expert {i}"),
+            &mut f,
+            &experts[i],
+            &dout,
+            &d_experts[i],
+        );
+    }
+}
+
+#[test]
+fn lamp_pool_matches_pooling_the_full_product_and_finite_differences() {
+    let (l, r, c, p) = (6, 2, 5, 3);
+    let u = random_vec(l * r, 1.0, 260);
+    let q = random_vec(r, 1.0, 261);
+    let v = random_vec(c * r, 1.0, 262);
+    let dout = random_vec(l / p * c, 1.0, 263);
+    let run = |u: &[f64], q: &[f64], v: &[f64]| {
+        let mut out = vec![0.0; l / p * c];
+        be().lamp_pool_forward(&mut out, &u.to_vec(), &q.to_vec(), &v.to_vec(), l, r, c, p);
+        out
+    };
+    let out = run(&u, &q, &v);
+    // Pool(U·diag(q²)·Vᵀ) computed the long way.
+    for i in 0..l / p {
+        for k in 0..c {
+            let want: f64 = (0..p)
+                .map(|a| {
+                    (0..r)
+                        .map(|j| u[(i * p + a) * r + j] * q[j] * q[j] * v[k * r + j])
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+                / p as f64;
+            assert!((out[i * c + k] - want).abs() < 1e-12);
+        }
+    }
+    let (mut du, mut dq, mut dv) = (vec![0.0; l * r], vec![0.0; r], vec![0.0; c * r]);
+    be().lamp_pool_backward(&mut du, &mut dq, &mut dv, &dout, &u, &q, &v, l, r, c, p);
+    check_fd("du", &mut |x| run(x, &q, &v), &u, &dout, &du);
+    check_fd("dq", &mut |x| run(&u, x, &v), &q, &dout, &dq);
+    check_fd("dv", &mut |x| run(&u, &q, x), &v, &dout, &dv);
+}
