@@ -8,6 +8,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod model;
+pub mod prompt;
 #[doc(hidden)]
 pub mod testing;
 

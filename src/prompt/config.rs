@@ -1,0 +1,532 @@
+//! The options of every prompt method, with the papers' defaults (../shared/methods.md), their
+//! validation, and their parameter counts (train-time and stored).
+//!
+//! Each struct deserializes from the method's TOML section of a run config; absent keys keep the
+//! defaults, unknown keys are errors.
+
+use serde::Deserialize;
+
+use crate::backend::FusionMode;
+use crate::error::{Error, Result};
+
+/// How a prompt matrix P starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptInit {
+    /// Rows copied from embeddings of ids drawn from the 5000 lowest regular ids.
+    Vocab,
+    /// U(−0.5, 0.5).
+    Uniform,
+    /// A tokenised sentence (`init_text`) repeated to the prompt length.
+    Text,
+}
+
+/// DPT's init of A and B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DptInit {
+    /// U(−0.5, 0.5), as the official code.
+    Uniform,
+    /// N(0, 1).
+    Gaussian,
+}
+
+/// EPT-MS's init of the low-rank pair A, B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LowRankInit {
+    /// From the truncated SVD of the source prompt padded to M rows.
+    Svd,
+    /// DePT's: A ~ U(−1/√r, 1/√r), B = 0.
+    Lora,
+}
+
+/// LAMP's pooling of the compressed outer product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LampPool {
+    /// Mean of blocks of `pool` consecutive rows.
+    Average,
+    /// Appendix A.1: `A = softmax(C·W_sa)` over the l axis, rows `Aᵀ·C`.
+    Attention,
+}
+
+/// How LAMP stores the singular values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QInit {
+    /// Q = the singular values (they enter squared, so C ≠ the truncation of P at init).
+    Plain,
+    /// Q = √(singular values), so C at init equals the rank-r truncation of P.
+    Sqrt,
+}
+
+/// The fusion modes of EPT-MS, as written in a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fusion {
+    Attend,
+    Paper,
+}
+
+impl From<Fusion> for FusionMode {
+    fn from(f: Fusion) -> Self {
+        match f {
+            Fusion::Attend => FusionMode::Attend,
+            Fusion::Paper => FusionMode::Paper,
+        }
+    }
+}
+
+/// PT (Lester et al. 2021): rows = P (l, d).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PtConfig {
+    pub prompt_len: usize,
+    pub init: PromptInit,
+    pub init_text: String,
+}
+
+impl Default for PtConfig {
+    fn default() -> Self {
+        PtConfig {
+            prompt_len: 100,
+            init: PromptInit::Vocab,
+            init_text: String::new(),
+        }
+    }
+}
+
+/// P-Tuning with PEFT's MLP encoder: rows = L3(ReLU(L2(ReLU(L1(P))))), each L a d→d linear.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PTuningConfig {
+    pub prompt_len: usize,
+    pub init: PromptInit,
+    pub init_text: String,
+}
+
+impl Default for PTuningConfig {
+    fn default() -> Self {
+        PTuningConfig {
+            prompt_len: 10,
+            init: PromptInit::Vocab,
+            init_text: String::new(),
+        }
+    }
+}
+
+/// Residual PT (Razdaibiedina et al. 2023): rows = LayerNorm(W2·ReLU(W1·P + b1) + b2) + P.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResidualConfig {
+    pub prompt_len: usize,
+    /// Bottleneck width h.
+    pub bottleneck: usize,
+    pub init: PromptInit,
+    pub init_text: String,
+}
+
+impl Default for ResidualConfig {
+    fn default() -> Self {
+        ResidualConfig {
+            prompt_len: 100,
+            bottleneck: 400,
+            init: PromptInit::Vocab,
+            init_text: String::new(),
+        }
+    }
+}
+
+/// DPT (Xiao et al. 2023): rows = A (l, b) · B (b, d).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DptConfig {
+    pub prompt_len: usize,
+    /// Inner dimension b.
+    pub rank: usize,
+    pub init: DptInit,
+}
+
+impl Default for DptConfig {
+    fn default() -> Self {
+        DptConfig {
+            prompt_len: 100,
+            rank: 10,
+            init: DptInit::Uniform,
+        }
+    }
+}
+
+/// DePT (Shi & Lipani 2024): rows = Ps (s, d); E(x) += α/√r · (A (m, r) · B (r, d))[..n].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeptConfig {
+    /// Short prompt length s.
+    pub prompt_len: usize,
+    pub rank: usize,
+    pub alpha: f64,
+    pub init: PromptInit,
+    pub init_text: String,
+}
+
+impl Default for DeptConfig {
+    fn default() -> Self {
+        DeptConfig {
+            prompt_len: 60,
+            rank: 30,
+            alpha: 8.0,
+            init: PromptInit::Vocab,
+            init_text: String::new(),
+        }
+    }
+}
+
+/// EPT-MS (Lan et al. 2024): decomposition of a source prompt, prompt fusion, gated experts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EptConfig {
+    /// Length l of the source prompt P that the decomposition starts from.
+    pub source_len: usize,
+    /// Short prompt length s (Ps = P[..s]).
+    pub prompt_len: usize,
+    pub rank: usize,
+    pub lowrank_init: LowRankInit,
+    pub fusion: Fusion,
+    /// The gated multi-space projection (off: rows = P_f, an ablation).
+    pub multi_space: bool,
+    /// Number of experts N_e.
+    pub experts: usize,
+    /// Hidden width h of each expert; `None`: m (the paper's linear1 ∈ R^{m×d}).
+    pub expert_hidden: Option<usize>,
+    pub init: PromptInit,
+    pub init_text: String,
+}
+
+impl Default for EptConfig {
+    fn default() -> Self {
+        EptConfig {
+            source_len: 100,
+            prompt_len: 60,
+            rank: 30,
+            lowrank_init: LowRankInit::Svd,
+            fusion: Fusion::Attend,
+            multi_space: true,
+            experts: 4,
+            expert_hidden: None,
+            init: PromptInit::Vocab,
+            init_text: String::new(),
+        }
+    }
+}
+
+impl EptConfig {
+    /// The expert hidden width h for maximum input length `m`.
+    pub fn hidden(&self, m: usize) -> usize {
+        self.expert_hidden.unwrap_or(m)
+    }
+}
+
+/// LAMP (Lan et al. 2025): truncated SVD of P, compressed outer product, pooling.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LampConfig {
+    pub prompt_len: usize,
+    pub rank: usize,
+    /// Pooling block p (rows = l/p).
+    pub pool: usize,
+    pub pool_mode: LampPool,
+    pub q_init: QInit,
+    pub init: PromptInit,
+    pub init_text: String,
+}
+
+impl Default for LampConfig {
+    fn default() -> Self {
+        LampConfig {
+            prompt_len: 100,
+            rank: 8,
+            pool: 1,
+            pool_mode: LampPool::Average,
+            q_init: QInit::Plain,
+            init: PromptInit::Vocab,
+            init_text: String::new(),
+        }
+    }
+}
+
+/// Explosive PT: one prompt p1 (d), rows = W_up·(W_down·p1) repeated n times (n = 1: EPT, 10: EPT*).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct XptConfig {
+    /// n, the number of identical rows.
+    pub repeats: usize,
+    /// Hidden width h of the under-parameterised MLP.
+    pub hidden: usize,
+}
+
+impl Default for XptConfig {
+    fn default() -> Self {
+        XptConfig {
+            repeats: 1,
+            hidden: 1,
+        }
+    }
+}
+
+/// One prompt method and its options.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MethodConfig {
+    Pt(PtConfig),
+    PTuning(PTuningConfig),
+    Residual(ResidualConfig),
+    Dpt(DptConfig),
+    Dept(DeptConfig),
+    Ept(EptConfig),
+    Lamp(LampConfig),
+    Xpt(XptConfig),
+}
+
+/// The method names accepted in configs and on the command line.
+pub const METHOD_NAMES: &[&str] = &[
+    "pt", "ptuning", "residual", "dpt", "dept", "ept", "lamp", "xpt",
+];
+
+/// Train-time and stored parameter counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamCounts {
+    /// Everything the optimiser updates.
+    pub train: usize,
+    /// What inference needs once the reparameterisation is folded away (the smaller of the
+    /// folded rows and the factors, where a method can use either).
+    pub stored: usize,
+}
+
+impl MethodConfig {
+    /// The papers' defaults for a method name.
+    pub fn default_for(name: &str) -> Result<Self> {
+        Self::from_toml(name, "")
+    }
+
+    /// A method from its name and the text of its TOML section (empty: all defaults).
+    pub fn from_toml(name: &str, section: &str) -> Result<Self> {
+        fn parse<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Result<T> {
+            toml::from_str(text)
+                .map_err(|e| Error::Input(format!("[{name}] options: {}", e.message())))
+        }
+        Ok(match name {
+            "pt" => MethodConfig::Pt(parse(name, section)?),
+            "ptuning" => MethodConfig::PTuning(parse(name, section)?),
+            "residual" => MethodConfig::Residual(parse(name, section)?),
+            "dpt" => MethodConfig::Dpt(parse(name, section)?),
+            "dept" => MethodConfig::Dept(parse(name, section)?),
+            "ept" => MethodConfig::Ept(parse(name, section)?),
+            "lamp" => MethodConfig::Lamp(parse(name, section)?),
+            "xpt" => MethodConfig::Xpt(parse(name, section)?),
+            _ => {
+                return Err(Error::Input(format!(
+                    "unknown method `{name}`; methods: {}",
+                    METHOD_NAMES.join(", ")
+                )))
+            }
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            MethodConfig::Pt(_) => "pt",
+            MethodConfig::PTuning(_) => "ptuning",
+            MethodConfig::Residual(_) => "residual",
+            MethodConfig::Dpt(_) => "dpt",
+            MethodConfig::Dept(_) => "dept",
+            MethodConfig::Ept(_) => "ept",
+            MethodConfig::Lamp(_) => "lamp",
+            MethodConfig::Xpt(_) => "xpt",
+        }
+    }
+
+    /// Checks the options against the model width `d` and maximum input length `m`; errors
+    /// name the option and both values.
+    pub fn validate(&self, d: usize, m: usize) -> Result<()> {
+        let bad = |msg: String| Err(Error::Input(format!("[{}] {msg}", self.name())));
+        let positive = |what: &str, v: usize| {
+            if v == 0 {
+                bad(format!("{what} = 0; it must be at least 1"))
+            } else {
+                Ok(())
+            }
+        };
+        let text_given = |init: PromptInit, text: &str| {
+            if init == PromptInit::Text && text.trim().is_empty() {
+                bad("init = \"text\" needs init_text".into())
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            MethodConfig::Pt(c) => {
+                positive("prompt_len", c.prompt_len)?;
+                text_given(c.init, &c.init_text)
+            }
+            MethodConfig::PTuning(c) => {
+                positive("prompt_len", c.prompt_len)?;
+                text_given(c.init, &c.init_text)
+            }
+            MethodConfig::Residual(c) => {
+                positive("prompt_len", c.prompt_len)?;
+                positive("bottleneck (h)", c.bottleneck)?;
+                text_given(c.init, &c.init_text)
+            }
+            MethodConfig::Dpt(c) => {
+                positive("prompt_len", c.prompt_len)?;
+                positive("rank (b)", c.rank)?;
+                if c.rank > c.prompt_len.min(d) {
+                    return bad(format!(
+                        "rank b = {} > min(prompt_len l = {}, d = {d})",
+                        c.rank, c.prompt_len
+                    ));
+                }
+                Ok(())
+            }
+            MethodConfig::Dept(c) => {
+                positive("prompt_len", c.prompt_len)?;
+                if c.rank > m.min(d) {
+                    return bad(format!("rank r = {} > min(m = {m}, d = {d})", c.rank));
+                }
+                if !(c.alpha.is_finite() && c.alpha > 0.0) {
+                    return bad(format!("alpha = {} must be a positive number", c.alpha));
+                }
+                text_given(c.init, &c.init_text)
+            }
+            MethodConfig::Ept(c) => {
+                positive("source_len (l)", c.source_len)?;
+                positive("prompt_len (s)", c.prompt_len)?;
+                if c.prompt_len > c.source_len {
+                    return bad(format!(
+                        "prompt_len s = {} > source_len l = {}",
+                        c.prompt_len, c.source_len
+                    ));
+                }
+                if c.source_len > m {
+                    return bad(format!(
+                        "source_len l = {} > max input length m = {m} (P is padded to m rows)",
+                        c.source_len
+                    ));
+                }
+                if c.rank > m.min(d) {
+                    return bad(format!("rank r = {} > min(m = {m}, d = {d})", c.rank));
+                }
+                if c.multi_space {
+                    positive("experts (N_e)", c.experts)?;
+                    positive("expert_hidden (h)", c.hidden(m))?;
+                }
+                text_given(c.init, &c.init_text)
+            }
+            MethodConfig::Lamp(c) => {
+                positive("prompt_len", c.prompt_len)?;
+                positive("rank", c.rank)?;
+                positive("pool (p)", c.pool)?;
+                if c.rank > c.prompt_len.min(d) {
+                    return bad(format!(
+                        "rank r = {} > min(prompt_len l = {}, d = {d})",
+                        c.rank, c.prompt_len
+                    ));
+                }
+                if c.prompt_len % c.pool != 0 {
+                    return bad(format!(
+                        "prompt_len l = {} is not a multiple of pool p = {}",
+                        c.prompt_len, c.pool
+                    ));
+                }
+                text_given(c.init, &c.init_text)
+            }
+            MethodConfig::Xpt(c) => {
+                positive("repeats (n)", c.repeats)?;
+                positive("hidden (h)", c.hidden)
+            }
+        }
+    }
+
+    /// Number of prompt rows the method prepends.
+    pub fn prompt_rows(&self) -> usize {
+        match self {
+            MethodConfig::Pt(c) => c.prompt_len,
+            MethodConfig::PTuning(c) => c.prompt_len,
+            MethodConfig::Residual(c) => c.prompt_len,
+            MethodConfig::Dpt(c) => c.prompt_len,
+            MethodConfig::Dept(c) => c.prompt_len,
+            MethodConfig::Ept(c) => c.prompt_len,
+            MethodConfig::Lamp(c) => c.prompt_len / c.pool.max(1),
+            MethodConfig::Xpt(c) => c.repeats,
+        }
+    }
+
+    /// Parameter counts for model width `d` and maximum input length `m`, from the formulas of
+    /// methods.md (a test checks them against the tensors the methods allocate).
+    pub fn param_counts(&self, d: usize, m: usize) -> ParamCounts {
+        match self {
+            MethodConfig::Pt(c) => {
+                let n = c.prompt_len * d;
+                ParamCounts {
+                    train: n,
+                    stored: n,
+                }
+            }
+            MethodConfig::PTuning(c) => ParamCounts {
+                train: c.prompt_len * d + 3 * (d * d + d),
+                stored: c.prompt_len * d,
+            },
+            MethodConfig::Residual(c) => {
+                let h = c.bottleneck;
+                ParamCounts {
+                    train: c.prompt_len * d + (d * h + h) + (h * d + d) + 2 * d,
+                    stored: c.prompt_len * d,
+                }
+            }
+            MethodConfig::Dpt(c) => {
+                let factors = c.prompt_len * c.rank + c.rank * d;
+                ParamCounts {
+                    train: factors,
+                    stored: factors.min(c.prompt_len * d),
+                }
+            }
+            MethodConfig::Dept(c) => {
+                let n = c.prompt_len * d + (m + d) * c.rank;
+                ParamCounts {
+                    train: n,
+                    stored: n,
+                }
+            }
+            MethodConfig::Ept(c) => {
+                let stored = c.prompt_len * d + (m + d) * c.rank;
+                let extra = if c.multi_space {
+                    let (e, h) = (c.experts, c.hidden(m));
+                    e * (2 * d * h + h + d) + e * (d + 1)
+                } else {
+                    0
+                };
+                ParamCounts {
+                    train: stored + extra,
+                    stored,
+                }
+            }
+            MethodConfig::Lamp(c) => {
+                let (l, r, p) = (c.prompt_len, c.rank, c.pool.max(1));
+                let factors = l * r + r + r * d;
+                let attention = match c.pool_mode {
+                    LampPool::Average => 0,
+                    LampPool::Attention => d * (l / p),
+                };
+                ParamCounts {
+                    train: factors + attention,
+                    stored: (factors + attention).min(l / p * d),
+                }
+            }
+            MethodConfig::Xpt(c) => ParamCounts {
+                train: d + 2 * d * c.hidden,
+                // φ(p1) is one row, repeated: d values once folded.
+                stored: d,
+            },
+        }
+    }
+}
