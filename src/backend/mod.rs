@@ -496,6 +496,7 @@ pub trait Backend: Sync {
 
     /// Backward of [`Backend::gated_experts_forward`] (`=`): `d_gate (N, E)`, and each
     /// `d_experts[i] (N, C) = gate[:, i] ⊙ dout`.
+    #[allow(clippy::too_many_arguments)]
     fn gated_experts_backward(
         &self,
         d_gate: &mut Self::Tensor,

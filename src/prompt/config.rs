@@ -432,7 +432,7 @@ impl MethodConfig {
                         c.rank, c.prompt_len
                     ));
                 }
-                if c.prompt_len % c.pool != 0 {
+                if !c.prompt_len.is_multiple_of(c.pool) {
                     return bad(format!(
                         "prompt_len l = {} is not a multiple of pool p = {}",
                         c.prompt_len, c.pool

@@ -72,6 +72,12 @@ impl<B: Backend> Param<B> {
     }
 }
 
+/// Token ids of a text, from the model's tokenizer.
+pub type Tokenize<'a> = dyn Fn(&str) -> Result<Vec<u32>> + 'a;
+
+/// The frozen embeddings of some ids, `(len, d)` row-major.
+pub type EmbedRows<'a> = dyn Fn(&[u32]) -> Result<Vec<f32>> + 'a;
+
 /// What a method needs to know about the backbone when it is built.
 pub struct MethodContext<'a> {
     /// Model width d (C).
@@ -83,9 +89,9 @@ pub struct MethodContext<'a> {
     pub first_regular_id: u32,
     pub seed: u64,
     /// The frozen embeddings of some ids, `(len, d)` row-major (for `vocab` and `text` inits).
-    pub embed_rows: &'a dyn Fn(&[u32]) -> Result<Vec<f32>>,
+    pub embed_rows: &'a EmbedRows<'a>,
     /// The model's tokenizer, when there is one (for `text` init).
-    pub tokenize: Option<&'a dyn Fn(&str) -> Result<Vec<u32>>>,
+    pub tokenize: Option<&'a Tokenize<'a>>,
 }
 
 /// A prompt method over backend `B`.

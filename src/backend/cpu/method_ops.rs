@@ -500,7 +500,7 @@ pub(super) fn lamp_pool_forward<T: Float>(
     p: usize,
 ) {
     assert!(
-        p > 0 && l % p == 0,
+        p > 0 && l.is_multiple_of(p),
         "lamp_pool_forward: L = {l} is not a multiple of p = {p}"
     );
     assert_eq!(
@@ -537,7 +537,7 @@ pub(super) fn lamp_pool_backward<T: Float>(
     p: usize,
 ) {
     assert!(
-        p > 0 && l % p == 0,
+        p > 0 && l.is_multiple_of(p),
         "lamp_pool_backward: L = {l} is not a multiple of p = {p}"
     );
     assert_eq!(
