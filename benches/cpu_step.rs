@@ -24,7 +24,7 @@ fn bench_shape(
     group.sample_size(samples);
     group.throughput(Throughput::Elements((batch.batch * (enc + dec)) as u64));
     group.bench_function(format!("{shape}/b{}xT{enc}xTd{dec}", batch.batch), |b| {
-        b.iter(|| t5_forward_backward(&be, &model, &batch).expect("step"))
+        b.iter(|| t5_forward_backward(&be, &model, None, &batch).expect("step"))
     });
     group.finish();
 }

@@ -1,6 +1,7 @@
-//! One forward + backward of a host batch on a backend: embed the ids, run the model, return the
-//! loss, the label-row logits and d loss / d inputs_embeds. Used by `fastpt run`, `fastpt forward`
-//! and the benches; the trainer builds on it.
+//! One forward + backward of a host batch on a backend, with or without a prompt method:
+//! method rows and update → embed + prepend → T5 forward → loss → T5 backward (input gradient)
+//! → split into d rows / d update → method backward (parameter gradients, `+=`). Used by
+//! `fastpt run`, `fastpt forward` and the benches; the trainer builds on it.
 
 use std::time::{Duration, Instant};
 
@@ -8,15 +9,18 @@ use crate::backend::Backend;
 use crate::data::{EncoderInput, HostBatch};
 use crate::error::{Error, Result};
 use crate::model::t5::{T5Batch, T5};
+use crate::prompt::PromptMethod;
 
 /// The results of one step, downloaded to the host.
 pub struct StepOutput {
     pub loss: f64,
-    pub logits: Vec<f32>,          // (M, V) label rows only
-    pub label_rows: Vec<usize>,    // (M) flat decoder positions b·Td + t
-    pub inputs_embeds: Vec<f32>,   // (B, T, C)
-    pub encoder_out: Vec<f32>,     // (B, T, C)
-    pub d_inputs_embeds: Vec<f32>, // (B, T, C)
+    pub logits: Vec<f32>,       // (M, V) label rows only
+    pub label_rows: Vec<usize>, // (M) flat decoder positions b·Td + t
+    /// Prompt rows prepended to the text rows.
+    pub prompt_rows: usize,
+    pub inputs_embeds: Vec<f32>,   // (B, P+T, C)
+    pub encoder_out: Vec<f32>,     // (B, P+T, C)
+    pub d_inputs_embeds: Vec<f32>, // (B, P+T, C)
     pub forward_time: Duration,
     pub backward_time: Duration,
 }
@@ -32,14 +36,17 @@ impl StepOutput {
     }
 }
 
-/// Embeds the batch (gather from the shared table when it holds ids), runs forward and backward.
+/// Runs one step. With a method, its parameter gradients are added to (`+=`); the batch must
+/// then hold token ids, at most `method.update_rows()` long when the method updates them.
 pub fn t5_forward_backward<B: Backend>(
     be: &B,
     model: &T5<B>,
+    mut method: Option<&mut dyn PromptMethod<B>>,
     batch: &HostBatch,
 ) -> Result<StepOutput> {
     let (b, t, c) = (batch.batch, batch.enc_len, model.cfg.d_model);
     let start = Instant::now();
+    let p = method.as_ref().map_or(0, |m| m.prompt_rows());
     let inputs_embeds = match &batch.input {
         EncoderInput::Ids(ids) => {
             let v = model.cfg.vocab_size;
@@ -48,36 +55,74 @@ pub fn t5_forward_backward<B: Backend>(
                     "input_ids: id {bad} is outside the vocabulary 0..{v}"
                 )));
             }
-            let mut x = be.zeros(b * t * c); // (B, T, C)
-            be.gather_rows(
-                &mut x,
-                &model.weights.shared,
-                &be.upload_index(ids),
-                b * t,
-                c,
-            );
+            let mut x = be.zeros(b * (p + t) * c); // (B, P+T, C)
+            let ids = be.upload_index(ids);
+            match method.as_deref_mut() {
+                Some(m) => {
+                    m.forward(be);
+                    if let Some(rows) = m.update_rows().filter(|&rows| rows < t) {
+                        return Err(Error::Input(format!(
+                            "the batch has {t} input positions, more than the method's maximum \
+                             input length m = {rows}; truncate the inputs or raise max_len"
+                        )));
+                    }
+                    let (rows, update) = (m.rows(), m.update());
+                    be.embed_prompt_forward(
+                        &mut x,
+                        &model.weights.shared,
+                        &ids,
+                        rows,
+                        update,
+                        b,
+                        t,
+                        p,
+                        c,
+                    );
+                }
+                None => be.gather_rows(&mut x, &model.weights.shared, &ids, b * t, c),
+            }
             x
         }
-        EncoderInput::Embeds(e) => be.upload_f32(e.clone()),
+        EncoderInput::Embeds(e) => {
+            if method.is_some() {
+                return Err(Error::Input(
+                    "a prompt method needs input_ids, not inputs_embeds".into(),
+                ));
+            }
+            be.upload_f32(e.clone())
+        }
     };
+    // Prompt rows are always attended to.
+    let mask: Vec<i32> = batch
+        .attention_mask
+        .chunks(t)
+        .flat_map(|row| std::iter::repeat_n(1, p).chain(row.iter().copied()))
+        .collect();
     let t5_batch = T5Batch::<B> {
         inputs_embeds: &inputs_embeds,
-        attention_mask: &batch.attention_mask,
+        attention_mask: &mask,
         decoder_input_ids: &batch.decoder_input_ids,
         labels: &batch.labels,
         batch: b,
-        enc_len: t,
+        enc_len: p + t,
         dec_len: batch.dec_len,
     };
     let (out, saved) = model.forward(be, &t5_batch)?;
     let forward_time = start.elapsed();
     let start = Instant::now();
-    let dx = model.backward_dinp(be, &saved);
+    let dx = model.backward_dinp(be, &saved); // (B, P+T, C)
+    if let Some(m) = method {
+        let mut d_rows = be.zeros(p * c); // (P, C)
+        let mut d_update = m.update_rows().map(|rows| be.zeros(rows * c)); // (M, C)
+        be.embed_prompt_backward(&mut d_rows, d_update.as_mut(), &dx, b, t, p, c);
+        m.backward(be, &d_rows, d_update.as_ref());
+    }
     let backward_time = start.elapsed();
     Ok(StepOutput {
         loss: out.loss,
         logits: be.download_f32(&out.logits),
         label_rows: out.label_rows,
+        prompt_rows: p,
         inputs_embeds: be.download_f32(&inputs_embeds),
         encoder_out: be.download_f32(saved.encoder_out()),
         d_inputs_embeds: be.download_f32(&dx),

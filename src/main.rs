@@ -13,6 +13,8 @@ use fastpt::model::hf::{load_tokenizer, save_safetensors, TensorData};
 use fastpt::model::shapes::T5_SHAPES;
 use fastpt::model::t5::{t5_tensor_specs, T5};
 use fastpt::model::{load_t5, random_t5};
+use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
+use fastpt::prompt::MethodConfig;
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +35,34 @@ enum Command {
     /// One forward + backward of a model on a batch given as JSON; writes logits, loss and
     /// d loss / d inputs_embeds to a safetensors file, to check parity with another implementation.
     Forward(ForwardArgs),
+    /// Parameter counts of a prompt method (train-time and stored), or the papers' table.
+    Params(ParamsArgs),
+}
+
+#[derive(Args)]
+struct ParamsArgs {
+    /// Print every method at the papers' settings on t5-small/base/large and llama-2-7b, next to
+    /// the figures of the papers (markdown).
+    #[arg(long, conflicts_with_all = ["method"])]
+    table: bool,
+    /// Model shape (sets the width d): a built-in T5 shape or llama-2-7b.
+    #[arg(long, default_value = "t5-base")]
+    shape: String,
+    /// pt, ptuning, residual, dpt, dept, ept, lamp or xpt.
+    #[arg(long, required_unless_present = "table")]
+    method: Option<String>,
+    /// The method's prompt_len (l, or s for DePT / EPT-MS).
+    #[arg(long)]
+    prompt_len: Option<usize>,
+    /// The method's rank (r, or b for DPT).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Maximum input length m (DePT's and EPT-MS's update length).
+    #[arg(long, default_value_t = 256)]
+    max_len: usize,
+    /// Any other option of the method, as in its TOML section: `--option pool=4`.
+    #[arg(long = "option", value_name = "KEY=VALUE")]
+    options: Vec<String>,
 }
 
 #[derive(Args)]
@@ -92,6 +122,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 run(&CpuBackend::<f32>::new(), &args)
             }
         }
+        Command::Params(args) => params(&args),
         Command::Forward(args) => {
             if args.f64 {
                 forward(&CpuBackend::<f64>::new(), &args)
@@ -158,7 +189,7 @@ fn run<B: Backend>(be: &B, args: &RunArgs) -> Result<()> {
     println!("model      {}", describe(&args.shape, &model));
     // Four rows of different lengths, as a dynamically padded batch would have.
     let batch = HostBatch::random(&model.cfg, &[24, 17, 32, 9], &[6, 3, 8, 5], args.seed);
-    let step = t5_forward_backward(be, &model, &batch)?;
+    let step = t5_forward_backward(be, &model, None, &batch)?;
     print_step(&be.name(), &step, &batch);
     Ok(())
 }
@@ -176,7 +207,7 @@ fn forward<B: Backend>(be: &B, args: &ForwardArgs) -> Result<()> {
     };
     println!("model      {}", describe(&name, &model));
     let batch = read_batch(&args.batch, &model, tokenizer_dir)?;
-    let step = t5_forward_backward(be, &model, &batch)?;
+    let step = t5_forward_backward(be, &model, None, &batch)?;
     print_step(&be.name(), &step, &batch);
 
     let (b, t, c, v) = (
@@ -216,6 +247,51 @@ fn forward<B: Backend>(be: &B, args: &ForwardArgs) -> Result<()> {
     ];
     save_safetensors(&args.out, &tensors)?;
     println!("wrote      {}", args.out.display());
+    Ok(())
+}
+
+fn params(args: &ParamsArgs) -> Result<()> {
+    if args.table {
+        print!("{}", paper_table_markdown()?);
+        return Ok(());
+    }
+    let Some(method) = &args.method else {
+        bail!("give --method NAME or --table");
+    };
+    let mut toml = String::new();
+    if let Some(l) = args.prompt_len {
+        toml.push_str(&format!("prompt_len = {l}\n"));
+    }
+    if let Some(r) = args.rank {
+        toml.push_str(&format!("rank = {r}\n"));
+    }
+    for kv in &args.options {
+        let Some((key, value)) = kv.split_once('=') else {
+            bail!("--option {kv:?}: expected KEY=VALUE");
+        };
+        let value = value.trim();
+        // Bare words (fusion=paper) become TOML strings; numbers, booleans and quoted text stay.
+        let bare = value.parse::<f64>().is_err()
+            && !matches!(value, "true" | "false")
+            && !value.starts_with('"');
+        let value = if bare {
+            format!("\"{value}\"")
+        } else {
+            value.to_string()
+        };
+        toml.push_str(&format!("{} = {value}\n", key.trim()));
+    }
+    let d = shape_width(&args.shape)?;
+    let cfg = MethodConfig::from_toml(method, &toml)?;
+    cfg.validate(d, args.max_len)?;
+    let counts = cfg.param_counts(d, args.max_len);
+    println!(
+        "{method} on {} (d = {d}, m = {}): {cfg:?}",
+        args.shape, args.max_len
+    );
+    println!("train-time parameters  {}", thousands(counts.train));
+    println!("stored parameters      {}", thousands(counts.stored));
+    println!("prompt rows            {}", cfg.prompt_rows());
     Ok(())
 }
 

@@ -147,3 +147,38 @@ fn forward_with_a_bad_batch_names_the_file_and_field_and_writes_nothing() {
     assert!(!ok);
     assert!(stderr.contains("/nonexistent/model"), "{stderr}");
 }
+
+#[test]
+fn params_prints_the_counts_of_one_method_and_the_papers_table() {
+    let (ok, stdout, stderr) = fastpt(&[
+        "params",
+        "--shape",
+        "t5-base",
+        "--method",
+        "lamp",
+        "--prompt-len",
+        "100",
+        "--rank",
+        "8",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("train-time parameters  6,952"), "{stdout}");
+    let (ok, stdout, _) = fastpt(&["params", "--method", "ept", "--option", "fusion=paper"]);
+    assert!(ok);
+    assert!(
+        stdout.contains("train-time parameters  1,656,836"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = fastpt(&["params", "--table"]);
+    assert!(ok);
+    assert!(
+        stdout.contains("| llama-2-7b | lamp | prompt_len = 10000, rank = 8 | 112,776 |"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = fastpt(&["params", "--method", "lamp", "--option", "pool=3"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("prompt_len l = 100 is not a multiple of pool p = 3"),
+        "{stderr}"
+    );
+}

@@ -390,6 +390,8 @@ impl MethodConfig {
             }
             MethodConfig::Dept(c) => {
                 positive("prompt_len", c.prompt_len)?;
+                // The update is scaled by α/√r: r = 0 has no update to scale.
+                positive("rank (r)", c.rank)?;
                 if c.rank > m.min(d) {
                     return bad(format!("rank r = {} > min(m = {m}, d = {d})", c.rank));
                 }

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod init;
+pub mod table;
 #[cfg(test)]
 pub(crate) mod testing;
 
