@@ -9,7 +9,7 @@ use crate::backend::Backend;
 use crate::data::{EncoderInput, HostBatch};
 use crate::error::{Error, Result};
 use crate::model::t5::{T5Batch, T5};
-use crate::prompt::PromptMethod;
+use crate::prompt::{build_method, MethodConfig, MethodContext, PromptMethod, Tokenize};
 
 /// The results of one step, downloaded to the host.
 pub struct StepOutput {
@@ -38,10 +38,11 @@ impl StepOutput {
 
 /// Runs one step. With a method, its parameter gradients are added to (`+=`); the batch must
 /// then hold token ids, at most `method.update_rows()` long when the method updates them.
-pub fn t5_forward_backward<B: Backend>(
+pub fn t5_forward_backward<'m, B: Backend>(
     be: &B,
     model: &T5<B>,
-    mut method: Option<&mut dyn PromptMethod<B>>,
+    // Two lifetimes: the borrow is short, the method itself may live longer (a Box).
+    mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<StepOutput> {
     let (b, t, c) = (batch.batch, batch.enc_len, model.cfg.d_model);
@@ -129,4 +130,40 @@ pub fn t5_forward_backward<B: Backend>(
         forward_time,
         backward_time,
     })
+}
+
+/// Builds a prompt method for a T5 model: `vocab` and `text` inits read the model's frozen
+/// embeddings (gathered on the backend, only the rows asked for), T5's special ids (pad, eos,
+/// unk) are skipped by the `vocab` init, `max_len` is m.
+pub fn build_t5_method<B: Backend + 'static>(
+    be: &B,
+    model: &T5<B>,
+    cfg: &MethodConfig,
+    max_len: usize,
+    seed: u64,
+    tokenize: Option<&Tokenize<'_>>,
+) -> Result<Box<dyn PromptMethod<B>>> {
+    let c = model.cfg.d_model;
+    let embed_rows = |ids: &[u32]| -> Result<Vec<f32>> {
+        let ids: Vec<i32> = ids.iter().map(|&id| id as i32).collect();
+        let mut rows = be.zeros(ids.len() * c); // (len, C)
+        be.gather_rows(
+            &mut rows,
+            &model.weights.shared,
+            &be.upload_index(&ids),
+            ids.len(),
+            c,
+        );
+        Ok(be.download_f32(&rows))
+    };
+    let ctx = MethodContext {
+        d_model: c,
+        max_len,
+        vocab_size: model.cfg.vocab_size,
+        first_regular_id: 3,
+        seed,
+        embed_rows: &embed_rows,
+        tokenize,
+    };
+    build_method(be, cfg, &ctx)
 }

@@ -8,13 +8,13 @@ use clap::{Args, Parser, Subcommand};
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::backend::Backend;
 use fastpt::data::HostBatch;
-use fastpt::engine::{t5_forward_backward, StepOutput};
+use fastpt::engine::{build_t5_method, t5_forward_backward, StepOutput};
 use fastpt::model::hf::{load_tokenizer, save_safetensors, TensorData};
 use fastpt::model::shapes::T5_SHAPES;
 use fastpt::model::t5::{t5_tensor_specs, T5};
 use fastpt::model::{load_t5, random_t5};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
-use fastpt::prompt::MethodConfig;
+use fastpt::prompt::{train_params, MethodConfig};
 
 #[derive(Parser)]
 #[command(
@@ -76,6 +76,16 @@ struct RunArgs {
     /// Run the CPU reference in f64 instead of f32.
     #[arg(long)]
     f64: bool,
+    /// Prompt-tune with this method at the papers' defaults (pt, ptuning, residual, dpt, dept,
+    /// ept, lamp, xpt).
+    #[arg(long, conflicts_with = "config")]
+    method: Option<String>,
+    /// A run config (TOML): `method = "NAME"` and the method's `[NAME]` section of options.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Maximum input length m (the length of DePT's and EPT-MS's update).
+    #[arg(long, default_value_t = 256)]
+    max_len: usize,
 }
 
 #[derive(Args)]
@@ -176,7 +186,7 @@ fn print_step(be_name: &str, step: &StepOutput, batch: &HostBatch) {
     );
 }
 
-fn run<B: Backend>(be: &B, args: &RunArgs) -> Result<()> {
+fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
     println!(
         "fastpt run: the backbone is the built-in `{}` shape with RANDOM weights (seed {}), no download.",
         args.shape, args.seed
@@ -187,10 +197,48 @@ fn run<B: Backend>(be: &B, args: &RunArgs) -> Result<()> {
     );
     let model = random_t5(be, &args.shape, args.seed)?;
     println!("model      {}", describe(&args.shape, &model));
+    let method_cfg = match (&args.method, &args.config) {
+        (Some(name), _) => Some(MethodConfig::default_for(name)?),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| fastpt::Error::io(path, e))?;
+            Some(MethodConfig::from_run_toml(&text, path)?)
+        }
+        (None, None) => None,
+    };
+    let mut method = match &method_cfg {
+        Some(cfg) => Some(build_t5_method(
+            be,
+            &model,
+            cfg,
+            args.max_len,
+            args.seed,
+            None,
+        )?),
+        None => None,
+    };
+    if let (Some(cfg), Some(m)) = (&method_cfg, &method) {
+        println!(
+            "method     {}: {} prompt rows, {} train-time / {} stored parameters",
+            cfg.name(),
+            m.prompt_rows(),
+            thousands(train_params(m.as_ref())),
+            thousands(m.stored_params())
+        );
+    }
     // Four rows of different lengths, as a dynamically padded batch would have.
     let batch = HostBatch::random(&model.cfg, &[24, 17, 32, 9], &[6, 3, 8, 5], args.seed);
-    let step = t5_forward_backward(be, &model, None, &batch)?;
+    let step = t5_forward_backward(be, &model, method.as_deref_mut(), &batch)?;
     print_step(&be.name(), &step, &batch);
+    if let Some(m) = &method {
+        let norm: f64 = m
+            .params()
+            .iter()
+            .flat_map(|p| be.download_f64(&p.grad))
+            .map(|g| g * g)
+            .sum::<f64>()
+            .sqrt();
+        println!("method grad norm {norm:.6e}  (‖d loss / d method parameters‖)");
+    }
     Ok(())
 }
 

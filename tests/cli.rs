@@ -182,3 +182,31 @@ fn params_prints_the_counts_of_one_method_and_the_papers_table() {
         "{stderr}"
     );
 }
+
+#[test]
+fn run_with_a_method_reports_its_parameters_and_gradient() {
+    let (ok, stdout, stderr) = fastpt(&["run", "--method", "lamp"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("method     lamp: 100 prompt rows, 1,320 train-time"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("method grad norm"), "{stdout}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "method = \"dept\"\n[dept]\nprompt_len = 7\nrank = 3\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = fastpt(&["run", "--config", config.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("method     dept: 7 prompt rows"),
+        "{stdout}"
+    );
+    std::fs::write(&config, "method = \"dept\"\n[dept]\nrank = 0\n").unwrap();
+    let (ok, _, stderr) = fastpt(&["run", "--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("rank (r) = 0"), "{stderr}");
+}

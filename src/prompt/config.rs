@@ -312,7 +312,7 @@ impl MethodConfig {
     pub fn from_toml(name: &str, section: &str) -> Result<Self> {
         fn parse<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Result<T> {
             toml::from_str(text)
-                .map_err(|e| Error::Input(format!("[{name}] options: {}", e.message())))
+                .map_err(|e| Error::Input(format!("[{name}] options: {}", e.message().trim())))
         }
         Ok(match name {
             "pt" => MethodConfig::Pt(parse(name, section)?),
@@ -330,6 +330,45 @@ impl MethodConfig {
                 )))
             }
         })
+    }
+
+    /// The method of a run config (TOML): `method = "NAME"` at the top level, and the options
+    /// in the method's own `[NAME]` section (absent: the papers' defaults). Other keys belong
+    /// to the rest of the run config and are not read here. Errors name the file.
+    pub fn from_run_toml(text: &str, path: &std::path::Path) -> Result<Self> {
+        let table: toml::Table = toml::from_str(text)
+            .map_err(|e| Error::format(path, format!("invalid TOML: {}", e.message())))?;
+        let name = match table.get("method") {
+            Some(toml::Value::String(name)) => name.as_str(),
+            Some(other) => {
+                return Err(Error::config(
+                    path,
+                    "method",
+                    format!("expected a method name, found {other}"),
+                ))
+            }
+            None => {
+                return Err(Error::config(
+                    path,
+                    "method",
+                    format!("missing; one of {}", METHOD_NAMES.join(", ")),
+                ))
+            }
+        };
+        let section = match table.get(name) {
+            None => String::new(),
+            Some(toml::Value::Table(t)) => {
+                toml::to_string(t).map_err(|e| Error::format(path, format!("[{name}]: {e}")))?
+            }
+            Some(other) => {
+                return Err(Error::config(
+                    path,
+                    name,
+                    format!("expected a [{name}] section, found {other}"),
+                ))
+            }
+        };
+        Self::from_toml(name, &section).map_err(|e| Error::format(path, e.to_string()))
     }
 
     pub fn name(&self) -> &'static str {
@@ -529,6 +568,51 @@ impl MethodConfig {
                 // φ(p1) is one row, repeated: d values once folded.
                 stored: d,
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn run_toml_selects_the_method_and_reads_its_section() {
+        let text = "method = \"lamp\"\nsteps = 10\n[lamp]\nrank = 4\npool = 2\n[ept]\nrank = 99\n";
+        let cfg = MethodConfig::from_run_toml(text, Path::new("run.toml")).unwrap();
+        let MethodConfig::Lamp(lamp) = cfg else {
+            panic!("expected LAMP, got {cfg:?}");
+        };
+        assert_eq!((lamp.rank, lamp.pool, lamp.prompt_len), (4, 2, 100));
+        let defaults =
+            MethodConfig::from_run_toml("method = \"ept\"", Path::new("r.toml")).unwrap();
+        assert_eq!(defaults, MethodConfig::Ept(EptConfig::default()));
+    }
+
+    #[test]
+    fn run_toml_errors_name_the_file_and_field() {
+        for (text, needle) in [
+            ("steps = 1", "field `method`: missing"),
+            ("method = 3", "field `method`: expected a method name"),
+            (
+                "method = \"pt\"\npt = 1",
+                "field `pt`: expected a [pt] section",
+            ),
+            (
+                "method = \"pt\"\n[pt]\nprompt_len = \"long\"",
+                "[pt] options",
+            ),
+            ("method = \"pt\"\n[pt]\nlength = 5", "length"),
+            ("method = [", "invalid TOML"),
+        ] {
+            let err = MethodConfig::from_run_toml(text, Path::new("run.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("run.toml") && err.contains(needle),
+                "{text}: {err}"
+            );
         }
     }
 }

@@ -95,25 +95,6 @@ pub struct Ept<B: Backend> {
     d_lr: B::Tensor, // (m, d) backward scratch: the gradient of A·B
 }
 
-/// A parameter with f64 initial values (the SVD factors keep f64 precision on f64 backends).
-fn param_f64<B: Backend>(
-    be: &B,
-    name: &str,
-    shape: &[usize],
-    group: ParamGroup,
-    data: &[f64],
-) -> Param<B> {
-    let len: usize = shape.iter().product();
-    assert_eq!(data.len(), len, "param_f64: {name} is not {shape:?}");
-    Param {
-        name: name.to_string(),
-        shape: shape.to_vec(),
-        group,
-        value: be.upload_f64(data),
-        grad: be.zeros(len),
-    }
-}
-
 /// A linear-layer tensor with PyTorch's default init, U(−1/√fan_in, 1/√fan_in).
 fn linear_param<B: Backend>(
     be: &B,
@@ -165,8 +146,20 @@ impl<B: Backend> Ept<B> {
             LowRankInit::Svd => {
                 let p64: Vec<f64> = p.iter().map(|&x| x as f64).collect(); // (l, d)
                 let (a, b) = svd_factors(&p64, l, m, d, r)?;
-                params.push(param_f64(be, "lowrank.a", &[m, r], ParamGroup::LowRank, &a));
-                params.push(param_f64(be, "lowrank.b", &[r, d], ParamGroup::LowRank, &b));
+                params.push(Param::from_f64(
+                    be,
+                    "lowrank.a",
+                    &[m, r],
+                    ParamGroup::LowRank,
+                    &a,
+                ));
+                params.push(Param::from_f64(
+                    be,
+                    "lowrank.b",
+                    &[r, d],
+                    ParamGroup::LowRank,
+                    &b,
+                ));
             }
             LowRankInit::Lora => {
                 let a = lora_init_a(m, r, ctx.seed); // (m, r)

@@ -63,25 +63,6 @@ pub struct Lamp<B: Backend> {
     attention: Option<Attention<B>>,
 }
 
-/// A parameter with f64 initial values (the SVD factors keep their f64 precision on an f64
-/// backend; `Param::new` would round them to f32).
-fn param_f64<B: Backend>(be: &B, name: &str, shape: &[usize], data: &[f64]) -> Param<B> {
-    let len: usize = shape.iter().product();
-    assert_eq!(
-        data.len(),
-        len,
-        "lamp: {name} has {} values, not {len}",
-        data.len()
-    );
-    Param {
-        name: name.to_string(),
-        shape: shape.to_vec(),
-        group: ParamGroup::Prompt,
-        value: be.upload_f64(data),
-        grad: be.zeros(len),
-    }
-}
-
 impl<B: Backend> Lamp<B> {
     pub fn new(be: &B, cfg: &LampConfig, ctx: &MethodContext<'_>) -> Result<Self> {
         // `build_method` validates too; a direct call must not reach the ops' asserts.
@@ -98,9 +79,9 @@ impl<B: Backend> Lamp<B> {
             QInit::Sqrt => s.iter().map(|x| x.sqrt()).collect(),
         }; // (r)
         let mut params = vec![
-            param_f64(be, "u", &[l, r], &u),
-            param_f64(be, "q", &[r], &q),
-            param_f64(be, "v", &[d, r], &v),
+            Param::from_f64(be, "u", &[l, r], ParamGroup::Prompt, &u),
+            Param::from_f64(be, "q", &[r], ParamGroup::Prompt, &q),
+            Param::from_f64(be, "v", &[d, r], ParamGroup::Prompt, &v),
         ];
         let attention = match cfg.pool_mode {
             LampPool::Average => None,

@@ -68,6 +68,25 @@ impl<B: Backend> Param<B> {
         }
     }
 
+    /// Like [`Param::new`] with f64 initial values, so that values computed in f64 (the SVD
+    /// factors of EPT-MS and LAMP) keep their precision on an f64 backend.
+    pub fn from_f64(be: &B, name: &str, shape: &[usize], group: ParamGroup, data: &[f64]) -> Self {
+        let len: usize = shape.iter().product();
+        assert_eq!(
+            data.len(),
+            len,
+            "Param::from_f64: {name} has {} values, not {len}",
+            data.len()
+        );
+        Param {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            group,
+            value: be.upload_f64(data),
+            grad: be.zeros(len),
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

@@ -92,3 +92,51 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod save_load_tests {
+    use crate::prompt::testing::with_context;
+    use crate::prompt::{build_method, load_params, save_params, MethodConfig};
+
+    #[test]
+    fn saved_parameters_load_back_into_a_fresh_method_and_mismatches_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("method.safetensors");
+        with_context(7, 16, |be, ctx| {
+            let cfg = MethodConfig::from_toml("dpt", "prompt_len = 5\nrank = 2").unwrap();
+            let mut a = build_method(be, &cfg, ctx).unwrap();
+            a.params_mut()[0].value[0] = 42.0; // differs from any fresh init
+            save_params(be, a.as_ref(), &path).unwrap();
+            let mut b = build_method(be, &cfg, ctx).unwrap();
+            assert_ne!(b.params()[0].value, a.params()[0].value);
+            load_params(be, b.as_mut(), &path).unwrap();
+            for (pa, pb) in a.params().iter().zip(b.params()) {
+                // f32 on disk: equal to f32 precision.
+                let err = crate::testing::rel_err(&pa.value, &pb.value);
+                assert!(err < 1e-7, "{}: {err}", pa.name);
+            }
+            // Another shape: the error names the file, tensor and both shapes.
+            let other = MethodConfig::from_toml("dpt", "prompt_len = 5\nrank = 3").unwrap();
+            let mut c = build_method(be, &other, ctx).unwrap();
+            let err = load_params(be, c.as_mut(), &path).unwrap_err().to_string();
+            assert!(
+                err.contains("method.safetensors")
+                    && err.contains("[5, 3]")
+                    && err.contains("[5, 2]"),
+                "{err}"
+            );
+            // Another method: its parameters are missing.
+            let mut d = build_method(
+                be,
+                &MethodConfig::from_toml("pt", "prompt_len = 5").unwrap(),
+                ctx,
+            )
+            .unwrap();
+            let err = load_params(be, d.as_mut(), &path).unwrap_err().to_string();
+            assert!(
+                err.contains("missing tensors") && err.contains("prompt"),
+                "{err}"
+            );
+        });
+    }
+}
