@@ -488,6 +488,16 @@ fn pool_rows<T: Float>(u: &[T], l: usize, r: usize, p: usize) -> Vec<T> {
     out
 }
 
+/// `x (N, R) · diag(q²)`.
+fn scale_columns_by_square<T: Float>(mut x: Vec<T>, q: &[T]) -> Vec<T> {
+    for row in x.chunks_exact_mut(q.len()) {
+        for (v, &qq) in row.iter_mut().zip(q) {
+            *v *= qq * qq;
+        }
+    }
+    x
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn lamp_pool_forward<T: Float>(
     out: &mut [T],
@@ -513,12 +523,7 @@ pub(super) fn lamp_pool_forward<T: Float>(
         (l * r, r, c * r),
         "lamp_pool_forward: u, q, v shapes"
     );
-    let mut w = pool_rows(u, l, r, p); // (L/p, R) then scaled by q²
-    for row in w.chunks_exact_mut(r) {
-        for (x, &qq) in row.iter_mut().zip(q) {
-            *x *= qq * qq;
-        }
-    }
+    let w = scale_columns_by_square(pool_rows(u, l, r, p), q); // (L/p, R)
     gemm_slices(out, &w, v, Gemm::nt(l / p, c, r), false);
 }
 
@@ -552,13 +557,8 @@ pub(super) fn lamp_pool_backward<T: Float>(
     );
     let lp = l / p;
     let pooled = pool_rows(u, l, r, p); // (L/p, R)
-    let mut w = pooled.clone();
-    for row in w.chunks_exact_mut(r) {
-        for (x, &qq) in row.iter_mut().zip(q) {
-            *x *= qq * qq;
-        }
-    }
-    // out = w·vᵀ: dw = dout·v (L/p, R), dv += doutᵀ·w (C, R).
+    let w = scale_columns_by_square(pooled.clone(), q); // (L/p, R)
+                                                        // out = w·vᵀ: dw = dout·v (L/p, R), dv += doutᵀ·w (C, R).
     let mut dw = vec![T::zero(); lp * r];
     gemm_slices(&mut dw, dout, v, Gemm::nn(lp, r, c), false);
     let t_a = Gemm {
