@@ -124,6 +124,20 @@ pub enum Activation {
     Silu,
 }
 
+/// Hyperparameters of one AdamW step (decoupled weight decay, as PyTorch's `AdamW`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// 1 for the first step: the bias corrections use it.
+    pub step: u64,
+    /// Multiplies the gradient first (1 / accumulation steps, times the clipping factor).
+    pub grad_scale: f64,
+}
+
 /// The two readings of EPT-MS's prompt fusion (see src/prompt/ept.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FusionMode {
@@ -540,6 +554,23 @@ pub trait Backend: Sync {
         r: usize,
         c: usize,
         p: usize,
+    );
+
+    // ---- optimiser ------------------------------------------------------------------------
+
+    /// `Σ x²` in f64 (for the global gradient norm).
+    fn sum_squares(&self, x: &Self::Tensor) -> f64;
+
+    /// One AdamW step on one parameter tensor, in place: with `g = grad_scale·grad`,
+    /// `m = β1·m + (1−β1)·g`, `v = β2·v + (1−β2)·g²`,
+    /// `param −= lr·(m/(1−β1^t) / (√(v/(1−β2^t)) + eps) + weight_decay·param)`.
+    fn adamw_step(
+        &self,
+        param: &mut Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        grad: &Self::Tensor,
+        h: AdamW,
     );
 
     // ---- loss -----------------------------------------------------------------------------

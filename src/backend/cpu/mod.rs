@@ -13,7 +13,8 @@ use rayon::prelude::*;
 mod method_ops;
 
 use super::{
-    relative_position_bucket, Activation, AttnDims, AttnMask, Backend, FusionMode, Gemm, RelBias,
+    relative_position_bucket, Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode, Gemm,
+    RelBias,
 };
 
 /// The float types the CPU backend runs in.
@@ -347,6 +348,39 @@ impl<T: Float> Backend for CpuBackend<T> {
             for (d, &s) in dtable[row * c..(row + 1) * c].iter_mut().zip(src) {
                 *d += s;
             }
+        }
+    }
+
+    fn sum_squares(&self, x: &Vec<T>) -> f64 {
+        x.iter().map(|&v| v.f64() * v.f64()).sum()
+    }
+
+    fn adamw_step(
+        &self,
+        param: &mut Vec<T>,
+        m: &mut Vec<T>,
+        v: &mut Vec<T>,
+        grad: &Vec<T>,
+        h: AdamW,
+    ) {
+        let n = param.len();
+        assert!(
+            m.len() == n && v.len() == n && grad.len() == n,
+            "adamw_step: lengths differ"
+        );
+        assert!(h.step >= 1, "adamw_step: steps count from 1");
+        // The bias corrections in f64: β^t underflows gracefully, 1 − β^t stays accurate.
+        let bc1 = 1.0 - h.beta1.powf(h.step as f64);
+        let bc2 = 1.0 - h.beta2.powf(h.step as f64);
+        for i in 0..n {
+            let g = grad[i].f64() * h.grad_scale;
+            let mi = h.beta1 * m[i].f64() + (1.0 - h.beta1) * g;
+            let vi = h.beta2 * v[i].f64() + (1.0 - h.beta2) * g * g;
+            let p = param[i].f64();
+            let update = (mi / bc1) / ((vi / bc2).sqrt() + h.eps) + h.weight_decay * p;
+            param[i] = T::of(p - h.lr * update);
+            m[i] = T::of(mi);
+            v[i] = T::of(vi);
         }
     }
 

@@ -808,3 +808,38 @@ fn lamp_pool_matches_pooling_the_full_product_and_finite_differences() {
     check_fd("dq", &mut |x| run(&u, x, &v), &q, &dout, &dq);
     check_fd("dv", &mut |x| run(&u, &q, x), &v, &dout, &dv);
 }
+
+#[test]
+fn adamw_step_matches_a_hand_computed_step() {
+    // Two steps of PyTorch's AdamW on a 2-vector, computed by hand:
+    // lr 0.1, β = (0.9, 0.999), eps 1e-8, weight decay 0.01, grad_scale 0.5.
+    let h = |step| AdamW {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step,
+        grad_scale: 0.5,
+    };
+    let mut p = vec![1.0, -2.0];
+    let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
+    let grad = vec![0.4, -0.2];
+    be().adamw_step(&mut p, &mut m, &mut v, &grad, h(1));
+    // step 1: g = (0.2, -0.1); m̂ = g, v̂ = g², so the Adam part is sign(g)·|g|/(|g| + eps) ≈ ±1.
+    let want1 = [
+        1.0 - 0.1 * (0.2 / (0.2 + 1e-8) + 0.01 * 1.0),
+        -2.0 - 0.1 * (-0.1 / (0.1 + 1e-8) + 0.01 * -2.0),
+    ];
+    assert!(
+        (p[0] - want1[0]).abs() < 1e-15 && (p[1] - want1[1]).abs() < 1e-15,
+        "{p:?}"
+    );
+    assert!((m[0] - 0.02).abs() < 1e-15 && (v[0] - 0.001 * 0.04).abs() < 1e-18);
+    be().adamw_step(&mut p, &mut m, &mut v, &grad, h(2));
+    // step 2, same g: m = 0.19·g, v = 0.001999·g²; m̂ = g, v̂ = g² again.
+    let want2 = want1[0] - 0.1 * (0.2 / (0.2 + 1e-8) + 0.01 * want1[0]);
+    assert!((p[0] - want2).abs() < 1e-14, "{} vs {want2}", p[0]);
+    assert!((m[0] - 0.19 * 0.2).abs() < 1e-15);
+    assert_eq!(be().sum_squares(&vec![3.0, 4.0]), 25.0);
+}
