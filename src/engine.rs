@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 use crate::model::t5::{T5Batch, T5};
 use crate::prompt::{build_method, MethodConfig, MethodContext, PromptMethod, Tokenize};
 
-/// The results of one step, downloaded to the host.
+/// The results of one step, downloaded to the host (the `(B, P+T, C)` tensors are empty after a
+/// forward-only [`t5_loss`]).
 pub struct StepOutput {
     pub loss: f64,
     pub logits: Vec<f32>,       // (M, V) label rows only
@@ -42,8 +43,28 @@ pub fn t5_forward_backward<'m, B: Backend>(
     be: &B,
     model: &T5<B>,
     // Two lifetimes: the borrow is short, the method itself may live longer (a Box).
+    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    batch: &HostBatch,
+) -> Result<StepOutput> {
+    step(be, model, method, batch, true)
+}
+
+/// The loss of a batch, forward only (evaluation): no gradient is computed or added.
+pub fn t5_loss<'m, B: Backend>(
+    be: &B,
+    model: &T5<B>,
+    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    batch: &HostBatch,
+) -> Result<f64> {
+    Ok(step(be, model, method, batch, false)?.loss)
+}
+
+fn step<'m, B: Backend>(
+    be: &B,
+    model: &T5<B>,
     mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
+    backward: bool,
 ) -> Result<StepOutput> {
     let (b, t, c) = (batch.batch, batch.enc_len, model.cfg.d_model);
     let start = Instant::now();
@@ -111,6 +132,19 @@ pub fn t5_forward_backward<'m, B: Backend>(
     let (out, saved) = model.forward(be, &t5_batch)?;
     let forward_time = start.elapsed();
     let start = Instant::now();
+    if !backward {
+        return Ok(StepOutput {
+            loss: out.loss,
+            logits: be.download_f32(&out.logits),
+            label_rows: out.label_rows,
+            prompt_rows: p,
+            inputs_embeds: Vec::new(),
+            encoder_out: Vec::new(),
+            d_inputs_embeds: Vec::new(),
+            forward_time,
+            backward_time: start.elapsed(),
+        });
+    }
     let dx = model.backward_dinp(be, &saved); // (B, P+T, C)
     if let Some(m) = method {
         let mut d_rows = be.zeros(p * c); // (P, C)

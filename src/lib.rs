@@ -4,6 +4,7 @@
 //! first), `model` the backbones and their loading, and the binary `fastpt` (src/main.rs) the CLI.
 
 pub mod backend;
+pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
@@ -11,5 +12,6 @@ pub mod model;
 pub mod prompt;
 #[doc(hidden)]
 pub mod testing;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -1,12 +1,14 @@
 //! The `fastpt` command line. Thin: parsing and printing only; the work is in the library.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::backend::Backend;
+use fastpt::config::RunConfig;
 use fastpt::data::HostBatch;
 use fastpt::engine::{build_t5_method, t5_forward_backward, StepOutput};
 use fastpt::model::hf::{load_tokenizer, save_safetensors, TensorData};
@@ -15,6 +17,7 @@ use fastpt::model::t5::{t5_tensor_specs, T5};
 use fastpt::model::{load_t5, random_t5};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
 use fastpt::prompt::{train_params, MethodConfig};
+use fastpt::train::trainer::{train, Stopped, TrainOptions, DEFAULT_RUN_TOML};
 
 #[derive(Parser)]
 #[command(
@@ -29,9 +32,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a prompt method. Without --config: the embedded default (EPT-MS on the built-in
+    /// t5-tiny shape with random weights, on a built-in synthetic task).
+    Run(TrainArgs),
     /// One forward + backward of a built-in T5 shape (random weights) on a built-in batch,
-    /// printing loss, gradient norm and timing. (The trainer will replace this.)
-    Run(RunArgs),
+    /// printing loss, gradient norm and timing.
+    Step(RunArgs),
     /// One forward + backward of a model on a batch given as JSON; writes logits, loss and
     /// d loss / d inputs_embeds to a safetensors file, to check parity with another implementation.
     Forward(ForwardArgs),
@@ -63,6 +69,22 @@ struct ParamsArgs {
     /// Any other option of the method, as in its TOML section: `--option pool=4`.
     #[arg(long = "option", value_name = "KEY=VALUE")]
     options: Vec<String>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The run config (TOML): see examples/*.toml. Without it, the embedded default.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config key: `--set train.lr=0.1`, `--set method.rank=8`, `--set model=DIR`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Continue the run in out_dir from its checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Run the CPU reference in f64 instead of f32.
+    #[arg(long)]
+    f64: bool,
 }
 
 #[derive(Args)]
@@ -127,6 +149,13 @@ fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
             if args.f64 {
+                train_cmd(&CpuBackend::<f64>::new(), &args)
+            } else {
+                train_cmd(&CpuBackend::<f32>::new(), &args)
+            }
+        }
+        Command::Step(args) => {
+            if args.f64 {
                 run(&CpuBackend::<f64>::new(), &args)
             } else {
                 run(&CpuBackend::<f32>::new(), &args)
@@ -186,13 +215,100 @@ fn print_step(be_name: &str, step: &StepOutput, batch: &HostBatch) {
     );
 }
 
+/// Set by Ctrl-C: the trainer writes a checkpoint after the current step and stops.
+static INTERRUPT: AtomicBool = AtomicBool::new(false);
+
+fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
+    let (mut cfg, source) = match &args.config {
+        Some(path) => (RunConfig::from_file(path, &args.overrides)?, path.clone()),
+        None => {
+            let path = PathBuf::from("<embedded default>");
+            (
+                RunConfig::from_toml_str(DEFAULT_RUN_TOML, &path, &args.overrides)?,
+                path,
+            )
+        }
+    };
+    cfg.validate(&source)?;
+    let random = T5_SHAPES.contains(&cfg.model.as_str());
+    if args.config.is_none()
+        && !args.resume
+        && !args.overrides.iter().any(|o| o.starts_with("out_dir"))
+    {
+        // The embedded default never refuses to start: each run gets its own folder.
+        cfg.out_dir = next_free_dir(&cfg.out_dir);
+    }
+    if random {
+        println!(
+            "fastpt run: the backbone is the built-in `{}` shape with RANDOM weights (seed {}): the \
+             numbers below show the engine working, not a trained model. To prompt-tune a real \
+             model: fastpt run --config examples/ept.toml --set model=DIR (a Hugging Face T5 folder).",
+            cfg.model, cfg.seed
+        );
+    }
+    println!(
+        "method {} | model {} | task {} | {} steps of {} × {} | run folder {}",
+        cfg.method.name(),
+        cfg.model,
+        cfg.data.task,
+        cfg.train.steps,
+        cfg.train.batch_size,
+        cfg.train.grad_accum,
+        cfg.out_dir.display()
+    );
+    // Ctrl-C: stop after the current step with a checkpoint (a second Ctrl-C is not caught
+    // differently; the checkpoint write is atomic either way).
+    let _ = ctrlc::set_handler(|| INTERRUPT.store(true, Ordering::SeqCst));
+    let opts = TrainOptions {
+        resume: args.resume,
+        interrupt: &INTERRUPT,
+        progress: true,
+    };
+    let out = train(be, &cfg, &opts)?;
+    let first = out.losses.first().map(|l| l.1).unwrap_or(f64::NAN);
+    let last = out.losses.last().map(|l| l.1).unwrap_or(f64::NAN);
+    let tail = out.losses.len().min(20);
+    let mean = |s: &[(u64, f64)]| s.iter().map(|l| l.1).sum::<f64>() / s.len().max(1) as f64;
+    println!(
+        "{} after {} steps in {:.1} s ({:.0} tokens/s): loss {first:.4} at step 1, {last:.4} at the end (mean of the last {tail}: {:.4})",
+        match out.stopped {
+            Stopped::Finished => "finished",
+            Stopped::Interrupted => "interrupted (resume with --resume)",
+        },
+        out.losses.last().map(|l| l.0).unwrap_or(0),
+        out.seconds,
+        out.tokens_per_second,
+        mean(&out.losses[out.losses.len() - tail..]),
+    );
+    if let Some((step, loss)) = out.best {
+        println!("best dev loss {loss:.4} at step {step} (best.safetensors)");
+    }
+    println!(
+        "wrote {}: report.json, loss.svg, config.toml, checkpoint.safetensors, method.safetensors",
+        out.run_dir.display()
+    );
+    Ok(())
+}
+
+/// `dir` if it holds no checkpoint, else `dir-2`, `dir-3`, ...
+fn next_free_dir(dir: &Path) -> PathBuf {
+    let taken = |d: &Path| d.join("checkpoint.safetensors").exists();
+    if !taken(dir) {
+        return dir.to_path_buf();
+    }
+    (2..)
+        .map(|i| PathBuf::from(format!("{}-{i}", dir.display())))
+        .find(|d| !taken(d))
+        .unwrap_or_else(|| dir.to_path_buf())
+}
+
 fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
     println!(
-        "fastpt run: the backbone is the built-in `{}` shape with RANDOM weights (seed {}), no download.",
+        "fastpt step: the backbone is the built-in `{}` shape with RANDOM weights (seed {}), no download.",
         args.shape, args.seed
     );
     println!(
-        "For now `run` does one forward + backward on a built-in batch; to check a real checkpoint:\n  \
+        "`step` does one forward + backward on a built-in batch; to check a real checkpoint:\n  \
          fastpt forward --model DIR --batch FILE.json --out OUT.safetensors\n"
     );
     let model = random_t5(be, &args.shape, args.seed)?;

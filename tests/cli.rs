@@ -35,8 +35,8 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 #[test]
-fn run_says_the_backbone_is_random_and_prints_loss_and_gradient() {
-    let (ok, stdout, stderr) = fastpt(&["run"]);
+fn step_says_the_backbone_is_random_and_prints_loss_and_gradient() {
+    let (ok, stdout, stderr) = fastpt(&["step"]);
     assert!(ok, "{stderr}");
     let first = stdout.lines().next().unwrap();
     assert!(first.contains("RANDOM weights"), "{first}");
@@ -184,8 +184,8 @@ fn params_prints_the_counts_of_one_method_and_the_papers_table() {
 }
 
 #[test]
-fn run_with_a_method_reports_its_parameters_and_gradient() {
-    let (ok, stdout, stderr) = fastpt(&["run", "--method", "lamp"]);
+fn step_with_a_method_reports_its_parameters_and_gradient() {
+    let (ok, stdout, stderr) = fastpt(&["step", "--method", "lamp"]);
     assert!(ok, "{stderr}");
     assert!(
         stdout.contains("method     lamp: 100 prompt rows, 1,320 train-time"),
@@ -199,14 +199,57 @@ fn run_with_a_method_reports_its_parameters_and_gradient() {
         "method = \"dept\"\n[dept]\nprompt_len = 7\nrank = 3\n",
     )
     .unwrap();
-    let (ok, stdout, stderr) = fastpt(&["run", "--config", config.to_str().unwrap()]);
+    let (ok, stdout, stderr) = fastpt(&["step", "--config", config.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert!(
         stdout.contains("method     dept: 7 prompt rows"),
         "{stdout}"
     );
     std::fs::write(&config, "method = \"dept\"\n[dept]\nrank = 0\n").unwrap();
-    let (ok, _, stderr) = fastpt(&["run", "--config", config.to_str().unwrap()]);
+    let (ok, _, stderr) = fastpt(&["step", "--config", config.to_str().unwrap()]);
     assert!(!ok);
     assert!(stderr.contains("rank (r) = 0"), "{stderr}");
+}
+
+#[test]
+fn run_trains_writes_the_run_folder_and_names_bad_config_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("r");
+    let set_out = format!("out_dir={:?}", out_dir.display().to_string());
+    let (ok, stdout, stderr) = fastpt(&[
+        "run",
+        "--set",
+        "train.steps=5",
+        "--set",
+        "train.warmup_steps=1",
+        "--set",
+        &set_out,
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.lines().next().unwrap().contains("RANDOM weights"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("finished after 5 steps"), "{stdout}");
+    assert!(out_dir.join("report.json").exists() && out_dir.join("loss.svg").exists());
+    // Same folder again: refused, nothing overwritten; --resume of a finished run is a no-op.
+    let (ok, _, stderr) = fastpt(&[
+        "run",
+        "--set",
+        "train.steps=5",
+        "--set",
+        "train.warmup_steps=1",
+        "--set",
+        &set_out,
+    ]);
+    assert!(!ok && stderr.contains("--resume"), "{stderr}");
+    let (ok, _, stderr) = fastpt(&["run", "--set", "train.stepz=5"]);
+    assert!(!ok && stderr.contains("train.stepz"), "{stderr}");
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "method = \"lamp\"\n[train]\nlr = -1\n").unwrap();
+    let (ok, _, stderr) = fastpt(&["run", "--config", config.to_str().unwrap()]);
+    assert!(
+        !ok && stderr.contains("bad.toml") && stderr.contains("train.lr") && stderr.contains("-1"),
+        "{stderr}"
+    );
 }

@@ -1,11 +1,20 @@
 //! Batches on the host: padded token ids, masks and labels, before they reach a backend.
 
 pub mod batch_json;
+pub mod batching;
+pub mod synthetic;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::model::config::T5Config;
+
+/// One text-to-text example as token ids (EOS included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub input: Vec<i32>,
+    pub target: Vec<i32>,
+}
 
 /// The encoder input of a batch: token ids, or ready-made embeddings.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,13 +4,13 @@
 //! Each struct deserializes from the method's TOML section of a run config; absent keys keep the
 //! defaults, unknown keys are errors.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backend::FusionMode;
 use crate::error::{Error, Result};
 
 /// How a prompt matrix P starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PromptInit {
     /// Rows copied from embeddings of ids drawn from the 5000 lowest regular ids.
@@ -22,7 +22,7 @@ pub enum PromptInit {
 }
 
 /// DPT's init of A and B.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DptInit {
     /// U(−0.5, 0.5), as the official code.
@@ -32,7 +32,7 @@ pub enum DptInit {
 }
 
 /// EPT-MS's init of the low-rank pair A, B.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LowRankInit {
     /// From the truncated SVD of the source prompt padded to M rows.
@@ -42,7 +42,7 @@ pub enum LowRankInit {
 }
 
 /// LAMP's pooling of the compressed outer product.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LampPool {
     /// Mean of blocks of `pool` consecutive rows.
@@ -52,7 +52,7 @@ pub enum LampPool {
 }
 
 /// How LAMP stores the singular values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QInit {
     /// Q = the singular values (they enter squared, so C ≠ the truncation of P at init).
@@ -62,7 +62,7 @@ pub enum QInit {
 }
 
 /// The fusion modes of EPT-MS, as written in a config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Fusion {
     Attend,
@@ -79,7 +79,7 @@ impl From<Fusion> for FusionMode {
 }
 
 /// PT (Lester et al. 2021): rows = P (l, d).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PtConfig {
     pub prompt_len: usize,
@@ -98,7 +98,7 @@ impl Default for PtConfig {
 }
 
 /// P-Tuning with PEFT's MLP encoder: rows = L3(ReLU(L2(ReLU(L1(P))))), each L a d→d linear.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PTuningConfig {
     pub prompt_len: usize,
@@ -117,7 +117,7 @@ impl Default for PTuningConfig {
 }
 
 /// Residual PT (Razdaibiedina et al. 2023): rows = LayerNorm(W2·ReLU(W1·P + b1) + b2) + P.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResidualConfig {
     pub prompt_len: usize,
@@ -139,7 +139,7 @@ impl Default for ResidualConfig {
 }
 
 /// DPT (Xiao et al. 2023): rows = A (l, b) · B (b, d).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DptConfig {
     pub prompt_len: usize,
@@ -159,7 +159,7 @@ impl Default for DptConfig {
 }
 
 /// DePT (Shi & Lipani 2024): rows = Ps (s, d); E(x) += α/√r · (A (m, r) · B (r, d))[..n].
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeptConfig {
     /// Short prompt length s.
@@ -183,7 +183,7 @@ impl Default for DeptConfig {
 }
 
 /// EPT-MS (Lan et al. 2024): decomposition of a source prompt, prompt fusion, gated experts.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EptConfig {
     /// Length l of the source prompt P that the decomposition starts from.
@@ -198,6 +198,8 @@ pub struct EptConfig {
     /// Number of experts N_e.
     pub experts: usize,
     /// Hidden width h of each expert; `None`: m (the paper's linear1 ∈ R^{m×d}).
+    // TOML has no null: `None` is written as an absent key, which reads back as `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub expert_hidden: Option<usize>,
     pub init: PromptInit,
     pub init_text: String,
@@ -228,7 +230,7 @@ impl EptConfig {
 }
 
 /// LAMP (Lan et al. 2025): truncated SVD of P, compressed outer product, pooling.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LampConfig {
     pub prompt_len: usize,
@@ -256,7 +258,7 @@ impl Default for LampConfig {
 }
 
 /// Explosive PT: one prompt p1 (d), rows = W_up·(W_down·p1) repeated n times (n = 1: EPT, 10: EPT*).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct XptConfig {
     /// n, the number of identical rows.
@@ -369,6 +371,29 @@ impl MethodConfig {
             }
         };
         Self::from_toml(name, &section).map_err(|e| Error::format(path, e.to_string()))
+    }
+
+    /// The options as the body of the method's TOML section (without the `[name]` header),
+    /// with every default filled in; `from_toml(name, body)` gives the same config back.
+    pub fn options_toml(&self) -> String {
+        let body = match self {
+            MethodConfig::Pt(c) => toml::to_string(c),
+            MethodConfig::PTuning(c) => toml::to_string(c),
+            MethodConfig::Residual(c) => toml::to_string(c),
+            MethodConfig::Dpt(c) => toml::to_string(c),
+            MethodConfig::Dept(c) => toml::to_string(c),
+            MethodConfig::Ept(c) => toml::to_string(c),
+            MethodConfig::Lamp(c) => toml::to_string(c),
+            MethodConfig::Xpt(c) => toml::to_string(c),
+        };
+        // Only values no TOML file can hold (integers above i64::MAX) fail; say so in the text
+        // rather than panic, since the result is only echoed into the run folder.
+        body.unwrap_or_else(|e| {
+            format!(
+                "# [{}] options not representable in TOML: {e}\n",
+                self.name()
+            )
+        })
     }
 
     pub fn name(&self) -> &'static str {

@@ -1,0 +1,1092 @@
+//! The run config of `fastpt run`: a TOML file (or the defaults alone), then `KEY=VALUE`
+//! overrides from the command line, checked by [`RunConfig::validate`] before any work starts
+//! and written back (defaults filled in) into the run folder by [`RunConfig::to_toml_string`].
+//!
+//! ```toml
+//! model = "t5-base"        # a built-in shape (random weights) or a Hugging Face folder
+//! seed = 0
+//! out_dir = "runs/ept"
+//! method = "ept"           # selects the [ept] section below; other method sections are ignored
+//!
+//! [train]
+//! steps = 30000
+//! lr = 0.3
+//!
+//! [data]
+//! task = "synthetic"
+//!
+//! [ept]
+//! prompt_len = 60
+//! rank = 30
+//! ```
+//!
+//! Absent keys keep the defaults (the papers' settings, ../shared/methods.md); unknown keys are
+//! errors that name the key, so a typo never silently trains with a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::shapes::T5_SHAPES;
+use crate::prompt::config::{EptConfig, MethodConfig, METHOD_NAMES};
+
+/// The method of a config that names none.
+pub const DEFAULT_METHOD: &str = "ept";
+
+/// What errors about a config built from overrides alone name as the file.
+const NO_FILE: &str = "<command line>";
+
+/// The top-level keys (besides the sections).
+const TOP_KEYS: &[&str] = &["model", "seed", "out_dir", "method"];
+
+/// The learning-rate schedule of the optimiser steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Linear warmup from 0 over `warmup_steps`, then linear decay to 0 at `steps`.
+    #[default]
+    Linear,
+    /// Linear warmup over `warmup_steps`, then the full rate.
+    Constant,
+}
+
+/// Section `[train]`: the optimiser (AdamW), its schedule, and the sequence limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    /// Learning rate of the prompt group (prompts, reparameterisation networks, experts).
+    pub lr: f64,
+    /// Learning rate of the low-rank group (A, B of DePT and EPT-MS).
+    pub lr_lowrank: f64,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// Inputs are truncated to this many tokens (m, the length the low-rank updates span).
+    pub max_len: usize,
+    /// Targets are truncated to this many tokens.
+    pub max_target_len: usize,
+    /// Batch examples of similar length together (less padding).
+    pub group_by_length: bool,
+    /// Evaluate on the dev set every this many steps; 0: never.
+    pub eval_every: usize,
+    /// Write a checkpoint every this many steps; 0: only at the end (and on Ctrl-C).
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    /// The papers' settings (methods.md, "Training defaults"): AdamW, prompt lr 0.3, low-rank lr
+    /// 1e-4 (DePT), weight decay 1e-5, batch 16, 500 warmup steps, clip 1.0, 30k steps (EPT-MS),
+    /// inputs of at most 256 tokens.
+    fn default() -> Self {
+        TrainConfig {
+            steps: 30_000,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 0.3,
+            lr_lowrank: 1e-4,
+            weight_decay: 1e-5,
+            warmup_steps: 500,
+            schedule: Schedule::Linear,
+            max_grad_norm: 1.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            max_len: 256,
+            max_target_len: 128,
+            group_by_length: false,
+            eval_every: 1000,
+            checkpoint_every: 1000,
+        }
+    }
+}
+
+/// Section `[data]`: the task and where its files are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// The task name; `synthetic` is the built-in task that needs no files.
+    pub task: String,
+    /// The data folder of a task read from files.
+    // TOML has no null: `None` is written as an absent key, which reads back as `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Training examples the synthetic task generates.
+    pub train_examples: usize,
+    /// Dev examples the synthetic task generates.
+    pub dev_examples: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            task: "synthetic".into(),
+            dir: None,
+            train_examples: 2000,
+            dev_examples: 200,
+        }
+    }
+}
+
+/// The top-level keys of a run config, as read and written.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct TopLevel {
+    model: String,
+    seed: u64,
+    out_dir: PathBuf,
+    method: String,
+}
+
+impl Default for TopLevel {
+    fn default() -> Self {
+        TopLevel {
+            model: "t5-tiny".into(),
+            seed: 0,
+            out_dir: PathBuf::from("runs/run"),
+            method: DEFAULT_METHOD.into(),
+        }
+    }
+}
+
+/// Everything `fastpt run` needs to know about a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    /// A built-in shape name (random weights, see `T5_SHAPES`) or a Hugging Face model folder.
+    pub model: String,
+    /// Seeds the weights of built-in shapes, the prompt inits, the data and its order.
+    pub seed: u64,
+    /// The run folder (config.toml, checkpoints, report).
+    pub out_dir: PathBuf,
+    /// `method = "NAME"` and the options of its `[NAME]` section.
+    pub method: MethodConfig,
+    pub train: TrainConfig,
+    pub data: DataConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        let top = TopLevel::default();
+        RunConfig {
+            model: top.model,
+            seed: top.seed,
+            out_dir: top.out_dir,
+            method: MethodConfig::Ept(EptConfig::default()),
+            train: TrainConfig::default(),
+            data: DataConfig::default(),
+        }
+    }
+}
+
+impl RunConfig {
+    /// Parses a run config from TOML text after applying `overrides` (`KEY.PATH=VALUE`);
+    /// `path` only names the file in errors. Does not [`validate`](Self::validate).
+    ///
+    /// An override key is a dotted path into the TOML (`train.lr=0.1`, `seed=3`,
+    /// `method=lamp`, `data.dir=data/rte`); `method.KEY` is the option `KEY` of the selected
+    /// method (the section named by `method`, after the other overrides). The value is read as
+    /// a TOML value (`8`, `0.1`, `true`, `"x"`), or else taken as a string, so bare words like
+    /// `lamp` or `constant` need no quotes.
+    pub fn from_toml_str(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|s| line_col(text, s.start))
+                .map_or_else(String::new, |(line, col)| {
+                    format!(" at line {line}, column {col}")
+                });
+            Error::format(path, format!("invalid TOML{at}: {}", e.message().trim()))
+        })?;
+        Self::from_table(table, path, overrides)
+    }
+
+    /// Reads and parses a run config file, then applies `overrides` (see
+    /// [`from_toml_str`](Self::from_toml_str)). Does not [`validate`](Self::validate).
+    pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml_str(&text, path, overrides)
+    }
+
+    /// The defaults with `overrides` applied: `fastpt run` without `--config`. Errors name
+    /// `<command line>` as the file. Does not [`validate`](Self::validate).
+    pub fn from_overrides(overrides: &[String]) -> Result<Self> {
+        Self::from_table(toml::Table::new(), Path::new(NO_FILE), overrides)
+    }
+
+    fn from_table(mut table: toml::Table, path: &Path, overrides: &[String]) -> Result<Self> {
+        let overrides = overrides
+            .iter()
+            .map(|o| Override::parse(o))
+            .collect::<Result<Vec<_>>>()?;
+        // `method.KEY` follows the final `method`, so the plain overrides go first.
+        let (into_method, plain): (Vec<_>, Vec<_>) = overrides
+            .into_iter()
+            .partition(|o| o.keys.len() > 1 && o.keys[0] == "method");
+        for o in &plain {
+            o.apply(&mut table, &o.keys)?;
+        }
+        let method_name = match table.get("method") {
+            None => DEFAULT_METHOD.to_string(),
+            Some(toml::Value::String(name)) => name.clone(),
+            Some(other) => {
+                return Err(Error::config(
+                    path,
+                    "method",
+                    format!(
+                        "expected a method name ({}), found {other}",
+                        METHOD_NAMES.join(", ")
+                    ),
+                ))
+            }
+        };
+        for o in &into_method {
+            let mut keys = o.keys.clone();
+            keys[0] = method_name.clone();
+            o.apply(&mut table, &keys)?;
+        }
+
+        let train: TrainConfig = take_section(&mut table, path, "train")?;
+        let data: DataConfig = take_section(&mut table, path, "data")?;
+        // Every method section must be a table, but only the selected one is read: one file
+        // may keep the options of several methods.
+        let mut options = toml::Table::new();
+        for name in METHOD_NAMES {
+            match table.remove(*name) {
+                Some(toml::Value::Table(t)) if *name == method_name => options = t,
+                None | Some(toml::Value::Table(_)) => {}
+                Some(other) => {
+                    return Err(Error::config(
+                        path,
+                        *name,
+                        format!("expected a [{name}] section, found {other}"),
+                    ))
+                }
+            }
+        }
+        let top: TopLevel = deserialize_keys(path, None, table)?;
+        let method = method_from_table(path, &top.method, options)?;
+        Ok(RunConfig {
+            model: top.model,
+            seed: top.seed,
+            out_dir: top.out_dir,
+            method,
+            train,
+            data,
+        })
+    }
+
+    /// Checks every value of the run (not the method's options against the model width: the
+    /// trainer does that with `MethodConfig::validate` once the model is loaded). Errors name
+    /// `path`, the key, the bad value and the rule.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let fail = |field: &str, msg: String| Err(Error::config(path, field, msg));
+        let at_least_1 = |field: &str, v: usize| {
+            if v == 0 {
+                fail(field, "got 0, must be at least 1".into())
+            } else {
+                Ok(())
+            }
+        };
+        let positive = |field: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                fail(field, format!("got {v}, must be a finite number > 0"))
+            }
+        };
+        let non_negative = |field: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                fail(field, format!("got {v}, must be a finite number ≥ 0"))
+            }
+        };
+        let beta = |field: &str, v: f64| {
+            if (0.0..1.0).contains(&v) {
+                Ok(())
+            } else {
+                fail(field, format!("got {v}, must be in [0, 1)"))
+            }
+        };
+
+        if self.model.trim().is_empty() {
+            return fail(
+                "model",
+                format!(
+                    "empty; give a built-in shape ({}) or a Hugging Face model folder",
+                    T5_SHAPES.join(", ")
+                ),
+            );
+        }
+        // TOML integers are signed 64-bit: a larger seed could not be written to config.toml.
+        if self.seed > i64::MAX as u64 {
+            return fail(
+                "seed",
+                format!("got {}, must be at most {}", self.seed, i64::MAX),
+            );
+        }
+        if self.out_dir.as_os_str().is_empty() {
+            return fail("out_dir", "empty; give the run folder".into());
+        }
+
+        let t = &self.train;
+        at_least_1("train.steps", t.steps)?;
+        at_least_1("train.batch_size", t.batch_size)?;
+        at_least_1("train.grad_accum", t.grad_accum)?;
+        positive("train.lr", t.lr)?;
+        positive("train.lr_lowrank", t.lr_lowrank)?;
+        non_negative("train.weight_decay", t.weight_decay)?;
+        if t.warmup_steps > t.steps {
+            return fail(
+                "train.warmup_steps",
+                format!(
+                    "got {}, must be at most train.steps = {}",
+                    t.warmup_steps, t.steps
+                ),
+            );
+        }
+        non_negative("train.max_grad_norm", t.max_grad_norm)?;
+        beta("train.adam_beta1", t.adam_beta1)?;
+        beta("train.adam_beta2", t.adam_beta2)?;
+        positive("train.adam_eps", t.adam_eps)?;
+        at_least_1("train.max_len", t.max_len)?;
+        at_least_1("train.max_target_len", t.max_target_len)?;
+
+        let d = &self.data;
+        if d.task.trim().is_empty() {
+            return fail(
+                "data.task",
+                "empty; give a task name such as \"synthetic\"".into(),
+            );
+        }
+        if d.task == "synthetic" && d.train_examples == 0 {
+            return fail(
+                "data.train_examples",
+                "got 0, the synthetic task needs at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The config with every default filled in, as TOML: echoed into the run folder, and
+    /// [`from_toml_str`](Self::from_toml_str) of it gives an equal `RunConfig`.
+    pub fn to_toml_string(&self) -> String {
+        let top = TopLevel {
+            model: self.model.clone(),
+            seed: self.seed,
+            out_dir: self.out_dir.clone(),
+            method: self.method.name().to_string(),
+        };
+        let name = self.method.name();
+        let mut text =
+            String::from("# fastpt run config: the effective values, defaults filled in.\n");
+        text.push_str(&to_toml(&top, "top-level keys"));
+        text.push_str("\n[train]\n");
+        text.push_str(&to_toml(&self.train, "[train]"));
+        text.push_str("\n[data]\n");
+        text.push_str(&to_toml(&self.data, "[data]"));
+        text.push_str(&format!("\n[{name}]\n"));
+        text.push_str(&self.method.options_toml());
+        text
+    }
+}
+
+/// `value` as TOML; what cannot be written (a seed above i64::MAX, a path that is not UTF-8)
+/// becomes a comment, since this text is only echoed for the user and `validate` rejects the
+/// first, while the second cannot come from a TOML file.
+fn to_toml<T: Serialize>(value: &T, what: &str) -> String {
+    toml::to_string(value).unwrap_or_else(|e| format!("# {what}: not representable in TOML: {e}\n"))
+}
+
+/// One `KEY.PATH=VALUE` override.
+#[derive(Debug, Clone)]
+struct Override {
+    /// The override as given, for messages.
+    text: String,
+    keys: Vec<String>,
+    value: toml::Value,
+}
+
+impl Override {
+    fn parse(text: &str) -> Result<Self> {
+        let bad = |why: &str| {
+            Err(Error::Input(format!(
+                "override `{text}`: {why}; expected KEY=VALUE, e.g. train.lr=0.1 or method.rank=8"
+            )))
+        };
+        let Some((key, value)) = text.split_once('=') else {
+            return bad("no `=`");
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return bad("empty key");
+        }
+        let keys: Vec<String> = key.split('.').map(|k| k.trim().to_string()).collect();
+        if keys.iter().any(String::is_empty) {
+            return bad("empty part in the key");
+        }
+        Ok(Override {
+            text: text.to_string(),
+            keys,
+            value: parse_value(value.trim()),
+        })
+    }
+
+    /// Sets `keys` (this override's keys, or them with `method` resolved) in `table`.
+    fn apply(&self, table: &mut toml::Table, keys: &[String]) -> Result<()> {
+        let Some((last, parents)) = keys.split_last() else {
+            return Err(Error::Input(format!("override `{}`: empty key", self.text)));
+        };
+        let mut table = table;
+        for (i, key) in parents.iter().enumerate() {
+            let entry = table
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = match entry {
+                toml::Value::Table(t) => t,
+                other => {
+                    return Err(Error::Input(format!(
+                        "override `{}`: `{}` is {}, not a section",
+                        self.text,
+                        keys[..=i].join("."),
+                        other.type_str()
+                    )))
+                }
+            };
+        }
+        table.insert(last.clone(), self.value.clone());
+        Ok(())
+    }
+}
+
+/// The right-hand side of an override: a TOML value if it is one, else the text as a string.
+fn parse_value(text: &str) -> toml::Value {
+    if let Ok(mut doc) = toml::from_str::<toml::Table>(&format!("v = {text}")) {
+        // More than one key: the text held a newline and more TOML; keep it verbatim instead.
+        if doc.len() == 1 {
+            match doc.remove("v") {
+                // No key takes a date; `out_dir=2024-05-01` means the folder name.
+                Some(toml::Value::Datetime(_)) | None => {}
+                Some(value) => return value,
+            }
+        }
+    }
+    toml::Value::String(text.to_string())
+}
+
+/// Removes section `name` from `table` and reads it (absent: the defaults).
+fn take_section<T: DeserializeOwned + Default>(
+    table: &mut toml::Table,
+    path: &Path,
+    name: &str,
+) -> Result<T> {
+    match table.remove(name) {
+        None => Ok(T::default()),
+        Some(toml::Value::Table(t)) => deserialize_keys(path, Some(name), t),
+        Some(other) => Err(Error::config(
+            path,
+            name,
+            format!("expected a [{name}] section, found {other}"),
+        )),
+    }
+}
+
+/// Reads `table` (the keys of `section`, or the top level) into `T`; errors name the key.
+fn deserialize_keys<T: DeserializeOwned>(
+    path: &Path,
+    section: Option<&str>,
+    table: toml::Table,
+) -> Result<T> {
+    match table.clone().try_into::<T>() {
+        Ok(value) => Ok(value),
+        Err(e) => {
+            let msg = e.message().trim().to_string();
+            let key = culprit(&table, |one| one.try_into::<T>().is_err());
+            Err(match (section, key) {
+                (None, Some(key)) if !TOP_KEYS.contains(&key) => Error::config(
+                    path,
+                    key,
+                    format!(
+                        "unknown key; the top level holds {} and the sections [train], [data], {}",
+                        TOP_KEYS.join(", "),
+                        METHOD_NAMES
+                            .iter()
+                            .map(|m| format!("[{m}]"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ),
+                (None, Some(key)) => Error::config(path, key, msg),
+                (None, None) => Error::config(path, "(top level)", msg),
+                (Some(section), Some(key)) => Error::config(path, format!("{section}.{key}"), msg),
+                (Some(section), None) => Error::config(path, section, msg),
+            })
+        }
+    }
+}
+
+/// The method `name` with the options of its section.
+fn method_from_table(path: &Path, name: &str, options: toml::Table) -> Result<MethodConfig> {
+    if !METHOD_NAMES.contains(&name) {
+        return Err(Error::config(
+            path,
+            "method",
+            format!(
+                "unknown method `{name}`; methods: {}",
+                METHOD_NAMES.join(", ")
+            ),
+        ));
+    }
+    let parse = |t: &toml::Table| -> Result<MethodConfig> {
+        let text = toml::to_string(t).map_err(|e| Error::format(path, format!("[{name}]: {e}")))?;
+        MethodConfig::from_toml(name, &text)
+    };
+    parse(&options).map_err(|e| {
+        let key = culprit(&options, |one| parse(&one).is_err());
+        let field = match key {
+            Some(key) => format!("{name}.{key}"),
+            None => name.to_string(),
+        };
+        // from_toml's message starts with "[name] options: "; the field says that already.
+        let msg = e.to_string();
+        let prefix = format!("[{name}] options: ");
+        Error::config(path, field, msg.strip_prefix(&prefix).unwrap_or(&msg))
+    })
+}
+
+/// The first key of `table` that fails alone: serde's messages for a wrong type do not say
+/// which key holds it.
+fn culprit(table: &toml::Table, fails: impl Fn(toml::Table) -> bool) -> Option<&str> {
+    table
+        .iter()
+        .find(|(key, value)| {
+            let mut one = toml::Table::new();
+            one.insert((*key).clone(), (*value).clone());
+            fails(one)
+        })
+        .map(|(key, _)| key.as_str())
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompt::config::{
+        DeptConfig, DptConfig, LampConfig, PTuningConfig, PtConfig, ResidualConfig, XptConfig,
+    };
+
+    fn path() -> &'static Path {
+        Path::new("run.toml")
+    }
+
+    fn sets(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_values() {
+        let t = TrainConfig::default();
+        assert_eq!(
+            (t.steps, t.batch_size, t.grad_accum, t.warmup_steps),
+            (30_000, 16, 1, 500)
+        );
+        assert_eq!((t.lr, t.lr_lowrank, t.weight_decay), (0.3, 1e-4, 1e-5));
+        assert_eq!(t.schedule, Schedule::Linear);
+        assert_eq!(t.max_grad_norm, 1.0);
+        assert_eq!((t.adam_beta1, t.adam_beta2, t.adam_eps), (0.9, 0.999, 1e-8));
+        assert_eq!((t.max_len, t.max_target_len), (256, 128));
+        assert!(!t.group_by_length);
+        assert_eq!((t.eval_every, t.checkpoint_every), (1000, 1000));
+        let d = DataConfig::default();
+        assert_eq!((d.task.as_str(), d.dir.as_deref()), ("synthetic", None));
+        assert_eq!((d.train_examples, d.dev_examples), (2000, 200));
+
+        let cfg = RunConfig::from_overrides(&[]).unwrap();
+        assert_eq!(cfg, RunConfig::default());
+        assert_eq!(cfg.model, "t5-tiny");
+        assert_eq!(cfg.seed, 0);
+        assert_eq!(cfg.out_dir, PathBuf::from("runs/run"));
+        assert_eq!(cfg.method, MethodConfig::Ept(EptConfig::default()));
+        // An empty file is the defaults too.
+        assert_eq!(RunConfig::from_toml_str("", path(), &[]).unwrap(), cfg);
+        cfg.validate(path()).unwrap();
+    }
+
+    #[test]
+    fn reads_every_section_and_ignores_other_methods() {
+        let text = r#"
+model = "t5-base"
+seed = 7
+out_dir = "runs/x"
+method = "lamp"
+[train]
+steps = 100
+lr = 1          # an integer where a float goes is fine
+schedule = "constant"
+[data]
+task = "rte"
+dir = "data/rte"
+[lamp]
+rank = 4
+pool = 2
+[ept]
+rank = 99
+bogus = "ignored with the section"
+"#;
+        let cfg = RunConfig::from_toml_str(text, path(), &[]).unwrap();
+        assert_eq!((cfg.model.as_str(), cfg.seed), ("t5-base", 7));
+        assert_eq!(cfg.out_dir, PathBuf::from("runs/x"));
+        assert_eq!((cfg.train.steps, cfg.train.lr), (100, 1.0));
+        assert_eq!(cfg.train.schedule, Schedule::Constant);
+        assert_eq!(cfg.train.batch_size, 16);
+        assert_eq!(cfg.data.task, "rte");
+        assert_eq!(cfg.data.dir, Some(PathBuf::from("data/rte")));
+        assert_eq!(
+            cfg.method,
+            MethodConfig::Lamp(LampConfig {
+                rank: 4,
+                pool: 2,
+                ..LampConfig::default()
+            })
+        );
+    }
+
+    #[test]
+    fn overrides_nested_top_level_and_method_pseudo_section() {
+        let text = "method = \"dept\"\n[dept]\nrank = 20\n[train]\nsteps = 50\n";
+        let cfg = RunConfig::from_toml_str(
+            text,
+            path(),
+            &sets(&[
+                "train.lr=0.1",
+                "train.schedule=constant",
+                "seed=3",
+                "method.rank = 8",
+                "model=/models/t5 base",
+                "data.dir=\"quoted/dir\"",
+                "train.group_by_length=true",
+                "out_dir=2024-05-01",
+            ]),
+        )
+        .unwrap();
+        assert_eq!((cfg.train.lr, cfg.train.steps), (0.1, 50));
+        assert_eq!(cfg.train.schedule, Schedule::Constant);
+        assert!(cfg.train.group_by_length);
+        assert_eq!(cfg.seed, 3);
+        assert_eq!(cfg.model, "/models/t5 base");
+        assert_eq!(cfg.out_dir, PathBuf::from("2024-05-01"));
+        assert_eq!(cfg.data.dir, Some(PathBuf::from("quoted/dir")));
+        assert_eq!(
+            cfg.method,
+            MethodConfig::Dept(DeptConfig {
+                rank: 8,
+                ..DeptConfig::default()
+            })
+        );
+
+        // `method.KEY` follows a `method=` override wherever it stands; the file's [dept] is
+        // then ignored.
+        let cfg = RunConfig::from_toml_str(
+            text,
+            path(),
+            &sets(&["method.prompt_len=20", "method=lamp", "lamp.rank=4"]),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.method,
+            MethodConfig::Lamp(LampConfig {
+                prompt_len: 20,
+                rank: 4,
+                ..LampConfig::default()
+            })
+        );
+
+        // Without a file: the defaults, and the default method for `method.KEY`.
+        let cfg = RunConfig::from_overrides(&sets(&["method.experts=2", "data.task=rte"])).unwrap();
+        assert_eq!(
+            cfg.method,
+            MethodConfig::Ept(EptConfig {
+                experts: 2,
+                ..EptConfig::default()
+            })
+        );
+        assert_eq!(cfg.data.task, "rte");
+    }
+
+    #[test]
+    fn bad_overrides_name_the_override() {
+        for (o, needle) in [
+            ("train.lr", "no `=`"),
+            ("=3", "empty key"),
+            ("train..lr=3", "empty part"),
+            ("seed.x=1", "`seed` is integer, not a section"),
+        ] {
+            let err = RunConfig::from_toml_str("seed = 1", path(), &sets(&[o]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(o) && err.contains(needle), "{o}: {err}");
+        }
+        // Well-formed overrides of unknown keys fail like the same key in the file.
+        let err = RunConfig::from_overrides(&sets(&["train.learning_rate=0.1"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("<command line>") && err.contains("train.learning_rate"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_key() {
+        for (text, needle) in [
+            ("stepz = 1", "field `stepz`: unknown key"),
+            (
+                "[train]\nstepz = 1",
+                "field `train.stepz`: unknown field `stepz`",
+            ),
+            (
+                "[data]\nfolder = \"x\"",
+                "field `data.folder`: unknown field `folder`",
+            ),
+            (
+                "method = \"pt\"\n[pt]\nlength = 5",
+                "field `pt.length`: unknown field `length`",
+            ),
+            (
+                "[train]\nlr = \"fast\"",
+                "field `train.lr`: invalid type: string",
+            ),
+            (
+                "[train]\nschedule = \"cosine\"",
+                "field `train.schedule`: unknown variant",
+            ),
+            (
+                "method = \"dpt\"\n[dpt]\nrank = \"x\"\nprompt_len = 5",
+                "field `dpt.rank`: invalid type",
+            ),
+            ("seed = -1", "field `seed`"),
+            ("model = 5", "field `model`: invalid type: integer"),
+            ("train = 5", "field `train`: expected a [train] section"),
+            ("lamp = 5", "field `lamp`: expected a [lamp] section"),
+            ("method = \"lora\"", "field `method`: unknown method `lora`"),
+            ("method = 3", "field `method`: expected a method name"),
+        ] {
+            let err = RunConfig::from_toml_str(text, path(), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("run.toml: ") && err.contains(needle),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_toml_is_a_format_error_with_the_path() {
+        let err = RunConfig::from_toml_str("seed = 1\n[train\nsteps = 3", path(), &[]).unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.starts_with("run.toml: invalid TOML at line 2"), "{msg}");
+        let err = RunConfig::from_file(Path::new("/nonexistent/run.toml"), &[]).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn round_trips_through_to_toml_string() {
+        let methods = [
+            MethodConfig::Pt(PtConfig {
+                init_text: "a \"quoted\" sentence\nwith a newline".into(),
+                ..PtConfig::default()
+            }),
+            MethodConfig::PTuning(PTuningConfig::default()),
+            MethodConfig::Residual(ResidualConfig {
+                bottleneck: 64,
+                ..ResidualConfig::default()
+            }),
+            MethodConfig::Dpt(DptConfig::default()),
+            MethodConfig::Dept(DeptConfig {
+                alpha: 0.1,
+                ..DeptConfig::default()
+            }),
+            MethodConfig::Ept(EptConfig::default()),
+            MethodConfig::Ept(EptConfig {
+                expert_hidden: Some(32),
+                multi_space: false,
+                ..EptConfig::default()
+            }),
+            MethodConfig::Lamp(LampConfig::default()),
+            MethodConfig::Xpt(XptConfig {
+                repeats: 10,
+                ..XptConfig::default()
+            }),
+        ];
+        for method in methods {
+            let cfg = RunConfig {
+                model: "/models/t5 \"base\"".into(),
+                seed: 42,
+                out_dir: PathBuf::from("runs/a b"),
+                method,
+                train: TrainConfig {
+                    lr: 0.123456789,
+                    weight_decay: 0.0,
+                    adam_eps: 1e-12,
+                    schedule: Schedule::Constant,
+                    group_by_length: true,
+                    ..TrainConfig::default()
+                },
+                data: DataConfig {
+                    dir: Some(PathBuf::from("data/x")),
+                    ..DataConfig::default()
+                },
+            };
+            let text = cfg.to_toml_string();
+            let back = RunConfig::from_toml_str(&text, path(), &[]).unwrap();
+            assert_eq!(back, cfg, "{text}");
+        }
+        let text = RunConfig::default().to_toml_string();
+        assert!(
+            text.contains("\n[ept]\n") && !text.contains("\ndir ="),
+            "{text}"
+        );
+        assert_eq!(
+            RunConfig::from_toml_str(&text, path(), &[]).unwrap(),
+            RunConfig::default()
+        );
+    }
+
+    /// `validate` of the defaults with one change; the error message.
+    fn invalid(change: impl FnOnce(&mut RunConfig)) -> String {
+        let mut cfg = RunConfig::default();
+        change(&mut cfg);
+        cfg.validate(path()).unwrap_err().to_string()
+    }
+
+    fn assert_names(msg: &str, field: &str, value: &str) {
+        assert!(
+            msg.starts_with("run.toml: ")
+                && msg.contains(&format!("field `{field}`"))
+                && msg.contains(&format!("got {value},")),
+            "{field} {value}: {msg}"
+        );
+    }
+
+    #[test]
+    fn validate_steps() {
+        assert_names(&invalid(|c| c.train.steps = 0), "train.steps", "0");
+    }
+
+    #[test]
+    fn validate_batch_size() {
+        assert_names(
+            &invalid(|c| c.train.batch_size = 0),
+            "train.batch_size",
+            "0",
+        );
+    }
+
+    #[test]
+    fn validate_grad_accum() {
+        assert_names(
+            &invalid(|c| c.train.grad_accum = 0),
+            "train.grad_accum",
+            "0",
+        );
+    }
+
+    #[test]
+    fn validate_lr() {
+        assert_names(&invalid(|c| c.train.lr = -0.5), "train.lr", "-0.5");
+        assert_names(&invalid(|c| c.train.lr = 0.0), "train.lr", "0");
+        assert_names(&invalid(|c| c.train.lr = f64::INFINITY), "train.lr", "inf");
+        assert_names(&invalid(|c| c.train.lr = f64::NAN), "train.lr", "NaN");
+    }
+
+    #[test]
+    fn validate_lr_lowrank() {
+        assert_names(
+            &invalid(|c| c.train.lr_lowrank = -1e-4),
+            "train.lr_lowrank",
+            "-0.0001",
+        );
+        assert_names(
+            &invalid(|c| c.train.lr_lowrank = f64::NAN),
+            "train.lr_lowrank",
+            "NaN",
+        );
+    }
+
+    #[test]
+    fn validate_weight_decay() {
+        assert_names(
+            &invalid(|c| c.train.weight_decay = -0.01),
+            "train.weight_decay",
+            "-0.01",
+        );
+        let mut cfg = RunConfig::default();
+        cfg.train.weight_decay = 0.0;
+        cfg.validate(path()).unwrap();
+    }
+
+    #[test]
+    fn validate_warmup_steps() {
+        let msg = invalid(|c| {
+            c.train.steps = 100;
+            c.train.warmup_steps = 101;
+        });
+        assert_names(&msg, "train.warmup_steps", "101");
+        assert!(msg.contains("train.steps = 100"), "{msg}");
+        let mut cfg = RunConfig::default();
+        cfg.train.warmup_steps = cfg.train.steps;
+        cfg.validate(path()).unwrap();
+    }
+
+    #[test]
+    fn validate_max_grad_norm() {
+        assert_names(
+            &invalid(|c| c.train.max_grad_norm = -1.0),
+            "train.max_grad_norm",
+            "-1",
+        );
+        // 0 turns clipping off.
+        let mut cfg = RunConfig::default();
+        cfg.train.max_grad_norm = 0.0;
+        cfg.validate(path()).unwrap();
+    }
+
+    #[test]
+    fn validate_adam_betas() {
+        assert_names(
+            &invalid(|c| c.train.adam_beta1 = 1.0),
+            "train.adam_beta1",
+            "1",
+        );
+        assert_names(
+            &invalid(|c| c.train.adam_beta1 = -0.1),
+            "train.adam_beta1",
+            "-0.1",
+        );
+        assert_names(
+            &invalid(|c| c.train.adam_beta2 = 1.5),
+            "train.adam_beta2",
+            "1.5",
+        );
+        assert_names(
+            &invalid(|c| c.train.adam_beta2 = f64::NAN),
+            "train.adam_beta2",
+            "NaN",
+        );
+        let mut cfg = RunConfig::default();
+        (cfg.train.adam_beta1, cfg.train.adam_beta2) = (0.0, 0.0);
+        cfg.validate(path()).unwrap();
+    }
+
+    #[test]
+    fn validate_adam_eps() {
+        assert_names(&invalid(|c| c.train.adam_eps = 0.0), "train.adam_eps", "0");
+    }
+
+    #[test]
+    fn validate_max_len() {
+        assert_names(&invalid(|c| c.train.max_len = 0), "train.max_len", "0");
+    }
+
+    #[test]
+    fn validate_max_target_len() {
+        assert_names(
+            &invalid(|c| c.train.max_target_len = 0),
+            "train.max_target_len",
+            "0",
+        );
+    }
+
+    #[test]
+    fn validate_eval_and_checkpoint_every_take_any_value() {
+        let mut cfg = RunConfig::default();
+        (cfg.train.eval_every, cfg.train.checkpoint_every) = (0, 0);
+        cfg.validate(path()).unwrap();
+    }
+
+    #[test]
+    fn validate_data_task() {
+        let msg = invalid(|c| c.data.task = " ".into());
+        assert!(msg.contains("field `data.task`: empty"), "{msg}");
+    }
+
+    #[test]
+    fn validate_train_examples() {
+        assert_names(
+            &invalid(|c| c.data.train_examples = 0),
+            "data.train_examples",
+            "0",
+        );
+        // Other tasks read their examples from files.
+        let mut cfg = RunConfig::default();
+        (cfg.data.task, cfg.data.train_examples) = ("rte".into(), 0);
+        cfg.validate(path()).unwrap();
+    }
+
+    #[test]
+    fn validate_model_out_dir_and_seed() {
+        let msg = invalid(|c| c.model = String::new());
+        assert!(
+            msg.contains("field `model`: empty") && msg.contains("t5-base"),
+            "{msg}"
+        );
+        let msg = invalid(|c| c.out_dir = PathBuf::new());
+        assert!(msg.contains("field `out_dir`: empty"), "{msg}");
+        assert_names(
+            &invalid(|c| c.seed = u64::MAX),
+            "seed",
+            &u64::MAX.to_string(),
+        );
+    }
+
+    #[test]
+    fn every_example_parses_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let cfg = RunConfig::from_file(&path, &[])
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            cfg.validate(&path).unwrap();
+            // The file is named after its method, and the method fits the model it names.
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap()
+                .to_string();
+            assert_eq!(cfg.method.name(), stem, "{}", path.display());
+            let d = crate::model::shapes::t5_shape(&cfg.model).unwrap().d_model;
+            cfg.method.validate(d, cfg.train.max_len).unwrap();
+            seen.push(stem);
+        }
+        seen.sort();
+        let mut all: Vec<String> = METHOD_NAMES.iter().map(|s| s.to_string()).collect();
+        all.sort();
+        assert_eq!(seen, all, "one example per method");
+    }
+}

@@ -1,0 +1,394 @@
+//! The run folder's report: `report.json` (config, throughput, memory, losses, evaluation) and a
+//! loss chart as SVG.
+//!
+//! Both files are written atomically (temp file, fsync, rename), so a run killed while writing
+//! its report keeps the previous one.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::checkpoint::write_file_atomic;
+use crate::error::{Error, Result};
+
+/// One optimizer step as recorded in the report.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    /// Optimizer step, from 1.
+    pub step: u64,
+    /// Mean training loss of the step's batch (nats per target token).
+    pub loss: f64,
+    /// Learning rate used for the step.
+    pub lr: f64,
+    /// Wall-clock seconds the step took.
+    pub seconds: f64,
+    /// Tokens processed in the step (inputs and targets, without padding).
+    pub tokens: u64,
+}
+
+/// Everything a run reports, written to the run folder as pretty JSON by [`Report::write_json`].
+///
+/// JSON has no NaN or infinity: non-finite numbers (a diverged loss) are written as `null`.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Report {
+    /// The effective run config.
+    pub config: serde_json::Value,
+    /// Backend that ran the steps (e.g. `cpu`).
+    pub backend: String,
+    /// Model name or folder.
+    pub model: String,
+    /// Tuning method (e.g. `prompt`).
+    pub method: String,
+    /// Parameters updated by the optimizer.
+    pub train_params: usize,
+    /// Parameters stored in the method's output (may differ from `train_params`, e.g. when a
+    /// reparameterisation is folded away after training).
+    pub stored_params: usize,
+    /// Every optimizer step, in order.
+    pub steps: Vec<StepRecord>,
+    /// Tokens per second over the whole run.
+    pub tokens_per_second: f64,
+    /// Peak resident set size of the process on CPU, bytes.
+    pub peak_memory_bytes: u64,
+    /// Rows whose input or target was cut to the length limit.
+    pub truncated_rows: u64,
+    /// Evaluation metrics by name (e.g. `accuracy`).
+    pub eval: BTreeMap<String, f64>,
+    /// Why the run stopped: `finished`, `interrupted`, `nan`, ...
+    pub stopped: String,
+}
+
+impl Report {
+    /// Writes the report as pretty JSON, atomically (temp file, fsync, rename).
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let mut json = serde_json::to_string_pretty(self).map_err(|e| {
+            Error::Input(format!("{}: cannot encode the report: {e}", path.display()))
+        })?;
+        json.push('\n');
+        write_file_atomic(path, json.as_bytes(), &mut || Ok(()))
+    }
+}
+
+/// Peak resident set size of this process (Linux: VmHWM in /proc/self/status), None elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        parse_vm_hwm(&status)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+/// The `VmHWM:   1234 kB` line of /proc/self/status, in bytes.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    let mut words = line.split_whitespace();
+    let kib: u64 = words.next()?.parse().ok()?;
+    // The kernel always reports kB (KiB); refuse anything else rather than guess.
+    (words.next()? == "kB").then_some(kib * 1024)
+}
+
+/// Chart size in SVG pixels.
+const CHART_SIZE: (u32, u32) = (800, 480);
+/// More points than this are thinned (see [`thin`]); a chart 800 pixels wide cannot show more.
+const MAX_PLOTTED: usize = 2000;
+/// Up to this many points each get a marker, so a short run (or a single step) is visible.
+const MAX_MARKED: usize = 60;
+
+/// An SVG line chart of (step, loss) with title and axis labels; atomic write.
+///
+/// Non-finite losses (NaN, infinities) are skipped. With no finite point at all (an empty slice
+/// included) nothing is written and the error names `path`. Long runs are thinned to at most
+/// 2000 points keeping each stretch's lowest and highest loss, so spikes stay visible
+/// and the file stays small. Text is drawn as SVG `<text>` (no font is needed to write it; the
+/// viewer picks a sans-serif font).
+pub fn write_loss_svg(path: &Path, points: &[(u64, f64)], title: &str) -> Result<()> {
+    let finite: Vec<(u64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|(_, loss)| loss.is_finite())
+        .collect();
+    if finite.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: no finite (step, loss) points to plot ({} given)",
+            path.display(),
+            points.len()
+        )));
+    }
+    let svg = render_loss_svg(&thin(&finite, MAX_PLOTTED), title).map_err(|e| {
+        Error::Input(format!(
+            "{}: cannot draw the loss chart: {e}",
+            path.display()
+        ))
+    })?;
+    write_file_atomic(path, svg.as_bytes(), &mut || Ok(()))
+}
+
+/// At most about `max` points: the input cut into `max / 2` runs of consecutive points, each
+/// kept as its lowest and highest point in step order.
+fn thin(points: &[(u64, f64)], max: usize) -> Vec<(u64, f64)> {
+    if points.len() <= max {
+        return points.to_vec();
+    }
+    let chunk = points.len().div_ceil(max / 2);
+    let mut out = Vec::with_capacity(max);
+    for run in points.chunks(chunk) {
+        let lo = run.iter().min_by(|a, b| a.1.total_cmp(&b.1)).copied();
+        let hi = run.iter().max_by(|a, b| a.1.total_cmp(&b.1)).copied();
+        if let (Some(lo), Some(hi)) = (lo, hi) {
+            if lo.0 == hi.0 {
+                out.push(lo);
+            } else if lo.0 < hi.0 {
+                out.extend([lo, hi]);
+            } else {
+                out.extend([hi, lo]);
+            }
+        }
+    }
+    out
+}
+
+/// The steps' range widened by 5% (at least one step) each side, so the curve's ends stay off
+/// the axes. Integer steps give integer tick labels.
+fn step_range(steps: impl Iterator<Item = u64> + Clone) -> std::ops::Range<u64> {
+    let lo = steps.clone().min().unwrap_or(0);
+    let hi = steps.max().unwrap_or(0);
+    let pad = ((hi - lo) / 20).max(1);
+    lo.saturating_sub(pad)..hi.saturating_add(pad)
+}
+
+/// `lo..hi` widened by 5% each side, or around the value when all values are equal.
+fn loss_range(values: impl Iterator<Item = f64> + Clone) -> std::ops::Range<f64> {
+    let lo = values.clone().fold(f64::INFINITY, f64::min);
+    let hi = values.fold(f64::NEG_INFINITY, f64::max);
+    let pad = if hi > lo {
+        (hi - lo) * 0.05
+    } else if lo != 0.0 {
+        lo.abs() * 0.1
+    } else {
+        1.0
+    };
+    // Losses near f64::MAX would overflow to infinity; keep the range finite.
+    let widen = |x: f64, d: f64| if (x + d).is_finite() { x + d } else { x };
+    widen(lo, -pad)..widen(hi, pad)
+}
+
+/// The chart as an SVG document. `points` is non-empty and finite.
+fn render_loss_svg(
+    points: &[(u64, f64)],
+    title: &str,
+) -> std::result::Result<String, Box<dyn std::error::Error>> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, CHART_SIZE).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 26))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(72)
+            .build_cartesian_2d(
+                step_range(points.iter().map(|p| p.0)),
+                loss_range(points.iter().map(|p| p.1)),
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss")
+            .axis_desc_style(("sans-serif", 18))
+            .label_style(("sans-serif", 15))
+            .light_line_style(WHITE.mix(0.0))
+            .bold_line_style(BLACK.mix(0.12))
+            .draw()?;
+        let marker = if points.len() <= MAX_MARKED { 3 } else { 0 };
+        chart.draw_series(
+            LineSeries::new(points.iter().copied(), BLUE.stroke_width(2)).point_size(marker),
+        )?;
+        root.present()?;
+    }
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Report {
+        Report {
+            config: serde_json::json!({"lr": 0.3, "prompt_len": 20}),
+            backend: "cpu".into(),
+            model: "t5-small".into(),
+            method: "prompt".into(),
+            train_params: 10240,
+            stored_params: 10240,
+            steps: vec![
+                StepRecord {
+                    step: 1,
+                    loss: 2.5,
+                    lr: 0.3,
+                    seconds: 0.25,
+                    tokens: 512,
+                },
+                StepRecord {
+                    step: 2,
+                    loss: f64::NAN,
+                    lr: 0.3,
+                    seconds: 0.5,
+                    tokens: 500,
+                },
+            ],
+            tokens_per_second: 1350.5,
+            peak_memory_bytes: 123 << 20,
+            truncated_rows: 3,
+            eval: BTreeMap::from([("accuracy".to_string(), 0.75)]),
+            stopped: "nan".into(),
+        }
+    }
+
+    #[test]
+    fn report_json_round_trips_its_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("report.json");
+        report().write_json(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\n  \"backend\": \"cpu\""),
+            "pretty JSON:\n{text}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["config"]["prompt_len"], 20);
+        assert_eq!(v["backend"], "cpu");
+        assert_eq!(v["model"], "t5-small");
+        assert_eq!(v["method"], "prompt");
+        assert_eq!(v["train_params"], 10240);
+        assert_eq!(v["stored_params"], 10240);
+        assert_eq!(v["steps"][0]["step"], 1);
+        assert_eq!(v["steps"][0]["loss"], 2.5);
+        assert_eq!(v["steps"][0]["lr"], 0.3);
+        assert_eq!(v["steps"][0]["seconds"], 0.25);
+        assert_eq!(v["steps"][0]["tokens"], 512);
+        assert!(v["steps"][1]["loss"].is_null(), "NaN is written as null");
+        assert_eq!(v["tokens_per_second"], 1350.5);
+        assert_eq!(v["peak_memory_bytes"], 123 << 20);
+        assert_eq!(v["truncated_rows"], 3);
+        assert_eq!(v["eval"]["accuracy"], 0.75);
+        assert_eq!(v["stopped"], "nan");
+        assert_eq!(v.as_object().unwrap().len(), 12);
+        // Overwriting works and leaves no temp file.
+        report().write_json(&path).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn report_to_a_missing_folder_is_an_io_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no/such/report.json");
+        let e = report().write_json(&path).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+        assert!(e.to_string().contains("no/such/report.json"), "{e}");
+    }
+
+    #[test]
+    fn vm_hwm_parsing() {
+        let status = "Name:\tx\nVmPeak:\t  9000 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1000 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(2048 * 1024));
+        assert_eq!(parse_vm_hwm("VmRSS:\t 1000 kB\n"), None);
+        assert_eq!(parse_vm_hwm("VmHWM:\t 1000 MB\n"), None);
+        assert_eq!(parse_vm_hwm("VmHWM:\t x kB\n"), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn peak_rss_is_reported_on_linux() {
+        let rss = peak_rss_bytes().unwrap();
+        assert!(rss > 1 << 20, "{rss}");
+    }
+
+    /// Checks the SVG looks like a chart with a curve and returns its text.
+    fn check_svg(path: &Path, title: &str) -> String {
+        let svg = std::fs::read_to_string(path).unwrap();
+        assert!(
+            svg.starts_with("<svg") || svg.starts_with("<?xml"),
+            "{}",
+            &svg[..80]
+        );
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert!(
+            svg.contains("<polyline") || svg.contains("<path"),
+            "no curve"
+        );
+        assert!(svg.contains(title), "no title");
+        assert!(
+            svg.contains(">\nstep\n<") || svg.contains(">step<"),
+            "no x label"
+        );
+        assert!(
+            svg.contains(">\nloss\n<") || svg.contains(">loss<"),
+            "no y label"
+        );
+        svg
+    }
+
+    #[test]
+    fn loss_svg_with_one_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.svg");
+        write_loss_svg(&path, &[(7, 1.25)], "one step").unwrap();
+        let svg = check_svg(&path, "one step");
+        assert!(svg.contains("<circle"), "a single point gets a marker");
+    }
+
+    #[test]
+    fn loss_svg_with_hundreds_of_points_and_special_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.svg");
+        let mut points: Vec<(u64, f64)> = (1..=500)
+            .map(|s| (s, 3.0 / (1.0 + s as f64 / 50.0)))
+            .collect();
+        points[100].1 = f64::NAN;
+        points[200].1 = f64::INFINITY;
+        write_loss_svg(&path, &points, "t5-small <prompt> & \"quotes\"").unwrap();
+        let svg = check_svg(&path, "t5-small &lt;prompt&gt; &amp;");
+        assert!(!svg.contains("<circle"), "no markers on long runs");
+        assert!(!svg.contains("NaN") && !svg.contains("inf"));
+
+        // Constant loss (a flat range) still draws.
+        write_loss_svg(&path, &[(1, 0.0), (2, 0.0)], "flat").unwrap();
+        check_svg(&path, "flat");
+    }
+
+    #[test]
+    fn long_runs_are_thinned_keeping_spikes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.svg");
+        let mut points: Vec<(u64, f64)> = (0..200_000).map(|s| (s, 1.0)).collect();
+        points[123_457].1 = 50.0;
+        write_loss_svg(&path, &points, "long").unwrap();
+        let svg = check_svg(&path, "long");
+        assert!(svg.len() < 200_000, "{} bytes", svg.len());
+
+        let thinned = thin(&points, MAX_PLOTTED);
+        assert!(thinned.len() <= MAX_PLOTTED);
+        assert!(thinned.contains(&(123_457, 50.0)), "the spike survives");
+        assert!(thinned.windows(2).all(|w| w[0].0 < w[1].0), "step order");
+        assert_eq!(thin(&points[..10], MAX_PLOTTED), points[..10].to_vec());
+    }
+
+    #[test]
+    fn loss_svg_without_finite_points_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.svg");
+        for points in [&[][..], &[(1, f64::NAN)][..]] {
+            let e = write_loss_svg(&path, points, "t").unwrap_err();
+            assert!(matches!(e, Error::Input(_)), "{e}");
+            assert!(e.to_string().contains("loss.svg"), "{e}");
+        }
+        assert!(!path.exists());
+    }
+}
