@@ -79,6 +79,9 @@ struct TrainArgs {
     /// Override a config key: `--set train.lr=0.1`, `--set method.rank=8`, `--set model=DIR`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// A Hugging Face T5 folder or a built-in shape (same as `--set model=DIR`).
+    #[arg(long)]
+    model: Option<String>,
     /// Continue the run in out_dir from its checkpoint.
     #[arg(long)]
     resume: bool,
@@ -219,21 +222,23 @@ fn print_step(be_name: &str, step: &StepOutput, batch: &HostBatch) {
 static INTERRUPT: AtomicBool = AtomicBool::new(false);
 
 fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
+    let mut overrides = args.overrides.clone();
+    if let Some(model) = &args.model {
+        overrides.push(format!("model={model:?}"));
+    }
     let (mut cfg, source) = match &args.config {
-        Some(path) => (RunConfig::from_file(path, &args.overrides)?, path.clone()),
+        Some(path) => (RunConfig::from_file(path, &overrides)?, path.clone()),
         None => {
             let path = PathBuf::from("<embedded default>");
             (
-                RunConfig::from_toml_str(DEFAULT_RUN_TOML, &path, &args.overrides)?,
+                RunConfig::from_toml_str(DEFAULT_RUN_TOML, &path, &overrides)?,
                 path,
             )
         }
     };
     cfg.validate(&source)?;
     let random = T5_SHAPES.contains(&cfg.model.as_str());
-    if args.config.is_none()
-        && !args.resume
-        && !args.overrides.iter().any(|o| o.starts_with("out_dir"))
+    if args.config.is_none() && !args.resume && !overrides.iter().any(|o| o.starts_with("out_dir"))
     {
         // The embedded default never refuses to start: each run gets its own folder.
         cfg.out_dir = next_free_dir(&cfg.out_dir);
@@ -242,7 +247,7 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
         println!(
             "fastpt run: the backbone is the built-in `{}` shape with RANDOM weights (seed {}): the \
              numbers below show the engine working, not a trained model. To prompt-tune a real \
-             model: fastpt run --config examples/ept.toml --set model=DIR (a Hugging Face T5 folder).",
+             model: fastpt run --config examples/ept.toml --model DIR (a Hugging Face T5 folder).",
             cfg.model, cfg.seed
         );
     }

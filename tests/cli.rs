@@ -243,6 +243,25 @@ fn run_trains_writes_the_run_folder_and_names_bad_config_keys() {
         &set_out,
     ]);
     assert!(!ok && stderr.contains("--resume"), "{stderr}");
+    // A real folder through --model: no random-backbone warning, the folder's name in the summary.
+    let model = fixture("t5-v1_1-tiny");
+    let set_out2 = format!("out_dir={:?}", dir.path().join("r2").display().to_string());
+    let (ok, stdout, stderr) = fastpt(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--set",
+        "train.steps=3",
+        "--set",
+        "train.warmup_steps=1",
+        "--set",
+        &set_out2,
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        !stdout.contains("RANDOM") && stdout.contains("t5-v1_1-tiny"),
+        "{stdout}"
+    );
     let (ok, _, stderr) = fastpt(&["run", "--set", "train.stepz=5"]);
     assert!(!ok && stderr.contains("train.stepz"), "{stderr}");
     let config = dir.path().join("bad.toml");
