@@ -4,9 +4,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::Mmap;
 use safetensors::tensor::{Metadata, TensorInfo};
@@ -14,6 +12,7 @@ use safetensors::{Dtype, SafeTensors, View};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::fsutil::write_file_atomic;
 
 /// The single-file checkpoint name.
 const SINGLE_FILE: &str = "model.safetensors";
@@ -387,9 +386,6 @@ impl View for &RawTensor {
     }
 }
 
-/// Distinguishes temp files of concurrent saves within one process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 /// Writes tensors to a safetensors file (used by `fastpt forward --out` and by tests).
 /// `tensors`: (name, shape, data); the element count must match the shape, and names must be
 /// unique. Writes to a temp file in the same folder then renames it over `path`, so a failure
@@ -426,34 +422,7 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Vec<usize>, TensorData)
     let bytes = safetensors::serialize(raw.iter().map(|(name, t)| (*name, t)), None)
         .map_err(|e| Error::Input(format!("{}: cannot serialize: {e}", path.display())))?;
 
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| Error::Input(format!("{}: not a file path", path.display())))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(file_name);
-    temp_name.push(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let temp = dir.join(temp_name);
-
-    let written = (|| {
-        let mut f = File::create(&temp)?;
-        f.write_all(&bytes)?;
-        // Flush to disk before the rename so a crash cannot leave a renamed but empty file.
-        f.sync_all()?;
-        std::fs::rename(&temp, path)
-    })();
-    written.map_err(|e| {
-        // Best effort: the write already failed, and a leftover temp file is only clutter.
-        let _ = std::fs::remove_file(&temp);
-        Error::io(path, e)
-    })
+    write_file_atomic(path, &bytes, &mut || Ok(()))
 }
 
 /// Every tensor of a file, by name: (shape, row-major data).

@@ -14,9 +14,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::checkpoint::{
-    load_checkpoint, save_checkpoint, write_file_atomic, OptimTensor, TrainState,
-};
+use super::checkpoint::{load_checkpoint, save_checkpoint, OptimTensor, TrainState};
 use super::optim::Optimizer;
 use super::report::{peak_rss_bytes, write_loss_svg, Report, StepRecord};
 use super::schedule::lr_factor;
@@ -26,6 +24,7 @@ use crate::data::batching::{Batcher, Position};
 use crate::data::{synthetic, Example, HostBatch};
 use crate::engine::{build_t5_method, t5_forward_backward, t5_loss};
 use crate::error::{Error, Result};
+use crate::fsutil::write_file_atomic;
 use crate::model::hf::load_tokenizer;
 use crate::model::shapes::T5_SHAPES;
 use crate::model::t5::T5;
