@@ -7,7 +7,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{Example, HostBatch};
-use crate::data::EncoderInput;
 
 /// Where the batcher is in the data: the epoch and the index of the next example in its order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -129,37 +128,7 @@ impl<'a> Batcher<'a> {
             .iter()
             .filter(|e| e.input.len() > self.max_len || e.target.len() > self.max_target_len)
             .count();
-        let b = rows.len();
-        let t = inputs.iter().map(Vec::len).max().unwrap_or(0);
-        let td = targets.iter().map(Vec::len).max().unwrap_or(0);
-        let mut ids = vec![self.pad; b * t];
-        let mut mask = vec![0; b * t];
-        let mut labels = vec![-100; b * td];
-        let mut dec = vec![self.pad; b * td];
-        for i in 0..b {
-            for (j, &x) in inputs[i].iter().enumerate() {
-                ids[i * t + j] = x;
-                mask[i * t + j] = 1;
-            }
-            for (j, &y) in targets[i].iter().enumerate() {
-                labels[i * td + j] = y;
-                // Teacher forcing: the start token, then the target shifted right.
-                dec[i * td + j] = if j == 0 {
-                    self.decoder_start
-                } else {
-                    targets[i][j - 1]
-                };
-            }
-        }
-        let batch = HostBatch {
-            batch: b,
-            enc_len: t,
-            dec_len: td,
-            input: EncoderInput::Ids(ids),
-            attention_mask: mask,
-            decoder_input_ids: dec,
-            labels,
-        };
+        let batch = HostBatch::from_ids(&inputs, &targets, self.pad, self.decoder_start);
         (batch, truncated_rows)
     }
 }
@@ -167,6 +136,7 @@ impl<'a> Batcher<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::EncoderInput;
 
     fn examples() -> Vec<Example> {
         (0..10)

@@ -36,44 +36,34 @@ pub struct HostBatch {
 }
 
 impl HostBatch {
-    /// A reproducible batch of random token ids with rows of different lengths: `enc_lens[i]`
-    /// encoder tokens and `dec_lens[i]` target tokens in row `i`, each ending in EOS.
-    pub fn random(cfg: &T5Config, enc_lens: &[usize], dec_lens: &[usize], seed: u64) -> Self {
-        assert_eq!(enc_lens.len(), dec_lens.len(), "one decoder length per row");
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        // Ids above the special tokens (pad 0, eos 1, unk 2 in T5 vocabularies).
-        let first = 3.min(cfg.vocab_size as i32 - 1);
-        let token = |rng: &mut ChaCha8Rng| rng.random_range(first..cfg.vocab_size as i32);
-        let (b, t, td) = (
-            enc_lens.len(),
-            enc_lens.iter().copied().max().unwrap_or(0),
-            dec_lens.iter().copied().max().unwrap_or(0),
-        );
-        let (pad, eos) = (cfg.pad_token_id as i32, cfg.eos_token_id as i32);
+    /// Pads token-id rows into a batch: inputs with `pad` and mask 0, targets with label -100;
+    /// the decoder reads `decoder_start` then the target shifted right (teacher forcing).
+    pub fn from_ids(
+        inputs: &[Vec<i32>],
+        targets: &[Vec<i32>],
+        pad: i32,
+        decoder_start: i32,
+    ) -> Self {
+        assert_eq!(inputs.len(), targets.len(), "one target per input");
+        let b = inputs.len();
+        let t = inputs.iter().map(Vec::len).max().unwrap_or(0);
+        let td = targets.iter().map(Vec::len).max().unwrap_or(0);
         let mut ids = vec![pad; b * t];
         let mut mask = vec![0; b * t];
         let mut labels = vec![-100; b * td];
         let mut dec = vec![pad; b * td];
         for i in 0..b {
-            for j in 0..enc_lens[i] {
-                ids[i * t + j] = if j + 1 == enc_lens[i] {
-                    eos
-                } else {
-                    token(&mut rng)
-                };
+            for (j, &x) in inputs[i].iter().enumerate() {
+                ids[i * t + j] = x;
                 mask[i * t + j] = 1;
             }
-            for j in 0..dec_lens[i] {
-                labels[i * td + j] = if j + 1 == dec_lens[i] {
-                    eos
+            for (j, &y) in targets[i].iter().enumerate() {
+                labels[i * td + j] = y;
+                dec[i * td + j] = if j == 0 {
+                    decoder_start
                 } else {
-                    token(&mut rng)
+                    targets[i][j - 1]
                 };
-            }
-            // Teacher forcing: the decoder reads the start token, then the labels shifted right.
-            dec[i * td] = cfg.decoder_start_token_id as i32;
-            for j in 1..dec_lens[i] {
-                dec[i * td + j] = labels[i * td + j - 1];
             }
         }
         HostBatch {
@@ -85,5 +75,38 @@ impl HostBatch {
             decoder_input_ids: dec,
             labels,
         }
+    }
+
+    /// A reproducible batch of random token ids with rows of different lengths: `enc_lens[i]`
+    /// encoder tokens and `dec_lens[i]` target tokens in row `i`, each ending in EOS.
+    pub fn random(cfg: &T5Config, enc_lens: &[usize], dec_lens: &[usize], seed: u64) -> Self {
+        assert_eq!(enc_lens.len(), dec_lens.len(), "one decoder length per row");
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Ids above the special tokens (pad 0, eos 1, unk 2 in T5 vocabularies).
+        let first = 3.min(cfg.vocab_size as i32 - 1);
+        let eos = cfg.eos_token_id as i32;
+        let mut row = |len: usize| -> Vec<i32> {
+            (0..len)
+                .map(|j| {
+                    if j + 1 == len {
+                        eos
+                    } else {
+                        rng.random_range(first..cfg.vocab_size as i32)
+                    }
+                })
+                .collect()
+        };
+        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+        for (&n, &m) in enc_lens.iter().zip(dec_lens) {
+            // Input then target, row by row: the order the random stream is drawn in.
+            inputs.push(row(n));
+            targets.push(row(m));
+        }
+        HostBatch::from_ids(
+            &inputs,
+            &targets,
+            cfg.pad_token_id as i32,
+            cfg.decoder_start_token_id as i32,
+        )
     }
 }

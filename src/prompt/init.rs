@@ -105,6 +105,23 @@ pub fn truncated_svd(
     Ok((u_r, s_r, v_r))
 }
 
+/// `u·diag(s)·vᵀ (rows, cols)` for `u (rows, r)`, `s (r)`, `v (cols, r)`: the matrix a
+/// truncated SVD stands for (tests compare the methods' inits against it).
+pub fn svd_product(u: &[f64], s: &[f64], v: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let r = s.len();
+    (0..rows)
+        .flat_map(|i| {
+            (0..cols).map(move |j| (0..r).map(|k| u[i * r + k] * s[k] * v[j * r + k]).sum())
+        })
+        .collect()
+}
+
+/// The rank-`r` truncation of `a (rows, cols)`.
+pub fn truncation(a: &[f64], rows: usize, cols: usize, r: usize) -> Result<Vec<f64>> {
+    let (u, s, v) = truncated_svd(a, rows, cols, r)?;
+    Ok(svd_product(&u, &s, &v, rows, cols))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,16 +131,9 @@ mod tests {
     fn full_rank_svd_reconstructs_and_truncation_is_best_rank_r() {
         let (rows, cols) = (7, 5);
         let a = random_vec(rows * cols, 1.0, 1);
-        let (u, s, v) = truncated_svd(&a, rows, cols, 5).unwrap();
+        let (_, s, _) = truncated_svd(&a, rows, cols, 5).unwrap();
         assert!(s.windows(2).all(|w| w[0] >= w[1]));
-        let rebuild = |r: usize| -> Vec<f64> {
-            (0..rows)
-                .flat_map(|i| {
-                    let (u, s, v) = (&u, &s, &v);
-                    (0..cols).map(move |j| (0..r).map(|k| u[i * 5 + k] * s[k] * v[j * 5 + k]).sum())
-                })
-                .collect()
-        };
+        let rebuild = |r: usize| truncation(&a, rows, cols, r).unwrap();
         assert!(rel_err(&rebuild(5), &a) < 1e-12);
         // Eckart–Young: the rank-2 truncation leaves exactly the tail singular values.
         let err2: f64 = rebuild(2)

@@ -267,18 +267,6 @@ mod tests {
         c
     }
 
-    /// `U·diag(s)·Vᵀ` of the rank-`r` truncated SVD of `a (l, d)`.
-    fn truncation(a: &[f64], l: usize, d: usize, r: usize) -> Vec<f64> {
-        let (u, s, v) = truncated_svd(a, l, d, r).unwrap();
-        let mut out = vec![0.0; l * d];
-        for i in 0..l {
-            for j in 0..d {
-                out[i * d + j] = (0..r).map(|k| u[i * r + k] * s[k] * v[j * r + k]).sum();
-            }
-        }
-        out
-    }
-
     #[test]
     fn lamp_gradients_pass_fd_for_every_pool_mode_and_q_init() {
         let (d, l, r) = (7, 6, 3);
@@ -319,7 +307,10 @@ mod tests {
                     };
                     let mut m = Lamp::new(be, &c, ctx).unwrap();
                     m.forward(be);
-                    let err = rel_err(m.rows(), &truncation(&p, l, d, r));
+                    let err = rel_err(
+                        m.rows(),
+                        &crate::prompt::init::truncation(&p, l, d, r).unwrap(),
+                    );
                     assert!(err < 1e-10, "r = {r}: rel err {err}");
                     if r == l.min(d) {
                         let err = rel_err(m.rows(), &p);
