@@ -14,6 +14,7 @@
 //! accumulate over micro-batches.
 
 pub mod cpu;
+pub mod gpu;
 
 // Scalar parameters (alpha, eps, scale, dloss) are f64 so that the f64 CPU backend computes
 // exactly what an f64 reference does; f32 backends round them once.

@@ -1,0 +1,89 @@
+// Shared by every kernel file: the bf16 type, float conversions, reductions, and the macros that
+// let one source compile for NVRTC (the real GPU) and g++ (the virtual GPU, kernels/vgpu/).
+//
+// Conventions (docs/kernels.md): each op is a `template <typename T> __device__` function, T = float
+// or bf16 (storage), accumulating in float; `INSTANTIATE_*` macros export it as
+// `extern "C" __global__ op_direction_{f32,bf16}` and register it with the virtual GPU.
+// Arguments: outputs first, then inputs, then dimensions (int) and scalars (float).
+#pragma once
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#include <cuda_bf16.h>
+#define VGPU_KERNEL(name)
+#define DYNAMIC_SMEM(T, name)                                          \
+    extern __shared__ __align__(16) unsigned char name##_dynamic_raw[]; \
+    T* name = reinterpret_cast<T*>(name##_dynamic_raw)
+#else
+#include "vgpu/vgpu.h"
+#endif
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+    return x;
+}
+template <>
+__device__ __forceinline__ bf16 from_float<bf16>(float x) {
+    return __float2bfloat16(x);
+}
+
+// -inf without <cmath> (NVRTC has no INFINITY).
+__device__ __forceinline__ float neg_inf() { return __int_as_float((int)0xff800000u); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum over the block; every thread gets the result. blockDim.x must be a multiple of 32 (≤ 1024),
+// and every thread of the block must call it (it contains barriers).
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_sum(v);
+    __syncthreads();  // `partial` may still be read by a previous call
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+// Maximum over the block, as block_sum.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : neg_inf();
+    return warp_max(v);
+}
+
+// Grid-stride loop over `n` elements.
+#define FOR_EACH_INDEX(i, n) \
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (long)(n); i += (long)gridDim.x * blockDim.x)
+
+// Exports `op<T>` as `extern "C" __global__ op_f32` and `op_bf16`, registered with the virtual
+// GPU. PARAMS is the parenthesised parameter list, written with `T` for the storage type (a
+// typedef in the instance's namespace; C linkage ignores the namespace), ARGS the argument names.
+#define INSTANTIATE_ONE(op, TYPE, suffix, PARAMS, ARGS)              \
+    namespace op##_##suffix##_instance {                             \
+    typedef TYPE T;                                                  \
+    extern "C" __global__ void op##_##suffix PARAMS { op<T> ARGS; } \
+    VGPU_KERNEL(op##_##suffix)                                       \
+    }
+#define INSTANTIATE(op, PARAMS, ARGS)              \
+    INSTANTIATE_ONE(op, float, f32, PARAMS, ARGS) \
+    INSTANTIATE_ONE(op, bf16, bf16, PARAMS, ARGS)

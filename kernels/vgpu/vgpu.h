@@ -1,0 +1,235 @@
+// The virtual GPU: just enough of CUDA C++ for our kernels to compile with g++ and run on the CPU.
+//
+// A launch runs the grid one block at a time. The block's threads are cooperative fibers
+// (ucontext): each runs until it reaches a barrier (__syncthreads, a warp shuffle or vote) or
+// returns, then hands over to the next. A barrier releases once every live thread of its group
+// (the block, or the 32 lanes of a warp) has arrived; threads that returned count as arrived, as
+// on the hardware. If a sweep over all waiting threads makes no progress the launch fails with
+// "deadlock" instead of hanging: that is the virtual GPU's race/divergence detector.
+//
+// Per OS thread state is thread_local, so independent launches (cargo test runs tests on several
+// threads) never share shared memory or fiber state.
+//
+// What it cannot show: real data races between threads of a block (fibers only switch at
+// barriers), the memory model, speed. `fastpt doctor` checks those on a real GPU.
+#pragma once
+
+#include <cmath>
+#include <math.h>  // expf, logf, tanhf, ... in the global namespace as in CUDA
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+// ---- CUDA keywords ---------------------------------------------------------------------------
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+// One copy per OS thread; blocks run one after another on that thread, so one copy per block.
+#define __shared__ static thread_local
+#define __align__(n) alignas(n)
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+typedef dim3 uint3;
+
+namespace vgpu {
+
+// Thread-local launch state (see vgpu.cpp).
+const uint3& thread_idx();
+extern thread_local uint3 block_idx;
+extern thread_local dim3 block_dim;
+extern thread_local dim3 grid_dim;
+void* dynamic_smem();
+void syncthreads();
+void syncwarp();
+// Exchange one 64-bit value among the lanes of the calling thread's warp: every lane writes its
+// `value`, then reads the one of lane `src` (a barrier before and after).
+uint64_t warp_exchange(uint64_t value, int src_lane);
+// Ballot: bit i set when lane i's predicate is true.
+unsigned warp_ballot(bool pred);
+int lane_id();
+
+template <typename T>
+uint64_t to_bits(T v) {
+    static_assert(sizeof(T) <= 8, "warp shuffles move at most 8 bytes");
+    uint64_t b = 0;
+    std::memcpy(&b, &v, sizeof(T));
+    return b;
+}
+template <typename T>
+T from_bits(uint64_t b) {
+    T v;
+    std::memcpy(&v, &b, sizeof(T));
+    return v;
+}
+
+}  // namespace vgpu
+
+#define threadIdx (::vgpu::thread_idx())
+#define blockIdx (::vgpu::block_idx)
+#define blockDim (::vgpu::block_dim)
+#define gridDim (::vgpu::grid_dim)
+static const int warpSize = 32;
+
+inline void __syncthreads() { ::vgpu::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { ::vgpu::syncwarp(); }
+
+// Warp shuffles. `width` splits the warp into segments as on the hardware.
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src, int width = 32) {
+    int lane = ::vgpu::lane_id();
+    int base = lane - lane % width;
+    int from = base + ((src % width) + width) % width;
+    return ::vgpu::from_bits<T>(::vgpu::warp_exchange(::vgpu::to_bits(v), from));
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+    int lane = ::vgpu::lane_id();
+    int from = lane ^ mask;
+    // Lanes outside the caller's segment keep their own value, as on the hardware.
+    if (from / width != lane / width) from = lane;
+    return ::vgpu::from_bits<T>(::vgpu::warp_exchange(::vgpu::to_bits(v), from));
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+    int lane = ::vgpu::lane_id();
+    int from = lane + (int)delta;
+    if (from / width != lane / width) from = lane;
+    return ::vgpu::from_bits<T>(::vgpu::warp_exchange(::vgpu::to_bits(v), from));
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+    int lane = ::vgpu::lane_id();
+    int from = lane - (int)delta;
+    if (from < 0 || from / width != lane / width) from = lane;
+    return ::vgpu::from_bits<T>(::vgpu::warp_exchange(::vgpu::to_bits(v), from));
+}
+inline unsigned __ballot_sync(unsigned, bool pred) { return ::vgpu::warp_ballot(pred); }
+inline bool __all_sync(unsigned, bool pred) { return ::vgpu::warp_ballot(!pred) == 0; }
+inline bool __any_sync(unsigned, bool pred) { return ::vgpu::warp_ballot(pred) != 0; }
+
+// ---- atomics (fibers switch only at barriers, so plain read-modify-write is atomic) ----------
+
+template <typename T>
+inline T atomicAdd(T* addr, T v) {
+    T old = *addr;
+    *addr = old + v;
+    return old;
+}
+template <typename T>
+inline T atomicMax(T* addr, T v) {
+    T old = *addr;
+    if (v > old) *addr = v;
+    return old;
+}
+template <typename T>
+inline T atomicExch(T* addr, T v) {
+    T old = *addr;
+    *addr = v;
+    return old;
+}
+inline int atomicCAS(int* addr, int compare, int v) {
+    int old = *addr;
+    if (old == compare) *addr = v;
+    return old;
+}
+
+// ---- math intrinsics -------------------------------------------------------------------------
+
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __int_as_float(int x) { return vgpu::from_bits<float>((uint32_t)x); }
+inline int __float_as_int(float x) { return (int)(uint32_t)vgpu::to_bits(x); }
+inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
+
+// ---- bf16 (the storage format of GPU tensors) ------------------------------------------------
+
+// Bit-compatible with cuda_bf16.h's __nv_bfloat16; trivial so that __shared__ arrays of it are.
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+
+// Round to nearest even, as __float2bfloat16 (quiet NaN kept).
+inline __nv_bfloat16 __float2bfloat16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    __nv_bfloat16 r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = (uint16_t)((u >> 16) | 0x40u);
+        return r;
+    }
+    uint32_t rounding = 0x7fffu + ((u >> 16) & 1u);
+    r.bits = (uint16_t)((u + rounding) >> 16);
+    return r;
+}
+inline float __bfloat162float(__nv_bfloat16 h) {
+    uint32_t u = (uint32_t)h.bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// ---- the launcher ---------------------------------------------------------------------------
+
+namespace vgpu {
+
+struct LaunchCfg {
+    dim3 grid;
+    dim3 block;
+    unsigned smem;
+};
+
+typedef void (*BodyFn)(void* ctx);
+// Runs `body(ctx)` once per thread of every block of the grid. Returns 0, or an error code
+// with a message in `err` (see vgpu.cpp).
+int run_grid(const LaunchCfg& cfg, BodyFn body, void* ctx, char* err, size_t err_len);
+
+template <typename... A>
+struct KernelCall {
+    void (*kernel)(A...);
+    void** params;
+};
+
+template <typename... A, size_t... I>
+void call_kernel(void (*k)(A...), void** params, std::index_sequence<I...>) {
+    // Each parameter is read from the pointer the caller passed, exactly as cuLaunchKernel does.
+    k(*static_cast<typename std::remove_reference<A>::type*>(params[I])...);
+}
+
+template <typename... A>
+void kernel_body(void* ctx) {
+    auto* call = static_cast<KernelCall<A...>*>(ctx);
+    call_kernel(call->kernel, call->params, std::index_sequence_for<A...>{});
+}
+
+template <typename... A>
+int launch(void (*kernel)(A...), const LaunchCfg& cfg, void** params, char* err, size_t err_len) {
+    KernelCall<A...> call{kernel, params};
+    return run_grid(cfg, &kernel_body<A...>, &call, err, err_len);
+}
+
+typedef int (*Launcher)(const LaunchCfg& cfg, void** params, char* err, size_t err_len);
+// Adds a kernel to the table that `vgpu_launch` looks names up in.
+struct Registrar {
+    Registrar(const char* name, Launcher launcher);
+};
+
+}  // namespace vgpu
+
+// After each kernel instantiation: makes it launchable by name from Rust.
+#define VGPU_KERNEL(name)                                                                       \
+    static ::vgpu::Registrar vgpu_registrar_##name(                                             \
+        #name, [](const ::vgpu::LaunchCfg& cfg, void** params, char* err, size_t err_len) {     \
+            return ::vgpu::launch(&name, cfg, params, err, err_len);                            \
+        });
+
+// `extern __shared__` dynamic shared memory, sized by the launch.
+#define DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(::vgpu::dynamic_smem())

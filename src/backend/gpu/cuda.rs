@@ -1,0 +1,1 @@
+//! The CUDA device (placeholder; filled in by the CUDA work).

@@ -1,0 +1,1100 @@
+//! The GPU backend: every op is a sequence of our kernels (kernels/*.cu) and GEMMs on a
+//! [`Device`], the real CUDA device or the virtual GPU.
+//!
+//! Tensors are stored in one dtype per backend ([`DType::Bf16`] for speed, [`DType::F32`] for
+//! tight checks against the CPU); kernels accumulate in f32. Each op checks the lengths of its
+//! buffers on the host before it launches anything, so a shape bug panics with the op's name
+//! instead of reading past a buffer on the device.
+//!
+//! Attention (first version): the scores of each head come from a batched GEMM into a
+//! `(B, H, T, S)` scratch, a kernel adds the T5 relative bias (looked up from a `(T+S-1)` vector of
+//! bucket ids, never a `(B, H, T, S)` bias tensor), applies the masks and takes the softmax in
+//! place, and a second GEMM multiplies by V. The fused flash kernel replaces this later.
+//!
+//! The EPT-MS and LAMP method ops run on the host for now (download, CPU reference, upload):
+//! they touch a few thousand parameters per step. Their kernels come with the method-kernels work.
+
+pub mod cuda;
+pub mod device;
+pub mod nvrtc;
+#[cfg(test)]
+mod tests;
+pub mod vgpu;
+
+use half::bf16;
+
+use self::device::{Arg, DType, Device, GemmDesc, GpuError, LaunchCfg};
+use super::cpu::CpuBackend;
+use super::{
+    relative_position_bucket, Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode, Gemm,
+    RelBias,
+};
+
+/// A tensor on a GPU device: `len` elements of the backend's dtype.
+pub struct GpuTensor<D: Device> {
+    buf: D::Buffer,
+    len: usize,
+}
+
+/// A buffer of `len` i32 on a GPU device.
+pub struct GpuIndex<D: Device> {
+    buf: D::Buffer,
+    len: usize,
+}
+
+/// See the module docs.
+pub struct GpuBackend<D: Device> {
+    device: D,
+    dtype: DType,
+}
+
+/// Threads per block of the row-wise kernels (one block per row).
+const ROW_BLOCK: u32 = 128;
+/// Threads per block of the elementwise kernels.
+const ELEMENTWISE_BLOCK: u32 = 256;
+
+fn blocks_for(n: usize, block: u32) -> u32 {
+    n.div_ceil(block as usize).clamp(1, 65535) as u32
+}
+
+fn act_code(act: Activation) -> i32 {
+    match act {
+        Activation::Relu => 0,
+        Activation::GeluTanh => 1,
+        Activation::Silu => 2,
+    }
+}
+
+fn dim(x: usize) -> Arg {
+    Arg::I32(i32::try_from(x).expect("dimension fits in i32"))
+}
+
+impl<D: Device> GpuBackend<D> {
+    pub fn new(device: D, dtype: DType) -> Self {
+        GpuBackend { device, dtype }
+    }
+
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn ptr(&self, x: &GpuTensor<D>) -> Arg {
+        Arg::Ptr(self.device.ptr(&x.buf))
+    }
+
+    fn iptr(&self, x: &GpuIndex<D>) -> Arg {
+        Arg::Ptr(self.device.ptr(&x.buf))
+    }
+
+    fn opt_ptr(&self, x: Option<&GpuTensor<D>>) -> Arg {
+        x.map_or(Arg::Ptr(0), |x| self.ptr(x))
+    }
+
+    /// Launches `{op}_{dtype}`; a failure is a bug or a broken device, so it panics.
+    fn launch(&self, op: &str, cfg: LaunchCfg, args: &[Arg]) {
+        let name = format!("{op}_{}", self.dtype.suffix());
+        if let Err(e) = self.device.launch(&name, cfg, args) {
+            panic!("{}: {e}", self.device.name());
+        }
+    }
+
+    fn gemm(&self, c: u64, a: u64, b: u64, g: &GemmDesc) {
+        if let Err(e) = self.device.gemm(self.dtype, c, a, b, g) {
+            panic!("{}: GEMM {g:?}: {e}", self.device.name());
+        }
+    }
+
+    fn check(&self, what: &str, x: &GpuTensor<D>, len: usize) {
+        assert_eq!(x.len, len, "{what} has {} elements, expected {len}", x.len);
+    }
+
+    fn check_index(&self, what: &str, x: &GpuIndex<D>, len: usize) {
+        assert_eq!(x.len, len, "{what} has {} elements, expected {len}", x.len);
+    }
+
+    fn alloc_bytes(&self, bytes: usize) -> D::Buffer {
+        match self.device.alloc(bytes) {
+            Ok(b) => b,
+            Err(e) => panic!("{}: {e}", self.device.name()),
+        }
+    }
+
+    fn expect<T>(&self, r: Result<T, GpuError>) -> T {
+        r.unwrap_or_else(|e| panic!("{}: {e}", self.device.name()))
+    }
+
+    /// Bytes of `x` as stored, from host f32.
+    fn encode(&self, data: &[f32]) -> Vec<u8> {
+        match self.dtype {
+            DType::F32 => bytemuck::cast_slice(data).to_vec(),
+            DType::Bf16 => {
+                let h: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                bytemuck::cast_slice(&h).to_vec()
+            }
+        }
+    }
+
+    /// Host f32 of a stored tensor.
+    fn decode(&self, bytes: &[u8]) -> Vec<f32> {
+        match self.dtype {
+            DType::F32 => bytemuck::pod_collect_to_vec(bytes),
+            DType::Bf16 => {
+                let h: Vec<bf16> = bytemuck::pod_collect_to_vec(bytes);
+                h.iter().map(|x| x.to_f32()).collect()
+            }
+        }
+    }
+
+    /// Runs a method op on the host with the CPU reference (see the module docs).
+    fn on_host<R>(&self, f: impl FnOnce(&CpuBackend<f32>) -> R) -> R {
+        f(&CpuBackend::<f32>::new())
+    }
+
+    fn overwrite(&self, dst: &mut GpuTensor<D>, data: &[f32]) {
+        self.check("host result", dst, data.len());
+        let bytes = self.encode(data);
+        self.expect(self.device.upload(&mut dst.buf, &bytes));
+    }
+
+    /// The relative-position bucket of every `key - query` in `-(T-1) ..= S-1`: `(T+S-1)`,
+    /// entry `rel + T - 1`. Computed on the host with the one definition all backends share.
+    fn relative_buckets(&self, bias: &RelBias<'_, GpuTensor<D>>, t: usize, s: usize) -> GpuIndex<D> {
+        let buckets: Vec<i32> = (-(t as i64 - 1)..s as i64)
+            .map(|rel| {
+                relative_position_bucket(rel, bias.bidirectional, bias.num_buckets, bias.max_distance)
+                    as i32
+            })
+            .collect();
+        self.upload_index(&buckets)
+    }
+
+    /// Scaled scores `scale·Q·Kᵀ` of every head into `scores (B, H, T, S)`.
+    fn attention_scores(
+        &self,
+        scores: &GpuTensor<D>,
+        q: &GpuTensor<D>,
+        k: &GpuTensor<D>,
+        scale: f64,
+        dims: AttnDims,
+    ) {
+        let AttnDims { b, t, s, h, h_kv, d } = dims;
+        let el = self.dtype.size() as u64;
+        for hh in 0..h {
+            let kvh = hh / (h / h_kv);
+            let g = GemmDesc {
+                lda: h * d,
+                ldb: h_kv * d,
+                ldc: s,
+                batch: b,
+                stride_a: t * h * d,
+                stride_b: s * h_kv * d,
+                stride_c: h * t * s,
+                alpha: scale as f32,
+                ..GemmDesc::dense(t, s, d, false, true)
+            };
+            self.gemm(
+                self.device.ptr(&scores.buf) + (hh * t * s) as u64 * el,
+                self.device.ptr(&q.buf) + (hh * d) as u64 * el,
+                self.device.ptr(&k.buf) + (kvh * d) as u64 * el,
+                &g,
+            );
+        }
+    }
+
+    /// Masks, biases and softmaxes `scores (B, H, T, S)` in place; `lse (B, H, T)`.
+    fn attention_softmax(
+        &self,
+        scores: &GpuTensor<D>,
+        lse: &GpuTensor<D>,
+        mask: &AttnMask<'_, GpuIndex<D>>,
+        bias: Option<&RelBias<'_, GpuTensor<D>>>,
+        dims: AttnDims,
+    ) {
+        let AttnDims { b, t, s, h, .. } = dims;
+        let buckets = bias.map(|bias| self.relative_buckets(bias, t, s));
+        if let Some(bias) = bias {
+            self.check("attention: relative bias table", bias.table, bias.num_buckets * h);
+        }
+        self.launch(
+            "attention_softmax_forward",
+            LaunchCfg::linear((b * h * t) as u32, ROW_BLOCK),
+            &[
+                self.ptr(scores),
+                self.ptr(lse),
+                self.iptr(mask.key_mask),
+                bias.map_or(Arg::Ptr(0), |bias| self.ptr(bias.table)),
+                buckets.as_ref().map_or(Arg::Ptr(0), |x| self.iptr(x)),
+                dim(b),
+                dim(h),
+                dim(t),
+                dim(s),
+                Arg::I32(mask.causal as i32),
+            ],
+        );
+    }
+
+    fn check_attention(&self, q: &GpuTensor<D>, k: &GpuTensor<D>, v: &GpuTensor<D>, mask: &AttnMask<'_, GpuIndex<D>>, dims: AttnDims) {
+        let AttnDims { b, t, s, h, h_kv, d } = dims;
+        assert!(h_kv > 0 && h % h_kv == 0, "attention: H = {h} is not a multiple of Hkv = {h_kv}");
+        self.check("attention: q", q, b * t * h * d);
+        self.check("attention: k", k, b * s * h_kv * d);
+        self.check("attention: v", v, b * s * h_kv * d);
+        self.check_index("attention: key_mask", mask.key_mask, b * s);
+    }
+}
+
+impl<D: Device> Backend for GpuBackend<D> {
+    type Tensor = GpuTensor<D>;
+    type Index = GpuIndex<D>;
+
+    fn name(&self) -> String {
+        format!("{}-{}", self.device.name(), self.dtype)
+    }
+
+    // ---- buffers ------------------------------------------------------------------------------
+
+    fn zeros(&self, len: usize) -> GpuTensor<D> {
+        GpuTensor {
+            buf: self.alloc_bytes(len * self.dtype.size()),
+            len,
+        }
+    }
+
+    fn upload_f32(&self, data: Vec<f32>) -> GpuTensor<D> {
+        let mut x = self.zeros(data.len());
+        let bytes = self.encode(&data);
+        self.expect(self.device.upload(&mut x.buf, &bytes));
+        x
+    }
+
+    fn upload_f64(&self, data: &[f64]) -> GpuTensor<D> {
+        self.upload_f32(data.iter().map(|&x| x as f32).collect())
+    }
+
+    fn download_f32(&self, x: &GpuTensor<D>) -> Vec<f32> {
+        let mut bytes = vec![0u8; x.len * self.dtype.size()];
+        self.expect(self.device.download(&x.buf, &mut bytes));
+        self.decode(&bytes)
+    }
+
+    fn download_f64(&self, x: &GpuTensor<D>) -> Vec<f64> {
+        self.download_f32(x).into_iter().map(f64::from).collect()
+    }
+
+    fn copy(&self, x: &GpuTensor<D>) -> GpuTensor<D> {
+        let mut y = self.zeros(x.len);
+        self.expect(self.device.copy(&mut y.buf, &x.buf, x.len * self.dtype.size()));
+        y
+    }
+
+    fn upload_index(&self, data: &[i32]) -> GpuIndex<D> {
+        let mut buf = self.alloc_bytes(std::mem::size_of_val(data));
+        self.expect(self.device.upload(&mut buf, bytemuck::cast_slice(data)));
+        GpuIndex {
+            buf,
+            len: data.len(),
+        }
+    }
+
+    fn len(&self, x: &GpuTensor<D>) -> usize {
+        x.len
+    }
+
+    // ---- elementwise --------------------------------------------------------------------------
+
+    fn fill_zero(&self, x: &mut GpuTensor<D>) {
+        let bytes = x.len * self.dtype.size();
+        self.expect(self.device.memset_zero(&mut x.buf, bytes));
+    }
+
+    fn add_assign(&self, dst: &mut GpuTensor<D>, src: &GpuTensor<D>) {
+        self.check("add_assign: src", src, dst.len);
+        let n = dst.len;
+        self.launch(
+            "add_assign",
+            LaunchCfg::linear(blocks_for(n, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            &[self.ptr(dst), self.ptr(src), dim(n)],
+        );
+    }
+
+    // ---- GEMM ---------------------------------------------------------------------------------
+
+    fn matmul(&self, out: &mut GpuTensor<D>, a: &GpuTensor<D>, b: &GpuTensor<D>, g: Gemm) {
+        self.check("matmul: out", out, g.m * g.n);
+        self.check("matmul: a", a, g.m * g.k);
+        self.check("matmul: b", b, g.k * g.n);
+        let desc = GemmDesc {
+            alpha: g.alpha as f32,
+            beta: if g.accumulate { 1.0 } else { 0.0 },
+            ..GemmDesc::dense(g.m, g.n, g.k, g.trans_a, g.trans_b)
+        };
+        self.gemm(
+            self.device.ptr(&out.buf),
+            self.device.ptr(&a.buf),
+            self.device.ptr(&b.buf),
+            &desc,
+        );
+    }
+
+    fn add_bias(&self, x: &mut GpuTensor<D>, bias: &GpuTensor<D>, n: usize, f: usize) {
+        self.check("add_bias: x", x, n * f);
+        self.check("add_bias: bias", bias, f);
+        self.launch(
+            "add_bias",
+            LaunchCfg::linear(blocks_for(n * f, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            &[self.ptr(x), self.ptr(bias), dim(n), dim(f)],
+        );
+    }
+
+    fn bias_backward(&self, dbias: &mut GpuTensor<D>, dout: &GpuTensor<D>, n: usize, f: usize) {
+        self.check("bias_backward: dbias", dbias, f);
+        self.check("bias_backward: dout", dout, n * f);
+        self.launch(
+            "bias_backward",
+            LaunchCfg::linear(blocks_for(f, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            &[self.ptr(dbias), self.ptr(dout), dim(n), dim(f)],
+        );
+    }
+
+    // ---- rows ---------------------------------------------------------------------------------
+
+    fn gather_rows(
+        &self,
+        out: &mut GpuTensor<D>,
+        table: &GpuTensor<D>,
+        rows: &GpuIndex<D>,
+        m: usize,
+        c: usize,
+    ) {
+        self.check("gather_rows: out", out, m * c);
+        self.check_index("gather_rows: rows", rows, m);
+        assert_eq!(table.len % c.max(1), 0, "gather_rows: table is not (R, C)");
+        self.launch(
+            "gather_rows",
+            LaunchCfg::linear(m as u32, ROW_BLOCK),
+            &[self.ptr(out), self.ptr(table), self.iptr(rows), dim(m), dim(c), dim(table.len / c.max(1))],
+        );
+    }
+
+    fn scatter_rows_add(
+        &self,
+        dtable: &mut GpuTensor<D>,
+        dout: &GpuTensor<D>,
+        rows: &GpuIndex<D>,
+        m: usize,
+        c: usize,
+    ) {
+        self.check("scatter_rows_add: dout", dout, m * c);
+        self.check_index("scatter_rows_add: rows", rows, m);
+        assert_eq!(dtable.len % c.max(1), 0, "scatter_rows_add: dtable is not (R, C)");
+        let r = dtable.len / c.max(1);
+        self.launch(
+            "scatter_rows_add",
+            LaunchCfg::linear(m as u32, ROW_BLOCK),
+            &[self.ptr(dtable), self.ptr(dout), self.iptr(rows), dim(m), dim(c), dim(r)],
+        );
+    }
+
+    fn embed_prompt_forward(
+        &self,
+        out: &mut GpuTensor<D>,
+        table: &GpuTensor<D>,
+        ids: &GpuIndex<D>,
+        prompt: &GpuTensor<D>,
+        update: Option<&GpuTensor<D>>,
+        b: usize,
+        t: usize,
+        p: usize,
+        c: usize,
+    ) {
+        self.check("embed_prompt_forward: out", out, b * (p + t) * c);
+        self.check_index("embed_prompt_forward: ids", ids, b * t);
+        self.check("embed_prompt_forward: prompt", prompt, p * c);
+        if let Some(u) = update {
+            assert!(u.len >= t * c, "embed_prompt_forward: update has fewer than T rows");
+        }
+        assert_eq!(table.len % c.max(1), 0, "embed_prompt_forward: table is not (V, C)");
+        self.launch(
+            "embed_prompt_forward",
+            LaunchCfg::linear((b * (p + t)) as u32, ROW_BLOCK),
+            &[
+                self.ptr(out),
+                self.ptr(table),
+                self.iptr(ids),
+                self.ptr(prompt),
+                self.opt_ptr(update),
+                dim(b),
+                dim(t),
+                dim(p),
+                dim(c),
+                dim(table.len / c.max(1)),
+            ],
+        );
+    }
+
+    fn embed_prompt_backward(
+        &self,
+        d_prompt: &mut GpuTensor<D>,
+        d_update: Option<&mut GpuTensor<D>>,
+        dout: &GpuTensor<D>,
+        b: usize,
+        t: usize,
+        p: usize,
+        c: usize,
+    ) {
+        self.check("embed_prompt_backward: d_prompt", d_prompt, p * c);
+        self.check("embed_prompt_backward: dout", dout, b * (p + t) * c);
+        let m = d_update.as_ref().map_or(0, |u| u.len / c.max(1));
+        if let Some(u) = &d_update {
+            assert!(u.len >= t * c && u.len % c.max(1) == 0, "embed_prompt_backward: d_update is not (M ≥ T, C)");
+        }
+        let d_update_ptr = d_update.map_or(Arg::Ptr(0), |u| self.ptr(u));
+        self.launch(
+            "embed_prompt_backward",
+            LaunchCfg::linear(blocks_for((p + m) * c, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            &[
+                self.ptr(d_prompt),
+                d_update_ptr,
+                self.ptr(dout),
+                dim(b),
+                dim(t),
+                dim(p),
+                dim(c),
+                dim(m),
+            ],
+        );
+    }
+
+    // ---- normalisation ------------------------------------------------------------------------
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut GpuTensor<D>,
+        rstd: &mut GpuTensor<D>,
+        inp: &GpuTensor<D>,
+        weight: &GpuTensor<D>,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) {
+        self.check("rmsnorm_forward: out", out, n * c);
+        self.check("rmsnorm_forward: rstd", rstd, n);
+        self.check("rmsnorm_forward: inp", inp, n * c);
+        self.check("rmsnorm_forward: weight", weight, c);
+        self.launch(
+            "rmsnorm_forward",
+            LaunchCfg::linear(n as u32, ROW_BLOCK),
+            &[
+                self.ptr(out),
+                self.ptr(rstd),
+                self.ptr(inp),
+                self.ptr(weight),
+                dim(n),
+                dim(c),
+                Arg::F32(eps as f32),
+            ],
+        );
+    }
+
+    fn rmsnorm_backward_dinp(
+        &self,
+        dinp: &mut GpuTensor<D>,
+        dout: &GpuTensor<D>,
+        inp: &GpuTensor<D>,
+        weight: &GpuTensor<D>,
+        rstd: &GpuTensor<D>,
+        n: usize,
+        c: usize,
+    ) {
+        self.check("rmsnorm_backward_dinp: dinp", dinp, n * c);
+        self.check("rmsnorm_backward_dinp: dout", dout, n * c);
+        self.check("rmsnorm_backward_dinp: inp", inp, n * c);
+        self.check("rmsnorm_backward_dinp: weight", weight, c);
+        self.check("rmsnorm_backward_dinp: rstd", rstd, n);
+        self.launch(
+            "rmsnorm_backward_dinp",
+            LaunchCfg::linear(n as u32, ROW_BLOCK),
+            &[
+                self.ptr(dinp),
+                self.ptr(dout),
+                self.ptr(inp),
+                self.ptr(weight),
+                self.ptr(rstd),
+                dim(n),
+                dim(c),
+            ],
+        );
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &mut GpuTensor<D>,
+        mean: &mut GpuTensor<D>,
+        rstd: &mut GpuTensor<D>,
+        inp: &GpuTensor<D>,
+        weight: &GpuTensor<D>,
+        bias: &GpuTensor<D>,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) {
+        self.check("layernorm_forward: out", out, n * c);
+        self.check("layernorm_forward: mean", mean, n);
+        self.check("layernorm_forward: rstd", rstd, n);
+        self.check("layernorm_forward: inp", inp, n * c);
+        self.check("layernorm_forward: weight", weight, c);
+        self.check("layernorm_forward: bias", bias, c);
+        self.launch(
+            "layernorm_forward",
+            LaunchCfg::linear(n as u32, ROW_BLOCK),
+            &[
+                self.ptr(out),
+                self.ptr(mean),
+                self.ptr(rstd),
+                self.ptr(inp),
+                self.ptr(weight),
+                self.ptr(bias),
+                dim(n),
+                dim(c),
+                Arg::F32(eps as f32),
+            ],
+        );
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &mut GpuTensor<D>,
+        dweight: &mut GpuTensor<D>,
+        dbias: &mut GpuTensor<D>,
+        dout: &GpuTensor<D>,
+        inp: &GpuTensor<D>,
+        weight: &GpuTensor<D>,
+        mean: &GpuTensor<D>,
+        rstd: &GpuTensor<D>,
+        n: usize,
+        c: usize,
+    ) {
+        self.check("layernorm_backward: dinp", dinp, n * c);
+        self.check("layernorm_backward: dweight", dweight, c);
+        self.check("layernorm_backward: dbias", dbias, c);
+        self.check("layernorm_backward: dout", dout, n * c);
+        self.check("layernorm_backward: inp", inp, n * c);
+        self.check("layernorm_backward: weight", weight, c);
+        self.check("layernorm_backward: mean", mean, n);
+        self.check("layernorm_backward: rstd", rstd, n);
+        self.launch(
+            "layernorm_backward_dinp",
+            LaunchCfg::linear(n as u32, ROW_BLOCK),
+            &[
+                self.ptr(dinp),
+                self.ptr(dout),
+                self.ptr(inp),
+                self.ptr(weight),
+                self.ptr(mean),
+                self.ptr(rstd),
+                dim(n),
+                dim(c),
+            ],
+        );
+        self.launch(
+            "layernorm_backward_dweight",
+            LaunchCfg::linear(blocks_for(c, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            &[
+                self.ptr(dweight),
+                self.ptr(dbias),
+                self.ptr(dout),
+                self.ptr(inp),
+                self.ptr(mean),
+                self.ptr(rstd),
+                dim(n),
+                dim(c),
+            ],
+        );
+    }
+
+    fn softmax_rows_forward(&self, out: &mut GpuTensor<D>, inp: &GpuTensor<D>, n: usize, k: usize) {
+        self.check("softmax_rows_forward: out", out, n * k);
+        self.check("softmax_rows_forward: inp", inp, n * k);
+        self.launch(
+            "softmax_rows_forward",
+            LaunchCfg::linear(n as u32, ROW_BLOCK),
+            &[self.ptr(out), self.ptr(inp), dim(n), dim(k)],
+        );
+    }
+
+    fn softmax_rows_backward_dinp(
+        &self,
+        dinp: &mut GpuTensor<D>,
+        dout: &GpuTensor<D>,
+        out: &GpuTensor<D>,
+        n: usize,
+        k: usize,
+    ) {
+        self.check("softmax_rows_backward_dinp: dinp", dinp, n * k);
+        self.check("softmax_rows_backward_dinp: dout", dout, n * k);
+        self.check("softmax_rows_backward_dinp: out", out, n * k);
+        self.launch(
+            "softmax_rows_backward_dinp",
+            LaunchCfg::linear(n as u32, ROW_BLOCK),
+            &[self.ptr(dinp), self.ptr(dout), self.ptr(out), dim(n), dim(k)],
+        );
+    }
+
+    // ---- attention ----------------------------------------------------------------------------
+
+    fn attention_forward(
+        &self,
+        out: &mut GpuTensor<D>,
+        lse: &mut GpuTensor<D>,
+        q: &GpuTensor<D>,
+        k: &GpuTensor<D>,
+        v: &GpuTensor<D>,
+        mask: AttnMask<'_, GpuIndex<D>>,
+        bias: Option<RelBias<'_, GpuTensor<D>>>,
+        scale: f64,
+        dims: AttnDims,
+    ) {
+        let AttnDims { b, t, s, h, h_kv, d } = dims;
+        self.check_attention(q, k, v, &mask, dims);
+        self.check("attention_forward: out", out, b * t * h * d);
+        self.check("attention_forward: lse", lse, b * h * t);
+        let probs = self.zeros(b * h * t * s); // (B, H, T, S)
+        self.attention_scores(&probs, q, k, scale, dims);
+        self.attention_softmax(&probs, lse, &mask, bias.as_ref(), dims);
+        // out[b, :, hh] = P[b, hh] · V[b, :, kvh]
+        let el = self.dtype.size() as u64;
+        for hh in 0..h {
+            let kvh = hh / (h / h_kv);
+            let g = GemmDesc {
+                lda: s,
+                ldb: h_kv * d,
+                ldc: h * d,
+                batch: b,
+                stride_a: h * t * s,
+                stride_b: s * h_kv * d,
+                stride_c: t * h * d,
+                ..GemmDesc::dense(t, d, s, false, false)
+            };
+            self.gemm(
+                self.device.ptr(&out.buf) + (hh * d) as u64 * el,
+                self.device.ptr(&probs.buf) + (hh * t * s) as u64 * el,
+                self.device.ptr(&v.buf) + (kvh * d) as u64 * el,
+                &g,
+            );
+        }
+    }
+
+    fn attention_backward_dinp(
+        &self,
+        dq: &mut GpuTensor<D>,
+        dk: &mut GpuTensor<D>,
+        dv: &mut GpuTensor<D>,
+        dout: &GpuTensor<D>,
+        q: &GpuTensor<D>,
+        k: &GpuTensor<D>,
+        v: &GpuTensor<D>,
+        out: &GpuTensor<D>,
+        lse: &GpuTensor<D>,
+        mask: AttnMask<'_, GpuIndex<D>>,
+        bias: Option<RelBias<'_, GpuTensor<D>>>,
+        scale: f64,
+        dims: AttnDims,
+    ) {
+        let AttnDims { b, t, s, h, h_kv, d } = dims;
+        self.check_attention(q, k, v, &mask, dims);
+        self.check("attention_backward_dinp: dq", dq, q.len);
+        self.check("attention_backward_dinp: dk", dk, k.len);
+        self.check("attention_backward_dinp: dv", dv, v.len);
+        self.check("attention_backward_dinp: dout", dout, q.len);
+        self.check("attention_backward_dinp: out", out, q.len);
+        self.check("attention_backward_dinp: lse", lse, b * h * t);
+        // P is recomputed in full from the scores rather than from the saved lse, which in bf16
+        // would be too coarse (an error δ in lse scales a whole row of P by e^δ).
+        let probs = self.zeros(b * h * t * s); // (B, H, T, S)
+        let lse_scratch = self.zeros(b * h * t); // (B, H, T)
+        self.attention_scores(&probs, q, k, scale, dims);
+        self.attention_softmax(&probs, &lse_scratch, &mask, bias.as_ref(), dims);
+        let dprobs = self.zeros(b * h * t * s); // (B, H, T, S): dP, then dS in place
+        self.fill_zero(dk);
+        self.fill_zero(dv);
+        let el = self.dtype.size() as u64;
+        let p = |x: &GpuTensor<D>| self.device.ptr(&x.buf);
+        for hh in 0..h {
+            let kvh = hh / (h / h_kv);
+            let (qo, kvo, so) = (
+                (hh * d) as u64 * el,
+                (kvh * d) as u64 * el,
+                (hh * t * s) as u64 * el,
+            );
+            // dP = dO · Vᵀ  (T, S)
+            let g = GemmDesc {
+                lda: h * d,
+                ldb: h_kv * d,
+                ldc: s,
+                batch: b,
+                stride_a: t * h * d,
+                stride_b: s * h_kv * d,
+                stride_c: h * t * s,
+                ..GemmDesc::dense(t, s, d, false, true)
+            };
+            self.gemm(p(&dprobs) + so, p(dout) + qo, p(v) + kvo, &g);
+            // dV += Pᵀ · dO  (S, D)
+            let g = GemmDesc {
+                lda: s,
+                ldb: h * d,
+                ldc: h_kv * d,
+                batch: b,
+                stride_a: h * t * s,
+                stride_b: t * h * d,
+                stride_c: s * h_kv * d,
+                beta: 1.0,
+                ..GemmDesc::dense(s, d, t, true, false)
+            };
+            self.gemm(p(dv) + kvo, p(&probs) + so, p(dout) + qo, &g);
+        }
+        // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place.
+        self.launch(
+            "attention_softmax_backward",
+            LaunchCfg::linear((b * h * t) as u32, ROW_BLOCK),
+            &[self.ptr(&dprobs), self.ptr(&probs), dim(b * h * t), dim(s)],
+        );
+        for hh in 0..h {
+            let kvh = hh / (h / h_kv);
+            let (qo, kvo, so) = (
+                (hh * d) as u64 * el,
+                (kvh * d) as u64 * el,
+                (hh * t * s) as u64 * el,
+            );
+            // dQ = scale · dS · K  (T, D)
+            let g = GemmDesc {
+                lda: s,
+                ldb: h_kv * d,
+                ldc: h * d,
+                batch: b,
+                stride_a: h * t * s,
+                stride_b: s * h_kv * d,
+                stride_c: t * h * d,
+                alpha: scale as f32,
+                ..GemmDesc::dense(t, d, s, false, false)
+            };
+            self.gemm(p(dq) + qo, p(&dprobs) + so, p(k) + kvo, &g);
+            // dK += scale · dSᵀ · Q  (S, D)
+            let g = GemmDesc {
+                lda: s,
+                ldb: h * d,
+                ldc: h_kv * d,
+                batch: b,
+                stride_a: h * t * s,
+                stride_b: t * h * d,
+                stride_c: s * h_kv * d,
+                alpha: scale as f32,
+                beta: 1.0,
+                ..GemmDesc::dense(s, d, t, true, false)
+            };
+            self.gemm(p(dk) + kvo, p(&dprobs) + so, p(q) + qo, &g);
+        }
+    }
+
+    // ---- feed-forward -------------------------------------------------------------------------
+
+    fn gated_act_forward(
+        &self,
+        out: &mut GpuTensor<D>,
+        a: &GpuTensor<D>,
+        gate: Option<&GpuTensor<D>>,
+        act: Activation,
+        len: usize,
+    ) {
+        self.check("gated_act_forward: out", out, len);
+        self.check("gated_act_forward: a", a, len);
+        if let Some(g) = gate {
+            self.check("gated_act_forward: gate", g, len);
+        }
+        self.launch(
+            "gated_act_forward",
+            LaunchCfg::linear(blocks_for(len, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            &[
+                self.ptr(out),
+                self.ptr(a),
+                self.opt_ptr(gate),
+                dim(len),
+                Arg::I32(act_code(act)),
+            ],
+        );
+    }
+
+    fn gated_act_backward_dinp(
+        &self,
+        da: &mut GpuTensor<D>,
+        dgate: Option<&mut GpuTensor<D>>,
+        dout: &GpuTensor<D>,
+        a: &GpuTensor<D>,
+        gate: Option<&GpuTensor<D>>,
+        act: Activation,
+        len: usize,
+    ) {
+        self.check("gated_act_backward_dinp: da", da, len);
+        self.check("gated_act_backward_dinp: dout", dout, len);
+        self.check("gated_act_backward_dinp: a", a, len);
+        assert_eq!(
+            gate.is_some(),
+            dgate.is_some(),
+            "gated_act_backward_dinp: gate and dgate must both be given or both absent"
+        );
+        if let (Some(g), Some(dg)) = (gate, dgate.as_ref()) {
+            self.check("gated_act_backward_dinp: gate", g, len);
+            self.check("gated_act_backward_dinp: dgate", dg, len);
+        }
+        let dgate_ptr = dgate.map_or(Arg::Ptr(0), |x| self.ptr(x));
+        self.launch(
+            "gated_act_backward_dinp",
+            LaunchCfg::linear(blocks_for(len, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            &[
+                self.ptr(da),
+                dgate_ptr,
+                self.ptr(dout),
+                self.ptr(a),
+                self.opt_ptr(gate),
+                dim(len),
+                Arg::I32(act_code(act)),
+            ],
+        );
+    }
+
+    // ---- prompt-method ops (host; see the module docs) ----------------------------------------
+
+    fn fusion_attention_forward(
+        &self,
+        out: &mut GpuTensor<D>,
+        probs: &mut GpuTensor<D>,
+        ps: &GpuTensor<D>,
+        lr: &GpuTensor<D>,
+        mode: FusionMode,
+        s: usize,
+        m: usize,
+        c: usize,
+    ) {
+        let (ps, lr) = (self.download_f32(ps), self.download_f32(lr));
+        let (o, pr) = self.on_host(|cpu| {
+            let (mut o, mut pr) = (cpu.zeros(s * c), cpu.zeros(s * m));
+            cpu.fusion_attention_forward(&mut o, &mut pr, &ps, &lr, mode, s, m, c);
+            (o, pr)
+        });
+        self.overwrite(out, &o);
+        self.overwrite(probs, &pr);
+    }
+
+    fn fusion_attention_backward(
+        &self,
+        d_ps: &mut GpuTensor<D>,
+        d_lr: &mut GpuTensor<D>,
+        dout: &GpuTensor<D>,
+        ps: &GpuTensor<D>,
+        lr: &GpuTensor<D>,
+        probs: &GpuTensor<D>,
+        mode: FusionMode,
+        s: usize,
+        m: usize,
+        c: usize,
+    ) {
+        let (dout, ps, lr, probs) = (
+            self.download_f32(dout),
+            self.download_f32(ps),
+            self.download_f32(lr),
+            self.download_f32(probs),
+        );
+        let (a, b) = self.on_host(|cpu| {
+            let (mut a, mut b) = (cpu.zeros(s * c), cpu.zeros(m * c));
+            cpu.fusion_attention_backward(&mut a, &mut b, &dout, &ps, &lr, &probs, mode, s, m, c);
+            (a, b)
+        });
+        self.overwrite(d_ps, &a);
+        self.overwrite(d_lr, &b);
+    }
+
+    fn gated_experts_forward(
+        &self,
+        out: &mut GpuTensor<D>,
+        gate: &GpuTensor<D>,
+        experts: &[&GpuTensor<D>],
+        n: usize,
+        c: usize,
+    ) {
+        let gate = self.download_f32(gate);
+        let experts: Vec<Vec<f32>> = experts.iter().map(|x| self.download_f32(x)).collect();
+        let o = self.on_host(|cpu| {
+            let mut o = cpu.zeros(n * c);
+            let refs: Vec<&Vec<f32>> = experts.iter().collect();
+            cpu.gated_experts_forward(&mut o, &gate, &refs, n, c);
+            o
+        });
+        self.overwrite(out, &o);
+    }
+
+    fn gated_experts_backward(
+        &self,
+        d_gate: &mut GpuTensor<D>,
+        d_experts: &mut [GpuTensor<D>],
+        dout: &GpuTensor<D>,
+        gate: &GpuTensor<D>,
+        experts: &[&GpuTensor<D>],
+        n: usize,
+        c: usize,
+    ) {
+        let (dout, gate) = (self.download_f32(dout), self.download_f32(gate));
+        let experts: Vec<Vec<f32>> = experts.iter().map(|x| self.download_f32(x)).collect();
+        let e = experts.len();
+        let (dg, de) = self.on_host(|cpu| {
+            let mut dg = cpu.zeros(n * e);
+            let mut de: Vec<Vec<f32>> = (0..e).map(|_| cpu.zeros(n * c)).collect();
+            let refs: Vec<&Vec<f32>> = experts.iter().collect();
+            cpu.gated_experts_backward(&mut dg, &mut de, &dout, &gate, &refs, n, c);
+            (dg, de)
+        });
+        self.overwrite(d_gate, &dg);
+        for (dst, src) in d_experts.iter_mut().zip(&de) {
+            self.overwrite(dst, src);
+        }
+    }
+
+    fn lamp_pool_forward(
+        &self,
+        out: &mut GpuTensor<D>,
+        u: &GpuTensor<D>,
+        q: &GpuTensor<D>,
+        v: &GpuTensor<D>,
+        l: usize,
+        r: usize,
+        c: usize,
+        p: usize,
+    ) {
+        let (u, q, v) = (self.download_f32(u), self.download_f32(q), self.download_f32(v));
+        let o = self.on_host(|cpu| {
+            let mut o = cpu.zeros(out.len);
+            cpu.lamp_pool_forward(&mut o, &u, &q, &v, l, r, c, p);
+            o
+        });
+        self.overwrite(out, &o);
+    }
+
+    fn lamp_pool_backward(
+        &self,
+        du: &mut GpuTensor<D>,
+        dq: &mut GpuTensor<D>,
+        dv: &mut GpuTensor<D>,
+        dout: &GpuTensor<D>,
+        u: &GpuTensor<D>,
+        q: &GpuTensor<D>,
+        v: &GpuTensor<D>,
+        l: usize,
+        r: usize,
+        c: usize,
+        p: usize,
+    ) {
+        // The gradients accumulate (+=): start from the current values.
+        let (mut du_h, mut dq_h, mut dv_h) =
+            (self.download_f32(du), self.download_f32(dq), self.download_f32(dv));
+        let (dout, u, q, v) = (
+            self.download_f32(dout),
+            self.download_f32(u),
+            self.download_f32(q),
+            self.download_f32(v),
+        );
+        self.on_host(|cpu| {
+            cpu.lamp_pool_backward(&mut du_h, &mut dq_h, &mut dv_h, &dout, &u, &q, &v, l, r, c, p)
+        });
+        self.overwrite(du, &du_h);
+        self.overwrite(dq, &dq_h);
+        self.overwrite(dv, &dv_h);
+    }
+
+    // ---- optimiser ----------------------------------------------------------------------------
+
+    fn sum_squares(&self, x: &GpuTensor<D>) -> f64 {
+        let n = x.len;
+        let blocks = blocks_for(n, ELEMENTWISE_BLOCK).min(1024);
+        let mut partial = self.alloc_bytes(blocks as usize * 4); // (blocks) f32
+        self.expect(self.device.memset_zero(&mut partial, blocks as usize * 4));
+        self.launch(
+            "sum_squares",
+            LaunchCfg::linear(blocks, ELEMENTWISE_BLOCK),
+            &[Arg::Ptr(self.device.ptr(&partial)), self.ptr(x), dim(n)],
+        );
+        let mut bytes = vec![0u8; blocks as usize * 4];
+        self.expect(self.device.download(&partial, &mut bytes));
+        let partial: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+        partial.iter().map(|&p| p as f64).sum()
+    }
+
+    fn adamw_step(
+        &self,
+        param: &mut GpuTensor<D>,
+        m: &mut GpuTensor<D>,
+        v: &mut GpuTensor<D>,
+        grad: &GpuTensor<D>,
+        h: AdamW,
+    ) {
+        let n = param.len;
+        self.check("adamw_step: m", m, n);
+        self.check("adamw_step: v", v, n);
+        self.check("adamw_step: grad", grad, n);
+        assert!(h.step >= 1, "adamw_step: steps count from 1");
+        // Bias corrections in f64 on the host, as the CPU reference.
+        let bc1 = 1.0 - h.beta1.powf(h.step as f64);
+        let bc2 = 1.0 - h.beta2.powf(h.step as f64);
+        self.launch(
+            "adamw_step",
+            LaunchCfg::linear(blocks_for(n, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            &[
+                self.ptr(param),
+                self.ptr(m),
+                self.ptr(v),
+                self.ptr(grad),
+                dim(n),
+                Arg::F32(h.lr as f32),
+                Arg::F32(h.beta1 as f32),
+                Arg::F32(h.beta2 as f32),
+                Arg::F32(h.eps as f32),
+                Arg::F32(h.weight_decay as f32),
+                Arg::F32(bc1 as f32),
+                Arg::F32(bc2 as f32),
+                Arg::F32(h.grad_scale as f32),
+            ],
+        );
+    }
+
+    // ---- loss ---------------------------------------------------------------------------------
+
+    fn cross_entropy_forward_backward(
+        &self,
+        losses: &mut GpuTensor<D>,
+        dlogits: &mut GpuTensor<D>,
+        logits: &GpuTensor<D>,
+        targets: &GpuIndex<D>,
+        dloss: f64,
+        m: usize,
+        v: usize,
+    ) {
+        self.check("cross_entropy: losses", losses, m);
+        self.check("cross_entropy: dlogits", dlogits, m * v);
+        self.check("cross_entropy: logits", logits, m * v);
+        self.check_index("cross_entropy: targets", targets, m);
+        self.launch(
+            "cross_entropy_forward_backward",
+            LaunchCfg::linear(m as u32, ROW_BLOCK),
+            &[
+                self.ptr(losses),
+                self.ptr(dlogits),
+                self.ptr(logits),
+                self.iptr(targets),
+                dim(m),
+                dim(v),
+                Arg::F32(dloss as f32),
+            ],
+        );
+    }
+}

@@ -1,0 +1,67 @@
+//! GpuBackend<VirtualDevice> against the CPU reference, op by op: fresh random inputs, odd
+//! sizes, outputs poisoned with NaN before each launch (so a kernel that skips an element shows),
+//! in f32 (rel ≤ 1e-5) and bf16 (rel ≤ 2e-2). Inputs are rounded to the dtype first, so both
+//! backends see the same numbers and only the arithmetic differs.
+
+use half::bf16;
+
+use super::device::DType;
+use super::vgpu::VirtualDevice;
+use super::GpuBackend;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::testing::{random_vec, rel_err_f32};
+
+mod elementwise;
+mod norm_attention;
+
+pub(super) type Vgpu = GpuBackend<VirtualDevice>;
+
+/// Both dtypes with their tolerances.
+pub(super) fn backends() -> Vec<(Vgpu, f64)> {
+    vec![
+        (GpuBackend::new(VirtualDevice::new(), DType::F32), 1e-5),
+        (GpuBackend::new(VirtualDevice::new(), DType::Bf16), 2e-2),
+    ]
+}
+
+pub(super) fn cpu() -> CpuBackend<f32> {
+    CpuBackend::new()
+}
+
+/// Random values in (-scale, scale), rounded to what `dtype` can hold.
+pub(super) fn inputs(n: usize, scale: f64, seed: u64, dtype: DType) -> Vec<f32> {
+    random_vec(n, scale, seed)
+        .into_iter()
+        .map(|x| round_to(x as f32, dtype))
+        .collect()
+}
+
+pub(super) fn round_to(x: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => x,
+        DType::Bf16 => bf16::from_f32(x).to_f32(),
+    }
+}
+
+/// An output buffer full of NaN: every element the op should write but does not stays NaN.
+pub(super) fn poisoned(be: &Vgpu, n: usize) -> <Vgpu as Backend>::Tensor {
+    be.upload_f32(vec![f32::NAN; n])
+}
+
+/// Asserts `rel_err(gpu, reference) ≤ tol`, naming the op and dtype.
+#[track_caller]
+pub(super) fn assert_close(what: &str, be: &Vgpu, x: &<Vgpu as Backend>::Tensor, reference: &[f32], tol: f64) {
+    let got = be.download_f32(x);
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{what} ({}): non-finite output (an element was not written?)",
+        be.dtype()
+    );
+    let err = rel_err_f32(&got, reference);
+    assert!(
+        err <= tol,
+        "{what} ({}): relative error {err:.3e} > {tol:.0e}",
+        be.dtype()
+    );
+}
