@@ -7,6 +7,11 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
 use fastpt::backend::cpu::CpuBackend;
+use fastpt::backend::gpu::check::{check_ops, check_steps, results_table, CheckResult};
+use fastpt::backend::gpu::cuda::CudaDevice;
+use fastpt::backend::gpu::device::{DType, Device};
+use fastpt::backend::gpu::vgpu::VirtualDevice;
+use fastpt::backend::gpu::GpuBackend;
 use fastpt::backend::Backend;
 use fastpt::config::RunConfig;
 use fastpt::data::HostBatch;
@@ -43,6 +48,38 @@ enum Command {
     Forward(ForwardArgs),
     /// Parameter counts of a prompt method (train-time and stored), or the papers' table.
     Params(ParamsArgs),
+    /// Check the GPU: device facts, kernel compilation, every op and whole training steps
+    /// against the CPU reference in bf16 and f32. Without a GPU, the same on the virtual GPU.
+    Doctor(DoctorArgs),
+}
+
+/// Where a command runs.
+#[derive(Args)]
+struct DeviceArgs {
+    /// auto: a CUDA GPU when one is usable, else the CPU; cpu: the CPU reference; cuda: the GPU
+    /// (an error when none is usable); vgpu: the virtual GPU, our CUDA kernels compiled for the
+    /// CPU (a test device: exact, slow).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda", "vgpu"])]
+    device: String,
+    /// Storage type on a GPU: bf16 (f32 accumulation) or f32 (for exact comparisons).
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
+    dtype: String,
+    /// Run the CPU reference in f64 instead of f32 (implies the CPU).
+    #[arg(long)]
+    f64: bool,
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// auto: the CUDA GPU, or the virtual GPU when none is usable; cuda; vgpu.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cuda", "vgpu"])]
+    device: String,
+    /// Built-in T5 shape of the whole-step checks.
+    #[arg(long, default_value = "t5-tiny", value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES))]
+    shape: String,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -85,9 +122,8 @@ struct TrainArgs {
     /// Continue the run in out_dir from its checkpoint.
     #[arg(long)]
     resume: bool,
-    /// Run the CPU reference in f64 instead of f32.
-    #[arg(long)]
-    f64: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -98,9 +134,8 @@ struct RunArgs {
     /// Seed of the random weights and the built-in batch.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Run the CPU reference in f64 instead of f32.
-    #[arg(long)]
-    f64: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Prompt-tune with this method at the papers' defaults (pt, ptuning, residual, dpt, dept,
     /// ept, lamp, xpt).
     #[arg(long, conflicts_with = "config")]
@@ -132,9 +167,8 @@ struct ForwardArgs {
     /// d_inputs_embeds (safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// Run the CPU reference in f64 instead of f32.
-    #[arg(long)]
-    f64: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -148,30 +182,73 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The backend a command runs on, chosen by [`DeviceArgs`].
+enum Selected {
+    Cpu32,
+    Cpu64,
+    Vgpu(DType),
+    Cuda(CudaDevice, DType),
+}
+
+fn select_device(args: &DeviceArgs) -> Result<Selected> {
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        _ => DType::Bf16,
+    };
+    if args.f64 {
+        if matches!(args.device.as_str(), "cuda" | "vgpu") {
+            bail!(
+                "--f64 runs the CPU reference; it cannot be combined with --device {}",
+                args.device
+            );
+        }
+        return Ok(Selected::Cpu64);
+    }
+    Ok(match args.device.as_str() {
+        "cpu" => Selected::Cpu32,
+        "vgpu" => Selected::Vgpu(dtype),
+        "cuda" => Selected::Cuda(CudaDevice::new(0)?, dtype),
+        _ => match CudaDevice::new(0) {
+            Ok(dev) => Selected::Cuda(dev, dtype),
+            Err(e) => {
+                eprintln!("fastpt: no usable GPU ({e}); running on the CPU");
+                Selected::Cpu32
+            }
+        },
+    })
+}
+
+/// Runs `$body` with `$be` bound to the selected backend (each arm is its own instantiation).
+macro_rules! with_backend {
+    ($args:expr, |$be:ident| $body:expr) => {
+        match select_device($args)? {
+            Selected::Cpu32 => {
+                let $be = &CpuBackend::<f32>::new();
+                $body
+            }
+            Selected::Cpu64 => {
+                let $be = &CpuBackend::<f64>::new();
+                $body
+            }
+            Selected::Vgpu(dtype) => {
+                let $be = &GpuBackend::new(VirtualDevice::new(), dtype);
+                $body
+            }
+            Selected::Cuda(dev, dtype) => {
+                let $be = &GpuBackend::new(dev, dtype);
+                $body
+            }
+        }
+    };
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run(args) => {
-            if args.f64 {
-                train_cmd(&CpuBackend::<f64>::new(), &args)
-            } else {
-                train_cmd(&CpuBackend::<f32>::new(), &args)
-            }
-        }
-        Command::Step(args) => {
-            if args.f64 {
-                run(&CpuBackend::<f64>::new(), &args)
-            } else {
-                run(&CpuBackend::<f32>::new(), &args)
-            }
-        }
+        Command::Run(args) => with_backend!(&args.device, |be| train_cmd(be, &args)),
+        Command::Step(args) => with_backend!(&args.device, |be| run(be, &args)),
         Command::Params(args) => params(&args),
-        Command::Forward(args) => {
-            if args.f64 {
-                forward(&CpuBackend::<f64>::new(), &args)
-            } else {
-                forward(&CpuBackend::<f32>::new(), &args)
-            }
-        }
+        Command::Forward(args) => with_backend!(&args.device, |be| forward(be, &args)),
+        Command::Doctor(args) => doctor(&args),
     }
 }
 
@@ -485,4 +562,47 @@ fn read_batch<B: Backend>(
     };
     // The library's errors already name the batch file.
     Ok(HostBatch::from_json_file(path, &model.cfg, Some(&encode))?)
+}
+
+fn doctor(args: &DoctorArgs) -> Result<()> {
+    match args.device.as_str() {
+        "vgpu" => doctor_on(VirtualDevice::new(), args),
+        "cuda" => doctor_on(CudaDevice::new(0)?, args),
+        _ => match CudaDevice::new(0) {
+            Ok(dev) => doctor_on(dev, args),
+            Err(e) => {
+                println!("no usable GPU: {e}");
+                println!("running the same checks on the virtual GPU (the CUDA kernels compiled for the CPU)\n");
+                doctor_on(VirtualDevice::new(), args)
+            }
+        },
+    }
+}
+
+fn doctor_on<D: Device>(dev: D, args: &DoctorArgs) -> Result<()> {
+    println!("device     {}", dev.name());
+    for line in dev.describe() {
+        println!("           {line}");
+    }
+    let name = dev.name();
+    let f32_backend = GpuBackend::new(dev, DType::F32);
+    let mut results: Vec<CheckResult> = Vec::new();
+    for dtype in [DType::F32, DType::Bf16] {
+        let be = f32_backend.with_dtype(dtype);
+        let start = std::time::Instant::now();
+        results.extend(check_ops(&be, args.seed));
+        results.extend(check_steps(&be, &args.shape, args.seed)?);
+        println!(
+            "checked    {dtype} in {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    println!();
+    print!("{}", results_table(&results));
+    let failed = results.iter().filter(|r| !r.passed()).count();
+    if failed > 0 {
+        bail!("{failed} of {} checks failed on {name}", results.len());
+    }
+    println!("\nall {} checks passed on {name}", results.len());
+    Ok(())
 }

@@ -272,3 +272,60 @@ fn run_trains_writes_the_run_folder_and_names_bad_config_keys() {
         "{stderr}"
     );
 }
+
+#[test]
+fn device_flags_are_checked() {
+    let (ok, _, err) = fastpt(&["step", "--f64", "--device", "vgpu"]);
+    assert!(!ok);
+    assert!(err.contains("--f64 runs the CPU reference"), "{err}");
+    let (ok, _, err) = fastpt(&["step", "--device", "tpu"]);
+    assert!(!ok);
+    assert!(err.contains("tpu"), "{err}");
+}
+
+#[test]
+fn forward_on_the_virtual_gpu_matches_the_cpu_loss() {
+    // The v1.0 fixture through `fastpt forward` on the virtual GPU in f32 and on the CPU.
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("batch.json");
+    std::fs::write(
+        &batch,
+        r#"{"input_ids": [[37, 5, 1], [8, 1]], "labels": [[5, 1], [9, 9, 1]]}"#,
+    )
+    .unwrap();
+    let model = fixture("t5-v1_0-tiny");
+    let loss = |device: &str| -> f64 {
+        let out = dir.path().join(format!("{device}.safetensors"));
+        let (ok, stdout, err) = fastpt(&[
+            "forward",
+            "--device",
+            device,
+            "--dtype",
+            "f32",
+            "--model",
+            model.to_str().unwrap(),
+            "--batch",
+            batch.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{device}: {err}");
+        assert!(
+            stdout.contains(&format!(
+                "backend    {}",
+                if device == "cpu" { "cpu" } else { "vgpu-f32" }
+            )),
+            "{stdout}"
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("loss"))
+            .expect("a loss line");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let (cpu, vgpu) = (loss("cpu"), loss("vgpu"));
+    assert!(
+        ((cpu - vgpu) / cpu).abs() < 1e-5,
+        "cpu {cpu} vs vgpu {vgpu}"
+    );
+}

@@ -138,6 +138,11 @@ pub trait Device: Send + Sync + 'static {
     /// "cuda:0 NVIDIA H100 80GB HBM3 (sm_90)", "vgpu".
     fn name(&self) -> String;
 
+    /// Facts for `fastpt doctor`: driver, compute capability, memory, ...
+    fn describe(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Zero-filled memory of `bytes` bytes (0 is allowed).
     fn alloc(&self, bytes: usize) -> Result<Self::Buffer, GpuError>;
 
@@ -149,8 +154,12 @@ pub trait Device: Send + Sync + 'static {
     fn download(&self, src: &Self::Buffer, dst: &mut [u8]) -> Result<(), GpuError>;
 
     /// Copies `bytes` bytes from `src` to `dst`.
-    fn copy(&self, dst: &mut Self::Buffer, src: &Self::Buffer, bytes: usize)
-        -> Result<(), GpuError>;
+    fn copy(
+        &self,
+        dst: &mut Self::Buffer,
+        src: &Self::Buffer,
+        bytes: usize,
+    ) -> Result<(), GpuError>;
 
     fn memset_zero(&self, buf: &mut Self::Buffer, bytes: usize) -> Result<(), GpuError>;
 

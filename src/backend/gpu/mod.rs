@@ -14,12 +14,15 @@
 //! The EPT-MS and LAMP method ops run on the host for now (download, CPU reference, upload):
 //! they touch a few thousand parameters per step. Their kernels come with the method-kernels work.
 
+pub mod check;
 pub mod cuda;
 pub mod device;
 pub mod nvrtc;
 #[cfg(test)]
 mod tests;
 pub mod vgpu;
+
+use std::sync::Arc;
 
 use half::bf16;
 
@@ -44,7 +47,8 @@ pub struct GpuIndex<D: Device> {
 
 /// See the module docs.
 pub struct GpuBackend<D: Device> {
-    device: D,
+    /// Shared: backends of both dtypes can run on one device (see [`GpuBackend::with_dtype`]).
+    device: Arc<D>,
     dtype: DType,
 }
 
@@ -71,7 +75,18 @@ fn dim(x: usize) -> Arg {
 
 impl<D: Device> GpuBackend<D> {
     pub fn new(device: D, dtype: DType) -> Self {
-        GpuBackend { device, dtype }
+        GpuBackend {
+            device: Arc::new(device),
+            dtype,
+        }
+    }
+
+    /// A backend of another dtype on the same device.
+    pub fn with_dtype(&self, dtype: DType) -> Self {
+        GpuBackend {
+            device: Arc::clone(&self.device),
+            dtype,
+        }
     }
 
     pub fn device(&self) -> &D {
@@ -162,11 +177,20 @@ impl<D: Device> GpuBackend<D> {
 
     /// The relative-position bucket of every `key - query` in `-(T-1) ..= S-1`: `(T+S-1)`,
     /// entry `rel + T - 1`. Computed on the host with the one definition all backends share.
-    fn relative_buckets(&self, bias: &RelBias<'_, GpuTensor<D>>, t: usize, s: usize) -> GpuIndex<D> {
+    fn relative_buckets(
+        &self,
+        bias: &RelBias<'_, GpuTensor<D>>,
+        t: usize,
+        s: usize,
+    ) -> GpuIndex<D> {
         let buckets: Vec<i32> = (-(t as i64 - 1)..s as i64)
             .map(|rel| {
-                relative_position_bucket(rel, bias.bidirectional, bias.num_buckets, bias.max_distance)
-                    as i32
+                relative_position_bucket(
+                    rel,
+                    bias.bidirectional,
+                    bias.num_buckets,
+                    bias.max_distance,
+                ) as i32
             })
             .collect();
         self.upload_index(&buckets)
@@ -181,7 +205,14 @@ impl<D: Device> GpuBackend<D> {
         scale: f64,
         dims: AttnDims,
     ) {
-        let AttnDims { b, t, s, h, h_kv, d } = dims;
+        let AttnDims {
+            b,
+            t,
+            s,
+            h,
+            h_kv,
+            d,
+        } = dims;
         let el = self.dtype.size() as u64;
         for hh in 0..h {
             let kvh = hh / (h / h_kv);
@@ -217,7 +248,11 @@ impl<D: Device> GpuBackend<D> {
         let AttnDims { b, t, s, h, .. } = dims;
         let buckets = bias.map(|bias| self.relative_buckets(bias, t, s));
         if let Some(bias) = bias {
-            self.check("attention: relative bias table", bias.table, bias.num_buckets * h);
+            self.check(
+                "attention: relative bias table",
+                bias.table,
+                bias.num_buckets * h,
+            );
         }
         self.launch(
             "attention_softmax_forward",
@@ -237,9 +272,26 @@ impl<D: Device> GpuBackend<D> {
         );
     }
 
-    fn check_attention(&self, q: &GpuTensor<D>, k: &GpuTensor<D>, v: &GpuTensor<D>, mask: &AttnMask<'_, GpuIndex<D>>, dims: AttnDims) {
-        let AttnDims { b, t, s, h, h_kv, d } = dims;
-        assert!(h_kv > 0 && h % h_kv == 0, "attention: H = {h} is not a multiple of Hkv = {h_kv}");
+    fn check_attention(
+        &self,
+        q: &GpuTensor<D>,
+        k: &GpuTensor<D>,
+        v: &GpuTensor<D>,
+        mask: &AttnMask<'_, GpuIndex<D>>,
+        dims: AttnDims,
+    ) {
+        let AttnDims {
+            b,
+            t,
+            s,
+            h,
+            h_kv,
+            d,
+        } = dims;
+        assert!(
+            h_kv > 0 && h % h_kv == 0,
+            "attention: H = {h} is not a multiple of Hkv = {h_kv}"
+        );
         self.check("attention: q", q, b * t * h * d);
         self.check("attention: k", k, b * s * h_kv * d);
         self.check("attention: v", v, b * s * h_kv * d);
@@ -287,7 +339,10 @@ impl<D: Device> Backend for GpuBackend<D> {
 
     fn copy(&self, x: &GpuTensor<D>) -> GpuTensor<D> {
         let mut y = self.zeros(x.len);
-        self.expect(self.device.copy(&mut y.buf, &x.buf, x.len * self.dtype.size()));
+        self.expect(
+            self.device
+                .copy(&mut y.buf, &x.buf, x.len * self.dtype.size()),
+        );
         y
     }
 
@@ -376,7 +431,14 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.launch(
             "gather_rows",
             LaunchCfg::linear(m as u32, ROW_BLOCK),
-            &[self.ptr(out), self.ptr(table), self.iptr(rows), dim(m), dim(c), dim(table.len / c.max(1))],
+            &[
+                self.ptr(out),
+                self.ptr(table),
+                self.iptr(rows),
+                dim(m),
+                dim(c),
+                dim(table.len / c.max(1)),
+            ],
         );
     }
 
@@ -390,12 +452,23 @@ impl<D: Device> Backend for GpuBackend<D> {
     ) {
         self.check("scatter_rows_add: dout", dout, m * c);
         self.check_index("scatter_rows_add: rows", rows, m);
-        assert_eq!(dtable.len % c.max(1), 0, "scatter_rows_add: dtable is not (R, C)");
+        assert_eq!(
+            dtable.len % c.max(1),
+            0,
+            "scatter_rows_add: dtable is not (R, C)"
+        );
         let r = dtable.len / c.max(1);
         self.launch(
             "scatter_rows_add",
             LaunchCfg::linear(m as u32, ROW_BLOCK),
-            &[self.ptr(dtable), self.ptr(dout), self.iptr(rows), dim(m), dim(c), dim(r)],
+            &[
+                self.ptr(dtable),
+                self.ptr(dout),
+                self.iptr(rows),
+                dim(m),
+                dim(c),
+                dim(r),
+            ],
         );
     }
 
@@ -415,9 +488,16 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.check_index("embed_prompt_forward: ids", ids, b * t);
         self.check("embed_prompt_forward: prompt", prompt, p * c);
         if let Some(u) = update {
-            assert!(u.len >= t * c, "embed_prompt_forward: update has fewer than T rows");
+            assert!(
+                u.len >= t * c,
+                "embed_prompt_forward: update has fewer than T rows"
+            );
         }
-        assert_eq!(table.len % c.max(1), 0, "embed_prompt_forward: table is not (V, C)");
+        assert_eq!(
+            table.len % c.max(1),
+            0,
+            "embed_prompt_forward: table is not (V, C)"
+        );
         self.launch(
             "embed_prompt_forward",
             LaunchCfg::linear((b * (p + t)) as u32, ROW_BLOCK),
@@ -450,12 +530,18 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.check("embed_prompt_backward: dout", dout, b * (p + t) * c);
         let m = d_update.as_ref().map_or(0, |u| u.len / c.max(1));
         if let Some(u) = &d_update {
-            assert!(u.len >= t * c && u.len % c.max(1) == 0, "embed_prompt_backward: d_update is not (M ≥ T, C)");
+            assert!(
+                u.len >= t * c && u.len % c.max(1) == 0,
+                "embed_prompt_backward: d_update is not (M ≥ T, C)"
+            );
         }
         let d_update_ptr = d_update.map_or(Arg::Ptr(0), |u| self.ptr(u));
         self.launch(
             "embed_prompt_backward",
-            LaunchCfg::linear(blocks_for((p + m) * c, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            LaunchCfg::linear(
+                blocks_for((p + m) * c, ELEMENTWISE_BLOCK),
+                ELEMENTWISE_BLOCK,
+            ),
             &[
                 self.ptr(d_prompt),
                 d_update_ptr,
@@ -640,7 +726,13 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.launch(
             "softmax_rows_backward_dinp",
             LaunchCfg::linear(n as u32, ROW_BLOCK),
-            &[self.ptr(dinp), self.ptr(dout), self.ptr(out), dim(n), dim(k)],
+            &[
+                self.ptr(dinp),
+                self.ptr(dout),
+                self.ptr(out),
+                dim(n),
+                dim(k),
+            ],
         );
     }
 
@@ -658,7 +750,14 @@ impl<D: Device> Backend for GpuBackend<D> {
         scale: f64,
         dims: AttnDims,
     ) {
-        let AttnDims { b, t, s, h, h_kv, d } = dims;
+        let AttnDims {
+            b,
+            t,
+            s,
+            h,
+            h_kv,
+            d,
+        } = dims;
         self.check_attention(q, k, v, &mask, dims);
         self.check("attention_forward: out", out, b * t * h * d);
         self.check("attention_forward: lse", lse, b * h * t);
@@ -704,7 +803,14 @@ impl<D: Device> Backend for GpuBackend<D> {
         scale: f64,
         dims: AttnDims,
     ) {
-        let AttnDims { b, t, s, h, h_kv, d } = dims;
+        let AttnDims {
+            b,
+            t,
+            s,
+            h,
+            h_kv,
+            d,
+        } = dims;
         self.check_attention(q, k, v, &mask, dims);
         self.check("attention_backward_dinp: dq", dq, q.len);
         self.check("attention_backward_dinp: dk", dk, k.len);
@@ -972,7 +1078,11 @@ impl<D: Device> Backend for GpuBackend<D> {
         c: usize,
         p: usize,
     ) {
-        let (u, q, v) = (self.download_f32(u), self.download_f32(q), self.download_f32(v));
+        let (u, q, v) = (
+            self.download_f32(u),
+            self.download_f32(q),
+            self.download_f32(v),
+        );
         let o = self.on_host(|cpu| {
             let mut o = cpu.zeros(out.len);
             cpu.lamp_pool_forward(&mut o, &u, &q, &v, l, r, c, p);
@@ -996,8 +1106,11 @@ impl<D: Device> Backend for GpuBackend<D> {
         p: usize,
     ) {
         // The gradients accumulate (+=): start from the current values.
-        let (mut du_h, mut dq_h, mut dv_h) =
-            (self.download_f32(du), self.download_f32(dq), self.download_f32(dv));
+        let (mut du_h, mut dq_h, mut dv_h) = (
+            self.download_f32(du),
+            self.download_f32(dq),
+            self.download_f32(dv),
+        );
         let (dout, u, q, v) = (
             self.download_f32(dout),
             self.download_f32(u),
@@ -1005,7 +1118,9 @@ impl<D: Device> Backend for GpuBackend<D> {
             self.download_f32(v),
         );
         self.on_host(|cpu| {
-            cpu.lamp_pool_backward(&mut du_h, &mut dq_h, &mut dv_h, &dout, &u, &q, &v, l, r, c, p)
+            cpu.lamp_pool_backward(
+                &mut du_h, &mut dq_h, &mut dv_h, &dout, &u, &q, &v, l, r, c, p,
+            )
         });
         self.overwrite(du, &du_h);
         self.overwrite(dq, &dq_h);

@@ -12,8 +12,10 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::testing::{random_vec, rel_err_f32};
 
+mod doctor;
 mod elementwise;
 mod norm_attention;
+mod shim;
 
 pub(super) type Vgpu = GpuBackend<VirtualDevice>;
 
@@ -51,7 +53,13 @@ pub(super) fn poisoned(be: &Vgpu, n: usize) -> <Vgpu as Backend>::Tensor {
 
 /// Asserts `rel_err(gpu, reference) ≤ tol`, naming the op and dtype.
 #[track_caller]
-pub(super) fn assert_close(what: &str, be: &Vgpu, x: &<Vgpu as Backend>::Tensor, reference: &[f32], tol: f64) {
+pub(super) fn assert_close(
+    what: &str,
+    be: &Vgpu,
+    x: &<Vgpu as Backend>::Tensor,
+    reference: &[f32],
+    tol: f64,
+) {
     let got = be.download_f32(x);
     assert!(
         got.iter().all(|v| v.is_finite()),

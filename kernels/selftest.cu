@@ -1,0 +1,66 @@
+// Kernels that exercise the virtual GPU's shim itself (barriers, shared memory, warp shuffles,
+// votes, deadlock detection); src/backend/gpu/tests/shim.rs runs them. They compile for the real
+// GPU too, so the shim and CUDA agree on the language they accept.
+#include "common.cuh"
+
+// out[i] = inp[n-1-i] within each block of 256 threads: needs a working __syncthreads and
+// static shared memory that belongs to the block.
+template <typename T>
+__device__ void selftest_reverse(T* out, const T* inp, int n) {
+    __shared__ float tile[256];
+    const int base = blockIdx.x * 256, i = threadIdx.x;
+    const int len = n - base < 256 ? n - base : 256;
+    if (i < len) tile[i] = to_float(inp[base + i]);
+    __syncthreads();
+    if (i < len) out[base + i] = from_float<T>(tile[len - 1 - i]);
+}
+INSTANTIATE(selftest_reverse, (T * out, const T* inp, int n), (out, inp, n))
+
+// Per block: out[3·block] = block_sum, out[3·block+1] = block_max, out[3·block+2] = the sum of
+// lane values gathered with __shfl_down_sync (warp 0 only), over one value per thread
+// (threads past n contribute 0 to the sums and -inf to the maximum).
+template <typename T>
+__device__ void selftest_reduce(float* out, const T* inp, int n) {
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const float v = i < n ? to_float(inp[i]) : 0.0f;
+    const float s = block_sum(v);
+    const float m = block_max(i < n ? v : neg_inf());
+    float d = v;
+    if (threadIdx.x < 32) {
+        for (int offset = 16; offset > 0; offset /= 2) d += __shfl_down_sync(0xffffffffu, d, offset);
+    }
+    if (threadIdx.x == 0) {
+        out[3 * blockIdx.x] = s;
+        out[3 * blockIdx.x + 1] = m;
+        out[3 * blockIdx.x + 2] = d;
+    }
+}
+INSTANTIATE(selftest_reduce, (float* out, const T* inp, int n), (out, inp, n))
+
+// out[i] = number of lanes in i's warp whose input is positive (__ballot_sync + __popc-free
+// count), written through dynamic shared memory sized by the launch.
+template <typename T>
+__device__ void selftest_ballot(int* out, const T* inp, int n) {
+    DYNAMIC_SMEM(int, counts);
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool pos = i < n && to_float(inp[i]) > 0.0f;
+    const unsigned bits = __ballot_sync(0xffffffffu, pos);
+    int count = 0;
+    for (int b = 0; b < 32; b++) count += (bits >> b) & 1u;
+    counts[threadIdx.x] = count;
+    __syncthreads();
+    if (i < n) out[i] = counts[threadIdx.x];
+}
+INSTANTIATE(selftest_ballot, (int* out, const T* inp, int n), (out, inp, n))
+
+// Deliberately broken: lane 0 of each warp waits in a shuffle while the other threads wait at
+// __syncthreads. Never launched on a real GPU; the virtual GPU must report a deadlock.
+template <typename T>
+__device__ void selftest_deadlock(T* out, int n) {
+    if (threadIdx.x % 32 == 0) {
+        out[0] = from_float<T>(__shfl_sync(0xffffffffu, 1.0f, 1));
+    } else {
+        __syncthreads();
+    }
+}
+INSTANTIATE(selftest_deadlock, (T * out, int n), (out, n))

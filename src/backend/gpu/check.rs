@@ -1,0 +1,701 @@
+//! The checks behind `fastpt doctor`: every GPU op and whole training steps against the CPU
+//! reference on random data, on any [`Device`]. `cargo test` runs them on the virtual GPU; on a
+//! GPU machine `fastpt doctor` runs them on the real one.
+//!
+//! Inputs are rounded to the backend's dtype before the CPU sees them, so both backends start
+//! from the same numbers; errors are ‖gpu − cpu‖ / ‖cpu‖. Sizes are odd so that swapped
+//! dimensions show. (The detailed per-op unit tests are in `gpu/tests/`.)
+
+use half::bf16;
+
+use super::device::{DType, Device};
+use super::GpuBackend;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Activation, AdamW, AttnDims, AttnMask, Backend, Gemm, RelBias};
+use crate::data::HostBatch;
+use crate::engine::{build_t5_method, t5_forward_backward};
+use crate::model::shapes::{random_t5_tensor, t5_shape};
+use crate::model::t5::{T5Weights, T5};
+use crate::prompt::MethodConfig;
+use crate::testing::{random_vec, rel_err_f32};
+
+/// One row of the doctor's table.
+#[derive(Debug, Clone)]
+pub struct CheckResult {
+    pub op: String,
+    pub dtype: DType,
+    /// ‖gpu − cpu‖ / ‖cpu‖ (NaN when the GPU produced a non-finite value).
+    pub rel_err: f64,
+    pub tol: f64,
+}
+
+impl CheckResult {
+    pub fn passed(&self) -> bool {
+        self.rel_err <= self.tol
+    }
+}
+
+/// The tolerance of one op: f32 1e-5, bf16 2e-2.
+pub fn op_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::Bf16 => 2e-2,
+    }
+}
+
+/// The tolerance of a whole step's outputs (loss, logits): f32 1e-4 (errors compound over
+/// layers), bf16 2e-2.
+pub fn step_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::Bf16 => 2e-2,
+    }
+}
+
+/// The tolerance of a whole step's gradients. In bf16 every activation of the forward and every
+/// gradient of the backward is stored rounded to 8 bits of mantissa; over the dozens of ops
+/// between the loss and the input embeddings these roundings add up to 3–5e-2 (measured on
+/// t5-tiny against the f32 CPU with the same bf16 weights), so bf16 gets 1e-1. A real bug (a
+/// wrong sign, a skipped head or row) gives errors of order 1; the f32 row is the tight check.
+pub fn step_grad_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::Bf16 => 1e-1,
+    }
+}
+
+/// Markdown table of results, failures marked.
+pub fn results_table(results: &[CheckResult]) -> String {
+    let mut s = String::from("| op | dtype | rel err | tol | result |\n|---|---|---:|---:|---|\n");
+    for r in results {
+        s.push_str(&format!(
+            "| {} | {} | {:.2e} | {:.0e} | {} |\n",
+            r.op,
+            r.dtype,
+            r.rel_err,
+            r.tol,
+            if r.passed() { "pass" } else { "FAIL" }
+        ));
+    }
+    s
+}
+
+struct Checker<'a, D: Device> {
+    gpu: &'a GpuBackend<D>,
+    cpu: CpuBackend<f32>,
+    seed: u64,
+    results: Vec<CheckResult>,
+}
+
+impl<D: Device> Checker<'_, D> {
+    fn dtype(&self) -> DType {
+        self.gpu.dtype()
+    }
+
+    /// Fresh random values in (-scale, scale), rounded to the dtype.
+    fn rand(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        self.seed += 1;
+        let dt = self.dtype();
+        random_vec(n, scale, self.seed)
+            .into_iter()
+            .map(|x| round(x as f32, dt))
+            .collect()
+    }
+
+    fn up(&self, x: &[f32]) -> super::GpuTensor<D> {
+        self.gpu.upload_f32(x.to_vec())
+    }
+
+    fn nan(&self, n: usize) -> super::GpuTensor<D> {
+        self.gpu.upload_f32(vec![f32::NAN; n])
+    }
+
+    fn record(&mut self, op: &str, got: &super::GpuTensor<D>, want: &[f32], tol: f64) {
+        let got = self.gpu.download_f32(got);
+        let rel_err = if got.iter().all(|x| x.is_finite()) {
+            rel_err_f32(&got, want)
+        } else {
+            f64::NAN
+        };
+        self.results.push(CheckResult {
+            op: op.to_string(),
+            dtype: self.dtype(),
+            rel_err,
+            tol,
+        });
+    }
+
+    fn matmul(&mut self) {
+        let tol = op_tolerance(self.dtype());
+        for (name, ta, tb, acc) in [
+            ("matmul nn", false, false, false),
+            ("matmul nt", false, true, false),
+            ("matmul tn +=", true, false, true),
+        ] {
+            let (m, n, k) = (37, 29, 53);
+            let g = Gemm {
+                trans_a: ta,
+                trans_b: tb,
+                ..Gemm::nn(m, n, k)
+            }
+            .alpha(0.7)
+            .accumulate(acc);
+            let (a, b, c0) = (
+                self.rand(m * k, 1.0),
+                self.rand(k * n, 1.0),
+                self.rand(m * n, 1.0),
+            );
+            let mut want = c0.clone();
+            self.cpu.matmul(&mut want, &a, &b, g);
+            let mut out = if acc { self.up(&c0) } else { self.nan(m * n) };
+            self.gpu.matmul(&mut out, &self.up(&a), &self.up(&b), g);
+            self.record(name, &out, &want, tol);
+        }
+    }
+
+    fn rows(&mut self) {
+        let tol = op_tolerance(self.dtype());
+        let (b, t, p, c, v) = (3, 7, 5, 33, 41);
+        let table = self.rand(v * c, 1.0);
+        let ids: Vec<i32> = (0..b * t).map(|i| ((i * 17 + 3) % v) as i32).collect();
+        let prompt = self.rand(p * c, 1.0);
+        let update = self.rand((t + 2) * c, 0.5);
+        let mut want = vec![0f32; b * (p + t) * c];
+        self.cpu
+            .embed_prompt_forward(&mut want, &table, &ids, &prompt, Some(&update), b, t, p, c);
+        let mut out = self.nan(b * (p + t) * c);
+        let gids = self.gpu.upload_index(&ids);
+        let (gu, gp, gt) = (self.up(&update), self.up(&prompt), self.up(&table));
+        self.gpu
+            .embed_prompt_forward(&mut out, &gt, &gids, &gp, Some(&gu), b, t, p, c);
+        self.record("embed_prompt_forward", &out, &want, tol);
+
+        let dout = self.rand(b * (p + t) * c, 1.0);
+        let (mut dp_r, mut du_r) = (vec![0f32; p * c], vec![0f32; (t + 2) * c]);
+        self.cpu
+            .embed_prompt_backward(&mut dp_r, Some(&mut du_r), &dout, b, t, p, c);
+        let (mut dp, mut du) = (self.nan(p * c), self.nan((t + 2) * c));
+        self.gpu
+            .embed_prompt_backward(&mut dp, Some(&mut du), &self.up(&dout), b, t, p, c);
+        self.record("embed_prompt_backward d_prompt", &dp, &dp_r, tol);
+        self.record("embed_prompt_backward d_update", &du, &du_r, tol);
+
+        let rows: Vec<i32> = vec![4, 0, 9, 2, 11];
+        let mut want = vec![0f32; rows.len() * c];
+        self.cpu
+            .gather_rows(&mut want, &table, &rows, rows.len(), c);
+        let mut out = self.nan(rows.len() * c);
+        self.gpu
+            .gather_rows(&mut out, &gt, &self.gpu.upload_index(&rows), rows.len(), c);
+        self.record("gather_rows", &out, &want, tol);
+
+        let (d0, src) = (self.rand(v * c, 1.0), self.rand(rows.len() * c, 1.0));
+        let mut want = d0.clone();
+        self.cpu
+            .scatter_rows_add(&mut want, &src, &rows, rows.len(), c);
+        let mut out = self.up(&d0);
+        let src_g = self.up(&src);
+        self.gpu.scatter_rows_add(
+            &mut out,
+            &src_g,
+            &self.gpu.upload_index(&rows),
+            rows.len(),
+            c,
+        );
+        self.record("scatter_rows_add", &out, &want, tol);
+    }
+
+    fn elementwise(&mut self) {
+        let tol = op_tolerance(self.dtype());
+        let (n, f) = (13, 67);
+        let (x0, y) = (self.rand(n * f, 1.0), self.rand(n * f, 1.0));
+        let mut want = x0.clone();
+        self.cpu.add_assign(&mut want, &y);
+        let mut out = self.up(&x0);
+        self.gpu.add_assign(&mut out, &self.up(&y));
+        self.record("add_assign", &out, &want, tol);
+
+        let bias = self.rand(f, 1.0);
+        let mut want = x0.clone();
+        self.cpu.add_bias(&mut want, &bias, n, f);
+        let mut out = self.up(&x0);
+        self.gpu.add_bias(&mut out, &self.up(&bias), n, f);
+        self.record("add_bias", &out, &want, tol);
+
+        let mut want = bias.clone();
+        self.cpu.bias_backward(&mut want, &y, n, f);
+        let mut out = self.up(&bias);
+        self.gpu.bias_backward(&mut out, &self.up(&y), n, f);
+        self.record("bias_backward", &out, &want, tol);
+
+        let len = n * f;
+        for (name, act, gated) in [
+            ("relu", Activation::Relu, false),
+            ("gelu_tanh·gate", Activation::GeluTanh, true),
+            ("silu·gate", Activation::Silu, true),
+        ] {
+            let (a, gate, dout) = (
+                self.rand(len, 3.0),
+                self.rand(len, 1.0),
+                self.rand(len, 1.0),
+            );
+            let gate_c = gated.then_some(&gate);
+            let mut want = vec![0f32; len];
+            self.cpu.gated_act_forward(&mut want, &a, gate_c, act, len);
+            let (ga, gg, gd) = (self.up(&a), self.up(&gate), self.up(&dout));
+            let mut out = self.nan(len);
+            self.gpu
+                .gated_act_forward(&mut out, &ga, gated.then_some(&gg), act, len);
+            self.record(&format!("gated_act_forward {name}"), &out, &want, tol);
+
+            let (mut da_r, mut dg_r) = (vec![0f32; len], vec![0f32; len]);
+            self.cpu.gated_act_backward_dinp(
+                &mut da_r,
+                gated.then_some(&mut dg_r),
+                &dout,
+                &a,
+                gate_c,
+                act,
+                len,
+            );
+            let (mut da, mut dg) = (self.nan(len), self.nan(len));
+            self.gpu.gated_act_backward_dinp(
+                &mut da,
+                gated.then_some(&mut dg),
+                &gd,
+                &ga,
+                gated.then_some(&gg),
+                act,
+                len,
+            );
+            self.record(&format!("gated_act_backward_dinp {name}"), &da, &da_r, tol);
+            if gated {
+                self.record(
+                    &format!("gated_act_backward_dinp {name} dgate"),
+                    &dg,
+                    &dg_r,
+                    tol,
+                );
+            }
+        }
+    }
+
+    fn norms(&mut self) {
+        let tol = op_tolerance(self.dtype());
+        let dt = self.dtype();
+        let (n, c) = (9, 301);
+        let (x, w, bias, dy) = (
+            self.rand(n * c, 2.0),
+            self.rand(c, 1.5),
+            self.rand(c, 0.5),
+            self.rand(n * c, 1.0),
+        );
+        let (mut y_r, mut r_r) = (vec![0f32; n * c], vec![0f32; n]);
+        self.cpu
+            .rmsnorm_forward(&mut y_r, &mut r_r, &x, &w, n, c, 1e-6);
+        let (gx, gw, gdy) = (self.up(&x), self.up(&w), self.up(&dy));
+        let (mut y, mut r) = (self.nan(n * c), self.nan(n));
+        self.gpu
+            .rmsnorm_forward(&mut y, &mut r, &gx, &gw, n, c, 1e-6);
+        self.record("rmsnorm_forward", &y, &y_r, tol);
+        let r_round: Vec<f32> = r_r.iter().map(|&v| round(v, dt)).collect();
+        let acc = self.rand(n * c, 1.0);
+        let mut want = acc.clone();
+        self.cpu
+            .rmsnorm_backward_dinp(&mut want, &dy, &x, &w, &r_round, n, c);
+        let mut dx = self.up(&acc);
+        self.gpu
+            .rmsnorm_backward_dinp(&mut dx, &gdy, &gx, &gw, &self.up(&r_round), n, c);
+        self.record("rmsnorm_backward_dinp", &dx, &want, tol);
+
+        let (mut y_r, mut m_r, mut r_r) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
+        self.cpu
+            .layernorm_forward(&mut y_r, &mut m_r, &mut r_r, &x, &w, &bias, n, c, 1e-5);
+        let (mut y, mut m, mut r) = (self.nan(n * c), self.nan(n), self.nan(n));
+        self.gpu.layernorm_forward(
+            &mut y,
+            &mut m,
+            &mut r,
+            &gx,
+            &gw,
+            &self.up(&bias),
+            n,
+            c,
+            1e-5,
+        );
+        self.record("layernorm_forward", &y, &y_r, tol);
+        let m_round: Vec<f32> = m_r.iter().map(|&v| round(v, dt)).collect();
+        let r_round: Vec<f32> = r_r.iter().map(|&v| round(v, dt)).collect();
+        let (dw0, db0) = (self.rand(c, 1.0), self.rand(c, 1.0));
+        let (mut dx_r, mut dw_r, mut db_r) = (vec![0f32; n * c], dw0.clone(), db0.clone());
+        self.cpu.layernorm_backward(
+            &mut dx_r, &mut dw_r, &mut db_r, &dy, &x, &w, &m_round, &r_round, n, c,
+        );
+        let (mut dx, mut dw, mut db) = (self.nan(n * c), self.up(&dw0), self.up(&db0));
+        self.gpu.layernorm_backward(
+            &mut dx,
+            &mut dw,
+            &mut db,
+            &gdy,
+            &gx,
+            &gw,
+            &self.up(&m_round),
+            &self.up(&r_round),
+            n,
+            c,
+        );
+        self.record("layernorm_backward dinp", &dx, &dx_r, tol);
+        self.record("layernorm_backward dweight", &dw, &dw_r, tol);
+        self.record("layernorm_backward dbias", &db, &db_r, tol);
+
+        let k = 45;
+        let (s, ds) = (self.rand(n * k, 3.0), self.rand(n * k, 1.0));
+        let mut p_r = vec![0f32; n * k];
+        self.cpu.softmax_rows_forward(&mut p_r, &s, n, k);
+        let mut p = self.nan(n * k);
+        self.gpu.softmax_rows_forward(&mut p, &self.up(&s), n, k);
+        self.record("softmax_rows_forward", &p, &p_r, tol);
+        let p_round: Vec<f32> = p_r.iter().map(|&v| round(v, dt)).collect();
+        let mut dx_r = vec![0f32; n * k];
+        self.cpu
+            .softmax_rows_backward_dinp(&mut dx_r, &ds, &p_round, n, k);
+        let mut dx = self.nan(n * k);
+        self.gpu
+            .softmax_rows_backward_dinp(&mut dx, &self.up(&ds), &self.up(&p_round), n, k);
+        self.record("softmax_rows_backward_dinp", &dx, &dx_r, tol);
+    }
+
+    fn attention(&mut self) {
+        let tol = op_tolerance(self.dtype());
+        let dt = self.dtype();
+        // (name, dims, causal, bias: Some(bidirectional), padded keys)
+        let cases = [
+            (
+                "encoder (bias, padding)",
+                AttnDims {
+                    b: 2,
+                    t: 11,
+                    s: 11,
+                    h: 3,
+                    h_kv: 3,
+                    d: 5,
+                },
+                false,
+                Some(true),
+                true,
+            ),
+            (
+                "decoder (causal, bias)",
+                AttnDims {
+                    b: 2,
+                    t: 9,
+                    s: 9,
+                    h: 3,
+                    h_kv: 3,
+                    d: 7,
+                },
+                true,
+                Some(false),
+                false,
+            ),
+            (
+                "cross (T≠S, padding)",
+                AttnDims {
+                    b: 2,
+                    t: 7,
+                    s: 13,
+                    h: 2,
+                    h_kv: 2,
+                    d: 6,
+                },
+                false,
+                None,
+                true,
+            ),
+            (
+                "gqa (causal)",
+                AttnDims {
+                    b: 1,
+                    t: 10,
+                    s: 10,
+                    h: 4,
+                    h_kv: 2,
+                    d: 8,
+                },
+                true,
+                None,
+                false,
+            ),
+        ];
+        for (name, dims, causal, bias_dir, padded) in cases {
+            let AttnDims {
+                b,
+                t,
+                s,
+                h,
+                h_kv,
+                d,
+            } = dims;
+            let q = self.rand(b * t * h * d, 1.0);
+            let k = self.rand(b * s * h_kv * d, 1.0);
+            let v = self.rand(b * s * h_kv * d, 1.0);
+            let dout = self.rand(b * t * h * d, 1.0);
+            let table = self.rand(8 * h, 1.0);
+            let mask: Vec<i32> = (0..b * s)
+                .map(|i| i32::from(!(padded && i / s == b - 1 && i % s >= s - 3)))
+                .collect();
+            let scale = 0.37;
+            let cpu_mask = AttnMask {
+                key_mask: &mask,
+                causal,
+            };
+            let cpu_bias = bias_dir.map(|bidirectional| RelBias {
+                table: &table,
+                bidirectional,
+                num_buckets: 8,
+                max_distance: 20,
+            });
+            let (mut o_r, mut lse_r) = (vec![0f32; q.len()], vec![0f32; b * h * t]);
+            self.cpu.attention_forward(
+                &mut o_r, &mut lse_r, &q, &k, &v, cpu_mask, cpu_bias, scale, dims,
+            );
+            let gmask = self.gpu.upload_index(&mask);
+            let gtable = self.up(&table);
+            let g_mask = AttnMask {
+                key_mask: &gmask,
+                causal,
+            };
+            let g_bias = bias_dir.map(|bidirectional| RelBias {
+                table: &gtable,
+                bidirectional,
+                num_buckets: 8,
+                max_distance: 20,
+            });
+            let (gq, gk, gv) = (self.up(&q), self.up(&k), self.up(&v));
+            let (mut o, mut lse) = (self.nan(q.len()), self.nan(b * h * t));
+            self.gpu
+                .attention_forward(&mut o, &mut lse, &gq, &gk, &gv, g_mask, g_bias, scale, dims);
+            self.record(&format!("attention_forward {name}"), &o, &o_r, tol);
+            self.record(&format!("attention_forward {name} lse"), &lse, &lse_r, tol);
+
+            let o_round: Vec<f32> = o_r.iter().map(|&x| round(x, dt)).collect();
+            let lse_round: Vec<f32> = lse_r.iter().map(|&x| round(x, dt)).collect();
+            let (mut dq_r, mut dk_r, mut dv_r) = (
+                vec![0f32; q.len()],
+                vec![0f32; k.len()],
+                vec![0f32; v.len()],
+            );
+            self.cpu.attention_backward_dinp(
+                &mut dq_r, &mut dk_r, &mut dv_r, &dout, &q, &k, &v, &o_round, &lse_round, cpu_mask,
+                cpu_bias, scale, dims,
+            );
+            let (mut dq, mut dk, mut dv) =
+                (self.nan(q.len()), self.nan(k.len()), self.nan(v.len()));
+            self.gpu.attention_backward_dinp(
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &self.up(&dout),
+                &gq,
+                &gk,
+                &gv,
+                &self.up(&o_round),
+                &self.up(&lse_round),
+                g_mask,
+                g_bias,
+                scale,
+                dims,
+            );
+            self.record(
+                &format!("attention_backward_dinp {name} dq"),
+                &dq,
+                &dq_r,
+                tol,
+            );
+            self.record(
+                &format!("attention_backward_dinp {name} dk"),
+                &dk,
+                &dk_r,
+                tol,
+            );
+            self.record(
+                &format!("attention_backward_dinp {name} dv"),
+                &dv,
+                &dv_r,
+                tol,
+            );
+        }
+    }
+
+    fn loss_and_optimiser(&mut self) {
+        let tol = op_tolerance(self.dtype());
+        let (m, v) = (7, 1001);
+        let logits = self.rand(m * v, 4.0);
+        let targets: Vec<i32> = (0..m).map(|i| ((i * 389 + 5) % v) as i32).collect();
+        let (mut l_r, mut d_r) = (vec![0f32; m], vec![0f32; m * v]);
+        self.cpu
+            .cross_entropy_forward_backward(&mut l_r, &mut d_r, &logits, &targets, 0.25, m, v);
+        let (mut l, mut d) = (self.nan(m), self.nan(m * v));
+        self.gpu.cross_entropy_forward_backward(
+            &mut l,
+            &mut d,
+            &self.up(&logits),
+            &self.gpu.upload_index(&targets),
+            0.25,
+            m,
+            v,
+        );
+        self.record("cross_entropy losses", &l, &l_r, tol);
+        self.record("cross_entropy dlogits", &d, &d_r, tol);
+
+        let n = 1037;
+        let x = self.rand(n, 1.0);
+        let want: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let got = self.gpu.sum_squares(&self.up(&x));
+        self.results.push(CheckResult {
+            op: "sum_squares".into(),
+            dtype: self.dtype(),
+            rel_err: ((got - want) / want).abs(),
+            tol,
+        });
+
+        let (p0, g1, g2) = (self.rand(n, 1.0), self.rand(n, 1.0), self.rand(n, 1.0));
+        let (mut p_r, mut m_r, mut v_r) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
+        let (mut p, mut mm, mut vv) = (self.up(&p0), self.gpu.zeros(n), self.gpu.zeros(n));
+        for (step, g) in [(1u64, &g1), (2, &g2)] {
+            let h = AdamW {
+                lr: 0.01,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+                step,
+                grad_scale: 0.5,
+            };
+            self.cpu.adamw_step(&mut p_r, &mut m_r, &mut v_r, g, h);
+            self.gpu
+                .adamw_step(&mut p, &mut mm, &mut vv, &self.up(g), h);
+        }
+        self.record("adamw_step (2 steps)", &p, &p_r, tol);
+    }
+}
+
+fn round(x: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => x,
+        DType::Bf16 => bf16::from_f32(x).to_f32(),
+    }
+}
+
+/// Every op of the backend against the CPU reference (see the module docs).
+pub fn check_ops<D: Device>(gpu: &GpuBackend<D>, seed: u64) -> Vec<CheckResult> {
+    let mut c = Checker {
+        gpu,
+        cpu: CpuBackend::new(),
+        seed,
+        results: Vec::new(),
+    };
+    c.matmul();
+    c.rows();
+    c.elementwise();
+    c.norms();
+    c.attention();
+    c.loss_and_optimiser();
+    c.results
+}
+
+/// A T5 model of a built-in shape with random weights rounded to `dtype`, on any backend: the
+/// GPU and the CPU reference get identical weights.
+fn t5_with_weights<B: Backend>(
+    be: &B,
+    shape: &str,
+    seed: u64,
+    dtype: DType,
+) -> crate::Result<T5<B>> {
+    let cfg = t5_shape(shape)?;
+    let weights = T5Weights::load(be, &cfg, &mut |name, dims| {
+        let w = random_t5_tensor(&cfg, name, dims, seed);
+        Ok(w.into_iter().map(|x| round(x, dtype)).collect())
+    })?;
+    Ok(T5::new(cfg, weights))
+}
+
+/// Whole forward + backward steps of a built-in T5 shape on a padded random batch, without and
+/// with a prompt method (PT: embed + prompt rows; EPT-MS: the low-rank update and the method
+/// ops), against the CPU: loss, label-row logits, d inputs_embeds and the method's gradients.
+pub fn check_steps<D: Device>(
+    gpu: &GpuBackend<D>,
+    shape: &str,
+    seed: u64,
+) -> crate::Result<Vec<CheckResult>> {
+    let dt = gpu.dtype();
+    let cpu = CpuBackend::<f32>::new();
+    let model_g = t5_with_weights(gpu, shape, seed, dt)?;
+    let model_c = t5_with_weights(&cpu, shape, seed, dt)?;
+    let batch = HostBatch::random(&model_c.cfg, &[9, 6, 11], &[4, 2, 5], seed + 1);
+    let mut results = Vec::new();
+    let mut push = |op: String, got: &[f32], want: &[f32], tol: f64| {
+        let rel_err = if got.iter().all(|x| x.is_finite()) {
+            rel_err_f32(got, want)
+        } else {
+            f64::NAN
+        };
+        results.push(CheckResult {
+            op,
+            dtype: dt,
+            rel_err,
+            tol,
+        });
+    };
+
+    let g = t5_forward_backward(gpu, &model_g, None, &batch)?;
+    let c = t5_forward_backward(&cpu, &model_c, None, &batch)?;
+    push(
+        format!("{shape} step: loss"),
+        &[g.loss as f32],
+        &[c.loss as f32],
+        step_tolerance(dt),
+    );
+    push(
+        format!("{shape} step: logits"),
+        &g.logits,
+        &c.logits,
+        step_tolerance(dt),
+    );
+    push(
+        format!("{shape} step: d inputs_embeds"),
+        &g.d_inputs_embeds,
+        &c.d_inputs_embeds,
+        step_grad_tolerance(dt),
+    );
+
+    for (method, options) in [
+        ("pt", "prompt_len = 5"),
+        ("ept", "prompt_len = 4\nrank = 3"),
+    ] {
+        let cfg = MethodConfig::from_toml(method, options)?;
+        let mut mg = build_t5_method(gpu, &model_g, &cfg, 100, seed, None)?;
+        let mut mc = build_t5_method(&cpu, &model_c, &cfg, 100, seed, None)?;
+        // Same starting values on both: the GPU's (rounded) parameters copied to the CPU.
+        for (pg, pc) in mg.params().iter().zip(mc.params_mut()) {
+            pc.value = gpu.download_f32(&pg.value);
+        }
+        let g = t5_forward_backward(gpu, &model_g, Some(mg.as_mut()), &batch)?;
+        let c = t5_forward_backward(&cpu, &model_c, Some(mc.as_mut()), &batch)?;
+        push(
+            format!("{shape} step + {method}: loss"),
+            &[g.loss as f32],
+            &[c.loss as f32],
+            step_tolerance(dt),
+        );
+        for (pg, pc) in mg.params().iter().zip(mc.params()) {
+            push(
+                format!("{shape} step + {method}: d {}", pg.name),
+                &gpu.download_f32(&pg.grad),
+                &pc.grad,
+                step_grad_tolerance(dt),
+            );
+        }
+    }
+    Ok(results)
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The one command to run on a GPU machine, from the repository root, with a prebuilt
+# target/release/fastpt (no Rust toolchain needed there):
+#
+#   bash tools/gpu-check.sh
+#
+# Writes bench/results/<date>-<gpu>/ with nvidia-smi.txt, doctor.log (`fastpt doctor --device
+# cuda`: every kernel and step checked against the CPU reference on the GPU) and, when the binary
+# has a `bench` subcommand, bench.log. When $OUT is set (the device tool), the folder is also copied
+# there. Exits non-zero when doctor (or bench) fails.
+#
+# Kernels are compiled by NVRTC at start-up (a CUDA toolkit, FASTPT_CUDA_HOME, or .venv-nvrtc from
+# tools/nvrtc-venv.sh) or taken from the PTX cache ($FASTPT_PTX_CACHE, else ~/.cache/fastpt/ptx).
+# Extra doctor arguments: DOCTOR_ARGS="--device cuda --seed 1" bash tools/gpu-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=target/release/fastpt
+if [ ! -x "$BIN" ]; then
+  echo "gpu-check: no $BIN (build it with 'cargo build --release' and copy it here)" >&2
+  exit 2
+fi
+
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
+slug=$(printf '%s' "${gpu_name:-no-gpu}" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
+DIR="bench/results/$(date +%F)-${slug:-no-gpu}"
+mkdir -p "$DIR"
+echo "gpu-check: GPU '${gpu_name:-none found}', logs in $DIR"
+
+{
+  echo "date:    $(date -Is)"
+  echo "host:    $(uname -a)"
+  echo "commit:  $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "binary:  $BIN ($(stat -c '%y' "$BIN" 2>/dev/null))"
+} > "$DIR/env.txt"
+nvidia-smi > "$DIR/nvidia-smi.txt" 2>&1 || echo "gpu-check: nvidia-smi failed (see $DIR/nvidia-smi.txt)" >&2
+
+status=0
+echo "== fastpt doctor ${DOCTOR_ARGS:---device cuda}"
+# shellcheck disable=SC2086 # DOCTOR_ARGS is a list of words.
+"$BIN" doctor ${DOCTOR_ARGS:---device cuda} 2>&1 | tee "$DIR/doctor.log"
+doctor_rc=${PIPESTATUS[0]}
+[ "$doctor_rc" -eq 0 ] || { echo "gpu-check: doctor failed (exit $doctor_rc)" >&2; status=$doctor_rc; }
+
+if "$BIN" help bench >/dev/null 2>&1; then
+  echo "== fastpt bench"
+  "$BIN" bench 2>&1 | tee "$DIR/bench.log"
+  bench_rc=${PIPESTATUS[0]}
+  [ "$bench_rc" -eq 0 ] || { echo "gpu-check: bench failed (exit $bench_rc)" >&2; [ "$status" -ne 0 ] || status=$bench_rc; }
+else
+  echo "gpu-check: this fastpt has no bench subcommand; skipped"
+fi
+
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT/$(basename "$DIR")" && cp -r "$DIR"/. "$OUT/$(basename "$DIR")/"
+  echo "gpu-check: copied to $OUT/$(basename "$DIR")"
+fi
+echo "gpu-check: logs in $DIR (exit $status)"
+exit "$status"
