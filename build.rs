@@ -2,7 +2,11 @@
 //! 1. builds the virtual GPU: every kernels/*.cu compiled as C++ together with the shim in
 //!    kernels/vgpu/ (cc crate), linked whole so that each kernel's registration runs;
 //! 2. writes `kernel_sources.rs` into OUT_DIR: the .cu sources embedded in the binary, which the
-//!    CUDA device compiles with NVRTC at first use.
+//!    CUDA device compiles with NVRTC at first use;
+//! 3. when nvcc is present (`NVCC`, `$CUDA_HOME/bin`, `/usr/local/cuda/bin` or PATH), precompiles
+//!    every file to `compute_80` PTX (the driver JIT-compiles it for any sm_80+ GPU) and embeds
+//!    it as `PRECOMPILED_PTX`, so such a binary needs no NVRTC at run time. Without nvcc the list
+//!    is empty and NVRTC is used.
 
 use std::path::{Path, PathBuf};
 
@@ -63,7 +67,69 @@ fn main() {
         ));
     }
     rs.push_str("];\n");
+    rs.push_str("pub const PRECOMPILED_PTX: &[(&str, &str)] = &[\n");
+    for (name, ptx) in precompile_ptx(&kernels, &sources, &out) {
+        rs.push_str(&format!(
+            "    ({name:?}, include_str!({:?})),\n",
+            ptx.display().to_string()
+        ));
+    }
+    rs.push_str("];\n");
     write_if_changed(&out.join("kernel_sources.rs"), &rs);
+}
+
+/// nvcc, if this machine has one.
+fn find_nvcc() -> Option<PathBuf> {
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("NVCC") {
+        candidates.push(PathBuf::from(p));
+    }
+    if let Some(home) = std::env::var_os("CUDA_HOME") {
+        candidates.push(PathBuf::from(home).join("bin/nvcc"));
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/bin/nvcc"));
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("nvcc")));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// `(file name, PTX path)` of every kernel file compiled by nvcc; empty without nvcc or when any
+/// file fails (then NVRTC compiles at run time and reports the error there).
+fn precompile_ptx(kernels: &Path, sources: &[PathBuf], out: &Path) -> Vec<(String, PathBuf)> {
+    let Some(nvcc) = find_nvcc() else {
+        return Vec::new();
+    };
+    let dir = out.join("ptx");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return Vec::new();
+    }
+    let mut done = Vec::new();
+    for src in sources {
+        let name = src
+            .file_name()
+            .expect("a file")
+            .to_string_lossy()
+            .to_string();
+        let ptx = dir.join(name.replace(".cu", ".ptx"));
+        let status = std::process::Command::new(&nvcc)
+            .args(["--ptx", "-arch=compute_80", "-std=c++17", "-o"])
+            .arg(&ptx)
+            .arg("-I")
+            .arg(kernels)
+            .arg(src)
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            println!(
+                "cargo:warning=nvcc failed on {name}; kernels will be compiled by NVRTC at run time"
+            );
+            return Vec::new();
+        }
+        done.push((name, ptx));
+    }
+    done
 }
 
 fn write_if_changed(path: &Path, text: &str) {

@@ -398,13 +398,16 @@ fn load_modules(
 ) -> Result<Vec<sys::CUmodule>, GpuError> {
     let mut modules = Vec::new();
     for file in nvrtc::kernel_files() {
-        let ptx =
-            nvrtc::cached_ptx(toolkit.as_ref().ok().copied(), file, arch).map_err(
-                |e| match toolkit {
+        // Precompiled by build.rs when nvcc was there; else NVRTC (or its on-disk cache).
+        let ptx = match nvrtc::precompiled_ptx(file) {
+            Some(ptx) => ptx.to_string(),
+            None => nvrtc::cached_ptx(toolkit.as_ref().ok().copied(), file, arch).map_err(|e| {
+                match toolkit {
                     Err(t) => GpuError::Driver(format!("{e}\n{t}")),
                     Ok(_) => e,
-                },
-            )?;
+                }
+            })?,
+        };
         let image = CString::new(ptx).map_err(|_| GpuError::Compile {
             kernel: file.to_string(),
             log: "PTX contains a NUL byte".into(),

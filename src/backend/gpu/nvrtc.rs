@@ -312,6 +312,15 @@ fn cache_prefix(file: &str, source: &str, arch: &str) -> String {
     format!("{stem}-{arch}-{hash:016x}-nvrtc")
 }
 
+/// The `compute_80` PTX of kernel file `file` that build.rs made with nvcc, when the binary was
+/// built on a machine with nvcc (the driver JIT-compiles it for any sm_80+ GPU).
+pub fn precompiled_ptx(file: &str) -> Option<&'static str> {
+    sources::PRECOMPILED_PTX
+        .iter()
+        .find(|(name, _)| *name == file)
+        .map(|(_, ptx)| *ptx)
+}
+
 /// The PTX of kernel file `file` for `arch`, from the cache at [`cache_dir`] or compiled (and then
 /// stored there). See [`cached_ptx_in`].
 pub fn cached_ptx(
