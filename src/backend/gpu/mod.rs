@@ -45,6 +45,38 @@ pub struct GpuIndex<D: Device> {
     len: usize,
 }
 
+/// The matrix of one attention head inside a batched tensor: element `offset` of entry 0, row
+/// stride `ld`, `batch_stride` between batch entries (all in elements).
+struct HeadView<'a, D: Device> {
+    x: &'a GpuTensor<D>,
+    offset: usize,
+    ld: usize,
+    batch_stride: usize,
+}
+
+impl<'a, D: Device> HeadView<'a, D> {
+    /// Head `hh` of `(B, T, heads·D)` rows (queries, outputs; keys and values with T = S).
+    fn rows(x: &'a GpuTensor<D>, hh: usize, heads: usize, t: usize, d: usize) -> Self {
+        HeadView {
+            x,
+            offset: hh * d,
+            ld: heads * d,
+            batch_stride: t * heads * d,
+        }
+    }
+
+    /// Head `hh` of `(B, H, T, S)` scores or probabilities.
+    fn scores(x: &'a GpuTensor<D>, hh: usize, dims: AttnDims) -> Self {
+        let AttnDims { h, t, s, .. } = dims;
+        HeadView {
+            x,
+            offset: hh * t * s,
+            ld: s,
+            batch_stride: h * t * s,
+        }
+    }
+}
+
 /// See the module docs.
 pub struct GpuBackend<D: Device> {
     /// Shared: backends of both dtypes can run on one device (see [`GpuBackend::with_dtype`]).
@@ -196,6 +228,22 @@ impl<D: Device> GpuBackend<D> {
         self.upload_index(&buckets)
     }
 
+    /// One head's matrices inside a batched tensor, for [`GpuBackend::head_gemm`].
+    fn head_gemm(&self, c: HeadView<'_, D>, a: HeadView<'_, D>, b: HeadView<'_, D>, g: GemmDesc) {
+        let el = self.dtype.size() as u64;
+        let at = |v: &HeadView<'_, D>| self.device.ptr(&v.x.buf) + (v.offset as u64) * el;
+        let g = GemmDesc {
+            lda: a.ld,
+            ldb: b.ld,
+            ldc: c.ld,
+            stride_a: a.batch_stride,
+            stride_b: b.batch_stride,
+            stride_c: c.batch_stride,
+            ..g
+        };
+        self.gemm(at(&c), at(&a), at(&b), &g);
+    }
+
     /// Scaled scores `scale·Q·Kᵀ` of every head into `scores (B, H, T, S)`.
     fn attention_scores(
         &self,
@@ -213,25 +261,17 @@ impl<D: Device> GpuBackend<D> {
             h_kv,
             d,
         } = dims;
-        let el = self.dtype.size() as u64;
         for hh in 0..h {
             let kvh = hh / (h / h_kv);
-            let g = GemmDesc {
-                lda: h * d,
-                ldb: h_kv * d,
-                ldc: s,
-                batch: b,
-                stride_a: t * h * d,
-                stride_b: s * h_kv * d,
-                stride_c: h * t * s,
-                alpha: scale as f32,
-                ..GemmDesc::dense(t, s, d, false, true)
-            };
-            self.gemm(
-                self.device.ptr(&scores.buf) + (hh * t * s) as u64 * el,
-                self.device.ptr(&q.buf) + (hh * d) as u64 * el,
-                self.device.ptr(&k.buf) + (kvh * d) as u64 * el,
-                &g,
+            self.head_gemm(
+                HeadView::scores(scores, hh, dims),
+                HeadView::rows(q, hh, h, t, d),
+                HeadView::rows(k, kvh, h_kv, s, d),
+                GemmDesc {
+                    batch: b,
+                    alpha: scale as f32,
+                    ..GemmDesc::dense(t, s, d, false, true)
+                },
             );
         }
     }
@@ -765,24 +805,16 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.attention_scores(&probs, q, k, scale, dims);
         self.attention_softmax(&probs, lse, &mask, bias.as_ref(), dims);
         // out[b, :, hh] = P[b, hh] · V[b, :, kvh]
-        let el = self.dtype.size() as u64;
         for hh in 0..h {
             let kvh = hh / (h / h_kv);
-            let g = GemmDesc {
-                lda: s,
-                ldb: h_kv * d,
-                ldc: h * d,
-                batch: b,
-                stride_a: h * t * s,
-                stride_b: s * h_kv * d,
-                stride_c: t * h * d,
-                ..GemmDesc::dense(t, d, s, false, false)
-            };
-            self.gemm(
-                self.device.ptr(&out.buf) + (hh * d) as u64 * el,
-                self.device.ptr(&probs.buf) + (hh * t * s) as u64 * el,
-                self.device.ptr(&v.buf) + (kvh * d) as u64 * el,
-                &g,
+            self.head_gemm(
+                HeadView::rows(out, hh, h, t, d),
+                HeadView::scores(&probs, hh, dims),
+                HeadView::rows(v, kvh, h_kv, s, d),
+                GemmDesc {
+                    batch: b,
+                    ..GemmDesc::dense(t, d, s, false, false)
+                },
             );
         }
     }
@@ -827,40 +859,33 @@ impl<D: Device> Backend for GpuBackend<D> {
         let dprobs = self.zeros(b * h * t * s); // (B, H, T, S): dP, then dS in place
         self.fill_zero(dk);
         self.fill_zero(dv);
-        let el = self.dtype.size() as u64;
-        let p = |x: &GpuTensor<D>| self.device.ptr(&x.buf);
         for hh in 0..h {
             let kvh = hh / (h / h_kv);
-            let (qo, kvo, so) = (
-                (hh * d) as u64 * el,
-                (kvh * d) as u64 * el,
-                (hh * t * s) as u64 * el,
+            let (dov, vv) = (
+                HeadView::rows(dout, hh, h, t, d),
+                HeadView::rows(v, kvh, h_kv, s, d),
             );
             // dP = dO · Vᵀ  (T, S)
-            let g = GemmDesc {
-                lda: h * d,
-                ldb: h_kv * d,
-                ldc: s,
-                batch: b,
-                stride_a: t * h * d,
-                stride_b: s * h_kv * d,
-                stride_c: h * t * s,
-                ..GemmDesc::dense(t, s, d, false, true)
-            };
-            self.gemm(p(&dprobs) + so, p(dout) + qo, p(v) + kvo, &g);
+            self.head_gemm(
+                HeadView::scores(&dprobs, hh, dims),
+                dov,
+                vv,
+                GemmDesc {
+                    batch: b,
+                    ..GemmDesc::dense(t, s, d, false, true)
+                },
+            );
             // dV += Pᵀ · dO  (S, D)
-            let g = GemmDesc {
-                lda: s,
-                ldb: h * d,
-                ldc: h_kv * d,
-                batch: b,
-                stride_a: h * t * s,
-                stride_b: t * h * d,
-                stride_c: s * h_kv * d,
-                beta: 1.0,
-                ..GemmDesc::dense(s, d, t, true, false)
-            };
-            self.gemm(p(dv) + kvo, p(&probs) + so, p(dout) + qo, &g);
+            self.head_gemm(
+                HeadView::rows(dv, kvh, h_kv, s, d),
+                HeadView::scores(&probs, hh, dims),
+                HeadView::rows(dout, hh, h, t, d),
+                GemmDesc {
+                    batch: b,
+                    beta: 1.0,
+                    ..GemmDesc::dense(s, d, t, true, false)
+                },
+            );
         }
         // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place.
         self.launch(
@@ -870,38 +895,29 @@ impl<D: Device> Backend for GpuBackend<D> {
         );
         for hh in 0..h {
             let kvh = hh / (h / h_kv);
-            let (qo, kvo, so) = (
-                (hh * d) as u64 * el,
-                (kvh * d) as u64 * el,
-                (hh * t * s) as u64 * el,
-            );
             // dQ = scale · dS · K  (T, D)
-            let g = GemmDesc {
-                lda: s,
-                ldb: h_kv * d,
-                ldc: h * d,
-                batch: b,
-                stride_a: h * t * s,
-                stride_b: s * h_kv * d,
-                stride_c: t * h * d,
-                alpha: scale as f32,
-                ..GemmDesc::dense(t, d, s, false, false)
-            };
-            self.gemm(p(dq) + qo, p(&dprobs) + so, p(k) + kvo, &g);
+            self.head_gemm(
+                HeadView::rows(dq, hh, h, t, d),
+                HeadView::scores(&dprobs, hh, dims),
+                HeadView::rows(k, kvh, h_kv, s, d),
+                GemmDesc {
+                    batch: b,
+                    alpha: scale as f32,
+                    ..GemmDesc::dense(t, d, s, false, false)
+                },
+            );
             // dK += scale · dSᵀ · Q  (S, D)
-            let g = GemmDesc {
-                lda: s,
-                ldb: h * d,
-                ldc: h_kv * d,
-                batch: b,
-                stride_a: h * t * s,
-                stride_b: t * h * d,
-                stride_c: s * h_kv * d,
-                alpha: scale as f32,
-                beta: 1.0,
-                ..GemmDesc::dense(s, d, t, true, false)
-            };
-            self.gemm(p(dk) + kvo, p(&dprobs) + so, p(q) + qo, &g);
+            self.head_gemm(
+                HeadView::rows(dk, kvh, h_kv, s, d),
+                HeadView::scores(&dprobs, hh, dims),
+                HeadView::rows(q, hh, h, t, d),
+                GemmDesc {
+                    batch: b,
+                    alpha: scale as f32,
+                    beta: 1.0,
+                    ..GemmDesc::dense(s, d, t, true, false)
+                },
+            );
         }
     }
 
