@@ -1,26 +1,31 @@
 //! One forward + backward of a host batch on a backend, with or without a prompt method:
-//! method rows and update → embed + prepend → T5 forward → loss → T5 backward (input gradient)
-//! → split into d rows / d update → method backward (parameter gradients, `+=`). Used by
-//! `fastpt run`, `fastpt forward` and the benches; the trainer builds on it.
+//! method rows and update → embed + prepend → T5 or Llama forward → loss → backward (input
+//! gradient) → split into d rows / d update → method backward (parameter gradients, `+=`).
+//! Used by `fastpt run`, `fastpt forward` and the benches; the trainer builds on it.
 
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::data::{EncoderInput, HostBatch};
 use crate::error::{Error, Result};
+use crate::model::llama::{Llama, LlamaBatch};
 use crate::model::t5::{T5Batch, T5};
+use crate::model::Backbone;
 use crate::prompt::{build_method, MethodConfig, MethodContext, PromptMethod, Tokenize};
 
 /// The results of one step, downloaded to the host (the `(B, P+T, C)` tensors are empty after a
 /// forward-only [`t5_loss`]).
 pub struct StepOutput {
     pub loss: f64,
-    pub logits: Vec<f32>,       // (M, V) label rows only
-    pub label_rows: Vec<usize>, // (M) flat decoder positions b·Td + t
+    pub logits: Vec<f32>, // (M, V) label rows only
+    /// Flat decoder positions `b·Td + t` (T5), or flat positions `b·(P+T) + t` of the rows that
+    /// predict a label (Llama).
+    pub label_rows: Vec<usize>, // (M)
     /// Prompt rows prepended to the text rows.
     pub prompt_rows: usize,
-    pub inputs_embeds: Vec<f32>,   // (B, P+T, C)
-    pub encoder_out: Vec<f32>,     // (B, P+T, C)
+    pub inputs_embeds: Vec<f32>, // (B, P+T, C)
+    /// The T5 encoder output; empty for a decoder-only model.
+    pub encoder_out: Vec<f32>, // (B, P+T, C)
     pub d_inputs_embeds: Vec<f32>, // (B, P+T, C)
     pub forward_time: Duration,
     pub backward_time: Duration,
@@ -37,6 +42,29 @@ impl StepOutput {
     }
 }
 
+/// Activations saved by either backbone's forward.
+enum Saved<B: Backend> {
+    T5(crate::model::t5::T5Saved<B>),
+    Llama(crate::model::llama::LlamaSaved<B>),
+}
+
+/// A borrowed backbone: what [`step`] runs.
+#[derive(Clone, Copy)]
+enum Model<'a, B: Backend> {
+    T5(&'a T5<B>),
+    Llama(&'a Llama<B>),
+}
+
+impl<B: Backend> Model<'_, B> {
+    /// The frozen token embeddings `(V, C)` and their sizes.
+    fn embeddings(&self) -> (&B::Tensor, usize, usize) {
+        match self {
+            Model::T5(m) => (&m.weights.shared, m.cfg.vocab_size, m.cfg.d_model),
+            Model::Llama(m) => (&m.weights.embed, m.cfg.vocab_size, m.cfg.hidden_size),
+        }
+    }
+}
+
 /// Runs one step. With a method, its parameter gradients are added to (`+=`); the batch must
 /// then hold token ids, at most `method.update_rows()` long when the method updates them.
 pub fn t5_forward_backward<'m, B: Backend>(
@@ -46,7 +74,7 @@ pub fn t5_forward_backward<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<StepOutput> {
-    step(be, model, method, batch, true)
+    step(be, Model::T5(model), method, batch, true)
 }
 
 /// The loss of a batch, forward only (evaluation): no gradient is computed or added.
@@ -56,22 +84,46 @@ pub fn t5_loss<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<f64> {
-    Ok(step(be, model, method, batch, false)?.loss)
+    Ok(step(be, Model::T5(model), method, batch, false)?.loss)
+}
+
+/// [`t5_forward_backward`] for Llama: the batch is decoder-only (labels `(B, T)` aligned with
+/// the input, unshifted; see [`HostBatch`]), prompt rows go in front of every row.
+pub fn llama_forward_backward<'m, B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    batch: &HostBatch,
+) -> Result<StepOutput> {
+    step(be, Model::Llama(model), method, batch, true)
+}
+
+/// One step of either backbone.
+pub fn forward_backward<'m, B: Backend>(
+    be: &B,
+    model: &Backbone<B>,
+    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    batch: &HostBatch,
+) -> Result<StepOutput> {
+    match model {
+        Backbone::T5(m) => t5_forward_backward(be, m, method, batch),
+        Backbone::Llama(m) => llama_forward_backward(be, m, method, batch),
+    }
 }
 
 fn step<'m, B: Backend>(
     be: &B,
-    model: &T5<B>,
+    model: Model<'_, B>,
     mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
     backward: bool,
 ) -> Result<StepOutput> {
-    let (b, t, c) = (batch.batch, batch.enc_len, model.cfg.d_model);
+    let (table, v, c) = model.embeddings();
+    let (b, t) = (batch.batch, batch.enc_len);
     let start = Instant::now();
     let p = method.as_ref().map_or(0, |m| m.prompt_rows());
     let inputs_embeds = match &batch.input {
         EncoderInput::Ids(ids) => {
-            let v = model.cfg.vocab_size;
             if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= v) {
                 return Err(Error::Input(format!(
                     "input_ids: id {bad} is outside the vocabulary 0..{v}"
@@ -89,19 +141,9 @@ fn step<'m, B: Backend>(
                         )));
                     }
                     let (rows, update) = (m.rows(), m.update());
-                    be.embed_prompt_forward(
-                        &mut x,
-                        &model.weights.shared,
-                        &ids,
-                        rows,
-                        update,
-                        b,
-                        t,
-                        p,
-                        c,
-                    );
+                    be.embed_prompt_forward(&mut x, table, &ids, rows, update, b, t, p, c);
                 }
-                None => be.gather_rows(&mut x, &model.weights.shared, &ids, b * t, c),
+                None => be.gather_rows(&mut x, table, &ids, b * t, c),
             }
             x
         }
@@ -120,23 +162,53 @@ fn step<'m, B: Backend>(
         .chunks(t)
         .flat_map(|row| std::iter::repeat_n(1, p).chain(row.iter().copied()))
         .collect();
-    let t5_batch = T5Batch::<B> {
-        inputs_embeds: &inputs_embeds,
-        attention_mask: &mask,
-        decoder_input_ids: &batch.decoder_input_ids,
-        labels: &batch.labels,
-        batch: b,
-        enc_len: p + t,
-        dec_len: batch.dec_len,
+    let (loss, logits, label_rows, saved) = match model {
+        Model::T5(m) => {
+            let t5_batch = T5Batch::<B> {
+                inputs_embeds: &inputs_embeds,
+                attention_mask: &mask,
+                decoder_input_ids: &batch.decoder_input_ids,
+                labels: &batch.labels,
+                batch: b,
+                enc_len: p + t,
+                dec_len: batch.dec_len,
+            };
+            let (out, saved) = m.forward(be, &t5_batch)?;
+            (out.loss, out.logits, out.label_rows, Saved::T5(saved))
+        }
+        Model::Llama(m) => {
+            if batch.labels.len() != b * t || batch.dec_len != 0 {
+                return Err(Error::Input(format!(
+                    "a Llama batch has labels (B, T) = {b}·{t} aligned with the input and no \
+                     decoder side; this batch has {} labels and {} decoder positions",
+                    batch.labels.len(),
+                    batch.dec_len
+                )));
+            }
+            // The prompt rows predict nothing: -100 in front of every row's labels.
+            let labels: Vec<i32> = batch
+                .labels
+                .chunks(t)
+                .flat_map(|row| std::iter::repeat_n(-100, p).chain(row.iter().copied()))
+                .collect();
+            let llama_batch = LlamaBatch::<B> {
+                inputs_embeds: &inputs_embeds,
+                attention_mask: &mask,
+                labels: &labels,
+                batch: b,
+                len: p + t,
+            };
+            let (out, saved) = m.forward(be, &llama_batch)?;
+            (out.loss, out.logits, out.label_rows, Saved::Llama(saved))
+        }
     };
-    let (out, saved) = model.forward(be, &t5_batch)?;
     let forward_time = start.elapsed();
     let start = Instant::now();
     if !backward {
         return Ok(StepOutput {
-            loss: out.loss,
-            logits: be.download_f32(&out.logits),
-            label_rows: out.label_rows,
+            loss,
+            logits: be.download_f32(&logits),
+            label_rows,
             prompt_rows: p,
             inputs_embeds: Vec::new(),
             encoder_out: Vec::new(),
@@ -145,7 +217,11 @@ fn step<'m, B: Backend>(
             backward_time: start.elapsed(),
         });
     }
-    let dx = model.backward_dinp(be, &saved); // (B, P+T, C)
+    let (dx, encoder_out) = match (model, &saved) {
+        (Model::T5(m), Saved::T5(s)) => (m.backward_dinp(be, s), be.download_f32(s.encoder_out())),
+        (Model::Llama(m), Saved::Llama(s)) => (m.backward_dinp(be, s), Vec::new()),
+        _ => unreachable!("the activations were saved by this model"),
+    }; // dx: (B, P+T, C)
     if let Some(m) = method {
         let mut d_rows = be.zeros(p * c); // (P, C)
         let mut d_update = m.update_rows().map(|rows| be.zeros(rows * c)); // (M, C)
@@ -154,12 +230,12 @@ fn step<'m, B: Backend>(
     }
     let backward_time = start.elapsed();
     Ok(StepOutput {
-        loss: out.loss,
-        logits: be.download_f32(&out.logits),
-        label_rows: out.label_rows,
+        loss,
+        logits: be.download_f32(&logits),
+        label_rows,
         prompt_rows: p,
         inputs_embeds: be.download_f32(&inputs_embeds),
-        encoder_out: be.download_f32(saved.encoder_out()),
+        encoder_out,
         d_inputs_embeds: be.download_f32(&dx),
         forward_time,
         backward_time,
@@ -177,23 +253,60 @@ pub fn build_t5_method<B: Backend + 'static>(
     seed: u64,
     tokenize: Option<&Tokenize<'_>>,
 ) -> Result<Box<dyn PromptMethod<B>>> {
-    let c = model.cfg.d_model;
+    let model = Model::T5(model);
+    build_with_embeddings(be, model, cfg, max_len, seed, tokenize)
+}
+
+/// [`build_t5_method`] for Llama; the `vocab` init skips ids 0–2 (unk, bos, eos in Llama 2
+/// vocabularies).
+pub fn build_llama_method<B: Backend + 'static>(
+    be: &B,
+    model: &Llama<B>,
+    cfg: &MethodConfig,
+    max_len: usize,
+    seed: u64,
+    tokenize: Option<&Tokenize<'_>>,
+) -> Result<Box<dyn PromptMethod<B>>> {
+    let model = Model::Llama(model);
+    build_with_embeddings(be, model, cfg, max_len, seed, tokenize)
+}
+
+/// A prompt method for either backbone.
+pub fn build_backbone_method<B: Backend + 'static>(
+    be: &B,
+    model: &Backbone<B>,
+    cfg: &MethodConfig,
+    max_len: usize,
+    seed: u64,
+    tokenize: Option<&Tokenize<'_>>,
+) -> Result<Box<dyn PromptMethod<B>>> {
+    let model = match model {
+        Backbone::T5(m) => Model::T5(m),
+        Backbone::Llama(m) => Model::Llama(m),
+    };
+    build_with_embeddings(be, model, cfg, max_len, seed, tokenize)
+}
+
+fn build_with_embeddings<B: Backend + 'static>(
+    be: &B,
+    model: Model<'_, B>,
+    cfg: &MethodConfig,
+    max_len: usize,
+    seed: u64,
+    tokenize: Option<&Tokenize<'_>>,
+) -> Result<Box<dyn PromptMethod<B>>> {
+    let (table, vocab_size, c) = model.embeddings();
     let embed_rows = |ids: &[u32]| -> Result<Vec<f32>> {
         let ids: Vec<i32> = ids.iter().map(|&id| id as i32).collect();
         let mut rows = be.zeros(ids.len() * c); // (len, C)
-        be.gather_rows(
-            &mut rows,
-            &model.weights.shared,
-            &be.upload_index(&ids),
-            ids.len(),
-            c,
-        );
+        be.gather_rows(&mut rows, table, &be.upload_index(&ids), ids.len(), c);
         Ok(be.download_f32(&rows))
     };
     let ctx = MethodContext {
         d_model: c,
         max_len,
-        vocab_size: model.cfg.vocab_size,
+        vocab_size,
+        // T5: pad, eos, unk; Llama 2: unk, bos, eos.
         first_regular_id: 3,
         seed,
         embed_rows: &embed_rows,

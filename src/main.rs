@@ -14,12 +14,14 @@ use fastpt::backend::gpu::vgpu::VirtualDevice;
 use fastpt::backend::gpu::GpuBackend;
 use fastpt::backend::Backend;
 use fastpt::config::RunConfig;
+use fastpt::data::batch_json::BatchSpec;
 use fastpt::data::HostBatch;
-use fastpt::engine::{build_t5_method, t5_forward_backward, StepOutput};
+use fastpt::engine::{build_backbone_method, forward_backward, StepOutput};
 use fastpt::model::hf::{load_tokenizer, save_safetensors, TensorData};
-use fastpt::model::shapes::T5_SHAPES;
-use fastpt::model::t5::{t5_tensor_specs, T5};
-use fastpt::model::{load_t5, random_t5};
+use fastpt::model::llama::llama_tensor_specs;
+use fastpt::model::shapes::{LLAMA_SHAPES, T5_SHAPES};
+use fastpt::model::t5::t5_tensor_specs;
+use fastpt::model::{load_model, random_model, Backbone};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
 use fastpt::prompt::{train_params, MethodConfig};
 use fastpt::train::trainer::{train, Stopped, TrainOptions, DEFAULT_RUN_TOML};
@@ -74,9 +76,9 @@ struct DoctorArgs {
     /// auto: the CUDA GPU, or the virtual GPU when none is usable; cuda; vgpu.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cuda", "vgpu"])]
     device: String,
-    /// Built-in T5 shape of the whole-step checks.
-    #[arg(long, default_value = "t5-tiny", value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES))]
-    shape: String,
+    /// Built-in shapes of the whole-step checks (repeat the flag for several; T5 or Llama).
+    #[arg(long = "shape", default_values = ["t5-tiny", "llama-tiny"], value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
+    shapes: Vec<String>,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -128,8 +130,8 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Built-in shape with random weights.
-    #[arg(long, default_value = "t5-tiny", value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES))]
+    /// Built-in shape with random weights (T5 or Llama).
+    #[arg(long, default_value = "t5-tiny", value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
     shape: String,
     /// Seed of the random weights and the built-in batch.
     #[arg(long, default_value_t = 0)]
@@ -150,21 +152,23 @@ struct RunArgs {
 
 #[derive(Args)]
 struct ForwardArgs {
-    /// A Hugging Face T5 folder: config.json, model.safetensors (or sharded), tokenizer.json.
+    /// A Hugging Face T5 or Llama folder: config.json, model.safetensors (or sharded),
+    /// tokenizer.json; the family is read from config.json's model_type.
     #[arg(long, required_unless_present = "shape", conflicts_with = "shape")]
     model: Option<PathBuf>,
     /// A built-in shape with random weights, instead of --model.
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES))]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
     shape: Option<String>,
     /// Seed of the random weights (with --shape).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// The batch as JSON: input_ids | inputs_embeds | input_text, optional attention_mask,
-    /// labels | target_text, optional decoder_input_ids (see README.md).
+    /// labels | target_text, optional decoder_input_ids; for Llama, labels aligned with the
+    /// input (see README.md).
     #[arg(long)]
     batch: PathBuf,
-    /// Where to write logits, label_rows, loss, inputs_embeds, encoder_last_hidden_state and
-    /// d_inputs_embeds (safetensors).
+    /// Where to write logits, label_rows, loss, inputs_embeds, d_inputs_embeds and (T5)
+    /// encoder_last_hidden_state (safetensors).
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
@@ -252,23 +256,41 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-fn describe<B: Backend>(name: &str, model: &T5<B>) -> String {
-    let cfg = &model.cfg;
-    let params: usize = t5_tensor_specs(cfg)
-        .iter()
-        .map(|(_, shape)| shape.iter().product::<usize>())
-        .sum();
-    format!(
-        "{name}: d_model {}, {}+{} layers, {} heads × {}, d_ff {}, vocab {}, {:.2} M parameters",
-        cfg.d_model,
-        cfg.num_layers,
-        cfg.num_decoder_layers,
-        cfg.num_heads,
-        cfg.d_kv,
-        cfg.d_ff,
-        cfg.vocab_size,
-        params as f64 / 1e6
-    )
+fn describe<B: Backend>(name: &str, model: &Backbone<B>) -> String {
+    let count = |specs: Vec<(String, Vec<usize>)>| -> f64 {
+        let n: usize = specs.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        n as f64 / 1e6
+    };
+    match model {
+        Backbone::T5(m) => {
+            let cfg = &m.cfg;
+            format!(
+                "{name}: T5, d_model {}, {}+{} layers, {} heads × {}, d_ff {}, vocab {}, {:.2} M parameters",
+                cfg.d_model,
+                cfg.num_layers,
+                cfg.num_decoder_layers,
+                cfg.num_heads,
+                cfg.d_kv,
+                cfg.d_ff,
+                cfg.vocab_size,
+                count(t5_tensor_specs(cfg))
+            )
+        }
+        Backbone::Llama(m) => {
+            let cfg = &m.cfg;
+            format!(
+                "{name}: Llama, hidden {}, {} layers, {} heads ({} key/value) × {}, intermediate {}, vocab {}, {:.2} M parameters",
+                cfg.hidden_size,
+                cfg.num_hidden_layers,
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                cfg.intermediate_size,
+                cfg.vocab_size,
+                count(llama_tensor_specs(cfg))
+            )
+        }
+    }
 }
 
 fn print_step(be_name: &str, step: &StepOutput, batch: &HostBatch) {
@@ -276,11 +298,18 @@ fn print_step(be_name: &str, step: &StepOutput, batch: &HostBatch) {
         "backend    {be_name} ({} threads)",
         rayon::current_num_threads()
     );
+    let positions = if batch.dec_len == 0 {
+        // Decoder-only: one sequence per row.
+        format!("{} positions", batch.enc_len)
+    } else {
+        format!(
+            "encoder {} positions, decoder {} positions",
+            batch.enc_len, batch.dec_len
+        )
+    };
     println!(
-        "batch      {} rows, encoder {} positions, decoder {} positions, {} label positions",
+        "batch      {} rows, {positions}, {} label positions",
         batch.batch,
-        batch.enc_len,
-        batch.dec_len,
         step.label_rows.len()
     );
     println!("loss       {:.6}", step.loss);
@@ -393,7 +422,7 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
         "`step` does one forward + backward on a built-in batch; to check a real checkpoint:\n  \
          fastpt forward --model DIR --batch FILE.json --out OUT.safetensors\n"
     );
-    let model = random_t5(be, &args.shape, args.seed)?;
+    let model = random_model(be, &args.shape, args.seed)?;
     println!("model      {}", describe(&args.shape, &model));
     let method_cfg = match (&args.method, &args.config) {
         (Some(name), _) => Some(MethodConfig::default_for(name)?),
@@ -404,7 +433,7 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
         (None, None) => None,
     };
     let mut method = match &method_cfg {
-        Some(cfg) => Some(build_t5_method(
+        Some(cfg) => Some(build_backbone_method(
             be,
             &model,
             cfg,
@@ -424,8 +453,12 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
         );
     }
     // Four rows of different lengths, as a dynamically padded batch would have.
-    let batch = HostBatch::random(&model.cfg, &[24, 17, 32, 9], &[6, 3, 8, 5], args.seed);
-    let step = t5_forward_backward(be, &model, method.as_deref_mut(), &batch)?;
+    let (inputs, targets) = ([24, 17, 32, 9], [6, 3, 8, 5]);
+    let batch = match &model {
+        Backbone::T5(m) => HostBatch::random(&m.cfg, &inputs, &targets, args.seed),
+        Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &inputs, &targets, args.seed),
+    };
+    let step = forward_backward(be, &model, method.as_deref_mut(), &batch)?;
     print_step(&be.name(), &step, &batch);
     if let Some(m) = &method {
         let norm: f64 = m
@@ -442,8 +475,8 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
 
 fn forward<B: Backend>(be: &B, args: &ForwardArgs) -> Result<()> {
     let (model, tokenizer_dir) = match (&args.model, &args.shape) {
-        (Some(dir), _) => (load_t5(be, dir)?, Some(dir.as_path())),
-        (None, Some(shape)) => (random_t5(be, shape, args.seed)?, None),
+        (Some(dir), _) => (load_model(be, dir)?, Some(dir.as_path())),
+        (None, Some(shape)) => (random_model(be, shape, args.seed)?, None),
         (None, None) => bail!("give --model DIR or --shape NAME"),
     };
     let name = match (&args.model, &args.shape) {
@@ -452,18 +485,18 @@ fn forward<B: Backend>(be: &B, args: &ForwardArgs) -> Result<()> {
         _ => unreachable!("checked above"),
     };
     println!("model      {}", describe(&name, &model));
-    let batch = read_batch(&args.batch, &model, tokenizer_dir)?;
-    let step = t5_forward_backward(be, &model, None, &batch)?;
+    let spec = match &model {
+        Backbone::T5(m) => BatchSpec::from(&m.cfg),
+        Backbone::Llama(m) => BatchSpec::from(&m.cfg),
+    };
+    let batch = read_batch(&args.batch, spec, tokenizer_dir)?;
+    let step = forward_backward(be, &model, None, &batch)?;
     print_step(&be.name(), &step, &batch);
 
-    let (b, t, c, v) = (
-        batch.batch,
-        batch.enc_len,
-        model.cfg.d_model,
-        model.cfg.vocab_size,
-    );
+    let (b, t, c, v) = (batch.batch, batch.enc_len, spec.d_model, spec.vocab_size);
     let m = step.label_rows.len();
-    let tensors = vec![
+    let has_encoder = !step.encoder_out.is_empty();
+    let mut tensors = vec![
         (
             "logits".to_string(),
             vec![m, v],
@@ -481,16 +514,18 @@ fn forward<B: Backend>(be: &B, args: &ForwardArgs) -> Result<()> {
             TensorData::F32(step.inputs_embeds),
         ),
         (
-            "encoder_last_hidden_state".to_string(),
-            vec![b, t, c],
-            TensorData::F32(step.encoder_out),
-        ),
-        (
             "d_inputs_embeds".to_string(),
             vec![b, t, c],
             TensorData::F32(step.d_inputs_embeds),
         ),
     ];
+    if has_encoder {
+        tensors.push((
+            "encoder_last_hidden_state".to_string(),
+            vec![b, t, c],
+            TensorData::F32(step.encoder_out),
+        ));
+    }
     save_safetensors(&args.out, &tensors)?;
     println!("wrote      {}", args.out.display());
     Ok(())
@@ -542,11 +577,7 @@ fn params(args: &ParamsArgs) -> Result<()> {
 }
 
 /// Reads the JSON batch, tokenizing text fields with the model folder's tokenizer.json.
-fn read_batch<B: Backend>(
-    path: &Path,
-    model: &T5<B>,
-    tokenizer_dir: Option<&Path>,
-) -> Result<HostBatch> {
+fn read_batch(path: &Path, spec: BatchSpec, tokenizer_dir: Option<&Path>) -> Result<HostBatch> {
     let tokenizer = match tokenizer_dir {
         Some(dir) if dir.join("tokenizer.json").exists() => Some(load_tokenizer(dir)?),
         _ => None,
@@ -561,7 +592,7 @@ fn read_batch<B: Backend>(
         Ok(enc.get_ids().to_vec())
     };
     // The library's errors already name the batch file.
-    Ok(HostBatch::from_json_file(path, &model.cfg, Some(&encode))?)
+    Ok(HostBatch::from_json_file(path, spec, Some(&encode))?)
 }
 
 fn doctor(args: &DoctorArgs) -> Result<()> {
@@ -591,7 +622,9 @@ fn doctor_on<D: Device>(dev: D, args: &DoctorArgs) -> Result<()> {
         let be = f32_backend.with_dtype(dtype);
         let start = std::time::Instant::now();
         results.extend(check_ops(&be, args.seed));
-        results.extend(check_steps(&be, &args.shape, args.seed)?);
+        for shape in &args.shapes {
+            results.extend(check_steps(&be, shape, args.seed)?);
+        }
         println!(
             "checked    {dtype} in {:.1} s",
             start.elapsed().as_secs_f64()

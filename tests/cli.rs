@@ -329,3 +329,77 @@ fn forward_on_the_virtual_gpu_matches_the_cpu_loss() {
         "cpu {cpu} vs vgpu {vgpu}"
     );
 }
+
+#[test]
+fn forward_on_a_llama_golden_folder_matches_hf() {
+    // The golden batch (prompt rows + text, right-padded) as ragged inputs_embeds rows and
+    // unshifted labels: the family is read from config.json.
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["llama-gqa-tiny", "llama3-tied-tiny"] {
+        let model = fixture(name);
+        let g = read_all_f64(&model.join("golden.safetensors")).unwrap();
+        let (eshape, embeds) = &g["inputs_embeds"];
+        let (b, t, c) = (eshape[0], eshape[1], eshape[2]);
+        let mask = &g["attention_mask"].1;
+        let labels = &g["labels"].1;
+        let real = |i: usize| (0..t).filter(move |&j| mask[i * t + j] != 0.0);
+        let embed_rows: Vec<Vec<Vec<f64>>> = (0..b)
+            .map(|i| {
+                real(i)
+                    .map(|j| embeds[(i * t + j) * c..(i * t + j + 1) * c].to_vec())
+                    .collect()
+            })
+            .collect();
+        let label_rows: Vec<Vec<i64>> = (0..b)
+            .map(|i| real(i).map(|j| labels[i * t + j] as i64).collect())
+            .collect();
+        let batch = serde_json::json!({"inputs_embeds": embed_rows, "labels": label_rows});
+        let batch_path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&batch_path, batch.to_string()).unwrap();
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let (ok, stdout, stderr) = forward(&model, &batch_path, &out);
+        assert!(ok, "{name}: {stderr}");
+        assert!(stdout.contains("Llama"), "{stdout}");
+        let res = read_all_f64(&out).unwrap();
+        let (loss, want) = (res["loss"].1[0], g["loss"].1[0]);
+        assert!(
+            ((loss - want) / want).abs() < 1e-4,
+            "{name}: loss {loss} vs {want}"
+        );
+        let grad_err = rel_err(&res["d_inputs_embeds"].1, &g["d_inputs_embeds"].1);
+        assert!(
+            grad_err < 1e-3,
+            "{name}: d_inputs_embeds rel err {grad_err}"
+        );
+        assert!(!res.contains_key("encoder_last_hidden_state"));
+        let v = res["logits"].0[1];
+        let expected: Vec<f64> = res["label_rows"]
+            .1
+            .iter()
+            .flat_map(|&r| g["logits"].1[r as usize * v..(r as usize + 1) * v].to_vec())
+            .collect();
+        assert!(
+            rel_err(&res["logits"].1, &expected) < 1e-4,
+            "{name}: logits"
+        );
+    }
+}
+
+#[test]
+fn step_runs_a_llama_shape_with_a_method() {
+    let (ok, stdout, stderr) = fastpt(&["step", "--shape", "llama-tiny", "--method", "dept"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("Llama") && stdout.contains("method grad norm"),
+        "{stdout}"
+    );
+    let loss: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("loss"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Random init over a 1000-token vocabulary: near ln(1000) ≈ 6.9.
+    assert!((loss - 1000f64.ln()).abs() < 1.0, "{loss}");
+}

@@ -1,16 +1,15 @@
-//! Every prompt method end to end on the tiny T5 v1.0 fixture, in f64: d loss / d method
-//! parameters from the hand-written backward (T5 input gradient → embed_prompt_backward → method
-//! backward) against central finite differences of the loss, on sampled coordinates of every
-//! parameter.
+//! Every prompt method end to end on the tiny T5 v1.0 and Llama (GQA) fixtures, in f64: d loss /
+//! d method parameters from the hand-written backward (model input gradient →
+//! embed_prompt_backward → method backward) against central finite differences of the loss, on
+//! sampled coordinates of every parameter.
 
 use std::path::Path;
 
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::backend::Backend;
 use fastpt::data::HostBatch;
-use fastpt::engine::t5_forward_backward;
-use fastpt::model::load_t5;
-use fastpt::model::t5::T5;
+use fastpt::engine::{forward_backward, StepOutput};
+use fastpt::model::{load_model, Backbone};
 use fastpt::prompt::{build_method, zero_grads, MethodConfig, MethodContext, PromptMethod};
 use fastpt::testing::{random_vec, rel_err};
 
@@ -32,9 +31,12 @@ const CASES: &[(&str, &str)] = &[
 
 const MAX_LEN: usize = 8;
 
-fn build(be: &B64, model: &T5<B64>, name: &str, section: &str) -> Box<dyn PromptMethod<B64>> {
-    let c = model.cfg.d_model;
-    let table = be.download_f64(&model.weights.shared);
+fn build(be: &B64, model: &Backbone<B64>, name: &str, section: &str) -> Box<dyn PromptMethod<B64>> {
+    let (table, c, vocab_size) = match model {
+        Backbone::T5(m) => (&m.weights.shared, m.cfg.d_model, m.cfg.vocab_size),
+        Backbone::Llama(m) => (&m.weights.embed, m.cfg.hidden_size, m.cfg.vocab_size),
+    };
+    let table = be.download_f64(table);
     let embed_rows = |ids: &[u32]| -> fastpt::Result<Vec<f32>> {
         Ok(ids
             .iter()
@@ -48,7 +50,7 @@ fn build(be: &B64, model: &T5<B64>, name: &str, section: &str) -> Box<dyn Prompt
     let ctx = MethodContext {
         d_model: c,
         max_len: MAX_LEN,
-        vocab_size: model.cfg.vocab_size,
+        vocab_size,
         first_regular_id: 3,
         seed: 11,
         embed_rows: &embed_rows,
@@ -66,24 +68,27 @@ fn build(be: &B64, model: &T5<B64>, name: &str, section: &str) -> Box<dyn Prompt
     method
 }
 
-#[test]
-fn every_method_gradient_matches_finite_differences_through_t5() {
+fn check_every_method(fixture: &str) {
     let be = B64::new();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/t5-v1_0-tiny");
-    let model = load_t5(&be, &dir).unwrap();
-    let batch = HostBatch::random(&model.cfg, &[6, 4], &[3, 2], 3);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fixture);
+    let model = load_model(&be, &dir).unwrap();
+    let batch = match &model {
+        Backbone::T5(m) => HostBatch::random(&m.cfg, &[6, 4], &[3, 2], 3),
+        Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &[6, 3], &[2, 3], 3),
+    };
+    let step = |method: &mut dyn PromptMethod<B64>| -> StepOutput {
+        forward_backward(&be, &model, Some(method), &batch).unwrap()
+    };
     for &(name, section) in CASES {
         let mut method = build(&be, &model, name, section);
         zero_grads(&be, method.as_mut());
-        let step = t5_forward_backward(&be, &model, Some(method.as_mut()), &batch).unwrap();
-        assert_eq!(step.prompt_rows, method.prompt_rows());
+        let out = step(method.as_mut());
+        assert_eq!(out.prompt_rows, method.prompt_rows());
         // The FD evaluations below run full steps that add to the gradients: keep these first.
         let grads: Vec<Vec<f64>> = method.params().iter().map(|p| p.grad.clone()).collect();
-        let loss = |method: &mut dyn PromptMethod<B64>| {
-            t5_forward_backward(&be, &model, Some(method), &batch)
-                .unwrap()
-                .loss
-        };
+        let loss = |method: &mut dyn PromptMethod<B64>| step(method).loss;
         for (i, grad) in grads.iter().enumerate() {
             let len = method.params()[i].value.len();
             // Up to 6 coordinates spread over rows and columns of the tensor.
@@ -105,7 +110,7 @@ fn every_method_gradient_matches_finite_differences_through_t5() {
             let pname = &method.params()[i].name;
             assert!(
                 err < 1e-5,
-                "{name} [{section}]: d loss / d {pname}: rel err {err}"
+                "{fixture} {name} [{section}]: d loss / d {pname}: rel err {err}"
             );
             assert!(
                 numeric.iter().any(|&g| g != 0.0),
@@ -113,4 +118,14 @@ fn every_method_gradient_matches_finite_differences_through_t5() {
             );
         }
     }
+}
+
+#[test]
+fn every_method_gradient_matches_finite_differences_through_t5() {
+    check_every_method("t5-v1_0-tiny");
+}
+
+#[test]
+fn every_method_gradient_matches_finite_differences_through_llama() {
+    check_every_method("llama-gqa-tiny");
 }

@@ -99,6 +99,9 @@ pub struct RelBias<'a, X> {
     pub bidirectional: bool,
     pub num_buckets: usize,
     pub max_distance: usize,
+    /// Absolute position of query 0: 0 for a whole sequence; the number of positions already
+    /// decoded when one new query attends to a KV cache. The bias uses `key − (query + q_offset)`.
+    pub q_offset: usize,
 }
 
 // Manual impls: a derive would require `I: Copy` / `X: Copy`, but only references are copied.
@@ -436,6 +439,41 @@ pub trait Backend: Sync {
         bias: Option<RelBias<'_, Self::Tensor>>,
         scale: f64,
         dims: AttnDims,
+    );
+
+    // ---- rotary position embedding ---------------------------------------------------------
+
+    /// Rotary position embedding, Llama's rotate-half layout: for each head and `i < D/2`, with
+    /// `c = cos[positions[n], i]`, `s = sin[positions[n], i]`,
+    /// `out[i] = inp[i]·c − inp[i + D/2]·s`, `out[i + D/2] = inp[i + D/2]·c + inp[i]·s`.
+    /// `out, inp (N, H·D)`, `positions (N)` rows of the tables, `cos, sin (P, D/2)` built on the
+    /// host (see `model::llama::RopeTables`), so RoPE scaling never reaches a kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_forward(
+        &self,
+        out: &mut Self::Tensor,
+        inp: &Self::Tensor,
+        positions: &Self::Index,
+        cos: &Self::Tensor,
+        sin: &Self::Tensor,
+        n: usize,
+        h: usize,
+        d: usize,
+    );
+
+    /// Input gradient of [`Backend::rope_forward`] (`=`): the rotation is orthogonal, so
+    /// `dinp` is `dout` rotated by the opposite angle. Shapes as the forward.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_backward_dinp(
+        &self,
+        dinp: &mut Self::Tensor,
+        dout: &Self::Tensor,
+        positions: &Self::Index,
+        cos: &Self::Tensor,
+        sin: &Self::Tensor,
+        n: usize,
+        h: usize,
+        d: usize,
     );
 
     // ---- feed-forward ---------------------------------------------------------------------

@@ -10,6 +10,10 @@
 //!   "decoder_input_ids": [[0, 5], [0, 9, 9]]   // optional; default labels shifted right
 //! }
 //! ```
+//!
+//! For a decoder-only model (Llama) `labels` are Hugging Face's unshifted causal-LM labels: one
+//! per input position (`labels[t]` is predicted by position `t − 1`), and neither
+//! `target_text` nor `decoder_input_ids` exists.
 
 use std::path::Path;
 
@@ -17,25 +21,63 @@ use serde_json::Value;
 
 use super::{EncoderInput, HostBatch};
 use crate::error::{Error, Result};
-use crate::model::config::T5Config;
+use crate::model::config::{LlamaConfig, T5Config};
+
+/// What a batch is checked and padded against: the model's sizes and special ids.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSpec {
+    pub vocab_size: usize,
+    /// Width of an embedding row (C).
+    pub d_model: usize,
+    pub pad_token_id: u32,
+    /// The decoder's first input (encoder-decoder models); `None` for a decoder-only model.
+    pub decoder_start_token_id: Option<u32>,
+}
+
+impl From<&T5Config> for BatchSpec {
+    fn from(cfg: &T5Config) -> Self {
+        BatchSpec {
+            vocab_size: cfg.vocab_size,
+            d_model: cfg.d_model,
+            pad_token_id: cfg.pad_token_id,
+            decoder_start_token_id: Some(cfg.decoder_start_token_id),
+        }
+    }
+}
+
+impl From<&LlamaConfig> for BatchSpec {
+    fn from(cfg: &LlamaConfig) -> Self {
+        BatchSpec {
+            vocab_size: cfg.vocab_size,
+            d_model: cfg.hidden_size,
+            pad_token_id: cfg.pad_id(),
+            decoder_start_token_id: None,
+        }
+    }
+}
 
 /// Encodes texts with the tokenizer of the model folder (which appends EOS for T5).
 pub type Encode<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>>;
 
 impl HostBatch {
     /// Reads a JSON batch file (format in the module docs). `encode` is only called for `input_text` / `target_text`.
-    pub fn from_json_file(path: &Path, cfg: &T5Config, encode: Option<Encode<'_>>) -> Result<Self> {
+    pub fn from_json_file(
+        path: &Path,
+        spec: impl Into<BatchSpec>,
+        encode: Option<Encode<'_>>,
+    ) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json_str(&text, path, cfg, encode)
+        Self::from_json_str(&text, path, spec, encode)
     }
 
     /// Parses a batch; `path` names the source in errors.
     pub fn from_json_str(
         text: &str,
         path: &Path,
-        cfg: &T5Config,
+        spec: impl Into<BatchSpec>,
         encode: Option<Encode<'_>>,
     ) -> Result<Self> {
+        let cfg: BatchSpec = spec.into();
         let value: Value = serde_json::from_str(text)
             .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
         let Value::Object(obj) = &value else {
@@ -129,6 +171,10 @@ impl HostBatch {
         };
         let attention_mask = pad(&mask_rows, t, 0);
 
+        let Some(decoder_start) = cfg.decoder_start_token_id else {
+            return decoder_only(obj, path, cfg, rows, embeds, lens, attention_mask);
+        };
+
         // Decoder side.
         let label_rows = match one_of(&["labels", "target_text"])? {
             "labels" => int_rows(&obj["labels"], "labels", path)?,
@@ -155,7 +201,7 @@ impl HostBatch {
             None => label_rows
                 .iter()
                 .map(|r| {
-                    std::iter::once(cfg.decoder_start_token_id as i64)
+                    std::iter::once(decoder_start as i64)
                         .chain(r[..r.len() - 1].iter().map(|&x| {
                             if x == -100 {
                                 cfg.pad_token_id as i64
@@ -196,19 +242,7 @@ impl HostBatch {
             }
         }
 
-        let input = match embeds {
-            Some(e) => {
-                let c = cfg.d_model;
-                let mut flat = vec![0f32; b * t * c];
-                for (i, row) in e.iter().enumerate() {
-                    for (j, x) in row.iter().enumerate() {
-                        flat[(i * t + j) * c..][..c].copy_from_slice(x);
-                    }
-                }
-                EncoderInput::Embeds(flat)
-            }
-            None => EncoderInput::Ids(pad(&rows, t, cfg.pad_token_id as i64)),
-        };
+        let input = encoder_input(&rows, embeds, t, cfg);
         Ok(HostBatch {
             batch: b,
             enc_len: t,
@@ -218,6 +252,94 @@ impl HostBatch {
             decoder_input_ids: pad(&dec_rows, td, cfg.pad_token_id as i64),
             labels: pad(&label_rows, td, -100),
         })
+    }
+}
+
+/// The rest of a decoder-only batch: `labels` aligned with the input rows (unshifted), no
+/// decoder side (`dec_len` 0).
+fn decoder_only(
+    obj: &serde_json::Map<String, Value>,
+    path: &Path,
+    cfg: BatchSpec,
+    rows: Vec<Vec<i64>>,
+    embeds: Option<Vec<Vec<Vec<f32>>>>,
+    lens: Vec<usize>,
+    attention_mask: Vec<i32>,
+) -> Result<HostBatch> {
+    let field_err = |field: &str, msg: String| Error::config(path, field, msg);
+    for field in ["target_text", "decoder_input_ids"] {
+        if obj.contains_key(field) {
+            return Err(field_err(
+                field,
+                "not used by a decoder-only model: give `labels` with one entry per input \
+                 position (unshifted, -100 = no loss)"
+                    .into(),
+            ));
+        }
+    }
+    let labels = obj
+        .get("labels")
+        .ok_or_else(|| Error::format(path, "needs `labels` (one per input position)"))?;
+    let label_rows = int_rows(labels, "labels", path)?;
+    same_lengths(&label_rows, &lens, "labels", path)?;
+    let v = cfg.vocab_size as i64;
+    for (field, rows, allow_ignore) in [("input_ids", &rows, false), ("labels", &label_rows, true)]
+    {
+        if field == "input_ids" && embeds.is_some() {
+            continue;
+        }
+        for (i, r) in rows.iter().enumerate() {
+            if let Some(x) = r
+                .iter()
+                .find(|&&x| !((0..v).contains(&x) || (allow_ignore && x == -100)))
+            {
+                return Err(field_err(
+                    field,
+                    format!("row {i}: id {x} is outside the vocabulary 0..{v}"),
+                ));
+            }
+        }
+    }
+    if let Some(i) = attention_mask
+        .chunks(lens.iter().copied().max().unwrap_or(1))
+        .position(|r| r.iter().any(|&x| x != 0 && x != 1))
+    {
+        return Err(field_err(
+            "attention_mask",
+            format!("row {i}: only 0 and 1 are allowed"),
+        ));
+    }
+    let (b, t) = (rows.len(), lens.iter().copied().max().unwrap_or(0));
+    Ok(HostBatch {
+        batch: b,
+        enc_len: t,
+        dec_len: 0,
+        input: encoder_input(&rows, embeds, t, cfg),
+        attention_mask,
+        decoder_input_ids: Vec::new(),
+        labels: pad(&label_rows, t, -100),
+    })
+}
+
+/// Padded ids, or embeddings flattened to `(B, T, C)` with zero rows as padding.
+fn encoder_input(
+    rows: &[Vec<i64>],
+    embeds: Option<Vec<Vec<Vec<f32>>>>,
+    t: usize,
+    cfg: BatchSpec,
+) -> EncoderInput {
+    match embeds {
+        Some(e) => {
+            let c = cfg.d_model;
+            let mut flat = vec![0f32; rows.len() * t * c];
+            for (i, row) in e.iter().enumerate() {
+                for (j, x) in row.iter().enumerate() {
+                    flat[(i * t + j) * c..][..c].copy_from_slice(x);
+                }
+            }
+            EncoderInput::Embeds(flat)
+        }
+        None => EncoderInput::Ids(pad(rows, t, cfg.pad_token_id as i64)),
     }
 }
 
@@ -422,6 +544,54 @@ mod tests {
             assert!(
                 err.contains("batch.json") && err.contains(needle),
                 "{text}: {err}"
+            );
+        }
+    }
+
+    fn parse_llama(text: &str) -> Result<HostBatch> {
+        let cfg = crate::model::shapes::llama_shape("llama-tiny").unwrap();
+        HostBatch::from_json_str(text, Path::new("batch.json"), &cfg, None)
+    }
+
+    #[test]
+    fn decoder_only_labels_align_with_the_input() {
+        let b = parse_llama(
+            r#"{"input_ids": [[1, 7, 8, 9], [1, 5]], "labels": [[-100, -100, 8, 9], [-100, 5]]}"#,
+        )
+        .unwrap();
+        assert_eq!((b.batch, b.enc_len, b.dec_len), (2, 4, 0));
+        // llama-tiny has no pad id: rows are padded with EOS (2), labels with -100.
+        assert_eq!(b.input, EncoderInput::Ids(vec![1, 7, 8, 9, 1, 5, 2, 2]));
+        assert_eq!(b.attention_mask, vec![1, 1, 1, 1, 1, 1, 0, 0]);
+        assert_eq!(b.labels, vec![-100, -100, 8, 9, -100, 5, -100, -100]);
+        assert!(b.decoder_input_ids.is_empty());
+    }
+
+    #[test]
+    fn decoder_only_batches_reject_the_decoder_side() {
+        for (text, field) in [
+            (r#"{"input_ids": [[1, 7]], "labels": [[5]]}"#, "labels"),
+            (
+                r#"{"input_ids": [[1, 7]], "target_text": ["x"]}"#,
+                "target_text",
+            ),
+            (
+                r#"{"input_ids": [[1, 7]], "labels": [[1, 7]], "decoder_input_ids": [[0]]}"#,
+                "decoder_input_ids",
+            ),
+            (
+                r#"{"input_ids": [[1, 7]], "labels": [[1, 1000]]}"#,
+                "labels",
+            ),
+            (
+                r#"{"input_ids": [[1, 1000]], "labels": [[1, 7]]}"#,
+                "input_ids",
+            ),
+        ] {
+            let msg = parse_llama(text).unwrap_err().to_string();
+            assert!(
+                msg.contains("batch.json") && msg.contains(field),
+                "{field}: {msg}"
             );
         }
     }

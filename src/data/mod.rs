@@ -7,7 +7,7 @@ pub mod synthetic;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::config::T5Config;
+use crate::model::config::{LlamaConfig, T5Config};
 
 /// One text-to-text example as token ids (EOS included).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +24,11 @@ pub enum EncoderInput {
 }
 
 /// A padded batch: rows padded to the longest row of the batch, never to a fixed maximum.
+///
+/// Encoder-decoder (T5): `input` feeds the encoder, `decoder_input_ids` and `labels` are
+/// `(B, Td)`. Decoder-only (Llama): `input` is the whole sequence, `dec_len` is 0, there are no
+/// decoder ids, and `labels` are `(B, T)` aligned with the input, unshifted as in Hugging Face
+/// (`labels[t]` is predicted by position `t − 1`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostBatch {
     pub batch: usize,
@@ -31,8 +36,8 @@ pub struct HostBatch {
     pub dec_len: usize,
     pub input: EncoderInput,
     pub attention_mask: Vec<i32>,    // (B, T) 1 real, 0 padding
-    pub decoder_input_ids: Vec<i32>, // (B, Td)
-    pub labels: Vec<i32>,            // (B, Td), -100 where no loss
+    pub decoder_input_ids: Vec<i32>, // (B, Td); empty for decoder-only
+    pub labels: Vec<i32>,            // (B, Td), or (B, T) for decoder-only; -100 where no loss
 }
 
 impl HostBatch {
@@ -77,6 +82,70 @@ impl HostBatch {
         }
     }
 
+    /// A decoder-only batch: each row is its input then its target, right-padded with `pad`;
+    /// labels are the target ids on the target positions (unshifted), -100 elsewhere.
+    pub fn causal_from_ids(inputs: &[Vec<i32>], targets: &[Vec<i32>], pad: i32) -> Self {
+        assert_eq!(inputs.len(), targets.len(), "one target per input");
+        let b = inputs.len();
+        let t = inputs
+            .iter()
+            .zip(targets)
+            .map(|(i, o)| i.len() + o.len())
+            .max()
+            .unwrap_or(0);
+        let mut ids = vec![pad; b * t];
+        let mut mask = vec![0; b * t];
+        let mut labels = vec![-100; b * t];
+        for (r, (input, target)) in inputs.iter().zip(targets).enumerate() {
+            for (j, &x) in input.iter().chain(target).enumerate() {
+                ids[r * t + j] = x;
+                mask[r * t + j] = 1;
+                if j >= input.len() {
+                    labels[r * t + j] = x;
+                }
+            }
+        }
+        HostBatch {
+            batch: b,
+            enc_len: t,
+            dec_len: 0,
+            input: EncoderInput::Ids(ids),
+            attention_mask: mask,
+            decoder_input_ids: Vec::new(),
+            labels,
+        }
+    }
+
+    /// A reproducible decoder-only batch of random ids for a Llama config: row `i` is BOS,
+    /// `input_lens[i] − 1` random ids, then `target_lens[i]` random ids ending in EOS.
+    pub fn random_causal(
+        cfg: &LlamaConfig,
+        input_lens: &[usize],
+        target_lens: &[usize],
+        seed: u64,
+    ) -> Self {
+        assert_eq!(
+            input_lens.len(),
+            target_lens.len(),
+            "one target length per row"
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let v = cfg.vocab_size as i32;
+        let first = 3.min(v - 1);
+        let (bos, eos) = (cfg.bos_token_id as i32, cfg.eos_token_ids[0] as i32);
+        let mut inputs = Vec::new();
+        let mut targets = Vec::new();
+        for (&n, &m) in input_lens.iter().zip(target_lens) {
+            let mut input = vec![bos];
+            input.extend((1..n).map(|_| rng.random_range(first..v)));
+            let mut target: Vec<i32> = (1..m).map(|_| rng.random_range(first..v)).collect();
+            target.push(eos);
+            inputs.push(input);
+            targets.push(target);
+        }
+        HostBatch::causal_from_ids(&inputs, &targets, cfg.pad_id() as i32)
+    }
+
     /// A reproducible batch of random token ids with rows of different lengths: `enc_lens[i]`
     /// encoder tokens and `dec_lens[i]` target tokens in row `i`, each ending in EOS.
     pub fn random(cfg: &T5Config, enc_lens: &[usize], dec_lens: &[usize], seed: u64) -> Self {
@@ -108,5 +177,39 @@ impl HostBatch {
             cfg.pad_token_id as i32,
             cfg.decoder_start_token_id as i32,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_batches_concatenate_input_and_target_with_unshifted_labels() {
+        let b = HostBatch::causal_from_ids(&[vec![1, 5, 6], vec![1]], &[vec![7, 2], vec![9, 2]], 0);
+        assert_eq!((b.batch, b.enc_len, b.dec_len), (2, 5, 0));
+        assert_eq!(
+            b.input,
+            EncoderInput::Ids(vec![1, 5, 6, 7, 2, 1, 9, 2, 0, 0])
+        );
+        assert_eq!(b.attention_mask, vec![1, 1, 1, 1, 1, 1, 1, 1, 0, 0]);
+        assert_eq!(
+            b.labels,
+            vec![-100, -100, -100, 7, 2, -100, 9, 2, -100, -100]
+        );
+    }
+
+    #[test]
+    fn random_causal_rows_start_with_bos_and_end_with_eos() {
+        let cfg = crate::model::shapes::llama_shape("llama-tiny").unwrap();
+        let b = HostBatch::random_causal(&cfg, &[4, 2], &[3, 1], 9);
+        let EncoderInput::Ids(ids) = &b.input else {
+            panic!("ids expected")
+        };
+        assert_eq!(b.enc_len, 7);
+        assert_eq!((ids[0], ids[6]), (1, 2));
+        assert_eq!((ids[7], ids[9]), (1, 2));
+        assert_eq!(b.labels.iter().filter(|&&x| x != -100).count(), 4);
+        assert_eq!(b, HostBatch::random_causal(&cfg, &[4, 2], &[3, 1], 9));
     }
 }

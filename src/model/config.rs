@@ -176,29 +176,7 @@ impl T5Config {
         // `tie_word_embeddings`, which then implies the rescaling (as transformers 4 did).
         let scale_decoder_outputs = fields.boolean("scale_decoder_outputs", tie_word_embeddings)?;
 
-        let layer_norm_epsilon = match fields.get("layer_norm_epsilon") {
-            None => 1e-6,
-            Some(v) => {
-                let eps = v.as_f64().ok_or_else(|| {
-                    Error::config(
-                        path,
-                        "layer_norm_epsilon",
-                        format!("expected a number, found {}", show(v)),
-                    )
-                })?;
-                if !(eps.is_finite() && eps > 0.0) {
-                    return Err(Error::config(
-                        path,
-                        "layer_norm_epsilon",
-                        format!(
-                            "{} is invalid: it must be finite and greater than 0",
-                            show(v)
-                        ),
-                    ));
-                }
-                eps
-            }
-        };
+        let layer_norm_epsilon = fields.positive("layer_norm_epsilon", 1e-6)?;
 
         let pad_token_id = fields.token_id("pad_token_id", 0, vocab_size)?;
         let decoder_start_token_id =
@@ -226,6 +204,224 @@ impl T5Config {
     }
 }
 
+/// Rotary-embedding frequency scaling (`rope_scaling` / `rope_parameters` in config.json).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE: `inv_freq[i] = theta^(−2i/D)`.
+    None,
+    /// Llama 3.1's frequency-dependent rescaling of long wavelengths.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// The fields of a Hugging Face `LlamaConfig` that the engine uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    /// Width of the residual stream (C).
+    pub hidden_size: usize,
+    /// Hidden width of the SwiGLU MLP (F).
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    /// Query heads (H).
+    pub num_attention_heads: usize,
+    /// Key/value heads (Hkv, grouped-query attention); divides H.
+    pub num_key_value_heads: usize,
+    /// Width of one head (D): `head_dim` when given, else C / H.
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    /// The lm_head is the token embedding table (no `lm_head.weight`).
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: u32,
+    /// Generation stops at any of these (Llama 3 instruct lists several).
+    pub eos_token_ids: Vec<u32>,
+    /// Llama checkpoints usually have none; padding then uses `eos_token_ids[0]`.
+    pub pad_token_id: Option<u32>,
+}
+
+impl LlamaConfig {
+    /// Width of the concatenated query heads (H·D).
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// Width of the concatenated key (or value) heads (Hkv·D).
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// The id that pads token rows: `pad_token_id`, else the first EOS id.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_token_id.unwrap_or(self.eos_token_ids[0])
+    }
+
+    /// Reads and validates a Hugging Face Llama `config.json` (see [`Self::from_json_str`]).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses and validates the text of a Llama `config.json`; `path` is only used in errors.
+    ///
+    /// Required: `vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`,
+    /// `num_attention_heads`. Defaults as Hugging Face's `LlamaConfig`: `num_key_value_heads` =
+    /// H, `head_dim` = C / H, `rms_norm_eps` = 1e-6, `rope_theta` = 10000,
+    /// `max_position_embeddings` = 2048, `tie_word_embeddings` = false, `bos_token_id` = 1,
+    /// `eos_token_id` = 2 (a list keeps every id), `pad_token_id` = none. RoPE settings are read
+    /// from `rope_theta` + `rope_scaling` (hub configs) or from `rope_parameters` (written by
+    /// transformers 5); `rope_type` may be `"default"` or `"llama3"`. `hidden_act` must be
+    /// `"silu"`, `attention_bias` and `mlp_bias` false: other variants are not implemented.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
+        let Value::Object(obj) = &value else {
+            return Err(Error::format(
+                path,
+                format!(
+                    "expected a JSON object at the top level, found {}",
+                    show(&value)
+                ),
+            ));
+        };
+        let fields = Fields { obj, path };
+        let cfg_err = |field: &str, msg: String| Error::config(path, field, msg);
+
+        if let Some(v) = fields.get("model_type") {
+            if v.as_str() != Some("llama") {
+                return Err(cfg_err(
+                    "model_type",
+                    format!("unsupported model type {}; expected \"llama\"", show(v)),
+                ));
+            }
+        }
+        if let Some(v) = fields.get("hidden_act") {
+            if v.as_str() != Some("silu") {
+                return Err(cfg_err(
+                    "hidden_act",
+                    format!(
+                        "unsupported activation {}; Llama's MLP is \"silu\" (SwiGLU)",
+                        show(v)
+                    ),
+                ));
+            }
+        }
+        for field in ["attention_bias", "mlp_bias"] {
+            if fields.boolean(field, false)? {
+                return Err(cfg_err(
+                    field,
+                    "true is not supported: fastpt's Llama has bias-free projections".into(),
+                ));
+            }
+        }
+
+        let vocab_size = fields.size("vocab_size", None)?;
+        let hidden_size = fields.size("hidden_size", None)?;
+        let intermediate_size = fields.size("intermediate_size", None)?;
+        let num_hidden_layers = fields.size("num_hidden_layers", None)?;
+        let heads = fields.size("num_attention_heads", None)?;
+        let kv_heads = fields.size("num_key_value_heads", Some(heads))?;
+        if heads % kv_heads != 0 {
+            return Err(cfg_err(
+                "num_key_value_heads",
+                format!(
+                    "{kv_heads} is invalid: it must divide num_attention_heads = {heads} \
+                     (each key/value head serves a whole group of query heads)"
+                ),
+            ));
+        }
+        let head_dim = match fields.get("head_dim") {
+            Some(_) => fields.size("head_dim", None)?,
+            None => {
+                if hidden_size % heads != 0 {
+                    return Err(cfg_err(
+                        "head_dim",
+                        format!(
+                            "absent, and hidden_size = {hidden_size} is not a multiple of \
+                             num_attention_heads = {heads}; give head_dim explicitly"
+                        ),
+                    ));
+                }
+                hidden_size / heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(cfg_err(
+                "head_dim",
+                format!(
+                    "{head_dim} is invalid: rotary embeddings rotate pairs, so it must be even"
+                ),
+            ));
+        }
+        let rms_norm_eps = fields.positive("rms_norm_eps", 1e-6)?;
+        let max_position_embeddings = fields.size("max_position_embeddings", Some(2048))?;
+        let (rope_theta, rope_scaling) = fields.rope()?;
+        let tie_word_embeddings = fields.boolean("tie_word_embeddings", false)?;
+        let bos_token_id = fields.token_id("bos_token_id", 1, vocab_size)?;
+        let eos_token_ids = fields.token_ids("eos_token_id", 2, vocab_size)?;
+        let pad_token_id = match fields.get("pad_token_id") {
+            None => None,
+            Some(_) => Some(fields.token_id("pad_token_id", 0, vocab_size)?),
+        };
+        Ok(LlamaConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings,
+            tie_word_embeddings,
+            bos_token_id,
+            eos_token_ids,
+            pad_token_id,
+        })
+    }
+}
+
+/// The backbone family a model folder holds, from `model_type` in its config.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    T5,
+    Llama,
+}
+
+impl Architecture {
+    /// Reads `model_type` from `config.json`: `"t5"`/`"mt5"` or `"llama"`.
+    pub fn of_config(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::of_config_str(&text, path)
+    }
+
+    /// [`Self::of_config`] on the text of a config.json; `path` names it in errors.
+    pub fn of_config_str(text: &str, path: &Path) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
+        match value.get("model_type").and_then(Value::as_str) {
+            Some("t5" | "mt5") => Ok(Architecture::T5),
+            Some("llama") => Ok(Architecture::Llama),
+            other => Err(Error::config(
+                path,
+                "model_type",
+                format!(
+                    "{} is not supported; fastpt reads \"t5\", \"mt5\" and \"llama\"",
+                    other.map_or("absent".to_string(), |s| format!("{s:?}"))
+                ),
+            )),
+        }
+    }
+}
+
 /// The top-level object of a config file, with typed getters whose errors name the field.
 struct Fields<'a> {
     obj: &'a Map<String, Value>,
@@ -244,6 +440,121 @@ impl Fields<'_> {
                     format!("expected true or false, found {}", show(v)),
                 )
             }),
+        }
+    }
+
+    /// A finite number > 0, `default` when absent.
+    fn positive(&self, field: &str, default: f64) -> Result<f64> {
+        let Some(v) = self.get(field) else {
+            return Ok(default);
+        };
+        positive_number(v, field, self.path)
+    }
+
+    /// One token id or a list of them (every element kept), `default` when absent.
+    fn token_ids(&self, field: &str, default: u32, vocab_size: usize) -> Result<Vec<u32>> {
+        match self.get(field) {
+            Some(Value::Array(items)) => {
+                if items.is_empty() {
+                    return Err(Error::config(
+                        self.path,
+                        field,
+                        "is an empty list; expected token ids",
+                    ));
+                }
+                items
+                    .iter()
+                    .map(|item| {
+                        let obj: Map<String, Value> =
+                            [(field.to_string(), item.clone())].into_iter().collect();
+                        Fields {
+                            obj: &obj,
+                            path: self.path,
+                        }
+                        .token_id(field, default, vocab_size)
+                    })
+                    .collect()
+            }
+            _ => Ok(vec![self.token_id(field, default, vocab_size)?]),
+        }
+    }
+
+    /// `(rope_theta, scaling)` from `rope_theta` + `rope_scaling` (hub configs) or from
+    /// `rope_parameters` (transformers 5), whichever is present.
+    fn rope(&self) -> Result<(f64, RopeScaling)> {
+        let (params, params_field) = match (self.get("rope_parameters"), self.get("rope_scaling")) {
+            (Some(p), _) => (Some(p), "rope_parameters"),
+            (None, Some(s)) => (Some(s), "rope_scaling"),
+            (None, None) => (None, "rope_scaling"),
+        };
+        let obj = match params {
+            None => None,
+            Some(Value::Object(o)) => Some(o),
+            Some(v) => {
+                return Err(Error::config(
+                    self.path,
+                    params_field,
+                    format!("expected an object or null, found {}", show(v)),
+                ))
+            }
+        };
+        // rope_theta sits inside rope_parameters (transformers 5) or at the top level.
+        let theta_value = obj
+            .and_then(|o| o.get("rope_theta"))
+            .or_else(|| self.get("rope_theta"));
+        let theta = match theta_value {
+            None => 10000.0,
+            Some(v) => positive_number(v, "rope_theta", self.path)?,
+        };
+        let Some(obj) = obj else {
+            return Ok((theta, RopeScaling::None));
+        };
+        let field = |name: &str| format!("{params_field}.{name}");
+        let kind = obj
+            .get("rope_type")
+            .or_else(|| obj.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let number = |name: &str| -> Result<f64> {
+            let v = obj.get(name).ok_or_else(|| {
+                Error::config(self.path, field(name), "required for llama3 rope scaling")
+            })?;
+            positive_number(v, &field(name), self.path)
+        };
+        match kind {
+            "default" => Ok((theta, RopeScaling::None)),
+            "llama3" => {
+                let original = number("original_max_position_embeddings")?;
+                if original.fract() != 0.0 {
+                    return Err(Error::config(
+                        self.path,
+                        field("original_max_position_embeddings"),
+                        format!("{original} is not an integer"),
+                    ));
+                }
+                let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
+                if high <= low {
+                    return Err(Error::config(
+                        self.path,
+                        field("high_freq_factor"),
+                        format!("{high} must be greater than low_freq_factor = {low}"),
+                    ));
+                }
+                Ok((
+                    theta,
+                    RopeScaling::Llama3 {
+                        factor: number("factor")?,
+                        low_freq_factor: low,
+                        high_freq_factor: high,
+                        original_max_position_embeddings: original as usize,
+                    },
+                ))
+            }
+            other => Err(Error::config(
+                self.path,
+                field("rope_type"),
+                format!("{other:?} is not supported; fastpt implements \"default\" and \"llama3\""),
+            )),
         }
     }
 
@@ -328,6 +639,24 @@ impl Fields<'_> {
             )
         })
     }
+}
+
+/// A JSON number that is finite and > 0; errors name `field` in `path`.
+fn positive_number(v: &Value, field: &str, path: &Path) -> Result<f64> {
+    let x = v.as_f64().ok_or_else(|| {
+        Error::config(path, field, format!("expected a number, found {}", show(v)))
+    })?;
+    if !(x.is_finite() && x > 0.0) {
+        return Err(Error::config(
+            path,
+            field,
+            format!(
+                "{} is invalid: it must be finite and greater than 0",
+                show(v)
+            ),
+        ));
+    }
+    Ok(x)
 }
 
 /// A JSON value as it appears in the file, shortened for an error message.
@@ -617,5 +946,207 @@ mod tests {
         let err = T5Config::from_file(&missing).unwrap_err();
         assert!(matches!(err, Error::Io { .. }), "{err:?}");
         assert!(err.to_string().contains("nope.json"), "{err}");
+    }
+
+    /// The relevant fields of meta-llama/Llama-2-7b-hf's config.json.
+    const LLAMA2_7B: &str = r#"{
+        "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+        "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "llama",
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": null,
+        "tie_word_embeddings": false, "torch_dtype": "float16", "vocab_size": 32000
+    }"#;
+
+    /// The relevant fields of meta-llama/Llama-3.1-8B's config.json.
+    const LLAMA31_8B: &str = r#"{
+        "attention_bias": false, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+        "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+        "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama",
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": false, "vocab_size": 128256
+    }"#;
+
+    fn llama(text: &str) -> Result<LlamaConfig> {
+        LlamaConfig::from_json_str(text, Path::new(PATH))
+    }
+
+    fn llama_with(base: &str, field: &str, value: Option<Value>) -> String {
+        let mut v: Value = serde_json::from_str(base).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        match value {
+            Some(x) => obj.insert(field.to_string(), x),
+            None => obj.remove(field),
+        };
+        v.to_string()
+    }
+
+    fn assert_llama_err(text: &str, field: &str, needles: &[&str]) {
+        let err = llama(text).unwrap_err();
+        let msg = err.to_string();
+        match &err {
+            Error::Config { field: f, .. } => assert_eq!(f, field, "{msg}"),
+            other => panic!("expected a Config error on {field}, got {other:?}"),
+        }
+        assert!(msg.contains(PATH), "{msg}");
+        for n in needles {
+            assert!(msg.contains(n), "`{n}` not in: {msg}");
+        }
+    }
+
+    #[test]
+    fn parses_llama2_config() {
+        let c = llama(LLAMA2_7B).unwrap();
+        assert_eq!(
+            c,
+            LlamaConfig {
+                vocab_size: 32000,
+                hidden_size: 4096,
+                intermediate_size: 11008,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                num_key_value_heads: 32,
+                head_dim: 128,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10000.0,
+                rope_scaling: RopeScaling::None,
+                max_position_embeddings: 4096,
+                tie_word_embeddings: false,
+                bos_token_id: 1,
+                eos_token_ids: vec![2],
+                pad_token_id: None,
+            }
+        );
+        assert_eq!(c.pad_id(), 2);
+        assert_eq!(
+            Architecture::of_config_str(LLAMA2_7B, Path::new(PATH)).unwrap(),
+            Architecture::Llama
+        );
+        assert_eq!(
+            Architecture::of_config_str(T5_SMALL, Path::new(PATH)).unwrap(),
+            Architecture::T5
+        );
+    }
+
+    #[test]
+    fn parses_llama31_rope_scaling_gqa_and_eos_list() {
+        let c = llama(LLAMA31_8B).unwrap();
+        assert_eq!((c.num_key_value_heads, c.kv_dim()), (8, 1024));
+        assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            }
+        );
+    }
+
+    #[test]
+    fn reads_transformers5_rope_parameters_and_explicit_head_dim() {
+        let text = llama_with(
+            &llama_with(LLAMA31_8B, "rope_scaling", None),
+            "rope_parameters",
+            Some(
+                serde_json::json!({"rope_type": "llama3", "rope_theta": 250000.0,
+                "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+                "original_max_position_embeddings": 16}),
+            ),
+        );
+        let text = llama_with(
+            &llama_with(&text, "rope_theta", None),
+            "head_dim",
+            Some(64.into()),
+        );
+        let c = llama(&text).unwrap();
+        assert_eq!((c.rope_theta, c.head_dim, c.q_dim()), (250000.0, 64, 2048));
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 4.0));
+        let plain = llama_with(
+            LLAMA2_7B,
+            "rope_parameters",
+            Some(serde_json::json!({"rope_type": "default", "rope_theta": 1e4})),
+        );
+        assert_eq!(llama(&plain).unwrap().rope_scaling, RopeScaling::None);
+    }
+
+    #[test]
+    fn llama_errors_name_the_field_and_value() {
+        assert_llama_err(
+            &llama_with(LLAMA2_7B, "num_key_value_heads", Some(5.into())),
+            "num_key_value_heads",
+            &["5", "32"],
+        );
+        assert_llama_err(
+            &llama_with(LLAMA2_7B, "hidden_act", Some("gelu".into())),
+            "hidden_act",
+            &["\"gelu\"", "silu"],
+        );
+        assert_llama_err(
+            &llama_with(LLAMA2_7B, "attention_bias", Some(true.into())),
+            "attention_bias",
+            &["true"],
+        );
+        assert_llama_err(
+            &llama_with(LLAMA2_7B, "head_dim", Some(63.into())),
+            "head_dim",
+            &["63", "even"],
+        );
+        assert_llama_err(
+            &llama_with(LLAMA2_7B, "hidden_size", Some(4001.into())),
+            "head_dim",
+            &["4001", "32"],
+        );
+        assert_llama_err(
+            &llama_with(
+                LLAMA2_7B,
+                "rope_scaling",
+                Some(serde_json::json!({"rope_type": "yarn"})),
+            ),
+            "rope_scaling.rope_type",
+            &["\"yarn\"", "llama3"],
+        );
+        assert_llama_err(
+            &llama_with(
+                LLAMA2_7B,
+                "rope_scaling",
+                Some(serde_json::json!({"rope_type": "llama3", "factor": 8.0})),
+            ),
+            "rope_scaling.original_max_position_embeddings",
+            &["required"],
+        );
+        assert_llama_err(
+            &llama_with(LLAMA2_7B, "rope_theta", Some((-1.0).into())),
+            "rope_theta",
+            &["-1"],
+        );
+        assert_llama_err(
+            &llama_with(
+                LLAMA2_7B,
+                "eos_token_id",
+                Some(serde_json::json!([2, 40000])),
+            ),
+            "eos_token_id",
+            &["40000", "vocab_size = 32000"],
+        );
+        assert_llama_err(
+            &llama_with(LLAMA2_7B, "model_type", Some("mistral".into())),
+            "model_type",
+            &["\"mistral\"", "\"llama\""],
+        );
+        assert_llama_err(
+            &llama_with(LLAMA2_7B, "vocab_size", None),
+            "vocab_size",
+            &["missing"],
+        );
+        let err = Architecture::of_config_str(r#"{"model_type": "bert"}"#, Path::new(PATH))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"bert\"") && err.contains("llama"), "{err}");
     }
 }

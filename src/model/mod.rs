@@ -1,16 +1,19 @@
 //! Backbones: configs, loading from Hugging Face folders, built-in shapes, forward and backward.
 
 pub mod config;
+pub mod generate;
 pub mod hf;
+pub mod llama;
 pub mod shapes;
 pub mod t5;
 
 use std::path::Path;
 
 use crate::backend::Backend;
-use crate::error::Result;
-use config::T5Config;
+use crate::error::{Error, Result};
+use config::{Architecture, LlamaConfig, T5Config};
 use hf::SafetensorsFolder;
+use llama::{llama_tensor_specs, Llama, LlamaWeights};
 use t5::{t5_tensor_specs, T5Weights, T5};
 
 /// Loads a T5 model from a Hugging Face folder: `config.json` and `model.safetensors` (or the
@@ -51,4 +54,68 @@ pub fn random_t5<B: Backend>(be: &B, shape: &str, seed: u64) -> Result<T5<B>> {
         Ok(shapes::random_t5_tensor(&cfg, name, dims, seed))
     })?;
     Ok(T5::new(cfg, weights))
+}
+
+/// Loads a Llama model from a Hugging Face folder: `config.json` and `model.safetensors` (or
+/// the shards of `model.safetensors.index.json`). Every missing tensor is reported at once,
+/// before any weight is read.
+pub fn load_llama<B: Backend>(be: &B, dir: &Path) -> Result<Llama<B>> {
+    let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let folder = SafetensorsFolder::open(dir)?;
+    let names: Vec<String> = llama_tensor_specs(&cfg)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    folder.require(&names)?;
+    let weights = LlamaWeights::load(be, &cfg, &mut |name, shape| folder.load_f32(name, shape))?;
+    Ok(Llama::new(cfg, weights))
+}
+
+/// A built-in Llama shape (see [`shapes::LLAMA_SHAPES`]) with random weights from `seed`.
+pub fn random_llama<B: Backend>(be: &B, shape: &str, seed: u64) -> Result<Llama<B>> {
+    let cfg = shapes::llama_shape(shape)?;
+    let weights = LlamaWeights::load(be, &cfg, &mut |name, dims| {
+        Ok(shapes::random_llama_tensor(name, dims, seed))
+    })?;
+    Ok(Llama::new(cfg, weights))
+}
+
+/// Every mask row holds only 0 and 1 and at least one 1.
+pub(crate) fn check_attention_mask(mask: &[i32], t: usize) -> Result<()> {
+    for (row, m) in mask.chunks(t).enumerate() {
+        if let Some(&x) = m.iter().find(|&&x| x != 0 && x != 1) {
+            return Err(Error::Input(format!(
+                "attention_mask: row {row} holds {x}; only 0 and 1 are allowed"
+            )));
+        }
+        if m.iter().all(|&x| x == 0) {
+            return Err(Error::Input(format!(
+                "attention_mask: row {row} has no real position"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A model of either family.
+pub enum Backbone<B: Backend> {
+    T5(T5<B>),
+    Llama(Llama<B>),
+}
+
+/// Loads whichever model a Hugging Face folder holds, by the `model_type` of its config.json.
+pub fn load_model<B: Backend>(be: &B, dir: &Path) -> Result<Backbone<B>> {
+    Ok(match Architecture::of_config(&dir.join("config.json"))? {
+        Architecture::T5 => Backbone::T5(load_t5(be, dir)?),
+        Architecture::Llama => Backbone::Llama(load_llama(be, dir)?),
+    })
+}
+
+/// A built-in shape of either family, with random weights from `seed`.
+pub fn random_model<B: Backend>(be: &B, shape: &str, seed: u64) -> Result<Backbone<B>> {
+    if shapes::LLAMA_SHAPES.contains(&shape) {
+        Ok(Backbone::Llama(random_llama(be, shape, seed)?))
+    } else {
+        Ok(Backbone::T5(random_t5(be, shape, seed)?))
+    }
 }

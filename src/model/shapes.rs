@@ -11,7 +11,7 @@ use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::config::{FeedForward, T5Config};
+use crate::model::config::{FeedForward, LlamaConfig, RopeScaling, T5Config};
 
 /// The built-in T5 shapes, by name.
 pub const T5_SHAPES: &[&str] = &[
@@ -109,9 +109,14 @@ const BLOCK: usize = 1 << 16;
 /// The random value of T5 tensor `name` of `shape` for `seed`.
 pub fn random_t5_tensor(cfg: &T5Config, name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
     let len: usize = shape.iter().product();
-    let Some(std) = t5_init_std(cfg, name) else {
-        return vec![1.0; len];
-    };
+    match t5_init_std(cfg, name) {
+        Some(std) => random_normal(name, len, std, seed),
+        None => vec![1.0; len],
+    }
+}
+
+/// `len` values `N(0, std²)` drawn from `seed` and the tensor's name, in parallel blocks.
+fn random_normal(name: &str, len: usize, std: f64, seed: u64) -> Vec<f32> {
     let base = seed ^ name_hash(name);
     let mut data = vec![0f32; len];
     data.par_chunks_mut(BLOCK)
@@ -124,6 +129,63 @@ pub fn random_t5_tensor(cfg: &T5Config, name: &str, shape: &[usize], seed: u64) 
             }
         });
     data
+}
+
+/// The built-in Llama shapes, by name.
+pub const LLAMA_SHAPES: &[&str] = &[
+    "llama-tiny",
+    "tinyllama-1.1b",
+    "llama-2-7b",
+    "llama-2-13b",
+    "llama-3-8b",
+];
+
+/// The config of a built-in Llama shape (values of the published Hugging Face configs).
+pub fn llama_shape(name: &str) -> Result<LlamaConfig> {
+    // (hidden, intermediate, layers, heads, kv heads, vocab, rope_theta, max positions)
+    let (c, f, layers, heads, kv_heads, vocab, theta, max_pos) = match name {
+        // Small enough for tests and CI, with grouped-query attention like the large ones.
+        "llama-tiny" => (64, 160, 2, 4, 2, 1000, 10000.0, 512),
+        "tinyllama-1.1b" => (2048, 5632, 22, 32, 4, 32000, 10000.0, 2048),
+        "llama-2-7b" => (4096, 11008, 32, 32, 32, 32000, 10000.0, 4096),
+        "llama-2-13b" => (5120, 13824, 40, 40, 40, 32000, 10000.0, 4096),
+        "llama-3-8b" => (4096, 14336, 32, 32, 8, 128256, 500000.0, 8192),
+        _ => {
+            return Err(Error::Input(format!(
+                "unknown shape `{name}`; built-in Llama shapes: {}",
+                LLAMA_SHAPES.join(", ")
+            )))
+        }
+    };
+    let llama3 = name == "llama-3-8b";
+    Ok(LlamaConfig {
+        vocab_size: vocab,
+        hidden_size: c,
+        intermediate_size: f,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim: c / heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: theta,
+        rope_scaling: RopeScaling::None,
+        max_position_embeddings: max_pos,
+        tie_word_embeddings: false,
+        bos_token_id: if llama3 { 128000 } else { 1 },
+        eos_token_ids: vec![if llama3 { 128001 } else { 2 }],
+        pad_token_id: None,
+    })
+}
+
+/// The random value of Llama tensor `name` of `shape` for `seed`: Hugging Face's init,
+/// `N(0, 0.02²)` (initializer_range) for every matrix, ones for the norms.
+pub fn random_llama_tensor(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
+    let len: usize = shape.iter().product();
+    if name.ends_with("norm.weight") {
+        vec![1.0; len]
+    } else {
+        random_normal(name, len, 0.02, seed)
+    }
 }
 
 #[cfg(test)]
@@ -162,5 +224,36 @@ mod tests {
         assert!((var * 64.0 - 1.0).abs() < 0.1, "variance {var}");
         let norm = random_t5_tensor(&cfg, "encoder.final_layer_norm.weight", &[64], 7);
         assert!(norm.iter().all(|&x| x == 1.0));
+    }
+
+    #[test]
+    fn llama_shapes_resolve_with_their_published_head_layout() {
+        for name in LLAMA_SHAPES {
+            let cfg = llama_shape(name).unwrap();
+            assert_eq!(
+                cfg.head_dim * cfg.num_attention_heads,
+                cfg.hidden_size,
+                "{name}"
+            );
+            assert_eq!(
+                cfg.num_attention_heads % cfg.num_key_value_heads,
+                0,
+                "{name}"
+            );
+        }
+        // Llama 3 8B: 8 key/value heads serve 32 query heads; 128k vocabulary.
+        let l3 = llama_shape("llama-3-8b").unwrap();
+        assert_eq!((l3.kv_dim(), l3.vocab_size), (1024, 128256));
+        let err = llama_shape("llama-4").unwrap_err().to_string();
+        assert!(
+            err.contains("llama-4") && err.contains("llama-2-7b"),
+            "{err}"
+        );
+        let w = random_llama_tensor("model.layers.0.mlp.up_proj.weight", &[100, 100], 3);
+        let var = w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / w.len() as f64;
+        assert!((var.sqrt() / 0.02 - 1.0).abs() < 0.05, "std {}", var.sqrt());
+        assert!(random_llama_tensor("model.norm.weight", &[4], 3)
+            .iter()
+            .all(|&x| x == 1.0));
     }
 }

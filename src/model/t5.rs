@@ -12,6 +12,7 @@
 use crate::backend::{Activation, AttnDims, AttnMask, Backend, RelBias};
 use crate::error::{Error, Result};
 use crate::model::config::{FeedForward, T5Config};
+use crate::model::generate::{check_generate_inputs, GenerateConfig, Generated, Greedy};
 
 /// The weights of one attention block, PyTorch layout `(out, in)`.
 pub struct AttnWeights<B: Backend> {
@@ -315,6 +316,19 @@ impl<B: Backend> T5Saved<B> {
     }
 }
 
+/// The keys and values a decoding step attends to.
+enum CachedKv<'a, B: Backend> {
+    /// Self-attention: this step's key and value are written to flat cache rows `slots`
+    /// (`b·S + step`) of `k, v (B, S, H·D)` first.
+    Write {
+        k: &'a mut B::Tensor,
+        v: &'a mut B::Tensor,
+        slots: &'a B::Index, // (B)
+    },
+    /// Cross-attention: the encoder output's keys and values `(B, T, H·D)`, computed once.
+    Read { k: &'a B::Tensor, v: &'a B::Tensor },
+}
+
 impl<B: Backend> T5<B> {
     pub fn new(cfg: T5Config, weights: T5Weights<B>) -> Self {
         T5 { cfg, weights }
@@ -348,6 +362,7 @@ impl<B: Backend> T5<B> {
             bidirectional,
             num_buckets: self.cfg.relative_attention_num_buckets,
             max_distance: self.cfg.relative_attention_max_distance,
+            q_offset: 0,
         }
     }
 
@@ -540,16 +555,7 @@ impl<B: Backend> T5<B> {
                 return bad(format!("{name}: {len} values, expected {want}"));
             }
         }
-        for (row, mask) in batch.attention_mask.chunks(t).enumerate() {
-            if let Some(&x) = mask.iter().find(|&&x| x != 0 && x != 1) {
-                return bad(format!(
-                    "attention_mask: row {row} holds {x}; only 0 and 1 are allowed"
-                ));
-            }
-            if mask.iter().all(|&x| x == 0) {
-                return bad(format!("attention_mask: row {row} has no real position"));
-            }
-        }
+        crate::model::check_attention_mask(batch.attention_mask, t)?;
         let in_vocab = |x: i32| x >= 0 && (x as usize) < v;
         if let Some(&x) = batch.decoder_input_ids.iter().find(|&&x| !in_vocab(x)) {
             return bad(format!(
@@ -567,23 +573,26 @@ impl<B: Backend> T5<B> {
         Ok(())
     }
 
-    /// Forward through encoder, decoder and the loss; saves what [`Self::backward_dinp`] needs.
-    /// Logits are computed only at label positions: the (B, Td, V) tensor never exists.
-    pub fn forward(&self, be: &B, batch: &T5Batch<'_, B>) -> Result<(T5Output<B>, T5Saved<B>)> {
-        self.validate(be, batch)?;
-        let (b, t, td) = (batch.batch, batch.enc_len, batch.dec_len);
-        let (c, v) = (self.cfg.d_model, self.cfg.vocab_size);
+    /// The encoder: `inputs_embeds (B, T, C)` with key mask `enc_mask (B, T)` to the encoder
+    /// output `(B, T, C)`, with what the backward needs.
+    #[allow(clippy::type_complexity)]
+    fn encoder_forward(
+        &self,
+        be: &B,
+        inputs_embeds: &B::Tensor,
+        enc_mask: &B::Index,
+        b: usize,
+        t: usize,
+    ) -> (Vec<EncoderLayerSaved<B>>, NormSaved<B>, B::Tensor) {
+        let c = self.cfg.d_model;
         let w = &self.weights;
-
-        // Encoder.
-        let enc_mask = be.upload_index(batch.attention_mask);
         let enc_self = AttnMask {
-            key_mask: &enc_mask,
+            key_mask: enc_mask,
             causal: false,
         };
         let enc_bias = self.rel_bias(&w.encoder_rel_bias, true);
         let enc_dims = self.attn_dims(b, t, t);
-        let mut x = be.copy(batch.inputs_embeds); // (B, T, C) residual stream
+        let mut x = be.copy(inputs_embeds); // (B, T, C) residual stream
         let mut encoder = Vec::with_capacity(w.encoder.len());
         for layer in &w.encoder {
             let (y, attn) = self.attention_sublayer_forward(
@@ -612,6 +621,21 @@ impl<B: Backend> T5<B> {
             self.eps(),
         );
         let enc_final = NormSaved { inp: x, rstd };
+        (encoder, enc_final, enc_out)
+    }
+
+    /// Forward through encoder, decoder and the loss; saves what [`Self::backward_dinp`] needs.
+    /// Logits are computed only at label positions: the (B, Td, V) tensor never exists.
+    pub fn forward(&self, be: &B, batch: &T5Batch<'_, B>) -> Result<(T5Output<B>, T5Saved<B>)> {
+        self.validate(be, batch)?;
+        let (b, t, td) = (batch.batch, batch.enc_len, batch.dec_len);
+        let (c, v) = (self.cfg.d_model, self.cfg.vocab_size);
+        let w = &self.weights;
+
+        // Encoder.
+        let enc_mask = be.upload_index(batch.attention_mask);
+        let (encoder, enc_final, enc_out) =
+            self.encoder_forward(be, batch.inputs_embeds, &enc_mask, b, t);
 
         // Decoder.
         let dec_mask = be.upload_index(&vec![1; b * td]);
@@ -725,6 +749,160 @@ impl<B: Backend> T5<B> {
             dlogits,
         };
         Ok((output, saved))
+    }
+
+    /// One decoding step of an attention sub-layer, `x (B, C) +` attention of one query per
+    /// row over cached keys and values (no activations saved: generation has no backward).
+    #[allow(clippy::too_many_arguments)]
+    fn cached_attention(
+        &self,
+        be: &B,
+        x: B::Tensor,
+        ln: &B::Tensor,
+        w: &AttnWeights<B>,
+        kv: CachedKv<'_, B>,
+        mask: AttnMask<'_, B::Index>,
+        bias: Option<RelBias<'_, B::Tensor>>,
+        dims: AttnDims,
+    ) -> B::Tensor {
+        let (c, hd, n) = (self.cfg.d_model, self.cfg.inner_dim(), dims.b);
+        let mut normed = be.zeros(n * c); // (B, C)
+        let mut rstd = be.zeros(n);
+        be.rmsnorm_forward(&mut normed, &mut rstd, &x, ln, n, c, self.eps());
+        let mut q = be.zeros(n * hd); // (B, H·D)
+        be.linear_forward(&mut q, &normed, &w.q, n, c, hd);
+        let (k, v): (&B::Tensor, &B::Tensor) = match kv {
+            CachedKv::Write { k, v, slots } => {
+                let mut k_new = be.zeros(n * hd); // (B, H·D)
+                let mut v_new = be.zeros(n * hd);
+                be.linear_forward(&mut k_new, &normed, &w.k, n, c, hd);
+                be.linear_forward(&mut v_new, &normed, &w.v, n, c, hd);
+                // The slots are zero (never written): adding writes them.
+                be.scatter_rows_add(k, &k_new, slots, n, hd);
+                be.scatter_rows_add(v, &v_new, slots, n, hd);
+                (k, v)
+            }
+            CachedKv::Read { k, v } => (k, v),
+        };
+        let mut out = be.zeros(n * hd); // (B, H·D)
+        let mut lse = be.zeros(n * dims.h);
+        be.attention_forward(&mut out, &mut lse, &q, k, v, mask, bias, 1.0, dims);
+        let mut y = be.zeros(n * c); // (B, C)
+        be.linear_forward(&mut y, &out, &w.o, n, hd, c);
+        be.add_assign(&mut y, &x);
+        y
+    }
+
+    /// Greedy generation: the encoder once over `inputs_embeds (B, T, C)` with
+    /// `attention_mask (B, T)`, then the decoder one token at a time from
+    /// `decoder_start_token_id`. Self-attention keys and values are cached per layer, and the
+    /// cross-attention keys and values of the encoder output are computed once.
+    pub fn generate(
+        &self,
+        be: &B,
+        inputs_embeds: &B::Tensor,
+        attention_mask: &[i32],
+        batch: usize,
+        len: usize,
+        gen: &GenerateConfig,
+    ) -> Result<Generated> {
+        let (b, t, cap) = (batch, len, gen.max_new_tokens); // cap: S, the cache capacity
+        let (c, v, hd) = (self.cfg.d_model, self.cfg.vocab_size, self.cfg.inner_dim());
+        check_generate_inputs(be.len(inputs_embeds), attention_mask, (b, t, c), gen)?;
+        let w = &self.weights;
+        let enc_mask = be.upload_index(attention_mask);
+        let (_, _, enc_out) = self.encoder_forward(be, inputs_embeds, &enc_mask, b, t);
+        // Cross-attention keys and values (B, T, H·D) per layer, from the encoder output.
+        let cross_kv: Vec<(B::Tensor, B::Tensor)> = w
+            .decoder
+            .iter()
+            .map(|layer| {
+                let mut k = be.zeros(b * t * hd);
+                let mut v = be.zeros(b * t * hd);
+                be.linear_forward(&mut k, &enc_out, &layer.cross_attn.k, b * t, c, hd);
+                be.linear_forward(&mut v, &enc_out, &layer.cross_attn.v, b * t, c, hd);
+                (k, v)
+            })
+            .collect();
+        // Self-attention caches (B, S, H·D) per layer.
+        let mut self_kv: Vec<(B::Tensor, B::Tensor)> = w
+            .decoder
+            .iter()
+            .map(|_| (be.zeros(b * cap * hd), be.zeros(b * cap * hd)))
+            .collect();
+        let cross = AttnMask {
+            key_mask: &enc_mask,
+            causal: false,
+        };
+        let mut key_mask = vec![0i32; b * cap]; // (B, S) the filled cache slots
+        let mut greedy = Greedy::new(gen, b);
+        let mut ids = vec![self.cfg.decoder_start_token_id as i32; b];
+        for step in 0..cap {
+            for r in 0..b {
+                key_mask[r * cap + step] = 1;
+            }
+            let mask_idx = be.upload_index(&key_mask);
+            let self_mask = AttnMask {
+                key_mask: &mask_idx,
+                causal: false,
+            };
+            // One query at absolute position `step`: the bias sees key − step.
+            let bias = RelBias {
+                q_offset: step,
+                ..self.rel_bias(&w.decoder_rel_bias, false)
+            };
+            let slots =
+                be.upload_index(&(0..b).map(|r| (r * cap + step) as i32).collect::<Vec<_>>());
+            let mut x = be.zeros(b * c); // (B, C)
+            be.gather_rows(&mut x, &w.shared, &be.upload_index(&ids), b, c);
+            for (l, layer) in w.decoder.iter().enumerate() {
+                let (k, v) = &mut self_kv[l];
+                x = self.cached_attention(
+                    be,
+                    x,
+                    &layer.ln_self,
+                    &layer.self_attn,
+                    CachedKv::Write {
+                        k,
+                        v,
+                        slots: &slots,
+                    },
+                    self_mask,
+                    Some(bias),
+                    self.attn_dims(b, 1, cap),
+                );
+                let (k, v) = &cross_kv[l];
+                x = self.cached_attention(
+                    be,
+                    x,
+                    &layer.ln_cross,
+                    &layer.cross_attn,
+                    CachedKv::Read { k, v },
+                    cross,
+                    None,
+                    self.attn_dims(b, 1, t),
+                );
+                x = self
+                    .ffn_sublayer_forward(be, x, &layer.ln_ff, &layer.ff, b)
+                    .0;
+            }
+            let mut h = be.zeros(b * c); // (B, C)
+            let mut rstd = be.zeros(b);
+            be.rmsnorm_forward(&mut h, &mut rstd, &x, &w.decoder_final_ln, b, c, self.eps());
+            let (head, scale) = self.lm_head();
+            let mut logits = be.zeros(b * v); // (B, V)
+            be.matmul(
+                &mut logits,
+                &h,
+                head,
+                crate::backend::Gemm::nt(b, v, c).alpha(scale),
+            );
+            match greedy.step(&be.download_f32(&logits), v) {
+                Some(next) => ids = next,
+                None => break,
+            }
+        }
+        Ok(greedy.finish())
     }
 
     /// d loss / d inputs_embeds `(B, T, C)`, back through lm_head, decoder and encoder.

@@ -164,7 +164,7 @@ fn gemm_slices<T: Float>(out: &mut [T], a: &[T], b: &[T], g: Gemm, parallel: boo
 }
 
 /// The bias of every relative position `key - query` in `-(T-1) ..= S-1`, per head:
-/// `(T+S-1, H)`, row `rel + T - 1`. Built once per call so the inner loops only index.
+/// `(T+S-1, H)`, row `rel + T - 1` (holding the bucket of `rel - q_offset`). Built once per call so the inner loops only index.
 fn relative_bias_rows<T: Float>(
     bias: &RelBias<'_, Vec<T>>,
     t: usize,
@@ -178,8 +178,12 @@ fn relative_bias_rows<T: Float>(
     );
     let mut rows = Vec::with_capacity((t + s - 1) * h);
     for rel in -(t as i64 - 1)..(s as i64) {
-        let bucket =
-            relative_position_bucket(rel, bias.bidirectional, bias.num_buckets, bias.max_distance);
+        let bucket = relative_position_bucket(
+            rel - bias.q_offset as i64,
+            bias.bidirectional,
+            bias.num_buckets,
+            bias.max_distance,
+        );
         rows.extend_from_slice(&bias.table[bucket * h..(bucket + 1) * h]);
     }
     rows
@@ -865,6 +869,58 @@ impl<T: Float> Backend for CpuBackend<T> {
             });
     }
 
+    fn rope_forward(
+        &self,
+        out: &mut Vec<T>,
+        inp: &Vec<T>,
+        positions: &Vec<i32>,
+        cos: &Vec<T>,
+        sin: &Vec<T>,
+        n: usize,
+        h: usize,
+        d: usize,
+    ) {
+        rope_rotate(
+            out,
+            inp,
+            positions,
+            cos,
+            sin,
+            n,
+            h,
+            d,
+            T::one(),
+            "rope_forward",
+        );
+    }
+
+    fn rope_backward_dinp(
+        &self,
+        dinp: &mut Vec<T>,
+        dout: &Vec<T>,
+        positions: &Vec<i32>,
+        cos: &Vec<T>,
+        sin: &Vec<T>,
+        n: usize,
+        h: usize,
+        d: usize,
+    ) {
+        // The transpose of a rotation is the rotation by −θ: flip the sign of sin.
+        let minus = -T::one();
+        rope_rotate(
+            dinp,
+            dout,
+            positions,
+            cos,
+            sin,
+            n,
+            h,
+            d,
+            minus,
+            "rope_backward_dinp",
+        );
+    }
+
     fn gated_act_forward(
         &self,
         out: &mut Vec<T>,
@@ -989,6 +1045,48 @@ impl<T: Float> Backend for CpuBackend<T> {
                 }
             });
     }
+}
+
+/// `out = R(sign·θ)·inp` on each (i, i + D/2) pair of each head: RoPE's forward (`sign` 1) and
+/// its transpose (`sign` −1). `out, inp (N, H·D)`, `positions (N)`, `cos, sin (P, D/2)`.
+#[allow(clippy::too_many_arguments)]
+fn rope_rotate<T: Float>(
+    out: &mut [T],
+    inp: &[T],
+    positions: &[i32],
+    cos: &[T],
+    sin: &[T],
+    n: usize,
+    h: usize,
+    d: usize,
+    sign: T,
+    op: &str,
+) {
+    let half = d / 2;
+    assert!(d.is_multiple_of(2), "{op}: head width D = {d} is odd");
+    assert_eq!(out.len(), n * h * d, "{op}: out is not (N, H·D)");
+    assert_eq!(inp.len(), n * h * d, "{op}: inp is not (N, H·D)");
+    assert_eq!(positions.len(), n, "{op}: positions is not (N)");
+    assert_eq!(cos.len(), sin.len(), "{op}: cos and sin differ in length");
+    let rows = cos.len() / half.max(1);
+    out.par_chunks_exact_mut(h * d)
+        .zip(inp.par_chunks_exact(h * d))
+        .zip(positions.par_iter())
+        .for_each(|((o_row, x_row), &pos)| {
+            let p = usize::try_from(pos)
+                .ok()
+                .filter(|&p| p < rows)
+                .unwrap_or_else(|| panic!("{op}: position {pos} outside the tables' {rows} rows"));
+            let (c_row, s_row) = (&cos[p * half..][..half], &sin[p * half..][..half]);
+            for (o, x) in o_row.chunks_exact_mut(d).zip(x_row.chunks_exact(d)) {
+                for i in 0..half {
+                    let (c, sn) = (c_row[i], sign * s_row[i]);
+                    let (x1, x2) = (x[i], x[i + half]);
+                    o[i] = x1 * c - x2 * sn;
+                    o[i + half] = x2 * c + x1 * sn;
+                }
+            }
+        });
 }
 
 fn check_attention_dims<T>(dims: AttnDims, q: &[T], k: &[T], v: &[T], key_mask: &[i32]) {

@@ -204,7 +204,7 @@ fn naive_attention(
                     *score = scale * acc;
                     if let Some(bias) = bias {
                         let bucket = relative_position_bucket(
-                            j as i64 - i as i64,
+                            j as i64 - i as i64 - bias.q_offset as i64,
                             bias.bidirectional,
                             bias.num_buckets,
                             bias.max_distance,
@@ -326,6 +326,7 @@ fn attention_forward_matches_naive_definition() {
             bidirectional,
             num_buckets: 8,
             max_distance: 10,
+            q_offset: ci, // a different query offset per case (0 for the first)
         });
         let mut out = vec![f64::NAN; b * t * h * d];
         let mut lse = vec![f64::NAN; b * h * t];
@@ -373,6 +374,7 @@ fn attention_backward_dinp_matches_finite_differences() {
             bidirectional,
             num_buckets: 8,
             max_distance: 10,
+            q_offset: 0,
         });
         let am = AttnMask {
             key_mask: &mask,
@@ -842,4 +844,62 @@ fn adamw_step_matches_a_hand_computed_step() {
     assert!((p[0] - want2).abs() < 1e-14, "{} vs {want2}", p[0]);
     assert!((m[0] - 0.19 * 0.2).abs() < 1e-15);
     assert_eq!(be().sum_squares(&vec![3.0, 4.0]), 25.0);
+}
+
+/// RoPE against the complex-number definition: pair (x[i], x[i + D/2]) as `x[i] + i·x[i+D/2]`,
+/// multiplied by `e^{iθ}` with θ = pos·freq[i].
+#[test]
+fn rope_forward_matches_complex_rotation() {
+    let (n, h, d, rows) = (5, 3, 6, 7);
+    let half = d / 2;
+    let freqs = [1.0, 0.3, 0.05];
+    let cos: Vec<f64> = (0..rows)
+        .flat_map(|p| freqs.iter().map(move |f| (p as f64 * f).cos()))
+        .collect();
+    let sin: Vec<f64> = (0..rows)
+        .flat_map(|p| freqs.iter().map(move |f| (p as f64 * f).sin()))
+        .collect();
+    let positions = vec![0, 6, 2, 2, 5]; // unordered, repeated, the last table row
+    let x = random_vec(n * h * d, 1.0, 1);
+    let mut out = vec![f64::NAN; x.len()];
+    be().rope_forward(&mut out, &x, &positions, &cos, &sin, n, h, d);
+    let mut expected = vec![0.0; x.len()];
+    for (r, &pos) in positions.iter().enumerate() {
+        for hh in 0..h {
+            let base = (r * h + hh) * d;
+            for (i, &freq) in freqs.iter().enumerate() {
+                let theta = pos as f64 * freq;
+                let (re, im) = (x[base + i], x[base + i + half]);
+                expected[base + i] = re * theta.cos() - im * theta.sin();
+                expected[base + i + half] = re * theta.sin() + im * theta.cos();
+            }
+        }
+    }
+    let err = rel_err(&out, &expected);
+    assert!(err < 1e-14, "rel err {err}");
+}
+
+#[test]
+fn rope_backward_dinp_matches_finite_differences() {
+    let (n, h, d, rows) = (4, 2, 4, 5);
+    let angles: Vec<f64> = (0..rows * d / 2).map(|i| 0.37 * i as f64).collect();
+    let cos: Vec<f64> = angles.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f64> = angles.iter().map(|a| a.sin()).collect();
+    let positions = vec![3, 0, 4, 1];
+    let x = random_vec(n * h * d, 1.0, 2);
+    let dout = random_vec(n * h * d, 1.0, 3);
+    let mut dinp = vec![f64::NAN; x.len()];
+    be().rope_backward_dinp(&mut dinp, &dout, &positions, &cos, &sin, n, h, d);
+    let numeric = finite_diff(
+        &mut |x| {
+            let mut out = vec![0.0; x.len()];
+            be().rope_forward(&mut out, &x.to_vec(), &positions, &cos, &sin, n, h, d);
+            dot(&out, &dout)
+        },
+        &x,
+        None,
+        FD_EPS,
+    );
+    let err = rel_err(&dinp, &numeric);
+    assert!(err < FD_TOL, "rel err {err}");
 }

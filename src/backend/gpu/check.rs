@@ -13,9 +13,13 @@ use super::GpuBackend;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Activation, AdamW, AttnDims, AttnMask, Backend, Gemm, RelBias};
 use crate::data::HostBatch;
-use crate::engine::{build_t5_method, t5_forward_backward};
-use crate::model::shapes::{random_t5_tensor, t5_shape};
+use crate::engine::{build_backbone_method, forward_backward};
+use crate::model::generate::{GenerateConfig, Generated};
+use crate::model::llama::{Llama, LlamaWeights};
+use crate::model::shapes::LLAMA_SHAPES;
+use crate::model::shapes::{llama_shape, random_llama_tensor, random_t5_tensor, t5_shape};
 use crate::model::t5::{T5Weights, T5};
+use crate::model::Backbone;
 use crate::prompt::MethodConfig;
 use crate::testing::{random_vec, rel_err_f32};
 
@@ -280,6 +284,35 @@ impl<D: Device> Checker<'_, D> {
         }
     }
 
+    /// RoPE forward and input gradient on a GQA-like key layout: positions unordered and
+    /// repeated, the tables' last row included.
+    fn rope(&mut self) {
+        let tol = op_tolerance(self.dtype());
+        let dt = self.dtype();
+        let (n, h, d, rows) = (11, 3, 18, 13);
+        let half = d / 2;
+        let angles = self.rand(rows * half, 3.0);
+        let cos: Vec<f32> = angles.iter().map(|a| round(a.cos(), dt)).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| round(a.sin(), dt)).collect();
+        let positions: Vec<i32> = (0..n).map(|i| ((i * 5 + 2) % rows) as i32).collect();
+        let (x, dy) = (self.rand(n * h * d, 1.0), self.rand(n * h * d, 1.0));
+        let (gcos, gsin, gx, gdy) = (self.up(&cos), self.up(&sin), self.up(&x), self.up(&dy));
+        let gpos = self.gpu.upload_index(&positions);
+        let mut want = vec![0f32; n * h * d];
+        self.cpu
+            .rope_forward(&mut want, &x, &positions, &cos, &sin, n, h, d);
+        let mut y = self.nan(n * h * d);
+        self.gpu
+            .rope_forward(&mut y, &gx, &gpos, &gcos, &gsin, n, h, d);
+        self.record("rope_forward", &y, &want, tol);
+        self.cpu
+            .rope_backward_dinp(&mut want, &dy, &positions, &cos, &sin, n, h, d);
+        let mut dx = self.nan(n * h * d);
+        self.gpu
+            .rope_backward_dinp(&mut dx, &gdy, &gpos, &gcos, &gsin, n, h, d);
+        self.record("rope_backward_dinp", &dx, &want, tol);
+    }
+
     fn norms(&mut self) {
         let tol = op_tolerance(self.dtype());
         let dt = self.dtype();
@@ -454,6 +487,7 @@ impl<D: Device> Checker<'_, D> {
                 bidirectional,
                 num_buckets: 8,
                 max_distance: 20,
+                q_offset: 0,
             });
             let (mut o_r, mut lse_r) = (vec![0f32; q.len()], vec![0f32; b * h * t]);
             self.cpu.attention_forward(
@@ -470,6 +504,7 @@ impl<D: Device> Checker<'_, D> {
                 bidirectional,
                 num_buckets: 8,
                 max_distance: 20,
+                q_offset: 0,
             });
             let (gq, gk, gv) = (self.up(&q), self.up(&k), self.up(&v));
             let (mut o, mut lse) = (self.nan(q.len()), self.nan(b * h * t));
@@ -599,30 +634,40 @@ pub fn check_ops<D: Device>(gpu: &GpuBackend<D>, seed: u64) -> Vec<CheckResult> 
     c.rows();
     c.elementwise();
     c.norms();
+    c.rope();
     c.attention();
     c.loss_and_optimiser();
     c.results
 }
 
-/// A T5 model of a built-in shape with random weights rounded to `dtype`, on any backend: the
-/// GPU and the CPU reference get identical weights.
-fn t5_with_weights<B: Backend>(
+/// A model of a built-in shape (T5 or Llama) with random weights rounded to `dtype`, on any
+/// backend: the GPU and the CPU reference get identical weights.
+fn model_with_weights<B: Backend>(
     be: &B,
     shape: &str,
     seed: u64,
     dtype: DType,
-) -> crate::Result<T5<B>> {
+) -> crate::Result<Backbone<B>> {
+    if LLAMA_SHAPES.contains(&shape) {
+        let cfg = llama_shape(shape)?;
+        let weights = LlamaWeights::load(be, &cfg, &mut |name, dims| {
+            let w = random_llama_tensor(name, dims, seed);
+            Ok(w.into_iter().map(|x| round(x, dtype)).collect())
+        })?;
+        return Ok(Backbone::Llama(Llama::new(cfg, weights)));
+    }
     let cfg = t5_shape(shape)?;
     let weights = T5Weights::load(be, &cfg, &mut |name, dims| {
         let w = random_t5_tensor(&cfg, name, dims, seed);
         Ok(w.into_iter().map(|x| round(x, dtype)).collect())
     })?;
-    Ok(T5::new(cfg, weights))
+    Ok(Backbone::T5(T5::new(cfg, weights)))
 }
 
-/// Whole forward + backward steps of a built-in T5 shape on a padded random batch, without and
-/// with a prompt method (PT: embed + prompt rows; EPT-MS: the low-rank update and the method
-/// ops), against the CPU: loss, label-row logits, d inputs_embeds and the method's gradients.
+/// Whole forward + backward steps of a built-in shape (T5 or Llama) on a padded random batch,
+/// without and with a prompt method (PT: embed + prompt rows; EPT-MS: the low-rank update and
+/// the method ops), against the CPU: loss, label-row logits, d inputs_embeds and the method's
+/// gradients.
 pub fn check_steps<D: Device>(
     gpu: &GpuBackend<D>,
     shape: &str,
@@ -630,9 +675,13 @@ pub fn check_steps<D: Device>(
 ) -> crate::Result<Vec<CheckResult>> {
     let dt = gpu.dtype();
     let cpu = CpuBackend::<f32>::new();
-    let model_g = t5_with_weights(gpu, shape, seed, dt)?;
-    let model_c = t5_with_weights(&cpu, shape, seed, dt)?;
-    let batch = HostBatch::random(&model_c.cfg, &[9, 6, 11], &[4, 2, 5], seed + 1);
+    let model_g = model_with_weights(gpu, shape, seed, dt)?;
+    let model_c = model_with_weights(&cpu, shape, seed, dt)?;
+    let (inputs, targets) = ([9, 6, 11], [4, 2, 5]);
+    let batch = match &model_c {
+        Backbone::T5(m) => HostBatch::random(&m.cfg, &inputs, &targets, seed + 1),
+        Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &inputs, &targets, seed + 1),
+    };
     let mut results = Vec::new();
     let mut push = |op: String, got: &[f32], want: &[f32], tol: f64| {
         let rel_err = if got.iter().all(|x| x.is_finite()) {
@@ -648,8 +697,8 @@ pub fn check_steps<D: Device>(
         });
     };
 
-    let g = t5_forward_backward(gpu, &model_g, None, &batch)?;
-    let c = t5_forward_backward(&cpu, &model_c, None, &batch)?;
+    let g = forward_backward(gpu, &model_g, None, &batch)?;
+    let c = forward_backward(&cpu, &model_c, None, &batch)?;
     push(
         format!("{shape} step: loss"),
         &[g.loss as f32],
@@ -674,14 +723,14 @@ pub fn check_steps<D: Device>(
         ("ept", "prompt_len = 4\nrank = 3"),
     ] {
         let cfg = MethodConfig::from_toml(method, options)?;
-        let mut mg = build_t5_method(gpu, &model_g, &cfg, 100, seed, None)?;
-        let mut mc = build_t5_method(&cpu, &model_c, &cfg, 100, seed, None)?;
+        let mut mg = build_backbone_method(gpu, &model_g, &cfg, 100, seed, None)?;
+        let mut mc = build_backbone_method(&cpu, &model_c, &cfg, 100, seed, None)?;
         // Same starting values on both: the GPU's (rounded) parameters copied to the CPU.
         for (pg, pc) in mg.params().iter().zip(mc.params_mut()) {
             pc.value = gpu.download_f32(&pg.value);
         }
-        let g = t5_forward_backward(gpu, &model_g, Some(mg.as_mut()), &batch)?;
-        let c = t5_forward_backward(&cpu, &model_c, Some(mc.as_mut()), &batch)?;
+        let g = forward_backward(gpu, &model_g, Some(mg.as_mut()), &batch)?;
+        let c = forward_backward(&cpu, &model_c, Some(mc.as_mut()), &batch)?;
         push(
             format!("{shape} step + {method}: loss"),
             &[g.loss as f32],
@@ -696,6 +745,71 @@ pub fn check_steps<D: Device>(
                 step_grad_tolerance(dt),
             );
         }
+    }
+
+    // Greedy generation with the KV cache (left-padded for Llama): the logits of the first step
+    // (prefill) and, in f32, of every step, where both backends pick the same tokens.
+    let (b, t) = (2, 7);
+    let mask: Vec<i32> = match &model_c {
+        Backbone::T5(_) => vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0],
+        Backbone::Llama(_) => vec![1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1],
+    };
+    let width = match &model_c {
+        Backbone::T5(m) => m.cfg.d_model,
+        Backbone::Llama(m) => m.cfg.hidden_size,
+    };
+    let embeds: Vec<f32> = random_vec(b * t * width, 1.0, seed + 2)
+        .into_iter()
+        .map(|x| round(x as f32, dt))
+        .collect();
+    let gen = GenerateConfig {
+        max_new_tokens: 4,
+        eos_token_ids: Vec::new(),
+        keep_logits: true,
+    };
+    let generate = |be_g: Option<&GpuBackend<D>>| -> crate::Result<Generated> {
+        match (be_g, &model_g, &model_c) {
+            (Some(g), Backbone::T5(m), _) => {
+                m.generate(g, &g.upload_f32(embeds.clone()), &mask, b, t, &gen)
+            }
+            (Some(g), Backbone::Llama(m), _) => {
+                m.generate(g, &g.upload_f32(embeds.clone()), &mask, b, t, &gen)
+            }
+            (None, _, Backbone::T5(m)) => {
+                m.generate(&cpu, &cpu.upload_f32(embeds.clone()), &mask, b, t, &gen)
+            }
+            (None, _, Backbone::Llama(m)) => {
+                m.generate(&cpu, &cpu.upload_f32(embeds.clone()), &mask, b, t, &gen)
+            }
+        }
+    };
+    let (g, c) = (generate(Some(gpu))?, generate(None)?);
+    let first =
+        |x: &Generated| -> Vec<f32> { x.step_logits.iter().flat_map(|r| r[0].clone()).collect() };
+    push(
+        format!("{shape} generate: first-step logits"),
+        &first(&g),
+        &first(&c),
+        step_tolerance(dt),
+    );
+    if dt == DType::F32 && g.tokens != c.tokens {
+        // Recorded as a failure (NaN), not a panic: doctor reports every check.
+        push(
+            format!("{shape} generate: tokens differ"),
+            &[f32::NAN],
+            &[0.0],
+            0.0,
+        );
+    } else if dt == DType::F32 {
+        let all = |x: &Generated| -> Vec<f32> {
+            x.step_logits.iter().flatten().flatten().copied().collect()
+        };
+        push(
+            format!("{shape} generate: all step logits"),
+            &all(&g),
+            &all(&c),
+            step_tolerance(dt),
+        );
     }
     Ok(results)
 }

@@ -208,7 +208,7 @@ impl<D: Device> GpuBackend<D> {
     }
 
     /// The relative-position bucket of every `key - query` in `-(T-1) ..= S-1`: `(T+S-1)`,
-    /// entry `rel + T - 1`. Computed on the host with the one definition all backends share.
+    /// entry `rel + T - 1` (the bucket of `rel - q_offset`). Computed on the host with the one definition all backends share.
     fn relative_buckets(
         &self,
         bias: &RelBias<'_, GpuTensor<D>>,
@@ -218,7 +218,7 @@ impl<D: Device> GpuBackend<D> {
         let buckets: Vec<i32> = (-(t as i64 - 1)..s as i64)
             .map(|rel| {
                 relative_position_bucket(
-                    rel,
+                    rel - bias.q_offset as i64,
                     bias.bidirectional,
                     bias.num_buckets,
                     bias.max_distance,
@@ -226,6 +226,43 @@ impl<D: Device> GpuBackend<D> {
             })
             .collect();
         self.upload_index(&buckets)
+    }
+
+    /// Launches `rope_forward` or `rope_backward_dinp` (same arguments): `out, inp (N, H·D)`,
+    /// `positions (N)`, `cos, sin (P, D/2)`. Positions are read on the device only: one outside
+    /// the tables turns its row into NaN instead of reading out of bounds.
+    fn rope(
+        &self,
+        op: &str,
+        out: &mut GpuTensor<D>,
+        inp: &GpuTensor<D>,
+        positions: &GpuIndex<D>,
+        (cos, sin): (&GpuTensor<D>, &GpuTensor<D>),
+        (n, h, d): (usize, usize, usize),
+    ) {
+        assert!(d.is_multiple_of(2), "{op}: head width D = {d} is odd");
+        self.check(&format!("{op}: out"), out, n * h * d);
+        self.check(&format!("{op}: inp"), inp, n * h * d);
+        self.check_index(&format!("{op}: positions"), positions, n);
+        let rows = cos.len / (d / 2).max(1);
+        self.check(&format!("{op}: cos"), cos, rows * (d / 2));
+        self.check(&format!("{op}: sin"), sin, rows * (d / 2));
+        let len = n * h * (d / 2);
+        self.launch(
+            op,
+            LaunchCfg::linear(blocks_for(len, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            &[
+                self.ptr(out),
+                self.ptr(inp),
+                self.iptr(positions),
+                self.ptr(cos),
+                self.ptr(sin),
+                dim(n),
+                dim(h),
+                dim(d),
+                dim(rows),
+            ],
+        );
     }
 
     /// One head's matrices inside a batched tensor, for [`GpuBackend::head_gemm`].
@@ -922,6 +959,41 @@ impl<D: Device> Backend for GpuBackend<D> {
     }
 
     // ---- feed-forward -------------------------------------------------------------------------
+
+    fn rope_forward(
+        &self,
+        out: &mut GpuTensor<D>,
+        inp: &GpuTensor<D>,
+        positions: &GpuIndex<D>,
+        cos: &GpuTensor<D>,
+        sin: &GpuTensor<D>,
+        n: usize,
+        h: usize,
+        d: usize,
+    ) {
+        self.rope("rope_forward", out, inp, positions, (cos, sin), (n, h, d));
+    }
+
+    fn rope_backward_dinp(
+        &self,
+        dinp: &mut GpuTensor<D>,
+        dout: &GpuTensor<D>,
+        positions: &GpuIndex<D>,
+        cos: &GpuTensor<D>,
+        sin: &GpuTensor<D>,
+        n: usize,
+        h: usize,
+        d: usize,
+    ) {
+        self.rope(
+            "rope_backward_dinp",
+            dinp,
+            dout,
+            positions,
+            (cos, sin),
+            (n, h, d),
+        );
+    }
 
     fn gated_act_forward(
         &self,

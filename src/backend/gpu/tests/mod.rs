@@ -15,6 +15,7 @@ use crate::testing::{random_vec, rel_err_f32};
 mod doctor;
 mod elementwise;
 mod norm_attention;
+mod rope;
 mod shim;
 
 pub(super) type Vgpu = GpuBackend<VirtualDevice>;

@@ -310,6 +310,7 @@ fn rel_bias<'a, X>(case: &AttnCase, table: &'a X) -> Option<RelBias<'a, X>> {
         bidirectional,
         num_buckets: 8,
         max_distance: 20,
+        q_offset: 0,
     })
 }
 
