@@ -1,5 +1,5 @@
 //! Helpers shared by the unit tests, the integration tests and the benches: seeded random data,
-//! relative errors, and a finite-difference gradient check in f64.
+//! relative errors, a finite-difference gradient check in f64, and the golden fixtures.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -63,4 +63,23 @@ pub fn finite_diff(
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "dot: lengths differ");
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The folder of a committed test fixture (`tests/fixtures/NAME`).
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Golden tensor `name` (shape, values), panicking with its name when missing.
+pub fn golden(g: &crate::model::hf::F64Tensors, name: &str) -> (Vec<usize>, Vec<f64>) {
+    g.get(name)
+        .unwrap_or_else(|| panic!("golden tensor {name} missing"))
+        .clone()
+}
+
+/// Golden id tensor `name` as i32.
+pub fn golden_ids(g: &crate::model::hf::F64Tensors, name: &str) -> Vec<i32> {
+    golden(g, name).1.iter().map(|&x| x as i32).collect()
 }

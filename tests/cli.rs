@@ -1,11 +1,11 @@
 //! The `fastpt` binary end to end: the README's `run`, and `forward` on a golden fixture folder
 //! (its outputs must match the Hugging Face goldens), with text input and with bad input.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use fastpt::model::hf::read_all_f64;
-use fastpt::testing::rel_err;
+use fastpt::testing::{fixture, rel_err};
 
 fn fastpt(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fastpt"))
@@ -26,12 +26,6 @@ fn forward(model: &Path, batch: &Path, out: &Path) -> (bool, String, String) {
     fastpt(&[
         "forward", "--model", &model, "--batch", &batch, "--out", &out,
     ])
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
 }
 
 #[test]

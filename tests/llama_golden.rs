@@ -4,7 +4,7 @@
 //! explicit head_dim; and greedy generation with the KV cache, token for token. Also T5's
 //! greedy generation against transformers' `generate`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::backend::Backend;
@@ -12,26 +12,10 @@ use fastpt::model::generate::{GenerateConfig, Generated};
 use fastpt::model::hf::{load_tokenizer, read_all_f64, F64Tensors};
 use fastpt::model::llama::LlamaBatch;
 use fastpt::model::{load_llama, load_t5};
-use fastpt::testing::rel_err;
+use fastpt::testing::{fixture, golden, golden_ids, rel_err};
 
 const LLAMA_FOLDERS: &[&str] = &["llama-gqa-tiny", "llama3-tied-tiny"];
 const T5_FOLDERS: &[&str] = &["t5-v1_0-tiny", "t5-v1_1-tiny"];
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn golden(g: &F64Tensors, name: &str) -> (Vec<usize>, Vec<f64>) {
-    g.get(name)
-        .unwrap_or_else(|| panic!("golden tensor {name} missing"))
-        .clone()
-}
-
-fn ids(g: &F64Tensors, name: &str) -> Vec<i32> {
-    golden(g, name).1.iter().map(|&x| x as i32).collect()
-}
 
 /// Forward + backward on `be`: relative errors of (logits at the label rows, loss,
 /// d inputs_embeds) against the goldens.
@@ -42,7 +26,7 @@ fn errors<B: Backend>(be: &B, dir: &Path) -> [f64; 3] {
     let (b, t) = (shape[0], shape[1]);
     let v = model.cfg.vocab_size;
     let x = be.upload_f64(&embeds);
-    let (mask, labels) = (ids(&g, "attention_mask"), ids(&g, "labels"));
+    let (mask, labels) = (golden_ids(&g, "attention_mask"), golden_ids(&g, "labels"));
     let batch = LlamaBatch::<B> {
         inputs_embeds: &x,
         attention_mask: &mask,
@@ -108,7 +92,7 @@ fn llama_prompt_rows_come_before_the_token_embeddings() {
         let model = load_llama(&be, &dir).unwrap();
         let g = read_all_f64(&dir.join("golden.safetensors")).unwrap();
         let (pshape, prompt) = golden(&g, "prompt");
-        let (ishape, input_ids) = (golden(&g, "input_ids").0, ids(&g, "input_ids"));
+        let (ishape, input_ids) = (golden(&g, "input_ids").0, golden_ids(&g, "input_ids"));
         let (p, c) = (pshape[0], pshape[1]);
         let (b, t) = (ishape[0], ishape[1]);
         let mut x = be.zeros(b * t * c);
@@ -162,6 +146,18 @@ fn scalar(g: &F64Tensors, name: &str) -> usize {
     golden(g, name).1[0] as usize
 }
 
+/// The generation settings of a `generate.safetensors`: (config, max new tokens, EOS id).
+fn generate_config(g: &F64Tensors) -> (GenerateConfig, usize, i32) {
+    let n = scalar(g, "max_new_tokens");
+    let eos = scalar(g, "eos_token_id") as i32;
+    let gen = GenerateConfig {
+        max_new_tokens: n,
+        eos_token_ids: vec![eos as u32],
+        keep_logits: true,
+    };
+    (gen, n, eos)
+}
+
 #[test]
 fn llama_greedy_generation_matches_transformers() {
     let be = CpuBackend::<f32>::new();
@@ -170,18 +166,12 @@ fn llama_greedy_generation_matches_transformers() {
         let model = load_llama(&be, &dir).unwrap();
         let g = read_all_f64(&dir.join("generate.safetensors")).unwrap();
         let (c, v) = (model.cfg.hidden_size, model.cfg.vocab_size);
-        let n = scalar(&g, "max_new_tokens");
-        let eos = scalar(&g, "eos_token_id") as i32;
-        let gen = GenerateConfig {
-            max_new_tokens: n,
-            eos_token_ids: vec![eos as u32],
-            keep_logits: true,
-        };
+        let (gen, n, eos) = generate_config(&g);
 
         // Token ids, left-padded.
-        let (shape, input_ids) = (golden(&g, "input_ids").0, ids(&g, "input_ids"));
+        let (shape, input_ids) = (golden(&g, "input_ids").0, golden_ids(&g, "input_ids"));
         let (b, t) = (shape[0], shape[1]);
-        let mask = ids(&g, "attention_mask");
+        let mask = golden_ids(&g, "attention_mask");
         assert!(mask.contains(&0), "{name}: the batch should be left-padded");
         let mut x = be.zeros(b * t * c);
         be.gather_rows(
@@ -192,7 +182,7 @@ fn llama_greedy_generation_matches_transformers() {
             c,
         );
         let out = model.generate(&be, &x, &mask, b, t, &gen).unwrap();
-        let tokens = ids(&g, "tokens");
+        let tokens = golden_ids(&g, "tokens");
         let err = compare_generation(name, &out, &tokens, &golden(&g, "step_logits").1, eos, n, v);
         println!("{name}: ids case, step logits rel err {err:.2e}");
         assert!(err <= 1e-4, "{name}: step logits rel err {err}");
@@ -212,7 +202,7 @@ fn llama_greedy_generation_matches_transformers() {
         let out = model
             .generate(&be, &be.upload_f64(&embeds), &vec![1; b * t], b, t, &gen)
             .unwrap();
-        let tokens = ids(&g, "embeds_tokens");
+        let tokens = golden_ids(&g, "embeds_tokens");
         let logits = golden(&g, "embeds_step_logits").1;
         let err = compare_generation(name, &out, &tokens, &logits, eos, n, v);
         println!("{name}: prompt case, step logits rel err {err:.2e}");
@@ -232,16 +222,10 @@ fn t5_greedy_generation_matches_transformers() {
             scalar(&g, "decoder_start_token_id"),
             model.cfg.decoder_start_token_id as usize
         );
-        let n = scalar(&g, "max_new_tokens");
-        let eos = scalar(&g, "eos_token_id") as i32;
-        let gen = GenerateConfig {
-            max_new_tokens: n,
-            eos_token_ids: vec![eos as u32],
-            keep_logits: true,
-        };
-        let (shape, input_ids) = (golden(&g, "input_ids").0, ids(&g, "input_ids"));
+        let (gen, n, eos) = generate_config(&g);
+        let (shape, input_ids) = (golden(&g, "input_ids").0, golden_ids(&g, "input_ids"));
         let (b, t) = (shape[0], shape[1]);
-        let mask = ids(&g, "attention_mask");
+        let mask = golden_ids(&g, "attention_mask");
         let mut x = be.zeros(b * t * c);
         be.gather_rows(
             &mut x,
@@ -251,7 +235,7 @@ fn t5_greedy_generation_matches_transformers() {
             c,
         );
         let out = model.generate(&be, &x, &mask, b, t, &gen).unwrap();
-        let tokens = ids(&g, "tokens");
+        let tokens = golden_ids(&g, "tokens");
         let err = compare_generation(name, &out, &tokens, &golden(&g, "step_logits").1, eos, n, v);
         println!("{name}: step logits rel err {err:.2e}");
         assert!(err <= 1e-4, "{name}: step logits rel err {err}");

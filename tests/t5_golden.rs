@@ -4,32 +4,16 @@
 //! The goldens are f64; the f32 engine must match within 1e-4 (outputs) / 1e-3 (gradients), the
 //! f64 engine far tighter.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::backend::Backend;
-use fastpt::model::hf::{load_tokenizer, read_all_f64, F64Tensors};
+use fastpt::model::hf::{load_tokenizer, read_all_f64};
 use fastpt::model::load_t5;
 use fastpt::model::t5::T5Batch;
-use fastpt::testing::rel_err;
+use fastpt::testing::{fixture, golden, golden_ids, rel_err};
 
 const FOLDERS: &[&str] = &["t5-v1_0-tiny", "t5-v1_1-tiny"];
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn golden(g: &F64Tensors, name: &str) -> (Vec<usize>, Vec<f64>) {
-    g.get(name)
-        .unwrap_or_else(|| panic!("golden tensor {name} missing"))
-        .clone()
-}
-
-fn ids(g: &F64Tensors, name: &str) -> Vec<i32> {
-    golden(g, name).1.iter().map(|&x| x as i32).collect()
-}
 
 /// Runs forward + backward on backend `be` and returns the relative errors of
 /// (logits at label rows, loss, encoder output, d inputs_embeds) against the goldens.
@@ -42,9 +26,9 @@ fn errors<B: Backend>(be: &B, dir: &Path) -> [f64; 4] {
     let v = model.cfg.vocab_size;
     let x = be.upload_f64(&embeds);
     let (mask, dec_ids, labels) = (
-        ids(&g, "attention_mask"),
-        ids(&g, "decoder_input_ids"),
-        ids(&g, "labels"),
+        golden_ids(&g, "attention_mask"),
+        golden_ids(&g, "decoder_input_ids"),
+        golden_ids(&g, "labels"),
     );
     let batch = T5Batch::<B> {
         inputs_embeds: &x,
@@ -123,7 +107,7 @@ fn input_ids_gather_to_the_golden_inputs_embeds() {
         let dir = fixture(name);
         let model = load_t5(&be, &dir).unwrap();
         let g = read_all_f64(&dir.join("golden.safetensors")).unwrap();
-        let input_ids = ids(&g, "input_ids");
+        let input_ids = golden_ids(&g, "input_ids");
         let c = model.cfg.d_model;
         let mut x = be.zeros(input_ids.len() * c);
         be.gather_rows(

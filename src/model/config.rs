@@ -81,18 +81,8 @@ impl T5Config {
     /// field that is missing, of the wrong JSON type, or out of range is an [`Error::Config`]
     /// naming the field, the value found and the rule it breaks.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
-        let Value::Object(obj) = &value else {
-            return Err(Error::format(
-                path,
-                format!(
-                    "expected a JSON object at the top level, found {}",
-                    show(&value)
-                ),
-            ));
-        };
-        let fields = Fields { obj, path };
+        let obj = json_object(text, path)?;
+        let fields = Fields { obj: &obj, path };
 
         if let Some(v) = fields.get("model_type") {
             match v.as_str() {
@@ -279,18 +269,8 @@ impl LlamaConfig {
     /// transformers 5); `rope_type` may be `"default"` or `"llama3"`. `hidden_act` must be
     /// `"silu"`, `attention_bias` and `mlp_bias` false: other variants are not implemented.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
-        let Value::Object(obj) = &value else {
-            return Err(Error::format(
-                path,
-                format!(
-                    "expected a JSON object at the top level, found {}",
-                    show(&value)
-                ),
-            ));
-        };
-        let fields = Fields { obj, path };
+        let obj = json_object(text, path)?;
+        let fields = Fields { obj: &obj, path };
         let cfg_err = |field: &str, msg: String| Error::config(path, field, msg);
 
         if let Some(v) = fields.get("model_type") {
@@ -405,9 +385,8 @@ impl Architecture {
 
     /// [`Self::of_config`] on the text of a config.json; `path` names it in errors.
     pub fn of_config_str(text: &str, path: &Path) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
-        match value.get("model_type").and_then(Value::as_str) {
+        let obj = json_object(text, path)?;
+        match obj.get("model_type").and_then(Value::as_str) {
             Some("t5" | "mt5") => Ok(Architecture::T5),
             Some("llama") => Ok(Architecture::Llama),
             other => Err(Error::config(
@@ -638,6 +617,22 @@ impl Fields<'_> {
                 format!("{id} is too large for a u32 token id"),
             )
         })
+    }
+}
+
+/// The top-level object of a config file; malformed JSON is an [`Error::Format`] with
+/// serde_json's line and column.
+fn json_object(text: &str, path: &Path) -> Result<Map<String, Value>> {
+    match serde_json::from_str(text) {
+        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(other) => Err(Error::format(
+            path,
+            format!(
+                "expected a JSON object at the top level, found {}",
+                show(&other)
+            ),
+        )),
+        Err(e) => Err(Error::format(path, format!("invalid JSON: {e}"))),
     }
 }
 

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::model::config::{LlamaConfig, RopeScaling};
 use crate::model::generate::{check_generate_inputs, GenerateConfig, Generated, Greedy};
 use crate::model::t5::WeightSource;
+use crate::model::{ModelOutput, NormSaved};
 
 /// The weights of one decoder layer, PyTorch layout `(out, in)`.
 pub struct LlamaLayer<B: Backend> {
@@ -184,22 +185,6 @@ pub struct LlamaBatch<'a, B: Backend> {
     pub labels: &'a [i32], // (B, T)
     pub batch: usize,
     pub len: usize,
-}
-
-/// What a forward returns.
-pub struct LlamaOutput<B: Backend> {
-    /// Mean cross-entropy over the predicted labels.
-    pub loss: f64,
-    /// Logits of the rows that predict a label; row `i` is flat position `label_rows[i]`.
-    pub logits: B::Tensor, // (M, V)
-    /// Flat positions `b·T + t` whose next token `labels[b, t + 1]` is a label.
-    pub label_rows: Vec<usize>, // (M)
-}
-
-/// The input and saved `1/rms` of one RMSNorm.
-struct NormSaved<B: Backend> {
-    inp: B::Tensor,  // (N, C) the residual stream before the norm
-    rstd: B::Tensor, // (N)
 }
 
 /// What the backward of one layer needs.
@@ -524,7 +509,7 @@ impl<B: Backend> Llama<B> {
         &self,
         be: &B,
         batch: &LlamaBatch<'_, B>,
-    ) -> Result<(LlamaOutput<B>, LlamaSaved<B>)> {
+    ) -> Result<(ModelOutput<B>, LlamaSaved<B>)> {
         self.validate(be, batch)?;
         let (b, t) = (batch.batch, batch.len);
         let (c, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
@@ -592,7 +577,7 @@ impl<B: Backend> Llama<B> {
             v,
         );
         let loss = be.download_f64(&losses).iter().sum::<f64>() / m as f64;
-        let output = LlamaOutput {
+        let output = ModelOutput {
             loss,
             logits,
             label_rows: rows_host,

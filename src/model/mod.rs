@@ -97,6 +97,23 @@ pub(crate) fn check_attention_mask(mask: &[i32], t: usize) -> Result<()> {
     Ok(())
 }
 
+/// What a model's forward returns: the loss and the logits of the rows that enter it.
+pub struct ModelOutput<B: Backend> {
+    /// Mean cross-entropy over the label positions.
+    pub loss: f64,
+    /// Logits of the label rows only; row `i` is flat position `label_rows[i]`.
+    pub logits: B::Tensor, // (M, V)
+    /// T5: the flat decoder positions `b·Td + t` that carry a label. Llama: the flat positions
+    /// `b·T + t` whose next token `labels[b, t + 1]` is a label.
+    pub label_rows: Vec<usize>, // (M)
+}
+
+/// The input and saved `1/rms` of one RMSNorm, for its backward.
+pub(crate) struct NormSaved<B: Backend> {
+    pub(crate) inp: B::Tensor,  // (N, C) the residual stream before the norm
+    pub(crate) rstd: B::Tensor, // (N)
+}
+
 /// A model of either family.
 pub enum Backbone<B: Backend> {
     T5(T5<B>),

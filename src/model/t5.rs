@@ -13,6 +13,7 @@ use crate::backend::{Activation, AttnDims, AttnMask, Backend, RelBias};
 use crate::error::{Error, Result};
 use crate::model::config::{FeedForward, T5Config};
 use crate::model::generate::{check_generate_inputs, GenerateConfig, Generated, Greedy};
+use crate::model::{ModelOutput, NormSaved};
 
 /// The weights of one attention block, PyTorch layout `(out, in)`.
 pub struct AttnWeights<B: Backend> {
@@ -247,22 +248,6 @@ pub struct T5Batch<'a, B: Backend> {
     pub batch: usize,
     pub enc_len: usize,
     pub dec_len: usize,
-}
-
-/// What a forward returns.
-pub struct T5Output<B: Backend> {
-    /// Mean cross-entropy over the label positions.
-    pub loss: f64,
-    /// Logits of the label positions only; row `i` belongs to decoder position `label_rows[i]`.
-    pub logits: B::Tensor, // (M, V)
-    /// Flat decoder positions `b·Td + t` that carry a label.
-    pub label_rows: Vec<usize>, // (M)
-}
-
-/// The input and saved `1/rms` of one RMSNorm.
-struct NormSaved<B: Backend> {
-    inp: B::Tensor,  // (N, C) the residual stream before the norm
-    rstd: B::Tensor, // (N)
 }
 
 /// What the backward of one attention sub-layer needs.
@@ -626,7 +611,7 @@ impl<B: Backend> T5<B> {
 
     /// Forward through encoder, decoder and the loss; saves what [`Self::backward_dinp`] needs.
     /// Logits are computed only at label positions: the (B, Td, V) tensor never exists.
-    pub fn forward(&self, be: &B, batch: &T5Batch<'_, B>) -> Result<(T5Output<B>, T5Saved<B>)> {
+    pub fn forward(&self, be: &B, batch: &T5Batch<'_, B>) -> Result<(ModelOutput<B>, T5Saved<B>)> {
         self.validate(be, batch)?;
         let (b, t, td) = (batch.batch, batch.enc_len, batch.dec_len);
         let (c, v) = (self.cfg.d_model, self.cfg.vocab_size);
@@ -729,7 +714,7 @@ impl<B: Backend> T5<B> {
         );
         let loss = be.download_f64(&losses).iter().sum::<f64>() / m as f64;
 
-        let output = T5Output {
+        let output = ModelOutput {
             loss,
             logits,
             label_rows,
