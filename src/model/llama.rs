@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 use crate::model::config::{LlamaConfig, RopeScaling};
 use crate::model::generate::{check_generate_inputs, GenerateConfig, Generated, Greedy};
 use crate::model::t5::WeightSource;
-use crate::model::{ModelOutput, NormSaved};
+use crate::model::{
+    label_rows_loss, label_rows_loss_backward, LmHead, LossSaved, ModelOutput, NormSaved,
+};
 
 /// The weights of one decoder layer, PyTorch layout `(out, in)`.
 pub struct LlamaLayer<B: Backend> {
@@ -210,8 +212,7 @@ pub struct LlamaSaved<B: Backend> {
     sin: B::Tensor,      // (T, D/2)
     layers: Vec<LayerSaved<B>>,
     final_norm: NormSaved<B>,
-    label_rows: B::Index, // (M)
-    dlogits: B::Tensor,   // (M, V) d loss / d logits
+    loss: LossSaved<B>,
 }
 
 /// Where a layer's attention reads its keys and values.
@@ -254,8 +255,11 @@ impl<B: Backend> Llama<B> {
         1.0 / (self.cfg.head_dim as f64).sqrt()
     }
 
-    fn lm_head(&self) -> &B::Tensor {
-        self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed)
+    fn lm_head(&self) -> LmHead<'_, B::Tensor> {
+        LmHead {
+            weight: self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed),
+            scale: 1.0,
+        }
     }
 
     /// cos and sin tables `(rows, D/2)` on the backend.
@@ -556,32 +560,9 @@ impl<B: Backend> Llama<B> {
         let final_norm = NormSaved { inp: x, rstd };
 
         // Logits and loss at the rows that predict a label.
-        let rows_host = label_rows(batch.labels, b, t);
-        let m = rows_host.len();
-        let rows_i32: Vec<i32> = rows_host.iter().map(|&r| r as i32).collect();
-        let targets: Vec<i32> = rows_host.iter().map(|&r| batch.labels[r + 1]).collect();
-        let rows = be.upload_index(&rows_i32);
-        let mut h_rows = be.zeros(m * c); // (M, C)
-        be.gather_rows(&mut h_rows, &hidden, &rows, m, c);
-        let mut logits = be.zeros(m * v); // (M, V)
-        be.matmul(&mut logits, &h_rows, self.lm_head(), Gemm::nt(m, v, c));
-        let mut losses = be.zeros(m); // (M)
-        let mut dlogits = be.zeros(m * v); // (M, V)
-        be.cross_entropy_forward_backward(
-            &mut losses,
-            &mut dlogits,
-            &logits,
-            &be.upload_index(&targets),
-            1.0 / m as f64,
-            m,
-            v,
-        );
-        let loss = be.download_f64(&losses).iter().sum::<f64>() / m as f64;
-        let output = ModelOutput {
-            loss,
-            logits,
-            label_rows: rows_host,
-        };
+        let rows = label_rows(batch.labels, b, t);
+        let targets: Vec<i32> = rows.iter().map(|&r| batch.labels[r + 1]).collect();
+        let (output, loss) = label_rows_loss(be, &hidden, self.lm_head(), rows, &targets, (c, v));
         let saved = LlamaSaved {
             batch: b,
             len: t,
@@ -591,8 +572,7 @@ impl<B: Backend> Llama<B> {
             sin,
             layers,
             final_norm,
-            label_rows: rows,
-            dlogits,
+            loss,
         };
         Ok((output, saved))
     }
@@ -601,16 +581,7 @@ impl<B: Backend> Llama<B> {
     pub fn backward_dinp(&self, be: &B, saved: &LlamaSaved<B>) -> B::Tensor {
         let (c, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let n = saved.batch * saved.len;
-        let m = be.len(&saved.dlogits) / v;
-        let mut dh_rows = be.zeros(m * c); // (M, C)
-        be.matmul(
-            &mut dh_rows,
-            &saved.dlogits,
-            self.lm_head(),
-            Gemm::nn(m, c, v),
-        );
-        let mut d_hidden = be.zeros(n * c); // (N, C), zero where no label is predicted
-        be.scatter_rows_add(&mut d_hidden, &dh_rows, &saved.label_rows, m, c);
+        let d_hidden = label_rows_loss_backward(be, &saved.loss, self.lm_head(), n, (c, v));
         let mut dx = be.zeros(n * c); // (N, C) residual-stream gradient
         let fin = &saved.final_norm;
         let w = &self.weights;
@@ -770,7 +741,12 @@ impl<B: Backend> Llama<B> {
             eps,
         );
         let mut logits = be.zeros(b * v); // (B, V)
-        be.matmul(&mut logits, &normed, self.lm_head(), Gemm::nt(b, v, c));
+        be.matmul(
+            &mut logits,
+            &normed,
+            self.lm_head().weight,
+            Gemm::nt(b, v, c),
+        );
         Ok(be.download_f32(&logits))
     }
 }

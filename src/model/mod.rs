@@ -9,7 +9,7 @@ pub mod t5;
 
 use std::path::Path;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Gemm};
 use crate::error::{Error, Result};
 use config::{Architecture, LlamaConfig, T5Config};
 use hf::SafetensorsFolder;
@@ -112,6 +112,87 @@ pub struct ModelOutput<B: Backend> {
 pub(crate) struct NormSaved<B: Backend> {
     pub(crate) inp: B::Tensor,  // (N, C) the residual stream before the norm
     pub(crate) rstd: B::Tensor, // (N)
+}
+
+/// The output projection of a model: `logits = scale · hidden · headᵀ`, `head (V, C)`.
+#[derive(Clone, Copy)]
+pub(crate) struct LmHead<'a, X> {
+    pub(crate) weight: &'a X, // (V, C)
+    pub(crate) scale: f64,
+}
+
+/// What the backward of [`label_rows_loss`] needs.
+pub(crate) struct LossSaved<B: Backend> {
+    pub(crate) rows: B::Index,     // (M) flat rows of the hidden states
+    pub(crate) dlogits: B::Tensor, // (M, V) d loss / d logits
+}
+
+/// The loss head shared by the backbones: gathers the rows `rows (M)` of `hidden (N, C)`,
+/// projects them with the lm_head and runs the fused cross-entropy against `targets (M)`, mean
+/// over the rows. Only these M rows ever get logits.
+pub(crate) fn label_rows_loss<B: Backend>(
+    be: &B,
+    hidden: &B::Tensor,
+    head: LmHead<'_, B::Tensor>,
+    rows: Vec<usize>,
+    targets: &[i32],
+    (c, v): (usize, usize),
+) -> (ModelOutput<B>, LossSaved<B>) {
+    let m = rows.len();
+    let rows_i32: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+    let rows_idx = be.upload_index(&rows_i32);
+    let mut h_rows = be.zeros(m * c); // (M, C)
+    be.gather_rows(&mut h_rows, hidden, &rows_idx, m, c);
+    let mut logits = be.zeros(m * v); // (M, V)
+    be.matmul(
+        &mut logits,
+        &h_rows,
+        head.weight,
+        Gemm::nt(m, v, c).alpha(head.scale),
+    );
+    let mut losses = be.zeros(m); // (M)
+    let mut dlogits = be.zeros(m * v); // (M, V)
+    be.cross_entropy_forward_backward(
+        &mut losses,
+        &mut dlogits,
+        &logits,
+        &be.upload_index(targets),
+        1.0 / m as f64,
+        m,
+        v,
+    );
+    let loss = be.download_f64(&losses).iter().sum::<f64>() / m as f64;
+    let output = ModelOutput {
+        loss,
+        logits,
+        label_rows: rows,
+    };
+    let saved = LossSaved {
+        rows: rows_idx,
+        dlogits,
+    };
+    (output, saved)
+}
+
+/// Backward of [`label_rows_loss`]: d loss / d hidden `(N, C)`, zero on rows without a label.
+pub(crate) fn label_rows_loss_backward<B: Backend>(
+    be: &B,
+    saved: &LossSaved<B>,
+    head: LmHead<'_, B::Tensor>,
+    n: usize,
+    (c, v): (usize, usize),
+) -> B::Tensor {
+    let m = be.len(&saved.dlogits) / v;
+    let mut dh_rows = be.zeros(m * c); // (M, C)
+    be.matmul(
+        &mut dh_rows,
+        &saved.dlogits,
+        head.weight,
+        Gemm::nn(m, c, v).alpha(head.scale),
+    );
+    let mut d_hidden = be.zeros(n * c); // (N, C)
+    be.scatter_rows_add(&mut d_hidden, &dh_rows, &saved.rows, m, c);
+    d_hidden
 }
 
 /// A model of either family.

@@ -13,7 +13,9 @@ use crate::backend::{Activation, AttnDims, AttnMask, Backend, RelBias};
 use crate::error::{Error, Result};
 use crate::model::config::{FeedForward, T5Config};
 use crate::model::generate::{check_generate_inputs, GenerateConfig, Generated, Greedy};
-use crate::model::{ModelOutput, NormSaved};
+use crate::model::{
+    label_rows_loss, label_rows_loss_backward, LmHead, LossSaved, ModelOutput, NormSaved,
+};
 
 /// The weights of one attention block, PyTorch layout `(out, in)`.
 pub struct AttnWeights<B: Backend> {
@@ -290,8 +292,7 @@ pub struct T5Saved<B: Backend> {
     enc_out: B::Tensor, // (B, T, C)
     decoder: Vec<DecoderLayerSaved<B>>,
     dec_final: NormSaved<B>,
-    label_rows: B::Index, // (M)
-    dlogits: B::Tensor,   // (M, V) d loss / d logits, from the fused cross-entropy
+    loss: LossSaved<B>,
 }
 
 impl<B: Backend> T5Saved<B> {
@@ -353,8 +354,8 @@ impl<B: Backend> T5<B> {
 
     /// The lm_head weight `(V, C)` and the scale applied to the decoder output before it:
     /// v1.0 ties the head to the embeddings and rescales by d_model^-0.5, as Hugging Face does.
-    fn lm_head(&self) -> (&B::Tensor, f64) {
-        let head = self
+    fn lm_head(&self) -> LmHead<'_, B::Tensor> {
+        let weight = self
             .weights
             .lm_head
             .as_ref()
@@ -364,7 +365,7 @@ impl<B: Backend> T5<B> {
         } else {
             1.0
         };
-        (head, scale)
+        LmHead { weight, scale }
     }
 
     /// `x + attention(rmsnorm(x))` with keys and values from `kv` (cross-attention) or from the
@@ -686,39 +687,9 @@ impl<B: Backend> T5<B> {
         let dec_final = NormSaved { inp: x, rstd };
 
         // Logits and loss at the label rows only.
-        let label_rows: Vec<usize> = (0..b * td).filter(|&i| batch.labels[i] != -100).collect();
-        let m = label_rows.len();
-        let rows_i32: Vec<i32> = label_rows.iter().map(|&i| i as i32).collect();
-        let targets: Vec<i32> = label_rows.iter().map(|&i| batch.labels[i]).collect();
-        let rows = be.upload_index(&rows_i32);
-        let mut h_rows = be.zeros(m * c); // (M, C)
-        be.gather_rows(&mut h_rows, &dec_out, &rows, m, c);
-        let (head, scale) = self.lm_head();
-        let mut logits = be.zeros(m * v); // (M, V)
-        be.matmul(
-            &mut logits,
-            &h_rows,
-            head,
-            crate::backend::Gemm::nt(m, v, c).alpha(scale),
-        );
-        let mut losses = be.zeros(m); // (M)
-        let mut dlogits = be.zeros(m * v); // (M, V)
-        be.cross_entropy_forward_backward(
-            &mut losses,
-            &mut dlogits,
-            &logits,
-            &be.upload_index(&targets),
-            1.0 / m as f64,
-            m,
-            v,
-        );
-        let loss = be.download_f64(&losses).iter().sum::<f64>() / m as f64;
-
-        let output = ModelOutput {
-            loss,
-            logits,
-            label_rows,
-        };
+        let rows: Vec<usize> = (0..b * td).filter(|&i| batch.labels[i] != -100).collect();
+        let targets: Vec<i32> = rows.iter().map(|&i| batch.labels[i]).collect();
+        let (output, loss) = label_rows_loss(be, &dec_out, self.lm_head(), rows, &targets, (c, v));
         let saved = T5Saved {
             batch: b,
             enc_len: t,
@@ -730,8 +701,7 @@ impl<B: Backend> T5<B> {
             enc_out,
             decoder,
             dec_final,
-            label_rows: rows,
-            dlogits,
+            loss,
         };
         Ok((output, saved))
     }
@@ -874,14 +844,10 @@ impl<B: Backend> T5<B> {
             let mut h = be.zeros(b * c); // (B, C)
             let mut rstd = be.zeros(b);
             be.rmsnorm_forward(&mut h, &mut rstd, &x, &w.decoder_final_ln, b, c, self.eps());
-            let (head, scale) = self.lm_head();
+            let head = self.lm_head();
             let mut logits = be.zeros(b * v); // (B, V)
-            be.matmul(
-                &mut logits,
-                &h,
-                head,
-                crate::backend::Gemm::nt(b, v, c).alpha(scale),
-            );
+            let gemm = crate::backend::Gemm::nt(b, v, c).alpha(head.scale);
+            be.matmul(&mut logits, &h, head.weight, gemm);
             match greedy.step(&be.download_f32(&logits), v) {
                 Some(next) => ids = next,
                 None => break,
@@ -895,19 +861,8 @@ impl<B: Backend> T5<B> {
         let (b, t, td) = (saved.batch, saved.enc_len, saved.dec_len);
         let (c, v) = (self.cfg.d_model, self.cfg.vocab_size);
         let w = &self.weights;
-        let m = be.len(&saved.dlogits) / v;
-
         // lm_head and the final decoder norm.
-        let (head, scale) = self.lm_head();
-        let mut dh_rows = be.zeros(m * c); // (M, C)
-        be.matmul(
-            &mut dh_rows,
-            &saved.dlogits,
-            head,
-            crate::backend::Gemm::nn(m, c, v).alpha(scale),
-        );
-        let mut d_dec_out = be.zeros(b * td * c); // (B, Td, C), zero where no label
-        be.scatter_rows_add(&mut d_dec_out, &dh_rows, &saved.label_rows, m, c);
+        let d_dec_out = label_rows_loss_backward(be, &saved.loss, self.lm_head(), b * td, (c, v));
         let mut dx = be.zeros(b * td * c); // (B, Td, C) residual-stream gradient
         let fin = &saved.dec_final;
         be.rmsnorm_backward_dinp(
