@@ -386,16 +386,26 @@ impl Architecture {
     /// [`Self::of_config`] on the text of a config.json; `path` names it in errors.
     pub fn of_config_str(text: &str, path: &Path) -> Result<Self> {
         let obj = json_object(text, path)?;
-        match obj.get("model_type").and_then(Value::as_str) {
-            Some("t5" | "mt5") => Ok(Architecture::T5),
-            Some("llama") => Ok(Architecture::Llama),
-            other => Err(Error::config(
+        match obj.get("model_type") {
+            Some(v) => match v.as_str() {
+                Some("t5" | "mt5") => Ok(Architecture::T5),
+                Some("llama") => Ok(Architecture::Llama),
+                _ => Err(Error::config(
+                    path,
+                    "model_type",
+                    format!(
+                        "{} is not supported; fastpt reads \"t5\", \"mt5\" and \"llama\"",
+                        show(v)
+                    ),
+                )),
+            },
+            // Old configs may lack model_type: T5 names its width d_model, Llama hidden_size.
+            None if obj.contains_key("d_model") => Ok(Architecture::T5),
+            None if obj.contains_key("hidden_size") => Ok(Architecture::Llama),
+            None => Err(Error::config(
                 path,
                 "model_type",
-                format!(
-                    "{} is not supported; fastpt reads \"t5\", \"mt5\" and \"llama\"",
-                    other.map_or("absent".to_string(), |s| format!("{s:?}"))
-                ),
+                "absent, and neither d_model (T5) nor hidden_size (Llama) says the family",
             )),
         }
     }
@@ -1143,5 +1153,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("\"bert\"") && err.contains("llama"), "{err}");
+        let arch = |text: &str| Architecture::of_config_str(text, Path::new(PATH));
+        assert_eq!(arch(r#"{"d_model": 8}"#).unwrap(), Architecture::T5);
+        assert_eq!(arch(r#"{"hidden_size": 8}"#).unwrap(), Architecture::Llama);
+        let err = arch("{}").unwrap_err().to_string();
+        assert!(
+            err.contains("model_type") && err.contains("absent"),
+            "{err}"
+        );
     }
 }
