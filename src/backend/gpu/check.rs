@@ -11,7 +11,7 @@ use half::bf16;
 use super::device::{DType, Device};
 use super::GpuBackend;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Activation, AdamW, AttnDims, AttnMask, Backend, Gemm, RelBias};
+use crate::backend::{Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode, Gemm, RelBias};
 use crate::data::HostBatch;
 use crate::engine::{build_backbone_method, forward_backward};
 use crate::model::generate::{GenerateConfig, Generated};
@@ -282,6 +282,161 @@ impl<D: Device> Checker<'_, D> {
                 );
             }
         }
+    }
+
+    /// EPT-MS fusion (both readings) and gated experts, LAMP pooling: forward and backward.
+    fn method_ops(&mut self, dims: MethodDims) {
+        let tol = op_tolerance(self.dtype());
+        let dt = self.dtype();
+        let MethodDims {
+            s,
+            m,
+            c,
+            e,
+            l,
+            r,
+            p,
+        } = dims;
+        let tag = format!("s{s} m{m} c{c}");
+        let (ps, lr, dout) = (
+            self.rand(s * c, 1.0),
+            self.rand(m * c, 1.0),
+            self.rand(s * c, 1.0),
+        );
+        let (gps, glr, gdout) = (self.up(&ps), self.up(&lr), self.up(&dout));
+        for (name, mode) in [("attend", FusionMode::Attend), ("paper", FusionMode::Paper)] {
+            let (mut out_r, mut probs_r) = (vec![0f32; s * c], vec![0f32; s * m]);
+            self.cpu
+                .fusion_attention_forward(&mut out_r, &mut probs_r, &ps, &lr, mode, s, m, c);
+            let (mut out, mut probs) = (self.nan(s * c), self.nan(s * m));
+            self.gpu
+                .fusion_attention_forward(&mut out, &mut probs, &gps, &glr, mode, s, m, c);
+            self.record(
+                &format!("fusion_attention_forward {name} {tag}"),
+                &out,
+                &out_r,
+                tol,
+            );
+            self.record(
+                &format!("fusion_attention_forward {name} probs {tag}"),
+                &probs,
+                &probs_r,
+                tol,
+            );
+            // The backward from the same saved probabilities on both sides.
+            let probs_r: Vec<f32> = probs_r.iter().map(|&x| round(x, dt)).collect();
+            let (mut dps_r, mut dlr_r) = (vec![0f32; s * c], vec![0f32; m * c]);
+            self.cpu.fusion_attention_backward(
+                &mut dps_r, &mut dlr_r, &dout, &ps, &lr, &probs_r, mode, s, m, c,
+            );
+            let (mut dps, mut dlr) = (self.nan(s * c), self.nan(m * c));
+            self.gpu.fusion_attention_backward(
+                &mut dps,
+                &mut dlr,
+                &gdout,
+                &gps,
+                &glr,
+                &self.up(&probs_r),
+                mode,
+                s,
+                m,
+                c,
+            );
+            self.record(
+                &format!("fusion_attention_backward {name} d_ps {tag}"),
+                &dps,
+                &dps_r,
+                tol,
+            );
+            self.record(
+                &format!("fusion_attention_backward {name} d_lr {tag}"),
+                &dlr,
+                &dlr_r,
+                tol,
+            );
+        }
+
+        let tag = format!("n{s} c{c} e{e}");
+        let logits = self.rand(s * e, 2.0);
+        let mut gate = vec![0f32; s * e];
+        self.cpu.softmax_rows_forward(&mut gate, &logits, s, e);
+        let gate: Vec<f32> = gate.iter().map(|&x| round(x, dt)).collect();
+        let experts: Vec<Vec<f32>> = (0..e).map(|_| self.rand(s * c, 1.0)).collect();
+        let refs: Vec<&Vec<f32>> = experts.iter().collect();
+        let mut want = vec![0f32; s * c];
+        self.cpu
+            .gated_experts_forward(&mut want, &gate, &refs, s, c);
+        let ggate = self.up(&gate);
+        let gexperts: Vec<_> = experts.iter().map(|x| self.up(x)).collect();
+        let grefs: Vec<_> = gexperts.iter().collect();
+        let mut out = self.nan(s * c);
+        self.gpu
+            .gated_experts_forward(&mut out, &ggate, &grefs, s, c);
+        self.record(&format!("gated_experts_forward {tag}"), &out, &want, tol);
+        let mut dg_r = vec![0f32; s * e];
+        let mut dx_r: Vec<Vec<f32>> = (0..e).map(|_| vec![0f32; s * c]).collect();
+        self.cpu
+            .gated_experts_backward(&mut dg_r, &mut dx_r, &dout, &gate, &refs, s, c);
+        let mut dg = self.nan(s * e);
+        let mut dx: Vec<_> = (0..e).map(|_| self.nan(s * c)).collect();
+        self.gpu
+            .gated_experts_backward(&mut dg, &mut dx, &gdout, &ggate, &grefs, s, c);
+        self.record(
+            &format!("gated_experts_backward d_gate {tag}"),
+            &dg,
+            &dg_r,
+            tol,
+        );
+        for (i, (got, want)) in dx.iter().zip(&dx_r).enumerate() {
+            self.record(
+                &format!("gated_experts_backward d_expert{i} {tag}"),
+                got,
+                want,
+                tol,
+            );
+        }
+
+        let tag = format!("l{l} r{r} c{c} p{p}");
+        let (u, q, v) = (
+            self.rand(l * r, 1.0),
+            self.rand(r, 1.5),
+            self.rand(c * r, 1.0),
+        );
+        let (gu, gq, gv) = (self.up(&u), self.up(&q), self.up(&v));
+        let mut want = vec![0f32; l / p * c];
+        self.cpu
+            .lamp_pool_forward(&mut want, &u, &q, &v, l, r, c, p);
+        let mut out = self.nan(l / p * c);
+        self.gpu
+            .lamp_pool_forward(&mut out, &gu, &gq, &gv, l, r, c, p);
+        self.record(&format!("lamp_pool_forward {tag}"), &out, &want, tol);
+        // The backward accumulates: start from random gradients.
+        let (du0, dq0, dv0, dy) = (
+            self.rand(l * r, 1.0),
+            self.rand(r, 1.0),
+            self.rand(c * r, 1.0),
+            self.rand(l / p * c, 1.0),
+        );
+        let (mut du_r, mut dq_r, mut dv_r) = (du0.clone(), dq0.clone(), dv0.clone());
+        self.cpu
+            .lamp_pool_backward(&mut du_r, &mut dq_r, &mut dv_r, &dy, &u, &q, &v, l, r, c, p);
+        let (mut du, mut dq, mut dv) = (self.up(&du0), self.up(&dq0), self.up(&dv0));
+        self.gpu.lamp_pool_backward(
+            &mut du,
+            &mut dq,
+            &mut dv,
+            &self.up(&dy),
+            &gu,
+            &gq,
+            &gv,
+            l,
+            r,
+            c,
+            p,
+        );
+        self.record(&format!("lamp_pool_backward du {tag}"), &du, &du_r, tol);
+        self.record(&format!("lamp_pool_backward dq {tag}"), &dq, &dq_r, tol);
+        self.record(&format!("lamp_pool_backward dv {tag}"), &dv, &dv_r, tol);
     }
 
     /// RoPE forward and input gradient on a GQA-like key layout: positions unordered and
@@ -637,6 +792,49 @@ pub fn check_ops<D: Device>(gpu: &GpuBackend<D>, seed: u64) -> Vec<CheckResult> 
     c.rope();
     c.attention();
     c.loss_and_optimiser();
+    c.method_ops(MethodDims::DOCTOR);
+    c.results
+}
+
+/// Sizes of the method-op checks: fusion `ps (S, C)`, `lr (M, C)`; gated experts `(S, C)` × E;
+/// LAMP `u (L, R)`, `v (C, R)`, pooling block P.
+#[derive(Debug, Clone, Copy)]
+pub struct MethodDims {
+    pub s: usize,
+    pub m: usize,
+    pub c: usize,
+    pub e: usize,
+    pub l: usize,
+    pub r: usize,
+    pub p: usize,
+}
+
+impl MethodDims {
+    /// Odd sizes, so that swapped dimensions show.
+    pub const DOCTOR: MethodDims = MethodDims {
+        s: 7,
+        m: 13,
+        c: 45,
+        e: 3,
+        l: 12,
+        r: 5,
+        p: 3,
+    };
+}
+
+/// The method-op checks alone, at the given sizes (the unit tests sweep several).
+pub fn check_method_ops<D: Device>(
+    gpu: &GpuBackend<D>,
+    seed: u64,
+    dims: MethodDims,
+) -> Vec<CheckResult> {
+    let mut c = Checker {
+        gpu,
+        cpu: CpuBackend::new(),
+        seed,
+        results: Vec::new(),
+    };
+    c.method_ops(dims);
     c.results
 }
 

@@ -11,8 +11,8 @@
 //! bucket ids, never a `(B, H, T, S)` bias tensor), applies the masks and takes the softmax in
 //! place, and a second GEMM multiplies by V. The fused flash kernel replaces this later.
 //!
-//! The EPT-MS and LAMP method ops run on the host for now (download, CPU reference, upload):
-//! they touch a few thousand parameters per step. Their kernels come with the method-kernels work.
+//! The method ops (EPT-MS fusion and experts, LAMP pooling) are GEMMs around the small kernels
+//! of kernels/prompt.cu.
 
 pub mod check;
 pub mod cuda;
@@ -27,7 +27,6 @@ use std::sync::Arc;
 use half::bf16;
 
 use self::device::{Arg, DType, Device, GemmDesc, GpuError, LaunchCfg};
-use super::cpu::CpuBackend;
 use super::{
     relative_position_bucket, Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode, Gemm,
     RelBias,
@@ -196,15 +195,43 @@ impl<D: Device> GpuBackend<D> {
         }
     }
 
-    /// Runs a method op on the host with the CPU reference (see the module docs).
-    fn on_host<R>(&self, f: impl FnOnce(&CpuBackend<f32>) -> R) -> R {
-        f(&CpuBackend::<f32>::new())
+    /// `dst = src` on the device, same length.
+    fn copy_into(&self, dst: &mut GpuTensor<D>, src: &GpuTensor<D>) {
+        self.check("copy: src", src, dst.len);
+        let bytes = dst.len * self.dtype.size();
+        self.expect(self.device.copy(&mut dst.buf, &src.buf, bytes));
     }
 
-    fn overwrite(&self, dst: &mut GpuTensor<D>, data: &[f32]) {
-        self.check("host result", dst, data.len());
-        let bytes = self.encode(data);
-        self.expect(self.device.upload(&mut dst.buf, &bytes));
+    /// LAMP's `w (L/p, R) = pool_p(u)·diag(q²)`, checking `u (L, R)` and `q (R)` for `op`.
+    fn lamp_pooled(
+        &self,
+        u: &GpuTensor<D>,
+        q: &GpuTensor<D>,
+        l: usize,
+        r: usize,
+        p: usize,
+        op: &str,
+    ) -> GpuTensor<D> {
+        assert!(
+            p > 0 && l.is_multiple_of(p),
+            "{op}: L = {l} is not a multiple of p = {p}"
+        );
+        self.check(&format!("{op}: u"), u, l * r);
+        self.check(&format!("{op}: q"), q, r);
+        let w = self.zeros(l / p * r);
+        self.launch(
+            "lamp_pool_scale",
+            LaunchCfg::linear(blocks_for(l / p * r, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            &[
+                self.ptr(&w),
+                self.ptr(u),
+                self.ptr(q),
+                dim(l),
+                dim(r),
+                dim(p),
+            ],
+        );
+        w
     }
 
     /// The relative-position bucket of every `key - query` in `-(T-1) ..= S-1`: `(T+S-1)`,
@@ -1059,7 +1086,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         );
     }
 
-    // ---- prompt-method ops (host; see the module docs) ----------------------------------------
+    // ---- prompt-method ops --------------------------------------------------------------------
 
     fn fusion_attention_forward(
         &self,
@@ -1072,14 +1099,39 @@ impl<D: Device> Backend for GpuBackend<D> {
         m: usize,
         c: usize,
     ) {
-        let (ps, lr) = (self.download_f32(ps), self.download_f32(lr));
-        let (o, pr) = self.on_host(|cpu| {
-            let (mut o, mut pr) = (cpu.zeros(s * c), cpu.zeros(s * m));
-            cpu.fusion_attention_forward(&mut o, &mut pr, &ps, &lr, mode, s, m, c);
-            (o, pr)
-        });
-        self.overwrite(out, &o);
-        self.overwrite(probs, &pr);
+        self.check("fusion_attention_forward: out", out, s * c);
+        self.check("fusion_attention_forward: probs", probs, s * m);
+        self.check("fusion_attention_forward: ps", ps, s * c);
+        self.check("fusion_attention_forward: lr", lr, m * c);
+        let mut scores = self.zeros(s * m); // (S, M)
+        let inv_sqrt_c = 1.0 / (c as f64).sqrt();
+        self.matmul(&mut scores, ps, lr, Gemm::nt(s, m, c).alpha(inv_sqrt_c));
+        match mode {
+            FusionMode::Attend => {
+                self.softmax_rows_forward(probs, &scores, s, m);
+                self.copy_into(out, ps);
+                self.matmul(out, probs, lr, Gemm::nn(s, c, m).accumulate(true));
+            }
+            FusionMode::Paper => {
+                self.launch(
+                    "softmax_cols_forward",
+                    LaunchCfg::linear(blocks_for(m, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+                    &[self.ptr(probs), self.ptr(&scores), dim(s), dim(m)],
+                );
+                self.launch(
+                    "fusion_paper_forward",
+                    LaunchCfg::linear(s as u32, ROW_BLOCK),
+                    &[
+                        self.ptr(out),
+                        self.ptr(ps),
+                        self.ptr(probs),
+                        dim(s),
+                        dim(m),
+                        dim(c),
+                    ],
+                );
+            }
+        }
     }
 
     fn fusion_attention_backward(
@@ -1095,19 +1147,65 @@ impl<D: Device> Backend for GpuBackend<D> {
         m: usize,
         c: usize,
     ) {
-        let (dout, ps, lr, probs) = (
-            self.download_f32(dout),
-            self.download_f32(ps),
-            self.download_f32(lr),
-            self.download_f32(probs),
+        self.check("fusion_attention_backward: d_ps", d_ps, s * c);
+        self.check("fusion_attention_backward: d_lr", d_lr, m * c);
+        self.check("fusion_attention_backward: dout", dout, s * c);
+        self.check("fusion_attention_backward: ps", ps, s * c);
+        self.check("fusion_attention_backward: lr", lr, m * c);
+        self.check("fusion_attention_backward: probs", probs, s * m);
+        let mut d_scores = self.zeros(s * m); // (S, M)
+        let t_a = Gemm {
+            trans_a: true,
+            ..Gemm::nn(m, c, s)
+        };
+        match mode {
+            FusionMode::Attend => {
+                // out = ps + W·lr: d lr = Wᵀ·dout, dW = dout·lrᵀ, then the row-softmax backward.
+                self.copy_into(d_ps, dout);
+                self.matmul(d_lr, probs, dout, t_a);
+                let mut dw = self.zeros(s * m); // (S, M)
+                self.matmul(&mut dw, dout, lr, Gemm::nt(s, m, c));
+                self.softmax_rows_backward_dinp(&mut d_scores, &dw, probs, s, m);
+            }
+            FusionMode::Paper => {
+                let dg = self.zeros(s); // (S)
+                self.launch(
+                    "fusion_paper_backward_rows",
+                    LaunchCfg::linear(s as u32, ROW_BLOCK),
+                    &[
+                        self.ptr(d_ps),
+                        self.ptr(&dg),
+                        self.ptr(dout),
+                        self.ptr(ps),
+                        self.ptr(probs),
+                        dim(s),
+                        dim(m),
+                        dim(c),
+                    ],
+                );
+                self.launch(
+                    "fusion_paper_backward_cols",
+                    LaunchCfg::linear(blocks_for(m, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+                    &[
+                        self.ptr(&d_scores),
+                        self.ptr(probs),
+                        self.ptr(&dg),
+                        dim(s),
+                        dim(m),
+                    ],
+                );
+                self.fill_zero(d_lr);
+            }
+        }
+        // scores = ps·lrᵀ/√C
+        let inv_sqrt_c = 1.0 / (c as f64).sqrt();
+        self.matmul(
+            d_ps,
+            &d_scores,
+            lr,
+            Gemm::nn(s, c, m).alpha(inv_sqrt_c).accumulate(true),
         );
-        let (a, b) = self.on_host(|cpu| {
-            let (mut a, mut b) = (cpu.zeros(s * c), cpu.zeros(m * c));
-            cpu.fusion_attention_backward(&mut a, &mut b, &dout, &ps, &lr, &probs, mode, s, m, c);
-            (a, b)
-        });
-        self.overwrite(d_ps, &a);
-        self.overwrite(d_lr, &b);
+        self.matmul(d_lr, &d_scores, ps, t_a.alpha(inv_sqrt_c).accumulate(true));
     }
 
     fn gated_experts_forward(
@@ -1118,15 +1216,27 @@ impl<D: Device> Backend for GpuBackend<D> {
         n: usize,
         c: usize,
     ) {
-        let gate = self.download_f32(gate);
-        let experts: Vec<Vec<f32>> = experts.iter().map(|x| self.download_f32(x)).collect();
-        let o = self.on_host(|cpu| {
-            let mut o = cpu.zeros(n * c);
-            let refs: Vec<&Vec<f32>> = experts.iter().collect();
-            cpu.gated_experts_forward(&mut o, &gate, &refs, n, c);
-            o
-        });
-        self.overwrite(out, &o);
+        let e = experts.len();
+        assert!(e > 0, "gated_experts_forward: no experts");
+        self.check("gated_experts_forward: out", out, n * c);
+        self.check("gated_experts_forward: gate", gate, n * e);
+        for (i, x) in experts.iter().enumerate() {
+            self.check(&format!("gated_experts_forward: expert {i}"), x, n * c);
+            self.launch(
+                "gated_experts_forward_one",
+                LaunchCfg::linear(blocks_for(n * c, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+                &[
+                    self.ptr(out),
+                    self.ptr(gate),
+                    self.ptr(x),
+                    dim(i),
+                    dim(e),
+                    dim(n),
+                    dim(c),
+                    Arg::I32((i == 0) as i32),
+                ],
+            );
+        }
     }
 
     fn gated_experts_backward(
@@ -1139,19 +1249,33 @@ impl<D: Device> Backend for GpuBackend<D> {
         n: usize,
         c: usize,
     ) {
-        let (dout, gate) = (self.download_f32(dout), self.download_f32(gate));
-        let experts: Vec<Vec<f32>> = experts.iter().map(|x| self.download_f32(x)).collect();
         let e = experts.len();
-        let (dg, de) = self.on_host(|cpu| {
-            let mut dg = cpu.zeros(n * e);
-            let mut de: Vec<Vec<f32>> = (0..e).map(|_| cpu.zeros(n * c)).collect();
-            let refs: Vec<&Vec<f32>> = experts.iter().collect();
-            cpu.gated_experts_backward(&mut dg, &mut de, &dout, &gate, &refs, n, c);
-            (dg, de)
-        });
-        self.overwrite(d_gate, &dg);
-        for (dst, src) in d_experts.iter_mut().zip(&de) {
-            self.overwrite(dst, src);
+        assert_eq!(
+            d_experts.len(),
+            e,
+            "gated_experts_backward: one d_expert per expert"
+        );
+        self.check("gated_experts_backward: d_gate", d_gate, n * e);
+        self.check("gated_experts_backward: dout", dout, n * c);
+        self.check("gated_experts_backward: gate", gate, n * e);
+        for (i, (x, dx)) in experts.iter().zip(d_experts.iter_mut()).enumerate() {
+            self.check(&format!("gated_experts_backward: expert {i}"), x, n * c);
+            self.check(&format!("gated_experts_backward: d_expert {i}"), dx, n * c);
+            self.launch(
+                "gated_experts_backward_one",
+                LaunchCfg::linear(n as u32, ROW_BLOCK),
+                &[
+                    self.ptr(d_gate),
+                    self.ptr(dx),
+                    self.ptr(dout),
+                    self.ptr(gate),
+                    self.ptr(x),
+                    dim(i),
+                    dim(e),
+                    dim(n),
+                    dim(c),
+                ],
+            );
         }
     }
 
@@ -1166,17 +1290,10 @@ impl<D: Device> Backend for GpuBackend<D> {
         c: usize,
         p: usize,
     ) {
-        let (u, q, v) = (
-            self.download_f32(u),
-            self.download_f32(q),
-            self.download_f32(v),
-        );
-        let o = self.on_host(|cpu| {
-            let mut o = cpu.zeros(out.len);
-            cpu.lamp_pool_forward(&mut o, &u, &q, &v, l, r, c, p);
-            o
-        });
-        self.overwrite(out, &o);
+        let w = self.lamp_pooled(u, q, l, r, p, "lamp_pool_forward"); // (L/p, R)
+        self.check("lamp_pool_forward: out", out, l / p * c);
+        self.check("lamp_pool_forward: v", v, c * r);
+        self.matmul(out, &w, v, Gemm::nt(l / p, c, r));
     }
 
     fn lamp_pool_backward(
@@ -1193,26 +1310,46 @@ impl<D: Device> Backend for GpuBackend<D> {
         c: usize,
         p: usize,
     ) {
-        // The gradients accumulate (+=): start from the current values.
-        let (mut du_h, mut dq_h, mut dv_h) = (
-            self.download_f32(du),
-            self.download_f32(dq),
-            self.download_f32(dv),
+        let w = self.lamp_pooled(u, q, l, r, p, "lamp_pool_backward"); // (L/p, R)
+        let lp = l / p;
+        self.check("lamp_pool_backward: du", du, l * r);
+        self.check("lamp_pool_backward: dq", dq, r);
+        self.check("lamp_pool_backward: dv", dv, c * r);
+        self.check("lamp_pool_backward: dout", dout, lp * c);
+        self.check("lamp_pool_backward: v", v, c * r);
+        // out = w·vᵀ: dw = dout·v (L/p, R), dv += doutᵀ·w (C, R).
+        let mut dw = self.zeros(lp * r);
+        self.matmul(&mut dw, dout, v, Gemm::nn(lp, r, c));
+        let t_a = Gemm {
+            trans_a: true,
+            ..Gemm::nn(c, r, lp)
+        };
+        self.matmul(dv, dout, &w, t_a.accumulate(true));
+        self.launch(
+            "lamp_pool_backward_dq",
+            LaunchCfg::linear(blocks_for(r, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            &[
+                self.ptr(dq),
+                self.ptr(&dw),
+                self.ptr(u),
+                self.ptr(q),
+                dim(l),
+                dim(r),
+                dim(p),
+            ],
         );
-        let (dout, u, q, v) = (
-            self.download_f32(dout),
-            self.download_f32(u),
-            self.download_f32(q),
-            self.download_f32(v),
+        self.launch(
+            "lamp_pool_backward_du",
+            LaunchCfg::linear(blocks_for(l * r, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
+            &[
+                self.ptr(du),
+                self.ptr(&dw),
+                self.ptr(q),
+                dim(l),
+                dim(r),
+                dim(p),
+            ],
         );
-        self.on_host(|cpu| {
-            cpu.lamp_pool_backward(
-                &mut du_h, &mut dq_h, &mut dv_h, &dout, &u, &q, &v, l, r, c, p,
-            )
-        });
-        self.overwrite(du, &du_h);
-        self.overwrite(dq, &dq_h);
-        self.overwrite(dv, &dv_h);
     }
 
     // ---- optimiser ----------------------------------------------------------------------------

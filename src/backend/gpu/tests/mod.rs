@@ -14,6 +14,7 @@ use crate::testing::{random_vec, rel_err_f32};
 
 mod doctor;
 mod elementwise;
+mod methods;
 mod norm_attention;
 mod rope;
 mod shim;
