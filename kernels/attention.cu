@@ -75,3 +75,365 @@ __device__ void attention_softmax_backward(T* dscores, const T* probs, int rows,
     }
 }
 INSTANTIATE(attention_softmax_backward, (T * dscores, const T* probs, int rows, int s), (dscores, probs, rows, s))
+
+// ---- Flash attention ---------------------------------------------------------------------------
+//
+// The fused kernels (the default; the GEMM path above remains as the kernel lab's second variant and
+// for heads wider than FLASH_MAX_D): scores, masks, the T5 bias and the softmax never leave shared
+// memory. The forward keeps a running max and sum per query row (online softmax) and saves the
+// log-sum-exp; the backward recomputes each tile's probabilities from it. No atomics: dK and dV come
+// from blocks that own a key tile (and loop over the query heads of its group, for GQA), dQ from
+// blocks that own a query tile; each recomputes the scores it needs. Scalar f32 FMA for now; the
+// tile loops are where tensor-core fragments go.
+//
+// Layouts: q, out, dout (B, T, H·D); k, v (B, S, Hkv·D); key_mask (B, S); bias_table
+// (num_buckets, H) or null with rel_buckets (T + S − 1) as attention_softmax_forward;
+// lse (B, H, T); stats (B, H, T, 2) f32: the log-sum-exp and D = rowsum(dout ⊙ out) of each row.
+
+#define FLASH_BR 16     // query rows per block (forward, dq, prep)
+#define FLASH_BC 16     // key rows per tile
+#define FLASH_BR_KV 8   // query rows per tile of the dk/dv kernel
+#define FLASH_MAX_D 128 // widest head: the tiles of the largest kernel fill 42 KB of shared memory
+
+// Row r of a (rows, D) tile of a (B, L, heads·D) tensor into tile (R, D) f32; rows past `valid`
+// are zero.
+template <typename T>
+__device__ __forceinline__ void flash_load_tile(float* tile, const T* x, long base_row, int valid, int rows_in_tile,
+                                                int heads, int head, int d) {
+    for (int idx = threadIdx.x; idx < rows_in_tile * d; idx += blockDim.x) {
+        const int r = idx / d, dd = idx % d;
+        tile[idx] = r < valid ? to_float(x[(base_row + r) * heads * d + (long)head * d + dd]) : 0.0f;
+    }
+}
+
+// scores (R, BC) of query rows i0.. (R of them, `rows` valid) against key rows j0.. (`cols`
+// valid): scale·q·k + bias, −inf where masked or outside the tile.
+template <typename T>
+__device__ __forceinline__ void flash_scores(float* scores, const float* qs, const float* ks, int rows_in_tile,
+                                             int rows, int cols, int i0, int j0, const int* km, const T* bias_table,
+                                             const int* rel_buckets, int t, int h, int hh, int d, int causal,
+                                             float scale) {
+    for (int idx = threadIdx.x; idx < rows_in_tile * FLASH_BC; idx += blockDim.x) {
+        const int r = idx / FLASH_BC, c = idx % FLASH_BC;
+        const int i = i0 + r, j = j0 + c;
+        float sc = neg_inf();
+        if (r < rows && c < cols && km[j] != 0 && !(causal && j > i)) {
+            float dot = 0.0f;
+            for (int dd = 0; dd < d; dd++) dot += qs[r * d + dd] * ks[c * d + dd];
+            sc = scale * dot;
+            if (bias_table) sc += to_float(bias_table[(long)rel_buckets[j - i + t - 1] * h + hh]);
+        }
+        scores[idx] = sc;
+    }
+}
+
+// The probability of a score given its row's log-sum-exp (0 for masked scores and empty rows).
+__device__ __forceinline__ float flash_prob(float score, float lse) {
+    return score == neg_inf() || lse == neg_inf() ? 0.0f : expf(score - lse);
+}
+
+// Keys a query tile can see: all, or with the causal mask only j < i0 + rows.
+__device__ __forceinline__ int flash_key_end(int s, int i0, int rows, int causal) {
+    return causal ? min(s, i0 + rows) : s;
+}
+
+// out, lse: see above. Grid (B·H·ceil(T/BR)), block 128, smem (2·BR + 2·BC)·D + BR·BC + 3·BR floats.
+template <typename T>
+__device__ void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const int* key_mask,
+                                  const T* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv,
+                                  int d, int causal, float scale) {
+    DYNAMIC_SMEM(float, smem);
+    float* qs = smem;                   // (BR, D)
+    float* ks = qs + FLASH_BR * d;      // (BC, D)
+    float* vs = ks + FLASH_BC * d;      // (BC, D)
+    float* os = vs + FLASH_BC * d;      // (BR, D) running output, unnormalised
+    float* ps = os + FLASH_BR * d;      // (BR, BC) scores, then probabilities
+    float* row_m = ps + FLASH_BR * FLASH_BC;  // (BR) running max
+    float* row_l = row_m + FLASH_BR;          // (BR) running sum
+    float* row_a = row_l + FLASH_BR;          // (BR) rescale of the previous tiles
+    const int tiles_q = (t + FLASH_BR - 1) / FLASH_BR;
+    const long blk = blockIdx.x;
+    const int qt = (int)(blk % tiles_q), hh = (int)((blk / tiles_q) % h);
+    const long bi = blk / ((long)tiles_q * h);
+    if (bi >= b) return;
+    const int kvh = hh / (h / h_kv);
+    const int i0 = qt * FLASH_BR, rows = min(FLASH_BR, t - i0);
+    const int* km = key_mask + bi * s;
+    flash_load_tile(qs, q, bi * t + i0, rows, FLASH_BR, h, hh, d);
+    for (int idx = threadIdx.x; idx < FLASH_BR * d; idx += blockDim.x) os[idx] = 0.0f;
+    for (int r = threadIdx.x; r < FLASH_BR; r += blockDim.x) {
+        row_m[r] = neg_inf();
+        row_l[r] = 0.0f;
+    }
+    const int s_end = flash_key_end(s, i0, rows, causal);
+    for (int j0 = 0; j0 < s_end; j0 += FLASH_BC) {
+        const int cols = min(FLASH_BC, s - j0);
+        __syncthreads();  // the previous tile's readers are done
+        flash_load_tile(ks, k, bi * s + j0, cols, FLASH_BC, h_kv, kvh, d);
+        flash_load_tile(vs, v, bi * s + j0, cols, FLASH_BC, h_kv, kvh, d);
+        __syncthreads();
+        flash_scores(ps, qs, ks, FLASH_BR, rows, cols, i0, j0, km, bias_table, rel_buckets, t, h, hh, d, causal,
+                     scale);
+        __syncthreads();
+        for (int r = threadIdx.x; r < FLASH_BR; r += blockDim.x) {
+            float* pr = ps + r * FLASH_BC;
+            float mx = row_m[r];
+            for (int c = 0; c < FLASH_BC; c++) mx = fmaxf(mx, pr[c]);
+            float alpha = 1.0f, sum = 0.0f;
+            if (mx == neg_inf()) {
+                for (int c = 0; c < FLASH_BC; c++) pr[c] = 0.0f;
+            } else {
+                alpha = expf(row_m[r] - mx);  // 0 while the row had seen nothing
+                for (int c = 0; c < FLASH_BC; c++) {
+                    pr[c] = expf(pr[c] - mx);
+                    sum += pr[c];
+                }
+            }
+            row_m[r] = mx;
+            row_l[r] = row_l[r] * alpha + sum;
+            row_a[r] = alpha;
+        }
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < FLASH_BR * d; idx += blockDim.x) {
+            const int r = idx / d, dd = idx % d;
+            float acc = os[idx] * row_a[r];
+            for (int c = 0; c < FLASH_BC; c++) acc += ps[r * FLASH_BC + c] * vs[c * d + dd];
+            os[idx] = acc;
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < rows * d; idx += blockDim.x) {
+        const int r = idx / d, dd = idx % d;
+        const float l = row_l[r];
+        out[(bi * t + i0 + r) * h * d + (long)hh * d + dd] = from_float<T>(l > 0.0f ? os[idx] / l : 0.0f);
+    }
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        const float l = row_l[r];
+        lse[(bi * h + hh) * t + i0 + r] = from_float<T>(l > 0.0f ? row_m[r] + logf(l) : neg_inf());
+    }
+}
+INSTANTIATE(attention_forward,
+            (T * out, T* lse, const T* q, const T* k, const T* v, const int* key_mask, const T* bias_table,
+             const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal, float scale),
+            (out, lse, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, h_kv, d, causal, scale))
+
+// stats (B, H, T, 2) f32 = (lse, rowsum(dout ⊙ out)) for the backward kernels. The lse is read from
+// the forward's `lse` when `recompute` is 0 (f32 storage), else recomputed from the scores: a
+// bf16 lse is too coarse (an error δ scales a whole row of probabilities by e^δ).
+// Grid (B·H·ceil(T/BR)), block 128, smem (BR + BC)·D + BR·BC + 2·BR floats.
+template <typename T>
+__device__ void attention_backward_prep(float* stats, const T* lse, const T* out, const T* dout, const T* q,
+                                        const T* k, const int* key_mask, const T* bias_table, const int* rel_buckets,
+                                        int b, int t, int s, int h, int h_kv, int d, int causal, float scale,
+                                        int recompute) {
+    DYNAMIC_SMEM(float, smem);
+    float* qs = smem;                         // (BR, D)
+    float* ks = qs + FLASH_BR * d;            // (BC, D)
+    float* ps = ks + FLASH_BC * d;            // (BR, BC)
+    float* row_m = ps + FLASH_BR * FLASH_BC;  // (BR)
+    float* row_l = row_m + FLASH_BR;          // (BR)
+    const int tiles_q = (t + FLASH_BR - 1) / FLASH_BR;
+    const long blk = blockIdx.x;
+    const int qt = (int)(blk % tiles_q), hh = (int)((blk / tiles_q) % h);
+    const long bi = blk / ((long)tiles_q * h);
+    if (bi >= b) return;
+    const int kvh = hh / (h / h_kv);
+    const int i0 = qt * FLASH_BR, rows = min(FLASH_BR, t - i0);
+    float* st = stats + ((bi * h + hh) * t + i0) * 2;
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        const long base = (bi * t + i0 + r) * h * d + (long)hh * d;
+        float dsum = 0.0f;
+        for (int dd = 0; dd < d; dd++) dsum += to_float(dout[base + dd]) * to_float(out[base + dd]);
+        st[r * 2 + 1] = dsum;
+        if (!recompute) st[r * 2] = to_float(lse[(bi * h + hh) * t + i0 + r]);
+    }
+    if (!recompute) return;
+    const int* km = key_mask + bi * s;
+    flash_load_tile(qs, q, bi * t + i0, rows, FLASH_BR, h, hh, d);
+    for (int r = threadIdx.x; r < FLASH_BR; r += blockDim.x) {
+        row_m[r] = neg_inf();
+        row_l[r] = 0.0f;
+    }
+    const int s_end = flash_key_end(s, i0, rows, causal);
+    for (int j0 = 0; j0 < s_end; j0 += FLASH_BC) {
+        const int cols = min(FLASH_BC, s - j0);
+        __syncthreads();
+        flash_load_tile(ks, k, bi * s + j0, cols, FLASH_BC, h_kv, kvh, d);
+        __syncthreads();
+        flash_scores(ps, qs, ks, FLASH_BR, rows, cols, i0, j0, km, bias_table, rel_buckets, t, h, hh, d, causal,
+                     scale);
+        __syncthreads();
+        for (int r = threadIdx.x; r < FLASH_BR; r += blockDim.x) {
+            const float* pr = ps + r * FLASH_BC;
+            float mx = row_m[r];
+            for (int c = 0; c < FLASH_BC; c++) mx = fmaxf(mx, pr[c]);
+            if (mx == neg_inf()) continue;
+            float sum = row_l[r] * expf(row_m[r] - mx);
+            for (int c = 0; c < FLASH_BC; c++) sum += expf(pr[c] - mx);
+            row_m[r] = mx;
+            row_l[r] = sum;
+        }
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        st[r * 2] = row_l[r] > 0.0f ? row_m[r] + logf(row_l[r]) : neg_inf();
+    }
+}
+INSTANTIATE(attention_backward_prep,
+            (float* stats, const T* lse, const T* out, const T* dout, const T* q, const T* k, const int* key_mask,
+             const T* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal,
+             float scale, int recompute),
+            (stats, lse, out, dout, q, k, key_mask, bias_table, rel_buckets, b, t, s, h, h_kv, d, causal, scale,
+             recompute))
+
+// dS of one tile, in place of its scores: P = exp(score − lse), dP = dout·vᵀ, dS = P ⊙ (dP − D).
+// Also leaves P in `probs` when not null (the dk/dv kernel needs it for dV).
+__device__ __forceinline__ void flash_dscores(float* scores, float* probs, const float* dos, const float* vs,
+                                              const float* st_lse, const float* st_d, int rows_in_tile, int d) {
+    for (int idx = threadIdx.x; idx < rows_in_tile * FLASH_BC; idx += blockDim.x) {
+        const int r = idx / FLASH_BC, c = idx % FLASH_BC;
+        const float p = flash_prob(scores[idx], st_lse[r]);
+        float dp = 0.0f;
+        if (p != 0.0f)
+            for (int dd = 0; dd < d; dd++) dp += dos[r * d + dd] * vs[c * d + dd];
+        if (probs) probs[idx] = p;
+        scores[idx] = p * (dp - st_d[r]);
+    }
+}
+
+// dk, dv (B, S, Hkv·D) (=). Grid (B·Hkv·ceil(S/BC)), block 128,
+// smem (4·BC + 2·BR_KV)·D + 2·BR_KV·BC + 2·BR_KV floats.
+template <typename T>
+__device__ void attention_backward_dkv(T* dk, T* dv, const float* stats, const T* dout, const T* q, const T* k,
+                                       const T* v, const int* key_mask, const T* bias_table, const int* rel_buckets,
+                                       int b, int t, int s, int h, int h_kv, int d, int causal, float scale) {
+    DYNAMIC_SMEM(float, smem);
+    float* ks = smem;                              // (BC, D)
+    float* vs = ks + FLASH_BC * d;                 // (BC, D)
+    float* dks = vs + FLASH_BC * d;                // (BC, D)
+    float* dvs = dks + FLASH_BC * d;               // (BC, D)
+    float* qs = dvs + FLASH_BC * d;                // (BR_KV, D)
+    float* dos = qs + FLASH_BR_KV * d;             // (BR_KV, D)
+    float* ds = dos + FLASH_BR_KV * d;             // (BR_KV, BC) scores, then dS
+    float* ps = ds + FLASH_BR_KV * FLASH_BC;       // (BR_KV, BC) probabilities
+    float* st_lse = ps + FLASH_BR_KV * FLASH_BC;   // (BR_KV)
+    float* st_d = st_lse + FLASH_BR_KV;            // (BR_KV)
+    const int tiles_k = (s + FLASH_BC - 1) / FLASH_BC;
+    const long blk = blockIdx.x;
+    const int kt = (int)(blk % tiles_k), kvh = (int)((blk / tiles_k) % h_kv);
+    const long bi = blk / ((long)tiles_k * h_kv);
+    if (bi >= b) return;
+    const int group = h / h_kv;
+    const int j0 = kt * FLASH_BC, cols = min(FLASH_BC, s - j0);
+    const int* km = key_mask + bi * s;
+    flash_load_tile(ks, k, bi * s + j0, cols, FLASH_BC, h_kv, kvh, d);
+    flash_load_tile(vs, v, bi * s + j0, cols, FLASH_BC, h_kv, kvh, d);
+    for (int idx = threadIdx.x; idx < FLASH_BC * d; idx += blockDim.x) {
+        dks[idx] = 0.0f;
+        dvs[idx] = 0.0f;
+    }
+    // With the causal mask only queries i ≥ j0 see this tile.
+    const int i_start = causal ? (j0 / FLASH_BR_KV) * FLASH_BR_KV : 0;
+    for (int hh = kvh * group; hh < (kvh + 1) * group; hh++) {
+        for (int i0 = i_start; i0 < t; i0 += FLASH_BR_KV) {
+            const int rows = min(FLASH_BR_KV, t - i0);
+            __syncthreads();
+            flash_load_tile(qs, q, bi * t + i0, rows, FLASH_BR_KV, h, hh, d);
+            flash_load_tile(dos, dout, bi * t + i0, rows, FLASH_BR_KV, h, hh, d);
+            for (int r = threadIdx.x; r < FLASH_BR_KV; r += blockDim.x) {
+                const float* st = stats + ((bi * h + hh) * t + i0 + r) * 2;
+                st_lse[r] = r < rows ? st[0] : neg_inf();
+                st_d[r] = r < rows ? st[1] : 0.0f;
+            }
+            __syncthreads();
+            flash_scores(ds, qs, ks, FLASH_BR_KV, rows, cols, i0, j0, km, bias_table, rel_buckets, t, h, hh, d, causal,
+                         scale);
+            __syncthreads();
+            flash_dscores(ds, ps, dos, vs, st_lse, st_d, FLASH_BR_KV, d);
+            __syncthreads();
+            for (int idx = threadIdx.x; idx < FLASH_BC * d; idx += blockDim.x) {
+                const int c = idx / d, dd = idx % d;
+                float acc_v = 0.0f, acc_k = 0.0f;
+                for (int r = 0; r < FLASH_BR_KV; r++) {
+                    acc_v += ps[r * FLASH_BC + c] * dos[r * d + dd];
+                    acc_k += ds[r * FLASH_BC + c] * qs[r * d + dd];
+                }
+                dvs[idx] += acc_v;
+                dks[idx] += scale * acc_k;
+            }
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < cols * d; idx += blockDim.x) {
+        const int c = idx / d, dd = idx % d;
+        const long at = (bi * s + j0 + c) * h_kv * d + (long)kvh * d + dd;
+        dk[at] = from_float<T>(dks[idx]);
+        dv[at] = from_float<T>(dvs[idx]);
+    }
+}
+INSTANTIATE(attention_backward_dkv,
+            (T * dk, T* dv, const float* stats, const T* dout, const T* q, const T* k, const T* v,
+             const int* key_mask, const T* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv,
+             int d, int causal, float scale),
+            (dk, dv, stats, dout, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, h_kv, d, causal, scale))
+
+// dq (B, T, H·D) (=). Grid (B·H·ceil(T/BR)), block 128, smem (3·BR + 2·BC)·D + BR·BC + 2·BR floats.
+template <typename T>
+__device__ void attention_backward_dq(T* dq, const float* stats, const T* dout, const T* q, const T* k, const T* v,
+                                      const int* key_mask, const T* bias_table, const int* rel_buckets, int b, int t,
+                                      int s, int h, int h_kv, int d, int causal, float scale) {
+    DYNAMIC_SMEM(float, smem);
+    float* qs = smem;                          // (BR, D)
+    float* dos = qs + FLASH_BR * d;            // (BR, D)
+    float* dqs = dos + FLASH_BR * d;           // (BR, D)
+    float* ks = dqs + FLASH_BR * d;            // (BC, D)
+    float* vs = ks + FLASH_BC * d;             // (BC, D)
+    float* ds = vs + FLASH_BC * d;             // (BR, BC) scores, then dS
+    float* st_lse = ds + FLASH_BR * FLASH_BC;  // (BR)
+    float* st_d = st_lse + FLASH_BR;           // (BR)
+    const int tiles_q = (t + FLASH_BR - 1) / FLASH_BR;
+    const long blk = blockIdx.x;
+    const int qt = (int)(blk % tiles_q), hh = (int)((blk / tiles_q) % h);
+    const long bi = blk / ((long)tiles_q * h);
+    if (bi >= b) return;
+    const int kvh = hh / (h / h_kv);
+    const int i0 = qt * FLASH_BR, rows = min(FLASH_BR, t - i0);
+    const int* km = key_mask + bi * s;
+    flash_load_tile(qs, q, bi * t + i0, rows, FLASH_BR, h, hh, d);
+    flash_load_tile(dos, dout, bi * t + i0, rows, FLASH_BR, h, hh, d);
+    for (int idx = threadIdx.x; idx < FLASH_BR * d; idx += blockDim.x) dqs[idx] = 0.0f;
+    for (int r = threadIdx.x; r < FLASH_BR; r += blockDim.x) {
+        const float* st = stats + ((bi * h + hh) * t + i0 + r) * 2;
+        st_lse[r] = r < rows ? st[0] : neg_inf();
+        st_d[r] = r < rows ? st[1] : 0.0f;
+    }
+    const int s_end = flash_key_end(s, i0, rows, causal);
+    for (int j0 = 0; j0 < s_end; j0 += FLASH_BC) {
+        const int cols = min(FLASH_BC, s - j0);
+        __syncthreads();
+        flash_load_tile(ks, k, bi * s + j0, cols, FLASH_BC, h_kv, kvh, d);
+        flash_load_tile(vs, v, bi * s + j0, cols, FLASH_BC, h_kv, kvh, d);
+        __syncthreads();
+        flash_scores(ds, qs, ks, FLASH_BR, rows, cols, i0, j0, km, bias_table, rel_buckets, t, h, hh, d, causal,
+                     scale);
+        __syncthreads();
+        flash_dscores(ds, nullptr, dos, vs, st_lse, st_d, FLASH_BR, d);
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < FLASH_BR * d; idx += blockDim.x) {
+            const int r = idx / d, dd = idx % d;
+            float acc = 0.0f;
+            for (int c = 0; c < FLASH_BC; c++) acc += ds[r * FLASH_BC + c] * ks[c * d + dd];
+            dqs[idx] += scale * acc;
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < rows * d; idx += blockDim.x) {
+        const int r = idx / d, dd = idx % d;
+        dq[(bi * t + i0 + r) * h * d + (long)hh * d + dd] = from_float<T>(dqs[idx]);
+    }
+}
+INSTANTIATE(attention_backward_dq,
+            (T * dq, const float* stats, const T* dout, const T* q, const T* k, const T* v, const int* key_mask,
+             const T* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal,
+             float scale),
+            (dq, stats, dout, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, h_kv, d, causal, scale))

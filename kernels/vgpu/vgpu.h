@@ -149,6 +149,9 @@ inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __int_as_float(int x) { return vgpu::from_bits<float>((uint32_t)x); }
 inline int __float_as_int(float x) { return (int)(uint32_t)vgpu::to_bits(x); }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
+// CUDA's integer min/max overloads.
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
 
 // ---- bf16 (the storage format of GPU tensors) ------------------------------------------------
 

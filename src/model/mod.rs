@@ -4,6 +4,7 @@ pub mod config;
 pub mod generate;
 pub mod hf;
 pub mod llama;
+pub mod nf4;
 pub mod shapes;
 pub mod t5;
 

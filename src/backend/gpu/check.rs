@@ -9,7 +9,7 @@
 use half::bf16;
 
 use super::device::{DType, Device};
-use super::GpuBackend;
+use super::{AttentionKernel, GpuBackend};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode, Gemm, RelBias};
 use crate::data::HostBatch;
@@ -615,7 +615,9 @@ impl<D: Device> Checker<'_, D> {
                 false,
             ),
         ];
+        let kernel = self.gpu.attention_kernel();
         for (name, dims, causal, bias_dir, padded) in cases {
+            let name = format!("{kernel:?} {name}");
             let AttnDims {
                 b,
                 t,
@@ -791,6 +793,20 @@ pub fn check_ops<D: Device>(gpu: &GpuBackend<D>, seed: u64) -> Vec<CheckResult> 
     c.norms();
     c.rope();
     c.attention();
+    // The other attention implementation too: a fallback must be as right as the default.
+    let other = match gpu.attention_kernel() {
+        AttentionKernel::Flash => AttentionKernel::Gemm,
+        AttentionKernel::Gemm => AttentionKernel::Flash,
+    };
+    let gpu_other = gpu.with_attention(other);
+    let mut c_other = Checker {
+        gpu: &gpu_other,
+        cpu: CpuBackend::new(),
+        seed: c.seed,
+        results: Vec::new(),
+    };
+    c_other.attention();
+    c.results.extend(c_other.results);
     c.loss_and_optimiser();
     c.method_ops(MethodDims::DOCTOR);
     c.results

@@ -6,10 +6,11 @@
 //! buffers on the host before it launches anything, so a shape bug panics with the op's name
 //! instead of reading past a buffer on the device.
 //!
-//! Attention (first version): the scores of each head come from a batched GEMM into a
-//! `(B, H, T, S)` scratch, a kernel adds the T5 relative bias (looked up from a `(T+S-1)` vector of
-//! bucket ids, never a `(B, H, T, S)` bias tensor), applies the masks and takes the softmax in
-//! place, and a second GEMM multiplies by V. The fused flash kernel replaces this later.
+//! Attention runs on the flash kernels of kernels/attention.cu by default: scores, masks, the T5
+//! relative bias (looked up from a `(T+S-1)` vector of bucket ids, never a `(B, H, T, S)` tensor)
+//! and the softmax stay in shared memory. The GEMM path ([`AttentionKernel::Gemm`]: batched GEMMs
+//! into a `(B, H, T, S)` scratch around a softmax kernel) takes heads wider than
+//! [`FLASH_MAX_D`] and is the kernel lab's second variant.
 //!
 //! The method ops (EPT-MS fusion and experts, LAMP pooling) are GEMMs around the small kernels
 //! of kernels/prompt.cu.
@@ -81,7 +82,27 @@ pub struct GpuBackend<D: Device> {
     /// Shared: backends of both dtypes can run on one device (see [`GpuBackend::with_dtype`]).
     device: Arc<D>,
     dtype: DType,
+    attention: AttentionKernel,
 }
+
+/// How [`Backend::attention_forward`] and its backward run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// The fused kernels (scores stay in shared memory); heads wider than [`FLASH_MAX_D`] use the
+    /// GEMM path.
+    Flash,
+    /// cuBLAS scores into a `(B, H, T, S)` scratch, a softmax kernel, cuBLAS again.
+    Gemm,
+}
+
+/// The widest head the flash kernels take (kernels/attention.cu `FLASH_MAX_D`).
+pub const FLASH_MAX_D: usize = 128;
+/// The flash kernels' tiles (kernels/attention.cu): query rows per block, key rows per tile,
+/// query rows per tile of the dk/dv kernel.
+const FLASH_BR: usize = 16;
+const FLASH_BC: usize = 16;
+const FLASH_BR_KV: usize = 8;
+const FLASH_BLOCK: u32 = 128;
 
 /// Threads per block of the row-wise kernels (one block per row).
 const ROW_BLOCK: u32 = 128;
@@ -109,6 +130,7 @@ impl<D: Device> GpuBackend<D> {
         GpuBackend {
             device: Arc::new(device),
             dtype,
+            attention: AttentionKernel::Flash,
         }
     }
 
@@ -117,7 +139,21 @@ impl<D: Device> GpuBackend<D> {
         GpuBackend {
             device: Arc::clone(&self.device),
             dtype,
+            attention: self.attention,
         }
+    }
+
+    /// The same backend with another attention implementation (the kernel lab compares them).
+    pub fn with_attention(&self, attention: AttentionKernel) -> Self {
+        GpuBackend {
+            device: Arc::clone(&self.device),
+            dtype: self.dtype,
+            attention,
+        }
+    }
+
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        self.attention
     }
 
     pub fn device(&self) -> &D {
@@ -350,14 +386,7 @@ impl<D: Device> GpuBackend<D> {
         dims: AttnDims,
     ) {
         let AttnDims { b, t, s, h, .. } = dims;
-        let buckets = bias.map(|bias| self.relative_buckets(bias, t, s));
-        if let Some(bias) = bias {
-            self.check(
-                "attention: relative bias table",
-                bias.table,
-                bias.num_buckets * h,
-            );
-        }
+        let buckets = self.bias_buckets(bias, dims);
         self.launch(
             "attention_softmax_forward",
             LaunchCfg::linear((b * h * t) as u32, ROW_BLOCK),
@@ -400,6 +429,330 @@ impl<D: Device> GpuBackend<D> {
         self.check("attention: k", k, b * s * h_kv * d);
         self.check("attention: v", v, b * s * h_kv * d);
         self.check_index("attention: key_mask", mask.key_mask, b * s);
+    }
+}
+
+/// The inputs of an attention backward, as the forward saw them.
+struct AttnInputs<'a, D: Device> {
+    q: &'a GpuTensor<D>,
+    k: &'a GpuTensor<D>,
+    v: &'a GpuTensor<D>,
+    out: &'a GpuTensor<D>,
+    lse: &'a GpuTensor<D>,
+    mask: &'a AttnMask<'a, GpuIndex<D>>,
+    bias: Option<&'a RelBias<'a, GpuTensor<D>>>,
+    scale: f64,
+    dims: AttnDims,
+}
+
+impl<D: Device> GpuBackend<D> {
+    /// Whether attention with heads of width `d` runs on the flash kernels.
+    fn flash(&self, d: usize) -> bool {
+        self.attention == AttentionKernel::Flash && d <= FLASH_MAX_D
+    }
+
+    /// The launch of a flash kernel: `blocks` blocks, `floats` f32 of shared memory.
+    fn flash_cfg(blocks: usize, floats: usize) -> LaunchCfg {
+        LaunchCfg {
+            smem: (floats * 4) as u32,
+            ..LaunchCfg::linear(
+                u32::try_from(blocks).expect("attention grid fits in u32"),
+                FLASH_BLOCK,
+            )
+        }
+    }
+
+    /// The arguments every flash kernel ends with: key mask, bias table and bucket ids, dims,
+    /// causal, scale.
+    fn flash_tail(
+        &self,
+        mask: &AttnMask<'_, GpuIndex<D>>,
+        bias: Option<&RelBias<'_, GpuTensor<D>>>,
+        buckets: Option<&GpuIndex<D>>,
+        scale: f64,
+        dims: AttnDims,
+    ) -> Vec<Arg> {
+        let AttnDims {
+            b,
+            t,
+            s,
+            h,
+            h_kv,
+            d,
+        } = dims;
+        vec![
+            self.iptr(mask.key_mask),
+            bias.map_or(Arg::Ptr(0), |bias| self.ptr(bias.table)),
+            buckets.map_or(Arg::Ptr(0), |x| self.iptr(x)),
+            dim(b),
+            dim(t),
+            dim(s),
+            dim(h),
+            dim(h_kv),
+            dim(d),
+            Arg::I32(mask.causal as i32),
+            Arg::F32(scale as f32),
+        ]
+    }
+
+    /// The bucket ids of the bias (checking its table), or None without bias.
+    fn bias_buckets(
+        &self,
+        bias: Option<&RelBias<'_, GpuTensor<D>>>,
+        dims: AttnDims,
+    ) -> Option<GpuIndex<D>> {
+        bias.map(|bias| {
+            self.check(
+                "attention: relative bias table",
+                bias.table,
+                bias.num_buckets * dims.h,
+            );
+            self.relative_buckets(bias, dims.t, dims.s)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn flash_forward(
+        &self,
+        out: &mut GpuTensor<D>,
+        lse: &mut GpuTensor<D>,
+        q: &GpuTensor<D>,
+        k: &GpuTensor<D>,
+        v: &GpuTensor<D>,
+        mask: &AttnMask<'_, GpuIndex<D>>,
+        bias: Option<&RelBias<'_, GpuTensor<D>>>,
+        scale: f64,
+        dims: AttnDims,
+    ) {
+        let AttnDims { b, t, h, d, .. } = dims;
+        let buckets = self.bias_buckets(bias, dims);
+        let blocks = b * h * t.div_ceil(FLASH_BR);
+        let floats = (2 * FLASH_BR + 2 * FLASH_BC) * d + FLASH_BR * FLASH_BC + 3 * FLASH_BR;
+        let mut args = vec![
+            self.ptr(out),
+            self.ptr(lse),
+            self.ptr(q),
+            self.ptr(k),
+            self.ptr(v),
+        ];
+        args.extend(self.flash_tail(mask, bias, buckets.as_ref(), scale, dims));
+        self.launch("attention_forward", Self::flash_cfg(blocks, floats), &args);
+    }
+
+    /// Three launches: the row statistics (lse, rowsum(dout ⊙ out)) into an f32 scratch, then
+    /// dk/dv by key tiles and dq by query tiles (no atomics).
+    fn flash_backward(
+        &self,
+        dq: &mut GpuTensor<D>,
+        dk: &mut GpuTensor<D>,
+        dv: &mut GpuTensor<D>,
+        dout: &GpuTensor<D>,
+        x: &AttnInputs<'_, D>,
+    ) {
+        let AttnDims {
+            b,
+            t,
+            s,
+            h,
+            h_kv,
+            d,
+        } = x.dims;
+        let buckets = self.bias_buckets(x.bias, x.dims);
+        let tail = self.flash_tail(x.mask, x.bias, buckets.as_ref(), x.scale, x.dims);
+        let stats = self.alloc_bytes(b * h * t * 2 * 4); // (B, H, T, 2) f32
+        let stats_ptr = Arg::Ptr(self.device.ptr(&stats));
+        // A bf16 lse is too coarse to rebuild probabilities from: recompute it.
+        let recompute = self.dtype != DType::F32;
+        let q_blocks = b * h * t.div_ceil(FLASH_BR);
+        let mut args = vec![
+            stats_ptr,
+            self.ptr(x.lse),
+            self.ptr(x.out),
+            self.ptr(dout),
+            self.ptr(x.q),
+            self.ptr(x.k),
+        ];
+        args.extend(tail.iter().copied());
+        args.push(Arg::I32(recompute as i32));
+        let floats = (FLASH_BR + FLASH_BC) * d + FLASH_BR * FLASH_BC + 2 * FLASH_BR;
+        self.launch(
+            "attention_backward_prep",
+            Self::flash_cfg(q_blocks, floats),
+            &args,
+        );
+
+        let kv_blocks = b * h_kv * s.div_ceil(FLASH_BC);
+        let mut args = vec![
+            self.ptr(dk),
+            self.ptr(dv),
+            stats_ptr,
+            self.ptr(dout),
+            self.ptr(x.q),
+            self.ptr(x.k),
+            self.ptr(x.v),
+        ];
+        args.extend(tail.iter().copied());
+        let floats =
+            (4 * FLASH_BC + 2 * FLASH_BR_KV) * d + 2 * FLASH_BR_KV * FLASH_BC + 2 * FLASH_BR_KV;
+        self.launch(
+            "attention_backward_dkv",
+            Self::flash_cfg(kv_blocks, floats),
+            &args,
+        );
+
+        let mut args = vec![
+            self.ptr(dq),
+            stats_ptr,
+            self.ptr(dout),
+            self.ptr(x.q),
+            self.ptr(x.k),
+            self.ptr(x.v),
+        ];
+        args.extend(tail.iter().copied());
+        let floats = (3 * FLASH_BR + 2 * FLASH_BC) * d + FLASH_BR * FLASH_BC + 2 * FLASH_BR;
+        self.launch(
+            "attention_backward_dq",
+            Self::flash_cfg(q_blocks, floats),
+            &args,
+        );
+    }
+
+    /// The GEMM path of [`Backend::attention_forward`] (see the module docs).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_attention_forward(
+        &self,
+        out: &mut GpuTensor<D>,
+        lse: &mut GpuTensor<D>,
+        q: &GpuTensor<D>,
+        k: &GpuTensor<D>,
+        v: &GpuTensor<D>,
+        mask: &AttnMask<'_, GpuIndex<D>>,
+        bias: Option<&RelBias<'_, GpuTensor<D>>>,
+        scale: f64,
+        dims: AttnDims,
+    ) {
+        let AttnDims {
+            b,
+            t,
+            s,
+            h,
+            h_kv,
+            d,
+        } = dims;
+        let probs = self.zeros(b * h * t * s); // (B, H, T, S)
+        self.attention_scores(&probs, q, k, scale, dims);
+        self.attention_softmax(&probs, lse, mask, bias, dims);
+        // out[b, :, hh] = P[b, hh] · V[b, :, kvh]
+        for hh in 0..h {
+            let kvh = hh / (h / h_kv);
+            self.head_gemm(
+                HeadView::rows(out, hh, h, t, d),
+                HeadView::scores(&probs, hh, dims),
+                HeadView::rows(v, kvh, h_kv, s, d),
+                GemmDesc {
+                    batch: b,
+                    ..GemmDesc::dense(t, d, s, false, false)
+                },
+            );
+        }
+    }
+
+    /// The GEMM path of [`Backend::attention_backward_dinp`].
+    fn gemm_attention_backward(
+        &self,
+        dq: &mut GpuTensor<D>,
+        dk: &mut GpuTensor<D>,
+        dv: &mut GpuTensor<D>,
+        dout: &GpuTensor<D>,
+        x: &AttnInputs<'_, D>,
+    ) {
+        let AttnInputs {
+            q,
+            k,
+            v,
+            mask,
+            bias,
+            scale,
+            dims,
+            ..
+        } = *x;
+        let AttnDims {
+            b,
+            t,
+            s,
+            h,
+            h_kv,
+            d,
+        } = dims;
+        // P is recomputed in full from the scores rather than from the saved lse, which in bf16
+        // would be too coarse (an error δ in lse scales a whole row of P by e^δ).
+        let probs = self.zeros(b * h * t * s); // (B, H, T, S)
+        let lse_scratch = self.zeros(b * h * t); // (B, H, T)
+        self.attention_scores(&probs, q, k, scale, dims);
+        self.attention_softmax(&probs, &lse_scratch, mask, bias, dims);
+        let dprobs = self.zeros(b * h * t * s); // (B, H, T, S): dP, then dS in place
+        self.fill_zero(dk);
+        self.fill_zero(dv);
+        for hh in 0..h {
+            let kvh = hh / (h / h_kv);
+            let (dov, vv) = (
+                HeadView::rows(dout, hh, h, t, d),
+                HeadView::rows(v, kvh, h_kv, s, d),
+            );
+            // dP = dO · Vᵀ  (T, S)
+            self.head_gemm(
+                HeadView::scores(&dprobs, hh, dims),
+                dov,
+                vv,
+                GemmDesc {
+                    batch: b,
+                    ..GemmDesc::dense(t, s, d, false, true)
+                },
+            );
+            // dV += Pᵀ · dO  (S, D)
+            self.head_gemm(
+                HeadView::rows(dv, kvh, h_kv, s, d),
+                HeadView::scores(&probs, hh, dims),
+                HeadView::rows(dout, hh, h, t, d),
+                GemmDesc {
+                    batch: b,
+                    beta: 1.0,
+                    ..GemmDesc::dense(s, d, t, true, false)
+                },
+            );
+        }
+        // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place.
+        self.launch(
+            "attention_softmax_backward",
+            LaunchCfg::linear((b * h * t) as u32, ROW_BLOCK),
+            &[self.ptr(&dprobs), self.ptr(&probs), dim(b * h * t), dim(s)],
+        );
+        for hh in 0..h {
+            let kvh = hh / (h / h_kv);
+            // dQ = scale · dS · K  (T, D)
+            self.head_gemm(
+                HeadView::rows(dq, hh, h, t, d),
+                HeadView::scores(&dprobs, hh, dims),
+                HeadView::rows(k, kvh, h_kv, s, d),
+                GemmDesc {
+                    batch: b,
+                    alpha: scale as f32,
+                    ..GemmDesc::dense(t, d, s, false, false)
+                },
+            );
+            // dK += scale · dSᵀ · Q  (S, D)
+            self.head_gemm(
+                HeadView::rows(dk, kvh, h_kv, s, d),
+                HeadView::scores(&dprobs, hh, dims),
+                HeadView::rows(q, hh, h, t, d),
+                GemmDesc {
+                    batch: b,
+                    alpha: scale as f32,
+                    beta: 1.0,
+                    ..GemmDesc::dense(s, d, t, true, false)
+                },
+            );
+        }
     }
 }
 
@@ -854,32 +1207,14 @@ impl<D: Device> Backend for GpuBackend<D> {
         scale: f64,
         dims: AttnDims,
     ) {
-        let AttnDims {
-            b,
-            t,
-            s,
-            h,
-            h_kv,
-            d,
-        } = dims;
+        let AttnDims { b, t, h, d, .. } = dims;
         self.check_attention(q, k, v, &mask, dims);
         self.check("attention_forward: out", out, b * t * h * d);
         self.check("attention_forward: lse", lse, b * h * t);
-        let probs = self.zeros(b * h * t * s); // (B, H, T, S)
-        self.attention_scores(&probs, q, k, scale, dims);
-        self.attention_softmax(&probs, lse, &mask, bias.as_ref(), dims);
-        // out[b, :, hh] = P[b, hh] · V[b, :, kvh]
-        for hh in 0..h {
-            let kvh = hh / (h / h_kv);
-            self.head_gemm(
-                HeadView::rows(out, hh, h, t, d),
-                HeadView::scores(&probs, hh, dims),
-                HeadView::rows(v, kvh, h_kv, s, d),
-                GemmDesc {
-                    batch: b,
-                    ..GemmDesc::dense(t, d, s, false, false)
-                },
-            );
+        if self.flash(d) {
+            self.flash_forward(out, lse, q, k, v, &mask, bias.as_ref(), scale, dims);
+        } else {
+            self.gemm_attention_forward(out, lse, q, k, v, &mask, bias.as_ref(), scale, dims);
         }
     }
 
@@ -899,14 +1234,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         scale: f64,
         dims: AttnDims,
     ) {
-        let AttnDims {
-            b,
-            t,
-            s,
-            h,
-            h_kv,
-            d,
-        } = dims;
+        let AttnDims { b, t, h, d, .. } = dims;
         self.check_attention(q, k, v, &mask, dims);
         self.check("attention_backward_dinp: dq", dq, q.len);
         self.check("attention_backward_dinp: dk", dk, k.len);
@@ -914,74 +1242,21 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.check("attention_backward_dinp: dout", dout, q.len);
         self.check("attention_backward_dinp: out", out, q.len);
         self.check("attention_backward_dinp: lse", lse, b * h * t);
-        // P is recomputed in full from the scores rather than from the saved lse, which in bf16
-        // would be too coarse (an error δ in lse scales a whole row of P by e^δ).
-        let probs = self.zeros(b * h * t * s); // (B, H, T, S)
-        let lse_scratch = self.zeros(b * h * t); // (B, H, T)
-        self.attention_scores(&probs, q, k, scale, dims);
-        self.attention_softmax(&probs, &lse_scratch, &mask, bias.as_ref(), dims);
-        let dprobs = self.zeros(b * h * t * s); // (B, H, T, S): dP, then dS in place
-        self.fill_zero(dk);
-        self.fill_zero(dv);
-        for hh in 0..h {
-            let kvh = hh / (h / h_kv);
-            let (dov, vv) = (
-                HeadView::rows(dout, hh, h, t, d),
-                HeadView::rows(v, kvh, h_kv, s, d),
-            );
-            // dP = dO · Vᵀ  (T, S)
-            self.head_gemm(
-                HeadView::scores(&dprobs, hh, dims),
-                dov,
-                vv,
-                GemmDesc {
-                    batch: b,
-                    ..GemmDesc::dense(t, s, d, false, true)
-                },
-            );
-            // dV += Pᵀ · dO  (S, D)
-            self.head_gemm(
-                HeadView::rows(dv, kvh, h_kv, s, d),
-                HeadView::scores(&probs, hh, dims),
-                HeadView::rows(dout, hh, h, t, d),
-                GemmDesc {
-                    batch: b,
-                    beta: 1.0,
-                    ..GemmDesc::dense(s, d, t, true, false)
-                },
-            );
-        }
-        // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place.
-        self.launch(
-            "attention_softmax_backward",
-            LaunchCfg::linear((b * h * t) as u32, ROW_BLOCK),
-            &[self.ptr(&dprobs), self.ptr(&probs), dim(b * h * t), dim(s)],
-        );
-        for hh in 0..h {
-            let kvh = hh / (h / h_kv);
-            // dQ = scale · dS · K  (T, D)
-            self.head_gemm(
-                HeadView::rows(dq, hh, h, t, d),
-                HeadView::scores(&dprobs, hh, dims),
-                HeadView::rows(k, kvh, h_kv, s, d),
-                GemmDesc {
-                    batch: b,
-                    alpha: scale as f32,
-                    ..GemmDesc::dense(t, d, s, false, false)
-                },
-            );
-            // dK += scale · dSᵀ · Q  (S, D)
-            self.head_gemm(
-                HeadView::rows(dk, kvh, h_kv, s, d),
-                HeadView::scores(&dprobs, hh, dims),
-                HeadView::rows(q, hh, h, t, d),
-                GemmDesc {
-                    batch: b,
-                    alpha: scale as f32,
-                    beta: 1.0,
-                    ..GemmDesc::dense(s, d, t, true, false)
-                },
-            );
+        let inputs = AttnInputs {
+            q,
+            k,
+            v,
+            out,
+            lse,
+            mask: &mask,
+            bias: bias.as_ref(),
+            scale,
+            dims,
+        };
+        if self.flash(d) {
+            self.flash_backward(dq, dk, dv, dout, &inputs);
+        } else {
+            self.gemm_attention_backward(dq, dk, dv, dout, &inputs);
         }
     }
 

@@ -1,6 +1,7 @@
 //! Normalisation, row softmax and attention on the virtual GPU against the CPU reference.
 
 use super::*;
+use crate::backend::gpu::AttentionKernel;
 use crate::backend::{AttnDims, AttnMask, RelBias};
 
 #[test]
@@ -171,6 +172,8 @@ struct AttnCase {
     scale: f64,
     /// Valid (unpadded) keys of each batch entry; the rest of the row of `key_mask` is 0.
     valid: &'static [usize],
+    /// Position of query 0 for the bias (a query attending to a KV cache).
+    q_offset: usize,
 }
 
 fn attn_cases() -> Vec<AttnCase> {
@@ -190,6 +193,7 @@ fn attn_cases() -> Vec<AttnCase> {
             bias: Some(true),
             scale: 1.0,
             valid: &[11, 8],
+            q_offset: 0,
         },
         AttnCase {
             name: "decoder self, causal, unidirectional bias",
@@ -198,6 +202,7 @@ fn attn_cases() -> Vec<AttnCase> {
             bias: Some(false),
             scale: 0.37,
             valid: &[11, 9],
+            q_offset: 0,
         },
         AttnCase {
             name: "cross attention, T != S, no bias",
@@ -206,6 +211,7 @@ fn attn_cases() -> Vec<AttnCase> {
             bias: None,
             scale: 0.37,
             valid: &[10, 13],
+            q_offset: 0,
         },
         AttnCase {
             name: "grouped-query, causal, no bias",
@@ -214,6 +220,7 @@ fn attn_cases() -> Vec<AttnCase> {
             bias: None,
             scale: 0.37,
             valid: &[9, 6],
+            q_offset: 0,
         },
         AttnCase {
             name: "rows longer than the block, T != S, bidirectional bias",
@@ -222,6 +229,7 @@ fn attn_cases() -> Vec<AttnCase> {
             bias: Some(true),
             scale: 0.37,
             valid: &[171],
+            q_offset: 0,
         },
         AttnCase {
             // Batch entry 1 sees no key: its rows have lse = -inf, output 0 and no gradient.
@@ -231,6 +239,47 @@ fn attn_cases() -> Vec<AttnCase> {
             bias: Some(true),
             scale: 1.0,
             valid: &[7, 0],
+            q_offset: 0,
+        },
+        AttnCase {
+            // Several query and key tiles of the flash kernels, a group of 3 query heads per KV
+            // head, the widest head the flash kernels take.
+            name: "wide heads, many tiles, grouped-query, causal",
+            dims: dims(2, 37, 37, 6, 2, 128),
+            causal: true,
+            bias: None,
+            scale: 0.09,
+            valid: &[37, 30],
+            q_offset: 0,
+        },
+        AttnCase {
+            name: "many tiles, padded, bidirectional bias, odd head",
+            dims: dims(1, 21, 50, 2, 1, 33),
+            causal: false,
+            bias: Some(true),
+            scale: 0.2,
+            valid: &[44],
+            q_offset: 0,
+        },
+        AttnCase {
+            // One decoding step against a cache of 12 keys, 3 of them unwritten.
+            name: "one query against a KV cache, unidirectional bias with q_offset",
+            dims: dims(2, 1, 12, 3, 3, 8),
+            causal: false,
+            bias: Some(false),
+            scale: 1.0,
+            valid: &[9, 5],
+            q_offset: 8,
+        },
+        AttnCase {
+            // Heads wider than the flash kernels take: the flash setting falls back to GEMMs.
+            name: "heads wider than FLASH_MAX_D",
+            dims: dims(1, 5, 6, 2, 2, 130),
+            causal: true,
+            bias: None,
+            scale: 0.1,
+            valid: &[6],
+            q_offset: 0,
         },
     ]
 }
@@ -310,13 +359,23 @@ fn rel_bias<'a, X>(case: &AttnCase, table: &'a X) -> Option<RelBias<'a, X>> {
         bidirectional,
         num_buckets: 8,
         max_distance: 20,
-        q_offset: 0,
+        q_offset: case.q_offset,
     })
+}
+
+/// Both dtypes, each with both attention kernels.
+fn attention_backends() -> Vec<(Vgpu, f64)> {
+    backends()
+        .into_iter()
+        .flat_map(|(be, tol)| {
+            [AttentionKernel::Flash, AttentionKernel::Gemm].map(|k| (be.with_attention(k), tol))
+        })
+        .collect()
 }
 
 #[test]
 fn attention_forward_matches_cpu() {
-    for (be, tol) in backends() {
+    for (be, tol) in attention_backends() {
         let dt = be.dtype();
         for (ci, case) in attn_cases().iter().enumerate() {
             let AttnDims { b, t, h, d, .. } = case.dims;
@@ -364,14 +423,22 @@ fn attention_forward_matches_cpu() {
                 case.dims,
             );
             assert_close(
-                &format!("attention_forward out, {}", case.name),
+                &format!(
+                    "attention_forward out, {:?}, {}",
+                    be.attention_kernel(),
+                    case.name
+                ),
                 &be,
                 &out,
                 &out_r,
                 tol,
             );
             assert_lse_close(
-                &format!("attention_forward lse, {}", case.name),
+                &format!(
+                    "attention_forward lse, {:?}, {}",
+                    be.attention_kernel(),
+                    case.name
+                ),
                 &be,
                 &lse,
                 &lse_r,
@@ -383,7 +450,7 @@ fn attention_forward_matches_cpu() {
 
 #[test]
 fn attention_backward_dinp_matches_cpu() {
-    for (be, tol) in backends() {
+    for (be, tol) in attention_backends() {
         let dt = be.dtype();
         for (ci, case) in attn_cases().iter().enumerate() {
             let AttnDims { b, t, h, d, .. } = case.dims;
@@ -393,7 +460,8 @@ fn attention_backward_dinp_matches_cpu() {
             // The forward's outputs: exact for the reference, rounded to the dtype (as the GPU's
             // forward would have stored them) for the GPU. The CPU rebuilds P from the saved lse,
             // so a bf16-rounded lse would scale each reference row by e^δ (about 1% here) and
-            // blunt the check; the GPU recomputes P and never reads out or lse.
+            // blunt the check. The GPU's GEMM path recomputes P; its flash kernels read lse in
+            // f32 (exact here) and recompute it in bf16.
             let (mut out, mut lse) = (vec![0f32; b * t * h * d], vec![0f32; b * h * t]);
             let mask = AttnMask {
                 key_mask: &key_mask,
@@ -470,7 +538,11 @@ fn attention_backward_dinp_matches_cpu() {
             );
             for (name, got, want) in [("dq", &dq, &dq_r), ("dk", &dk, &dk_r), ("dv", &dv, &dv_r)] {
                 assert_close(
-                    &format!("attention_backward_dinp {name}, {}", case.name),
+                    &format!(
+                        "attention_backward_dinp {name}, {:?}, {}",
+                        be.attention_kernel(),
+                        case.name
+                    ),
                     &be,
                     got,
                     want,
