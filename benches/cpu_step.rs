@@ -8,6 +8,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::data::HostBatch;
 use fastpt::engine::{llama_forward_backward, t5_forward_backward};
+use fastpt::model::linear::Quant;
 use fastpt::model::{random_llama, random_t5};
 
 fn bench_shape(
@@ -19,7 +20,7 @@ fn bench_shape(
     samples: usize,
 ) {
     let be = CpuBackend::<f32>::new();
-    let model = random_t5(&be, shape, 0).expect("built-in shape");
+    let model = random_t5(&be, shape, 0, Quant::None).expect("built-in shape");
     let batch = HostBatch::random(&model.cfg, &vec![enc; batch], &vec![dec; batch], 0);
     let mut group = c.benchmark_group("cpu_t5_forward_backward");
     group.sample_size(samples);
@@ -33,7 +34,7 @@ fn bench_shape(
 /// A decoder-only step: `batch` rows of `input` tokens followed by `target` label tokens.
 fn bench_llama(c: &mut Criterion, shape: &str, batch: usize, input: usize, target: usize) {
     let be = CpuBackend::<f32>::new();
-    let model = random_llama(&be, shape, 0).expect("built-in shape");
+    let model = random_llama(&be, shape, 0, Quant::None).expect("built-in shape");
     let batch = HostBatch::random_causal(&model.cfg, &vec![input; batch], &vec![target; batch], 0);
     let mut group = c.benchmark_group("cpu_llama_forward_backward");
     group.sample_size(30);

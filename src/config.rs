@@ -7,6 +7,7 @@
 //! seed = 0
 //! out_dir = "runs/ept"
 //! method = "ept"           # selects the [ept] section below; other method sections are ignored
+//! quant = "none"           # or "nf4": the backbone's linear weights in 4 bits (QLoRA's NF4)
 //!
 //! [train]
 //! steps = 30000
@@ -29,6 +30,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::linear::Quant;
 use crate::model::shapes::T5_SHAPES;
 use crate::prompt::config::{EptConfig, MethodConfig, METHOD_NAMES};
 
@@ -39,7 +41,7 @@ pub const DEFAULT_METHOD: &str = "ept";
 const NO_FILE: &str = "<command line>";
 
 /// The top-level keys (besides the sections).
-const TOP_KEYS: &[&str] = &["model", "seed", "out_dir", "method"];
+const TOP_KEYS: &[&str] = &["model", "seed", "out_dir", "method", "quant"];
 
 /// The learning-rate schedule of the optimiser steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -149,6 +151,7 @@ struct TopLevel {
     seed: u64,
     out_dir: PathBuf,
     method: String,
+    quant: Quant,
 }
 
 impl Default for TopLevel {
@@ -158,6 +161,7 @@ impl Default for TopLevel {
             seed: 0,
             out_dir: PathBuf::from("runs/run"),
             method: DEFAULT_METHOD.into(),
+            quant: Quant::None,
         }
     }
 }
@@ -171,6 +175,8 @@ pub struct RunConfig {
     pub seed: u64,
     /// The run folder (config.toml, checkpoints, report).
     pub out_dir: PathBuf,
+    /// How the backbone's frozen linear weights are stored (`quant = "nf4"`: 4-bit).
+    pub quant: Quant,
     /// `method = "NAME"` and the options of its `[NAME]` section.
     pub method: MethodConfig,
     pub train: TrainConfig,
@@ -184,6 +190,7 @@ impl Default for RunConfig {
             model: top.model,
             seed: top.seed,
             out_dir: top.out_dir,
+            quant: top.quant,
             method: MethodConfig::Ept(EptConfig::default()),
             train: TrainConfig::default(),
             data: DataConfig::default(),
@@ -282,6 +289,7 @@ impl RunConfig {
             model: top.model,
             seed: top.seed,
             out_dir: top.out_dir,
+            quant: top.quant,
             method,
             train,
             data,
@@ -389,6 +397,7 @@ impl RunConfig {
             seed: self.seed,
             out_dir: self.out_dir.clone(),
             method: self.method.name().to_string(),
+            quant: self.quant,
         };
         let name = self.method.name();
         let mut text =
@@ -845,6 +854,7 @@ bogus = "ignored with the section"
                 model: "/models/t5 \"base\"".into(),
                 seed: 42,
                 out_dir: PathBuf::from("runs/a b"),
+                quant: Quant::Nf4,
                 method,
                 train: TrainConfig {
                     lr: 0.123456789,

@@ -124,6 +124,9 @@ struct TrainArgs {
     /// Continue the run in out_dir from its checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Store the backbone's linear weights in NF4 (same as `--set quant="nf4"`).
+    #[arg(long, value_parser = ["none", "nf4"])]
+    quant: Option<String>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -136,6 +139,10 @@ struct RunArgs {
     /// Seed of the random weights and the built-in batch.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// none: linear weights in the device dtype; nf4: 4-bit NF4 with double-quantised absmax
+    /// (bitsandbytes' layout), dequantised right before each GEMM.
+    #[arg(long, default_value = "none", value_parser = ["none", "nf4"])]
+    quant: String,
     #[command(flatten)]
     device: DeviceArgs,
     /// Prompt-tune with this method at the papers' defaults (pt, ptuning, residual, dpt, dept,
@@ -162,6 +169,10 @@ struct ForwardArgs {
     /// Seed of the random weights (with --shape).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// none: linear weights in the device dtype; nf4: 4-bit NF4 with double-quantised absmax
+    /// (bitsandbytes' layout), dequantised right before each GEMM.
+    #[arg(long, default_value = "none", value_parser = ["none", "nf4"])]
+    quant: String,
     /// The batch as JSON: input_ids | inputs_embeds | input_text, optional attention_mask,
     /// labels | target_text, optional decoder_input_ids; for Llama, labels aligned with the
     /// input (see README.md).
@@ -332,6 +343,9 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
     if let Some(model) = &args.model {
         overrides.push(format!("model={model:?}"));
     }
+    if let Some(quant) = &args.quant {
+        overrides.push(format!("quant={quant:?}"));
+    }
     let (mut cfg, source) = match &args.config {
         Some(path) => (RunConfig::from_file(path, &overrides)?, path.clone()),
         None => {
@@ -422,7 +436,7 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
         "`step` does one forward + backward on a built-in batch; to check a real checkpoint:\n  \
          fastpt forward --model DIR --batch FILE.json --out OUT.safetensors\n"
     );
-    let model = random_model(be, &args.shape, args.seed)?;
+    let model = random_model(be, &args.shape, args.seed, args.quant.parse()?)?;
     println!("model      {}", describe(&args.shape, &model));
     let method_cfg = match (&args.method, &args.config) {
         (Some(name), _) => Some(MethodConfig::default_for(name)?),
@@ -475,8 +489,14 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
 
 fn forward<B: Backend>(be: &B, args: &ForwardArgs) -> Result<()> {
     let (model, tokenizer_dir) = match (&args.model, &args.shape) {
-        (Some(dir), _) => (load_model(be, dir)?, Some(dir.as_path())),
-        (None, Some(shape)) => (random_model(be, shape, args.seed)?, None),
+        (Some(dir), _) => (
+            load_model(be, dir, args.quant.parse()?)?,
+            Some(dir.as_path()),
+        ),
+        (None, Some(shape)) => (
+            random_model(be, shape, args.seed, args.quant.parse()?)?,
+            None,
+        ),
         (None, None) => bail!("give --model DIR or --shape NAME"),
     };
     let name = match (&args.model, &args.shape) {

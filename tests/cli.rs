@@ -397,3 +397,35 @@ fn step_runs_a_llama_shape_with_a_method() {
     // Random init over a 1000-token vocabulary: near ln(1000) ≈ 6.9.
     assert!((loss - 1000f64.ln()).abs() < 1.0, "{loss}");
 }
+
+#[test]
+fn step_with_nf4_weights_runs_for_t5_and_llama_and_bad_quant_is_named() {
+    let loss = |stdout: &str| -> f64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("loss"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    for shape in ["t5-tiny", "llama-tiny"] {
+        let args = ["step", "--shape", shape, "--device", "cpu"];
+        let (ok, dense, stderr) = fastpt(&args);
+        assert!(ok, "{stderr}");
+        let (ok, nf4, stderr) = fastpt(&[&args[..], &["--quant", "nf4"]].concat());
+        assert!(ok, "{stderr}");
+        let (d, q) = (loss(&dense), loss(&nf4));
+        // Same random weights, 4-bit: close, not equal.
+        assert!(
+            q.is_finite() && d != q && (d - q).abs() < 0.1 * d,
+            "{shape}: {d} vs {q}"
+        );
+    }
+    let (ok, _, stderr) = fastpt(&["run", "--device", "cpu", "--set", "quant=\"int8\""]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("quant") && stderr.contains("int8"),
+        "{stderr}"
+    );
+}

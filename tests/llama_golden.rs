@@ -10,6 +10,7 @@ use fastpt::backend::cpu::CpuBackend;
 use fastpt::backend::Backend;
 use fastpt::model::generate::{GenerateConfig, Generated};
 use fastpt::model::hf::{load_tokenizer, read_all_f64, F64Tensors};
+use fastpt::model::linear::Quant;
 use fastpt::model::llama::LlamaBatch;
 use fastpt::model::{load_llama, load_t5};
 use fastpt::testing::{fixture, golden, golden_ids, rel_err};
@@ -20,7 +21,7 @@ const T5_FOLDERS: &[&str] = &["t5-v1_0-tiny", "t5-v1_1-tiny"];
 /// Forward + backward on `be`: relative errors of (logits at the label rows, loss,
 /// d inputs_embeds) against the goldens.
 fn errors<B: Backend>(be: &B, dir: &Path) -> [f64; 3] {
-    let model = load_llama(be, dir).unwrap();
+    let model = load_llama(be, dir, Quant::None).unwrap();
     let g = read_all_f64(&dir.join("golden.safetensors")).unwrap();
     let (shape, embeds) = golden(&g, "inputs_embeds");
     let (b, t) = (shape[0], shape[1]);
@@ -89,7 +90,7 @@ fn llama_prompt_rows_come_before_the_token_embeddings() {
     let be = CpuBackend::<f64>::new();
     for name in LLAMA_FOLDERS {
         let dir = fixture(name);
-        let model = load_llama(&be, &dir).unwrap();
+        let model = load_llama(&be, &dir, Quant::None).unwrap();
         let g = read_all_f64(&dir.join("golden.safetensors")).unwrap();
         let (pshape, prompt) = golden(&g, "prompt");
         let (ishape, input_ids) = (golden(&g, "input_ids").0, golden_ids(&g, "input_ids"));
@@ -163,7 +164,7 @@ fn llama_greedy_generation_matches_transformers() {
     let be = CpuBackend::<f32>::new();
     for name in LLAMA_FOLDERS {
         let dir = fixture(name);
-        let model = load_llama(&be, &dir).unwrap();
+        let model = load_llama(&be, &dir, Quant::None).unwrap();
         let g = read_all_f64(&dir.join("generate.safetensors")).unwrap();
         let (c, v) = (model.cfg.hidden_size, model.cfg.vocab_size);
         let (gen, n, eos) = generate_config(&g);
@@ -215,7 +216,7 @@ fn t5_greedy_generation_matches_transformers() {
     let be = CpuBackend::<f32>::new();
     for name in T5_FOLDERS {
         let dir = fixture(name);
-        let model = load_t5(&be, &dir).unwrap();
+        let model = load_t5(&be, &dir, Quant::None).unwrap();
         let g = read_all_f64(&dir.join("generate.safetensors")).unwrap();
         let (c, v) = (model.cfg.d_model, model.cfg.vocab_size);
         assert_eq!(

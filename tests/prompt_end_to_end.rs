@@ -9,6 +9,7 @@ use fastpt::backend::cpu::CpuBackend;
 use fastpt::backend::Backend;
 use fastpt::data::HostBatch;
 use fastpt::engine::{forward_backward, StepOutput};
+use fastpt::model::linear::Quant;
 use fastpt::model::{load_model, Backbone};
 use fastpt::prompt::{build_method, zero_grads, MethodConfig, MethodContext, PromptMethod};
 use fastpt::testing::{random_vec, rel_err};
@@ -73,7 +74,7 @@ fn check_every_method(fixture: &str) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(fixture);
-    let model = load_model(&be, &dir).unwrap();
+    let model = load_model(&be, &dir, Quant::None).unwrap();
     let batch = match &model {
         Backbone::T5(m) => HostBatch::random(&m.cfg, &[6, 4], &[3, 2], 3),
         Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &[6, 3], &[2, 3], 3),

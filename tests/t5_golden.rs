@@ -9,6 +9,7 @@ use std::path::Path;
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::backend::Backend;
 use fastpt::model::hf::{load_tokenizer, read_all_f64};
+use fastpt::model::linear::Quant;
 use fastpt::model::load_t5;
 use fastpt::model::t5::T5Batch;
 use fastpt::testing::{fixture, golden, golden_ids, rel_err};
@@ -18,7 +19,7 @@ const FOLDERS: &[&str] = &["t5-v1_0-tiny", "t5-v1_1-tiny"];
 /// Runs forward + backward on backend `be` and returns the relative errors of
 /// (logits at label rows, loss, encoder output, d inputs_embeds) against the goldens.
 fn errors<B: Backend>(be: &B, dir: &Path) -> [f64; 4] {
-    let model = load_t5(be, dir).unwrap();
+    let model = load_t5(be, dir, Quant::None).unwrap();
     let g = read_all_f64(&dir.join("golden.safetensors")).unwrap();
     let (shape, embeds) = golden(&g, "inputs_embeds");
     let (b, t) = (shape[0], shape[1]);
@@ -105,7 +106,7 @@ fn input_ids_gather_to_the_golden_inputs_embeds() {
     let be = CpuBackend::<f64>::new();
     for name in FOLDERS {
         let dir = fixture(name);
-        let model = load_t5(&be, &dir).unwrap();
+        let model = load_t5(&be, &dir, Quant::None).unwrap();
         let g = read_all_f64(&dir.join("golden.safetensors")).unwrap();
         let input_ids = golden_ids(&g, "input_ids");
         let c = model.cfg.d_model;

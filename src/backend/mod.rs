@@ -16,6 +16,8 @@
 pub mod cpu;
 pub mod gpu;
 
+use crate::model::nf4::Nf4Tensor;
+
 // Scalar parameters (alpha, eps, scale, dloss) are f64 so that the f64 CPU backend computes
 // exactly what an f64 reference does; f32 backends round them once.
 
@@ -191,6 +193,8 @@ pub trait Backend: Sync {
     type Tensor: Send + Sync;
     /// A flat buffer of i32.
     type Index: Send + Sync;
+    /// A frozen weight quantised to NF4 with double-quantised absmax (see `model::nf4`).
+    type Nf4: Send + Sync;
 
     /// A short name for logs: "cpu-f32", "cpu-f64", ...
     fn name(&self) -> String;
@@ -205,6 +209,12 @@ pub trait Backend: Sync {
     fn download_f64(&self, x: &Self::Tensor) -> Vec<f64>;
     fn copy(&self, x: &Self::Tensor) -> Self::Tensor;
     fn upload_index(&self, data: &[i32]) -> Self::Index;
+    /// Takes an NF4 tensor quantised on the host (`model::nf4::quantize_nf4`).
+    fn upload_nf4(&self, q: Nf4Tensor) -> Self::Nf4;
+    /// Number of elements of an NF4 tensor.
+    fn nf4_len(&self, q: &Self::Nf4) -> usize;
+    /// Bytes an NF4 tensor occupies (codes, absmax codes, scales, offset).
+    fn nf4_bytes(&self, q: &Self::Nf4) -> usize;
     fn len(&self, x: &Self::Tensor) -> usize;
 
     // ---- elementwise ----------------------------------------------------------------------
@@ -212,6 +222,11 @@ pub trait Backend: Sync {
     fn fill_zero(&self, x: &mut Self::Tensor);
     /// `dst += src`, same length.
     fn add_assign(&self, dst: &mut Self::Tensor, src: &Self::Tensor);
+
+    // ---- quantised weights ----------------------------------------------------------------
+
+    /// `out (N) =` the dequantised values of `q` (N elements): `NF4[code]·absmax[block]`.
+    fn nf4_dequantize(&self, out: &mut Self::Tensor, q: &Self::Nf4);
 
     // ---- GEMM -----------------------------------------------------------------------------
 

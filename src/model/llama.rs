@@ -14,6 +14,7 @@ use crate::backend::{Activation, AttnDims, AttnMask, Backend, Gemm};
 use crate::error::{Error, Result};
 use crate::model::config::{LlamaConfig, RopeScaling};
 use crate::model::generate::{check_generate_inputs, GenerateConfig, Generated, Greedy};
+use crate::model::linear::{Linear, Quant};
 use crate::model::t5::WeightSource;
 use crate::model::{
     label_rows_loss, label_rows_loss_backward, LmHead, LossSaved, ModelOutput, NormSaved,
@@ -22,14 +23,14 @@ use crate::model::{
 /// The weights of one decoder layer, PyTorch layout `(out, in)`.
 pub struct LlamaLayer<B: Backend> {
     pub ln_attn: B::Tensor, // (C) input_layernorm
-    pub q: B::Tensor,       // (H·D, C)
-    pub k: B::Tensor,       // (Hkv·D, C)
-    pub v: B::Tensor,       // (Hkv·D, C)
-    pub o: B::Tensor,       // (C, H·D)
+    pub q: Linear<B>,       // (H·D, C)
+    pub k: Linear<B>,       // (Hkv·D, C)
+    pub v: Linear<B>,       // (Hkv·D, C)
+    pub o: Linear<B>,       // (C, H·D)
     pub ln_mlp: B::Tensor,  // (C) post_attention_layernorm
-    pub gate: B::Tensor,    // (F, C) the SiLU branch
-    pub up: B::Tensor,      // (F, C) the linear branch
-    pub down: B::Tensor,    // (C, F)
+    pub gate: Linear<B>,    // (F, C) the SiLU branch
+    pub up: Linear<B>,      // (F, C) the linear branch
+    pub down: Linear<B>,    // (C, F)
 }
 
 /// All weights of a Llama model.
@@ -73,34 +74,47 @@ impl<B: Backend> LlamaWeights<B> {
     /// Builds the weights from a source that returns each tensor of [`llama_tensor_specs`] as
     /// f32, uploading them one by one (host memory holds one converted tensor at a time).
     pub fn load(be: &B, cfg: &LlamaConfig, source: &mut WeightSource<'_>) -> Result<Self> {
+        Self::load_quantized(be, cfg, source, Quant::None)
+    }
+
+    /// As [`LlamaWeights::load`], with the attention and MLP projections stored as `quant` says
+    /// (embeddings, norms and the output projection stay dense, as bitsandbytes leaves them).
+    pub fn load_quantized(
+        be: &B,
+        cfg: &LlamaConfig,
+        source: &mut WeightSource<'_>,
+        quant: Quant,
+    ) -> Result<Self> {
         let mut specs = llama_tensor_specs(cfg).into_iter();
-        let mut next = || -> Result<B::Tensor> {
+        let mut next_f32 = || -> Result<Vec<f32>> {
             let (name, shape) = specs
                 .next()
                 .ok_or_else(|| Error::Input("Llama tensor list ended early".into()))?;
-            Ok(be.upload_f32(source(&name, &shape)?))
+            source(&name, &shape)
         };
-        let embed = next()?;
+        let dense = |data: Vec<f32>| be.upload_f32(data);
+        let linear = |data: Vec<f32>| Linear::load(be, data, quant);
+        let embed = dense(next_f32()?);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for _ in 0..cfg.num_hidden_layers {
             // The order of llama_tensor_specs.
             layers.push(LlamaLayer {
-                ln_attn: next()?,
-                q: next()?,
-                k: next()?,
-                v: next()?,
-                o: next()?,
-                ln_mlp: next()?,
-                gate: next()?,
-                up: next()?,
-                down: next()?,
+                ln_attn: dense(next_f32()?),
+                q: linear(next_f32()?),
+                k: linear(next_f32()?),
+                v: linear(next_f32()?),
+                o: linear(next_f32()?),
+                ln_mlp: dense(next_f32()?),
+                gate: linear(next_f32()?),
+                up: linear(next_f32()?),
+                down: linear(next_f32()?),
             });
         }
-        let final_norm = next()?;
+        let final_norm = dense(next_f32()?);
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(next()?)
+            Some(dense(next_f32()?))
         };
         Ok(LlamaWeights {
             embed,
@@ -300,9 +314,9 @@ impl<B: Backend> Llama<B> {
         let mut q_lin = be.zeros(n * qd); // (N, H·D) before RoPE
         let mut k_lin = be.zeros(n * kvd); // (N, Hkv·D) before RoPE
         let mut v = be.zeros(n * kvd); // (N, Hkv·D)
-        be.linear_forward(&mut q_lin, &normed, &layer.q, n, c, qd);
-        be.linear_forward(&mut k_lin, &normed, &layer.k, n, c, kvd);
-        be.linear_forward(&mut v, &normed, &layer.v, n, c, kvd);
+        layer.q.forward(be, &mut q_lin, &normed, n, c, qd);
+        layer.k.forward(be, &mut k_lin, &normed, n, c, kvd);
+        layer.v.forward(be, &mut v, &normed, n, c, kvd);
         let mut q = be.zeros(n * qd); // (N, H·D)
         let mut k = be.zeros(n * kvd); // (N, Hkv·D)
         be.rope_forward(&mut q, &q_lin, positions, cos, sin, n, h, hd);
@@ -348,7 +362,7 @@ impl<B: Backend> Llama<B> {
             }
         }
         let mut y = be.zeros(n * c); // (N, C)
-        be.linear_forward(&mut y, &out, &layer.o, n, qd, c);
+        layer.o.forward(be, &mut y, &out, n, qd, c);
         be.add_assign(&mut y, &x);
         let attn_norm = NormSaved { inp: x, rstd };
 
@@ -358,12 +372,12 @@ impl<B: Backend> Llama<B> {
         be.rmsnorm_forward(&mut normed, &mut rstd, &y, &layer.ln_mlp, n, c, eps);
         let mut gate = be.zeros(n * f); // (N, F)
         let mut up = be.zeros(n * f); // (N, F)
-        be.linear_forward(&mut gate, &normed, &layer.gate, n, c, f);
-        be.linear_forward(&mut up, &normed, &layer.up, n, c, f);
+        layer.gate.forward(be, &mut gate, &normed, n, c, f);
+        layer.up.forward(be, &mut up, &normed, n, c, f);
         let mut hidden = be.zeros(n * f); // (N, F)
         be.gated_act_forward(&mut hidden, &gate, Some(&up), Activation::Silu, n * f);
         let mut z = be.zeros(n * c); // (N, C)
-        be.linear_forward(&mut z, &hidden, &layer.down, n, f, c);
+        layer.down.forward(be, &mut z, &hidden, n, f, c);
         be.add_assign(&mut z, &y);
         let mlp_norm = NormSaved { inp: y, rstd };
         let saved = LayerSaved {
@@ -404,7 +418,9 @@ impl<B: Backend> Llama<B> {
 
         // MLP branch.
         let mut d_hidden = be.zeros(n * f); // (N, F)
-        be.linear_backward_dinp(&mut d_hidden, dx, &layer.down, n, f, c, false);
+        layer
+            .down
+            .backward_dinp(be, &mut d_hidden, dx, n, f, c, false);
         let mut d_gate = be.zeros(n * f); // (N, F)
         let mut d_up = be.zeros(n * f); // (N, F)
         be.gated_act_backward_dinp(
@@ -417,14 +433,18 @@ impl<B: Backend> Llama<B> {
             n * f,
         );
         let mut d_normed = be.zeros(n * c); // (N, C)
-        be.linear_backward_dinp(&mut d_normed, &d_gate, &layer.gate, n, c, f, false);
-        be.linear_backward_dinp(&mut d_normed, &d_up, &layer.up, n, c, f, true);
+        layer
+            .gate
+            .backward_dinp(be, &mut d_normed, &d_gate, n, c, f, false);
+        layer
+            .up
+            .backward_dinp(be, &mut d_normed, &d_up, n, c, f, true);
         let norm = &s.mlp_norm;
         be.rmsnorm_backward_dinp(dx, &d_normed, &norm.inp, &layer.ln_mlp, &norm.rstd, n, c);
 
         // Attention branch.
         let mut d_out = be.zeros(n * qd); // (N, H·D)
-        be.linear_backward_dinp(&mut d_out, dx, &layer.o, n, qd, c, false);
+        layer.o.backward_dinp(be, &mut d_out, dx, n, qd, c, false);
         let mut dq = be.zeros(n * qd); // (N, H·D) after RoPE
         let mut dk = be.zeros(n * kvd); // (N, Hkv·D) after RoPE
         let mut dv = be.zeros(n * kvd); // (N, Hkv·D)
@@ -453,9 +473,15 @@ impl<B: Backend> Llama<B> {
         be.rope_backward_dinp(&mut dq_lin, &dq, pos, cos, sin, n, h, hd);
         be.rope_backward_dinp(&mut dk_lin, &dk, pos, cos, sin, n, h_kv, hd);
         let mut d_normed = be.zeros(n * c); // (N, C)
-        be.linear_backward_dinp(&mut d_normed, &dq_lin, &layer.q, n, c, qd, false);
-        be.linear_backward_dinp(&mut d_normed, &dk_lin, &layer.k, n, c, kvd, true);
-        be.linear_backward_dinp(&mut d_normed, &dv, &layer.v, n, c, kvd, true);
+        layer
+            .q
+            .backward_dinp(be, &mut d_normed, &dq_lin, n, c, qd, false);
+        layer
+            .k
+            .backward_dinp(be, &mut d_normed, &dk_lin, n, c, kvd, true);
+        layer
+            .v
+            .backward_dinp(be, &mut d_normed, &dv, n, c, kvd, true);
         let norm = &s.attn_norm;
         be.rmsnorm_backward_dinp(dx, &d_normed, &norm.inp, &layer.ln_attn, &norm.rstd, n, c);
     }

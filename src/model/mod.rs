@@ -3,6 +3,7 @@
 pub mod config;
 pub mod generate;
 pub mod hf;
+pub mod linear;
 pub mod llama;
 pub mod nf4;
 pub mod shapes;
@@ -14,13 +15,14 @@ use crate::backend::{Backend, Gemm};
 use crate::error::{Error, Result};
 use config::{Architecture, LlamaConfig, T5Config};
 use hf::SafetensorsFolder;
+use linear::Quant;
 use llama::{llama_tensor_specs, Llama, LlamaWeights};
 use t5::{t5_tensor_specs, T5Weights, T5};
 
 /// Loads a T5 model from a Hugging Face folder: `config.json` and `model.safetensors` (or the
 /// shards of `model.safetensors.index.json`), weights converted to the backend's type. Every
 /// missing tensor is reported at once, before any weight is read.
-pub fn load_t5<B: Backend>(be: &B, dir: &Path) -> Result<T5<B>> {
+pub fn load_t5<B: Backend>(be: &B, dir: &Path, quant: Quant) -> Result<T5<B>> {
     let cfg = T5Config::from_file(&dir.join("config.json"))?;
     let folder = SafetensorsFolder::open(dir)?;
     // Checkpoints saved with tied embeddings may keep only the encoder's copy of the table.
@@ -42,25 +44,31 @@ pub fn load_t5<B: Backend>(be: &B, dir: &Path) -> Result<T5<B>> {
         .map(|(n, _)| rename(n))
         .collect();
     folder.require(&names)?;
-    let weights = T5Weights::load(be, &cfg, &mut |name, shape| {
-        folder.load_f32(&rename(name), shape)
-    })?;
+    let weights = T5Weights::load_quantized(
+        be,
+        &cfg,
+        &mut |name, shape| folder.load_f32(&rename(name), shape),
+        quant,
+    )?;
     Ok(T5::new(cfg, weights))
 }
 
 /// A built-in T5 shape (see [`shapes::T5_SHAPES`]) with random weights from `seed`.
-pub fn random_t5<B: Backend>(be: &B, shape: &str, seed: u64) -> Result<T5<B>> {
+pub fn random_t5<B: Backend>(be: &B, shape: &str, seed: u64, quant: Quant) -> Result<T5<B>> {
     let cfg = shapes::t5_shape(shape)?;
-    let weights = T5Weights::load(be, &cfg, &mut |name, dims| {
-        Ok(shapes::random_t5_tensor(&cfg, name, dims, seed))
-    })?;
+    let weights = T5Weights::load_quantized(
+        be,
+        &cfg,
+        &mut |name, dims| Ok(shapes::random_t5_tensor(&cfg, name, dims, seed)),
+        quant,
+    )?;
     Ok(T5::new(cfg, weights))
 }
 
 /// Loads a Llama model from a Hugging Face folder: `config.json` and `model.safetensors` (or
 /// the shards of `model.safetensors.index.json`). Every missing tensor is reported at once,
 /// before any weight is read.
-pub fn load_llama<B: Backend>(be: &B, dir: &Path) -> Result<Llama<B>> {
+pub fn load_llama<B: Backend>(be: &B, dir: &Path, quant: Quant) -> Result<Llama<B>> {
     let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
     let folder = SafetensorsFolder::open(dir)?;
     let names: Vec<String> = llama_tensor_specs(&cfg)
@@ -68,16 +76,24 @@ pub fn load_llama<B: Backend>(be: &B, dir: &Path) -> Result<Llama<B>> {
         .map(|(n, _)| n)
         .collect();
     folder.require(&names)?;
-    let weights = LlamaWeights::load(be, &cfg, &mut |name, shape| folder.load_f32(name, shape))?;
+    let weights = LlamaWeights::load_quantized(
+        be,
+        &cfg,
+        &mut |name, shape| folder.load_f32(name, shape),
+        quant,
+    )?;
     Ok(Llama::new(cfg, weights))
 }
 
 /// A built-in Llama shape (see [`shapes::LLAMA_SHAPES`]) with random weights from `seed`.
-pub fn random_llama<B: Backend>(be: &B, shape: &str, seed: u64) -> Result<Llama<B>> {
+pub fn random_llama<B: Backend>(be: &B, shape: &str, seed: u64, quant: Quant) -> Result<Llama<B>> {
     let cfg = shapes::llama_shape(shape)?;
-    let weights = LlamaWeights::load(be, &cfg, &mut |name, dims| {
-        Ok(shapes::random_llama_tensor(name, dims, seed))
-    })?;
+    let weights = LlamaWeights::load_quantized(
+        be,
+        &cfg,
+        &mut |name, dims| Ok(shapes::random_llama_tensor(name, dims, seed)),
+        quant,
+    )?;
     Ok(Llama::new(cfg, weights))
 }
 
@@ -203,18 +219,23 @@ pub enum Backbone<B: Backend> {
 }
 
 /// Loads whichever model a Hugging Face folder holds, by the `model_type` of its config.json.
-pub fn load_model<B: Backend>(be: &B, dir: &Path) -> Result<Backbone<B>> {
+pub fn load_model<B: Backend>(be: &B, dir: &Path, quant: Quant) -> Result<Backbone<B>> {
     Ok(match Architecture::of_config(&dir.join("config.json"))? {
-        Architecture::T5 => Backbone::T5(load_t5(be, dir)?),
-        Architecture::Llama => Backbone::Llama(load_llama(be, dir)?),
+        Architecture::T5 => Backbone::T5(load_t5(be, dir, quant)?),
+        Architecture::Llama => Backbone::Llama(load_llama(be, dir, quant)?),
     })
 }
 
 /// A built-in shape of either family, with random weights from `seed`.
-pub fn random_model<B: Backend>(be: &B, shape: &str, seed: u64) -> Result<Backbone<B>> {
+pub fn random_model<B: Backend>(
+    be: &B,
+    shape: &str,
+    seed: u64,
+    quant: Quant,
+) -> Result<Backbone<B>> {
     if shapes::LLAMA_SHAPES.contains(&shape) {
-        Ok(Backbone::Llama(random_llama(be, shape, seed)?))
+        Ok(Backbone::Llama(random_llama(be, shape, seed, quant)?))
     } else {
-        Ok(Backbone::T5(random_t5(be, shape, seed)?))
+        Ok(Backbone::T5(random_t5(be, shape, seed, quant)?))
     }
 }

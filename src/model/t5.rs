@@ -13,25 +13,26 @@ use crate::backend::{Activation, AttnDims, AttnMask, Backend, RelBias};
 use crate::error::{Error, Result};
 use crate::model::config::{FeedForward, T5Config};
 use crate::model::generate::{check_generate_inputs, GenerateConfig, Generated, Greedy};
+use crate::model::linear::{Linear, Quant};
 use crate::model::{
     label_rows_loss, label_rows_loss_backward, LmHead, LossSaved, ModelOutput, NormSaved,
 };
 
 /// The weights of one attention block, PyTorch layout `(out, in)`.
 pub struct AttnWeights<B: Backend> {
-    pub q: B::Tensor, // (H·D, C)
-    pub k: B::Tensor, // (H·D, C)
-    pub v: B::Tensor, // (H·D, C)
-    pub o: B::Tensor, // (C, H·D)
+    pub q: Linear<B>, // (H·D, C)
+    pub k: Linear<B>, // (H·D, C)
+    pub v: Linear<B>, // (H·D, C)
+    pub o: Linear<B>, // (C, H·D)
 }
 
 /// The weights of one feed-forward block.
 pub struct FfnWeights<B: Backend> {
     /// `wi` (v1.0) or `wi_0` (v1.1, the activated branch).
-    pub wi: B::Tensor, // (F, C)
+    pub wi: Linear<B>, // (F, C)
     /// `wi_1` (v1.1 only, the linear gate branch).
-    pub wi_gate: Option<B::Tensor>, // (F, C)
-    pub wo: B::Tensor, // (C, F)
+    pub wi_gate: Option<Linear<B>>, // (F, C)
+    pub wo: Linear<B>, // (C, F)
 }
 
 pub struct EncoderLayer<B: Backend> {
@@ -128,6 +129,18 @@ impl<B: Backend> T5Weights<B> {
     /// (a checkpoint folder, or random weights of a built-in shape). Tensors are uploaded one by
     /// one so that host memory holds at most one converted tensor at a time.
     pub fn load(be: &B, cfg: &T5Config, source: &mut WeightSource<'_>) -> Result<Self> {
+        Self::load_quantized(be, cfg, source, Quant::None)
+    }
+
+    /// As [`T5Weights::load`], with the attention and feed-forward projections stored as `quant`
+    /// says (embeddings, norms, the relative bias and the LM head stay dense, as bitsandbytes
+    /// leaves them).
+    pub fn load_quantized(
+        be: &B,
+        cfg: &T5Config,
+        source: &mut WeightSource<'_>,
+        quant: Quant,
+    ) -> Result<Self> {
         let (c, hd, f, v) = (cfg.d_model, cfg.inner_dim(), cfg.d_ff, cfg.vocab_size);
         let nb = cfg.relative_attention_num_buckets;
         // Same names and order as t5_tensor_specs (a test checks that they agree).
@@ -137,13 +150,21 @@ impl<B: Backend> T5Weights<B> {
         for l in 0..cfg.num_layers {
             let p = format!("encoder.block.{l}.layer");
             let ln_attn = be.upload_f32(source(&format!("{p}.0.layer_norm.weight"), &[c])?);
-            let attn = load_attn(be, source, &format!("{p}.0.SelfAttention"), hd, c)?;
+            let attn = load_attn(be, source, quant, &format!("{p}.0.SelfAttention"), hd, c)?;
             if l == 0 {
                 let name = format!("{p}.0.SelfAttention.relative_attention_bias.weight");
                 encoder_rel_bias = Some(be.upload_f32(source(&name, &[nb, cfg.num_heads])?));
             }
             let ln_ff = be.upload_f32(source(&format!("{p}.1.layer_norm.weight"), &[c])?);
-            let ff = load_ffn(be, source, cfg, &format!("{p}.1.DenseReluDense"), c, f)?;
+            let ff = load_ffn(
+                be,
+                source,
+                quant,
+                cfg,
+                &format!("{p}.1.DenseReluDense"),
+                c,
+                f,
+            )?;
             encoder.push(EncoderLayer {
                 ln_attn,
                 attn,
@@ -157,15 +178,24 @@ impl<B: Backend> T5Weights<B> {
         for l in 0..cfg.num_decoder_layers {
             let p = format!("decoder.block.{l}.layer");
             let ln_self = be.upload_f32(source(&format!("{p}.0.layer_norm.weight"), &[c])?);
-            let self_attn = load_attn(be, source, &format!("{p}.0.SelfAttention"), hd, c)?;
+            let self_attn = load_attn(be, source, quant, &format!("{p}.0.SelfAttention"), hd, c)?;
             if l == 0 {
                 let name = format!("{p}.0.SelfAttention.relative_attention_bias.weight");
                 decoder_rel_bias = Some(be.upload_f32(source(&name, &[nb, cfg.num_heads])?));
             }
             let ln_cross = be.upload_f32(source(&format!("{p}.1.layer_norm.weight"), &[c])?);
-            let cross_attn = load_attn(be, source, &format!("{p}.1.EncDecAttention"), hd, c)?;
+            let cross_attn =
+                load_attn(be, source, quant, &format!("{p}.1.EncDecAttention"), hd, c)?;
             let ln_ff = be.upload_f32(source(&format!("{p}.2.layer_norm.weight"), &[c])?);
-            let ff = load_ffn(be, source, cfg, &format!("{p}.2.DenseReluDense"), c, f)?;
+            let ff = load_ffn(
+                be,
+                source,
+                quant,
+                cfg,
+                &format!("{p}.2.DenseReluDense"),
+                c,
+                f,
+            )?;
             decoder.push(DecoderLayer {
                 ln_self,
                 self_attn,
@@ -198,37 +228,44 @@ impl<B: Backend> T5Weights<B> {
 fn load_attn<B: Backend>(
     be: &B,
     source: &mut WeightSource<'_>,
+    quant: Quant,
     prefix: &str,
     hd: usize,
     c: usize,
 ) -> Result<AttnWeights<B>> {
+    let mut linear = |name: &str, shape: [usize; 2]| -> Result<Linear<B>> {
+        let data = source(&format!("{prefix}.{name}.weight"), &shape)?;
+        Ok(Linear::load(be, data, quant))
+    };
     Ok(AttnWeights {
-        q: be.upload_f32(source(&format!("{prefix}.q.weight"), &[hd, c])?),
-        k: be.upload_f32(source(&format!("{prefix}.k.weight"), &[hd, c])?),
-        v: be.upload_f32(source(&format!("{prefix}.v.weight"), &[hd, c])?),
-        o: be.upload_f32(source(&format!("{prefix}.o.weight"), &[c, hd])?),
+        q: linear("q", [hd, c])?,
+        k: linear("k", [hd, c])?,
+        v: linear("v", [hd, c])?,
+        o: linear("o", [c, hd])?,
     })
 }
 
 fn load_ffn<B: Backend>(
     be: &B,
     source: &mut WeightSource<'_>,
+    quant: Quant,
     cfg: &T5Config,
     prefix: &str,
     c: usize,
     f: usize,
 ) -> Result<FfnWeights<B>> {
+    let mut linear = |name: &str, shape: [usize; 2]| -> Result<Linear<B>> {
+        let data = source(&format!("{prefix}.{name}.weight"), &shape)?;
+        Ok(Linear::load(be, data, quant))
+    };
     let (wi, wi_gate) = match cfg.feed_forward {
-        FeedForward::Relu => (source(&format!("{prefix}.wi.weight"), &[f, c])?, None),
-        FeedForward::GatedGelu => (
-            source(&format!("{prefix}.wi_0.weight"), &[f, c])?,
-            Some(be.upload_f32(source(&format!("{prefix}.wi_1.weight"), &[f, c])?)),
-        ),
+        FeedForward::Relu => (linear("wi", [f, c])?, None),
+        FeedForward::GatedGelu => (linear("wi_0", [f, c])?, Some(linear("wi_1", [f, c])?)),
     };
     Ok(FfnWeights {
-        wi: be.upload_f32(wi),
+        wi,
         wi_gate,
-        wo: be.upload_f32(source(&format!("{prefix}.wo.weight"), &[c, f])?),
+        wo: linear("wo", [c, f])?,
     })
 }
 
@@ -391,15 +428,15 @@ impl<B: Backend> T5<B> {
         let mut q = be.zeros(n * hd);
         let mut k = be.zeros(n_kv * hd);
         let mut v = be.zeros(n_kv * hd);
-        be.linear_forward(&mut q, &normed, &w.q, n, c, hd);
-        be.linear_forward(&mut k, kv_inp, &w.k, n_kv, c, hd);
-        be.linear_forward(&mut v, kv_inp, &w.v, n_kv, c, hd);
+        w.q.forward(be, &mut q, &normed, n, c, hd);
+        w.k.forward(be, &mut k, kv_inp, n_kv, c, hd);
+        w.v.forward(be, &mut v, kv_inp, n_kv, c, hd);
         let mut out = be.zeros(n * hd);
         let mut lse = be.zeros(dims.b * dims.h * dims.t);
         // T5 does not scale scores by 1/sqrt(D): the scale is folded into the q init.
         be.attention_forward(&mut out, &mut lse, &q, &k, &v, mask, bias, 1.0, dims);
         let mut y = be.zeros(n * c);
-        be.linear_forward(&mut y, &out, &w.o, n, hd, c);
+        w.o.forward(be, &mut y, &out, n, hd, c);
         be.add_assign(&mut y, &x);
         let norm = NormSaved { inp: x, rstd };
         (
@@ -434,7 +471,7 @@ impl<B: Backend> T5<B> {
         let (c, hd) = (self.cfg.d_model, self.cfg.inner_dim());
         let (n, n_kv) = (dims.b * dims.t, dims.b * dims.s);
         let mut d_out = be.zeros(n * hd); // (B, T, H·D)
-        be.linear_backward_dinp(&mut d_out, dx, &w.o, n, hd, c, false);
+        w.o.backward_dinp(be, &mut d_out, dx, n, hd, c, false);
         let mut dq = be.zeros(n * hd);
         let mut dk = be.zeros(n_kv * hd);
         let mut dv = be.zeros(n_kv * hd);
@@ -444,13 +481,13 @@ impl<B: Backend> T5<B> {
             dims,
         );
         let mut d_normed = be.zeros(n * c); // (B, T, C)
-        be.linear_backward_dinp(&mut d_normed, &dq, &w.q, n, c, hd, false);
+        w.q.backward_dinp(be, &mut d_normed, &dq, n, c, hd, false);
         let d_kv_inp = match d_kv {
             Some(d_kv) => d_kv,
             None => &mut d_normed,
         };
-        be.linear_backward_dinp(d_kv_inp, &dk, &w.k, n_kv, c, hd, true);
-        be.linear_backward_dinp(d_kv_inp, &dv, &w.v, n_kv, c, hd, true);
+        w.k.backward_dinp(be, d_kv_inp, &dk, n_kv, c, hd, true);
+        w.v.backward_dinp(be, d_kv_inp, &dv, n_kv, c, hd, true);
         be.rmsnorm_backward_dinp(dx, &d_normed, &s.norm.inp, ln, &s.norm.rstd, n, c);
     }
 
@@ -468,16 +505,16 @@ impl<B: Backend> T5<B> {
         let mut rstd = be.zeros(n);
         be.rmsnorm_forward(&mut normed, &mut rstd, &x, ln, n, c, self.eps());
         let mut a = be.zeros(n * f); // (N, F)
-        be.linear_forward(&mut a, &normed, &w.wi, n, c, f);
+        w.wi.forward(be, &mut a, &normed, n, c, f);
         let gate = w.wi_gate.as_ref().map(|wg| {
             let mut g = be.zeros(n * f); // (N, F)
-            be.linear_forward(&mut g, &normed, wg, n, c, f);
+            wg.forward(be, &mut g, &normed, n, c, f);
             g
         });
         let mut hidden = be.zeros(n * f); // (N, F)
         be.gated_act_forward(&mut hidden, &a, gate.as_ref(), self.act(), n * f);
         let mut y = be.zeros(n * c);
-        be.linear_forward(&mut y, &hidden, &w.wo, n, f, c);
+        w.wo.forward(be, &mut y, &hidden, n, f, c);
         be.add_assign(&mut y, &x);
         let norm = NormSaved { inp: x, rstd };
         (y, FfnSaved { norm, a, gate })
@@ -495,7 +532,7 @@ impl<B: Backend> T5<B> {
     ) {
         let (c, f) = (self.cfg.d_model, self.cfg.d_ff);
         let mut d_hidden = be.zeros(n * f); // (N, F)
-        be.linear_backward_dinp(&mut d_hidden, dx, &w.wo, n, f, c, false);
+        w.wo.backward_dinp(be, &mut d_hidden, dx, n, f, c, false);
         let mut da = be.zeros(n * f);
         let mut d_gate = saved.gate.as_ref().map(|_| be.zeros(n * f));
         be.gated_act_backward_dinp(
@@ -508,9 +545,9 @@ impl<B: Backend> T5<B> {
             n * f,
         );
         let mut d_normed = be.zeros(n * c); // (N, C)
-        be.linear_backward_dinp(&mut d_normed, &da, &w.wi, n, c, f, false);
+        w.wi.backward_dinp(be, &mut d_normed, &da, n, c, f, false);
         if let (Some(dg), Some(wg)) = (&d_gate, &w.wi_gate) {
-            be.linear_backward_dinp(&mut d_normed, dg, wg, n, c, f, true);
+            wg.backward_dinp(be, &mut d_normed, dg, n, c, f, true);
         }
         be.rmsnorm_backward_dinp(dx, &d_normed, &saved.norm.inp, ln, &saved.norm.rstd, n, c);
     }
@@ -725,13 +762,13 @@ impl<B: Backend> T5<B> {
         let mut rstd = be.zeros(n);
         be.rmsnorm_forward(&mut normed, &mut rstd, &x, ln, n, c, self.eps());
         let mut q = be.zeros(n * hd); // (B, H·D)
-        be.linear_forward(&mut q, &normed, &w.q, n, c, hd);
+        w.q.forward(be, &mut q, &normed, n, c, hd);
         let (k, v): (&B::Tensor, &B::Tensor) = match kv {
             CachedKv::Write { k, v, slots } => {
                 let mut k_new = be.zeros(n * hd); // (B, H·D)
                 let mut v_new = be.zeros(n * hd);
-                be.linear_forward(&mut k_new, &normed, &w.k, n, c, hd);
-                be.linear_forward(&mut v_new, &normed, &w.v, n, c, hd);
+                w.k.forward(be, &mut k_new, &normed, n, c, hd);
+                w.v.forward(be, &mut v_new, &normed, n, c, hd);
                 // The slots are zero (never written): adding writes them.
                 be.scatter_rows_add(k, &k_new, slots, n, hd);
                 be.scatter_rows_add(v, &v_new, slots, n, hd);
@@ -743,7 +780,7 @@ impl<B: Backend> T5<B> {
         let mut lse = be.zeros(n * dims.h);
         be.attention_forward(&mut out, &mut lse, &q, k, v, mask, bias, 1.0, dims);
         let mut y = be.zeros(n * c); // (B, C)
-        be.linear_forward(&mut y, &out, &w.o, n, hd, c);
+        w.o.forward(be, &mut y, &out, n, hd, c);
         be.add_assign(&mut y, &x);
         y
     }
@@ -774,8 +811,14 @@ impl<B: Backend> T5<B> {
             .map(|layer| {
                 let mut k = be.zeros(b * t * hd);
                 let mut v = be.zeros(b * t * hd);
-                be.linear_forward(&mut k, &enc_out, &layer.cross_attn.k, b * t, c, hd);
-                be.linear_forward(&mut v, &enc_out, &layer.cross_attn.v, b * t, c, hd);
+                layer
+                    .cross_attn
+                    .k
+                    .forward(be, &mut k, &enc_out, b * t, c, hd);
+                layer
+                    .cross_attn
+                    .v
+                    .forward(be, &mut v, &enc_out, b * t, c, hd);
                 (k, v)
             })
             .collect();

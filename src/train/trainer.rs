@@ -149,9 +149,9 @@ pub fn train<B: Backend + 'static>(
 
     // Model, tokenizer, method.
     let model = if is_builtin_shape(&cfg.model) {
-        random_t5(be, &cfg.model, cfg.seed)?
+        random_t5(be, &cfg.model, cfg.seed, cfg.quant)?
     } else {
-        load_t5(be, Path::new(&cfg.model))?
+        load_t5(be, Path::new(&cfg.model), cfg.quant)?
     };
     let tokenizer = match Path::new(&cfg.model).join("tokenizer.json").exists() {
         true => Some(load_tokenizer(Path::new(&cfg.model))?),

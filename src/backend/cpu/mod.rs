@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use crate::model::nf4::{dequantize_nf4, Nf4Tensor};
+
 mod method_ops;
 
 use super::{
@@ -263,6 +265,7 @@ fn head_probs<T: Float>(
 impl<T: Float> Backend for CpuBackend<T> {
     type Tensor = Vec<T>;
     type Index = Vec<i32>;
+    type Nf4 = Nf4Tensor;
 
     fn name(&self) -> String {
         format!("cpu-{}", std::any::type_name::<T>())
@@ -302,6 +305,33 @@ impl<T: Float> Backend for CpuBackend<T> {
 
     fn upload_index(&self, data: &[i32]) -> Vec<i32> {
         data.to_vec()
+    }
+
+    fn upload_nf4(&self, q: Nf4Tensor) -> Nf4Tensor {
+        q
+    }
+
+    fn nf4_len(&self, q: &Nf4Tensor) -> usize {
+        q.len
+    }
+
+    fn nf4_bytes(&self, q: &Nf4Tensor) -> usize {
+        q.bytes()
+    }
+
+    fn nf4_dequantize(&self, out: &mut Vec<T>, q: &Nf4Tensor) {
+        assert_eq!(
+            out.len(),
+            q.len,
+            "nf4_dequantize: out has {} elements, the NF4 tensor {}",
+            out.len(),
+            q.len
+        );
+        let mut values = vec![0f32; q.len]; // (N)
+        dequantize_nf4(&mut values, q);
+        for (o, v) in out.iter_mut().zip(values) {
+            *o = T::of(v as f64);
+        }
     }
 
     fn len(&self, x: &Vec<T>) -> usize {

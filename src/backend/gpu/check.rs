@@ -15,7 +15,9 @@ use crate::backend::{Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode,
 use crate::data::HostBatch;
 use crate::engine::{build_backbone_method, forward_backward};
 use crate::model::generate::{GenerateConfig, Generated};
+use crate::model::linear::Quant;
 use crate::model::llama::{Llama, LlamaWeights};
+use crate::model::nf4::{dequantize_nf4, quantize_nf4};
 use crate::model::shapes::LLAMA_SHAPES;
 use crate::model::shapes::{llama_shape, random_llama_tensor, random_t5_tensor, t5_shape};
 use crate::model::t5::{T5Weights, T5};
@@ -282,6 +284,24 @@ impl<D: Device> Checker<'_, D> {
                 );
             }
         }
+    }
+
+    /// NF4 dequantisation of an odd-length tensor (a partial last block, an odd last byte).
+    fn nf4(&mut self) {
+        let n = 64 * 300 + 37;
+        let x = self.rand(n, 2.0);
+        let q = quantize_nf4(&x);
+        let mut want = vec![0f32; n];
+        dequantize_nf4(&mut want, &q);
+        let gq = self.gpu.upload_nf4(q);
+        let mut out = self.nan(n);
+        self.gpu.nf4_dequantize(&mut out, &gq);
+        // The f32 kernel is bit-identical to the CPU; bf16 rounds once.
+        let tol = match self.dtype() {
+            DType::F32 => 1e-7,
+            DType::Bf16 => op_tolerance(DType::Bf16),
+        };
+        self.record("nf4_dequantize", &out, &want, tol);
     }
 
     /// EPT-MS fusion (both readings) and gated experts, LAMP pooling: forward and backward.
@@ -809,6 +829,7 @@ pub fn check_ops<D: Device>(gpu: &GpuBackend<D>, seed: u64) -> Vec<CheckResult> 
     c.results.extend(c_other.results);
     c.loss_and_optimiser();
     c.method_ops(MethodDims::DOCTOR);
+    c.nf4();
     c.results
 }
 
@@ -861,20 +882,23 @@ fn model_with_weights<B: Backend>(
     shape: &str,
     seed: u64,
     dtype: DType,
+    quant: Quant,
 ) -> crate::Result<Backbone<B>> {
     if LLAMA_SHAPES.contains(&shape) {
         let cfg = llama_shape(shape)?;
-        let weights = LlamaWeights::load(be, &cfg, &mut |name, dims| {
+        let mut source = |name: &str, dims: &[usize]| {
             let w = random_llama_tensor(name, dims, seed);
             Ok(w.into_iter().map(|x| round(x, dtype)).collect())
-        })?;
+        };
+        let weights = LlamaWeights::load_quantized(be, &cfg, &mut source, quant)?;
         return Ok(Backbone::Llama(Llama::new(cfg, weights)));
     }
     let cfg = t5_shape(shape)?;
-    let weights = T5Weights::load(be, &cfg, &mut |name, dims| {
+    let mut source = |name: &str, dims: &[usize]| {
         let w = random_t5_tensor(&cfg, name, dims, seed);
         Ok(w.into_iter().map(|x| round(x, dtype)).collect())
-    })?;
+    };
+    let weights = T5Weights::load_quantized(be, &cfg, &mut source, quant)?;
     Ok(Backbone::T5(T5::new(cfg, weights)))
 }
 
@@ -889,8 +913,8 @@ pub fn check_steps<D: Device>(
 ) -> crate::Result<Vec<CheckResult>> {
     let dt = gpu.dtype();
     let cpu = CpuBackend::<f32>::new();
-    let model_g = model_with_weights(gpu, shape, seed, dt)?;
-    let model_c = model_with_weights(&cpu, shape, seed, dt)?;
+    let model_g = model_with_weights(gpu, shape, seed, dt, Quant::None)?;
+    let model_c = model_with_weights(&cpu, shape, seed, dt, Quant::None)?;
     let (inputs, targets) = ([9, 6, 11], [4, 2, 5]);
     let batch = match &model_c {
         Backbone::T5(m) => HostBatch::random(&m.cfg, &inputs, &targets, seed + 1),
@@ -927,6 +951,24 @@ pub fn check_steps<D: Device>(
     );
     push(
         format!("{shape} step: d inputs_embeds"),
+        &g.d_inputs_embeds,
+        &c.d_inputs_embeds,
+        step_grad_tolerance(dt),
+    );
+
+    // NF4 weights (dequantised before each GEMM, bit-identically on both backends in f32).
+    let nf4_g = model_with_weights(gpu, shape, seed, dt, Quant::Nf4)?;
+    let nf4_c = model_with_weights(&cpu, shape, seed, dt, Quant::Nf4)?;
+    let g = forward_backward(gpu, &nf4_g, None, &batch)?;
+    let c = forward_backward(&cpu, &nf4_c, None, &batch)?;
+    push(
+        format!("{shape} step nf4: loss"),
+        &[g.loss as f32],
+        &[c.loss as f32],
+        step_tolerance(dt),
+    );
+    push(
+        format!("{shape} step nf4: d inputs_embeds"),
         &g.d_inputs_embeds,
         &c.d_inputs_embeds,
         step_grad_tolerance(dt),

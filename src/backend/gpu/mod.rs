@@ -32,6 +32,7 @@ use super::{
     relative_position_bucket, Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode, Gemm,
     RelBias,
 };
+use crate::model::nf4::{dynamic_map_signed, Nf4Tensor};
 
 /// A tensor on a GPU device: `len` elements of the backend's dtype.
 pub struct GpuTensor<D: Device> {
@@ -43,6 +44,17 @@ pub struct GpuTensor<D: Device> {
 pub struct GpuIndex<D: Device> {
     buf: D::Buffer,
     len: usize,
+}
+
+/// An NF4 tensor on a GPU device (the layout of `model::nf4`).
+pub struct GpuNf4<D: Device> {
+    packed: D::Buffer,       // (ceil(N/2)) u8, two codes per byte, high nibble first
+    absmax_codes: D::Buffer, // (ceil(N/64)) u8 into the dynamic map
+    absmax_scale: D::Buffer, // (ceil(N/64/256)) f32
+    code2: D::Buffer,        // (256) f32, the signed dynamic map
+    offset: f32,
+    len: usize,
+    bytes: usize,
 }
 
 /// The matrix of one attention head inside a batched tensor: element `offset` of entry 0, row
@@ -759,6 +771,7 @@ impl<D: Device> GpuBackend<D> {
 impl<D: Device> Backend for GpuBackend<D> {
     type Tensor = GpuTensor<D>;
     type Index = GpuIndex<D>;
+    type Nf4 = GpuNf4<D>;
 
     fn name(&self) -> String {
         format!("{}-{}", self.device.name(), self.dtype)
@@ -810,6 +823,53 @@ impl<D: Device> Backend for GpuBackend<D> {
             buf,
             len: data.len(),
         }
+    }
+
+    fn upload_nf4(&self, q: Nf4Tensor) -> GpuNf4<D> {
+        let bytes = q.bytes();
+        let up = |data: &[u8]| {
+            let mut buf = self.alloc_bytes(data.len().max(1));
+            self.expect(self.device.upload(&mut buf, data));
+            buf
+        };
+        GpuNf4 {
+            packed: up(&q.packed),
+            absmax_codes: up(&q.absmax_codes),
+            absmax_scale: up(bytemuck::cast_slice(&q.absmax_scale)),
+            code2: up(bytemuck::cast_slice(&dynamic_map_signed())),
+            offset: q.offset,
+            len: q.len,
+            bytes,
+        }
+    }
+
+    fn nf4_len(&self, q: &GpuNf4<D>) -> usize {
+        q.len
+    }
+
+    fn nf4_bytes(&self, q: &GpuNf4<D>) -> usize {
+        q.bytes
+    }
+
+    fn nf4_dequantize(&self, out: &mut GpuTensor<D>, q: &GpuNf4<D>) {
+        self.check("nf4_dequantize: out", out, q.len);
+        let ptr = |b: &D::Buffer| Arg::Ptr(self.device.ptr(b));
+        self.launch(
+            "nf4_dequantize",
+            LaunchCfg::linear(
+                blocks_for(q.len.div_ceil(2), ELEMENTWISE_BLOCK),
+                ELEMENTWISE_BLOCK,
+            ),
+            &[
+                self.ptr(out),
+                ptr(&q.packed),
+                ptr(&q.absmax_codes),
+                ptr(&q.absmax_scale),
+                ptr(&q.code2),
+                dim(q.len),
+                Arg::F32(q.offset),
+            ],
+        );
     }
 
     fn len(&self, x: &GpuTensor<D>) -> usize {
