@@ -47,6 +47,8 @@ fn main() {
         .file(&unit_path)
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-unused-function")
+        // `#pragma unroll` is for NVRTC; g++ does not know it.
+        .flag_if_supported("-Wno-unknown-pragmas")
         // Without whole-archive the linker drops the kernel objects: Rust names no symbol in them,
         // only their static registrations refer to the runtime.
         .link_lib_modifier("+whole-archive")

@@ -203,6 +203,7 @@ impl<D: Device> Bench<'_, D> {
                 for (name, kernel) in [
                     ("flash", AttentionKernel::Flash),
                     ("gemm", AttentionKernel::Gemm),
+                    ("flash_tc", AttentionKernel::FlashTc),
                 ] {
                     let gpu = self.gpu.with_attention(kernel);
                     let id = BenchmarkId::new(name, case.name);

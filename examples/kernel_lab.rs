@@ -6,7 +6,7 @@
 //!     [--shape [NAME,]key=value,...]... [--iters N] [--warmup N] [--no-check]
 //! ```
 //!
-//! Ops: `attention` (the forward; variants `flash` and `gemm`, see `AttentionKernel`),
+//! Ops: `attention` (the forward; variants `flash`, `gemm` and `flash_tc`, see `AttentionKernel`),
 //! `attention_backward_dinp` (same variants), `rmsnorm_forward`, `embed_prompt_forward`,
 //! `fusion_attention_forward`, `gated_experts_forward`, `lamp_pool_forward`,
 //! `cross_entropy_forward_backward`, `nf4_dequantize`, or `all`. `list` prints the ops with their shape keys and default shapes.
@@ -569,9 +569,11 @@ impl<D: Device> Lab<D> {
         for (variant, kernel) in [
             ("flash", AttentionKernel::Flash),
             ("gemm", AttentionKernel::Gemm),
+            // Tensor cores for the forward (bf16, D = 64 or 128); its backward is flash's.
+            ("flash_tc", AttentionKernel::FlashTc),
         ] {
             let gpu = self.gpu.with_attention(kernel);
-            let variant = if kernel == AttentionKernel::Flash && d > FLASH_MAX_D {
+            let variant = if kernel != AttentionKernel::Gemm && d > FLASH_MAX_D {
                 println!("  (flash*: d > {FLASH_MAX_D}, wider than the flash kernels take: the GEMM path)");
                 "flash*"
             } else {

@@ -437,3 +437,170 @@ INSTANTIATE(attention_backward_dq,
              const T* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal,
              float scale),
             (dq, stats, dout, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, h_kv, d, causal, scale))
+
+// ---- Flash attention forward on tensor cores (bf16) ---------------------------------------------
+//
+// As attention_forward, with the two products on mma.sync m16n8k16 (f32 accumulate): each of the 4
+// warps owns 16 query rows of a 64-row block and keeps its Q fragments, running max/sum and output
+// accumulators in registers; P goes from the S accumulators straight into A fragments (the C layout
+// of two adjacent 8-key tiles is the A layout of one 16-key step), rounded to bf16 as FlashAttention
+// does. Head widths D = 64 and 128 (one instance each), bf16 storage only. Not yet the default: it
+// becomes so once `fastpt doctor` has passed it on a GPU (AttentionKernel::FlashTc).
+
+#define MMA_BR 64  // query rows per block: 4 warps × 16
+#define MMA_BC 32  // keys per tile
+
+template <int D>
+__device__ void attention_forward_tc(bf16* out, bf16* lse, const bf16* q, const bf16* k, const bf16* v,
+                                     const int* key_mask, const bf16* bias_table, const int* rel_buckets, int b,
+                                     int t, int s, int h, int h_kv, int causal, float scale) {
+    __shared__ bf16 qs[MMA_BR * D];  // (BR, D)
+    __shared__ bf16 ks[MMA_BC * D];  // (BC, D)
+    __shared__ bf16 vs[MMA_BC * D];  // (BC, D)
+    const int tiles_q = (t + MMA_BR - 1) / MMA_BR;
+    const long blk = blockIdx.x;
+    const int qt = (int)(blk % tiles_q), hh = (int)((blk / tiles_q) % h);
+    const long bi = blk / ((long)tiles_q * h);
+    if (bi >= b) return;
+    const int kvh = hh / (h / h_kv);
+    const int i0 = qt * MMA_BR, rows = min(MMA_BR, t - i0);
+    const int* km = key_mask + bi * s;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    const bf16 zero = __float2bfloat16(0.0f);
+    for (int idx = threadIdx.x; idx < MMA_BR * D; idx += blockDim.x) {
+        const int r = idx / D, dd = idx % D;
+        qs[idx] = r < rows ? q[(bi * t + i0 + r) * h * D + (long)hh * D + dd] : zero;
+    }
+    __syncthreads();
+    // This warp's Q fragments, one per 16-wide step along D.
+    unsigned qa[D / 16][4];
+    const int r0 = warp * 16 + g;  // this lane's rows in the block: r0 and r0 + 8
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const int c0 = 16 * kk + 2 * tq;
+        qa[kk][0] = pack_bf16(qs[r0 * D + c0], qs[r0 * D + c0 + 1]);
+        qa[kk][1] = pack_bf16(qs[(r0 + 8) * D + c0], qs[(r0 + 8) * D + c0 + 1]);
+        qa[kk][2] = pack_bf16(qs[r0 * D + c0 + 8], qs[r0 * D + c0 + 9]);
+        qa[kk][3] = pack_bf16(qs[(r0 + 8) * D + c0 + 8], qs[(r0 + 8) * D + c0 + 9]);
+    }
+    float o[D / 8][4];  // output accumulators: o[n][e] = row r0 + 8·(e ≥ 2), column 8n + 2·tq + (e & 1)
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float row_m[2] = {neg_inf(), neg_inf()}, row_l[2] = {0.0f, 0.0f};
+    const int s_end = flash_key_end(s, i0, rows, causal);
+    for (int j0 = 0; j0 < s_end; j0 += MMA_BC) {
+        __syncthreads();  // the previous tile's readers are done
+        for (int idx = threadIdx.x; idx < MMA_BC * D; idx += blockDim.x) {
+            const int c = idx / D, dd = idx % D;
+            const bool in = j0 + c < s;
+            const long at = (bi * s + j0 + c) * h_kv * D + (long)kvh * D + dd;
+            ks[idx] = in ? k[at] : zero;
+            vs[idx] = in ? v[at] : zero;
+        }
+        __syncthreads();
+        // S (16 × BC) of this warp: BC/8 tiles of 8 keys.
+        float sc[MMA_BC / 8][4];
+#pragma unroll
+        for (int n = 0; n < MMA_BC / 8; n++) {
+            sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+            const int key = n * 8 + g;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                const int c0 = 16 * kk + 2 * tq;
+                const unsigned kb[2] = {pack_bf16(ks[key * D + c0], ks[key * D + c0 + 1]),
+                                        pack_bf16(ks[key * D + c0 + 8], ks[key * D + c0 + 9])};
+                mma_m16n8k16_bf16(sc[n], qa[kk], kb, sc[n]);
+            }
+        }
+        // Scale, bias, masks; the tile's row maxima (each row is spread over the 4 lanes of a group).
+        float tile_m[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+        for (int n = 0; n < MMA_BC / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int i = i0 + r0 + (e >= 2 ? 8 : 0), j = j0 + n * 8 + 2 * tq + (e & 1);
+                float x = neg_inf();
+                if (i < t && j < s && km[j] != 0 && !(causal && j > i)) {
+                    x = scale * sc[n][e];
+                    if (bias_table) x += to_float(bias_table[(long)rel_buckets[j - i + t - 1] * h + hh]);
+                }
+                sc[n][e] = x;
+                tile_m[e >= 2] = fmaxf(tile_m[e >= 2], x);
+            }
+        }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            tile_m[r] = fmaxf(tile_m[r], __shfl_xor_sync(0xffffffffu, tile_m[r], 1));
+            tile_m[r] = fmaxf(tile_m[r], __shfl_xor_sync(0xffffffffu, tile_m[r], 2));
+            const float m_new = fmaxf(row_m[r], tile_m[r]);
+            alpha[r] = m_new == neg_inf() ? 1.0f : expf(row_m[r] - m_new);
+            row_m[r] = m_new;
+        }
+        float tile_l[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int n = 0; n < MMA_BC / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float m = row_m[e >= 2];
+                const float p = sc[n][e] == neg_inf() ? 0.0f : expf(sc[n][e] - m);
+                sc[n][e] = p;
+                tile_l[e >= 2] += p;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            tile_l[r] += __shfl_xor_sync(0xffffffffu, tile_l[r], 1);
+            tile_l[r] += __shfl_xor_sync(0xffffffffu, tile_l[r], 2);
+            row_l[r] = row_l[r] * alpha[r] + tile_l[r];
+        }
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            o[n][0] *= alpha[0];
+            o[n][1] *= alpha[0];
+            o[n][2] *= alpha[1];
+            o[n][3] *= alpha[1];
+        }
+        // O += P·V, 16 keys per step: P's A fragments are the S accumulators of two 8-key tiles.
+#pragma unroll
+        for (int kk = 0; kk < MMA_BC / 16; kk++) {
+            const unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                                    pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                    pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+            const int key = 16 * kk + 2 * tq;
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                const int col = n * 8 + g;
+                const unsigned vb[2] = {pack_bf16(vs[key * D + col], vs[(key + 1) * D + col]),
+                                        pack_bf16(vs[(key + 8) * D + col], vs[(key + 9) * D + col])};
+                mma_m16n8k16_bf16(o[n], pa, vb, o[n]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = i0 + r0 + 8 * r;
+        if (i >= t) continue;
+        const float l = row_l[r];
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        bf16* dst = out + (bi * t + i) * h * D + (long)hh * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            dst[n * 8 + 2 * tq] = __float2bfloat16(o[n][2 * r] * inv);
+            dst[n * 8 + 2 * tq + 1] = __float2bfloat16(o[n][2 * r + 1] * inv);
+        }
+        if (tq == 0) lse[(bi * h + hh) * t + i] = __float2bfloat16(l > 0.0f ? row_m[r] + logf(l) : neg_inf());
+    }
+}
+
+#define INSTANTIATE_ATTENTION_FORWARD_TC(D)                                                                       \
+    extern "C" __global__ void attention_forward_tc_d##D##_bf16(                                                \
+        bf16* out, bf16* lse, const bf16* q, const bf16* k, const bf16* v, const int* key_mask,                   \
+        const bf16* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal, \
+        float scale) {                                                                                            \
+        attention_forward_tc<D>(out, lse, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, h_kv, causal,   \
+                                scale);                                                                           \
+    }                                                                                                             \
+    VGPU_KERNEL(attention_forward_tc_d##D##_bf16)
+INSTANTIATE_ATTENTION_FORWARD_TC(64)
+INSTANTIATE_ATTENTION_FORWARD_TC(128)

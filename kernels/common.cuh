@@ -71,6 +71,40 @@ __device__ __forceinline__ float block_max(float v) {
     return warp_max(v);
 }
 
+// ---- tensor cores (sm_80+): one warp computes D (16×8 f32) = A (16×16 bf16)·B (16×8 bf16) + C ----
+// Fragment layout (lane = 4·g + q; two bf16 per register, lower index in the low half):
+//   a[0] = A[g][2q..2q+1], a[1] = A[g+8][2q..], a[2] = A[g][2q+8..], a[3] = A[g+8][2q+8..];
+//   b[0] = B[2q..2q+1][g], b[1] = B[2q+8..2q+9][g];  c[e], d[e] = C[g + 8·(e ≥ 2)][2q + (e & 1)].
+// The virtual GPU emulates the instruction with the same layout (vgpu.h).
+__device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2],
+                                                  const float c[4]) {
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#else
+    vgpu_mma_m16n8k16_bf16(d, a, b, c);
+#endif
+}
+
+// The raw bits of a bf16.
+__device__ __forceinline__ unsigned bf16_bits(bf16 x) {
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+    return (unsigned)__bfloat16_as_ushort(x);
+#else
+    return (unsigned)x.bits;
+#endif
+}
+
+// Two bf16 in one register: `lo` in the low half.
+__device__ __forceinline__ unsigned pack_bf16(bf16 lo, bf16 hi) { return bf16_bits(lo) | (bf16_bits(hi) << 16); }
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return pack_bf16(__float2bfloat16(lo), __float2bfloat16(hi));
+}
+
 // Grid-stride loop over `n` elements.
 #define FOR_EACH_INDEX(i, n) \
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (long)(n); i += (long)gridDim.x * blockDim.x)

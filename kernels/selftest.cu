@@ -64,3 +64,22 @@ __device__ void selftest_deadlock(T* out, int n) {
     }
 }
 INSTANTIATE(selftest_deadlock, (T * out, int n), (out, n))
+
+// One tensor-core step: d (16, 8) = a (16, 16)·b (16, 8) + c (16, 8), all row-major f32 in global
+// memory, a and b rounded to bf16; fragments built with the layout common.cuh documents. One
+// warp. Checks that layout (and, on the virtual GPU, the emulation) against a plain product.
+template <typename T>
+__device__ void selftest_mma(float* d, const float* a, const float* b, const float* c) {
+    const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    const unsigned fa[4] = {pack_bf16(a[g * 16 + 2 * q], a[g * 16 + 2 * q + 1]),
+                            pack_bf16(a[(g + 8) * 16 + 2 * q], a[(g + 8) * 16 + 2 * q + 1]),
+                            pack_bf16(a[g * 16 + 2 * q + 8], a[g * 16 + 2 * q + 9]),
+                            pack_bf16(a[(g + 8) * 16 + 2 * q + 8], a[(g + 8) * 16 + 2 * q + 9])};
+    const unsigned fb[2] = {pack_bf16(b[(2 * q) * 8 + g], b[(2 * q + 1) * 8 + g]),
+                            pack_bf16(b[(2 * q + 8) * 8 + g], b[(2 * q + 9) * 8 + g])};
+    float acc[4];
+    for (int e = 0; e < 4; e++) acc[e] = c[(g + 8 * (e / 2)) * 8 + 2 * q + (e & 1)];
+    mma_m16n8k16_bf16(acc, fa, fb, acc);
+    for (int e = 0; e < 4; e++) d[(g + 8 * (e / 2)) * 8 + 2 * q + (e & 1)] = acc[e];
+}
+INSTANTIATE(selftest_mma, (float* d, const float* a, const float* b, const float* c), (d, a, b, c))

@@ -227,6 +227,46 @@ struct Registrar {
 
 }  // namespace vgpu
 
+// ---- tensor cores ------------------------------------------------------------------------------
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling warp, with the hardware's
+// fragment layout (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4·g + q;
+//   a[0] = A[g][2q, 2q+1], a[1] = A[g+8][2q, 2q+1], a[2] = A[g][2q+8, 2q+9], a[3] = A[g+8][2q+8, 2q+9];
+//   b[0] = B[2q, 2q+1][g], b[1] = B[2q+8, 2q+9][g];
+//   c[0..1] = C[g][2q, 2q+1], c[2..3] = C[g+8][2q, 2q+1];
+// two bf16 per register, the lower index in the low half. The lanes' fragments are gathered into
+// a per-warp tile and each lane computes its own four outputs in f32, so a kernel that builds its
+// fragments wrongly gets wrong numbers here as on the hardware.
+inline float vgpu_bf16_bits_to_float(uint32_t bits16) { return ::vgpu::from_bits<float>((uint64_t)(bits16 << 16)); }
+inline void vgpu_mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    static thread_local float tile_a[32][16][16];  // per warp of the block
+    static thread_local float tile_b[32][16][8];
+    const uint3& tid = ::vgpu::thread_idx();
+    const int linear = (int)(tid.x + ::vgpu::block_dim.x * (tid.y + ::vgpu::block_dim.y * tid.z));
+    const int warp = linear / 32, lane = linear % 32, g = lane / 4, q = lane % 4;
+    float(*A)[16] = tile_a[warp];
+    float(*B)[8] = tile_b[warp];
+    const int rows[4] = {g, g + 8, g, g + 8}, cols[4] = {2 * q, 2 * q, 2 * q + 8, 2 * q + 8};
+    for (int r = 0; r < 4; r++) {
+        A[rows[r]][cols[r]] = vgpu_bf16_bits_to_float(a[r] & 0xffffu);
+        A[rows[r]][cols[r] + 1] = vgpu_bf16_bits_to_float(a[r] >> 16);
+    }
+    for (int r = 0; r < 2; r++) {
+        B[2 * q + 8 * r][g] = vgpu_bf16_bits_to_float(b[r] & 0xffffu);
+        B[2 * q + 8 * r + 1][g] = vgpu_bf16_bits_to_float(b[r] >> 16);
+    }
+    ::vgpu::syncwarp();
+    float out[4];
+    for (int e = 0; e < 4; e++) {
+        const int row = g + (e >= 2 ? 8 : 0), col = 2 * q + (e & 1);
+        float acc = c[e];
+        for (int kk = 0; kk < 16; kk++) acc += A[row][kk] * B[kk][col];
+        out[e] = acc;
+    }
+    ::vgpu::syncwarp();  // the tiles are rewritten by the next call
+    for (int e = 0; e < 4; e++) d[e] = out[e];
+}
+
 // After each kernel instantiation: makes it launchable by name from Rust.
 #define VGPU_KERNEL(name)                                                                       \
     static ::vgpu::Registrar vgpu_registrar_##name(                                             \

@@ -8,7 +8,7 @@
 
 use half::bf16;
 
-use super::device::{DType, Device};
+use super::device::{Arg, DType, Device, LaunchCfg};
 use super::{AttentionKernel, GpuBackend};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode, Gemm, RelBias};
@@ -634,6 +634,36 @@ impl<D: Device> Checker<'_, D> {
                 None,
                 false,
             ),
+            (
+                // T5's head width (tensor cores), more than one 64-row query tile.
+                "encoder d64 (bias, padding)",
+                AttnDims {
+                    b: 1,
+                    t: 67,
+                    s: 67,
+                    h: 2,
+                    h_kv: 2,
+                    d: 64,
+                },
+                false,
+                Some(true),
+                true,
+            ),
+            (
+                // Llama's head width (tensor cores), grouped-query.
+                "gqa d128 (causal)",
+                AttnDims {
+                    b: 1,
+                    t: 40,
+                    s: 40,
+                    h: 2,
+                    h_kv: 1,
+                    d: 128,
+                },
+                true,
+                None,
+                false,
+            ),
         ];
         let kernel = self.gpu.attention_kernel();
         for (name, dims, causal, bias_dir, padded) in cases {
@@ -813,24 +843,78 @@ pub fn check_ops<D: Device>(gpu: &GpuBackend<D>, seed: u64) -> Vec<CheckResult> 
     c.norms();
     c.rope();
     c.attention();
-    // The other attention implementation too: a fallback must be as right as the default.
-    let other = match gpu.attention_kernel() {
-        AttentionKernel::Flash => AttentionKernel::Gemm,
-        AttentionKernel::Gemm => AttentionKernel::Flash,
-    };
-    let gpu_other = gpu.with_attention(other);
-    let mut c_other = Checker {
-        gpu: &gpu_other,
-        cpu: CpuBackend::new(),
-        seed: c.seed,
-        results: Vec::new(),
-    };
-    c_other.attention();
-    c.results.extend(c_other.results);
+    // The other attention implementations too: a fallback must be as right as the default.
+    for kind in [
+        AttentionKernel::Flash,
+        AttentionKernel::Gemm,
+        AttentionKernel::FlashTc,
+    ] {
+        if kind == gpu.attention_kernel() {
+            continue;
+        }
+        let gpu_other = gpu.with_attention(kind);
+        let mut c_other = Checker {
+            gpu: &gpu_other,
+            cpu: CpuBackend::new(),
+            seed: c.seed,
+            results: Vec::new(),
+        };
+        c_other.attention();
+        c.results.extend(c_other.results);
+    }
     c.loss_and_optimiser();
     c.method_ops(MethodDims::DOCTOR);
     c.nf4();
+    c.results.push(check_mma(gpu.device(), seed));
     c.results
+}
+
+/// One tensor-core step (`selftest_mma` in kernels/selftest.cu): `d = a·b + c` for a 16×16 by
+/// 16×8 product with bf16 operands, against the same product on the host. A wrong fragment
+/// layout gives errors of order 1.
+pub fn check_mma<D: Device>(dev: &D, seed: u64) -> CheckResult {
+    let bf = |x: f64| bf16::from_f32(x as f32).to_f32();
+    let a: Vec<f32> = random_vec(16 * 16, 1.0, seed).into_iter().map(bf).collect();
+    let b: Vec<f32> = random_vec(16 * 8, 1.0, seed + 1)
+        .into_iter()
+        .map(bf)
+        .collect();
+    let c: Vec<f32> = random_vec(16 * 8, 1.0, seed + 2)
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
+    let mut want = vec![0f32; 16 * 8];
+    for i in 0..16 {
+        for j in 0..8 {
+            let dot: f64 = (0..16)
+                .map(|k| a[i * 16 + k] as f64 * b[k * 8 + j] as f64)
+                .sum();
+            want[i * 8 + j] = (dot + c[i * 8 + j] as f64) as f32;
+        }
+    }
+    let run = || -> Result<Vec<f32>, super::device::GpuError> {
+        let up = |x: &[f32]| -> Result<D::Buffer, super::device::GpuError> {
+            let mut buf = dev.alloc(x.len() * 4)?;
+            dev.upload(&mut buf, bytemuck::cast_slice(x))?;
+            Ok(buf)
+        };
+        let (ga, gb, gc, gd) = (up(&a)?, up(&b)?, up(&c)?, up(&[f32::NAN; 16 * 8])?);
+        let args = [&gd, &ga, &gb, &gc].map(|x| Arg::Ptr(dev.ptr(x)));
+        dev.launch("selftest_mma_f32", LaunchCfg::linear(1, 32), &args)?;
+        let mut bytes = vec![0u8; 16 * 8 * 4];
+        dev.download(&gd, &mut bytes)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    };
+    let rel_err = match run() {
+        Ok(got) if got.iter().all(|x| x.is_finite()) => rel_err_f32(&got, &want),
+        _ => f64::NAN,
+    };
+    CheckResult {
+        op: "mma_m16n8k16_bf16 (tensor-core fragment layout)".into(),
+        dtype: DType::Bf16,
+        rel_err,
+        tol: 1e-5,
+    }
 }
 
 /// Sizes of the method-op checks: fusion `ps (S, C)`, `lr (M, C)`; gated experts `(S, C)` × E;

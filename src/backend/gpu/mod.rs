@@ -105,6 +105,10 @@ pub enum AttentionKernel {
     Flash,
     /// cuBLAS scores into a `(B, H, T, S)` scratch, a softmax kernel, cuBLAS again.
     Gemm,
+    /// The flash forward on tensor cores (`mma.sync`; bf16, heads of width 64 or 128; otherwise
+    /// as `Flash`), the `Flash` backward. Becomes the default once `fastpt doctor` has passed it
+    /// on a GPU: the virtual GPU emulates the instruction's fragment layout, not the hardware.
+    FlashTc,
 }
 
 /// The widest head the flash kernels take (kernels/attention.cu `FLASH_MAX_D`).
@@ -460,7 +464,14 @@ struct AttnInputs<'a, D: Device> {
 impl<D: Device> GpuBackend<D> {
     /// Whether attention with heads of width `d` runs on the flash kernels.
     fn flash(&self, d: usize) -> bool {
-        self.attention == AttentionKernel::Flash && d <= FLASH_MAX_D
+        self.attention != AttentionKernel::Gemm && d <= FLASH_MAX_D
+    }
+
+    /// Whether the forward with heads of width `d` runs on the tensor-core flash kernel.
+    fn tensor_cores(&self, d: usize) -> bool {
+        self.attention == AttentionKernel::FlashTc
+            && self.dtype == DType::Bf16
+            && (d == 64 || d == 128)
     }
 
     /// The launch of a flash kernel: `blocks` blocks, `floats` f32 of shared memory.
@@ -548,6 +559,13 @@ impl<D: Device> GpuBackend<D> {
             self.ptr(v),
         ];
         args.extend(self.flash_tail(mask, bias, buckets.as_ref(), scale, dims));
+        if self.tensor_cores(d) {
+            // 64 query rows per block (4 warps), static shared memory.
+            let blocks = b * h * t.div_ceil(64);
+            let name = format!("attention_forward_tc_d{d}");
+            self.launch(&name, Self::flash_cfg(blocks, 0), &args);
+            return;
+        }
         self.launch("attention_forward", Self::flash_cfg(blocks, floats), &args);
     }
 

@@ -253,6 +253,16 @@ fn attn_cases() -> Vec<AttnCase> {
             q_offset: 0,
         },
         AttnCase {
+            // T5-base's head width: the tensor-core forward, two 64-row query tiles.
+            name: "T5 head width 64, two query tiles, padded, bidirectional bias",
+            dims: dims(2, 70, 70, 2, 2, 64),
+            causal: false,
+            bias: Some(true),
+            scale: 1.0,
+            valid: &[70, 41],
+            q_offset: 0,
+        },
+        AttnCase {
             name: "many tiles, padded, bidirectional bias, odd head",
             dims: dims(1, 21, 50, 2, 1, 33),
             causal: false,
@@ -363,12 +373,17 @@ fn rel_bias<'a, X>(case: &AttnCase, table: &'a X) -> Option<RelBias<'a, X>> {
     })
 }
 
-/// Both dtypes, each with both attention kernels.
+/// Both dtypes, each with every attention kernel.
 fn attention_backends() -> Vec<(Vgpu, f64)> {
     backends()
         .into_iter()
         .flat_map(|(be, tol)| {
-            [AttentionKernel::Flash, AttentionKernel::Gemm].map(|k| (be.with_attention(k), tol))
+            [
+                AttentionKernel::Flash,
+                AttentionKernel::Gemm,
+                AttentionKernel::FlashTc,
+            ]
+            .map(|k| (be.with_attention(k), tol))
         })
         .collect()
 }
