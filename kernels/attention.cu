@@ -450,10 +450,13 @@ INSTANTIATE(attention_backward_dq,
 #define MMA_BR 64  // query rows per block: 4 warps × 16
 #define MMA_BC 32  // keys per tile
 
-template <int D>
-__device__ void attention_forward_tc(bf16* out, bf16* lse, const bf16* q, const bf16* k, const bf16* v,
-                                     const int* key_mask, const bf16* bias_table, const int* rel_buckets, int b,
-                                     int t, int s, int h, int h_kv, int causal, float scale) {
+// STATS: only the row statistics, for the backward: stats[row·2] = the f32 log-sum-exp (a bf16
+// one is too coarse to rebuild probabilities from); out, lse and v are not touched.
+template <int D, bool STATS>
+__device__ void attention_forward_tc(bf16* out, bf16* lse, float* stats, const bf16* q, const bf16* k,
+                                     const bf16* v, const int* key_mask, const bf16* bias_table,
+                                     const int* rel_buckets, int b, int t, int s, int h, int h_kv, int causal,
+                                     float scale) {
     __shared__ bf16 qs[MMA_BR * D];  // (BR, D)
     __shared__ bf16 ks[MMA_BC * D];  // (BC, D)
     __shared__ bf16 vs[MMA_BC * D];  // (BC, D)
@@ -495,7 +498,7 @@ __device__ void attention_forward_tc(bf16* out, bf16* lse, const bf16* q, const 
             const bool in = j0 + c < s;
             const long at = (bi * s + j0 + c) * h_kv * D + (long)kvh * D + dd;
             ks[idx] = in ? k[at] : zero;
-            vs[idx] = in ? v[at] : zero;
+            if (!STATS) vs[idx] = in ? v[at] : zero;
         }
         __syncthreads();
         // S (16 × BC) of this warp: BC/8 tiles of 8 keys.
@@ -554,26 +557,28 @@ __device__ void attention_forward_tc(bf16* out, bf16* lse, const bf16* q, const 
             tile_l[r] += __shfl_xor_sync(0xffffffffu, tile_l[r], 2);
             row_l[r] = row_l[r] * alpha[r] + tile_l[r];
         }
-#pragma unroll
-        for (int n = 0; n < D / 8; n++) {
-            o[n][0] *= alpha[0];
-            o[n][1] *= alpha[0];
-            o[n][2] *= alpha[1];
-            o[n][3] *= alpha[1];
-        }
-        // O += P·V, 16 keys per step: P's A fragments are the S accumulators of two 8-key tiles.
-#pragma unroll
-        for (int kk = 0; kk < MMA_BC / 16; kk++) {
-            const unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
-                                    pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                                    pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-            const int key = 16 * kk + 2 * tq;
+        if (!STATS) {  // the statistics need no output
 #pragma unroll
             for (int n = 0; n < D / 8; n++) {
-                const int col = n * 8 + g;
-                const unsigned vb[2] = {pack_bf16(vs[key * D + col], vs[(key + 1) * D + col]),
-                                        pack_bf16(vs[(key + 8) * D + col], vs[(key + 9) * D + col])};
-                mma_m16n8k16_bf16(o[n], pa, vb, o[n]);
+                o[n][0] *= alpha[0];
+                o[n][1] *= alpha[0];
+                o[n][2] *= alpha[1];
+                o[n][3] *= alpha[1];
+            }
+            // O += P·V, 16 keys per step: P's A fragments are the S accumulators of two 8-key tiles.
+#pragma unroll
+            for (int kk = 0; kk < MMA_BC / 16; kk++) {
+                const unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                                        pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                        pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+                const int key = 16 * kk + 2 * tq;
+#pragma unroll
+                for (int n = 0; n < D / 8; n++) {
+                    const int col = n * 8 + g;
+                    const unsigned vb[2] = {pack_bf16(vs[key * D + col], vs[(key + 1) * D + col]),
+                                            pack_bf16(vs[(key + 8) * D + col], vs[(key + 9) * D + col])};
+                    mma_m16n8k16_bf16(o[n], pa, vb, o[n]);
+                }
             }
         }
     }
@@ -582,6 +587,10 @@ __device__ void attention_forward_tc(bf16* out, bf16* lse, const bf16* q, const 
         const int i = i0 + r0 + 8 * r;
         if (i >= t) continue;
         const float l = row_l[r];
+        if (STATS) {
+            if (tq == 0) stats[((bi * h + hh) * t + i) * 2] = l > 0.0f ? row_m[r] + logf(l) : neg_inf();
+            continue;
+        }
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
         bf16* dst = out + (bi * t + i) * h * D + (long)hh * D;
 #pragma unroll
@@ -598,9 +607,291 @@ __device__ void attention_forward_tc(bf16* out, bf16* lse, const bf16* q, const 
         bf16* out, bf16* lse, const bf16* q, const bf16* k, const bf16* v, const int* key_mask,                   \
         const bf16* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal, \
         float scale) {                                                                                            \
-        attention_forward_tc<D>(out, lse, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, h_kv, causal,   \
-                                scale);                                                                           \
+        attention_forward_tc<D, false>(out, lse, nullptr, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h,  \
+                                       h_kv, causal, scale);                                                      \
     }                                                                                                             \
-    VGPU_KERNEL(attention_forward_tc_d##D##_bf16)
+    VGPU_KERNEL(attention_forward_tc_d##D##_bf16)                                                                 \
+    extern "C" __global__ void attention_stats_tc_d##D##_bf16(                                                  \
+        float* stats, const bf16* q, const bf16* k, const int* key_mask, const bf16* bias_table,                  \
+        const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal, float scale) {           \
+        attention_forward_tc<D, true>(nullptr, nullptr, stats, q, k, nullptr, key_mask, bias_table, rel_buckets,  \
+                                      b, t, s, h, h_kv, causal, scale);                                          \
+    }                                                                                                             \
+    VGPU_KERNEL(attention_stats_tc_d##D##_bf16)
 INSTANTIATE_ATTENTION_FORWARD_TC(64)
 INSTANTIATE_ATTENTION_FORWARD_TC(128)
+
+// ---- Flash attention backward on tensor cores (bf16) ------------------------------------------------
+//
+// The scalar backward's split on mma.sync: dk/dv by blocks of 64 keys (16 per warp, transposed
+// products Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ so that Pᵀ and dSᵀ feed dV += Pᵀ·dO and dK += dSᵀ·Q straight
+// from the accumulators), dq by blocks of 64 query rows (dQ += dS·K). stats (B, H, T, 2) f32 as
+// the scalar kernels: the f32 lse from attention_stats_tc, D = rowsum(dout ⊙ out) from
+// attention_backward_prep. K/V and Q/dO tiles live in shared memory; fragments are built from it.
+
+#define TC_KEYS 64     // keys per dk/dv block: 4 warps × 16
+#define TC_QSTEP 16    // query rows per step of the dk/dv block
+
+// The A fragment of rows r0, r0 + 8 and columns c0.., c0 + 8.. of a row-major (·, D) bf16 tile.
+template <int D>
+__device__ __forceinline__ void tc_a_frag(unsigned a[4], const bf16* tile, int r0, int c0) {
+    a[0] = pack_bf16(tile[r0 * D + c0], tile[r0 * D + c0 + 1]);
+    a[1] = pack_bf16(tile[(r0 + 8) * D + c0], tile[(r0 + 8) * D + c0 + 1]);
+    a[2] = pack_bf16(tile[r0 * D + c0 + 8], tile[r0 * D + c0 + 9]);
+    a[3] = pack_bf16(tile[(r0 + 8) * D + c0 + 8], tile[(r0 + 8) * D + c0 + 9]);
+}
+
+// B fragment for X·tileᵀ: B[k = d][n = row] = tile[row][d], rows n0 + g, d from c0 = 16·kk + 2·tq.
+template <int D>
+__device__ __forceinline__ void tc_b_frag_t(unsigned bb[2], const bf16* tile, int row, int c0) {
+    bb[0] = pack_bf16(tile[row * D + c0], tile[row * D + c0 + 1]);
+    bb[1] = pack_bf16(tile[row * D + c0 + 8], tile[row * D + c0 + 9]);
+}
+
+// B fragment for X·tile: B[k = row][n = d] = tile[row][d], rows k0 = 16·kk + 2·tq (and +1, +8, +9),
+// column col.
+template <int D>
+__device__ __forceinline__ void tc_b_frag_n(unsigned bb[2], const bf16* tile, int k0, int col) {
+    bb[0] = pack_bf16(tile[k0 * D + col], tile[(k0 + 1) * D + col]);
+    bb[1] = pack_bf16(tile[(k0 + 8) * D + col], tile[(k0 + 9) * D + col]);
+}
+
+// The A fragment of a 16 × 16 step built from the accumulators of two 8-wide tiles.
+__device__ __forceinline__ void tc_a_from_acc(unsigned a[4], const float lo[4], const float hi[4]) {
+    a[0] = pack_bf16(lo[0], lo[1]);
+    a[1] = pack_bf16(lo[2], lo[3]);
+    a[2] = pack_bf16(hi[0], hi[1]);
+    a[3] = pack_bf16(hi[2], hi[3]);
+}
+
+// The masked, biased, scaled score of query i and key j, or −inf.
+__device__ __forceinline__ float tc_score(float dot, int i, int j, int t, int s, const int* km,
+                                          const bf16* bias_table, const int* rel_buckets, int h, int hh, int causal,
+                                          float scale) {
+    if (i >= t || j >= s || km[j] == 0 || (causal && j > i)) return neg_inf();
+    float x = scale * dot;
+    if (bias_table) x += to_float(bias_table[(long)rel_buckets[j - i + t - 1] * h + hh]);
+    return x;
+}
+
+// dk, dv (B, S, Hkv·D) (=). Grid (B·Hkv·ceil(S/64)), block 128, static shared memory.
+template <int D>
+__device__ void attention_backward_dkv_tc(bf16* dk, bf16* dv, const float* stats, const bf16* dout, const bf16* q,
+                                          const bf16* k, const bf16* v, const int* key_mask,
+                                          const bf16* bias_table, const int* rel_buckets, int b, int t, int s, int h,
+                                          int h_kv, int causal, float scale) {
+    __shared__ bf16 ks[TC_KEYS * D];    // (64, D)
+    __shared__ bf16 vs[TC_KEYS * D];    // (64, D)
+    __shared__ bf16 qs[TC_QSTEP * D];   // (16, D)
+    __shared__ bf16 dos[TC_QSTEP * D];  // (16, D)
+    __shared__ float st_lse[TC_QSTEP], st_d[TC_QSTEP];
+    const int tiles_k = (s + TC_KEYS - 1) / TC_KEYS;
+    const long blk = blockIdx.x;
+    const int kt = (int)(blk % tiles_k), kvh = (int)((blk / tiles_k) % h_kv);
+    const long bi = blk / ((long)tiles_k * h_kv);
+    if (bi >= b) return;
+    const int group = h / h_kv, j0 = kt * TC_KEYS;
+    const int* km = key_mask + bi * s;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    const int kw = warp * 16;  // this warp's keys in the block: kw + g and kw + g + 8
+    const bf16 zero = __float2bfloat16(0.0f);
+    for (int idx = threadIdx.x; idx < TC_KEYS * D; idx += blockDim.x) {
+        const int c = idx / D, dd = idx % D;
+        const bool in = j0 + c < s;
+        const long at = (bi * s + j0 + c) * h_kv * D + (long)kvh * D + dd;
+        ks[idx] = in ? k[at] : zero;
+        vs[idx] = in ? v[at] : zero;
+    }
+    float acc_dk[D / 8][4], acc_dv[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++)
+        for (int e = 0; e < 4; e++) acc_dk[n][e] = acc_dv[n][e] = 0.0f;
+    const int i_start = causal ? (j0 / TC_QSTEP) * TC_QSTEP : 0;
+    for (int hh = kvh * group; hh < (kvh + 1) * group; hh++) {
+        for (int i0 = i_start; i0 < t; i0 += TC_QSTEP) {
+            __syncthreads();
+            for (int idx = threadIdx.x; idx < TC_QSTEP * D; idx += blockDim.x) {
+                const int r = idx / D, dd = idx % D;
+                const bool in = i0 + r < t;
+                const long at = (bi * t + i0 + r) * h * D + (long)hh * D + dd;
+                qs[idx] = in ? q[at] : zero;
+                dos[idx] = in ? dout[at] : zero;
+            }
+            for (int r = threadIdx.x; r < TC_QSTEP; r += blockDim.x) {
+                const bool in = i0 + r < t;
+                const float* st = stats + ((bi * h + hh) * t + i0 + r) * 2;
+                st_lse[r] = in ? st[0] : neg_inf();
+                st_d[r] = in ? st[1] : 0.0f;
+            }
+            __syncthreads();
+            // Sᵀ and dPᵀ (16 keys × 16 queries): two 8-query tiles each.
+            float p[2][4], ds[2][4];
+#pragma unroll
+            for (int n = 0; n < 2; n++) {
+                float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, dp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++) {
+                    unsigned a[4], bb[2];
+                    tc_a_frag<D>(a, ks, kw + g, 16 * kk + 2 * tq);
+                    tc_b_frag_t<D>(bb, qs, n * 8 + g, 16 * kk + 2 * tq);
+                    mma_m16n8k16_bf16(sc, a, bb, sc);
+                    tc_a_frag<D>(a, vs, kw + g, 16 * kk + 2 * tq);
+                    tc_b_frag_t<D>(bb, dos, n * 8 + g, 16 * kk + 2 * tq);
+                    mma_m16n8k16_bf16(dp, a, bb, dp);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qi = n * 8 + 2 * tq + (e & 1), key = kw + g + (e >= 2 ? 8 : 0);
+                    const float x = tc_score(sc[e], i0 + qi, j0 + key, t, s, km, bias_table, rel_buckets, h, hh,
+                                             causal, scale);
+                    p[n][e] = flash_prob(x, st_lse[qi]);
+                    ds[n][e] = p[n][e] * (dp[e] - st_d[qi]);
+                }
+            }
+            // dV += Pᵀ·dO and dK += dSᵀ·Q over the 16 queries of this step.
+            unsigned pa[4], dsa[4];
+            tc_a_from_acc(pa, p[0], p[1]);
+            tc_a_from_acc(dsa, ds[0], ds[1]);
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                unsigned bb[2];
+                tc_b_frag_n<D>(bb, dos, 2 * tq, n * 8 + g);
+                mma_m16n8k16_bf16(acc_dv[n], pa, bb, acc_dv[n]);
+                tc_b_frag_n<D>(bb, qs, 2 * tq, n * 8 + g);
+                mma_m16n8k16_bf16(acc_dk[n], dsa, bb, acc_dk[n]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int j = j0 + kw + g + 8 * r;
+        if (j >= s) continue;
+        const long at = (bi * s + j) * h_kv * D + (long)kvh * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            const int col = n * 8 + 2 * tq;
+            dk[at + col] = __float2bfloat16(scale * acc_dk[n][2 * r]);
+            dk[at + col + 1] = __float2bfloat16(scale * acc_dk[n][2 * r + 1]);
+            dv[at + col] = __float2bfloat16(acc_dv[n][2 * r]);
+            dv[at + col + 1] = __float2bfloat16(acc_dv[n][2 * r + 1]);
+        }
+    }
+}
+
+// dq (B, T, H·D) (=). Grid (B·H·ceil(T/64)), block 128, static shared memory.
+template <int D>
+__device__ void attention_backward_dq_tc(bf16* dq, const float* stats, const bf16* dout, const bf16* q,
+                                         const bf16* k, const bf16* v, const int* key_mask, const bf16* bias_table,
+                                         const int* rel_buckets, int b, int t, int s, int h, int h_kv, int causal,
+                                         float scale) {
+    __shared__ bf16 rows_s[MMA_BR * D];  // (64, D): Q, then dO, staged for their fragments
+    __shared__ bf16 ks[MMA_BC * D];      // (BC, D)
+    __shared__ bf16 vs[MMA_BC * D];      // (BC, D)
+    const int tiles_q = (t + MMA_BR - 1) / MMA_BR;
+    const long blk = blockIdx.x;
+    const int qt = (int)(blk % tiles_q), hh = (int)((blk / tiles_q) % h);
+    const long bi = blk / ((long)tiles_q * h);
+    if (bi >= b) return;
+    const int kvh = hh / (h / h_kv);
+    const int i0 = qt * MMA_BR, rows = min(MMA_BR, t - i0);
+    const int* km = key_mask + bi * s;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    const int r0 = warp * 16 + g;
+    const bf16 zero = __float2bfloat16(0.0f);
+    unsigned qa[D / 16][4], da[D / 16][4];
+    for (int pass = 0; pass < 2; pass++) {
+        const bf16* src = pass == 0 ? q : dout;
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < MMA_BR * D; idx += blockDim.x) {
+            const int r = idx / D, dd = idx % D;
+            rows_s[idx] = r < rows ? src[(bi * t + i0 + r) * h * D + (long)hh * D + dd] : zero;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) tc_a_frag<D>(pass == 0 ? qa[kk] : da[kk], rows_s, r0, 16 * kk + 2 * tq);
+    }
+    float row_lse[2], row_d[2];
+    for (int r = 0; r < 2; r++) {
+        const int i = i0 + r0 + 8 * r;
+        const float* st = stats + ((bi * h + hh) * t + i) * 2;
+        row_lse[r] = i < t ? st[0] : neg_inf();
+        row_d[r] = i < t ? st[1] : 0.0f;
+    }
+    float acc_dq[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) acc_dq[n][0] = acc_dq[n][1] = acc_dq[n][2] = acc_dq[n][3] = 0.0f;
+    const int s_end = flash_key_end(s, i0, rows, causal);
+    for (int j0 = 0; j0 < s_end; j0 += MMA_BC) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < MMA_BC * D; idx += blockDim.x) {
+            const int c = idx / D, dd = idx % D;
+            const bool in = j0 + c < s;
+            const long at = (bi * s + j0 + c) * h_kv * D + (long)kvh * D + dd;
+            ks[idx] = in ? k[at] : zero;
+            vs[idx] = in ? v[at] : zero;
+        }
+        __syncthreads();
+        float ds[MMA_BC / 8][4];
+#pragma unroll
+        for (int n = 0; n < MMA_BC / 8; n++) {
+            float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, dp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                unsigned bb[2];
+                tc_b_frag_t<D>(bb, ks, n * 8 + g, 16 * kk + 2 * tq);
+                mma_m16n8k16_bf16(sc, qa[kk], bb, sc);
+                tc_b_frag_t<D>(bb, vs, n * 8 + g, 16 * kk + 2 * tq);
+                mma_m16n8k16_bf16(dp, da[kk], bb, dp);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = e >= 2, i = i0 + r0 + 8 * r, j = j0 + n * 8 + 2 * tq + (e & 1);
+                const float x = tc_score(sc[e], i, j, t, s, km, bias_table, rel_buckets, h, hh, causal, scale);
+                const float pr = flash_prob(x, row_lse[r]);
+                ds[n][e] = pr * (dp[e] - row_d[r]);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < MMA_BC / 16; kk++) {
+            unsigned a[4];
+            tc_a_from_acc(a, ds[2 * kk], ds[2 * kk + 1]);
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                unsigned bb[2];
+                tc_b_frag_n<D>(bb, ks, 16 * kk + 2 * tq, n * 8 + g);
+                mma_m16n8k16_bf16(acc_dq[n], a, bb, acc_dq[n]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = i0 + r0 + 8 * r;
+        if (i >= t) continue;
+        bf16* dst = dq + (bi * t + i) * h * D + (long)hh * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            dst[n * 8 + 2 * tq] = __float2bfloat16(scale * acc_dq[n][2 * r]);
+            dst[n * 8 + 2 * tq + 1] = __float2bfloat16(scale * acc_dq[n][2 * r + 1]);
+        }
+    }
+}
+
+#define INSTANTIATE_ATTENTION_BACKWARD_TC(D)                                                                      \
+    extern "C" __global__ void attention_backward_dkv_tc_d##D##_bf16(                                           \
+        bf16* dk, bf16* dv, const float* stats, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,    \
+        const int* key_mask, const bf16* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, \
+        int d, int causal, float scale) {                                                                         \
+        attention_backward_dkv_tc<D>(dk, dv, stats, dout, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, \
+                                     h_kv, causal, scale);                                                        \
+    }                                                                                                             \
+    VGPU_KERNEL(attention_backward_dkv_tc_d##D##_bf16)                                                            \
+    extern "C" __global__ void attention_backward_dq_tc_d##D##_bf16(                                            \
+        bf16* dq, const float* stats, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,              \
+        const int* key_mask, const bf16* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, \
+        int d, int causal, float scale) {                                                                         \
+        attention_backward_dq_tc<D>(dq, stats, dout, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, h_kv, \
+                                    causal, scale);                                                               \
+    }                                                                                                             \
+    VGPU_KERNEL(attention_backward_dq_tc_d##D##_bf16)
+INSTANTIATE_ATTENTION_BACKWARD_TC(64)
+INSTANTIATE_ATTENTION_BACKWARD_TC(128)

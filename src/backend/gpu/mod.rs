@@ -105,9 +105,9 @@ pub enum AttentionKernel {
     Flash,
     /// cuBLAS scores into a `(B, H, T, S)` scratch, a softmax kernel, cuBLAS again.
     Gemm,
-    /// The flash forward on tensor cores (`mma.sync`; bf16, heads of width 64 or 128; otherwise
-    /// as `Flash`), the `Flash` backward. Becomes the default once `fastpt doctor` has passed it
-    /// on a GPU: the virtual GPU emulates the instruction's fragment layout, not the hardware.
+    /// The flash kernels on tensor cores (`mma.sync`; bf16, heads of width 64 or 128; otherwise
+    /// as `Flash`). Becomes the default once `fastpt doctor` has passed it on a GPU: the virtual
+    /// GPU emulates the instruction's fragment layout, not the hardware.
     FlashTc,
 }
 
@@ -591,8 +591,10 @@ impl<D: Device> GpuBackend<D> {
         let tail = self.flash_tail(x.mask, x.bias, buckets.as_ref(), x.scale, x.dims);
         let stats = self.alloc_bytes(b * h * t * 2 * 4); // (B, H, T, 2) f32
         let stats_ptr = Arg::Ptr(self.device.ptr(&stats));
-        // A bf16 lse is too coarse to rebuild probabilities from: recompute it.
-        let recompute = self.dtype != DType::F32;
+        let tc = self.tensor_cores(d);
+        // A bf16 lse is too coarse to rebuild probabilities from: recompute it (on tensor cores
+        // with attention_stats_tc, else in the prep kernel).
+        let recompute = self.dtype != DType::F32 && !tc;
         let q_blocks = b * h * t.div_ceil(FLASH_BR);
         let mut args = vec![
             stats_ptr,
@@ -610,6 +612,38 @@ impl<D: Device> GpuBackend<D> {
             Self::flash_cfg(q_blocks, floats),
             &args,
         );
+        if tc {
+            // 64 query rows or keys per block (4 warps of 16), static shared memory.
+            let (q_blocks, kv_blocks) = (b * h * t.div_ceil(64), b * h_kv * s.div_ceil(64));
+            let mut args = vec![stats_ptr, self.ptr(x.q), self.ptr(x.k)];
+            args.extend(tail.iter().copied());
+            let cfg = Self::flash_cfg(q_blocks, 0);
+            self.launch(&format!("attention_stats_tc_d{d}"), cfg, &args);
+            let mut args = vec![
+                self.ptr(dk),
+                self.ptr(dv),
+                stats_ptr,
+                self.ptr(dout),
+                self.ptr(x.q),
+                self.ptr(x.k),
+                self.ptr(x.v),
+            ];
+            args.extend(tail.iter().copied());
+            let cfg = Self::flash_cfg(kv_blocks, 0);
+            self.launch(&format!("attention_backward_dkv_tc_d{d}"), cfg, &args);
+            let mut args = vec![
+                self.ptr(dq),
+                stats_ptr,
+                self.ptr(dout),
+                self.ptr(x.q),
+                self.ptr(x.k),
+                self.ptr(x.v),
+            ];
+            args.extend(tail.iter().copied());
+            let cfg = Self::flash_cfg(q_blocks, 0);
+            self.launch(&format!("attention_backward_dq_tc_d{d}"), cfg, &args);
+            return;
+        }
 
         let kv_blocks = b * h_kv * s.div_ceil(FLASH_BC);
         let mut args = vec![

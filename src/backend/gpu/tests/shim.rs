@@ -152,6 +152,12 @@ fn unknown_kernel_and_bad_launch_are_errors() {
 const BF16_ONLY: &[&str] = &[
     "attention_forward_tc_d64_bf16",
     "attention_forward_tc_d128_bf16",
+    "attention_stats_tc_d64_bf16",
+    "attention_stats_tc_d128_bf16",
+    "attention_backward_dkv_tc_d64_bf16",
+    "attention_backward_dkv_tc_d128_bf16",
+    "attention_backward_dq_tc_d64_bf16",
+    "attention_backward_dq_tc_d128_bf16",
 ];
 
 #[test]
