@@ -95,14 +95,27 @@ INSTANTIATE(attention_softmax_backward, (T * dscores, const T* probs, int rows, 
 #define FLASH_BR_KV 8   // query rows per tile of the dk/dv kernel
 #define FLASH_MAX_D 128 // widest head: the tiles of the largest kernel fill 42 KB of shared memory
 
-// Row r of a (rows, D) tile of a (B, L, heads·D) tensor into tile (R, D) f32; rows past `valid`
-// are zero.
-template <typename T>
-__device__ __forceinline__ void flash_load_tile(float* tile, const T* x, long base_row, int valid, int rows_in_tile,
+// The tile a block owns when the grid covers (B, heads, ceil(len / per_block)) in that order:
+// batch entry `bi`, head `head`, first row `first`. False for a block past the end.
+__device__ __forceinline__ bool flash_block(long& bi, int& head, int& first, int len, int heads, int per_block,
+                                            int b) {
+    const int tiles = (len + per_block - 1) / per_block;
+    const long blk = blockIdx.x;
+    first = (int)(blk % tiles) * per_block;
+    head = (int)((blk / tiles) % heads);
+    bi = blk / ((long)tiles * heads);
+    return bi < b;
+}
+
+// Rows base_row.. of a (B·L, heads·D) tensor, head `head`, into tile (rows_in_tile, D) of float
+// or bf16; rows past `valid` are zero.
+template <typename TileT, typename T>
+__device__ __forceinline__ void flash_load_tile(TileT* tile, const T* x, long base_row, int valid, int rows_in_tile,
                                                 int heads, int head, int d) {
     for (int idx = threadIdx.x; idx < rows_in_tile * d; idx += blockDim.x) {
         const int r = idx / d, dd = idx % d;
-        tile[idx] = r < valid ? to_float(x[(base_row + r) * heads * d + (long)head * d + dd]) : 0.0f;
+        const float v = r < valid ? to_float(x[(base_row + r) * heads * d + (long)head * d + dd]) : 0.0f;
+        tile[idx] = from_float<TileT>(v);
     }
 }
 
@@ -151,13 +164,11 @@ __device__ void attention_forward(T* out, T* lse, const T* q, const T* k, const 
     float* row_m = ps + FLASH_BR * FLASH_BC;  // (BR) running max
     float* row_l = row_m + FLASH_BR;          // (BR) running sum
     float* row_a = row_l + FLASH_BR;          // (BR) rescale of the previous tiles
-    const int tiles_q = (t + FLASH_BR - 1) / FLASH_BR;
-    const long blk = blockIdx.x;
-    const int qt = (int)(blk % tiles_q), hh = (int)((blk / tiles_q) % h);
-    const long bi = blk / ((long)tiles_q * h);
-    if (bi >= b) return;
+    long bi;
+    int hh, i0;
+    if (!flash_block(bi, hh, i0, t, h, FLASH_BR, b)) return;
     const int kvh = hh / (h / h_kv);
-    const int i0 = qt * FLASH_BR, rows = min(FLASH_BR, t - i0);
+    const int rows = min(FLASH_BR, t - i0);
     const int* km = key_mask + bi * s;
     flash_load_tile(qs, q, bi * t + i0, rows, FLASH_BR, h, hh, d);
     for (int idx = threadIdx.x; idx < FLASH_BR * d; idx += blockDim.x) os[idx] = 0.0f;
@@ -232,13 +243,11 @@ __device__ void attention_backward_prep(float* stats, const T* lse, const T* out
     float* ps = ks + FLASH_BC * d;            // (BR, BC)
     float* row_m = ps + FLASH_BR * FLASH_BC;  // (BR)
     float* row_l = row_m + FLASH_BR;          // (BR)
-    const int tiles_q = (t + FLASH_BR - 1) / FLASH_BR;
-    const long blk = blockIdx.x;
-    const int qt = (int)(blk % tiles_q), hh = (int)((blk / tiles_q) % h);
-    const long bi = blk / ((long)tiles_q * h);
-    if (bi >= b) return;
+    long bi;
+    int hh, i0;
+    if (!flash_block(bi, hh, i0, t, h, FLASH_BR, b)) return;
     const int kvh = hh / (h / h_kv);
-    const int i0 = qt * FLASH_BR, rows = min(FLASH_BR, t - i0);
+    const int rows = min(FLASH_BR, t - i0);
     float* st = stats + ((bi * h + hh) * t + i0) * 2;
     for (int r = threadIdx.x; r < rows; r += blockDim.x) {
         const long base = (bi * t + i0 + r) * h * d + (long)hh * d;
@@ -318,13 +327,11 @@ __device__ void attention_backward_dkv(T* dk, T* dv, const float* stats, const T
     float* ps = ds + FLASH_BR_KV * FLASH_BC;       // (BR_KV, BC) probabilities
     float* st_lse = ps + FLASH_BR_KV * FLASH_BC;   // (BR_KV)
     float* st_d = st_lse + FLASH_BR_KV;            // (BR_KV)
-    const int tiles_k = (s + FLASH_BC - 1) / FLASH_BC;
-    const long blk = blockIdx.x;
-    const int kt = (int)(blk % tiles_k), kvh = (int)((blk / tiles_k) % h_kv);
-    const long bi = blk / ((long)tiles_k * h_kv);
-    if (bi >= b) return;
+    long bi;
+    int kvh, j0;
+    if (!flash_block(bi, kvh, j0, s, h_kv, FLASH_BC, b)) return;
     const int group = h / h_kv;
-    const int j0 = kt * FLASH_BC, cols = min(FLASH_BC, s - j0);
+    const int cols = min(FLASH_BC, s - j0);
     const int* km = key_mask + bi * s;
     flash_load_tile(ks, k, bi * s + j0, cols, FLASH_BC, h_kv, kvh, d);
     flash_load_tile(vs, v, bi * s + j0, cols, FLASH_BC, h_kv, kvh, d);
@@ -391,13 +398,11 @@ __device__ void attention_backward_dq(T* dq, const float* stats, const T* dout, 
     float* ds = vs + FLASH_BC * d;             // (BR, BC) scores, then dS
     float* st_lse = ds + FLASH_BR * FLASH_BC;  // (BR)
     float* st_d = st_lse + FLASH_BR;           // (BR)
-    const int tiles_q = (t + FLASH_BR - 1) / FLASH_BR;
-    const long blk = blockIdx.x;
-    const int qt = (int)(blk % tiles_q), hh = (int)((blk / tiles_q) % h);
-    const long bi = blk / ((long)tiles_q * h);
-    if (bi >= b) return;
+    long bi;
+    int hh, i0;
+    if (!flash_block(bi, hh, i0, t, h, FLASH_BR, b)) return;
     const int kvh = hh / (h / h_kv);
-    const int i0 = qt * FLASH_BR, rows = min(FLASH_BR, t - i0);
+    const int rows = min(FLASH_BR, t - i0);
     const int* km = key_mask + bi * s;
     flash_load_tile(qs, q, bi * t + i0, rows, FLASH_BR, h, hh, d);
     flash_load_tile(dos, dout, bi * t + i0, rows, FLASH_BR, h, hh, d);
@@ -460,20 +465,14 @@ __device__ void attention_forward_tc(bf16* out, bf16* lse, float* stats, const b
     __shared__ bf16 qs[MMA_BR * D];  // (BR, D)
     __shared__ bf16 ks[MMA_BC * D];  // (BC, D)
     __shared__ bf16 vs[MMA_BC * D];  // (BC, D)
-    const int tiles_q = (t + MMA_BR - 1) / MMA_BR;
-    const long blk = blockIdx.x;
-    const int qt = (int)(blk % tiles_q), hh = (int)((blk / tiles_q) % h);
-    const long bi = blk / ((long)tiles_q * h);
-    if (bi >= b) return;
+    long bi;
+    int hh, i0;
+    if (!flash_block(bi, hh, i0, t, h, MMA_BR, b)) return;
     const int kvh = hh / (h / h_kv);
-    const int i0 = qt * MMA_BR, rows = min(MMA_BR, t - i0);
+    const int rows = min(MMA_BR, t - i0);
     const int* km = key_mask + bi * s;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-    const bf16 zero = __float2bfloat16(0.0f);
-    for (int idx = threadIdx.x; idx < MMA_BR * D; idx += blockDim.x) {
-        const int r = idx / D, dd = idx % D;
-        qs[idx] = r < rows ? q[(bi * t + i0 + r) * h * D + (long)hh * D + dd] : zero;
-    }
+    flash_load_tile(qs, q, bi * t + i0, rows, MMA_BR, h, hh, D);
     __syncthreads();
     // This warp's Q fragments, one per 16-wide step along D.
     unsigned qa[D / 16][4];
@@ -493,13 +492,9 @@ __device__ void attention_forward_tc(bf16* out, bf16* lse, float* stats, const b
     const int s_end = flash_key_end(s, i0, rows, causal);
     for (int j0 = 0; j0 < s_end; j0 += MMA_BC) {
         __syncthreads();  // the previous tile's readers are done
-        for (int idx = threadIdx.x; idx < MMA_BC * D; idx += blockDim.x) {
-            const int c = idx / D, dd = idx % D;
-            const bool in = j0 + c < s;
-            const long at = (bi * s + j0 + c) * h_kv * D + (long)kvh * D + dd;
-            ks[idx] = in ? k[at] : zero;
-            if (!STATS) vs[idx] = in ? v[at] : zero;
-        }
+        const int cols = min(MMA_BC, s - j0);
+        flash_load_tile(ks, k, bi * s + j0, cols, MMA_BC, h_kv, kvh, D);
+        if (!STATS) flash_load_tile(vs, v, bi * s + j0, cols, MMA_BC, h_kv, kvh, D);
         __syncthreads();
         // S (16 × BC) of this warp: BC/8 tiles of 8 keys.
         float sc[MMA_BC / 8][4];
@@ -685,23 +680,16 @@ __device__ void attention_backward_dkv_tc(bf16* dk, bf16* dv, const float* stats
     __shared__ bf16 qs[TC_QSTEP * D];   // (16, D)
     __shared__ bf16 dos[TC_QSTEP * D];  // (16, D)
     __shared__ float st_lse[TC_QSTEP], st_d[TC_QSTEP];
-    const int tiles_k = (s + TC_KEYS - 1) / TC_KEYS;
-    const long blk = blockIdx.x;
-    const int kt = (int)(blk % tiles_k), kvh = (int)((blk / tiles_k) % h_kv);
-    const long bi = blk / ((long)tiles_k * h_kv);
-    if (bi >= b) return;
-    const int group = h / h_kv, j0 = kt * TC_KEYS;
+    long bi;
+    int kvh, j0;
+    if (!flash_block(bi, kvh, j0, s, h_kv, TC_KEYS, b)) return;
+    const int group = h / h_kv;
     const int* km = key_mask + bi * s;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
     const int kw = warp * 16;  // this warp's keys in the block: kw + g and kw + g + 8
-    const bf16 zero = __float2bfloat16(0.0f);
-    for (int idx = threadIdx.x; idx < TC_KEYS * D; idx += blockDim.x) {
-        const int c = idx / D, dd = idx % D;
-        const bool in = j0 + c < s;
-        const long at = (bi * s + j0 + c) * h_kv * D + (long)kvh * D + dd;
-        ks[idx] = in ? k[at] : zero;
-        vs[idx] = in ? v[at] : zero;
-    }
+    const int cols = min(TC_KEYS, s - j0);
+    flash_load_tile(ks, k, bi * s + j0, cols, TC_KEYS, h_kv, kvh, D);
+    flash_load_tile(vs, v, bi * s + j0, cols, TC_KEYS, h_kv, kvh, D);
     float acc_dk[D / 8][4], acc_dv[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; n++)
@@ -710,13 +698,9 @@ __device__ void attention_backward_dkv_tc(bf16* dk, bf16* dv, const float* stats
     for (int hh = kvh * group; hh < (kvh + 1) * group; hh++) {
         for (int i0 = i_start; i0 < t; i0 += TC_QSTEP) {
             __syncthreads();
-            for (int idx = threadIdx.x; idx < TC_QSTEP * D; idx += blockDim.x) {
-                const int r = idx / D, dd = idx % D;
-                const bool in = i0 + r < t;
-                const long at = (bi * t + i0 + r) * h * D + (long)hh * D + dd;
-                qs[idx] = in ? q[at] : zero;
-                dos[idx] = in ? dout[at] : zero;
-            }
+            const int rows = min(TC_QSTEP, t - i0);
+            flash_load_tile(qs, q, bi * t + i0, rows, TC_QSTEP, h, hh, D);
+            flash_load_tile(dos, dout, bi * t + i0, rows, TC_QSTEP, h, hh, D);
             for (int r = threadIdx.x; r < TC_QSTEP; r += blockDim.x) {
                 const bool in = i0 + r < t;
                 const float* st = stats + ((bi * h + hh) * t + i0 + r) * 2;
@@ -787,25 +771,19 @@ __device__ void attention_backward_dq_tc(bf16* dq, const float* stats, const bf1
     __shared__ bf16 rows_s[MMA_BR * D];  // (64, D): Q, then dO, staged for their fragments
     __shared__ bf16 ks[MMA_BC * D];      // (BC, D)
     __shared__ bf16 vs[MMA_BC * D];      // (BC, D)
-    const int tiles_q = (t + MMA_BR - 1) / MMA_BR;
-    const long blk = blockIdx.x;
-    const int qt = (int)(blk % tiles_q), hh = (int)((blk / tiles_q) % h);
-    const long bi = blk / ((long)tiles_q * h);
-    if (bi >= b) return;
+    long bi;
+    int hh, i0;
+    if (!flash_block(bi, hh, i0, t, h, MMA_BR, b)) return;
     const int kvh = hh / (h / h_kv);
-    const int i0 = qt * MMA_BR, rows = min(MMA_BR, t - i0);
+    const int rows = min(MMA_BR, t - i0);
     const int* km = key_mask + bi * s;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
     const int r0 = warp * 16 + g;
-    const bf16 zero = __float2bfloat16(0.0f);
     unsigned qa[D / 16][4], da[D / 16][4];
     for (int pass = 0; pass < 2; pass++) {
         const bf16* src = pass == 0 ? q : dout;
         __syncthreads();
-        for (int idx = threadIdx.x; idx < MMA_BR * D; idx += blockDim.x) {
-            const int r = idx / D, dd = idx % D;
-            rows_s[idx] = r < rows ? src[(bi * t + i0 + r) * h * D + (long)hh * D + dd] : zero;
-        }
+        flash_load_tile(rows_s, src, bi * t + i0, rows, MMA_BR, h, hh, D);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) tc_a_frag<D>(pass == 0 ? qa[kk] : da[kk], rows_s, r0, 16 * kk + 2 * tq);
@@ -823,13 +801,9 @@ __device__ void attention_backward_dq_tc(bf16* dq, const float* stats, const bf1
     const int s_end = flash_key_end(s, i0, rows, causal);
     for (int j0 = 0; j0 < s_end; j0 += MMA_BC) {
         __syncthreads();
-        for (int idx = threadIdx.x; idx < MMA_BC * D; idx += blockDim.x) {
-            const int c = idx / D, dd = idx % D;
-            const bool in = j0 + c < s;
-            const long at = (bi * s + j0 + c) * h_kv * D + (long)kvh * D + dd;
-            ks[idx] = in ? k[at] : zero;
-            vs[idx] = in ? v[at] : zero;
-        }
+        const int cols = min(MMA_BC, s - j0);
+        flash_load_tile(ks, k, bi * s + j0, cols, MMA_BC, h_kv, kvh, D);
+        flash_load_tile(vs, v, bi * s + j0, cols, MMA_BC, h_kv, kvh, D);
         __syncthreads();
         float ds[MMA_BC / 8][4];
 #pragma unroll

@@ -5,6 +5,19 @@
 // atomics over occupancy; docs/kernels.md gives their floors.
 #include "common.cuh"
 
+// The backward of `y = g·x` for one row of C, by one block: dx (C) = g·dy, and returns
+// Σ dy ⊙ x, the gradient of g, to every thread (block_sum: every thread must call it).
+template <typename T>
+__device__ __forceinline__ float scale_row_and_dot(T* dx, const T* dy, const T* x, float g, int c) {
+    float dot = 0.0f;
+    for (int k = threadIdx.x; k < c; k += blockDim.x) {
+        const float d = to_float(dy[k]);
+        dx[k] = from_float<T>(g * d);
+        dot += d * to_float(x[k]);
+    }
+    return block_sum(dot);
+}
+
 // ---- EPT-MS prompt fusion ------------------------------------------------------------------------
 
 // out (N, K): the softmax of each column of inp (N, K) over its N rows. One thread per column
@@ -22,15 +35,22 @@ __device__ void softmax_cols_forward(T* out, const T* inp, int n, int k) {
 }
 INSTANTIATE(softmax_cols_forward, (T * out, const T* inp, int n, int k), (out, inp, n, k))
 
+// g = 1 + Σ_j probs[p, j], the scale of prompt row p in the "paper" fusion. Every thread of the
+// block must call it (block_sum).
+template <typename T>
+__device__ __forceinline__ float fusion_paper_scale(const T* probs, long p, int m) {
+    float part = 0.0f;
+    for (int j = threadIdx.x; j < m; j += blockDim.x) part += to_float(probs[p * m + j]);
+    return 1.0f + block_sum(part);
+}
+
 // The "paper" fusion: out[p] = (1 + Σ_j probs[p, j]) · ps[p]. out, ps (S, C), probs (S, M).
 // One block per prompt row.
 template <typename T>
 __device__ void fusion_paper_forward(T* out, const T* ps, const T* probs, int s, int m, int c) {
     const long p = blockIdx.x;
     if (p >= s) return;
-    float part = 0.0f;
-    for (int j = threadIdx.x; j < m; j += blockDim.x) part += to_float(probs[p * m + j]);
-    const float g = 1.0f + block_sum(part);
+    const float g = fusion_paper_scale(probs, p, m);
     for (int k = threadIdx.x; k < c; k += blockDim.x) out[p * c + k] = from_float<T>(g * to_float(ps[p * c + k]));
 }
 INSTANTIATE(fusion_paper_forward, (T * out, const T* ps, const T* probs, int s, int m, int c),
@@ -44,16 +64,8 @@ __device__ void fusion_paper_backward_rows(T* d_ps, T* dg, const T* dout, const 
                                            int c) {
     const long p = blockIdx.x;
     if (p >= s) return;
-    float part = 0.0f;
-    for (int j = threadIdx.x; j < m; j += blockDim.x) part += to_float(probs[p * m + j]);
-    const float g = 1.0f + block_sum(part);
-    float dot = 0.0f;
-    for (int k = threadIdx.x; k < c; k += blockDim.x) {
-        const float d = to_float(dout[p * c + k]);
-        d_ps[p * c + k] = from_float<T>(g * d);
-        dot += d * to_float(ps[p * c + k]);
-    }
-    dot = block_sum(dot);
+    const float g = fusion_paper_scale(probs, p, m);
+    const float dot = scale_row_and_dot(d_ps + p * c, dout + p * c, ps + p * c, g, c);
     if (threadIdx.x == 0) dg[p] = from_float<T>(dot);
 }
 INSTANTIATE(fusion_paper_backward_rows,
@@ -101,13 +113,7 @@ __device__ void gated_experts_backward_one(T* d_gate, T* d_x, const T* dout, con
     const long row = blockIdx.x;
     if (row >= n) return;
     const float g = to_float(gate[row * e + i]);
-    float dot = 0.0f;
-    for (int k = threadIdx.x; k < c; k += blockDim.x) {
-        const float d = to_float(dout[row * c + k]);
-        d_x[row * c + k] = from_float<T>(g * d);
-        dot += d * to_float(x[row * c + k]);
-    }
-    dot = block_sum(dot);
+    const float dot = scale_row_and_dot(d_x + row * c, dout + row * c, x + row * c, g, c);
     if (threadIdx.x == 0) d_gate[row * e + i] = from_float<T>(dot);
 }
 INSTANTIATE(gated_experts_backward_one,

@@ -5,8 +5,10 @@
 #   bash tools/gpu-check.sh
 #
 # Writes bench/results/<date>-<gpu>/ with nvidia-smi.txt, doctor.log (`fastpt doctor --device
-# cuda`: every kernel and step checked against the CPU reference on the GPU) and, when the binary
-# has a `bench` subcommand, bench.log. When $OUT is set (the device tool), the folder is also copied
+# cuda`: every kernel and step checked against the CPU reference on the GPU), kernel-lab.log
+# (every op's variants checked and timed) and gpu-ops.log (criterion) when those binaries were
+# carried to target/carry/ (see tools/README.md), and, when the binary has a `bench` subcommand,
+# bench.log. When $OUT is set (the device tool), the folder is also copied
 # there. Exits non-zero when doctor (or bench) fails.
 #
 # Kernels are compiled by NVRTC at start-up (a CUDA toolkit, FASTPT_CUDA_HOME, or .venv-nvrtc from
@@ -41,6 +43,18 @@ echo "== fastpt doctor ${DOCTOR_ARGS:---device cuda}"
 "$BIN" doctor ${DOCTOR_ARGS:---device cuda} 2>&1 | tee "$DIR/doctor.log"
 doctor_rc=${PIPESTATUS[0]}
 [ "$doctor_rc" -eq 0 ] || { echo "gpu-check: doctor failed (exit $doctor_rc)" >&2; status=$doctor_rc; }
+
+# The kernel lab and the criterion GPU benches, when carried (stripped) in target/carry/.
+if [ -x target/carry/kernel_lab ]; then
+  echo "== kernel lab (all ops, every variant)"
+  target/carry/kernel_lab all --device cuda 2>&1 | tee "$DIR/kernel-lab.log"
+  lab_rc=${PIPESTATUS[0]}
+  [ "$lab_rc" -eq 0 ] || { echo "gpu-check: kernel lab failed (exit $lab_rc)" >&2; [ "$status" -ne 0 ] || status=$lab_rc; }
+fi
+if [ -x target/carry/gpu_ops ]; then
+  echo "== criterion GPU benches"
+  target/carry/gpu_ops --bench 2>&1 | tee "$DIR/gpu-ops.log"
+fi
 
 if "$BIN" help bench >/dev/null 2>&1; then
   echo "== fastpt bench"

@@ -1019,44 +1019,32 @@ pub fn check_steps<D: Device>(
         });
     };
 
-    let g = forward_backward(gpu, &model_g, None, &batch)?;
-    let c = forward_backward(&cpu, &model_c, None, &batch)?;
-    push(
-        format!("{shape} step: loss"),
-        &[g.loss as f32],
-        &[c.loss as f32],
-        step_tolerance(dt),
-    );
-    push(
-        format!("{shape} step: logits"),
-        &g.logits,
-        &c.logits,
-        step_tolerance(dt),
-    );
-    push(
-        format!("{shape} step: d inputs_embeds"),
-        &g.d_inputs_embeds,
-        &c.d_inputs_embeds,
-        step_grad_tolerance(dt),
-    );
-
-    // NF4 weights (dequantised before each GEMM, bit-identically on both backends in f32).
+    // Dense weights, then NF4 weights (dequantised before each GEMM, bit-identically on both
+    // backends in f32).
     let nf4_g = model_with_weights(gpu, shape, seed, dt, Quant::Nf4)?;
     let nf4_c = model_with_weights(&cpu, shape, seed, dt, Quant::Nf4)?;
-    let g = forward_backward(gpu, &nf4_g, None, &batch)?;
-    let c = forward_backward(&cpu, &nf4_c, None, &batch)?;
-    push(
-        format!("{shape} step nf4: loss"),
-        &[g.loss as f32],
-        &[c.loss as f32],
-        step_tolerance(dt),
-    );
-    push(
-        format!("{shape} step nf4: d inputs_embeds"),
-        &g.d_inputs_embeds,
-        &c.d_inputs_embeds,
-        step_grad_tolerance(dt),
-    );
+    for (tag, mg, mc) in [("", &model_g, &model_c), (" nf4", &nf4_g, &nf4_c)] {
+        let g = forward_backward(gpu, mg, None, &batch)?;
+        let c = forward_backward(&cpu, mc, None, &batch)?;
+        push(
+            format!("{shape} step{tag}: loss"),
+            &[g.loss as f32],
+            &[c.loss as f32],
+            step_tolerance(dt),
+        );
+        push(
+            format!("{shape} step{tag}: logits"),
+            &g.logits,
+            &c.logits,
+            step_tolerance(dt),
+        );
+        push(
+            format!("{shape} step{tag}: d inputs_embeds"),
+            &g.d_inputs_embeds,
+            &c.d_inputs_embeds,
+            step_grad_tolerance(dt),
+        );
+    }
 
     for (method, options) in [
         ("pt", "prompt_len = 5"),
