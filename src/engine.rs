@@ -87,6 +87,20 @@ pub fn t5_loss<'m, B: Backend>(
     Ok(step(be, Model::T5(model), method, batch, false)?.loss)
 }
 
+/// The loss of a batch on either backbone, forward only (no gradient is computed or added).
+pub fn forward_loss<'m, B: Backend>(
+    be: &B,
+    model: &Backbone<B>,
+    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    batch: &HostBatch,
+) -> Result<f64> {
+    let model = match model {
+        Backbone::T5(m) => Model::T5(m),
+        Backbone::Llama(m) => Model::Llama(m),
+    };
+    Ok(step(be, model, method, batch, false)?.loss)
+}
+
 /// [`t5_forward_backward`] for Llama: the batch is decoder-only (labels `(B, T)` aligned with
 /// the input, unshifted; see [`HostBatch`]), prompt rows go in front of every row.
 pub fn llama_forward_backward<'m, B: Backend>(

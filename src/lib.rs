@@ -4,6 +4,7 @@
 //! first), `model` the backbones and their loading, and the binary `fastpt` (src/main.rs) the CLI.
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod engine;

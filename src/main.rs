@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use fastpt::backend::cpu::CpuBackend;
@@ -11,12 +11,14 @@ use fastpt::backend::gpu::check::{check_ops, check_steps, results_table, CheckRe
 use fastpt::backend::gpu::cuda::CudaDevice;
 use fastpt::backend::gpu::device::{DType, Device};
 use fastpt::backend::gpu::vgpu::VirtualDevice;
-use fastpt::backend::gpu::GpuBackend;
+use fastpt::backend::gpu::{AttentionKernel, GpuBackend};
 use fastpt::backend::Backend;
+use fastpt::bench::{markdown_table, run_bench, BenchClock, BenchConfig, Setting};
 use fastpt::config::RunConfig;
 use fastpt::data::batch_json::BatchSpec;
 use fastpt::data::HostBatch;
 use fastpt::engine::{build_backbone_method, forward_backward, StepOutput};
+use fastpt::fsutil::write_file_atomic;
 use fastpt::model::hf::{load_tokenizer, save_safetensors, TensorData};
 use fastpt::model::llama::llama_tensor_specs;
 use fastpt::model::shapes::{LLAMA_SHAPES, T5_SHAPES};
@@ -53,6 +55,48 @@ enum Command {
     /// Check the GPU: device facts, kernel compilation, every op and whole training steps
     /// against the CPU reference in bf16 and f32. Without a GPU, the same on the virtual GPU.
     Doctor(DoctorArgs),
+    /// Measure training-step and forward time, memory and parameters of prompt-method settings
+    /// on built-in shapes (random weights): a markdown table, and report.json with --out.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Built-in shapes (T5 or Llama), repeatable.
+    #[arg(long = "shape", default_values = ["t5-tiny"], value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
+    shapes: Vec<String>,
+    /// Method settings, repeatable: `none` (the backbone alone), a method name at the papers'
+    /// defaults (`pt`), or with options (`ept:prompt_len=60,rank=30`).
+    #[arg(long = "setting", default_values = ["none", "pt"])]
+    settings: Vec<String>,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Input tokens per row.
+    #[arg(long, default_value_t = 64)]
+    input_len: usize,
+    /// Target tokens per row.
+    #[arg(long, default_value_t = 8)]
+    target_len: usize,
+    /// Maximum input length m (the length of DePT's and EPT-MS's update; the papers use 256).
+    #[arg(long, default_value_t = 256)]
+    max_len: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps (and as many timed forward passes).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// none or nf4 (the frozen linear weights in 4 bits).
+    #[arg(long, default_value = "none", value_parser = ["none", "nf4"])]
+    quant: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder for report.json and table.md.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 /// Where a command runs.
@@ -69,6 +113,10 @@ struct DeviceArgs {
     /// Run the CPU reference in f64 instead of f32 (implies the CPU).
     #[arg(long)]
     f64: bool,
+    /// Attention on a GPU: flash (fused kernels, the default), flash-tc (the same on tensor
+    /// cores: bf16, heads of 64 or 128), gemm (cuBLAS around a softmax kernel).
+    #[arg(long, default_value = "flash", value_parser = ["flash", "flash-tc", "gemm"])]
+    attention: String,
 }
 
 #[derive(Args)]
@@ -201,14 +249,19 @@ fn main() -> std::process::ExitCode {
 enum Selected {
     Cpu32,
     Cpu64,
-    Vgpu(DType),
-    Cuda(CudaDevice, DType),
+    Vgpu(DType, AttentionKernel),
+    Cuda(CudaDevice, DType, AttentionKernel),
 }
 
 fn select_device(args: &DeviceArgs) -> Result<Selected> {
     let dtype = match args.dtype.as_str() {
         "f32" => DType::F32,
         _ => DType::Bf16,
+    };
+    let attention = match args.attention.as_str() {
+        "gemm" => AttentionKernel::Gemm,
+        "flash-tc" => AttentionKernel::FlashTc,
+        _ => AttentionKernel::Flash,
     };
     if args.f64 {
         if matches!(args.device.as_str(), "cuda" | "vgpu") {
@@ -221,10 +274,10 @@ fn select_device(args: &DeviceArgs) -> Result<Selected> {
     }
     Ok(match args.device.as_str() {
         "cpu" => Selected::Cpu32,
-        "vgpu" => Selected::Vgpu(dtype),
-        "cuda" => Selected::Cuda(CudaDevice::new(0)?, dtype),
+        "vgpu" => Selected::Vgpu(dtype, attention),
+        "cuda" => Selected::Cuda(CudaDevice::new(0)?, dtype, attention),
         _ => match CudaDevice::new(0) {
-            Ok(dev) => Selected::Cuda(dev, dtype),
+            Ok(dev) => Selected::Cuda(dev, dtype, attention),
             Err(e) => {
                 eprintln!("fastpt: no usable GPU ({e}); running on the CPU");
                 Selected::Cpu32
@@ -245,12 +298,12 @@ macro_rules! with_backend {
                 let $be = &CpuBackend::<f64>::new();
                 $body
             }
-            Selected::Vgpu(dtype) => {
-                let $be = &GpuBackend::new(VirtualDevice::new(), dtype);
+            Selected::Vgpu(dtype, attention) => {
+                let $be = &GpuBackend::new(VirtualDevice::new(), dtype).with_attention(attention);
                 $body
             }
-            Selected::Cuda(dev, dtype) => {
-                let $be = &GpuBackend::new(dev, dtype);
+            Selected::Cuda(dev, dtype, attention) => {
+                let $be = &GpuBackend::new(dev, dtype).with_attention(attention);
                 $body
             }
         }
@@ -264,6 +317,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Params(args) => params(&args),
         Command::Forward(args) => with_backend!(&args.device, |be| forward(be, &args)),
         Command::Doctor(args) => doctor(&args),
+        Command::Bench(args) => with_backend!(&args.device, |be| bench(be, &args)),
     }
 }
 
@@ -657,5 +711,40 @@ fn doctor_on<D: Device>(dev: D, args: &DoctorArgs) -> Result<()> {
         bail!("{failed} of {} checks failed on {name}", results.len());
     }
     println!("\nall {} checks passed on {name}", results.len());
+    Ok(())
+}
+
+fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
+    let settings = args
+        .settings
+        .iter()
+        .map(|s| Setting::parse(s))
+        .collect::<fastpt::Result<Vec<_>>>()?;
+    let cfg = BenchConfig {
+        shapes: args.shapes.clone(),
+        settings,
+        batch: args.batch,
+        input_len: args.input_len,
+        target_len: args.target_len,
+        max_len: args.max_len,
+        warmup: args.warmup,
+        steps: args.steps,
+        quant: args.quant.parse()?,
+        seed: args.seed,
+    };
+    let report = run_bench(be, &cfg, &mut |cell| eprintln!("bench: {cell}"))?;
+    let table = markdown_table(&report);
+    println!("{table}");
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let json = serde_json::to_string_pretty(&report)?;
+        write_file_atomic(&dir.join("report.json"), json.as_bytes(), &mut || Ok(()))?;
+        write_file_atomic(&dir.join("table.md"), table.as_bytes(), &mut || Ok(()))?;
+        println!(
+            "wrote {} and {}",
+            dir.join("report.json").display(),
+            dir.join("table.md").display()
+        );
+    }
     Ok(())
 }

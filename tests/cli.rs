@@ -429,3 +429,73 @@ fn step_with_nf4_weights_runs_for_t5_and_llama_and_bad_quant_is_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bench_smoke_writes_a_report_with_the_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench");
+    let (ok, stdout, stderr) = fastpt(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--shape",
+        "t5-tiny",
+        "--setting",
+        "none",
+        "--setting",
+        "pt:prompt_len=5",
+        "--batch",
+        "2",
+        "--input-len",
+        "9",
+        "--target-len",
+        "3",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("| t5-tiny | pt:prompt_len=5 | 5 |"),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["schema"], 1);
+    assert_eq!(report["backend"], "cpu-f32");
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, (setting, prompt_rows, params)) in rows
+        .iter()
+        .zip([("none", 0, 0), ("pt:prompt_len=5", 5, 5 * 64)])
+    {
+        assert_eq!(row["shape"], "t5-tiny");
+        assert_eq!(row["setting"], setting);
+        assert_eq!(row["prompt_rows"], prompt_rows);
+        assert_eq!(row["train_params"], params);
+        assert_eq!(row["stored_params"], params);
+        for key in ["train_step_ms", "forward_ms"] {
+            let stats = &row[key];
+            let (median, min, max) = (
+                stats["median"].as_f64().unwrap(),
+                stats["min"].as_f64().unwrap(),
+                stats["max"].as_f64().unwrap(),
+            );
+            assert!(
+                0.0 < min && min <= median && median <= max,
+                "{key}: {stats}"
+            );
+            assert_eq!(stats["samples"].as_array().unwrap().len(), 2);
+        }
+        assert!(row["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(row["peak_memory_bytes"].as_u64().unwrap() > 0);
+        assert!(row["final_loss"].as_f64().unwrap().is_finite());
+    }
+    assert!(out.join("table.md").exists());
+    // A bad setting is named.
+    let (ok, _, stderr) = fastpt(&["bench", "--device", "cpu", "--setting", "pt:rank"]);
+    assert!(!ok && stderr.contains("pt:rank"), "{stderr}");
+}

@@ -14,7 +14,7 @@ use cudarc::cublaslt::{result as blas, sys as blas_sys};
 use cudarc::driver::result::{self as drv, DriverError};
 use cudarc::driver::sys;
 
-use super::device::{Arg, DType, Device, GemmDesc, GpuError, LaunchCfg};
+use super::device::{Arg, DType, Device, GemmDesc, GpuError, LaunchCfg, MemoryCounter};
 use super::nvrtc;
 
 /// cuBLASLt's workspace, allocated once per device (what cuBLASLt asks for on Hopper).
@@ -53,6 +53,8 @@ struct Context {
     stream: sys::CUstream,
     /// Stream-ordered allocation (`cuMemAllocAsync`) from the device's default pool.
     pools: bool,
+    /// Bytes our buffers hold (peak for `fastpt bench`).
+    memory: MemoryCounter,
 }
 
 // SAFETY: CUDA handles may be used from any thread once the context is current there ([`bind`]);
@@ -126,6 +128,7 @@ impl Drop for CudaBuffer {
             return;
         }
         let _ = self.ctx.bind();
+        self.ctx.memory.sub(self.bytes);
         // SAFETY: allocated by `alloc_on` with the same `pools` setting; freed once. Freeing on
         // the stream orders the free after the work queued so far.
         unsafe {
@@ -160,6 +163,7 @@ fn alloc_on(ctx: &Arc<Context>, bytes: usize) -> Result<CudaBuffer, GpuError> {
         sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => GpuError::OutOfMemory { bytes },
         _ => driver_err("cuMemAlloc", e),
     })?;
+    ctx.memory.add(bytes);
     // SAFETY: `bytes` bytes were just allocated at `buf.ptr`.
     unsafe { drv::memset_d8_async(buf.ptr, 0, bytes, ctx.stream) }
         .map_err(|e| driver_err("cuMemsetD8Async", e))?;
@@ -250,6 +254,7 @@ impl CudaDevice {
             ctx,
             stream,
             pools,
+            memory: MemoryCounter::default(),
         });
         if pools {
             // Keep freed memory in the pool instead of returning it to the driver at every
@@ -677,6 +682,7 @@ impl GemmPlan {
 
 impl Device for CudaDevice {
     type Buffer = CudaBuffer;
+    type Event = CudaEvent;
 
     fn name(&self) -> String {
         format!(
@@ -845,6 +851,51 @@ impl Device for CudaDevice {
 
     fn synchronize(&self) -> Result<(), GpuError> {
         self.ctx.sync()
+    }
+
+    fn record_event(&self) -> Result<CudaEvent, GpuError> {
+        self.ctx.bind()?;
+        let event = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map_err(|e| driver_err("cuEventCreate", e))?;
+        let event = CudaEvent {
+            event,
+            ctx: Arc::clone(&self.ctx),
+        };
+        // SAFETY: a live event of this context, recorded on our stream.
+        unsafe { drv::event::record(event.event, self.ctx.stream) }
+            .map_err(|e| driver_err("cuEventRecord", e))?;
+        Ok(event)
+    }
+
+    fn elapsed_ms(&self, start: &CudaEvent, end: &CudaEvent) -> Result<f64, GpuError> {
+        self.ctx.bind()?;
+        // SAFETY: both events were created and recorded on our stream and are alive.
+        unsafe {
+            drv::event::synchronize(end.event).map_err(|e| driver_err("cuEventSynchronize", e))?;
+            drv::event::elapsed(start.event, end.event)
+                .map(f64::from)
+                .map_err(|e| driver_err("cuEventElapsedTime", e))
+        }
+    }
+
+    fn memory(&self) -> &MemoryCounter {
+        &self.ctx.memory
+    }
+}
+
+/// A recorded CUDA event, destroyed on drop.
+pub struct CudaEvent {
+    event: sys::CUevent,
+    ctx: Arc<Context>,
+}
+
+impl Drop for CudaEvent {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind();
+        // SAFETY: created in record_event, destroyed once.
+        unsafe {
+            let _ = drv::event::destroy(self.event);
+        }
     }
 }
 

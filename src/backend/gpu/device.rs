@@ -129,11 +129,49 @@ pub enum GpuError {
     OutOfMemory { bytes: usize },
 }
 
+/// Bytes of device memory held by a device's buffers: now, and the most at any time since the
+/// device opened or the last [`MemoryCounter::reset_peak`]. Buffers update it as they are
+/// allocated and dropped.
+#[derive(Debug, Default)]
+pub struct MemoryCounter {
+    current: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+impl MemoryCounter {
+    pub fn add(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.current.fetch_add(bytes, Relaxed) + bytes;
+        self.peak.fetch_max(now, Relaxed);
+    }
+
+    pub fn sub(&self, bytes: usize) {
+        self.current
+            .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn current(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts a new peak from what is held now.
+    pub fn reset_peak(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.peak.store(self.current.load(Relaxed), Relaxed);
+    }
+}
+
 /// A device that runs our kernels. All operations are ordered (one stream); `download` waits for
 /// the work before it.
 pub trait Device: Send + Sync + 'static {
     /// Device memory; freed on drop.
     type Buffer: Send + Sync;
+    /// A point in the device's queue of work, for timing it (`cuEventRecord` on a GPU).
+    type Event;
 
     /// "cuda:0 NVIDIA H100 80GB HBM3 (sm_90)", "vgpu".
     fn name(&self) -> String;
@@ -171,4 +209,13 @@ pub trait Device: Send + Sync + 'static {
 
     /// Waits for all queued work.
     fn synchronize(&self) -> Result<(), GpuError>;
+
+    /// Records an event after the work queued so far.
+    fn record_event(&self) -> Result<Self::Event, GpuError>;
+
+    /// Milliseconds the device spent between two recorded events (waits for `end`).
+    fn elapsed_ms(&self, start: &Self::Event, end: &Self::Event) -> Result<f64, GpuError>;
+
+    /// The memory our buffers hold on this device (see [`MemoryCounter`]).
+    fn memory(&self) -> &MemoryCounter;
 }

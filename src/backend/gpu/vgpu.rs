@@ -8,10 +8,12 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::Instant;
 
 use half::bf16;
 
-use super::device::{Arg, DType, Device, GemmDesc, GpuError, LaunchCfg};
+use super::device::{Arg, DType, Device, GemmDesc, GpuError, LaunchCfg, MemoryCounter};
 
 extern "C" {
     fn vgpu_launch(
@@ -45,6 +47,7 @@ pub fn kernel_names() -> Vec<String> {
 pub struct HostBuffer {
     ptr: NonNull<u8>,
     layout: Layout,
+    memory: Arc<MemoryCounter>,
 }
 
 // SAFETY: a HostBuffer owns its allocation like a Box<[u8]>; access goes through &/&mut.
@@ -55,21 +58,26 @@ impl Drop for HostBuffer {
     fn drop(&mut self) {
         // SAFETY: allocated in `alloc` with this layout.
         unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+        self.memory.sub(self.layout.size());
     }
 }
 
 /// See the module docs.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct VirtualDevice;
+#[derive(Debug, Default)]
+pub struct VirtualDevice {
+    memory: Arc<MemoryCounter>,
+}
 
 impl VirtualDevice {
     pub fn new() -> Self {
-        VirtualDevice
+        VirtualDevice::default()
     }
 }
 
 impl Device for VirtualDevice {
     type Buffer = HostBuffer;
+    /// Work runs when it is launched, so the host clock times it.
+    type Event = Instant;
 
     fn name(&self) -> String {
         "vgpu".into()
@@ -82,7 +90,12 @@ impl Device for VirtualDevice {
         // SAFETY: the layout has non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(ptr).ok_or(GpuError::OutOfMemory { bytes })?;
-        Ok(HostBuffer { ptr, layout })
+        self.memory.add(layout.size());
+        Ok(HostBuffer {
+            ptr,
+            layout,
+            memory: Arc::clone(&self.memory),
+        })
     }
 
     fn ptr(&self, buf: &HostBuffer) -> u64 {
@@ -179,6 +192,18 @@ impl Device for VirtualDevice {
 
     fn synchronize(&self) -> Result<(), GpuError> {
         Ok(())
+    }
+
+    fn record_event(&self) -> Result<Instant, GpuError> {
+        Ok(Instant::now())
+    }
+
+    fn elapsed_ms(&self, start: &Instant, end: &Instant) -> Result<f64, GpuError> {
+        Ok(end.duration_since(*start).as_secs_f64() * 1e3)
+    }
+
+    fn memory(&self) -> &MemoryCounter {
+        &self.memory
     }
 }
 

@@ -1,0 +1,378 @@
+//! `fastpt bench`: training-step and inference time, memory and parameters of prompt methods on
+//! built-in shapes with random weights (efficiency depends on shapes, not weight values).
+//!
+//! Each (shape × setting) cell builds the model and the method once, runs `warmup` steps, then
+//! times `steps` training steps (forward, input-gradient backward, method backward, AdamW) and as
+//! many forward-only passes (loss; greedy generation timing comes with the claims table). Times
+//! come from device events on a GPU ([`BenchClock`]), from the host clock on the CPU; the report
+//! keeps the median and the spread of the per-step times.
+//!
+//! What is left of the bench issue (claims table, PEFT side by side, MFU with a measured GEMM
+//! peak, SVG charts) builds on this module.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::cpu::{CpuBackend, Float};
+use crate::backend::gpu::device::Device;
+use crate::backend::gpu::GpuBackend;
+use crate::backend::Backend;
+use crate::config::TrainConfig;
+use crate::data::HostBatch;
+use crate::engine::{build_backbone_method, forward_backward, forward_loss};
+use crate::error::{Error, Result};
+use crate::model::linear::Quant;
+use crate::model::{random_model, Backbone};
+use crate::prompt::{train_params, zero_grads, MethodConfig};
+use crate::train::optim::Optimizer;
+use crate::train::report::peak_rss_bytes;
+
+/// How a backend times work and reports its memory.
+pub trait BenchClock: Backend {
+    /// Runs `f` and returns the milliseconds the device spent on it (all of its work, queued or
+    /// not, finished before the clock stops).
+    fn time_ms(&self, f: &mut dyn FnMut()) -> f64;
+    /// Peak memory since [`BenchClock::reset_peak_memory`]: `(bytes, what was measured)`.
+    fn peak_memory(&self) -> (u64, &'static str);
+    fn reset_peak_memory(&self);
+}
+
+impl<T: Float> BenchClock for CpuBackend<T> {
+    fn time_ms(&self, f: &mut dyn FnMut()) -> f64 {
+        let start = Instant::now();
+        f();
+        start.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// The process's peak resident set: it cannot be reset, so it covers the whole run.
+    fn peak_memory(&self) -> (u64, &'static str) {
+        (peak_rss_bytes().unwrap_or(0), "process peak RSS")
+    }
+
+    fn reset_peak_memory(&self) {}
+}
+
+impl<D: Device> BenchClock for GpuBackend<D> {
+    fn time_ms(&self, f: &mut dyn FnMut()) -> f64 {
+        let dev = self.device();
+        let start = dev.record_event().expect("record a device event");
+        f();
+        let end = dev.record_event().expect("record a device event");
+        dev.elapsed_ms(&start, &end)
+            .expect("elapsed time between device events")
+    }
+
+    fn peak_memory(&self) -> (u64, &'static str) {
+        (self.device().memory().peak() as u64, "device memory peak")
+    }
+
+    fn reset_peak_memory(&self) {
+        self.device().memory().reset_peak();
+    }
+}
+
+/// One prompt-method setting of the matrix: a name and the method (None: the backbone alone,
+/// input gradient only).
+#[derive(Debug, Clone)]
+pub struct Setting {
+    pub name: String,
+    pub method: Option<MethodConfig>,
+}
+
+impl Setting {
+    /// `none`, or a method name with `key=value` options (`pt`, `ept:prompt_len=60,rank=30`).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let (name, options) = spec.split_once(':').unwrap_or((spec, ""));
+        if name == "none" {
+            return Ok(Setting {
+                name: spec.into(),
+                method: None,
+            });
+        }
+        let toml: String = options
+            .split(',')
+            .filter(|kv| !kv.trim().is_empty())
+            .map(|kv| format!("{}\n", kv.trim()))
+            .collect();
+        let method = MethodConfig::from_toml(name, &toml).map_err(|e| {
+            Error::Input(format!(
+                "--setting {spec:?}: {e} (expected NAME or NAME:key=value,...)"
+            ))
+        })?;
+        Ok(Setting {
+            name: spec.into(),
+            method: Some(method),
+        })
+    }
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub shapes: Vec<String>,
+    pub settings: Vec<Setting>,
+    pub batch: usize,
+    /// Input tokens per row (encoder for T5, the text for Llama).
+    pub input_len: usize,
+    /// Target tokens per row (T5 decoder; Llama labels at the end of the text).
+    pub target_len: usize,
+    /// Maximum input length m (the length of DePT's and EPT-MS's embedding update), ≥ input_len.
+    pub max_len: usize,
+    pub warmup: usize,
+    pub steps: usize,
+    pub quant: Quant,
+    pub seed: u64,
+}
+
+/// Median and spread of a set of times (ms).
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Per-step times in order.
+    pub samples: Vec<f64>,
+}
+
+impl Stats {
+    fn of(samples: Vec<f64>) -> Self {
+        let mut sorted = samples.clone();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        };
+        Stats {
+            median,
+            min: sorted.first().copied().unwrap_or(f64::NAN),
+            max: sorted.last().copied().unwrap_or(f64::NAN),
+            samples,
+        }
+    }
+}
+
+/// One cell of the matrix.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub shape: String,
+    pub setting: String,
+    /// Prompt rows in front of the input.
+    pub prompt_rows: usize,
+    pub train_step_ms: Stats,
+    /// Input + target tokens (prompt rows excluded) per second of training step.
+    pub train_tokens_per_s: f64,
+    pub forward_ms: Stats,
+    pub peak_memory_bytes: u64,
+    pub train_params: usize,
+    pub stored_params: usize,
+    pub final_loss: f64,
+}
+
+/// The whole run, as report.json holds it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema: u32,
+    pub backend: String,
+    pub memory: &'static str,
+    pub quant: String,
+    pub batch: usize,
+    pub input_len: usize,
+    pub target_len: usize,
+    pub warmup: usize,
+    pub steps: usize,
+    pub rows: Vec<Row>,
+}
+
+/// Runs the matrix; `progress` is told each cell as it starts.
+pub fn run_bench<B: BenchClock + 'static>(
+    be: &B,
+    cfg: &BenchConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Report> {
+    if cfg.steps == 0 || cfg.batch == 0 || cfg.input_len == 0 || cfg.target_len == 0 {
+        return Err(Error::Input(
+            "bench: steps, batch, input_len and target_len must be at least 1".into(),
+        ));
+    }
+    let mut rows = Vec::new();
+    let mut memory = "";
+    for shape in &cfg.shapes {
+        let model = random_model(be, shape, cfg.seed, cfg.quant)?;
+        let inputs = vec![cfg.input_len; cfg.batch];
+        let targets = vec![cfg.target_len; cfg.batch];
+        let batch = match &model {
+            Backbone::T5(m) => HostBatch::random(&m.cfg, &inputs, &targets, cfg.seed + 1),
+            Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &inputs, &targets, cfg.seed + 1),
+        };
+        let tokens = (cfg.batch * (cfg.input_len + cfg.target_len)) as f64;
+        for setting in &cfg.settings {
+            progress(&format!("{shape} × {}", setting.name));
+            be.reset_peak_memory();
+            let mut method = match &setting.method {
+                Some(m) => Some(build_backbone_method(
+                    be,
+                    &model,
+                    m,
+                    cfg.max_len.max(cfg.input_len),
+                    cfg.seed,
+                    None,
+                )?),
+                None => None,
+            };
+            let train = TrainConfig::default();
+            let mut optim = method.as_deref().map(|m| Optimizer::new(be, m, &train));
+            let mut result: Result<f64> = Ok(f64::NAN);
+            let mut step = |result: &mut Result<f64>| {
+                let out = forward_backward(be, &model, method.as_deref_mut(), &batch);
+                match (out, method.as_deref_mut(), optim.as_mut()) {
+                    (Ok(o), Some(m), Some(opt)) => {
+                        opt.step(be, m, 1.0, 1.0);
+                        zero_grads(be, m);
+                        *result = Ok(o.loss);
+                    }
+                    (Ok(o), _, _) => *result = Ok(o.loss),
+                    (Err(e), _, _) => *result = Err(e),
+                }
+            };
+            for _ in 0..cfg.warmup {
+                step(&mut result);
+                result.as_ref().map_err(|e| Error::Input(e.to_string()))?;
+            }
+            let mut times = Vec::with_capacity(cfg.steps);
+            for _ in 0..cfg.steps {
+                times.push(be.time_ms(&mut || step(&mut result)));
+            }
+            let final_loss = result?;
+            let mut forward = Vec::with_capacity(cfg.steps);
+            let mut fwd_result: Result<f64> = Ok(f64::NAN);
+            for _ in 0..cfg.steps {
+                forward.push(be.time_ms(&mut || {
+                    fwd_result = forward_loss(be, &model, method.as_deref_mut(), &batch);
+                }));
+            }
+            fwd_result?;
+            let (peak, what) = be.peak_memory();
+            memory = what;
+            let (train_params_n, stored) = method
+                .as_deref()
+                .map_or((0, 0), |m| (train_params(m), m.stored_params()));
+            let train_step_ms = Stats::of(times);
+            rows.push(Row {
+                shape: shape.clone(),
+                setting: setting.name.clone(),
+                prompt_rows: method.as_deref().map_or(0, |m| m.prompt_rows()),
+                train_tokens_per_s: tokens / (train_step_ms.median / 1e3),
+                train_step_ms,
+                forward_ms: Stats::of(forward),
+                peak_memory_bytes: peak,
+                train_params: train_params_n,
+                stored_params: stored,
+                final_loss,
+            });
+        }
+    }
+    Ok(Report {
+        schema: 1,
+        backend: be.name(),
+        memory,
+        quant: format!("{:?}", cfg.quant).to_lowercase(),
+        batch: cfg.batch,
+        input_len: cfg.input_len,
+        target_len: cfg.target_len,
+        warmup: cfg.warmup,
+        steps: cfg.steps,
+        rows,
+    })
+}
+
+/// The report as a markdown table, with each setting's step time relative to the first setting
+/// of its shape.
+pub fn markdown_table(report: &Report) -> String {
+    let mut s = format!(
+        "backend {} | batch {} × ({} in + {} target) | {} steps after {} warm-up | weights {}\n\n",
+        report.backend,
+        report.batch,
+        report.input_len,
+        report.target_len,
+        report.steps,
+        report.warmup,
+        report.quant
+    );
+    s.push_str(
+        "| shape | setting | prompt rows | train step ms (median, min–max) | vs first | tokens/s | forward ms | peak memory MB | train params | stored params |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut first: Option<(&str, f64)> = None;
+    for r in &report.rows {
+        if first.is_none_or(|(shape, _)| shape != r.shape) {
+            first = Some((&r.shape, r.train_step_ms.median));
+        }
+        let base = first.map_or(f64::NAN, |(_, t)| t);
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.2} ({:.2}–{:.2}) | {:+.1}% | {:.0} | {:.2} | {:.1} | {} | {} |\n",
+            r.shape,
+            r.setting,
+            r.prompt_rows,
+            r.train_step_ms.median,
+            r.train_step_ms.min,
+            r.train_step_ms.max,
+            (r.train_step_ms.median / base - 1.0) * 100.0,
+            r.train_tokens_per_s,
+            r.forward_ms.median,
+            r.peak_memory_bytes as f64 / 1e6,
+            r.train_params,
+            r.stored_params,
+        ));
+    }
+    s.push_str(&format!("\nmemory: {}\n", report.memory));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::gpu::device::DType;
+    use crate::backend::gpu::vgpu::VirtualDevice;
+
+    #[test]
+    fn stats_median_min_max_keep_the_order_of_samples() {
+        let s = Stats::of(vec![3.0, 1.0, 2.0, 10.0]);
+        assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 10.0));
+        assert_eq!(s.samples, [3.0, 1.0, 2.0, 10.0]);
+        assert_eq!(Stats::of(vec![4.0, 1.0, 9.0]).median, 4.0);
+    }
+
+    #[test]
+    fn settings_parse_names_and_options() {
+        assert!(Setting::parse("none").unwrap().method.is_none());
+        let s = Setting::parse("ept:prompt_len=60, rank=30").unwrap();
+        assert_eq!(s.method.unwrap().name(), "ept");
+        let err = Setting::parse("lamp:bogus=1").unwrap_err().to_string();
+        assert!(err.contains("lamp:bogus=1"), "{err}");
+    }
+
+    #[test]
+    fn device_memory_peak_follows_allocations_and_resets() {
+        let be = GpuBackend::new(VirtualDevice::new(), DType::F32);
+        let a = be.zeros(1000); // 4000 bytes, rounded up to the 256-byte alignment
+        let before = be.peak_memory().0;
+        assert!(before >= 4000, "{before}");
+        {
+            let _b = be.zeros(10_000);
+            assert!(be.peak_memory().0 >= before + 40_000);
+        }
+        // Dropped: the peak stays until reset, then falls back to what is held.
+        assert!(be.peak_memory().0 >= before + 40_000);
+        be.reset_peak_memory();
+        assert_eq!(be.peak_memory().0, be.device().memory().current() as u64);
+        assert!(be.peak_memory().0 < before + 40_000);
+        drop(a);
+        let ms = be.time_ms(&mut || std::thread::sleep(std::time::Duration::from_millis(5)));
+        assert!(ms >= 5.0, "{ms}");
+    }
+}
