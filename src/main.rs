@@ -13,6 +13,7 @@ use fastpt::backend::gpu::device::{DType, Device};
 use fastpt::backend::gpu::vgpu::VirtualDevice;
 use fastpt::backend::gpu::{AttentionKernel, GpuBackend};
 use fastpt::backend::Backend;
+use fastpt::bench::claims::{claims_markdown, run_claims};
 use fastpt::bench::{markdown_table, run_bench, BenchClock, BenchConfig, Setting};
 use fastpt::config::RunConfig;
 use fastpt::data::batch_json::BatchSpec;
@@ -26,6 +27,7 @@ use fastpt::model::t5::t5_tensor_specs;
 use fastpt::model::{load_model, random_model, Backbone};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
 use fastpt::prompt::{train_params, MethodConfig};
+use fastpt::train::report::write_line_svg;
 use fastpt::train::trainer::{train, Stopped, TrainOptions, DEFAULT_RUN_TOML};
 
 #[derive(Parser)]
@@ -62,8 +64,10 @@ enum Command {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Built-in shapes (T5 or Llama), repeatable.
-    #[arg(long = "shape", default_values = ["t5-tiny"], value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
+    /// Built-in shapes (T5 or Llama), repeatable; default t5-tiny. With --claims: the one shape
+    /// every claim runs at instead of the papers' (the default on a CPU or the virtual GPU is
+    /// t5-tiny; on a GPU, the papers' shapes).
+    #[arg(long = "shape", value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
     shapes: Vec<String>,
     /// Method settings, repeatable: `none` (the backbone alone), a method name at the papers'
     /// defaults (`pt`), or with options (`ept:prompt_len=60,rank=30`).
@@ -92,9 +96,14 @@ struct BenchArgs {
     quant: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Folder for report.json and table.md.
+    /// Folder for report.json and table.md (with --claims: claims.json, claims.md, one SVG
+    /// chart per sweep).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The papers' efficiency claims next to fastpt's measurements (../shared/methods.md);
+    /// --setting is ignored.
+    #[arg(long)]
+    claims: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -720,8 +729,13 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         .iter()
         .map(|s| Setting::parse(s))
         .collect::<fastpt::Result<Vec<_>>>()?;
+    let shapes = if args.shapes.is_empty() {
+        vec!["t5-tiny".to_string()]
+    } else {
+        args.shapes.clone()
+    };
     let cfg = BenchConfig {
-        shapes: args.shapes.clone(),
+        shapes,
         settings,
         batch: args.batch,
         input_len: args.input_len,
@@ -732,19 +746,52 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         quant: args.quant.parse()?,
         seed: args.seed,
     };
-    let report = run_bench(be, &cfg, &mut |cell| eprintln!("bench: {cell}"))?;
-    let table = markdown_table(&report);
-    println!("{table}");
+    let progress = &mut |cell: &str| eprintln!("bench: {cell}");
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let json = serde_json::to_string_pretty(&report)?;
-        write_file_atomic(&dir.join("report.json"), json.as_bytes(), &mut || Ok(()))?;
-        write_file_atomic(&dir.join("table.md"), table.as_bytes(), &mut || Ok(()))?;
-        println!(
-            "wrote {} and {}",
-            dir.join("report.json").display(),
-            dir.join("table.md").display()
-        );
     }
+    let write = |name: &str, bytes: &[u8]| -> Result<()> {
+        if let Some(dir) = &args.out {
+            write_file_atomic(&dir.join(name), bytes, &mut || Ok(()))?;
+            println!("wrote {}", dir.join(name).display());
+        }
+        Ok(())
+    };
+    if args.claims {
+        let shape = match args.shapes.first() {
+            Some(s) => Some(s.as_str()),
+            None if !be.name().starts_with("cuda") => {
+                println!("bench --claims: not on a GPU, so every claim runs at t5-tiny (--shape picks another)");
+                Some("t5-tiny")
+            }
+            None => None,
+        };
+        let report = run_claims(be, &cfg, shape, progress)?;
+        let table = claims_markdown(&report);
+        println!("{table}");
+        write(
+            "claims.json",
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
+        write("claims.md", table.as_bytes())?;
+        if let Some(dir) = &args.out {
+            for (i, sweep) in report.sweeps.iter().enumerate() {
+                let points: Vec<(u64, f64)> = sweep.points.iter().map(|p| (p.0, p.1)).collect();
+                let path = dir.join(format!("sweep-{}.svg", i + 1));
+                let title = format!("{} ({})", sweep.claim, sweep.shape);
+                write_line_svg(&path, &points, &title, (&sweep.axis, "training step (ms)"))?;
+                println!("wrote {}", path.display());
+            }
+        }
+        return Ok(());
+    }
+    let report = run_bench(be, &cfg, progress)?;
+    let table = markdown_table(&report);
+    println!("{table}");
+    write(
+        "report.json",
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    write("table.md", table.as_bytes())?;
     Ok(())
 }

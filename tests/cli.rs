@@ -499,3 +499,68 @@ fn bench_smoke_writes_a_report_with_the_schema() {
     let (ok, _, stderr) = fastpt(&["bench", "--device", "cpu", "--setting", "pt:rank"]);
     assert!(!ok && stderr.contains("pt:rank"), "{stderr}");
 }
+
+#[test]
+fn bench_claims_on_the_cpu_writes_the_table_sweeps_and_charts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("claims");
+    let (ok, stdout, stderr) = fastpt(&[
+        "bench",
+        "--claims",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--input-len",
+        "12",
+        "--target-len",
+        "3",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("every claim runs at t5-tiny"), "{stdout}");
+    assert!(stdout.contains("| EPT-MS vs PT (Lan et al. 2024) | training step time | -14.00% |"));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("claims.json")).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    // Six groups × four metrics; the papers' numbers where they make a claim.
+    assert_eq!(rows.len(), 24);
+    let lamp: Vec<_> = rows
+        .iter()
+        .filter(|r| r["claim"].as_str().unwrap().starts_with("LAMP"))
+        .collect();
+    assert_eq!(lamp.len(), 4);
+    for r in &lamp {
+        assert!(r["paper"].is_number(), "{r}");
+        assert_eq!(r["shape"], "t5-tiny");
+        assert_eq!(r["paper_shape"], "t5-11b");
+    }
+    // Parameters are exact on any device; memory is not measurable from the CPU's RSS.
+    let params = lamp.iter().find(|r| r["metric"] == "params").unwrap();
+    assert!(params["measured"].as_f64().unwrap() < -50.0, "{params}");
+    let memory = lamp.iter().find(|r| r["metric"] == "memory").unwrap();
+    assert!(memory["measured"].is_null());
+    let sweeps = report["sweeps"].as_array().unwrap();
+    let xs = |i: usize| -> Vec<u64> {
+        sweeps[i]["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[0].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(xs(0), [20, 40, 60, 80, 100]);
+    assert_eq!(xs(1), [1, 2, 4, 5, 10, 20]);
+    for name in ["claims.md", "sweep-1.svg", "sweep-2.svg"] {
+        let text = std::fs::read_to_string(out.join(name)).unwrap();
+        assert!(text.len() > 100, "{name}");
+    }
+    assert!(std::fs::read_to_string(out.join("sweep-2.svg"))
+        .unwrap()
+        .contains("pooling block p"));
+}

@@ -7,8 +7,11 @@
 //! come from device events on a GPU ([`BenchClock`]), from the host clock on the CPU; the report
 //! keeps the median and the spread of the per-step times.
 //!
-//! What is left of the bench issue (claims table, PEFT side by side, MFU with a measured GEMM
-//! peak, SVG charts) builds on this module.
+//! [`claims`] runs the papers' efficiency claims on top of this. What is left of the bench issue
+//! (PEFT side by side, MFU with a measured GEMM peak, greedy-generation inference time) builds on
+//! these modules.
+
+pub mod claims;
 
 use std::time::Instant;
 

@@ -109,6 +109,17 @@ const MAX_MARKED: usize = 60;
 /// and the file stays small. Text is drawn as SVG `<text>` (no font is needed to write it; the
 /// viewer picks a sans-serif font).
 pub fn write_loss_svg(path: &Path, points: &[(u64, f64)], title: &str) -> Result<()> {
+    write_line_svg(path, points, title, ("step", "loss"))
+}
+
+/// A line chart of `(x, y)` points with the axes named `(x, y)`, written as
+/// [`write_loss_svg`] writes the loss (the same rules for non-finite points and thinning).
+pub fn write_line_svg(
+    path: &Path,
+    points: &[(u64, f64)],
+    title: &str,
+    axes: (&str, &str),
+) -> Result<()> {
     let finite: Vec<(u64, f64)> = points
         .iter()
         .copied()
@@ -116,17 +127,15 @@ pub fn write_loss_svg(path: &Path, points: &[(u64, f64)], title: &str) -> Result
         .collect();
     if finite.is_empty() {
         return Err(Error::Input(format!(
-            "{}: no finite (step, loss) points to plot ({} given)",
+            "{}: no finite ({}, {}) points to plot ({} given)",
             path.display(),
+            axes.0,
+            axes.1,
             points.len()
         )));
     }
-    let svg = render_loss_svg(&thin(&finite, MAX_PLOTTED), title).map_err(|e| {
-        Error::Input(format!(
-            "{}: cannot draw the loss chart: {e}",
-            path.display()
-        ))
-    })?;
+    let svg = render_line_svg(&thin(&finite, MAX_PLOTTED), title, axes)
+        .map_err(|e| Error::Input(format!("{}: cannot draw the chart: {e}", path.display())))?;
     write_file_atomic(path, svg.as_bytes(), &mut || Ok(()))
 }
 
@@ -180,9 +189,10 @@ fn loss_range(values: impl Iterator<Item = f64> + Clone) -> std::ops::Range<f64>
 }
 
 /// The chart as an SVG document. `points` is non-empty and finite.
-fn render_loss_svg(
+fn render_line_svg(
     points: &[(u64, f64)],
     title: &str,
+    (x_desc, y_desc): (&str, &str),
 ) -> std::result::Result<String, Box<dyn std::error::Error>> {
     let mut svg = String::new();
     {
@@ -199,8 +209,8 @@ fn render_loss_svg(
             )?;
         chart
             .configure_mesh()
-            .x_desc("step")
-            .y_desc("loss")
+            .x_desc(x_desc)
+            .y_desc(y_desc)
             .axis_desc_style(("sans-serif", 18))
             .label_style(("sans-serif", 15))
             .light_line_style(WHITE.mix(0.0))
