@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::backend::gpu::cuda::nvtx_range;
 use crate::backend::Backend;
 use crate::data::{EncoderInput, HostBatch};
 use crate::error::{Error, Result};
@@ -136,6 +137,7 @@ fn step<'m, B: Backend>(
     let (b, t) = (batch.batch, batch.enc_len);
     let start = Instant::now();
     let p = method.as_ref().map_or(0, |m| m.prompt_rows());
+    let embed_range = nvtx_range("embed (method forward + prompt rows)");
     let inputs_embeds = match &batch.input {
         EncoderInput::Ids(ids) => {
             if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= v) {
@@ -176,6 +178,8 @@ fn step<'m, B: Backend>(
         .chunks(t)
         .flat_map(|row| std::iter::repeat_n(1, p).chain(row.iter().copied()))
         .collect();
+    drop(embed_range);
+    let forward_range = nvtx_range("forward");
     let (loss, logits, label_rows, saved) = match model {
         Model::T5(m) => {
             let t5_batch = T5Batch::<B> {
@@ -216,6 +220,7 @@ fn step<'m, B: Backend>(
             (out.loss, out.logits, out.label_rows, Saved::Llama(saved))
         }
     };
+    drop(forward_range);
     let forward_time = start.elapsed();
     let start = Instant::now();
     if !backward {
@@ -231,6 +236,7 @@ fn step<'m, B: Backend>(
             backward_time: start.elapsed(),
         });
     }
+    let _backward_range = nvtx_range("backward");
     let (dx, encoder_out) = match (model, &saved) {
         (Model::T5(m), Saved::T5(s)) => (m.backward_dinp(be, s), be.download_f32(s.encoder_out())),
         (Model::Llama(m), Saved::Llama(s)) => (m.backward_dinp(be, s), Vec::new()),

@@ -10,6 +10,7 @@
 //! Shapes: B batch, T positions (prompt rows included), C hidden, H query heads and Hkv
 //! key/value heads of width D, F intermediate, V vocab, M label rows, S cache capacity.
 
+use crate::backend::gpu::cuda::nvtx_range;
 use crate::backend::{Activation, AttnDims, AttnMask, Backend, Gemm};
 use crate::error::{Error, Result};
 use crate::model::config::{LlamaConfig, RopeScaling};
@@ -557,7 +558,8 @@ impl<B: Backend> Llama<B> {
         };
         let mut x = be.copy(batch.inputs_embeds); // (N, C) residual stream
         let mut layers = Vec::with_capacity(self.weights.layers.len());
-        for layer in &self.weights.layers {
+        for (l, layer) in self.weights.layers.iter().enumerate() {
+            let _range = nvtx_range(&format!("layer {l}"));
             let (y, saved) = self.layer_forward(
                 be,
                 x,
@@ -612,7 +614,8 @@ impl<B: Backend> Llama<B> {
         let fin = &saved.final_norm;
         let w = &self.weights;
         be.rmsnorm_backward_dinp(&mut dx, &d_hidden, &fin.inp, &w.final_norm, &fin.rstd, n, c);
-        for (layer, s) in w.layers.iter().zip(&saved.layers).rev() {
+        for (l, (layer, s)) in w.layers.iter().zip(&saved.layers).enumerate().rev() {
+            let _range = nvtx_range(&format!("layer {l} backward"));
             self.layer_backward(be, &mut dx, s, layer, saved);
         }
         dx

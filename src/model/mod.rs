@@ -11,6 +11,7 @@ pub mod t5;
 
 use std::path::Path;
 
+use crate::backend::gpu::cuda::nvtx_range;
 use crate::backend::{Backend, Gemm};
 use crate::error::{Error, Result};
 use config::{Architecture, LlamaConfig, T5Config};
@@ -155,6 +156,7 @@ pub(crate) fn label_rows_loss<B: Backend>(
     targets: &[i32],
     (c, v): (usize, usize),
 ) -> (ModelOutput<B>, LossSaved<B>) {
+    let _range = nvtx_range("loss (label rows)");
     let m = rows.len();
     let rows_i32: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
     let rows_idx = be.upload_index(&rows_i32);
@@ -199,6 +201,7 @@ pub(crate) fn label_rows_loss_backward<B: Backend>(
     n: usize,
     (c, v): (usize, usize),
 ) -> B::Tensor {
+    let _range = nvtx_range("loss backward");
     let m = be.len(&saved.dlogits) / v;
     let mut dh_rows = be.zeros(m * c); // (M, C)
     be.matmul(

@@ -9,6 +9,7 @@
 //! H heads of width D (H·D may differ from C), F = d_ff, V vocab, M label rows, NB buckets.
 //! Dropout is not modelled: fastpt trains with deterministic forwards (dropout 0).
 
+use crate::backend::gpu::cuda::nvtx_range;
 use crate::backend::{Activation, AttnDims, AttnMask, Backend, RelBias};
 use crate::error::{Error, Result};
 use crate::model::config::{FeedForward, T5Config};
@@ -617,7 +618,8 @@ impl<B: Backend> T5<B> {
         let enc_dims = self.attn_dims(b, t, t);
         let mut x = be.copy(inputs_embeds); // (B, T, C) residual stream
         let mut encoder = Vec::with_capacity(w.encoder.len());
-        for layer in &w.encoder {
+        for (l, layer) in w.encoder.iter().enumerate() {
+            let _range = nvtx_range(&format!("encoder layer {l}"));
             let (y, attn) = self.attention_sublayer_forward(
                 be,
                 x,
@@ -681,7 +683,8 @@ impl<B: Backend> T5<B> {
             c,
         );
         let mut decoder = Vec::with_capacity(w.decoder.len());
-        for layer in &w.decoder {
+        for (l, layer) in w.decoder.iter().enumerate() {
+            let _range = nvtx_range(&format!("decoder layer {l}"));
             let (y, self_attn) = self.attention_sublayer_forward(
                 be,
                 x,
@@ -930,7 +933,8 @@ impl<B: Backend> T5<B> {
         let dec_bias = self.rel_bias(&w.decoder_rel_bias, false);
         let (self_dims, cross_dims) = (self.attn_dims(b, td, td), self.attn_dims(b, td, t));
         let mut d_enc_out = be.zeros(b * t * c); // (B, T, C)
-        for (layer, s) in w.decoder.iter().zip(&saved.decoder).rev() {
+        for (l, (layer, s)) in w.decoder.iter().zip(&saved.decoder).enumerate().rev() {
+            let _range = nvtx_range(&format!("decoder layer {l} backward"));
             self.ffn_sublayer_backward(be, &mut dx, &s.ff, &layer.ln_ff, &layer.ff, b * td);
             self.attention_sublayer_backward(
                 be,
@@ -975,7 +979,8 @@ impl<B: Backend> T5<B> {
         };
         let enc_bias = self.rel_bias(&w.encoder_rel_bias, true);
         let enc_dims = self.attn_dims(b, t, t);
-        for (layer, s) in w.encoder.iter().zip(&saved.encoder).rev() {
+        for (l, (layer, s)) in w.encoder.iter().zip(&saved.encoder).enumerate().rev() {
+            let _range = nvtx_range(&format!("encoder layer {l} backward"));
             self.ffn_sublayer_backward(be, &mut dx, &s.ff, &layer.ln_ff, &layer.ff, b * t);
             self.attention_sublayer_backward(
                 be,

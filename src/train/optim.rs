@@ -1,6 +1,7 @@
 //! AdamW over a prompt method's parameters, with one learning rate per parameter group and
 //! global gradient-norm clipping. The moments live on the backend next to the parameters.
 
+use crate::backend::gpu::cuda::nvtx_range;
 use crate::backend::{AdamW, Backend};
 use crate::config::TrainConfig;
 use crate::prompt::{ParamGroup, PromptMethod};
@@ -61,6 +62,7 @@ impl<B: Backend> Optimizer<B> {
         lr_factor: f64,
         grad_scale: f64,
     ) -> StepInfo {
+        let _range = nvtx_range("optimizer (AdamW)");
         let sum_sq: f64 = method
             .params()
             .iter()
