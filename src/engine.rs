@@ -9,6 +9,7 @@ use crate::backend::gpu::cuda::nvtx_range;
 use crate::backend::Backend;
 use crate::data::{EncoderInput, HostBatch};
 use crate::error::{Error, Result};
+use crate::model::generate::{GenerateConfig, Generated};
 use crate::model::llama::{Llama, LlamaBatch};
 use crate::model::t5::{T5Batch, T5};
 use crate::model::Backbone;
@@ -56,8 +57,15 @@ enum Model<'a, B: Backend> {
     Llama(&'a Llama<B>),
 }
 
-impl<B: Backend> Model<'_, B> {
+impl<'a, B: Backend> Model<'a, B> {
     /// The frozen token embeddings `(V, C)` and their sizes.
+    fn of(model: &'a Backbone<B>) -> Self {
+        match model {
+            Backbone::T5(m) => Model::T5(m),
+            Backbone::Llama(m) => Model::Llama(m),
+        }
+    }
+
     fn embeddings(&self) -> (&B::Tensor, usize, usize) {
         match self {
             Model::T5(m) => (&m.weights.shared, m.cfg.vocab_size, m.cfg.d_model),
@@ -95,10 +103,7 @@ pub fn forward_loss<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<f64> {
-    let model = match model {
-        Backbone::T5(m) => Model::T5(m),
-        Backbone::Llama(m) => Model::Llama(m),
-    };
+    let model = Model::of(model);
     Ok(step(be, model, method, batch, false)?.loss)
 }
 
@@ -126,18 +131,18 @@ pub fn forward_backward<'m, B: Backend>(
     }
 }
 
-fn step<'m, B: Backend>(
+/// The input embeddings of a batch `(B, P+T, C)` with the method's prompt rows in front (and its
+/// update of the text rows), and the attention mask `(B, P+T)` with the prompt rows visible.
+fn encoder_inputs<'m, B: Backend>(
     be: &B,
-    model: Model<'_, B>,
+    model: &Model<'_, B>,
     mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
-    backward: bool,
-) -> Result<StepOutput> {
+) -> Result<(B::Tensor, Vec<i32>)> {
     let (table, v, c) = model.embeddings();
     let (b, t) = (batch.batch, batch.enc_len);
-    let start = Instant::now();
     let p = method.as_ref().map_or(0, |m| m.prompt_rows());
-    let embed_range = nvtx_range("embed (method forward + prompt rows)");
+    let _range = nvtx_range("embed (method forward + prompt rows)");
     let inputs_embeds = match &batch.input {
         EncoderInput::Ids(ids) => {
             if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= v) {
@@ -178,7 +183,41 @@ fn step<'m, B: Backend>(
         .chunks(t)
         .flat_map(|row| std::iter::repeat_n(1, p).chain(row.iter().copied()))
         .collect();
-    drop(embed_range);
+    Ok((inputs_embeds, mask))
+}
+
+/// Greedy generation of up to `max_new_tokens` tokens per row after the batch's input (T5: from
+/// the encoder input; Llama: after the whole row, so give it a batch of inputs only, left-padded
+/// or of one length), with the method's prompt rows in front. The batch's labels are not read.
+pub fn generate_greedy<'m, B: Backend>(
+    be: &B,
+    model: &Backbone<B>,
+    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    batch: &HostBatch,
+    gen: &GenerateConfig,
+) -> Result<Generated> {
+    let m = Model::of(model);
+    let p = method.as_ref().map_or(0, |m| m.prompt_rows());
+    let (embeds, mask) = encoder_inputs(be, &m, method, batch)?;
+    let len = p + batch.enc_len;
+    match model {
+        Backbone::T5(m) => m.generate(be, &embeds, &mask, batch.batch, len, gen),
+        Backbone::Llama(m) => m.generate(be, &embeds, &mask, batch.batch, len, gen),
+    }
+}
+
+fn step<'m, B: Backend>(
+    be: &B,
+    model: Model<'_, B>,
+    mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    batch: &HostBatch,
+    backward: bool,
+) -> Result<StepOutput> {
+    let c = model.embeddings().2;
+    let (b, t) = (batch.batch, batch.enc_len);
+    let start = Instant::now();
+    let p = method.as_ref().map_or(0, |m| m.prompt_rows());
+    let (inputs_embeds, mask) = encoder_inputs(be, &model, method.as_deref_mut(), batch)?;
     let forward_range = nvtx_range("forward");
     let (loss, logits, label_rows, saved) = match model {
         Model::T5(m) => {
@@ -300,10 +339,7 @@ pub fn build_backbone_method<B: Backend + 'static>(
     seed: u64,
     tokenize: Option<&Tokenize<'_>>,
 ) -> Result<Box<dyn PromptMethod<B>>> {
-    let model = match model {
-        Backbone::T5(m) => Model::T5(m),
-        Backbone::Llama(m) => Model::Llama(m),
-    };
+    let model = Model::of(model);
     build_with_embeddings(be, model, cfg, max_len, seed, tokenize)
 }
 
@@ -333,4 +369,45 @@ fn build_with_embeddings<B: Backend + 'static>(
         tokenize,
     };
     build_method(be, cfg, &ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::model::linear::Quant;
+    use crate::model::random_model;
+
+    #[test]
+    fn generate_greedy_is_the_models_generation_on_the_step_inputs() {
+        let be = CpuBackend::<f32>::new();
+        for shape in ["t5-tiny", "llama-tiny"] {
+            let model = random_model(&be, shape, 3, Quant::None).unwrap();
+            let batch = match &model {
+                Backbone::T5(m) => HostBatch::random(&m.cfg, &[6, 4], &[2, 2], 4),
+                // Llama generates after left padding only: rows of one length.
+                Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &[6, 6], &[1, 1], 4),
+            };
+            let gen = GenerateConfig {
+                max_new_tokens: 3,
+                eos_token_ids: Vec::new(),
+                keep_logits: false,
+            };
+            // Without a method: the model's own generate on the gathered embeddings.
+            let got = generate_greedy(&be, &model, None, &batch, &gen).unwrap();
+            let (embeds, mask) = encoder_inputs(&be, &Model::of(&model), None, &batch).unwrap();
+            let want = match &model {
+                Backbone::T5(m) => m.generate(&be, &embeds, &mask, 2, batch.enc_len, &gen),
+                Backbone::Llama(m) => m.generate(&be, &embeds, &mask, 2, batch.enc_len, &gen),
+            }
+            .unwrap();
+            assert_eq!(got.tokens, want.tokens, "{shape}");
+            assert!(got.tokens.iter().all(|row| row.len() == 3), "{shape}");
+            // With PT: prompt rows in front change what is generated, never its length.
+            let cfg = MethodConfig::from_toml("pt", "prompt_len = 4\ninit = \"uniform\"").unwrap();
+            let mut pt = build_backbone_method(&be, &model, &cfg, 16, 5, None).unwrap();
+            let with_pt = generate_greedy(&be, &model, Some(pt.as_mut()), &batch, &gen).unwrap();
+            assert!(with_pt.tokens.iter().all(|row| row.len() == 3), "{shape}");
+        }
+    }
 }

@@ -477,7 +477,7 @@ fn bench_smoke_writes_a_report_with_the_schema() {
         assert_eq!(row["prompt_rows"], prompt_rows);
         assert_eq!(row["train_params"], params);
         assert_eq!(row["stored_params"], params);
-        for key in ["train_step_ms", "forward_ms"] {
+        for key in ["train_step_ms", "forward_ms", "generate_ms"] {
             let stats = &row[key];
             let (median, min, max) = (
                 stats["median"].as_f64().unwrap(),

@@ -18,7 +18,7 @@ use crate::model::linear::Quant;
 pub enum Metric {
     /// Training-step time, relative change (negative: faster).
     TrainTime,
-    /// Inference speed (1 / forward time), relative change (positive: faster).
+    /// Inference speed (1 / greedy-generation time), relative change (positive: faster).
     InferenceSpeed,
     /// Peak memory, relative change.
     Memory,
@@ -148,7 +148,7 @@ pub struct ClaimRow {
     pub note: String,
 }
 
-/// One sweep's measurements: `(x, median training-step ms, median forward ms)`.
+/// One sweep's measurements: `(x, median training-step ms, median generation ms)`.
 #[derive(Debug, Clone, Serialize)]
 pub struct SweepResult {
     pub claim: String,
@@ -173,7 +173,7 @@ fn relative(metric: Metric, base: &Row, cand: &Row, memory: &str) -> Option<f64>
     let change = |new: f64, old: f64| (new / old - 1.0) * 100.0;
     match metric {
         Metric::TrainTime => Some(change(cand.train_step_ms.median, base.train_step_ms.median)),
-        Metric::InferenceSpeed => Some(change(base.forward_ms.median, cand.forward_ms.median)),
+        Metric::InferenceSpeed => Some(change(base.generate_ms.median, cand.generate_ms.median)),
         Metric::Memory if memory.contains("RSS") => None,
         Metric::Memory => Some(change(
             cand.peak_memory_bytes as f64,
@@ -254,7 +254,7 @@ pub fn run_claims<B: BenchClock + 'static>(
                 .points
                 .iter()
                 .map(|(x, spec)| {
-                    row_of(spec).map(|r| (*x, r.train_step_ms.median, r.forward_ms.median))
+                    row_of(spec).map(|r| (*x, r.train_step_ms.median, r.generate_ms.median))
                 })
                 .collect::<Result<Vec<_>>>()?;
             sweeps.push(SweepResult {
@@ -298,7 +298,7 @@ pub fn claims_markdown(report: &ClaimsReport) -> String {
     }
     for sweep in &report.sweeps {
         s.push_str(&format!(
-            "\n{} on {}: {}\n\n| x | train step ms | forward ms |\n|---:|---:|---:|\n",
+            "\n{} on {}: {}\n\n| x | train step ms | generate ms |\n|---:|---:|---:|\n",
             sweep.claim, sweep.shape, sweep.axis
         ));
         for (x, train, fwd) in &sweep.points {
@@ -349,6 +349,7 @@ mod tests {
             train_step_ms: Stats::of(vec![step_ms]),
             train_tokens_per_s: 1.0,
             forward_ms: Stats::of(vec![forward_ms]),
+            generate_ms: Stats::of(vec![forward_ms]),
             peak_memory_bytes: memory,
             train_params: params,
             stored_params: params,

@@ -2,14 +2,14 @@
 //! built-in shapes with random weights (efficiency depends on shapes, not weight values).
 //!
 //! Each (shape × setting) cell builds the model and the method once, runs `warmup` steps, then
-//! times `steps` training steps (forward, input-gradient backward, method backward, AdamW) and as
-//! many forward-only passes (loss; greedy generation timing comes with the claims table). Times
+//! times `steps` training steps (forward, input-gradient backward, method backward, AdamW), as
+//! many forward-only passes (loss) and as many greedy generations of the target length (the
+//! papers' inference: KV cache, no early stop). Times
 //! come from device events on a GPU ([`BenchClock`]), from the host clock on the CPU; the report
 //! keeps the median and the spread of the per-step times.
 //!
 //! [`claims`] runs the papers' efficiency claims on top of this. What is left of the bench issue
-//! (PEFT side by side, MFU with a measured GEMM peak, greedy-generation inference time) builds on
-//! these modules.
+//! (PEFT side by side, MFU with a measured GEMM peak) builds on these modules.
 
 pub mod claims;
 
@@ -23,8 +23,9 @@ use crate::backend::gpu::GpuBackend;
 use crate::backend::Backend;
 use crate::config::TrainConfig;
 use crate::data::HostBatch;
-use crate::engine::{build_backbone_method, forward_backward, forward_loss};
+use crate::engine::{build_backbone_method, forward_backward, forward_loss, generate_greedy};
 use crate::error::{Error, Result};
+use crate::model::generate::GenerateConfig;
 use crate::model::linear::Quant;
 use crate::model::{random_model, Backbone};
 use crate::prompt::{train_params, zero_grads, MethodConfig};
@@ -170,6 +171,9 @@ pub struct Row {
     /// Input + target tokens (prompt rows excluded) per second of training step.
     pub train_tokens_per_s: f64,
     pub forward_ms: Stats,
+    /// Inference: greedy generation of `target_len` tokens per row (no early stop), prompt rows
+    /// in front, KV cache.
+    pub generate_ms: Stats,
     pub peak_memory_bytes: u64,
     pub train_params: usize,
     pub stored_params: usize,
@@ -213,6 +217,24 @@ pub fn run_bench<B: BenchClock + 'static>(
             Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &inputs, &targets, cfg.seed + 1),
         };
         let tokens = (cfg.batch * (cfg.input_len + cfg.target_len)) as f64;
+        // Generation starts from the input alone: for Llama a row of exactly input_len tokens.
+        let infer_batch = match &model {
+            Backbone::T5(_) => batch.clone(),
+            Backbone::Llama(m) => {
+                let n = cfg.input_len.saturating_sub(1).max(1);
+                HostBatch::random_causal(
+                    &m.cfg,
+                    &vec![n; cfg.batch],
+                    &vec![1; cfg.batch],
+                    cfg.seed + 2,
+                )
+            }
+        };
+        let gen = GenerateConfig {
+            max_new_tokens: cfg.target_len,
+            eos_token_ids: Vec::new(),
+            keep_logits: false,
+        };
         for setting in &cfg.settings {
             progress(&format!("{shape} × {}", setting.name));
             be.reset_peak_memory();
@@ -259,6 +281,16 @@ pub fn run_bench<B: BenchClock + 'static>(
                 }));
             }
             fwd_result?;
+            let mut generate = Vec::with_capacity(cfg.steps);
+            let mut gen_result: Result<()> = Ok(());
+            for _ in 0..cfg.steps {
+                generate.push(be.time_ms(&mut || {
+                    let out =
+                        generate_greedy(be, &model, method.as_deref_mut(), &infer_batch, &gen);
+                    gen_result = out.map(|_| ());
+                }));
+            }
+            gen_result?;
             let (peak, what) = be.peak_memory();
             memory = what;
             let (train_params_n, stored) = method
@@ -272,6 +304,7 @@ pub fn run_bench<B: BenchClock + 'static>(
                 train_tokens_per_s: tokens / (train_step_ms.median / 1e3),
                 train_step_ms,
                 forward_ms: Stats::of(forward),
+                generate_ms: Stats::of(generate),
                 peak_memory_bytes: peak,
                 train_params: train_params_n,
                 stored_params: stored,
@@ -307,8 +340,8 @@ pub fn markdown_table(report: &Report) -> String {
         report.quant
     );
     s.push_str(
-        "| shape | setting | prompt rows | train step ms (median, min–max) | vs first | tokens/s | forward ms | peak memory MB | train params | stored params |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| shape | setting | prompt rows | train step ms (median, min–max) | vs first | tokens/s | forward ms | generate ms | peak memory MB | train params | stored params |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut first: Option<(&str, f64)> = None;
     for r in &report.rows {
@@ -317,7 +350,7 @@ pub fn markdown_table(report: &Report) -> String {
         }
         let base = first.map_or(f64::NAN, |(_, t)| t);
         s.push_str(&format!(
-            "| {} | {} | {} | {:.2} ({:.2}–{:.2}) | {:+.1}% | {:.0} | {:.2} | {:.1} | {} | {} |\n",
+            "| {} | {} | {} | {:.2} ({:.2}–{:.2}) | {:+.1}% | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} |\n",
             r.shape,
             r.setting,
             r.prompt_rows,
@@ -327,6 +360,7 @@ pub fn markdown_table(report: &Report) -> String {
             (r.train_step_ms.median / base - 1.0) * 100.0,
             r.train_tokens_per_s,
             r.forward_ms.median,
+            r.generate_ms.median,
             r.peak_memory_bytes as f64 / 1e6,
             r.train_params,
             r.stored_params,
