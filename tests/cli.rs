@@ -466,6 +466,7 @@ fn bench_smoke_writes_a_report_with_the_schema() {
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["schema"], 1);
     assert_eq!(report["backend"], "cpu-f32");
+    assert!(report["gemm_peak_tflops"].is_null());
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     for (row, (setting, prompt_rows, params)) in rows
@@ -491,6 +492,9 @@ fn bench_smoke_writes_a_report_with_the_schema() {
             assert_eq!(stats["samples"].as_array().unwrap().len(), 2);
         }
         assert!(row["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(row["train_tflops"].as_f64().unwrap() > 0.0);
+        // MFU needs a measured GPU GEMM peak.
+        assert!(row["mfu"].is_null());
         assert!(row["peak_memory_bytes"].as_u64().unwrap() > 0);
         assert!(row["final_loss"].as_f64().unwrap().is_finite());
     }

@@ -348,6 +348,8 @@ mod tests {
             prompt_rows: 1,
             train_step_ms: Stats::of(vec![step_ms]),
             train_tokens_per_s: 1.0,
+            train_tflops: 1.0,
+            mfu: None,
             forward_ms: Stats::of(vec![forward_ms]),
             generate_ms: Stats::of(vec![forward_ms]),
             peak_memory_bytes: memory,

@@ -12,6 +12,7 @@
 //! (PEFT side by side, MFU with a measured GEMM peak) builds on these modules.
 
 pub mod claims;
+pub mod flops;
 
 use std::time::Instant;
 
@@ -40,6 +41,11 @@ pub trait BenchClock: Backend {
     /// Peak memory since [`BenchClock::reset_peak_memory`]: `(bytes, what was measured)`.
     fn peak_memory(&self) -> (u64, &'static str);
     fn reset_peak_memory(&self);
+    /// The GEMM throughput this device reaches (TFLOP/s), measured, for MFU; None where MFU
+    /// means nothing (the CPU, the virtual GPU).
+    fn gemm_peak_tflops(&self) -> Option<f64> {
+        None
+    }
 }
 
 impl<T: Float> BenchClock for CpuBackend<T> {
@@ -73,6 +79,28 @@ impl<D: Device> BenchClock for GpuBackend<D> {
 
     fn reset_peak_memory(&self) {
         self.device().memory().reset_peak();
+    }
+
+    /// Square GEMMs of 8192 in the backend's dtype: the best of 3 rounds of 10.
+    fn gemm_peak_tflops(&self) -> Option<f64> {
+        if !self.device().name().starts_with("cuda") {
+            return None;
+        }
+        let n = 8192;
+        let (a, b) = (self.zeros(n * n), self.zeros(n * n));
+        let mut c = self.zeros(n * n);
+        let g = crate::backend::Gemm::nn(n, n, n);
+        self.matmul(&mut c, &a, &b, g);
+        let best_ms = (0..3)
+            .map(|_| {
+                self.time_ms(&mut || {
+                    for _ in 0..10 {
+                        self.matmul(&mut c, &a, &b, g);
+                    }
+                })
+            })
+            .fold(f64::INFINITY, f64::min);
+        Some(2.0 * (n as f64).powi(3) * 10.0 / (best_ms / 1e3) / 1e12)
     }
 }
 
@@ -170,6 +198,10 @@ pub struct Row {
     pub train_step_ms: Stats,
     /// Input + target tokens (prompt rows excluded) per second of training step.
     pub train_tokens_per_s: f64,
+    /// FLOPs of one training step ([`flops::train_step_flops`]) over its median time.
+    pub train_tflops: f64,
+    /// `train_tflops` over the measured GEMM peak (GPU only).
+    pub mfu: Option<f64>,
     pub forward_ms: Stats,
     /// Inference: greedy generation of `target_len` tokens per row (no early stop), prompt rows
     /// in front, KV cache.
@@ -192,6 +224,8 @@ pub struct Report {
     pub target_len: usize,
     pub warmup: usize,
     pub steps: usize,
+    /// Measured GEMM throughput (TFLOP/s) that MFU divides by; None off a GPU.
+    pub gemm_peak_tflops: Option<f64>,
     pub rows: Vec<Row>,
 }
 
@@ -208,6 +242,7 @@ pub fn run_bench<B: BenchClock + 'static>(
     }
     let mut rows = Vec::new();
     let mut memory = "";
+    let peak = be.gemm_peak_tflops();
     for shape in &cfg.shapes {
         let model = random_model(be, shape, cfg.seed, cfg.quant)?;
         let inputs = vec![cfg.input_len; cfg.batch];
@@ -291,21 +326,31 @@ pub fn run_bench<B: BenchClock + 'static>(
                 }));
             }
             gen_result?;
-            let (peak, what) = be.peak_memory();
+            let (peak_bytes, what) = be.peak_memory();
             memory = what;
             let (train_params_n, stored) = method
                 .as_deref()
                 .map_or((0, 0), |m| (train_params(m), m.stored_params()));
             let train_step_ms = Stats::of(times);
+            let step_tokens = flops::StepTokens {
+                b: cfg.batch,
+                prompt: method.as_deref().map_or(0, |m| m.prompt_rows()),
+                input: cfg.input_len,
+                target: cfg.target_len,
+            };
+            let train_tflops =
+                flops::train_step_flops(&model, step_tokens) / (train_step_ms.median / 1e3) / 1e12;
             rows.push(Row {
                 shape: shape.clone(),
                 setting: setting.name.clone(),
                 prompt_rows: method.as_deref().map_or(0, |m| m.prompt_rows()),
                 train_tokens_per_s: tokens / (train_step_ms.median / 1e3),
+                train_tflops,
+                mfu: peak.map(|p| train_tflops / p),
                 train_step_ms,
                 forward_ms: Stats::of(forward),
                 generate_ms: Stats::of(generate),
-                peak_memory_bytes: peak,
+                peak_memory_bytes: peak_bytes,
                 train_params: train_params_n,
                 stored_params: stored,
                 final_loss,
@@ -322,6 +367,7 @@ pub fn run_bench<B: BenchClock + 'static>(
         target_len: cfg.target_len,
         warmup: cfg.warmup,
         steps: cfg.steps,
+        gemm_peak_tflops: peak,
         rows,
     })
 }
@@ -340,8 +386,8 @@ pub fn markdown_table(report: &Report) -> String {
         report.quant
     );
     s.push_str(
-        "| shape | setting | prompt rows | train step ms (median, min–max) | vs first | tokens/s | forward ms | generate ms | peak memory MB | train params | stored params |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| shape | setting | prompt rows | train step ms (median, min–max) | vs first | tokens/s | TFLOP/s (MFU) | forward ms | generate ms | peak memory MB | train params | stored params |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut first: Option<(&str, f64)> = None;
     for r in &report.rows {
@@ -350,7 +396,7 @@ pub fn markdown_table(report: &Report) -> String {
         }
         let base = first.map_or(f64::NAN, |(_, t)| t);
         s.push_str(&format!(
-            "| {} | {} | {} | {:.2} ({:.2}–{:.2}) | {:+.1}% | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} |\n",
+            "| {} | {} | {} | {:.2} ({:.2}–{:.2}) | {:+.1}% | {:.0} | {:.3}{} | {:.2} | {:.2} | {:.1} | {} | {} |\n",
             r.shape,
             r.setting,
             r.prompt_rows,
@@ -359,6 +405,8 @@ pub fn markdown_table(report: &Report) -> String {
             r.train_step_ms.max,
             (r.train_step_ms.median / base - 1.0) * 100.0,
             r.train_tokens_per_s,
+            r.train_tflops,
+            r.mfu.map_or(String::new(), |m| format!(" ({:.1}%)", m * 100.0)),
             r.forward_ms.median,
             r.generate_ms.median,
             r.peak_memory_bytes as f64 / 1e6,
@@ -367,6 +415,11 @@ pub fn markdown_table(report: &Report) -> String {
         ));
     }
     s.push_str(&format!("\nmemory: {}\n", report.memory));
+    if let Some(p) = report.gemm_peak_tflops {
+        s.push_str(&format!(
+            "MFU: step FLOPs (4·N·tokens + attention) over the measured GEMM peak, {p:.1} TFLOP/s\n"
+        ));
+    }
     s
 }
 
