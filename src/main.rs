@@ -22,7 +22,7 @@ use fastpt::engine::{build_backbone_method, forward_backward, StepOutput};
 use fastpt::fsutil::write_file_atomic;
 use fastpt::model::hf::{load_tokenizer, save_safetensors, TensorData};
 use fastpt::model::llama::llama_tensor_specs;
-use fastpt::model::shapes::{LLAMA_SHAPES, T5_SHAPES};
+use fastpt::model::shapes::{llama_shape, t5_shape, LLAMA_SHAPES, T5_SHAPES};
 use fastpt::model::t5::t5_tensor_specs;
 use fastpt::model::{load_model, random_model, Backbone};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
@@ -60,6 +60,15 @@ enum Command {
     /// Measure training-step and forward time, memory and parameters of prompt-method settings
     /// on built-in shapes (random weights): a markdown table, and report.json with --out.
     Bench(BenchArgs),
+    /// Print the Hugging Face config.json of a built-in shape (for transformers; see
+    /// tools/peft_baseline.py).
+    Shape(ShapeArgs),
+}
+
+#[derive(Args)]
+struct ShapeArgs {
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
+    name: String,
 }
 
 #[derive(Args)]
@@ -104,6 +113,11 @@ struct BenchArgs {
     /// --setting is ignored.
     #[arg(long)]
     claims: bool,
+    /// Also run PyTorch + transformers + PEFT prompt tuning on the same shapes, batch and
+    /// lengths (tools/peft_baseline.py, with $FASTPT_PYTHON or python3) and print the ratios
+    /// against fastpt's `pt` settings.
+    #[arg(long, conflicts_with = "claims")]
+    baseline: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -327,6 +341,15 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Forward(args) => with_backend!(&args.device, |be| forward(be, &args)),
         Command::Doctor(args) => doctor(&args),
         Command::Bench(args) => with_backend!(&args.device, |be| bench(be, &args)),
+        Command::Shape(args) => {
+            let json = if LLAMA_SHAPES.contains(&args.name.as_str()) {
+                llama_shape(&args.name)?.to_hf_json()
+            } else {
+                t5_shape(&args.name)?.to_hf_json()
+            };
+            println!("{}", serde_json::to_string_pretty(&json)?);
+            Ok(())
+        }
     }
 }
 
@@ -793,5 +816,103 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     write("table.md", table.as_bytes())?;
+    if args.baseline {
+        let (side_by_side, json) = peft_baseline(&report, args, be.name().starts_with("cuda"))?;
+        println!("{side_by_side}");
+        write(
+            "baseline.json",
+            serde_json::to_string_pretty(&json)?.as_bytes(),
+        )?;
+        write("baseline.md", side_by_side.as_bytes())?;
+    }
     Ok(())
+}
+
+/// Runs tools/peft_baseline.py for every fastpt `pt` row of `report` (same shape, batch, lengths,
+/// steps, prompt length) and returns the side-by-side table and the script's reports.
+fn peft_baseline(
+    report: &fastpt::bench::Report,
+    args: &BenchArgs,
+    cuda: bool,
+) -> Result<(String, serde_json::Value)> {
+    let script = Path::new("tools/peft_baseline.py");
+    if !script.exists() {
+        bail!("--baseline runs tools/peft_baseline.py: run fastpt from the repository root");
+    }
+    let python = std::env::var("FASTPT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let exe = std::env::current_exe().context("finding the fastpt binary")?;
+    let pt_rows: Vec<_> = report
+        .rows
+        .iter()
+        .filter(|r| r.setting.starts_with("pt"))
+        .collect();
+    if pt_rows.is_empty() {
+        bail!("--baseline compares against fastpt's PT: add --setting pt (or pt:prompt_len=N)");
+    }
+    let mut table = String::from(
+        "fastpt vs PyTorch + PEFT prompt tuning (ratio < 1: fastpt is faster or smaller)\n\n\
+         | shape | prompt rows | fastpt step ms | PEFT step ms | ratio | fastpt generate ms | PEFT generate ms | ratio | fastpt memory MB | PEFT memory MB | ratio |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut reports = Vec::new();
+    for row in pt_rows {
+        eprintln!(
+            "bench --baseline: PEFT on {} with {} prompt rows",
+            row.shape, row.prompt_rows
+        );
+        let out = std::process::Command::new(&python)
+            .arg(script)
+            .args(["--shape", &row.shape, "--fastpt"])
+            .arg(&exe)
+            .args(["--num-virtual-tokens", &row.prompt_rows.to_string()])
+            .args(["--batch", &args.batch.to_string()])
+            .args(["--input-len", &args.input_len.to_string()])
+            .args(["--target-len", &args.target_len.to_string()])
+            .args(["--warmup", &args.warmup.to_string()])
+            .args(["--steps", &args.steps.to_string()])
+            .args(["--seed", &args.seed.to_string()])
+            .args(["--device", if cuda { "cuda" } else { "cpu" }])
+            .output()
+            .with_context(|| format!("running {python} {}", script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "the PEFT baseline failed ({python} {}; it needs torch, transformers and peft; \
+                 FASTPT_PYTHON picks the interpreter):\n{}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            );
+        }
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("reading the PEFT baseline's JSON")?;
+        let peft = &json["rows"][0];
+        let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+        let (p_step, p_gen, p_mem) = (
+            num(&peft["train_step_ms"]["median"]),
+            num(&peft["generate_ms"]["median"]),
+            num(&peft["peak_memory_bytes"]) / 1e6,
+        );
+        let (f_step, f_gen, f_mem) = (
+            row.train_step_ms.median,
+            row.generate_ms.median,
+            row.peak_memory_bytes as f64 / 1e6,
+        );
+        table.push_str(&format!(
+            "| {} | {} | {f_step:.2} | {p_step:.2} | {:.2} | {f_gen:.2} | {p_gen:.2} | {:.2} | {f_mem:.1} | {p_mem:.1} | {:.2} |\n",
+            row.shape,
+            row.prompt_rows,
+            f_step / p_step,
+            f_gen / p_gen,
+            f_mem / p_mem,
+        ));
+        reports.push(json);
+    }
+    let peft_memory = reports
+        .first()
+        .and_then(|r| r["memory"].as_str())
+        .unwrap_or("?");
+    table.push_str(&format!(
+        "\nfastpt memory: {}; PEFT memory: {peft_memory}\n",
+        report.memory
+    ));
+    Ok((table, serde_json::Value::Array(reports)))
 }

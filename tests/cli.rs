@@ -568,3 +568,38 @@ fn bench_claims_on_the_cpu_writes_the_table_sweeps_and_charts() {
         .unwrap()
         .contains("pooling block p"));
 }
+
+#[test]
+fn bench_baseline_errors_name_what_is_missing() {
+    let base = [
+        "bench",
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch",
+        "1",
+        "--input-len",
+        "4",
+        "--target-len",
+        "2",
+        "--baseline",
+    ];
+    // No PT setting to compare with.
+    let (ok, _, stderr) = fastpt(&[&base[..], &["--setting", "none"]].concat());
+    assert!(!ok && stderr.contains("--setting pt"), "{stderr}");
+    // An interpreter that does not exist is named.
+    let out = Command::new(env!("CARGO_BIN_EXE_fastpt"))
+        .args([&base[..], &["--setting", "pt:prompt_len=3"]].concat())
+        .env("FASTPT_PYTHON", "/nonexistent/python")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("/nonexistent/python") && stderr.contains("peft_baseline.py"),
+        "{stderr}"
+    );
+}

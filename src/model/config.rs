@@ -208,6 +208,82 @@ pub enum RopeScaling {
     },
 }
 
+impl T5Config {
+    /// The config as a Hugging Face `config.json` (what `from_json_str` reads back to the same
+    /// config): a built-in shape for transformers (tools/peft_baseline.py).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let (proj, act) = match self.feed_forward {
+            FeedForward::Relu => ("relu", "relu"),
+            FeedForward::GatedGelu => ("gated-gelu", "gelu_new"),
+        };
+        serde_json::json!({
+            "model_type": "t5",
+            "architectures": ["T5ForConditionalGeneration"],
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "d_kv": self.d_kv,
+            "d_ff": self.d_ff,
+            "num_layers": self.num_layers,
+            "num_decoder_layers": self.num_decoder_layers,
+            "num_heads": self.num_heads,
+            "relative_attention_num_buckets": self.relative_attention_num_buckets,
+            "relative_attention_max_distance": self.relative_attention_max_distance,
+            "feed_forward_proj": proj,
+            "dense_act_fn": act,
+            "is_gated_act": self.feed_forward == FeedForward::GatedGelu,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "scale_decoder_outputs": self.scale_decoder_outputs,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "decoder_start_token_id": self.decoder_start_token_id,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_id,
+            "dropout_rate": 0.0,
+        })
+    }
+}
+
+impl LlamaConfig {
+    /// The config as a Hugging Face `config.json` (see [`T5Config::to_hf_json`]).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids,
+            "pad_token_id": self.pad_token_id,
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+        });
+        if let RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } = self.rope_scaling
+        {
+            v["rope_scaling"] = serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            });
+        }
+        v
+    }
+}
+
 /// The fields of a Hugging Face `LlamaConfig` that the engine uses.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -1161,5 +1237,25 @@ mod tests {
             err.contains("model_type") && err.contains("absent"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn built_in_shapes_round_trip_through_hf_json() {
+        use crate::model::shapes::{llama_shape, t5_shape, LLAMA_SHAPES, T5_SHAPES};
+        let path = Path::new("<shape>");
+        for name in T5_SHAPES {
+            let cfg = t5_shape(name).unwrap();
+            let text = cfg.to_hf_json().to_string();
+            assert_eq!(T5Config::from_json_str(&text, path).unwrap(), cfg, "{name}");
+        }
+        for name in LLAMA_SHAPES {
+            let cfg = llama_shape(name).unwrap();
+            let text = cfg.to_hf_json().to_string();
+            assert_eq!(
+                LlamaConfig::from_json_str(&text, path).unwrap(),
+                cfg,
+                "{name}"
+            );
+        }
     }
 }
