@@ -7,8 +7,8 @@
 # Writes bench/results/<date>-<gpu>/ with nvidia-smi.txt, doctor.log (`fastpt doctor --device
 # cuda`: every kernel and step checked against the CPU reference on the GPU), kernel-lab.log
 # (every op's variants checked and timed) and gpu-ops.log (criterion) when those binaries were
-# carried to target/carry/ (see tools/README.md), and, when the binary has a `bench` subcommand,
-# bench.log. When $OUT is set (the device tool), the folder is also copied
+# carried to target/carry/ (see tools/README.md), bench-claims.log + claims/ (`fastpt bench
+# --claims`) and bench-baseline.log + baseline/ (`fastpt bench --baseline`, needs torch and peft). When $OUT is set (the device tool), the folder is also copied
 # there. Exits non-zero when doctor (or bench) fails.
 #
 # Kernels are compiled by NVRTC at start-up (a CUDA toolkit, FASTPT_CUDA_HOME, or .venv-nvrtc from
@@ -56,14 +56,17 @@ if [ -x target/carry/gpu_ops ]; then
   target/carry/gpu_ops --bench 2>&1 | tee "$DIR/gpu-ops.log"
 fi
 
-if "$BIN" help bench >/dev/null 2>&1; then
-  echo "== fastpt bench"
-  "$BIN" bench 2>&1 | tee "$DIR/bench.log"
-  bench_rc=${PIPESTATUS[0]}
-  [ "$bench_rc" -eq 0 ] || { echo "gpu-check: bench failed (exit $bench_rc)" >&2; [ "$status" -ne 0 ] || status=$bench_rc; }
-else
-  echo "gpu-check: this fastpt has no bench subcommand; skipped"
-fi
+# The papers' claims at their shapes (t5-base; t5-11b with NF4), then fastpt vs PyTorch + PEFT
+# on t5-base. BENCH_ARGS sets the step counts (few: device time is scarce).
+BENCH_ARGS=${BENCH_ARGS:---steps 5 --warmup 2}
+echo "== fastpt bench --claims"
+# shellcheck disable=SC2086 # BENCH_ARGS is a list of words.
+"$BIN" bench --claims --device cuda $BENCH_ARGS --out "$DIR/claims" 2>&1 | tee "$DIR/bench-claims.log"
+bench_rc=${PIPESTATUS[0]}
+[ "$bench_rc" -eq 0 ] || { echo "gpu-check: bench --claims failed (exit $bench_rc)" >&2; [ "$status" -ne 0 ] || status=$bench_rc; }
+echo "== fastpt bench --baseline (PyTorch + PEFT side by side)"
+# shellcheck disable=SC2086
+"$BIN" bench --baseline --device cuda --shape t5-base --setting none --setting pt $BENCH_ARGS --out "$DIR/baseline" 2>&1 | tee "$DIR/bench-baseline.log"
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/$(basename "$DIR")" && cp -r "$DIR"/. "$OUT/$(basename "$DIR")/"
