@@ -15,8 +15,8 @@ use crate::model::t5::{T5Batch, T5};
 use crate::model::Backbone;
 use crate::prompt::{build_method, MethodConfig, MethodContext, PromptMethod, Tokenize};
 
-/// The results of one step, downloaded to the host (the `(B, P+T, C)` tensors are empty after a
-/// forward-only [`t5_loss`]).
+/// The results of one step, downloaded to the host by [`forward_backward`] (the training loop
+/// calls [`train_step`], which downloads only the loss).
 pub struct StepOutput {
     pub loss: f64,
     pub logits: Vec<f32>, // (M, V) label rows only
@@ -83,7 +83,30 @@ pub fn t5_forward_backward<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<StepOutput> {
-    step(be, Model::T5(model), method, batch, true)
+    step(be, Model::T5(model), method, batch, Pass::Download)
+}
+
+/// What [`step`] runs and hands back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Forward only; the loss.
+    Forward,
+    /// Forward and backward; the loss (the training loop: no tensor leaves the device).
+    Train,
+    /// Forward and backward; the loss, logits, inputs_embeds, encoder output and input gradient
+    /// downloaded to the host (`fastpt step`, parity checks).
+    Download,
+}
+
+/// One training step's forward and backward (the method's gradients are added to), returning
+/// only the loss: nothing else is copied to the host, so a GPU step stays on the device.
+pub fn train_step<'m, B: Backend>(
+    be: &B,
+    model: &Backbone<B>,
+    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    batch: &HostBatch,
+) -> Result<f64> {
+    Ok(step(be, Model::of(model), method, batch, Pass::Train)?.loss)
 }
 
 /// The loss of a batch, forward only (evaluation): no gradient is computed or added.
@@ -93,7 +116,7 @@ pub fn t5_loss<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<f64> {
-    Ok(step(be, Model::T5(model), method, batch, false)?.loss)
+    Ok(step(be, Model::T5(model), method, batch, Pass::Forward)?.loss)
 }
 
 /// The loss of a batch on either backbone, forward only (no gradient is computed or added).
@@ -104,7 +127,7 @@ pub fn forward_loss<'m, B: Backend>(
     batch: &HostBatch,
 ) -> Result<f64> {
     let model = Model::of(model);
-    Ok(step(be, model, method, batch, false)?.loss)
+    Ok(step(be, model, method, batch, Pass::Forward)?.loss)
 }
 
 /// [`t5_forward_backward`] for Llama: the batch is decoder-only (labels `(B, T)` aligned with
@@ -115,7 +138,7 @@ pub fn llama_forward_backward<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<StepOutput> {
-    step(be, Model::Llama(model), method, batch, true)
+    step(be, Model::Llama(model), method, batch, Pass::Download)
 }
 
 /// One step of either backbone.
@@ -211,7 +234,7 @@ fn step<'m, B: Backend>(
     model: Model<'_, B>,
     mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
-    backward: bool,
+    pass: Pass,
 ) -> Result<StepOutput> {
     let c = model.embeddings().2;
     let (b, t) = (batch.batch, batch.enc_len);
@@ -262,25 +285,26 @@ fn step<'m, B: Backend>(
     drop(forward_range);
     let forward_time = start.elapsed();
     let start = Instant::now();
-    if !backward {
-        return Ok(StepOutput {
-            loss,
-            logits: be.download_f32(&logits),
-            label_rows,
-            prompt_rows: p,
-            inputs_embeds: Vec::new(),
-            encoder_out: Vec::new(),
-            d_inputs_embeds: Vec::new(),
-            forward_time,
-            backward_time: start.elapsed(),
-        });
+    let loss_only = |backward_time| StepOutput {
+        loss,
+        logits: Vec::new(),
+        label_rows: label_rows.clone(),
+        prompt_rows: p,
+        inputs_embeds: Vec::new(),
+        encoder_out: Vec::new(),
+        d_inputs_embeds: Vec::new(),
+        forward_time,
+        backward_time,
+    };
+    if pass == Pass::Forward {
+        return Ok(loss_only(start.elapsed()));
     }
     let _backward_range = nvtx_range("backward");
-    let (dx, encoder_out) = match (model, &saved) {
-        (Model::T5(m), Saved::T5(s)) => (m.backward_dinp(be, s), be.download_f32(s.encoder_out())),
-        (Model::Llama(m), Saved::Llama(s)) => (m.backward_dinp(be, s), Vec::new()),
+    let dx = match (model, &saved) {
+        (Model::T5(m), Saved::T5(s)) => m.backward_dinp(be, s),
+        (Model::Llama(m), Saved::Llama(s)) => m.backward_dinp(be, s),
         _ => unreachable!("the activations were saved by this model"),
-    }; // dx: (B, P+T, C)
+    }; // (B, P+T, C)
     if let Some(m) = method {
         let mut d_rows = be.zeros(p * c); // (P, C)
         let mut d_update = m.update_rows().map(|rows| be.zeros(rows * c)); // (M, C)
@@ -288,6 +312,13 @@ fn step<'m, B: Backend>(
         m.backward(be, &d_rows, d_update.as_ref());
     }
     let backward_time = start.elapsed();
+    if pass == Pass::Train {
+        return Ok(loss_only(backward_time));
+    }
+    let encoder_out = match &saved {
+        Saved::T5(s) => be.download_f32(s.encoder_out()),
+        Saved::Llama(_) => Vec::new(),
+    };
     Ok(StepOutput {
         loss,
         logits: be.download_f32(&logits),

@@ -27,7 +27,7 @@ use fastpt::model::t5::t5_tensor_specs;
 use fastpt::model::{load_model, random_model, Backbone};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
 use fastpt::prompt::{train_params, MethodConfig};
-use fastpt::train::report::write_line_svg;
+use fastpt::train::report::{write_bars_svg, write_line_svg};
 use fastpt::train::trainer::{train, Stopped, TrainOptions, DEFAULT_RUN_TOML};
 
 #[derive(Parser)]
@@ -256,6 +256,10 @@ struct ForwardArgs {
     #[command(flatten)]
     device: DeviceArgs,
 }
+
+/// Counts heap bytes so `fastpt bench` on the CPU reports each setting's peak memory.
+#[global_allocator]
+static ALLOC: fastpt::bench::heap::PeakAlloc = fastpt::bench::heap::PeakAlloc;
 
 fn main() -> std::process::ExitCode {
     // Errors print as one line with their causes (`{:#}`), without a backtrace.
@@ -816,6 +820,11 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     write("table.md", table.as_bytes())?;
+    if let Some(dir) = &args.out {
+        let path = dir.join("memory.svg");
+        write_memory_chart(&path, &report)?;
+        println!("wrote {}", path.display());
+    }
     if args.baseline {
         let (side_by_side, json) = peft_baseline(&report, args, be.name().starts_with("cuda"))?;
         println!("{side_by_side}");
@@ -826,6 +835,41 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         write("baseline.md", side_by_side.as_bytes())?;
     }
     Ok(())
+}
+
+/// Peak memory by shape, one bar per setting.
+fn write_memory_chart(path: &Path, report: &fastpt::bench::Report) -> Result<()> {
+    let mut shapes: Vec<String> = Vec::new();
+    let mut settings: Vec<String> = Vec::new();
+    for r in &report.rows {
+        if !shapes.contains(&r.shape) {
+            shapes.push(r.shape.clone());
+        }
+        if !settings.contains(&r.setting) {
+            settings.push(r.setting.clone());
+        }
+    }
+    let series: Vec<(String, Vec<f64>)> = settings
+        .iter()
+        .map(|setting| {
+            let mb = shapes
+                .iter()
+                .map(|shape| {
+                    report
+                        .rows
+                        .iter()
+                        .find(|r| &r.shape == shape && &r.setting == setting)
+                        .map_or(f64::NAN, |r| r.peak_memory_bytes as f64 / 1e6)
+                })
+                .collect();
+            (setting.clone(), mb)
+        })
+        .collect();
+    let title = format!(
+        "peak memory by shape ({}, {})",
+        report.backend, report.memory
+    );
+    Ok(write_bars_svg(path, &shapes, &series, &title, "MB")?)
 }
 
 /// Runs tools/peft_baseline.py for every fastpt `pt` row of `report` (same shape, batch, lengths,

@@ -440,6 +440,8 @@ fn bench_smoke_writes_a_report_with_the_schema() {
         "cpu",
         "--shape",
         "t5-tiny",
+        "--shape",
+        "llama-tiny",
         "--setting",
         "none",
         "--setting",
@@ -468,12 +470,14 @@ fn bench_smoke_writes_a_report_with_the_schema() {
     assert_eq!(report["backend"], "cpu-f32");
     assert!(report["gemm_peak_tflops"].is_null());
     let rows = report["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 2);
-    for (row, (setting, prompt_rows, params)) in rows
-        .iter()
-        .zip([("none", 0, 0), ("pt:prompt_len=5", 5, 5 * 64)])
-    {
-        assert_eq!(row["shape"], "t5-tiny");
+    assert_eq!(rows.len(), 4);
+    for (row, (shape, setting, prompt_rows, params)) in rows.iter().zip([
+        ("t5-tiny", "none", 0, 0),
+        ("t5-tiny", "pt:prompt_len=5", 5, 5 * 64),
+        ("llama-tiny", "none", 0, 0),
+        ("llama-tiny", "pt:prompt_len=5", 5, 5 * 64),
+    ]) {
+        assert_eq!(row["shape"], shape);
         assert_eq!(row["setting"], setting);
         assert_eq!(row["prompt_rows"], prompt_rows);
         assert_eq!(row["train_params"], params);
@@ -499,6 +503,27 @@ fn bench_smoke_writes_a_report_with_the_schema() {
         assert!(row["final_loss"].as_f64().unwrap().is_finite());
     }
     assert!(out.join("table.md").exists());
+    assert_eq!(report["memory"], "heap peak");
+    // The model's weights are live during every cell, so each peak holds at least its f32
+    // token embeddings.
+    let embeddings = |shape: &str| {
+        let cfg: serde_json::Value = serde_json::from_str(&fastpt(&["shape", shape]).1).unwrap();
+        let width = cfg["d_model"].as_u64().or(cfg["hidden_size"].as_u64());
+        4 * width.unwrap() * cfg["vocab_size"].as_u64().unwrap()
+    };
+    for row in rows {
+        let least = embeddings(row["shape"].as_str().unwrap());
+        assert!(row["peak_memory_bytes"].as_u64().unwrap() > least, "{row}");
+    }
+    let chart = std::fs::read_to_string(out.join("memory.svg")).unwrap();
+    for text in [
+        "peak memory by shape",
+        "pt:prompt_len=5",
+        "t5-tiny",
+        "llama-tiny",
+    ] {
+        assert!(chart.contains(text), "memory.svg has no {text}");
+    }
     // A bad setting is named.
     let (ok, _, stderr) = fastpt(&["bench", "--device", "cpu", "--setting", "pt:rank"]);
     assert!(!ok && stderr.contains("pt:rank"), "{stderr}");
@@ -544,11 +569,12 @@ fn bench_claims_on_the_cpu_writes_the_table_sweeps_and_charts() {
         assert_eq!(r["shape"], "t5-tiny");
         assert_eq!(r["paper_shape"], "t5-11b");
     }
-    // Parameters are exact on any device; memory is not measurable from the CPU's RSS.
+    // Parameters are exact on any device; memory is the heap peak the binary counts.
     let params = lamp.iter().find(|r| r["metric"] == "params").unwrap();
     assert!(params["measured"].as_f64().unwrap() < -50.0, "{params}");
     let memory = lamp.iter().find(|r| r["metric"] == "memory").unwrap();
-    assert!(memory["measured"].is_null());
+    assert!(memory["measured"].as_f64().unwrap().is_finite(), "{memory}");
+    assert_eq!(report["reports"][0]["memory"], "heap peak");
     let sweeps = report["sweeps"].as_array().unwrap();
     let xs = |i: usize| -> Vec<u64> {
         sweeps[i]["points"]

@@ -8,7 +8,7 @@
 # cuda`: every kernel and step checked against the CPU reference on the GPU), kernel-lab.log
 # (every op's variants checked and timed) and gpu-ops.log (criterion) when those binaries were
 # carried to target/carry/ (see tools/README.md), bench-claims.log + claims/ (`fastpt bench
-# --claims`) and bench-baseline.log + baseline/ (`fastpt bench --baseline`, needs torch and peft). When $OUT is set (the device tool), the folder is also copied
+# --claims`) and bench-baseline.log + baseline/ (`fastpt bench --baseline`, needs torch and peft), bench-memory.log + memory/ (memory.svg: peak memory by shape). When $OUT is set (the device tool), the folder is also copied
 # there. Exits non-zero when doctor (or bench) fails.
 #
 # Kernels are compiled by NVRTC at start-up (a CUDA toolkit, FASTPT_CUDA_HOME, or .venv-nvrtc from
@@ -67,6 +67,10 @@ bench_rc=${PIPESTATUS[0]}
 echo "== fastpt bench --baseline (PyTorch + PEFT side by side)"
 # shellcheck disable=SC2086
 "$BIN" bench --baseline --device cuda --shape t5-base --setting none --setting pt $BENCH_ARGS --out "$DIR/baseline" 2>&1 | tee "$DIR/bench-baseline.log"
+echo "== fastpt bench: memory by shape"
+# shellcheck disable=SC2086
+"$BIN" bench --device cuda --shape t5-small --shape t5-base --shape t5-large --shape t5-3b \
+  --setting pt --setting ept --setting lamp $BENCH_ARGS --out "$DIR/memory" 2>&1 | tee "$DIR/bench-memory.log"
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/$(basename "$DIR")" && cp -r "$DIR"/. "$OUT/$(basename "$DIR")/"

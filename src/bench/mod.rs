@@ -13,6 +13,7 @@
 
 pub mod claims;
 pub mod flops;
+pub mod heap;
 
 use std::time::Instant;
 
@@ -24,7 +25,7 @@ use crate::backend::gpu::GpuBackend;
 use crate::backend::Backend;
 use crate::config::TrainConfig;
 use crate::data::HostBatch;
-use crate::engine::{build_backbone_method, forward_backward, forward_loss, generate_greedy};
+use crate::engine::{build_backbone_method, forward_loss, generate_greedy, train_step};
 use crate::error::{Error, Result};
 use crate::model::generate::GenerateConfig;
 use crate::model::linear::Quant;
@@ -55,12 +56,18 @@ impl<T: Float> BenchClock for CpuBackend<T> {
         start.elapsed().as_secs_f64() * 1e3
     }
 
-    /// The process's peak resident set: it cannot be reset, so it covers the whole run.
+    /// The heap peak when the binary counts allocations ([`heap::PeakAlloc`]), else the
+    /// process's peak resident set, which cannot be reset and so covers the whole run.
     fn peak_memory(&self) -> (u64, &'static str) {
-        (peak_rss_bytes().unwrap_or(0), "process peak RSS")
+        match heap::heap_peak_bytes() {
+            Some(bytes) => (bytes, "heap peak"),
+            None => (peak_rss_bytes().unwrap_or(0), "process peak RSS"),
+        }
     }
 
-    fn reset_peak_memory(&self) {}
+    fn reset_peak_memory(&self) {
+        heap::reset_heap_peak();
+    }
 }
 
 impl<D: Device> BenchClock for GpuBackend<D> {
@@ -288,14 +295,14 @@ pub fn run_bench<B: BenchClock + 'static>(
             let mut optim = method.as_deref().map(|m| Optimizer::new(be, m, &train));
             let mut result: Result<f64> = Ok(f64::NAN);
             let mut step = |result: &mut Result<f64>| {
-                let out = forward_backward(be, &model, method.as_deref_mut(), &batch);
+                let out = train_step(be, &model, method.as_deref_mut(), &batch);
                 match (out, method.as_deref_mut(), optim.as_mut()) {
-                    (Ok(o), Some(m), Some(opt)) => {
+                    (Ok(loss), Some(m), Some(opt)) => {
                         opt.step(be, m, 1.0, 1.0);
                         zero_grads(be, m);
-                        *result = Ok(o.loss);
+                        *result = Ok(loss);
                     }
-                    (Ok(o), _, _) => *result = Ok(o.loss),
+                    (Ok(loss), _, _) => *result = Ok(loss),
                     (Err(e), _, _) => *result = Err(e),
                 }
             };

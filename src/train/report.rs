@@ -225,6 +225,115 @@ fn render_line_svg(
     Ok(svg)
 }
 
+/// A grouped bar chart: one group of bars per category (`categories`, along x), one bar per
+/// series in each group, `series[i].1[j]` the height of series i in category j (non-finite or
+/// negative heights are drawn as 0). Written atomically; errors name `path`.
+pub fn write_bars_svg(
+    path: &Path,
+    categories: &[String],
+    series: &[(String, Vec<f64>)],
+    title: &str,
+    y_desc: &str,
+) -> Result<()> {
+    if categories.is_empty() || series.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: a bar chart needs at least one category and one series ({} and {} given)",
+            path.display(),
+            categories.len(),
+            series.len()
+        )));
+    }
+    if let Some((name, values)) = series.iter().find(|(_, v)| v.len() != categories.len()) {
+        return Err(Error::Input(format!(
+            "{}: series {name:?} has {} values for {} categories",
+            path.display(),
+            values.len(),
+            categories.len()
+        )));
+    }
+    let svg = render_bars_svg(categories, series, title, y_desc)
+        .map_err(|e| Error::Input(format!("{}: cannot draw the chart: {e}", path.display())))?;
+    write_file_atomic(path, svg.as_bytes(), &mut || Ok(()))
+}
+
+/// Colours of the series, repeated when there are more.
+const SERIES_COLOURS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn render_bars_svg(
+    categories: &[String],
+    series: &[(String, Vec<f64>)],
+    title: &str,
+    y_desc: &str,
+) -> std::result::Result<String, Box<dyn std::error::Error>> {
+    let height = |v: f64| if v.is_finite() { v.max(0.0) } else { 0.0 };
+    let top = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied().map(height))
+        .fold(0.0f64, f64::max);
+    let top = if top > 0.0 { top * 1.1 } else { 1.0 };
+    // Category j spans x in [j, j+1); its bars fill the middle 80%.
+    let n = categories.len();
+    let width = 0.8 / series.len() as f64;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, CHART_SIZE).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 26))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(72)
+            .build_cartesian_2d(0.0..n as f64, 0.0..top)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n * 2 + 1)
+            // Label each category's centre only.
+            .x_label_formatter(&|x| {
+                let j = (x - 0.5).round();
+                if (x - 0.5 - j).abs() < 1e-6 && j >= 0.0 && (j as usize) < n {
+                    categories[j as usize].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc(y_desc)
+            .axis_desc_style(("sans-serif", 18))
+            .label_style(("sans-serif", 15))
+            .light_line_style(WHITE.mix(0.0))
+            .bold_line_style(BLACK.mix(0.12))
+            .draw()?;
+        for (i, (name, values)) in series.iter().enumerate() {
+            let colour = SERIES_COLOURS[i % SERIES_COLOURS.len()];
+            chart
+                .draw_series(values.iter().enumerate().map(|(j, &v)| {
+                    let x0 = j as f64 + 0.1 + i as f64 * width;
+                    Rectangle::new([(x0, 0.0), (x0 + width, height(v))], colour.filled())
+                }))?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .label_font(("sans-serif", 15))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+        root.present()?;
+    }
+    Ok(svg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,6 +452,33 @@ mod tests {
             "no y label"
         );
         svg
+    }
+
+    #[test]
+    fn bars_svg_has_a_bar_per_value_labels_and_legend() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.svg");
+        let categories = vec!["t5-small".to_string(), "t5-base".to_string()];
+        let series = vec![
+            ("pt".to_string(), vec![100.0, 300.0]),
+            ("lamp".to_string(), vec![90.0, f64::NAN]),
+        ];
+        write_bars_svg(&path, &categories, &series, "peak memory", "MB").unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.trim_end().ends_with("</svg>"));
+        for text in ["t5-small", "t5-base", "pt", "lamp", "peak memory", "MB"] {
+            assert!(svg.contains(text), "no {text}");
+        }
+        // Four bars + two legend swatches + the background, in the series colours.
+        let blue = svg.matches("#1F77B4").count();
+        let orange = svg.matches("#FF7F0E").count();
+        assert_eq!((blue, orange), (3, 3), "bars and legend swatches");
+        // A series whose length differs from the categories is refused, naming it.
+        let bad = vec![("pt".to_string(), vec![1.0])];
+        let err = write_bars_svg(&path, &categories, &bad, "t", "y").unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("\"pt\" has 1 values for 2 categories"));
     }
 
     #[test]
