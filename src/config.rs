@@ -29,9 +29,11 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::data::tasks::{LabelStyle, TaskOptions, TASK_NAMES};
 use crate::error::{Error, Result};
+use crate::eval::EvalMode;
 use crate::model::linear::Quant;
-use crate::model::shapes::T5_SHAPES;
+use crate::model::shapes::{is_builtin_shape, LLAMA_SHAPES, T5_SHAPES};
 use crate::prompt::config::{EptConfig, MethodConfig, METHOD_NAMES};
 
 /// The method of a config that names none.
@@ -116,11 +118,12 @@ impl Default for TrainConfig {
     }
 }
 
-/// Section `[data]`: the task and where its files are.
+/// Section `[data]`: the task, where its files are, and how it is evaluated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
-    /// The task name; `synthetic` is the built-in task that needs no files.
+    /// `synthetic` (built in, no files), a GLUE / SuperGLUE task (`rte`, `boolq`, ...; see
+    /// `data::tasks`), or a custom task's TOML file (a path ending in `.toml`).
     pub task: String,
     /// The data folder of a task read from files.
     // TOML has no null: `None` is written as an absent key, which reads back as `None`.
@@ -130,6 +133,22 @@ pub struct DataConfig {
     pub train_examples: usize,
     /// Dev examples the synthetic task generates.
     pub dev_examples: usize,
+    /// Label targets as `indices` ("0", the reference code's) or `words` ("entailment").
+    pub labels: LabelStyle,
+    /// Keep k training examples per class (k in all without classes); 0 keeps all.
+    pub k_shot: usize,
+    /// Training examples large tasks hold out as dev.
+    pub dev_holdout: usize,
+    /// Seed of the train / dev / test split and k-shot sampling (fixed, as in the papers' code,
+    /// so runs with different `seed`s see the same splits).
+    pub split_seed: u64,
+    /// Predictions by greedy `generate` of the label text, or `rank` classification.
+    pub eval: EvalMode,
+    /// Rows per evaluation batch.
+    pub eval_batch_size: usize,
+    /// Evaluate the periodic dev checks on at most this many dev examples; 0: all. The final
+    /// dev and test evaluations always use every example.
+    pub max_eval_examples: usize,
 }
 
 impl Default for DataConfig {
@@ -139,6 +158,30 @@ impl Default for DataConfig {
             dir: None,
             train_examples: 2000,
             dev_examples: 200,
+            labels: LabelStyle::Indices,
+            k_shot: 0,
+            dev_holdout: 1000,
+            split_seed: 42,
+            eval: EvalMode::Generate,
+            eval_batch_size: 32,
+            max_eval_examples: 0,
+        }
+    }
+}
+
+impl DataConfig {
+    /// Whether the task is the built-in synthetic one (no files, no tokenizer).
+    pub fn is_synthetic(&self) -> bool {
+        self.task == "synthetic"
+    }
+
+    /// The options the task loader takes.
+    pub fn task_options(&self) -> TaskOptions {
+        TaskOptions {
+            seed: self.split_seed,
+            k_shot: (self.k_shot > 0).then_some(self.k_shot),
+            labels: self.labels,
+            dev_holdout: self.dev_holdout,
         }
     }
 }
@@ -334,8 +377,9 @@ impl RunConfig {
             return fail(
                 "model",
                 format!(
-                    "empty; give a built-in shape ({}) or a Hugging Face model folder",
-                    T5_SHAPES.join(", ")
+                    "empty; give a built-in shape ({}, {}) or a Hugging Face model folder",
+                    T5_SHAPES.join(", "),
+                    LLAMA_SHAPES.join(", ")
                 ),
             );
         }
@@ -380,12 +424,49 @@ impl RunConfig {
                 "empty; give a task name such as \"synthetic\"".into(),
             );
         }
-        if d.task == "synthetic" && d.train_examples == 0 {
-            return fail(
-                "data.train_examples",
-                "got 0, the synthetic task needs at least 1".into(),
-            );
+        if d.is_synthetic() {
+            if d.train_examples == 0 {
+                return fail(
+                    "data.train_examples",
+                    "got 0, the synthetic task needs at least 1".into(),
+                );
+            }
+        } else {
+            let custom = d.task.ends_with(".toml");
+            if !custom && !TASK_NAMES.contains(&d.task.as_str()) {
+                return fail(
+                    "data.task",
+                    format!(
+                        "unknown task {:?}; give synthetic, one of {}, or a custom task's .toml file",
+                        d.task,
+                        TASK_NAMES.join(", ")
+                    ),
+                );
+            }
+            match &d.dir {
+                None => {
+                    return fail(
+                        "data.dir",
+                        format!("task {:?} reads files: give their folder", d.task),
+                    )
+                }
+                Some(dir) if !dir.is_dir() => {
+                    return fail("data.dir", format!("{} is not a folder", dir.display()))
+                }
+                Some(_) => {}
+            }
+            if is_builtin_shape(&self.model) {
+                return fail(
+                    "model",
+                    format!(
+                        "{:?} is a built-in shape without a tokenizer; a text task needs a \
+                         Hugging Face model folder with tokenizer.json",
+                        self.model
+                    ),
+                );
+            }
         }
+        at_least_1("data.eval_batch_size", d.eval_batch_size)?;
         Ok(())
     }
 
@@ -1050,8 +1131,57 @@ bogus = "ignored with the section"
             "0",
         );
         // Other tasks read their examples from files.
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         let mut cfg = RunConfig::default();
         (cfg.data.task, cfg.data.train_examples) = ("rte".into(), 0);
+        cfg.data.dir = Some(fixtures.join("data/glue/rte"));
+        cfg.model = fixtures.join("t5-v1_0-tiny").display().to_string();
+        cfg.validate(path()).unwrap();
+    }
+
+    #[test]
+    fn validate_text_tasks() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let text = |c: &mut RunConfig| {
+            c.data.task = "rte".into();
+            c.data.dir = Some(fixtures.join("data/glue/rte"));
+            c.model = fixtures.join("t5-v1_0-tiny").display().to_string();
+        };
+        let msg = invalid(|c| {
+            text(c);
+            c.data.task = "rtee".into();
+        });
+        assert!(msg.contains("`data.task`: unknown task \"rtee\"") && msg.contains("boolq"));
+        let msg = invalid(|c| {
+            text(c);
+            c.data.dir = None;
+        });
+        assert!(
+            msg.contains("`data.dir`: task \"rte\" reads files"),
+            "{msg}"
+        );
+        let msg = invalid(|c| {
+            text(c);
+            c.data.dir = Some(fixtures.join("nowhere"));
+        });
+        assert!(msg.contains("`data.dir`") && msg.contains("nowhere is not a folder"));
+        let msg = invalid(|c| {
+            text(c);
+            c.model = "llama-tiny".into();
+        });
+        assert!(
+            msg.contains("`model`: \"llama-tiny\" is a built-in shape"),
+            "{msg}"
+        );
+        assert_names(
+            &invalid(|c| c.data.eval_batch_size = 0),
+            "data.eval_batch_size",
+            "0",
+        );
+        // A custom task is a .toml path; the loader checks the file itself.
+        let mut cfg = RunConfig::default();
+        text(&mut cfg);
+        cfg.data.task = "custom/sentiment.toml".into();
         cfg.validate(path()).unwrap();
     }
 

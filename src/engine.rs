@@ -23,6 +23,8 @@ pub struct StepOutput {
     /// Flat decoder positions `b·Td + t` (T5), or flat positions `b·(P+T) + t` of the rows that
     /// predict a label (Llama).
     pub label_rows: Vec<usize>, // (M)
+    /// The cross-entropy of each label row.
+    pub label_losses: Vec<f64>, // (M)
     /// Prompt rows prepended to the text rows.
     pub prompt_rows: usize,
     pub inputs_embeds: Vec<f32>, // (B, P+T, C)
@@ -128,6 +130,27 @@ pub fn forward_loss<'m, B: Backend>(
 ) -> Result<f64> {
     let model = Model::of(model);
     Ok(step(be, model, method, batch, Pass::Forward)?.loss)
+}
+
+/// Each row's negative log-likelihood of its labels, `Σ_t −log p(label_t)` over the row's label
+/// positions (0 for a row without labels), forward only: the score of rank classification.
+pub fn label_nll<'m, B: Backend>(
+    be: &B,
+    model: &Backbone<B>,
+    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    batch: &HostBatch,
+) -> Result<Vec<f64>> {
+    let out = step(be, Model::of(model), method, batch, Pass::Forward)?;
+    // Label rows are flat positions of (B, width) grids: the decoder (T5) or prompt + input (Llama).
+    let width = match model {
+        Backbone::T5(_) => batch.dec_len,
+        Backbone::Llama(_) => out.prompt_rows + batch.enc_len,
+    };
+    let mut nll = vec![0.0; batch.batch]; // (B)
+    for (&row, &loss) in out.label_rows.iter().zip(&out.label_losses) {
+        nll[row / width] += loss;
+    }
+    Ok(nll)
 }
 
 /// [`t5_forward_backward`] for Llama: the batch is decoder-only (labels `(B, T)` aligned with
@@ -242,7 +265,7 @@ fn step<'m, B: Backend>(
     let p = method.as_ref().map_or(0, |m| m.prompt_rows());
     let (inputs_embeds, mask) = encoder_inputs(be, &model, method.as_deref_mut(), batch)?;
     let forward_range = nvtx_range("forward");
-    let (loss, logits, label_rows, saved) = match model {
+    let (loss, logits, label_rows, label_losses, saved) = match model {
         Model::T5(m) => {
             let t5_batch = T5Batch::<B> {
                 inputs_embeds: &inputs_embeds,
@@ -254,7 +277,13 @@ fn step<'m, B: Backend>(
                 dec_len: batch.dec_len,
             };
             let (out, saved) = m.forward(be, &t5_batch)?;
-            (out.loss, out.logits, out.label_rows, Saved::T5(saved))
+            (
+                out.loss,
+                out.logits,
+                out.label_rows,
+                out.row_losses,
+                Saved::T5(saved),
+            )
         }
         Model::Llama(m) => {
             if batch.labels.len() != b * t || batch.dec_len != 0 {
@@ -279,7 +308,13 @@ fn step<'m, B: Backend>(
                 len: p + t,
             };
             let (out, saved) = m.forward(be, &llama_batch)?;
-            (out.loss, out.logits, out.label_rows, Saved::Llama(saved))
+            (
+                out.loss,
+                out.logits,
+                out.label_rows,
+                out.row_losses,
+                Saved::Llama(saved),
+            )
         }
     };
     drop(forward_range);
@@ -289,6 +324,7 @@ fn step<'m, B: Backend>(
         loss,
         logits: Vec::new(),
         label_rows: label_rows.clone(),
+        label_losses: label_losses.clone(),
         prompt_rows: p,
         inputs_embeds: Vec::new(),
         encoder_out: Vec::new(),
@@ -323,6 +359,7 @@ fn step<'m, B: Backend>(
         loss,
         logits: be.download_f32(&logits),
         label_rows,
+        label_losses,
         prompt_rows: p,
         inputs_embeds: be.download_f32(&inputs_embeds),
         encoder_out,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod fsutil;
 pub mod model;
 pub mod prompt;

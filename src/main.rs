@@ -22,13 +22,16 @@ use fastpt::engine::{build_backbone_method, forward_backward, StepOutput};
 use fastpt::fsutil::write_file_atomic;
 use fastpt::model::hf::{load_tokenizer, save_safetensors, TensorData};
 use fastpt::model::llama::llama_tensor_specs;
-use fastpt::model::shapes::{llama_shape, t5_shape, LLAMA_SHAPES, T5_SHAPES};
+use fastpt::model::shapes::{is_builtin_shape, llama_shape, t5_shape, LLAMA_SHAPES, T5_SHAPES};
 use fastpt::model::t5::t5_tensor_specs;
 use fastpt::model::{load_model, random_model, Backbone};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
 use fastpt::prompt::{train_params, MethodConfig};
 use fastpt::train::report::{write_bars_svg, write_line_svg};
-use fastpt::train::trainer::{train, Stopped, TrainOptions, DEFAULT_RUN_TOML};
+use fastpt::train::trainer::{
+    evaluate_run, export_run, metrics_line, train, RunParams, Stopped, TrainOptions,
+    DEFAULT_RUN_TOML,
+};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +49,11 @@ enum Command {
     /// Train a prompt method. Without --config: the embedded default (EPT-MS on the built-in
     /// t5-tiny shape with random weights, on a built-in synthetic task).
     Run(TrainArgs),
+    /// Evaluate a finished run folder on its task's dev or test set (metrics and predictions).
+    Eval(EvalArgs),
+    /// Export a finished run's prompt: prompt.safetensors, export.json and, for methods whose
+    /// result is a plain prompt, a PEFT prompt-tuning adapter folder.
+    Export(ExportArgs),
     /// One forward + backward of a built-in T5 shape (random weights) on a built-in batch,
     /// printing loss, gradient norm and timing.
     Step(RunArgs),
@@ -63,6 +71,35 @@ enum Command {
     /// Print the Hugging Face config.json of a built-in shape (for transformers; see
     /// tools/peft_baseline.py).
     Shape(ShapeArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The run folder (config.toml, best.safetensors / method.safetensors).
+    run: PathBuf,
+    #[arg(long, default_value = "test", value_parser = ["dev", "test"])]
+    split: String,
+    /// best: keep-best's parameters (best.safetensors, else the last); last: method.safetensors.
+    #[arg(long, default_value = "best", value_parser = ["best", "last"])]
+    params: String,
+    /// Predictions by greedy generation or rank classification (default: the run's `data.eval`).
+    #[arg(long, value_parser = ["generate", "rank"])]
+    mode: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The run folder.
+    run: PathBuf,
+    /// Where to write the export (created).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "best", value_parser = ["best", "last"])]
+    params: String,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -192,6 +229,17 @@ struct TrainArgs {
     /// A Hugging Face T5 folder or a built-in shape (same as `--set model=DIR`).
     #[arg(long)]
     model: Option<String>,
+    /// The task (same as `--set data.task=NAME`): a GLUE / SuperGLUE name (rte, boolq, ...),
+    /// a custom task's .toml file, or synthetic.
+    #[arg(long)]
+    task: Option<String>,
+    /// The task's data folder (same as `--set data.dir=DIR`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Start PT's prompt from a PEFT prompt-tuning adapter folder (adapter_config.json +
+    /// adapter_model.safetensors), e.g. the export/adapter of another run.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// Continue the run in out_dir from its checkpoint.
     #[arg(long)]
     resume: bool,
@@ -340,6 +388,8 @@ macro_rules! with_backend {
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => with_backend!(&args.device, |be| train_cmd(be, &args)),
+        Command::Eval(args) => with_backend!(&args.device, |be| eval_cmd(be, &args)),
+        Command::Export(args) => with_backend!(&args.device, |be| export_cmd(be, &args)),
         Command::Step(args) => with_backend!(&args.device, |be| run(be, &args)),
         Command::Params(args) => params(&args),
         Command::Forward(args) => with_backend!(&args.device, |be| forward(be, &args)),
@@ -436,6 +486,12 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
     if let Some(quant) = &args.quant {
         overrides.push(format!("quant={quant:?}"));
     }
+    if let Some(task) = &args.task {
+        overrides.push(format!("data.task={task:?}"));
+    }
+    if let Some(dir) = &args.data {
+        overrides.push(format!("data.dir={:?}", dir.display().to_string()));
+    }
     let (mut cfg, source) = match &args.config {
         Some(path) => (RunConfig::from_file(path, &overrides)?, path.clone()),
         None => {
@@ -447,7 +503,7 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
         }
     };
     cfg.validate(&source)?;
-    let random = T5_SHAPES.contains(&cfg.model.as_str());
+    let random = is_builtin_shape(&cfg.model);
     if args.config.is_none() && !args.resume && !overrides.iter().any(|o| o.starts_with("out_dir"))
     {
         // The embedded default never refuses to start: each run gets its own folder.
@@ -457,7 +513,8 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
         println!(
             "fastpt run: the backbone is the built-in `{}` shape with RANDOM weights (seed {}): the \
              numbers below show the engine working, not a trained model. To prompt-tune a real \
-             model: fastpt run --config examples/ept.toml --model DIR (a Hugging Face T5 folder).",
+             model: fastpt run --config examples/ept.toml --model DIR --task rte --data DIR \
+             (a Hugging Face T5 or Llama folder, a GLUE / SuperGLUE task's files).",
             cfg.model, cfg.seed
         );
     }
@@ -478,6 +535,7 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
         resume: args.resume,
         interrupt: &INTERRUPT,
         progress: true,
+        init_from: args.init_from.as_deref(),
     };
     let out = train(be, &cfg, &opts)?;
     let first = out.losses.first().map(|l| l.1).unwrap_or(f64::NAN);
@@ -495,13 +553,73 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
         out.tokens_per_second,
         mean(&out.losses[out.losses.len() - tail..]),
     );
-    if let Some((step, loss)) = out.best {
-        println!("best dev loss {loss:.4} at step {step} (best.safetensors)");
+    let text_task = !cfg.data.is_synthetic();
+    match out.best {
+        Some((step, score)) if text_task => println!(
+            "best dev score {:.2} at step {step} (best.safetensors: the mean of the task's metrics)",
+            score * 100.0
+        ),
+        Some((step, loss)) => println!("best dev loss {loss:.4} at step {step} (best.safetensors)"),
+        None => {}
     }
+    for split in ["dev", "test"] {
+        let metrics: std::collections::BTreeMap<String, f64> = out
+            .eval
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(&format!("{split}_"))?.to_string(), *v)))
+            .collect();
+        if !metrics.is_empty() {
+            println!("{split}: {}", metrics_line(&metrics));
+        }
+    }
+    if out.stopped == Stopped::Finished {
+        println!(
+            "wrote {}: report.json, loss.svg, config.toml, checkpoint.safetensors, \
+             method.safetensors, export/{}",
+            out.run_dir.display(),
+            if text_task { ", predictions.jsonl" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn run_params(name: &str) -> RunParams {
+    match name {
+        "last" => RunParams::Last,
+        _ => RunParams::Best,
+    }
+}
+
+fn eval_cmd<B: Backend + 'static>(be: &B, args: &EvalArgs) -> Result<()> {
+    let mode = args.mode.as_deref().map(str::parse).transpose()?;
+    let (ev, params) = evaluate_run(be, &args.run, run_params(&args.params), &args.split, mode)?;
     println!(
-        "wrote {}: report.json, loss.svg, config.toml, checkpoint.safetensors, method.safetensors",
-        out.run_dir.display()
+        "{} on {} ({} examples, {:.1} s, parameters {}): {}",
+        args.run.display(),
+        args.split,
+        ev.predictions.len(),
+        ev.seconds,
+        params.display(),
+        metrics_line(&ev.metrics)
     );
+    let path = args.run.join(format!("eval-{}.json", args.split));
+    write_file_atomic(
+        &path,
+        serde_json::to_string_pretty(&ev)?.as_bytes(),
+        &mut || Ok(()),
+    )?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn export_cmd<B: Backend + 'static>(be: &B, args: &ExportArgs) -> Result<()> {
+    let exported = export_run(be, &args.run, run_params(&args.params), &args.out)?;
+    for f in &exported.files {
+        println!("wrote {}", f.display());
+    }
+    if let Some(note) = &exported.note {
+        println!("{note}");
+    }
     Ok(())
 }
 

@@ -4,20 +4,12 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
+use common::fastpt;
+
 use fastpt::model::hf::read_all_f64;
 use fastpt::testing::{fixture, rel_err};
-
-fn fastpt(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fastpt"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// `fastpt forward --model MODEL --batch BATCH --out OUT`.
 fn forward(model: &Path, batch: &Path, out: &Path) -> (bool, String, String) {

@@ -24,6 +24,7 @@ fn run(cfg: &RunConfig, resume: bool, interrupt: bool) -> fastpt::Result<Outcome
         resume,
         interrupt: &flag,
         progress: false,
+        init_from: None,
     };
     train(&CpuBackend::<f32>::new(), cfg, &opts)
 }

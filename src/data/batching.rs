@@ -25,6 +25,8 @@ pub struct Batcher<'a> {
     pad: i32,
     eos: i32,
     decoder_start: i32,
+    /// Decoder-only batches (Llama): input and target in one row, see [`HostBatch::causal_from_ids`].
+    causal: bool,
 }
 
 /// Batches of similar length are formed inside windows of this many batches (then the batches
@@ -56,7 +58,14 @@ impl<'a> Batcher<'a> {
             pad,
             eos,
             decoder_start,
+            causal: false,
         }
+    }
+
+    /// Batches for a decoder-only model: each row is its input followed by its target.
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
     }
 
     /// The order of the examples in `epoch`: a seeded shuffle, grouped by input length in
@@ -128,7 +137,11 @@ impl<'a> Batcher<'a> {
             .iter()
             .filter(|e| e.input.len() > self.max_len || e.target.len() > self.max_target_len)
             .count();
-        let batch = HostBatch::from_ids(&inputs, &targets, self.pad, self.decoder_start);
+        let batch = if self.causal {
+            HostBatch::causal_from_ids(&inputs, &targets, self.pad)
+        } else {
+            HostBatch::from_ids(&inputs, &targets, self.pad, self.decoder_start)
+        };
         (batch, truncated_rows)
     }
 }
@@ -216,6 +229,22 @@ mod tests {
             panic!("ids")
         };
         assert_eq!(&ids[9 * 5..], &[5, 6, 7, 8, 1]);
+    }
+
+    #[test]
+    fn causal_batches_hold_input_then_target_with_labels_on_the_target() {
+        let ex = examples();
+        let b = Batcher::new(&ex, 2, 100, 100, false, 0, (0, 1, 0)).causal(true);
+        let (batch, _) = b.pad(&[&ex[0], &ex[1]]);
+        // Row 0: input 5 6 7 1, target 7 1; row 1: input 5 6 7 8 1, target 8 1 (T = 7).
+        assert_eq!((batch.enc_len, batch.dec_len), (7, 0));
+        let EncoderInput::Ids(ids) = &batch.input else {
+            panic!("ids")
+        };
+        assert_eq!(&ids[..7], &[5, 6, 7, 1, 7, 1, 0]);
+        assert_eq!(&batch.labels[..7], &[-100, -100, -100, -100, 7, 1, -100]);
+        assert_eq!(&batch.labels[7..], &[-100, -100, -100, -100, -100, 8, 1]);
+        assert!(batch.decoder_input_ids.is_empty());
     }
 
     #[test]

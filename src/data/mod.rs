@@ -2,7 +2,10 @@
 
 pub mod batch_json;
 pub mod batching;
+pub mod readers;
 pub mod synthetic;
+pub mod tasks;
+pub mod tokenize;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

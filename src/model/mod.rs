@@ -124,6 +124,8 @@ pub struct ModelOutput<B: Backend> {
     /// T5: the flat decoder positions `b·Td + t` that carry a label. Llama: the flat positions
     /// `b·T + t` whose next token `labels[b, t + 1]` is a label.
     pub label_rows: Vec<usize>, // (M)
+    /// The cross-entropy of each label row (rank classification sums them per example).
+    pub row_losses: Vec<f64>, // (M)
 }
 
 /// The input and saved `1/rms` of one RMSNorm, for its backward.
@@ -180,11 +182,13 @@ pub(crate) fn label_rows_loss<B: Backend>(
         m,
         v,
     );
-    let loss = be.download_f64(&losses).iter().sum::<f64>() / m as f64;
+    let row_losses = be.download_f64(&losses);
+    let loss = row_losses.iter().sum::<f64>() / m as f64;
     let output = ModelOutput {
         loss,
         logits,
         label_rows: rows,
+        row_losses,
     };
     let saved = LossSaved {
         rows: rows_idx,

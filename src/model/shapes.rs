@@ -13,6 +13,11 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::model::config::{FeedForward, LlamaConfig, RopeScaling, T5Config};
 
+/// Whether `name` is a built-in shape (T5 or Llama) rather than a model folder.
+pub fn is_builtin_shape(name: &str) -> bool {
+    T5_SHAPES.contains(&name) || LLAMA_SHAPES.contains(&name)
+}
+
 /// The built-in T5 shapes, by name.
 pub const T5_SHAPES: &[&str] = &[
     "t5-tiny",

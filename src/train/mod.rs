@@ -1,6 +1,7 @@
 //! Training: AdamW with learning-rate groups, schedules, checkpoints, reports, the trainer loop.
 
 pub mod checkpoint;
+pub mod export;
 pub mod optim;
 pub mod report;
 pub mod schedule;

@@ -7,6 +7,7 @@
 //! moments and step, and the data position (epoch, cursor) — the data order is a function of
 //! the seed and the epoch, and the steps themselves are deterministic, so nothing else is needed.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,21 +16,24 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, OptimTensor, TrainState};
+use super::export::{export_prompt, init_from_adapter, BackboneKind, ExportInfo, Exported};
 use super::optim::Optimizer;
 use super::report::{peak_rss_bytes, write_loss_svg, Report, StepRecord};
 use super::schedule::lr_factor;
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::data::batching::{Batcher, Position};
+use crate::data::tasks::{load_custom_task, load_task, TaskData, TextExample};
+use crate::data::tokenize::TextCodec;
 use crate::data::{synthetic, Example, HostBatch};
-use crate::engine::{build_t5_method, t5_forward_backward, t5_loss};
+use crate::engine::{build_backbone_method, forward_loss, train_step};
 use crate::error::{Error, Result};
+use crate::eval::{evaluate, EvalMode, EvalOptions, Evaluation};
 use crate::fsutil::write_file_atomic;
 use crate::model::hf::load_tokenizer;
-use crate::model::shapes::T5_SHAPES;
-use crate::model::t5::T5;
-use crate::model::{load_t5, random_t5};
-use crate::prompt::{save_params, train_params, zero_grads, PromptMethod};
+use crate::model::shapes::is_builtin_shape;
+use crate::model::{load_model, random_model, Backbone};
+use crate::prompt::{load_params, save_params, train_params, zero_grads, PromptMethod};
 
 /// The run config of `fastpt run` without `--config` (src/train/default_run.toml).
 pub const DEFAULT_RUN_TOML: &str = include_str!("default_run.toml");
@@ -51,7 +55,13 @@ pub struct Outcome {
     pub losses: Vec<(u64, f64)>,
     /// (step, dev loss) of each evaluation.
     pub dev_losses: Vec<(u64, f64)>,
+    /// (step, mean of the dev metrics) of each evaluation of a text task.
+    pub dev_scores: Vec<(u64, f64)>,
+    /// (step, value) of the kept parameters: the mean of the dev metrics (a text task), or the
+    /// dev loss (the synthetic task).
     pub best: Option<(u64, f64)>,
+    /// What report.json's `eval` holds (final dev/test metrics of a text task).
+    pub eval: BTreeMap<String, f64>,
     pub tokens_per_second: f64,
     pub seconds: f64,
 }
@@ -64,11 +74,8 @@ pub struct TrainOptions<'a> {
     pub interrupt: &'a AtomicBool,
     /// Show a progress bar (only when stdout is a terminal).
     pub progress: bool,
-}
-
-/// Whether `model` names a built-in shape rather than a folder.
-fn is_builtin_shape(model: &str) -> bool {
-    T5_SHAPES.contains(&model)
+    /// A PEFT prompt-tuning adapter folder whose rows start a PT method (a warm start).
+    pub init_from: Option<&'a Path>,
 }
 
 /// A short hash of the effective config: a resume must continue the same run.
@@ -86,72 +93,107 @@ fn batch_tokens(batch: &HostBatch) -> u64 {
     (inputs + labels) as u64
 }
 
-/// The examples of the configured task: (train, dev).
-fn task_examples(
-    cfg: &RunConfig,
-    model_vocab: usize,
-    eos: i32,
-) -> Result<(Vec<Example>, Vec<Example>)> {
-    match cfg.data.task.as_str() {
-        "synthetic" => Ok((
-            synthetic::keyword_task(cfg.data.train_examples, model_vocab, eos, cfg.seed),
-            synthetic::keyword_task(
-                cfg.data.dev_examples,
-                model_vocab,
-                eos,
-                cfg.seed.wrapping_add(1),
+/// The examples of a run: token ids to train on and to compute the dev loss with, and for a
+/// text task the texts its metrics are computed on.
+struct RunData {
+    train: Vec<Example>,
+    dev: Vec<Example>,
+    text: Option<TextTask>,
+}
+
+/// A GLUE / SuperGLUE / custom task with the model's tokenizer.
+struct TextTask {
+    codec: TextCodec,
+    task: TaskData,
+}
+
+impl TextTask {
+    /// The task's metrics on `examples` (one of its splits) with `method`'s prompt.
+    fn evaluate<B: Backend>(
+        &self,
+        be: &B,
+        model: &Backbone<B>,
+        method: &mut dyn PromptMethod<B>,
+        examples: &[TextExample],
+        opts: &EvalOptions,
+    ) -> Result<Evaluation> {
+        evaluate(
+            be,
+            model,
+            Some(method),
+            &self.codec,
+            &self.task.spec,
+            examples,
+            opts,
+        )
+    }
+}
+
+/// Loads (or generates) the configured task for `model`.
+fn run_data<B: Backend>(be_model: &Backbone<B>, cfg: &RunConfig) -> Result<RunData> {
+    let d = &cfg.data;
+    if d.is_synthetic() {
+        let (vocab, eos) = match be_model {
+            Backbone::T5(m) => (m.cfg.vocab_size, m.cfg.eos_token_id as i32),
+            Backbone::Llama(m) => (
+                m.cfg.vocab_size,
+                m.cfg.eos_token_ids.first().copied().unwrap_or(2) as i32,
             ),
-        )),
-        other => Err(Error::Input(format!(
-            "data.task = {other:?}: only the built-in \"synthetic\" task exists so far (GLUE / \
-             SuperGLUE readers come with the tasks issue)"
-        ))),
+        };
+        return Ok(RunData {
+            train: synthetic::keyword_task(d.train_examples, vocab, eos, cfg.seed),
+            dev: synthetic::keyword_task(d.dev_examples, vocab, eos, cfg.seed.wrapping_add(1)),
+            text: None,
+        });
     }
-}
-
-/// Mean loss over the dev examples, forward only.
-fn dev_loss<B: Backend>(
-    be: &B,
-    model: &T5<B>,
-    method: &mut dyn PromptMethod<B>,
-    batcher: &Batcher<'_>,
-    dev: &[Example],
-) -> Result<f64> {
-    let (mut sum, mut n) = (0.0, 0usize);
-    for chunk in dev.chunks(32) {
-        let rows: Vec<&Example> = chunk.iter().collect();
-        let (batch, _) = batcher.pad(&rows);
-        sum += t5_loss(be, model, Some(method), &batch)? * chunk.len() as f64;
-        n += chunk.len();
-    }
-    Ok(sum / n.max(1) as f64)
-}
-
-/// Trains the method of `cfg` and writes the run folder. Returns when the configured steps are
-/// done or an interrupt was requested; a NaN or infinite loss is an error naming the step (the
-/// last checkpoint on disk is kept).
-pub fn train<B: Backend + 'static>(
-    be: &B,
-    cfg: &RunConfig,
-    opts: &TrainOptions<'_>,
-) -> Result<Outcome> {
-    let tc = &cfg.train;
-    let out_dir = cfg.out_dir.clone();
-    let ckpt_path = out_dir.join("checkpoint.safetensors");
-    if !opts.resume && ckpt_path.exists() {
-        return Err(Error::Input(format!(
-            "{} holds a checkpoint from an earlier run: continue it with --resume, or choose \
-             another out_dir (nothing was overwritten)",
-            out_dir.display()
-        )));
-    }
-    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
-
-    // Model, tokenizer, method.
-    let model = if is_builtin_shape(&cfg.model) {
-        random_t5(be, &cfg.model, cfg.seed, cfg.quant)?
+    let dir = d.dir.as_deref().ok_or_else(|| {
+        Error::config(
+            "<run config>",
+            "data.dir",
+            "a text task needs its data folder",
+        )
+    })?;
+    let task = if d.task.ends_with(".toml") {
+        load_custom_task(Path::new(&d.task), dir, &d.task_options())?
     } else {
-        load_t5(be, Path::new(&cfg.model), cfg.quant)?
+        load_task(&d.task, dir, &d.task_options())?
+    };
+    for (split, examples) in [
+        ("train", &task.train),
+        ("dev", &task.dev),
+        ("test", &task.test),
+    ] {
+        if examples.is_empty() {
+            return Err(Error::Input(format!(
+                "task {} in {}: the {split} split is empty",
+                task.spec.name,
+                dir.display()
+            )));
+        }
+    }
+    let codec = TextCodec::load(Path::new(&cfg.model), be_model)?;
+    Ok(RunData {
+        train: codec.examples("train", &task.train)?,
+        dev: codec.examples("dev", &task.dev)?,
+        text: Some(TextTask { codec, task }),
+    })
+}
+
+/// Everything a run folder's config builds: the model, the method, the data.
+struct Setup<B: Backend> {
+    model: Backbone<B>,
+    method: Box<dyn PromptMethod<B>>,
+    data: RunData,
+}
+
+/// Builds the model (a built-in shape with random weights, or a Hugging Face folder), the
+/// method (its `text` init uses the folder's tokenizer) and the data of `cfg`.
+fn setup<B: Backend + 'static>(be: &B, cfg: &RunConfig) -> Result<Setup<B>> {
+    let tc = &cfg.train;
+    let model = if is_builtin_shape(&cfg.model) {
+        random_model(be, &cfg.model, cfg.seed, cfg.quant)?
+    } else {
+        load_model(be, Path::new(&cfg.model), cfg.quant)?
     };
     let tokenizer = match Path::new(&cfg.model).join("tokenizer.json").exists() {
         true => Some(load_tokenizer(Path::new(&cfg.model))?),
@@ -168,26 +210,125 @@ pub fn train<B: Backend + 'static>(
     };
     let tokenize_ref: Option<&crate::prompt::Tokenize<'_>> =
         tokenizer.as_ref().map(|_| &tokenize as _);
-    cfg.method.validate(model.cfg.d_model, tc.max_len)?;
-    let mut method = build_t5_method(be, &model, &cfg.method, tc.max_len, cfg.seed, tokenize_ref)?;
-    let mut opt = Optimizer::new(be, method.as_ref(), tc);
+    cfg.method.validate(model_width(&model), tc.max_len)?;
+    let method =
+        build_backbone_method(be, &model, &cfg.method, tc.max_len, cfg.seed, tokenize_ref)?;
+    let data = run_data(&model, cfg)?;
+    Ok(Setup {
+        model,
+        method,
+        data,
+    })
+}
 
-    // Data.
-    let (pad, eos, start) = (
-        model.cfg.pad_token_id as i32,
-        model.cfg.eos_token_id as i32,
-        model.cfg.decoder_start_token_id as i32,
-    );
-    let (train_set, dev_set) = task_examples(cfg, model.cfg.vocab_size, eos)?;
-    let batcher = Batcher::new(
-        &train_set,
+fn model_width<B: Backend>(model: &Backbone<B>) -> usize {
+    match model {
+        Backbone::T5(m) => m.cfg.d_model,
+        Backbone::Llama(m) => m.cfg.hidden_size,
+    }
+}
+
+/// A batcher over `examples` with the run's lengths and the model's special ids.
+fn run_batcher<'a, B: Backend>(
+    model: &Backbone<B>,
+    examples: &'a [Example],
+    cfg: &RunConfig,
+) -> Batcher<'a> {
+    let tc = &cfg.train;
+    let (ids, causal) = match model {
+        Backbone::T5(m) => (
+            (
+                m.cfg.pad_token_id as i32,
+                m.cfg.eos_token_id as i32,
+                m.cfg.decoder_start_token_id as i32,
+            ),
+            false,
+        ),
+        Backbone::Llama(m) => {
+            let eos = m.cfg.eos_token_ids.first().copied().unwrap_or(2);
+            (
+                (m.cfg.pad_token_id.unwrap_or(eos) as i32, eos as i32, 0),
+                true,
+            )
+        }
+    };
+    Batcher::new(
+        examples,
         tc.batch_size,
         tc.max_len,
         tc.max_target_len,
         tc.group_by_length,
         cfg.seed,
-        (pad, eos, start),
-    );
+        ids,
+    )
+    .causal(causal)
+}
+
+/// Mean loss over the dev examples, forward only.
+fn dev_loss<B: Backend>(
+    be: &B,
+    model: &Backbone<B>,
+    method: &mut dyn PromptMethod<B>,
+    batcher: &Batcher<'_>,
+    dev: &[Example],
+) -> Result<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in dev.chunks(32) {
+        let rows: Vec<&Example> = chunk.iter().collect();
+        let (batch, _) = batcher.pad(&rows);
+        sum += forward_loss(be, model, Some(method), &batch)? * chunk.len() as f64;
+        n += chunk.len();
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// The evaluation settings of a run.
+fn eval_options(cfg: &RunConfig) -> EvalOptions {
+    EvalOptions {
+        mode: cfg.data.eval,
+        batch_size: cfg.data.eval_batch_size,
+        max_len: cfg.train.max_len,
+        max_new_tokens: cfg.train.max_target_len,
+    }
+}
+
+/// Trains the method of `cfg` and writes the run folder. Returns when the configured steps are
+/// done or an interrupt was requested; a NaN or infinite loss is an error naming the step (the
+/// last checkpoint on disk is kept).
+///
+/// Keep-best: every `eval_every` steps the dev set is evaluated; a text task keeps the
+/// parameters with the best mean of its metrics (higher is better), the synthetic task those
+/// with the lowest dev loss, in `best.safetensors`. At the end a text task's best parameters
+/// are evaluated on the whole dev and test sets (report.json `eval`, predictions.jsonl), and
+/// the prompt they give is exported to `export/` (PEFT adapter where the method allows).
+pub fn train<B: Backend + 'static>(
+    be: &B,
+    cfg: &RunConfig,
+    opts: &TrainOptions<'_>,
+) -> Result<Outcome> {
+    let tc = &cfg.train;
+    let out_dir = cfg.out_dir.clone();
+    let ckpt_path = out_dir.join("checkpoint.safetensors");
+    if !opts.resume && ckpt_path.exists() {
+        return Err(Error::Input(format!(
+            "{} holds a checkpoint from an earlier run: continue it with --resume, or choose \
+             another out_dir (nothing was overwritten)",
+            out_dir.display()
+        )));
+    }
+    // Everything is loaded and checked before the run folder is touched.
+    let Setup {
+        model,
+        mut method,
+        data,
+    } = setup(be, cfg)?;
+    if let Some(dir) = opts.init_from {
+        init_from_adapter(be, method.as_mut(), dir)?;
+    }
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    let mut opt = Optimizer::new(be, method.as_ref(), tc);
+    let batcher = run_batcher(&model, &data.train, cfg);
+    let dev_batcher = run_batcher(&model, &data.dev, cfg);
 
     // The effective config, echoed into the run folder and hashed for resume checks.
     let config_text = cfg.to_toml_string();
@@ -240,8 +381,10 @@ pub fn train<B: Backend + 'static>(
         ProgressBar::hidden()
     };
 
+    let eval_opts = eval_options(cfg);
     let mut records: Vec<StepRecord> = Vec::new();
     let mut dev_losses = Vec::new();
+    let mut dev_scores = Vec::new();
     let mut truncated_rows = 0u64;
     let mut tokens_total = 0u64;
     let run_start = Instant::now();
@@ -260,7 +403,7 @@ pub fn train<B: Backend + 'static>(
             pos = next;
             truncated_rows += truncated as u64;
             tokens += batch_tokens(&batch);
-            loss_sum += t5_forward_backward(be, &model, Some(method.as_mut()), &batch)?.loss;
+            loss_sum += train_step(be, &model, Some(method.as_mut()), &batch)?;
         }
         let loss = loss_sum / tc.grad_accum as f64;
         if !loss.is_finite() {
@@ -294,10 +437,33 @@ pub fn train<B: Backend + 'static>(
         ));
 
         if tc.eval_every > 0 && step.is_multiple_of(tc.eval_every as u64) {
-            let dl = dev_loss(be, &model, method.as_mut(), &batcher, &dev_set)?;
+            let dl = dev_loss(be, &model, method.as_mut(), &dev_batcher, &data.dev)?;
             dev_losses.push((step, dl));
-            if state.best_metric.is_none_or(|best| dl < best) {
-                state.best_metric = Some(dl);
+            // A text task keeps the highest mean of its metrics, the synthetic task the lowest
+            // dev loss.
+            let value = match &data.text {
+                Some(t) => {
+                    let cap = match cfg.data.max_eval_examples {
+                        0 => t.task.dev.len(),
+                        n => n.min(t.task.dev.len()),
+                    };
+                    let ev =
+                        t.evaluate(be, &model, method.as_mut(), &t.task.dev[..cap], &eval_opts)?;
+                    dev_scores.push((step, ev.score));
+                    bar.println(format!(
+                        "step {step}: dev loss {dl:.4}, dev {}",
+                        metrics_line(&ev.metrics)
+                    ));
+                    ev.score
+                }
+                None => dl,
+            };
+            let better = |best: f64| match data.text {
+                Some(_) => value > best,
+                None => value < best,
+            };
+            if state.best_metric.is_none_or(better) {
+                state.best_metric = Some(value);
                 state.best_step = Some(step);
                 save_params(be, method.as_ref(), &out_dir.join("best.safetensors"))?;
             }
@@ -318,6 +484,21 @@ pub fn train<B: Backend + 'static>(
         }
     }
     bar.finish_and_clear();
+    let seconds = run_start.elapsed().as_secs_f64();
+    let tokens_per_second = tokens_total as f64 / seconds.max(1e-9);
+    let mut eval = BTreeMap::new();
+    if let (Some(best), Some(step)) = (state.best_metric, state.best_step) {
+        let key = if data.text.is_some() {
+            "best_dev_score"
+        } else {
+            "best_dev_loss"
+        };
+        eval.insert(key.to_string(), best);
+        eval.insert("best_step".to_string(), step as f64);
+    }
+    if let Some(&(_, last)) = dev_losses.last() {
+        eval.insert("last_dev_loss".to_string(), last);
+    }
     if stopped == Stopped::Finished {
         save_checkpoint(
             &ckpt_path,
@@ -325,18 +506,33 @@ pub fn train<B: Backend + 'static>(
             &state,
         )?;
         save_params(be, method.as_ref(), &out_dir.join("method.safetensors"))?;
+        // The final evaluation and the export use the best parameters when there are any.
+        let best = out_dir.join("best.safetensors");
+        if state.best_step.is_some() && best.exists() {
+            load_params(be, method.as_mut(), &best)?;
+        }
+        if let Some(t) = &data.text {
+            for (split, examples) in [("dev", &t.task.dev), ("test", &t.task.test)] {
+                let ev = t.evaluate(be, &model, method.as_mut(), examples, &eval_opts)?;
+                for (name, value) in &ev.metrics {
+                    eval.insert(format!("{split}_{name}"), *value);
+                }
+                eval.insert(format!("{split}_score"), ev.score);
+                if split == "test" {
+                    write_predictions(&out_dir.join("predictions.jsonl"), examples, &ev)?;
+                }
+            }
+        }
+        let info = ExportInfo {
+            kind: match model {
+                Backbone::T5(_) => BackboneKind::T5,
+                Backbone::Llama(_) => BackboneKind::Llama,
+            },
+            base_model: Some(&cfg.model),
+        };
+        export_prompt(be, method.as_mut(), &info, &out_dir.join("export"))?;
     }
 
-    let seconds = run_start.elapsed().as_secs_f64();
-    let tokens_per_second = tokens_total as f64 / seconds.max(1e-9);
-    let mut eval = std::collections::BTreeMap::new();
-    if let (Some(best), Some(step)) = (state.best_metric, state.best_step) {
-        eval.insert("best_dev_loss".to_string(), best);
-        eval.insert("best_step".to_string(), step as f64);
-    }
-    if let Some(&(_, last)) = dev_losses.last() {
-        eval.insert("last_dev_loss".to_string(), last);
-    }
     let report = Report {
         config: toml_to_json(&config_text),
         backend: be.name(),
@@ -348,7 +544,7 @@ pub fn train<B: Backend + 'static>(
         tokens_per_second,
         peak_memory_bytes: peak_rss_bytes().unwrap_or(0),
         truncated_rows,
-        eval,
+        eval: eval.clone(),
         stopped: match stopped {
             Stopped::Finished => "finished".into(),
             Stopped::Interrupted => "interrupted".into(),
@@ -364,10 +560,121 @@ pub fn train<B: Backend + 'static>(
         stopped,
         losses: state.losses,
         dev_losses,
+        dev_scores,
         best: state.best_step.zip(state.best_metric),
+        eval,
         tokens_per_second,
         seconds,
     })
+}
+
+/// `name value` pairs, values as percentages (as the papers print them).
+pub fn metrics_line(metrics: &BTreeMap<String, f64>) -> String {
+    metrics
+        .iter()
+        .map(|(k, v)| format!("{k} {:.2}", v * 100.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One JSON line per example: input, target and prediction.
+fn write_predictions(path: &Path, examples: &[TextExample], ev: &Evaluation) -> Result<()> {
+    let mut text = String::new();
+    for (ex, pred) in examples.iter().zip(&ev.predictions) {
+        let line = serde_json::json!({
+            "input": ex.input,
+            "target": ex.target,
+            "prediction": pred,
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    write_file_atomic(path, text.as_bytes(), &mut || Ok(()))
+}
+
+/// Which parameters of a run folder to evaluate or export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunParams {
+    /// best.safetensors (keep-best), else method.safetensors.
+    Best,
+    /// method.safetensors: the parameters after the last step.
+    Last,
+}
+
+/// A finished run folder's model and method with the chosen parameters loaded.
+fn open_run<B: Backend + 'static>(
+    be: &B,
+    run_dir: &Path,
+    params: RunParams,
+) -> Result<(RunConfig, Setup<B>, PathBuf)> {
+    let config_path = run_dir.join("config.toml");
+    let cfg = RunConfig::from_file(&config_path, &[])?;
+    let mut s = setup(be, &cfg)?;
+    let best = run_dir.join("best.safetensors");
+    let path = match params {
+        RunParams::Best if best.exists() => best,
+        _ => run_dir.join("method.safetensors"),
+    };
+    if !path.exists() {
+        return Err(Error::Input(format!(
+            "{}: no trained parameters (the run did not finish: resume it first)",
+            path.display()
+        )));
+    }
+    load_params(be, s.method.as_mut(), &path)?;
+    Ok((cfg, s, path))
+}
+
+/// `fastpt eval`: evaluates a run folder's parameters on its task's `split` (dev or test),
+/// optionally with another evaluation mode. Returns the evaluation and the parameter file used.
+pub fn evaluate_run<B: Backend + 'static>(
+    be: &B,
+    run_dir: &Path,
+    params: RunParams,
+    split: &str,
+    mode: Option<EvalMode>,
+) -> Result<(Evaluation, PathBuf)> {
+    let (cfg, mut s, path) = open_run(be, run_dir, params)?;
+    let Some(t) = &s.data.text else {
+        return Err(Error::Input(format!(
+            "{}: the run's task is {:?}, which has no metrics (only a dev loss)",
+            run_dir.display(),
+            cfg.data.task
+        )));
+    };
+    let examples = match split {
+        "dev" => &t.task.dev,
+        "test" => &t.task.test,
+        other => {
+            return Err(Error::Input(format!(
+                "unknown split {other:?}: dev or test"
+            )))
+        }
+    };
+    let mut opts = eval_options(&cfg);
+    if let Some(mode) = mode {
+        opts.mode = mode;
+    }
+    let ev = t.evaluate(be, &s.model, s.method.as_mut(), examples, &opts)?;
+    Ok((ev, path))
+}
+
+/// `fastpt export`: writes a run folder's prompt (see [`export_prompt`]) into `out`.
+pub fn export_run<B: Backend + 'static>(
+    be: &B,
+    run_dir: &Path,
+    params: RunParams,
+    out: &Path,
+) -> Result<Exported> {
+    let (cfg, mut s, _) = open_run(be, run_dir, params)?;
+    let info = ExportInfo {
+        kind: match s.model {
+            Backbone::T5(_) => BackboneKind::T5,
+            Backbone::Llama(_) => BackboneKind::Llama,
+        },
+        base_model: Some(&cfg.model),
+    };
+    export_prompt(be, s.method.as_mut(), &info, out)
 }
 
 /// Parameters and moments of every method tensor, for a checkpoint.

@@ -1,0 +1,115 @@
+//! Text examples to token ids and generated ids back to text, with each family's special
+//! tokens added explicitly (not by the tokenizer's post-processor, whose presence varies
+//! between tokenizer.json files): T5 inputs and targets end in EOS; Llama inputs start with BOS
+//! and targets end in EOS, so input + target is one causal row.
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use super::tasks::TextExample;
+use super::Example;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::hf::load_tokenizer;
+use crate::model::Backbone;
+
+/// Which end-of-sequence conventions apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    T5,
+    Llama,
+}
+
+/// A model's tokenizer with the ids its examples need.
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+    pub family: Family,
+    pub eos: i32,
+    /// Llama: prepended to every input.
+    pub bos: Option<i32>,
+}
+
+impl TextCodec {
+    /// The tokenizer.json of model folder `dir`, for `model`.
+    pub fn load<B: Backend>(dir: &Path, model: &Backbone<B>) -> Result<Self> {
+        if !dir.join("tokenizer.json").exists() {
+            return Err(Error::Input(format!(
+                "{}: no tokenizer.json; a text task needs the model's tokenizer (built-in shapes \
+                 have none: train them on the synthetic task)",
+                dir.display()
+            )));
+        }
+        Ok(Self::new(load_tokenizer(dir)?, model))
+    }
+
+    pub fn new<B: Backend>(tokenizer: Tokenizer, model: &Backbone<B>) -> Self {
+        let (family, eos, bos) = match model {
+            Backbone::T5(m) => (Family::T5, m.cfg.eos_token_id as i32, None),
+            Backbone::Llama(m) => (
+                Family::Llama,
+                m.cfg.eos_token_ids.first().copied().unwrap_or(2) as i32,
+                Some(m.cfg.bos_token_id as i32),
+            ),
+        };
+        TextCodec {
+            tokenizer,
+            family,
+            eos,
+            bos,
+        }
+    }
+
+    fn ids(&self, text: &str) -> Result<Vec<i32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Input(format!("tokenizing {text:?}: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&x| x as i32).collect())
+    }
+
+    /// The input ids: T5 `text EOS`, Llama `BOS text`.
+    pub fn encode_input(&self, text: &str) -> Result<Vec<i32>> {
+        let ids = self.ids(text)?;
+        Ok(match (self.family, self.bos) {
+            (Family::Llama, Some(bos)) => std::iter::once(bos).chain(ids).collect(),
+            _ => ids.into_iter().chain([self.eos]).collect(),
+        })
+    }
+
+    /// The target ids `text EOS`.
+    pub fn encode_target(&self, text: &str) -> Result<Vec<i32>> {
+        let mut ids = self.ids(text)?;
+        ids.push(self.eos);
+        Ok(ids)
+    }
+
+    /// An example's input and target ids.
+    pub fn example(&self, ex: &TextExample) -> Result<Example> {
+        Ok(Example {
+            input: self.encode_input(&ex.input)?,
+            target: self.encode_target(&ex.target)?,
+        })
+    }
+
+    /// Every example, tokenized; errors name the split and the example's index.
+    pub fn examples(&self, split: &str, examples: &[TextExample]) -> Result<Vec<Example>> {
+        examples
+            .iter()
+            .enumerate()
+            .map(|(i, ex)| {
+                self.example(ex)
+                    .map_err(|e| Error::Input(format!("{split} example {i}: {e}")))
+            })
+            .collect()
+    }
+
+    /// Generated ids as text: special tokens (EOS included) dropped, whitespace trimmed.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let text = self
+            .tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Input(format!("decoding {ids:?}: {e}")))?;
+        Ok(text.trim().to_string())
+    }
+}

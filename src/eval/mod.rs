@@ -1,0 +1,266 @@
+//! Evaluation of a (prompt-tuned) model on a text task: predictions by greedy generation of the
+//! label text (KV cache) or by rank classification (score every option, pick the most likely),
+//! then the task's metrics on the predictions.
+//!
+//! Generation compares the decoded text with the gold after [`metrics::normalize`]; rank
+//! classification is faster for classification tasks (one forward over every option, no decode
+//! loop) and can only answer one of the options.
+
+pub mod metrics;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::data::batching::Batcher;
+use crate::data::tasks::{TaskSpec, TextExample};
+use crate::data::tokenize::{Family, TextCodec};
+use crate::data::Example;
+use crate::engine::{generate_greedy, label_nll};
+use crate::error::{Error, Result};
+use crate::model::generate::GenerateConfig;
+use crate::model::Backbone;
+use crate::prompt::PromptMethod;
+use metrics::{score, Gold};
+
+/// How predictions are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalMode {
+    /// Greedy generation of the label text.
+    #[default]
+    Generate,
+    /// The option (label text, or ReCoRD entity) with the highest likelihood.
+    Rank,
+}
+
+impl std::str::FromStr for EvalMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "generate" => Ok(EvalMode::Generate),
+            "rank" => Ok(EvalMode::Rank),
+            _ => Err(Error::Input(format!(
+                "unknown evaluation mode {s:?}: generate or rank"
+            ))),
+        }
+    }
+}
+
+/// Sizes of an evaluation.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalOptions {
+    pub mode: EvalMode,
+    /// Rows per forward (options count as rows in rank mode).
+    pub batch_size: usize,
+    /// Inputs are truncated to this many tokens, as in training.
+    pub max_len: usize,
+    /// Generation stops after this many tokens (the training targets' maximum).
+    pub max_new_tokens: usize,
+}
+
+/// The metrics of one split and what produced them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    /// Metric name → value (fractions, correlations in [-1, 1]).
+    pub metrics: BTreeMap<String, f64>,
+    /// The mean of the metrics: what keep-best compares (the papers average a task's metrics).
+    pub score: f64,
+    /// The prediction of each example, in order.
+    pub predictions: Vec<String>,
+    pub seconds: f64,
+}
+
+/// Predicts every example and scores the predictions with the task's metrics.
+pub fn evaluate<'m, B: Backend>(
+    be: &B,
+    model: &Backbone<B>,
+    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    codec: &TextCodec,
+    spec: &TaskSpec,
+    examples: &[TextExample],
+    opts: &EvalOptions,
+) -> Result<Evaluation> {
+    if examples.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: no examples to evaluate",
+            spec.name
+        )));
+    }
+    let start = Instant::now();
+    let predictions = match opts.mode {
+        EvalMode::Generate => predict_generate(be, model, method, codec, examples, opts)?,
+        EvalMode::Rank => predict_rank(be, model, method, codec, spec, examples, opts)?,
+    };
+    let golds: Vec<Gold<'_>> = examples
+        .iter()
+        .map(|ex| Gold {
+            target: &ex.target,
+            answers: &ex.answers,
+            group: ex.group.as_deref(),
+        })
+        .collect();
+    let mut values = BTreeMap::new();
+    for &metric in &spec.metrics {
+        for (name, value) in score(metric, &predictions, &golds, &spec.classes)? {
+            values.insert(name, value);
+        }
+    }
+    let score = values.values().sum::<f64>() / values.len().max(1) as f64;
+    Ok(Evaluation {
+        metrics: values,
+        score,
+        predictions,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// A batcher over `rows` that truncates and pads as training does.
+fn batcher<'a>(
+    codec: &TextCodec,
+    model: &Backbone<impl Backend>,
+    rows: &'a [Example],
+    opts: &EvalOptions,
+) -> Batcher<'a> {
+    let (pad, start) = match model {
+        Backbone::T5(m) => (
+            m.cfg.pad_token_id as i32,
+            m.cfg.decoder_start_token_id as i32,
+        ),
+        Backbone::Llama(m) => (m.cfg.pad_token_id.unwrap_or(codec.eos as u32) as i32, 0),
+    };
+    Batcher::new(
+        rows,
+        opts.batch_size.max(1),
+        opts.max_len,
+        // Rank targets are options: never cut them.
+        usize::MAX,
+        false,
+        0,
+        (pad, codec.eos, start),
+    )
+    .causal(codec.family == Family::Llama)
+}
+
+/// Greedy generation of each example's label text. Llama rows are batched by input length so
+/// no row is padded (generation continues each row from its last token).
+pub fn predict_generate<'m, B: Backend>(
+    be: &B,
+    model: &Backbone<B>,
+    mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    codec: &TextCodec,
+    examples: &[TextExample],
+    opts: &EvalOptions,
+) -> Result<Vec<String>> {
+    // T5's decoder input is ignored by generation; Llama rows are the input alone.
+    let rows: Vec<Example> = examples
+        .iter()
+        .map(|ex| {
+            let mut input = codec.encode_input(&ex.input)?;
+            input.truncate(opts.max_len.max(1));
+            let target = match codec.family {
+                Family::T5 => vec![codec.eos],
+                Family::Llama => Vec::new(),
+            };
+            Ok(Example { input, target })
+        })
+        .collect::<Result<_>>()?;
+    // Longest first: batches of similar length pad little; the order is undone below.
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(rows[i].input.len()));
+    let gen = GenerateConfig {
+        max_new_tokens: opts.max_new_tokens.max(1),
+        eos_token_ids: vec![codec.eos as u32],
+        keep_logits: false,
+    };
+    let batcher = batcher(codec, model, &rows, opts);
+    let mut predictions = vec![String::new(); rows.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut end = (i + opts.batch_size.max(1)).min(order.len());
+        if codec.family == Family::Llama {
+            let len = rows[order[i]].input.len();
+            end = i + order[i..end]
+                .iter()
+                .take_while(|&&j| rows[j].input.len() == len)
+                .count();
+        }
+        let chunk: Vec<&Example> = order[i..end].iter().map(|&j| &rows[j]).collect();
+        let (batch, _) = batcher.pad(&chunk);
+        let out = generate_greedy(be, model, method.as_deref_mut(), &batch, &gen)?;
+        for (&j, tokens) in order[i..end].iter().zip(&out.tokens) {
+            predictions[j] = codec.decode(tokens)?;
+        }
+        i = end;
+    }
+    Ok(predictions)
+}
+
+/// Rank classification: each example's options (its own, else the task's label texts) scored
+/// by the summed negative log-likelihood of their tokens; the least wins (the first on a tie).
+pub fn predict_rank<'m, B: Backend>(
+    be: &B,
+    model: &Backbone<B>,
+    mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    codec: &TextCodec,
+    spec: &TaskSpec,
+    examples: &[TextExample],
+    opts: &EvalOptions,
+) -> Result<Vec<String>> {
+    // Every (example, option) pair is one row.
+    let mut rows: Vec<Example> = Vec::new();
+    let mut owner: Vec<(usize, usize)> = Vec::new(); // (example, option)
+    for (i, ex) in examples.iter().enumerate() {
+        let options = if ex.options.is_empty() {
+            &spec.classes
+        } else {
+            &ex.options
+        };
+        if options.is_empty() {
+            return Err(Error::Input(format!(
+                "{}: rank classification needs label options and example {i} has none (a \
+                 regression or free-text task): evaluate with generation",
+                spec.name
+            )));
+        }
+        let mut input = codec.encode_input(&ex.input)?;
+        input.truncate(opts.max_len.max(1));
+        for (k, option) in options.iter().enumerate() {
+            rows.push(Example {
+                input: input.clone(),
+                target: codec.encode_target(option)?,
+            });
+            owner.push((i, k));
+        }
+    }
+    let batcher = batcher(codec, model, &rows, opts);
+    let mut best: Vec<(f64, usize)> = vec![(f64::INFINITY, 0); examples.len()];
+    let all: Vec<&Example> = rows.iter().collect();
+    for (chunk, owners) in all
+        .chunks(opts.batch_size.max(1))
+        .zip(owner.chunks(opts.batch_size.max(1)))
+    {
+        let (batch, _) = batcher.pad(chunk);
+        let nll = label_nll(be, model, method.as_deref_mut(), &batch)?;
+        for (&(i, k), &score) in owners.iter().zip(&nll) {
+            if score < best[i].0 {
+                best[i] = (score, k);
+            }
+        }
+    }
+    Ok(examples
+        .iter()
+        .zip(&best)
+        .map(|(ex, &(_, k))| {
+            let options = if ex.options.is_empty() {
+                &spec.classes
+            } else {
+                &ex.options
+            };
+            options[k].clone()
+        })
+        .collect())
+}

@@ -1,0 +1,573 @@
+//! Prompt export (src/train/export.rs) on the CPU backend: PT round trips bit for bit through the
+//! PEFT adapter folder, computed-prompt methods export what their forward computes, DePT/EPT-MS
+//! export prompt + update and no adapter, adapter_config.json has PEFT's keys, and every bad
+//! adapter is refused with the file and field named.
+
+use std::path::{Path, PathBuf};
+
+use fastpt::backend::cpu::CpuBackend;
+use fastpt::backend::Backend;
+use fastpt::engine::{build_llama_method, build_t5_method};
+use fastpt::model::hf::{read_all_f64, save_safetensors, TensorData};
+use fastpt::model::linear::Quant;
+use fastpt::model::llama::Llama;
+use fastpt::model::t5::T5;
+use fastpt::model::{load_llama, load_t5};
+use fastpt::prompt::{MethodConfig, PromptMethod};
+use fastpt::testing::random_vec;
+use fastpt::train::export::{
+    export_prompt, exported_method, init_from_adapter, read_adapter, BackboneKind, ExportInfo,
+};
+use serde_json::{json, Value};
+
+type B = CpuBackend<f32>;
+
+const MAX_LEN: usize = 8;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn t5(be: &B) -> T5<B> {
+    load_t5(be, &fixture("t5-v1_0-tiny"), Quant::None).unwrap()
+}
+
+/// A method on the tiny T5 (d = 36) with every parameter set to seeded random values, so that
+/// a zero-initialised factor cannot hide a wrong export.
+fn t5_method(
+    be: &B,
+    model: &T5<B>,
+    name: &str,
+    options: &str,
+    seed: u64,
+) -> Box<dyn PromptMethod<B>> {
+    let cfg = MethodConfig::from_toml(name, options).unwrap();
+    let mut method = build_t5_method(be, model, &cfg, MAX_LEN, seed, None).unwrap();
+    randomize(be, method.as_mut(), seed);
+    method
+}
+
+fn randomize(be: &B, method: &mut dyn PromptMethod<B>, seed: u64) {
+    for (i, p) in method.params_mut().iter_mut().enumerate() {
+        let v = random_vec(p.numel(), 0.5, seed * 100 + i as u64);
+        p.value = be.upload_f32(v.iter().map(|&x| x as f32).collect());
+    }
+}
+
+fn t5_info(base: &Path) -> ExportInfo<'_> {
+    ExportInfo {
+        kind: BackboneKind::T5,
+        base_model: base.to_str(),
+    }
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// An adapter folder written by hand: config from `config`, weights `tensors`.
+fn write_adapter(dir: &Path, config: &Value, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string(config).unwrap(),
+    )
+    .unwrap();
+    let tensors: Vec<(String, Vec<usize>, TensorData)> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.to_string(), s.clone(), TensorData::F32(v.clone())))
+        .collect();
+    save_safetensors(&dir.join("adapter_model.safetensors"), &tensors).unwrap();
+}
+
+/// A PEFT-0.21-style config (as PeftModel.save_pretrained writes it) for (p, c) rows.
+fn peft_config(p: usize, c: usize) -> Value {
+    json!({
+        "auto_mapping": null, "base_model_name_or_path": "t5-small", "inference_mode": true,
+        "modules_to_save": null, "num_attention_heads": 3, "num_layers": 2,
+        "num_transformer_submodules": 1, "num_virtual_tokens": p, "peft_type": "PROMPT_TUNING",
+        "peft_version": "0.21.2", "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": null,
+        "revision": null, "task_type": "SEQ_2_SEQ_LM", "token_dim": c, "tokenizer_kwargs": null,
+        "tokenizer_name_or_path": null
+    })
+}
+
+fn err_text<T>(r: fastpt::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn pt_round_trips_bit_for_bit_through_the_peft_adapter() {
+    let be = B::new();
+    let model = t5(&be);
+    let base = fixture("t5-v1_0-tiny");
+    let mut pt = t5_method(&be, &model, "pt", "prompt_len = 5", 1);
+    let original = be.download_f32(pt.rows());
+    let tmp = tempfile::tempdir().unwrap();
+
+    let out = export_prompt(&be, pt.as_mut(), &t5_info(&base), tmp.path()).unwrap();
+    assert!(out.peft);
+    assert!(out.note.is_none());
+    let names: Vec<String> = out
+        .files
+        .iter()
+        .map(|f| f.strip_prefix(tmp.path()).unwrap().display().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "prompt.safetensors",
+            "adapter/adapter_model.safetensors",
+            "adapter/adapter_config.json",
+            "export.json"
+        ]
+    );
+
+    // fastpt's own file: the rows, no update, the method name in the metadata.
+    let own = read_all_f64(&tmp.path().join("prompt.safetensors")).unwrap();
+    assert_eq!(own.keys().collect::<Vec<_>>(), ["prompt"]);
+    assert_eq!(own["prompt"].0, [5, 36]);
+    let own_rows: Vec<f32> = own["prompt"].1.iter().map(|&x| x as f32).collect();
+    assert_eq!(own_rows, original);
+    assert_eq!(exported_method(tmp.path()).unwrap().as_deref(), Some("pt"));
+    let doc = read_json(&tmp.path().join("export.json"));
+    assert_eq!(doc["method"], "pt");
+    assert_eq!(doc["peft_adapter"], "adapter");
+    assert_eq!(doc["prompt"]["shape"], json!([5, 36]));
+
+    let adapter = tmp.path().join("adapter");
+    let (p, rows) = read_adapter(&adapter, 36).unwrap();
+    assert_eq!(p, 5);
+    assert_eq!(rows, original);
+
+    let mut fresh = t5_method(&be, &model, "pt", "prompt_len = 5", 2);
+    assert_ne!(be.download_f32(fresh.rows()), original);
+    init_from_adapter(&be, fresh.as_mut(), &adapter).unwrap();
+    let warm = be.download_f32(fresh.rows());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&warm), bits(&original));
+    assert_eq!(
+        bits(&be.download_f32(&fresh.params()[0].value)),
+        bits(&original)
+    );
+}
+
+#[test]
+fn t5_adapter_config_holds_peft_prompt_tuning_keys() {
+    let be = B::new();
+    let model = t5(&be);
+    let base = fixture("t5-v1_0-tiny");
+    let mut pt = t5_method(&be, &model, "pt", "prompt_len = 4", 3);
+    let tmp = tempfile::tempdir().unwrap();
+    export_prompt(&be, pt.as_mut(), &t5_info(&base), tmp.path()).unwrap();
+    let config = read_json(&tmp.path().join("adapter/adapter_config.json"));
+    let expected = json!({
+        "auto_mapping": null,
+        "base_model_name_or_path": base.to_str().unwrap(),
+        "inference_mode": true,
+        "modules_to_save": null,
+        // From the fixture's config.json (num_heads = 3, num_layers = 2).
+        "num_attention_heads": 3,
+        "num_layers": 2,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": 4,
+        "peft_type": "PROMPT_TUNING",
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": null,
+        "revision": null,
+        "task_type": "SEQ_2_SEQ_LM",
+        "token_dim": 36,
+        "tokenizer_kwargs": null,
+        "tokenizer_name_or_path": null
+    });
+    assert_eq!(config, expected);
+    // Sorted keys, as PEFT writes them.
+    let text = std::fs::read_to_string(tmp.path().join("adapter/adapter_config.json")).unwrap();
+    assert!(text.starts_with("{\n  \"auto_mapping\": null,\n  \"base_model_name_or_path\""));
+
+    // No base model: the counts are left to PEFT (null), the name too.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let info = ExportInfo {
+        kind: BackboneKind::T5,
+        base_model: None,
+    };
+    export_prompt(&be, pt.as_mut(), &info, tmp2.path()).unwrap();
+    let config = read_json(&tmp2.path().join("adapter/adapter_config.json"));
+    assert_eq!(config["base_model_name_or_path"], Value::Null);
+    assert_eq!(config["num_layers"], Value::Null);
+    assert_eq!(config["num_attention_heads"], Value::Null);
+}
+
+#[test]
+fn llama_adapter_config_is_causal_lm_with_the_models_counts() {
+    let be = B::new();
+    let dir = fixture("llama-gqa-tiny");
+    let model: Llama<B> = load_llama(&be, &dir, Quant::None).unwrap();
+    let cfg = MethodConfig::from_toml("pt", "prompt_len = 3").unwrap();
+    let mut pt = build_llama_method(&be, &model, &cfg, MAX_LEN, 4, None).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let info = ExportInfo {
+        kind: BackboneKind::Llama,
+        base_model: dir.to_str(),
+    };
+    let out = export_prompt(&be, pt.as_mut(), &info, tmp.path()).unwrap();
+    assert!(out.peft);
+    let config = read_json(&tmp.path().join("adapter/adapter_config.json"));
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+    assert_eq!(config["token_dim"], 48);
+    assert_eq!(config["num_layers"], 2);
+    assert_eq!(config["num_attention_heads"], 4);
+    assert_eq!(config["num_transformer_submodules"], 1);
+    let (p, rows) = read_adapter(&tmp.path().join("adapter"), 48).unwrap();
+    assert_eq!(p, 3);
+    assert_eq!(rows, be.download_f32(pt.rows()));
+    assert_eq!(
+        read_json(&tmp.path().join("export.json"))["backbone"],
+        "llama"
+    );
+}
+
+#[test]
+fn computed_prompt_methods_export_the_rows_their_forward_computes() {
+    let be = B::new();
+    let model = t5(&be);
+    let base = fixture("t5-v1_0-tiny");
+    let cases = [
+        ("lamp", "prompt_len = 4\nrank = 2\npool = 2"),
+        ("dpt", "prompt_len = 3\nrank = 2"),
+        ("ptuning", "prompt_len = 2"),
+        ("residual", "prompt_len = 3\nbottleneck = 4"),
+        ("xpt", "repeats = 3"),
+    ];
+    for (name, options) in cases {
+        let mut method = t5_method(&be, &model, name, options, 7);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = export_prompt(&be, method.as_mut(), &t5_info(&base), tmp.path()).unwrap();
+        assert!(out.peft, "{name}");
+        // Recompute independently of the export's own forward.
+        method.forward(&be);
+        let expected = be.download_f32(method.rows());
+        let p = method.prompt_rows();
+        assert_eq!(expected.len(), p * 36, "{name}");
+        let (p_read, rows) = read_adapter(&tmp.path().join("adapter"), 36).unwrap();
+        assert_eq!(p_read, p, "{name}");
+        assert_eq!(rows, expected, "{name}");
+        let config = read_json(&tmp.path().join("adapter/adapter_config.json"));
+        assert_eq!(config["num_virtual_tokens"], p, "{name}");
+        assert_eq!(exported_method(tmp.path()).unwrap().as_deref(), Some(name));
+    }
+}
+
+#[test]
+fn dept_and_ept_export_prompt_and_update_without_adapter() {
+    let be = B::new();
+    let model = t5(&be);
+    let base = fixture("t5-v1_0-tiny");
+    let cases = [
+        ("dept", "prompt_len = 2\nrank = 2"),
+        (
+            "ept",
+            "source_len = 5\nprompt_len = 3\nrank = 2\nexperts = 2\nexpert_hidden = 4",
+        ),
+    ];
+    for (name, options) in cases {
+        let mut method = t5_method(&be, &model, name, options, 9);
+        let tmp = tempfile::tempdir().unwrap();
+        // A stale adapter of an earlier PT export into the same folder must not survive.
+        let mut pt = t5_method(&be, &model, "pt", "prompt_len = 2", 9);
+        export_prompt(&be, pt.as_mut(), &t5_info(&base), tmp.path()).unwrap();
+        assert!(tmp.path().join("adapter/adapter_config.json").is_file());
+
+        let out = export_prompt(&be, method.as_mut(), &t5_info(&base), tmp.path()).unwrap();
+        assert!(!out.peft, "{name}");
+        let note = out.note.clone().unwrap();
+        assert!(note.contains("PROMPT_TUNING"), "{name}: {note}");
+        assert!(note.contains("update"), "{name}: {note}");
+        assert!(!tmp.path().join("adapter").exists(), "{name}");
+        assert_eq!(out.files.len(), 2, "{name}: {:?}", out.files);
+
+        method.forward(&be);
+        let p = method.prompt_rows();
+        let m = method.update_rows().unwrap();
+        let own = read_all_f64(&tmp.path().join("prompt.safetensors")).unwrap();
+        assert_eq!(own["prompt"].0, [p, 36], "{name}");
+        assert_eq!(own["update"].0, [m, 36], "{name}");
+        let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        assert_eq!(to_f32(&own["prompt"].1), be.download_f32(method.rows()));
+        assert_eq!(
+            to_f32(&own["update"].1),
+            be.download_f32(method.update().unwrap())
+        );
+        assert!(own["update"].1.iter().any(|&x| x != 0.0), "{name}");
+
+        let doc = read_json(&tmp.path().join("export.json"));
+        assert_eq!(doc["method"], name);
+        assert_eq!(doc["update"]["shape"], json!([m, 36]));
+        assert_eq!(doc["peft_adapter"], Value::Null);
+        assert_eq!(doc["note"], note.as_str());
+        assert!(doc["apply"].as_str().unwrap().contains("t < min(n, M="));
+    }
+}
+
+#[test]
+fn missing_adapter_config_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let msg = err_text(read_adapter(tmp.path(), 36));
+    assert!(msg.contains("adapter_config.json"), "{msg}");
+}
+
+#[test]
+fn wrong_peft_type_names_the_field_and_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = peft_config(2, 4);
+    config["peft_type"] = json!("LORA");
+    write_adapter(
+        tmp.path(),
+        &config,
+        &[("prompt_embeddings", vec![2, 4], vec![0.0; 8])],
+    );
+    let msg = err_text(read_adapter(tmp.path(), 4));
+    assert!(msg.contains("adapter_config.json"), "{msg}");
+    assert!(msg.contains("peft_type"), "{msg}");
+    assert!(msg.contains("LORA"), "{msg}");
+}
+
+#[test]
+fn token_dim_mismatch_names_the_field_and_both_widths() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(
+        tmp.path(),
+        &peft_config(2, 4),
+        &[("prompt_embeddings", vec![2, 4], vec![0.5; 8])],
+    );
+    let msg = err_text(read_adapter(tmp.path(), 36));
+    assert!(msg.contains("adapter_config.json"), "{msg}");
+    assert!(msg.contains("token_dim"), "{msg}");
+    assert!(msg.contains("is 4") && msg.contains("36"), "{msg}");
+    // The same folder with the right width reads (a PEFT-written config, peft_version and all).
+    let (p, rows) = read_adapter(tmp.path(), 4).unwrap();
+    assert_eq!((p, rows), (2, vec![0.5; 8]));
+}
+
+#[test]
+fn missing_or_misshapen_prompt_embeddings_name_the_file_and_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(
+        tmp.path(),
+        &peft_config(2, 4),
+        &[("embedding.weight", vec![2, 4], vec![0.0; 8])],
+    );
+    let msg = err_text(read_adapter(tmp.path(), 4));
+    assert!(msg.contains("adapter_model.safetensors"), "{msg}");
+    assert!(msg.contains("prompt_embeddings"), "{msg}");
+
+    write_adapter(
+        tmp.path(),
+        &peft_config(2, 4),
+        &[("prompt_embeddings", vec![3, 4], vec![0.0; 12])],
+    );
+    let msg = err_text(read_adapter(tmp.path(), 4));
+    assert!(msg.contains("adapter_model.safetensors"), "{msg}");
+    assert!(msg.contains("[2, 4]") && msg.contains("[3, 4]"), "{msg}");
+
+    std::fs::remove_file(tmp.path().join("adapter_model.safetensors")).unwrap();
+    let msg = err_text(read_adapter(tmp.path(), 4));
+    assert!(msg.contains("adapter_model.safetensors"), "{msg}");
+}
+
+#[test]
+fn two_transformer_submodules_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = peft_config(2, 4);
+    config["num_transformer_submodules"] = json!(2);
+    write_adapter(
+        tmp.path(),
+        &config,
+        &[("prompt_embeddings", vec![4, 4], vec![0.0; 16])],
+    );
+    let msg = err_text(read_adapter(tmp.path(), 4));
+    assert!(msg.contains("num_transformer_submodules"), "{msg}");
+    // null means 2 for a seq2seq adapter (PEFT's default), so it is refused too.
+    config["num_transformer_submodules"] = Value::Null;
+    write_adapter(
+        tmp.path(),
+        &config,
+        &[("prompt_embeddings", vec![4, 4], vec![0.0; 16])],
+    );
+    let msg = err_text(read_adapter(tmp.path(), 4));
+    assert!(
+        msg.contains("num_transformer_submodules") && msg.contains("is 2"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn init_from_on_a_non_pt_method_is_an_error_naming_the_folder() {
+    let be = B::new();
+    let model = t5(&be);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pt = t5_method(&be, &model, "pt", "prompt_len = 3", 1);
+    export_prompt(
+        &be,
+        pt.as_mut(),
+        &t5_info(&fixture("t5-v1_0-tiny")),
+        tmp.path(),
+    )
+    .unwrap();
+    let adapter = tmp.path().join("adapter");
+    let mut dpt = t5_method(&be, &model, "dpt", "prompt_len = 3\nrank = 2", 1);
+    let msg = err_text(init_from_adapter(&be, dpt.as_mut(), &adapter));
+    assert!(msg.contains(adapter.to_str().unwrap()), "{msg}");
+    assert!(msg.contains("`dpt`") && msg.contains("`pt`"), "{msg}");
+}
+
+#[test]
+fn init_from_with_another_prompt_len_names_both_shapes() {
+    let be = B::new();
+    let model = t5(&be);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pt = t5_method(&be, &model, "pt", "prompt_len = 3", 1);
+    export_prompt(
+        &be,
+        pt.as_mut(),
+        &t5_info(&fixture("t5-v1_0-tiny")),
+        tmp.path(),
+    )
+    .unwrap();
+    let adapter = tmp.path().join("adapter");
+    let mut longer = t5_method(&be, &model, "pt", "prompt_len = 6", 1);
+    let before = be.download_f32(longer.rows());
+    let msg = err_text(init_from_adapter(&be, longer.as_mut(), &adapter));
+    assert!(msg.contains(adapter.to_str().unwrap()), "{msg}");
+    assert!(msg.contains("[3, 36]") && msg.contains("[6, 36]"), "{msg}");
+    assert_eq!(
+        be.download_f32(longer.rows()),
+        before,
+        "a failed init changed the prompt"
+    );
+}
+
+#[test]
+fn export_refuses_a_base_model_of_another_width_and_nan_rows() {
+    let be = B::new();
+    let model = t5(&be);
+    let mut pt = t5_method(&be, &model, "pt", "prompt_len = 2", 1);
+    let tmp = tempfile::tempdir().unwrap();
+    // t5-tiny is 64 wide, the fixture's prompt 36.
+    let info = ExportInfo {
+        kind: BackboneKind::T5,
+        base_model: Some("t5-tiny"),
+    };
+    let msg = err_text(export_prompt(&be, pt.as_mut(), &info, tmp.path()));
+    assert!(msg.contains("t5-tiny") && msg.contains("d_model"), "{msg}");
+    assert!(msg.contains("64") && msg.contains("36"), "{msg}");
+
+    let mut values = be.download_f32(pt.rows());
+    values[40] = f32::NAN;
+    pt.params_mut()[0].value = be.upload_f32(values);
+    let info = ExportInfo {
+        kind: BackboneKind::T5,
+        base_model: None,
+    };
+    let msg = err_text(export_prompt(&be, pt.as_mut(), &info, tmp.path()));
+    assert!(
+        msg.contains("row 1 column 4") && msg.contains("NaN"),
+        "{msg}"
+    );
+    assert!(!tmp.path().join("prompt.safetensors").exists());
+}
+
+/// Not part of CI: writes adapters plus fastpt's loss on a fixed batch for
+/// tools/check_peft_export.py, which loads them with PEFT and compares.
+///
+///     FASTPT_EXPORT_DIR=/tmp/fastpt-peft cargo test --release --test export -- --ignored
+///     python tools/check_peft_export.py /tmp/fastpt-peft
+#[test]
+#[ignore = "writes adapters for tools/check_peft_export.py (needs FASTPT_EXPORT_DIR)"]
+fn write_adapters_for_the_peft_check() {
+    use fastpt::data::{EncoderInput, HostBatch};
+    use fastpt::engine::{build_backbone_method, forward_loss};
+    use fastpt::model::{load_model, Backbone};
+
+    type B64 = CpuBackend<f64>;
+    let Some(out) = std::env::var_os("FASTPT_EXPORT_DIR") else {
+        panic!("set FASTPT_EXPORT_DIR to the folder to write the adapters into");
+    };
+    let out = PathBuf::from(out);
+    let be = B64::new();
+    let cases = [
+        ("t5-pt", "t5-v1_0-tiny", "pt", "prompt_len = 4"),
+        (
+            "t5-lamp",
+            "t5-v1_0-tiny",
+            "lamp",
+            "prompt_len = 4\nrank = 2\npool = 2",
+        ),
+        (
+            "t5v11-dpt",
+            "t5-v1_1-tiny",
+            "dpt",
+            "prompt_len = 3\nrank = 2",
+        ),
+        ("llama-pt", "llama-gqa-tiny", "pt", "prompt_len = 4"),
+    ];
+    for (case, fixture_name, name, options) in cases {
+        let dir = fixture(fixture_name);
+        let model = load_model(&be, &dir, Quant::None).unwrap();
+        let cfg = MethodConfig::from_toml(name, options).unwrap();
+        let mut method = build_backbone_method(&be, &model, &cfg, MAX_LEN, 3, None).unwrap();
+        // f32-representable parameters, so PEFT (f64 after loading) sees the same rows for PT.
+        for (i, p) in method.params_mut().iter_mut().enumerate() {
+            let v = random_vec(p.numel(), 0.5, 70 + i as u64);
+            p.value = be.upload_f32(v.iter().map(|&x| x as f32).collect());
+        }
+        let (kind, batch) = match &model {
+            Backbone::T5(m) => (
+                BackboneKind::T5,
+                HostBatch::random(&m.cfg, &[6, 4], &[3, 5], 8),
+            ),
+            Backbone::Llama(m) => (
+                BackboneKind::Llama,
+                HostBatch::random_causal(&m.cfg, &[5, 3], &[2, 3], 8),
+            ),
+        };
+        let info = ExportInfo {
+            kind,
+            base_model: dir.to_str(),
+        };
+        let case_dir = out.join(case);
+        let exported = export_prompt(&be, method.as_mut(), &info, &case_dir).unwrap();
+        assert!(exported.peft);
+        let loss = forward_loss(&be, &model, Some(method.as_mut()), &batch).unwrap();
+        let EncoderInput::Ids(ids) = &batch.input else {
+            panic!("id batch")
+        };
+        let rows = |v: &[i32], t: usize| -> Vec<Vec<i32>> {
+            if t == 0 {
+                Vec::new()
+            } else {
+                v.chunks(t).map(<[i32]>::to_vec).collect()
+            }
+        };
+        let label_len = batch.labels.len() / batch.batch;
+        let check = json!({
+            "model": dir.to_str(),
+            "method": name,
+            "input_ids": rows(ids, batch.enc_len),
+            "attention_mask": rows(&batch.attention_mask, batch.enc_len),
+            "decoder_input_ids": rows(&batch.decoder_input_ids, batch.dec_len),
+            "labels": rows(&batch.labels, label_len),
+            "fastpt_loss": loss,
+        });
+        std::fs::write(
+            case_dir.join("check.json"),
+            serde_json::to_string_pretty(&check).unwrap(),
+        )
+        .unwrap();
+    }
+}
