@@ -115,6 +115,7 @@ fn rank_classification_picks_the_least_nll_option_of_each_example() {
             batch_size: 3, // options of one example straddle batches
             max_len: 64,
             max_new_tokens: 4,
+            progress: false,
         };
         let preds = predict_rank(
             &be,
@@ -185,6 +186,7 @@ fn batched_generation_predicts_what_one_example_at_a_time_does() {
             batch_size,
             max_len: 64,
             max_new_tokens: 5,
+            progress: false,
         };
         let batched =
             predict_generate(&be, &model, Some(method.as_mut()), &codec, &exs, &opts(4)).unwrap();
@@ -221,6 +223,7 @@ fn evaluate_scores_its_own_predictions() {
                 batch_size: 2,
                 max_len: 64,
                 max_new_tokens: 3,
+                progress: false,
             };
             let ev = evaluate(
                 &be,
@@ -250,6 +253,7 @@ fn evaluate_scores_its_own_predictions() {
                 batch_size: 2,
                 max_len: 64,
                 max_new_tokens: 3,
+                progress: false,
             },
         )
         .unwrap_err();

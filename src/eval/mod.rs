@@ -9,8 +9,10 @@
 pub mod metrics;
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::time::Instant;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
@@ -60,6 +62,22 @@ pub struct EvalOptions {
     pub max_len: usize,
     /// Generation stops after this many tokens (the training targets' maximum).
     pub max_new_tokens: usize,
+    /// Show a progress bar over the examples (only when stdout is a terminal).
+    pub progress: bool,
+}
+
+/// A bar over `n` examples, hidden unless asked for and stdout is a terminal.
+fn progress_bar(opts: &EvalOptions, n: usize, what: &str) -> ProgressBar {
+    if !(opts.progress && std::io::stdout().is_terminal()) {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(n as u64);
+    let style = ProgressStyle::with_template(&format!(
+        "{what} {{bar:30}} {{pos}}/{{len}} examples  ETA {{eta}}"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
 }
 
 /// The metrics of one split and what produced them.
@@ -177,6 +195,7 @@ pub fn predict_generate<'m, B: Backend>(
         keep_logits: false,
     };
     let batcher = batcher(codec, model, &rows, opts);
+    let bar = progress_bar(opts, rows.len(), "generating");
     let mut predictions = vec![String::new(); rows.len()];
     let mut i = 0;
     while i < order.len() {
@@ -194,8 +213,10 @@ pub fn predict_generate<'m, B: Backend>(
         for (&j, tokens) in order[i..end].iter().zip(&out.tokens) {
             predictions[j] = codec.decode(tokens)?;
         }
+        bar.inc((end - i) as u64);
         i = end;
     }
+    bar.finish_and_clear();
     Ok(predictions)
 }
 
@@ -239,6 +260,7 @@ pub fn predict_rank<'m, B: Backend>(
     let batcher = batcher(codec, model, &rows, opts);
     let mut best: Vec<(f64, usize)> = vec![(f64::INFINITY, 0); examples.len()];
     let all: Vec<&Example> = rows.iter().collect();
+    let bar = progress_bar(opts, examples.len(), "ranking");
     for (chunk, owners) in all
         .chunks(opts.batch_size.max(1))
         .zip(owner.chunks(opts.batch_size.max(1)))
@@ -250,7 +272,12 @@ pub fn predict_rank<'m, B: Backend>(
                 best[i] = (score, k);
             }
         }
+        // An example is done once its last option is scored.
+        if let Some(&(i, _)) = owners.last() {
+            bar.set_position(i as u64);
+        }
     }
+    bar.finish_and_clear();
     Ok(examples
         .iter()
         .zip(&best)

@@ -289,6 +289,7 @@ fn eval_options(cfg: &RunConfig) -> EvalOptions {
         batch_size: cfg.data.eval_batch_size,
         max_len: cfg.train.max_len,
         max_new_tokens: cfg.train.max_target_len,
+        progress: true,
     }
 }
 
@@ -450,10 +451,16 @@ pub fn train<B: Backend + 'static>(
                     let ev =
                         t.evaluate(be, &model, method.as_mut(), &t.task.dev[..cap], &eval_opts)?;
                     dev_scores.push((step, ev.score));
-                    bar.println(format!(
+                    let line = format!(
                         "step {step}: dev loss {dl:.4}, dev {}",
                         metrics_line(&ev.metrics)
-                    ));
+                    );
+                    // Above the bar on a terminal; a plain line in a log.
+                    match (opts.progress, bar.is_hidden()) {
+                        (true, true) => println!("{line}"),
+                        (true, false) => bar.println(line),
+                        (false, _) => {}
+                    }
                     ev.score
                 }
                 None => dl,
