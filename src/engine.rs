@@ -111,16 +111,6 @@ pub fn train_step<'m, B: Backend>(
     Ok(step(be, Model::of(model), method, batch, Pass::Train)?.loss)
 }
 
-/// The loss of a batch, forward only (evaluation): no gradient is computed or added.
-pub fn t5_loss<'m, B: Backend>(
-    be: &B,
-    model: &T5<B>,
-    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
-    batch: &HostBatch,
-) -> Result<f64> {
-    Ok(step(be, Model::T5(model), method, batch, Pass::Forward)?.loss)
-}
-
 /// The loss of a batch on either backbone, forward only (no gradient is computed or added).
 pub fn forward_loss<'m, B: Backend>(
     be: &B,

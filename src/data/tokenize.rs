@@ -44,14 +44,11 @@ impl TextCodec {
     }
 
     pub fn new<B: Backend>(tokenizer: Tokenizer, model: &Backbone<B>) -> Self {
-        let (family, eos, bos) = match model {
-            Backbone::T5(m) => (Family::T5, m.cfg.eos_token_id as i32, None),
-            Backbone::Llama(m) => (
-                Family::Llama,
-                m.cfg.eos_token_ids.first().copied().unwrap_or(2) as i32,
-                Some(m.cfg.bos_token_id as i32),
-            ),
+        let (family, bos) = match model {
+            Backbone::T5(_) => (Family::T5, None),
+            Backbone::Llama(m) => (Family::Llama, Some(m.cfg.bos_token_id as i32)),
         };
+        let eos = model.batch_ids().1;
         TextCodec {
             tokenizer,
             family,

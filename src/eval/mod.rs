@@ -138,18 +138,10 @@ pub fn evaluate<'m, B: Backend>(
 
 /// A batcher over `rows` that truncates and pads as training does.
 fn batcher<'a>(
-    codec: &TextCodec,
     model: &Backbone<impl Backend>,
     rows: &'a [Example],
     opts: &EvalOptions,
 ) -> Batcher<'a> {
-    let (pad, start) = match model {
-        Backbone::T5(m) => (
-            m.cfg.pad_token_id as i32,
-            m.cfg.decoder_start_token_id as i32,
-        ),
-        Backbone::Llama(m) => (m.cfg.pad_token_id.unwrap_or(codec.eos as u32) as i32, 0),
-    };
     Batcher::new(
         rows,
         opts.batch_size.max(1),
@@ -158,9 +150,9 @@ fn batcher<'a>(
         usize::MAX,
         false,
         0,
-        (pad, codec.eos, start),
+        model.batch_ids(),
     )
-    .causal(codec.family == Family::Llama)
+    .causal(model.is_causal())
 }
 
 /// Greedy generation of each example's label text. Llama rows are batched by input length so
@@ -194,7 +186,7 @@ pub fn predict_generate<'m, B: Backend>(
         eos_token_ids: vec![codec.eos as u32],
         keep_logits: false,
     };
-    let batcher = batcher(codec, model, &rows, opts);
+    let batcher = batcher(model, &rows, opts);
     let bar = progress_bar(opts, rows.len(), "generating");
     let mut predictions = vec![String::new(); rows.len()];
     let mut i = 0;
@@ -257,7 +249,7 @@ pub fn predict_rank<'m, B: Backend>(
             owner.push((i, k));
         }
     }
-    let batcher = batcher(codec, model, &rows, opts);
+    let batcher = batcher(model, &rows, opts);
     let mut best: Vec<(f64, usize)> = vec![(f64::INFINITY, 0); examples.len()];
     let all: Vec<&Example> = rows.iter().collect();
     let bar = progress_bar(opts, examples.len(), "ranking");

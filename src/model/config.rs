@@ -325,7 +325,13 @@ impl LlamaConfig {
 
     /// The id that pads token rows: `pad_token_id`, else the first EOS id.
     pub fn pad_id(&self) -> u32 {
-        self.pad_token_id.unwrap_or(self.eos_token_ids[0])
+        self.pad_token_id.unwrap_or(self.eos_id())
+    }
+
+    /// The EOS id that ends a target (the first of `eos_token_ids`; config.json parsing never
+    /// leaves the list empty).
+    pub fn eos_id(&self) -> u32 {
+        self.eos_token_ids.first().copied().unwrap_or(2)
     }
 
     /// Reads and validates a Hugging Face Llama `config.json` (see [`Self::from_json_str`]).

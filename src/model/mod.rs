@@ -225,6 +225,41 @@ pub enum Backbone<B: Backend> {
     Llama(Llama<B>),
 }
 
+impl<B: Backend> Backbone<B> {
+    /// Model width d (C).
+    pub fn width(&self) -> usize {
+        match self {
+            Backbone::T5(m) => m.cfg.d_model,
+            Backbone::Llama(m) => m.cfg.hidden_size,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Backbone::T5(m) => m.cfg.vocab_size,
+            Backbone::Llama(m) => m.cfg.vocab_size,
+        }
+    }
+
+    /// The ids a batch of its examples needs: `(pad, eos, decoder start)` (Llama has no
+    /// decoder: 0).
+    pub fn batch_ids(&self) -> (i32, i32, i32) {
+        match self {
+            Backbone::T5(m) => (
+                m.cfg.pad_token_id as i32,
+                m.cfg.eos_token_id as i32,
+                m.cfg.decoder_start_token_id as i32,
+            ),
+            Backbone::Llama(m) => (m.cfg.pad_id() as i32, m.cfg.eos_id() as i32, 0),
+        }
+    }
+
+    /// Decoder-only: a batch row is input then target (see `HostBatch::causal_from_ids`).
+    pub fn is_causal(&self) -> bool {
+        matches!(self, Backbone::Llama(_))
+    }
+}
+
 /// Loads whichever model a Hugging Face folder holds, by the `model_type` of its config.json.
 pub fn load_model<B: Backend>(be: &B, dir: &Path, quant: Quant) -> Result<Backbone<B>> {
     Ok(match Architecture::of_config(&dir.join("config.json"))? {

@@ -135,10 +135,7 @@ fn run_data<B: Backend>(be_model: &Backbone<B>, cfg: &RunConfig) -> Result<RunDa
     if d.is_synthetic() {
         let (vocab, eos) = match be_model {
             Backbone::T5(m) => (m.cfg.vocab_size, m.cfg.eos_token_id as i32),
-            Backbone::Llama(m) => (
-                m.cfg.vocab_size,
-                m.cfg.eos_token_ids.first().copied().unwrap_or(2) as i32,
-            ),
+            Backbone::Llama(m) => (m.cfg.vocab_size, m.cfg.eos_id() as i32),
         };
         return Ok(RunData {
             train: synthetic::keyword_task(d.train_examples, vocab, eos, cfg.seed),
@@ -210,7 +207,7 @@ fn setup<B: Backend + 'static>(be: &B, cfg: &RunConfig) -> Result<Setup<B>> {
     };
     let tokenize_ref: Option<&crate::prompt::Tokenize<'_>> =
         tokenizer.as_ref().map(|_| &tokenize as _);
-    cfg.method.validate(model_width(&model), tc.max_len)?;
+    cfg.method.validate(model.width(), tc.max_len)?;
     let method =
         build_backbone_method(be, &model, &cfg.method, tc.max_len, cfg.seed, tokenize_ref)?;
     let data = run_data(&model, cfg)?;
@@ -221,13 +218,6 @@ fn setup<B: Backend + 'static>(be: &B, cfg: &RunConfig) -> Result<Setup<B>> {
     })
 }
 
-fn model_width<B: Backend>(model: &Backbone<B>) -> usize {
-    match model {
-        Backbone::T5(m) => m.cfg.d_model,
-        Backbone::Llama(m) => m.cfg.hidden_size,
-    }
-}
-
 /// A batcher over `examples` with the run's lengths and the model's special ids.
 fn run_batcher<'a, B: Backend>(
     model: &Backbone<B>,
@@ -235,23 +225,6 @@ fn run_batcher<'a, B: Backend>(
     cfg: &RunConfig,
 ) -> Batcher<'a> {
     let tc = &cfg.train;
-    let (ids, causal) = match model {
-        Backbone::T5(m) => (
-            (
-                m.cfg.pad_token_id as i32,
-                m.cfg.eos_token_id as i32,
-                m.cfg.decoder_start_token_id as i32,
-            ),
-            false,
-        ),
-        Backbone::Llama(m) => {
-            let eos = m.cfg.eos_token_ids.first().copied().unwrap_or(2);
-            (
-                (m.cfg.pad_token_id.unwrap_or(eos) as i32, eos as i32, 0),
-                true,
-            )
-        }
-    };
     Batcher::new(
         examples,
         tc.batch_size,
@@ -259,9 +232,9 @@ fn run_batcher<'a, B: Backend>(
         tc.max_target_len,
         tc.group_by_length,
         cfg.seed,
-        ids,
+        model.batch_ids(),
     )
-    .causal(causal)
+    .causal(model.is_causal())
 }
 
 /// Mean loss over the dev examples, forward only.

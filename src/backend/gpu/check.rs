@@ -1082,10 +1082,7 @@ pub fn check_steps<D: Device>(
         Backbone::T5(_) => vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0],
         Backbone::Llama(_) => vec![1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1],
     };
-    let width = match &model_c {
-        Backbone::T5(m) => m.cfg.d_model,
-        Backbone::Llama(m) => m.cfg.hidden_size,
-    };
+    let width = model_c.width();
     let embeds: Vec<f32> = random_vec(b * t * width, 1.0, seed + 2)
         .into_iter()
         .map(|x| round(x as f32, dt))
