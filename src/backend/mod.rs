@@ -195,6 +195,10 @@ pub trait Backend: Sync {
     type Index: Send + Sync;
     /// A frozen weight quantised to NF4 with double-quantised absmax (see `model::nf4`).
     type Nf4: Send + Sync;
+    /// Optimiser state (AdamW's moments and the parameters' master copy): f32 on a GPU whatever
+    /// the storage dtype, so updates far below bf16's resolution (lr 1e-4 on the low-rank
+    /// factors) still accumulate; the CPU's own precision on the CPU.
+    type State: Send + Sync;
 
     /// A short name for logs: "cpu-f32", "cpu-f64", ...
     fn name(&self) -> String;
@@ -615,14 +619,21 @@ pub trait Backend: Sync {
     /// `Σ x²` in f64 (for the global gradient norm).
     fn sum_squares(&self, x: &Self::Tensor) -> f64;
 
-    /// One AdamW step on one parameter tensor, in place: with `g = grad_scale·grad`,
+    /// Optimiser state holding `data`.
+    fn state_upload(&self, data: &[f64]) -> Self::State;
+
+    fn state_download(&self, x: &Self::State) -> Vec<f64>;
+
+    /// One AdamW step on one parameter, in place: with `g = grad_scale·grad`,
     /// `m = β1·m + (1−β1)·g`, `v = β2·v + (1−β2)·g²`,
-    /// `param −= lr·(m/(1−β1^t) / (√(v/(1−β2^t)) + eps) + weight_decay·param)`.
+    /// `master −= lr·(m/(1−β1^t) / (√(v/(1−β2^t)) + eps) + weight_decay·master)`, then
+    /// `param = master` rounded to the storage dtype. `master`, `m`, `v` have param's length.
     fn adamw_step(
         &self,
         param: &mut Self::Tensor,
-        m: &mut Self::Tensor,
-        v: &mut Self::Tensor,
+        master: &mut Self::State,
+        m: &mut Self::State,
+        v: &mut Self::State,
         grad: &Self::Tensor,
         h: AdamW,
     );

@@ -1,5 +1,7 @@
 //! AdamW over a prompt method's parameters, with one learning rate per parameter group and
-//! global gradient-norm clipping. The moments live on the backend next to the parameters.
+//! global gradient-norm clipping. The moments and a master copy of each parameter live on the
+//! backend next to the parameters, in f32 on a GPU (`Backend::State`) whatever the storage
+//! dtype; the parameter the model reads is the master rounded after every step.
 
 use crate::backend::gpu::cuda::nvtx_range;
 use crate::backend::{AdamW, Backend};
@@ -16,8 +18,9 @@ pub struct StepInfo {
 }
 
 pub struct Optimizer<B: Backend> {
-    m: Vec<B::Tensor>, // one per method parameter, same shape
-    v: Vec<B::Tensor>, // one per method parameter, same shape
+    master: Vec<B::State>, // one per method parameter, same shape
+    m: Vec<B::State>,      // one per method parameter, same shape
+    v: Vec<B::State>,      // one per method parameter, same shape
     /// Optimiser steps taken so far.
     pub step: u64,
     lr: f64,
@@ -30,15 +33,21 @@ pub struct Optimizer<B: Backend> {
 }
 
 impl<B: Backend> Optimizer<B> {
+    /// The masters start from the method's current parameter values.
     pub fn new(be: &B, method: &dyn PromptMethod<B>, cfg: &TrainConfig) -> Self {
-        let zeros = || -> Vec<B::Tensor> {
+        let zeros = || -> Vec<B::State> {
             method
                 .params()
                 .iter()
-                .map(|p| be.zeros(p.numel()))
+                .map(|p| be.state_upload(&vec![0.0; p.numel()]))
                 .collect()
         };
         Optimizer {
+            master: method
+                .params()
+                .iter()
+                .map(|p| be.state_upload(&be.download_f64(&p.value)))
+                .collect(),
             m: zeros(),
             v: zeros(),
             step: 0,
@@ -76,9 +85,10 @@ impl<B: Backend> Optimizer<B> {
             1.0
         };
         self.step += 1;
-        for ((p, m), v) in method
+        for (((p, master), m), v) in method
             .params_mut()
             .iter_mut()
+            .zip(&mut self.master)
             .zip(&mut self.m)
             .zip(&mut self.v)
         {
@@ -95,7 +105,7 @@ impl<B: Backend> Optimizer<B> {
                 step: self.step,
                 grad_scale: grad_scale * clip,
             };
-            be.adamw_step(&mut p.value, m, v, &p.grad, h);
+            be.adamw_step(&mut p.value, master, m, v, &p.grad, h);
         }
         StepInfo {
             grad_norm,
@@ -108,20 +118,34 @@ impl<B: Backend> Optimizer<B> {
         self.m
             .iter()
             .zip(&self.v)
-            .map(|(m, v)| (be.download_f64(m), be.download_f64(v)))
+            .map(|(m, v)| (be.state_download(m), be.state_download(v)))
             .collect()
     }
 
-    /// Restores moments saved by [`Self::moments`] (same parameter order) and the step count.
-    pub fn restore(&mut self, be: &B, moments: &[(Vec<f64>, Vec<f64>)], step: u64) {
-        assert_eq!(
-            moments.len(),
-            self.m.len(),
-            "restore: one (m, v) per parameter"
+    /// The master copy of each parameter: what a checkpoint saves (more precise than a bf16
+    /// parameter).
+    pub fn masters(&self, be: &B) -> Vec<Vec<f64>> {
+        self.master.iter().map(|x| be.state_download(x)).collect()
+    }
+
+    /// Restores a checkpoint: the master `values` and moments `(m, v)` of each parameter (in
+    /// [`Self::moments`]' order) and the step count. The method's parameters must already hold
+    /// the same values.
+    pub fn restore(
+        &mut self,
+        be: &B,
+        values: &[Vec<f64>],
+        moments: &[(Vec<f64>, Vec<f64>)],
+        step: u64,
+    ) {
+        assert!(
+            values.len() == self.m.len() && moments.len() == self.m.len(),
+            "restore: one value and (m, v) per parameter"
         );
-        for ((m, v), (sm, sv)) in self.m.iter_mut().zip(&mut self.v).zip(moments) {
-            *m = be.upload_f64(sm);
-            *v = be.upload_f64(sv);
+        for (i, (value, (sm, sv))) in values.iter().zip(moments).enumerate() {
+            self.master[i] = be.state_upload(value);
+            self.m[i] = be.state_upload(sm);
+            self.v[i] = be.state_upload(sv);
         }
         self.step = step;
     }

@@ -657,7 +657,7 @@ pub fn export_run<B: Backend + 'static>(
     export_prompt(be, s.method.as_mut(), &info, out)
 }
 
-/// Parameters and moments of every method tensor, for a checkpoint.
+/// Parameters (the optimiser's masters) and moments of every method tensor, for a checkpoint.
 fn optim_tensors<B: Backend>(
     be: &B,
     method: &dyn PromptMethod<B>,
@@ -666,11 +666,12 @@ fn optim_tensors<B: Backend>(
     method
         .params()
         .iter()
+        .zip(opt.masters(be))
         .zip(opt.moments(be))
-        .map(|(p, (m, v))| OptimTensor {
+        .map(|((p, value), (m, v))| OptimTensor {
             name: p.name.clone(),
             shape: p.shape.clone(),
-            value: be.download_f64(&p.value),
+            value,
             m,
             v,
         })
@@ -686,7 +687,7 @@ fn restore<B: Backend>(
     step: u64,
     path: &Path,
 ) -> Result<()> {
-    let mut moments = Vec::new();
+    let (mut values, mut moments) = (Vec::new(), Vec::new());
     for p in method.params_mut() {
         let t = tensors
             .iter()
@@ -705,9 +706,10 @@ fn restore<B: Backend>(
             });
         }
         p.value = be.upload_f64(&t.value);
+        values.push(t.value.clone());
         moments.push((t.m.clone(), t.v.clone()));
     }
-    opt.restore(be, &moments, step);
+    opt.restore(be, &values, &moments, step);
     Ok(())
 }
 

@@ -266,6 +266,7 @@ impl<T: Float> Backend for CpuBackend<T> {
     type Tensor = Vec<T>;
     type Index = Vec<i32>;
     type Nf4 = Nf4Tensor;
+    type State = Vec<T>;
 
     fn name(&self) -> String {
         format!("cpu-{}", std::any::type_name::<T>())
@@ -389,9 +390,18 @@ impl<T: Float> Backend for CpuBackend<T> {
         x.iter().map(|&v| v.f64() * v.f64()).sum()
     }
 
+    fn state_upload(&self, data: &[f64]) -> Vec<T> {
+        data.iter().map(|&x| T::of(x)).collect()
+    }
+
+    fn state_download(&self, x: &Vec<T>) -> Vec<f64> {
+        x.iter().map(|v| v.f64()).collect()
+    }
+
     fn adamw_step(
         &self,
         param: &mut Vec<T>,
+        master: &mut Vec<T>,
         m: &mut Vec<T>,
         v: &mut Vec<T>,
         grad: &Vec<T>,
@@ -399,7 +409,7 @@ impl<T: Float> Backend for CpuBackend<T> {
     ) {
         let n = param.len();
         assert!(
-            m.len() == n && v.len() == n && grad.len() == n,
+            master.len() == n && m.len() == n && v.len() == n && grad.len() == n,
             "adamw_step: lengths differ"
         );
         assert!(h.step >= 1, "adamw_step: steps count from 1");
@@ -410,9 +420,10 @@ impl<T: Float> Backend for CpuBackend<T> {
             let g = grad[i].f64() * h.grad_scale;
             let mi = h.beta1 * m[i].f64() + (1.0 - h.beta1) * g;
             let vi = h.beta2 * v[i].f64() + (1.0 - h.beta2) * g * g;
-            let p = param[i].f64();
+            let p = master[i].f64();
             let update = (mi / bc1) / ((vi / bc2).sqrt() + h.eps) + h.weight_decay * p;
-            param[i] = T::of(p - h.lr * update);
+            master[i] = T::of(p - h.lr * update);
+            param[i] = master[i];
             m[i] = T::of(mi);
             v[i] = T::of(vi);
         }

@@ -824,10 +824,11 @@ fn adamw_step_matches_a_hand_computed_step() {
         step,
         grad_scale: 0.5,
     };
-    let mut p = vec![1.0, -2.0];
+    let mut p = vec![f64::NAN; 2]; // written from the master
+    let mut master = vec![1.0, -2.0];
     let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
     let grad = vec![0.4, -0.2];
-    be().adamw_step(&mut p, &mut m, &mut v, &grad, h(1));
+    be().adamw_step(&mut p, &mut master, &mut m, &mut v, &grad, h(1));
     // step 1: g = (0.2, -0.1); m̂ = g, v̂ = g², so the Adam part is sign(g)·|g|/(|g| + eps) ≈ ±1.
     let want1 = [
         1.0 - 0.1 * (0.2 / (0.2 + 1e-8) + 0.01 * 1.0),
@@ -837,8 +838,9 @@ fn adamw_step_matches_a_hand_computed_step() {
         (p[0] - want1[0]).abs() < 1e-15 && (p[1] - want1[1]).abs() < 1e-15,
         "{p:?}"
     );
+    assert_eq!(p, master);
     assert!((m[0] - 0.02).abs() < 1e-15 && (v[0] - 0.001 * 0.04).abs() < 1e-18);
-    be().adamw_step(&mut p, &mut m, &mut v, &grad, h(2));
+    be().adamw_step(&mut p, &mut master, &mut m, &mut v, &grad, h(2));
     // step 2, same g: m = 0.19·g, v = 0.001999·g²; m̂ = g, v̂ = g² again.
     let want2 = want1[0] - 0.1 * (0.2 / (0.2 + 1e-8) + 0.01 * want1[0]);
     assert!((p[0] - want2).abs() < 1e-14, "{} vs {want2}", p[0]);

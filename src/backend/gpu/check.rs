@@ -803,7 +803,12 @@ impl<D: Device> Checker<'_, D> {
 
         let (p0, g1, g2) = (self.rand(n, 1.0), self.rand(n, 1.0), self.rand(n, 1.0));
         let (mut p_r, mut m_r, mut v_r) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
-        let (mut p, mut mm, mut vv) = (self.up(&p0), self.gpu.zeros(n), self.gpu.zeros(n));
+        let mut master_r = p0.clone();
+        let p0_f64: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
+        let zeros = vec![0.0; n];
+        let mut p = self.up(&p0);
+        let mut master = self.gpu.state_upload(&p0_f64);
+        let (mut mm, mut vv) = (self.gpu.state_upload(&zeros), self.gpu.state_upload(&zeros));
         for (step, g) in [(1u64, &g1), (2, &g2)] {
             let h = AdamW {
                 lr: 0.01,
@@ -814,9 +819,10 @@ impl<D: Device> Checker<'_, D> {
                 step,
                 grad_scale: 0.5,
             };
-            self.cpu.adamw_step(&mut p_r, &mut m_r, &mut v_r, g, h);
+            self.cpu
+                .adamw_step(&mut p_r, &mut master_r, &mut m_r, &mut v_r, g, h);
             self.gpu
-                .adamw_step(&mut p, &mut mm, &mut vv, &self.up(g), h);
+                .adamw_step(&mut p, &mut master, &mut mm, &mut vv, &self.up(g), h);
         }
         self.record("adamw_step (2 steps)", &p, &p_r, tol);
     }

@@ -46,6 +46,12 @@ pub struct GpuIndex<D: Device> {
     len: usize,
 }
 
+/// Optimiser state on a GPU device: `len` f32 whatever the backend's storage dtype.
+pub struct GpuState<D: Device> {
+    buf: D::Buffer,
+    len: usize,
+}
+
 /// An NF4 tensor on a GPU device (the layout of `model::nf4`).
 pub struct GpuNf4<D: Device> {
     packed: D::Buffer,       // (ceil(N/2)) u8, two codes per byte, high nibble first
@@ -181,6 +187,10 @@ impl<D: Device> GpuBackend<D> {
     }
 
     fn ptr(&self, x: &GpuTensor<D>) -> Arg {
+        Arg::Ptr(self.device.ptr(&x.buf))
+    }
+
+    fn sptr(&self, x: &GpuState<D>) -> Arg {
         Arg::Ptr(self.device.ptr(&x.buf))
     }
 
@@ -824,6 +834,7 @@ impl<D: Device> Backend for GpuBackend<D> {
     type Tensor = GpuTensor<D>;
     type Index = GpuIndex<D>;
     type Nf4 = GpuNf4<D>;
+    type State = GpuState<D>;
 
     fn name(&self) -> String {
         format!("{}-{}", self.device.name(), self.dtype)
@@ -1757,17 +1768,42 @@ impl<D: Device> Backend for GpuBackend<D> {
         partial.iter().map(|&p| p as f64).sum()
     }
 
+    fn state_upload(&self, data: &[f64]) -> GpuState<D> {
+        let values: Vec<f32> = data.iter().map(|&x| x as f32).collect();
+        let mut buf = self.alloc_bytes(std::mem::size_of_val(values.as_slice()).max(1));
+        self.expect(self.device.upload(&mut buf, bytemuck::cast_slice(&values)));
+        GpuState {
+            buf,
+            len: data.len(),
+        }
+    }
+
+    fn state_download(&self, x: &GpuState<D>) -> Vec<f64> {
+        let mut values = vec![0f32; x.len];
+        self.expect(
+            self.device
+                .download(&x.buf, bytemuck::cast_slice_mut(&mut values)),
+        );
+        values.into_iter().map(f64::from).collect()
+    }
+
     fn adamw_step(
         &self,
         param: &mut GpuTensor<D>,
-        m: &mut GpuTensor<D>,
-        v: &mut GpuTensor<D>,
+        master: &mut GpuState<D>,
+        m: &mut GpuState<D>,
+        v: &mut GpuState<D>,
         grad: &GpuTensor<D>,
         h: AdamW,
     ) {
         let n = param.len;
-        self.check("adamw_step: m", m, n);
-        self.check("adamw_step: v", v, n);
+        for (what, s) in [("master", &*master), ("m", &*m), ("v", &*v)] {
+            assert_eq!(
+                s.len, n,
+                "adamw_step: {what} has {} values, param {n}",
+                s.len
+            );
+        }
         self.check("adamw_step: grad", grad, n);
         assert!(h.step >= 1, "adamw_step: steps count from 1");
         // Bias corrections in f64 on the host, as the CPU reference.
@@ -1778,8 +1814,9 @@ impl<D: Device> Backend for GpuBackend<D> {
             LaunchCfg::linear(blocks_for(n, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
             &[
                 self.ptr(param),
-                self.ptr(m),
-                self.ptr(v),
+                self.sptr(master),
+                self.sptr(m),
+                self.sptr(v),
                 self.ptr(grad),
                 dim(n),
                 Arg::F32(h.lr as f32),
