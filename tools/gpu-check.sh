@@ -8,7 +8,7 @@
 # cuda`: every kernel and step checked against the CPU reference on the GPU), kernel-lab.log
 # (every op's variants checked and timed) and gpu-ops.log (criterion) when those binaries were
 # carried to target/carry/ (see tools/README.md), bench-claims.log + claims/ (`fastpt bench
-# --claims`) and bench-baseline.log + baseline/ (`fastpt bench --baseline`, needs torch and peft), bench-memory.log + memory/ (memory.svg: peak memory by shape). When $OUT is set (the device tool), the folder is also copied
+# --claims`) and bench-baseline.log + baseline/ (`fastpt bench --baseline`, needs torch and peft), run-rte.log + run-rte/ (a short text-task run and its evaluation on the GPU), bench-memory.log + memory/ (memory.svg: peak memory by shape). When $OUT is set (the device tool), the folder is also copied
 # there. Exits non-zero when doctor (or bench) fails.
 #
 # Kernels are compiled by NVRTC at start-up (a CUDA toolkit, FASTPT_CUDA_HOME, or .venv-nvrtc from
@@ -67,6 +67,14 @@ bench_rc=${PIPESTATUS[0]}
 echo "== fastpt bench --baseline (PyTorch + PEFT side by side)"
 # shellcheck disable=SC2086
 "$BIN" bench --baseline --device cuda --shape t5-base --setting none --setting pt $BENCH_ARGS --out "$DIR/baseline" 2>&1 | tee "$DIR/bench-baseline.log"
+echo "== fastpt run on a text task (fixture T5, RTE fixture: training, rank and generation eval on the GPU)"
+"$BIN" run --device cuda --model tests/fixtures/t5-v1_0-tiny --task rte --data tests/fixtures/data/glue/rte \
+  --set method=pt --set method.prompt_len=4 --set train.steps=20 --set train.batch_size=3 \
+  --set train.warmup_steps=0 --set train.eval_every=10 --set train.max_len=40 --set train.max_target_len=4 \
+  --set data.eval=rank --set out_dir="$DIR/run-rte" 2>&1 | tee "$DIR/run-rte.log"
+run_rc=${PIPESTATUS[0]}
+[ "$run_rc" -eq 0 ] || { echo "gpu-check: fastpt run on rte failed (exit $run_rc)" >&2; [ "$status" -ne 0 ] || status=$run_rc; }
+"$BIN" eval "$DIR/run-rte" --split test --mode generate --device cuda 2>&1 | tee -a "$DIR/run-rte.log"
 echo "== fastpt bench: memory by shape"
 # shellcheck disable=SC2086
 "$BIN" bench --device cuda --shape t5-small --shape t5-base --shape t5-large --shape t5-3b \
