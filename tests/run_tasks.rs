@@ -206,6 +206,21 @@ fn llama_with_words_and_rank_classification() {
     );
     let config = std::fs::read_to_string(dir.join("export/adapter/adapter_config.json")).unwrap();
     assert!(config.contains("CAUSAL_LM"), "{config}");
+
+    // Rows longer than the model's positions are refused before training, naming the setting.
+    let long = tmp.path().join("long");
+    let (ok, _, stderr) = run(
+        "llama-gqa-tiny",
+        "rte",
+        "data/glue/rte",
+        &long,
+        &["--set", "method=pt", "--set", "method.prompt_len=30"],
+    );
+    assert!(
+        !ok && stderr.contains("max_position_embeddings = 64: lower train.max_len"),
+        "{stderr}"
+    );
+    assert!(!long.exists(), "a refused run leaves no folder");
 }
 
 #[test]

@@ -237,6 +237,40 @@ fn run_batcher<'a, B: Backend>(
     .causal(model.is_causal())
 }
 
+/// Llama: the longest row (prompt rows + truncated input + target) must fit the model's
+/// positions. Checked before training, so the error names the setting to change instead of
+/// stopping a run at its first long batch.
+fn check_positions<B: Backend>(
+    model: &Backbone<B>,
+    prompt_rows: usize,
+    data: &RunData,
+    tc: &crate::config::TrainConfig,
+) -> Result<()> {
+    let Backbone::Llama(m) = model else {
+        return Ok(()); // T5's relative positions have no limit
+    };
+    let longest = data
+        .train
+        .iter()
+        .chain(&data.dev)
+        .map(|e| e.input.len().min(tc.max_len) + e.target.len().min(tc.max_target_len))
+        .max()
+        .unwrap_or(0);
+    let limit = m.cfg.max_position_embeddings;
+    if prompt_rows + longest > limit {
+        return Err(Error::Input(format!(
+            "the longest example needs {prompt_rows} prompt rows + {longest} tokens (input cut \
+             to train.max_len = {}, target to train.max_target_len = {}) = {} positions, more \
+             than the model's max_position_embeddings = {limit}: lower train.max_len or the \
+             prompt length",
+            tc.max_len,
+            tc.max_target_len,
+            prompt_rows + longest
+        )));
+    }
+    Ok(())
+}
+
 /// Mean loss over the dev examples, forward only.
 fn dev_loss<B: Backend>(
     be: &B,
@@ -299,6 +333,7 @@ pub fn train<B: Backend + 'static>(
     if let Some(dir) = opts.init_from {
         init_from_adapter(be, method.as_mut(), dir)?;
     }
+    check_positions(&model, method.prompt_rows(), &data, tc)?;
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
     let mut opt = Optimizer::new(be, method.as_ref(), tc);
     let batcher = run_batcher(&model, &data.train, cfg);
