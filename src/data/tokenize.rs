@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
 use super::tasks::TextExample;
@@ -89,10 +90,11 @@ impl TextCodec {
         })
     }
 
-    /// Every example, tokenized; errors name the split and the example's index.
+    /// Every example, tokenized (in parallel: large tasks hold hundreds of thousands); errors
+    /// name the split and the example's index.
     pub fn examples(&self, split: &str, examples: &[TextExample]) -> Result<Vec<Example>> {
         examples
-            .iter()
+            .par_iter()
             .enumerate()
             .map(|(i, ex)| {
                 self.example(ex)
