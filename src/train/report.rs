@@ -188,6 +188,20 @@ fn loss_range(values: impl Iterator<Item = f64> + Clone) -> std::ops::Range<f64>
     widen(lo, -pad)..widen(hi, pad)
 }
 
+/// The frame every chart shares: title, margins and label areas.
+fn chart_frame<'a, 'b, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+) -> ChartBuilder<'a, 'b, DB> {
+    let mut builder = ChartBuilder::on(root);
+    builder
+        .caption(title, ("sans-serif", 26))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(72);
+    builder
+}
+
 /// The chart as an SVG document. `points` is non-empty and finite.
 fn render_line_svg(
     points: &[(u64, f64)],
@@ -198,15 +212,10 @@ fn render_line_svg(
     {
         let root = SVGBackend::with_string(&mut svg, CHART_SIZE).into_drawing_area();
         root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 26))
-            .margin(16)
-            .x_label_area_size(48)
-            .y_label_area_size(72)
-            .build_cartesian_2d(
-                step_range(points.iter().map(|p| p.0)),
-                loss_range(points.iter().map(|p| p.1)),
-            )?;
+        let mut chart = chart_frame(&root, title).build_cartesian_2d(
+            step_range(points.iter().map(|p| p.0)),
+            loss_range(points.iter().map(|p| p.1)),
+        )?;
         chart
             .configure_mesh()
             .x_desc(x_desc)
@@ -285,12 +294,7 @@ fn render_bars_svg(
     {
         let root = SVGBackend::with_string(&mut svg, CHART_SIZE).into_drawing_area();
         root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 26))
-            .margin(16)
-            .x_label_area_size(48)
-            .y_label_area_size(72)
-            .build_cartesian_2d(0.0..n as f64, 0.0..top)?;
+        let mut chart = chart_frame(&root, title).build_cartesian_2d(0.0..n as f64, 0.0..top)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
