@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use plotters::chart::MeshStyle;
+use plotters::coord::ranged1d::ValueFormatter;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -202,6 +204,21 @@ fn chart_frame<'a, 'b, DB: DrawingBackend>(
     builder
 }
 
+/// The grid and label style every chart shares.
+fn style_mesh<'m, 'a, 'b, X, Y, XT, YT, DB>(
+    mesh: &'m mut MeshStyle<'a, 'b, X, Y, DB>,
+) -> &'m mut MeshStyle<'a, 'b, X, Y, DB>
+where
+    X: Ranged<ValueType = XT> + ValueFormatter<XT>,
+    Y: Ranged<ValueType = YT> + ValueFormatter<YT>,
+    DB: DrawingBackend,
+{
+    mesh.axis_desc_style(("sans-serif", 18))
+        .label_style(("sans-serif", 15))
+        .light_line_style(WHITE.mix(0.0))
+        .bold_line_style(BLACK.mix(0.12))
+}
+
 /// The chart as an SVG document. `points` is non-empty and finite.
 fn render_line_svg(
     points: &[(u64, f64)],
@@ -216,15 +233,9 @@ fn render_line_svg(
             step_range(points.iter().map(|p| p.0)),
             loss_range(points.iter().map(|p| p.1)),
         )?;
-        chart
-            .configure_mesh()
-            .x_desc(x_desc)
-            .y_desc(y_desc)
-            .axis_desc_style(("sans-serif", 18))
-            .label_style(("sans-serif", 15))
-            .light_line_style(WHITE.mix(0.0))
-            .bold_line_style(BLACK.mix(0.12))
-            .draw()?;
+        let mut mesh = chart.configure_mesh();
+        mesh.x_desc(x_desc).y_desc(y_desc);
+        style_mesh(&mut mesh).draw()?;
         let marker = if points.len() <= MAX_MARKED { 3 } else { 0 };
         chart.draw_series(
             LineSeries::new(points.iter().copied(), BLUE.stroke_width(2)).point_size(marker),
@@ -295,25 +306,21 @@ fn render_bars_svg(
         let root = SVGBackend::with_string(&mut svg, CHART_SIZE).into_drawing_area();
         root.fill(&WHITE)?;
         let mut chart = chart_frame(&root, title).build_cartesian_2d(0.0..n as f64, 0.0..top)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
+        let label = |x: &f64| {
+            let j = (x - 0.5).round();
+            if (x - 0.5 - j).abs() < 1e-6 && j >= 0.0 && (j as usize) < n {
+                categories[j as usize].clone()
+            } else {
+                String::new()
+            }
+        };
+        let mut mesh = chart.configure_mesh();
+        mesh.disable_x_mesh()
             .x_labels(n * 2 + 1)
             // Label each category's centre only.
-            .x_label_formatter(&|x| {
-                let j = (x - 0.5).round();
-                if (x - 0.5 - j).abs() < 1e-6 && j >= 0.0 && (j as usize) < n {
-                    categories[j as usize].clone()
-                } else {
-                    String::new()
-                }
-            })
-            .y_desc(y_desc)
-            .axis_desc_style(("sans-serif", 18))
-            .label_style(("sans-serif", 15))
-            .light_line_style(WHITE.mix(0.0))
-            .bold_line_style(BLACK.mix(0.12))
-            .draw()?;
+            .x_label_formatter(&label)
+            .y_desc(y_desc);
+        style_mesh(&mut mesh).draw()?;
         for (i, (name, values)) in series.iter().enumerate() {
             let colour = SERIES_COLOURS[i % SERIES_COLOURS.len()];
             chart
