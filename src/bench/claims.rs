@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::{run_bench, BenchClock, BenchConfig, Report, Row, Setting};
 use crate::error::{Error, Result};
 use crate::model::linear::Quant;
+use crate::model::shapes::shape_width;
 
 /// What a claim is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -54,6 +55,8 @@ pub struct Sweep {
 /// A candidate setting against a baseline at one shape.
 pub struct ClaimGroup {
     pub name: &'static str,
+    /// The built-in shape it runs at: the paper's, or the stand-in `--shape`.
+    pub shape: String,
     pub paper_shape: &'static str,
     pub quant: Quant,
     pub baseline: String,
@@ -63,23 +66,37 @@ pub struct ClaimGroup {
     pub sweep: Option<Sweep>,
 }
 
-/// The groups of the claims table.
-pub fn claim_groups() -> Vec<ClaimGroup> {
+/// EPT-MS's rank r at prompt length s holding the stored parameters s·d + (m + d)·r at PT's
+/// l·d with l = 100 (the paper's budget): r = (100 − s)·d / (m + d), rounded. On t5-base (d 768,
+/// m 256) that is r = 75 − 0.75·s, the paper's s = 60, r = 30 included.
+pub fn ept_budget_rank(s: usize, d: usize, m: usize) -> usize {
+    ((100 - s.min(100)) * d + (m + d) / 2) / (m + d)
+}
+
+/// The groups of the claims table, each at `shape` or, when None, at its paper's shape; `m` is
+/// the maximum input length (the length of EPT-MS's update).
+pub fn claim_groups(shape: Option<&str>, m: usize) -> Result<Vec<ClaimGroup>> {
+    let at = |paper_shape: &str| shape.unwrap_or(paper_shape).to_string();
     let pt = "pt:prompt_len=100".to_string();
-    // EPT-MS at DePT's budget s·d + (m + d)·r = 76,800 on t5-base (d 768, m 256): r = 75 − 0.75·s.
-    let ept = |s: u64| format!("ept:source_len=100,prompt_len={s},rank={}", 75 - 3 * s / 4);
+    let ept_shape = at("t5-base");
+    let d = shape_width(&ept_shape)?;
+    let ept = |s: u64| {
+        let r = ept_budget_rank(s as usize, d, m);
+        format!("ept:source_len=100,prompt_len={s},rank={r}")
+    };
     let lamp = |p: u64| format!("lamp:prompt_len=100,rank=8,pool={p}");
     let mut groups = vec![
         ClaimGroup {
             name: "EPT-MS vs PT (Lan et al. 2024)",
+            shape: ept_shape.clone(),
             paper_shape: "t5-base",
             quant: Quant::None,
             baseline: pt.clone(),
             candidate: ept(60),
             paper: vec![(Metric::TrainTime, -14.0)],
             sweep: Some(Sweep {
-                axis: "prompt length s (same parameter budget; s = 100 is PT)",
-                points: [20, 40, 60, 80]
+                axis: "prompt length s (same parameter budget; s = 0 is the update alone, s = 100 is PT)",
+                points: [0, 20, 40, 60, 80]
                     .into_iter()
                     .map(|s| (s, ept(s)))
                     .chain([(100, pt.clone())])
@@ -88,6 +105,7 @@ pub fn claim_groups() -> Vec<ClaimGroup> {
         },
         ClaimGroup {
             name: "LAMP vs PT (Lan et al. 2025)",
+            shape: at("t5-11b"),
             paper_shape: "t5-11b",
             quant: Quant::Nf4,
             baseline: pt.clone(),
@@ -121,6 +139,7 @@ pub fn claim_groups() -> Vec<ClaimGroup> {
     ] {
         groups.push(ClaimGroup {
             name,
+            shape: at("t5-base"),
             paper_shape: "t5-base",
             quant: Quant::None,
             baseline: pt.clone(),
@@ -129,7 +148,7 @@ pub fn claim_groups() -> Vec<ClaimGroup> {
             sweep: None,
         });
     }
-    groups
+    Ok(groups)
 }
 
 /// One line of the claims table.
@@ -194,8 +213,8 @@ pub fn run_claims<B: BenchClock + 'static>(
     let mut rows = Vec::new();
     let mut sweeps = Vec::new();
     let mut reports = Vec::new();
-    for group in claim_groups() {
-        let shape = shape.unwrap_or(group.paper_shape).to_string();
+    for group in claim_groups(shape, base.max_len)? {
+        let shape = group.shape.clone();
         let mut specs = vec![group.baseline.clone(), group.candidate.clone()];
         if let Some(sweep) = &group.sweep {
             for (_, spec) in &sweep.points {
@@ -226,17 +245,17 @@ pub fn run_claims<B: BenchClock + 'static>(
         for metric in Metric::ALL {
             let paper = group.paper.iter().find(|(m, _)| *m == metric).map(|p| p.1);
             let measured = relative(metric, b, c, report.memory);
-            let mut note = String::new();
+            let mut notes = Vec::new();
             if measured.is_none() {
-                note.push_str("CPU: the process's peak RSS cannot separate settings");
+                notes.push("CPU: the process's peak RSS cannot separate settings".to_string());
+            }
+            if group.quant == Quant::Nf4 {
+                notes.push("NF4 frozen weights".to_string());
             }
             if shape != group.paper_shape {
-                note.push_str(&format!(
-                    "{}stand-in shape (the paper: {})",
-                    if note.is_empty() { "" } else { "; " },
-                    group.paper_shape
-                ));
+                notes.push(format!("stand-in shape (the paper: {})", group.paper_shape));
             }
+            let note = notes.join("; ");
             rows.push(ClaimRow {
                 claim: group.name.into(),
                 shape: shape.clone(),
@@ -316,7 +335,8 @@ mod tests {
 
     #[test]
     fn every_setting_parses_and_the_ept_sweep_keeps_the_parameter_budget() {
-        for g in claim_groups() {
+        let groups = claim_groups(None, 256).unwrap();
+        for g in &groups {
             Setting::parse(&g.baseline).unwrap();
             Setting::parse(&g.candidate).unwrap();
             for (_, spec) in g.sweep.iter().flat_map(|s| &s.points) {
@@ -324,14 +344,16 @@ mod tests {
             }
         }
         // t5-base (d 768, m 256): stored s·d + (m + d)·r = 76,800 at every s of the sweep.
-        let ept = &claim_groups()[0];
+        let ept = &groups[0];
+        assert_eq!(ept.shape, "t5-base");
+        assert_eq!(ept.candidate, "ept:source_len=100,prompt_len=60,rank=30");
         for (s, spec) in &ept.sweep.as_ref().unwrap().points {
             let cfg = Setting::parse(spec).unwrap().method.unwrap();
             let stored = cfg.param_counts(768, 256).stored;
             assert_eq!(stored, 76_800, "s = {s}: {spec}");
         }
         // LAMP's parameter claim is exact: 9,000 vs 102,400 at d = 1024.
-        let lamp = &claim_groups()[1];
+        let lamp = &groups[1];
         let count = |spec: &str| {
             let m: MethodConfig = Setting::parse(spec).unwrap().method.unwrap();
             m.param_counts(1024, 256).train as f64
@@ -339,6 +361,28 @@ mod tests {
         let change = (count(&lamp.candidate) / count(&lamp.baseline) - 1.0) * 100.0;
         let paper = lamp.paper.iter().find(|p| p.0 == Metric::Params).unwrap().1;
         assert!((change - paper).abs() < 0.005, "{change} vs {paper}");
+    }
+
+    #[test]
+    fn the_ept_sweep_at_a_stand_in_shape_keeps_ptes_budget_to_a_rounding() {
+        let (d, m) = (64, 256); // t5-tiny
+        let groups = claim_groups(Some("t5-tiny"), m).unwrap();
+        assert!(groups.iter().all(|g| g.shape == "t5-tiny"));
+        let points = &groups[0].sweep.as_ref().unwrap().points;
+        assert_eq!(
+            points.iter().map(|p| p.0).collect::<Vec<_>>(),
+            [0, 20, 40, 60, 80, 100]
+        );
+        for (s, spec) in points {
+            let cfg = Setting::parse(spec).unwrap().method.unwrap();
+            cfg.validate(d, m).unwrap();
+            let stored = cfg.param_counts(d, m).stored as i64;
+            assert!(
+                (stored - 100 * d as i64).abs() <= (m + d) as i64 / 2,
+                "s = {s}: {spec} stores {stored}"
+            );
+        }
+        assert!(claim_groups(Some("t5-huge"), m).is_err());
     }
 
     fn row(step_ms: f64, forward_ms: f64, memory: u64, params: usize) -> Row {

@@ -18,6 +18,15 @@ pub fn is_builtin_shape(name: &str) -> bool {
     T5_SHAPES.contains(&name) || LLAMA_SHAPES.contains(&name)
 }
 
+/// The model width (d_model / hidden_size) of a built-in shape.
+pub fn shape_width(name: &str) -> Result<usize> {
+    if LLAMA_SHAPES.contains(&name) {
+        Ok(llama_shape(name)?.hidden_size)
+    } else {
+        Ok(t5_shape(name)?.d_model)
+    }
+}
+
 /// The built-in T5 shapes, by name.
 pub const T5_SHAPES: &[&str] = &[
     "t5-tiny",

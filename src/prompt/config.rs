@@ -466,7 +466,10 @@ impl MethodConfig {
             }
             MethodConfig::Ept(c) => {
                 positive("source_len (l)", c.source_len)?;
-                positive("prompt_len (s)", c.prompt_len)?;
+                // s = 0 is the end point of the paper's sweep (Fig. 4b): the low-rank update alone.
+                if c.prompt_len == 0 && c.rank == 0 {
+                    return bad("prompt_len s = 0 and rank r = 0: nothing to train".into());
+                }
                 if c.prompt_len > c.source_len {
                     return bad(format!(
                         "prompt_len s = {} > source_len l = {}",
@@ -482,7 +485,7 @@ impl MethodConfig {
                 if c.rank > m.min(d) {
                     return bad(format!("rank r = {} > min(m = {m}, d = {d})", c.rank));
                 }
-                if c.multi_space {
+                if c.multi_space && c.prompt_len > 0 {
                     positive("experts (N_e)", c.experts)?;
                     positive("expert_hidden (h)", c.hidden(m))?;
                 }
@@ -565,7 +568,8 @@ impl MethodConfig {
             }
             MethodConfig::Ept(c) => {
                 let stored = c.prompt_len * d + (m + d) * c.rank;
-                let extra = if c.multi_space {
+                // The experts project the prompt rows: none at s = 0.
+                let extra = if c.multi_space && c.prompt_len > 0 {
                     let (e, h) = (c.experts, c.hidden(m));
                     e * (2 * d * h + h + d) + e * (d + 1)
                 } else {

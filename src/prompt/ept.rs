@@ -168,7 +168,9 @@ impl<B: Backend> Ept<B> {
                 params.push(Param::new(be, "lowrank.b", &[r, d], ParamGroup::LowRank, b));
             }
         }
-        let ms = if cfg.multi_space {
+        // With s = 0 there are no prompt rows to project: the experts and gate would be dead
+        // parameters, so the method is the low-rank update alone.
+        let ms = if cfg.multi_space && s > 0 {
             let (e, h) = (cfg.experts, cfg.hidden(m));
             for i in 0..e {
                 let name = |t: &str| format!("expert.{i}.{t}");
@@ -235,6 +237,9 @@ impl<B: Backend> PromptMethod<B> for Ept<B> {
         let ps = &params[PROMPT].value; // (s, d)
         let (a, b) = (&params[LOW_A].value, &params[LOW_B].value);
         lowrank_forward(be, &mut self.lr, a, b, (m, r, d), 1.0);
+        if s == 0 {
+            return; // no prompt rows: the update alone
+        }
         // P_f into rows.
         be.fusion_attention_forward(
             &mut self.rows,
@@ -278,6 +283,13 @@ impl<B: Backend> PromptMethod<B> for Ept<B> {
     fn backward(&mut self, be: &B, d_rows: &B::Tensor, d_update: Option<&B::Tensor>) {
         let (s, m, r, d) = (self.s, self.m, self.r, self.d);
         let params = &mut self.params;
+        if s == 0 {
+            // No prompt rows: only the update's gradient reaches A and B.
+            if let Some(du) = d_update {
+                lowrank_backward(be, params, (LOW_A, LOW_B), du, (m, r, d), 1.0);
+            }
+            return;
+        }
         // P_f = fusion(Ps, A·B).
         be.fusion_attention_backward(
             &mut self.d_ps,
@@ -604,6 +616,34 @@ mod tests {
                 });
             }
         }
+    }
+
+    /// s = 0, the end point of the paper's sweep over s: no prompt rows, no experts, and the
+    /// update alone carries the gradient into A and B.
+    #[test]
+    fn ept_without_prompt_rows_is_the_update_alone() {
+        for init in [LowRankInit::Svd, LowRankInit::Lora] {
+            let c = EptConfig {
+                prompt_len: 0,
+                ..cfg(Fusion::Attend, init, true)
+            };
+            with_context(D, M, |be, ctx| {
+                let mut meth = Ept::new(be, &c, ctx).unwrap();
+                assert_eq!(meth.prompt_rows(), 0);
+                assert_eq!(meth.params().len(), 3, "no experts or gate at s = 0");
+                if init == LowRankInit::Lora {
+                    meth.params_mut()[LOW_B].value = random_vec(3 * D, 1.0, 77);
+                }
+                check_method_gradients(be, &mut meth, &MethodConfig::Ept(c.clone()), ctx);
+            });
+        }
+        let none = MethodConfig::Ept(EptConfig {
+            prompt_len: 0,
+            rank: 0,
+            ..EptConfig::default()
+        });
+        let err = none.validate(768, 256).unwrap_err().to_string();
+        assert!(err.contains("nothing to train"), "{err}");
     }
 
     #[test]

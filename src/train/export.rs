@@ -120,32 +120,36 @@ pub fn export_prompt<B: Backend>(
     let name = method.name();
     method.forward(be);
     let p = method.prompt_rows();
-    let rows = be.download_f32(method.rows());
-    if p == 0 || rows.is_empty() || rows.len() % p != 0 {
+    let rows = be.download_f32(method.rows()); // (P, C)
+                                               // Only DePT and EPT-MS have an update; its presence (not the name) decides the format, so a
+                                               // method added later is exported by what it computes.
+    let update = match (method.update(), method.update_rows()) {
+        (Some(u), Some(m)) if m > 0 => Some((m, be.download_f32(u))), // (M, C)
+        _ => None,
+    };
+    // The width comes from the prompt rows, or from the update when there are none (EPT-MS at
+    // s = 0 is the update alone).
+    let c = match (p, &update) {
+        (0, Some((m, u))) => u.len() / m,
+        (0, None) => 0,
+        _ => rows.len() / p,
+    };
+    if c == 0 || rows.len() != p * c {
         return Err(Error::Input(format!(
             "export of `{name}`: {} prompt values do not form {p} rows",
             rows.len()
         )));
     }
-    let c = rows.len() / p;
     check_finite(&rows, name, "prompt", c)?;
-    // Only DePT and EPT-MS have an update; its presence (not the name) decides the format, so a
-    // method added later is exported by what it computes.
-    let update = match method.update() {
-        Some(u) => {
-            let u = be.download_f32(u);
-            let m = method.update_rows().unwrap_or(u.len() / c);
-            if u.len() != m * c {
-                return Err(Error::Input(format!(
-                    "export of `{name}`: the update has {} values, not ({m}, {c})",
-                    u.len()
-                )));
-            }
-            check_finite(&u, name, "update", c)?;
-            Some((m, u))
+    if let Some((m, u)) = &update {
+        if u.len() != m * c {
+            return Err(Error::Input(format!(
+                "export of `{name}`: the update has {} values, not ({m}, {c})",
+                u.len()
+            )));
         }
-        None => None,
-    };
+        check_finite(u, name, "update", c)?;
+    }
     let layers = base_model_layers(info, c)?;
 
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
