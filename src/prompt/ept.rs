@@ -26,6 +26,9 @@
 //!    `P_amend = Σ_i G[:, i] ⊙ E_i(Ps)`.
 //! 5. Prompt rows `P_new = P_amend + P_f` (`P_f` alone without multi-space, an ablation).
 //!
+//! `s = 0` (the end point of the paper's sweep over s, its Fig. 4b) has no prompt rows: no
+//! fusion and no experts, only the update `(A·B)[0..n]` of the text embeddings.
+//!
 //! Parameters: `prompt` Ps (s, d), experts and gate in [`ParamGroup::Prompt`]; `lowrank.a` A (m, r),
 //! `lowrank.b` B (r, d) in [`ParamGroup::LowRank`]. Stored s·d + (m + d)·r; train time adds
 //! N_e(2dh + h + d) + N_e(d + 1).
