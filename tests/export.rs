@@ -274,6 +274,8 @@ fn dept_and_ept_export_prompt_and_update_without_adapter() {
             "ept",
             "source_len = 5\nprompt_len = 3\nrank = 2\nexperts = 2\nexpert_hidden = 4",
         ),
+        // s = 0: no prompt rows, the width comes from the update.
+        ("ept", "source_len = 5\nprompt_len = 0\nrank = 2"),
     ];
     for (name, options) in cases {
         let mut method = t5_method(&be, &model, name, options, 9);
