@@ -364,7 +364,7 @@ mod tests {
     }
 
     #[test]
-    fn the_ept_sweep_at_a_stand_in_shape_keeps_ptes_budget_to_a_rounding() {
+    fn the_ept_sweep_at_a_stand_in_shape_keeps_pts_budget_to_a_rounding() {
         let (d, m) = (64, 256); // t5-tiny
         let groups = claim_groups(Some("t5-tiny"), m).unwrap();
         assert!(groups.iter().all(|g| g.shape == "t5-tiny"));

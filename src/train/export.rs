@@ -121,8 +121,9 @@ pub fn export_prompt<B: Backend>(
     method.forward(be);
     let p = method.prompt_rows();
     let rows = be.download_f32(method.rows()); // (P, C)
-                                               // Only DePT and EPT-MS have an update; its presence (not the name) decides the format, so a
-                                               // method added later is exported by what it computes.
+
+    // Only DePT and EPT-MS have an update; its presence (not the name) decides the format, so a
+    // method added later is exported by what it computes.
     let update = match (method.update(), method.update_rows()) {
         (Some(u), Some(m)) if m > 0 => Some((m, be.download_f32(u))), // (M, C)
         _ => None,

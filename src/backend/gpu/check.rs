@@ -1052,9 +1052,11 @@ pub fn check_steps<D: Device>(
         );
     }
 
-    for (method, options) in [
-        ("pt", "prompt_len = 5"),
-        ("ept", "prompt_len = 4\nrank = 3"),
+    for (label, method, options) in [
+        ("pt", "pt", "prompt_len = 5"),
+        ("ept", "ept", "prompt_len = 4\nrank = 3"),
+        // No prompt rows: the update alone (the end of the claims' sweep over s).
+        ("ept s=0", "ept", "prompt_len = 0\nrank = 3"),
     ] {
         let cfg = MethodConfig::from_toml(method, options)?;
         let mut mg = build_backbone_method(gpu, &model_g, &cfg, 100, seed, None)?;
@@ -1066,14 +1068,20 @@ pub fn check_steps<D: Device>(
         let g = forward_backward(gpu, &model_g, Some(mg.as_mut()), &batch)?;
         let c = forward_backward(&cpu, &model_c, Some(mc.as_mut()), &batch)?;
         push(
-            format!("{shape} step + {method}: loss"),
+            format!("{shape} step + {label}: loss"),
             &[g.loss as f32],
             &[c.loss as f32],
             step_tolerance(dt),
         );
-        for (pg, pc) in mg.params().iter().zip(mc.params()) {
+        // An empty parameter (EPT-MS's prompt at s = 0) has nothing to compare.
+        for (pg, pc) in mg
+            .params()
+            .iter()
+            .zip(mc.params())
+            .filter(|(p, _)| p.numel() > 0)
+        {
             push(
-                format!("{shape} step + {method}: d {}", pg.name),
+                format!("{shape} step + {label}: d {}", pg.name),
                 &gpu.download_f32(&pg.grad),
                 &pc.grad,
                 step_grad_tolerance(dt),
