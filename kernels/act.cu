@@ -7,14 +7,14 @@ template <typename T>
 __device__ void add_assign(T* dst, const T* src, int n) {
     FOR_EACH_INDEX(i, n) dst[i] = from_float<T>(to_float(dst[i]) + to_float(src[i]));
 }
-INSTANTIATE(add_assign, (T * dst, const T* src, int n), (dst, src, n))
+INSTANTIATE(add_assign, ELEMENTWISE_BLOCK, (T * dst, const T* src, int n), (dst, src, n))
 
 // x (N, F) += bias (F) on every row.
 template <typename T>
 __device__ void add_bias(T* x, const T* bias, int n, int f) {
     FOR_EACH_INDEX(i, (long)n * f) x[i] = from_float<T>(to_float(x[i]) + to_float(bias[i % f]));
 }
-INSTANTIATE(add_bias, (T * x, const T* bias, int n, int f), (x, bias, n, f))
+INSTANTIATE(add_bias, ELEMENTWISE_BLOCK, (T * x, const T* bias, int n, int f), (x, bias, n, f))
 
 // dbias (F) += Σ_rows dout (N, F). One thread per column (grid-stride over the columns), the rows
 // summed in float.
@@ -26,7 +26,7 @@ __device__ void bias_backward(T* dbias, const T* dout, int n, int f) {
         dbias[col] = from_float<T>(to_float(dbias[col]) + sum);
     }
 }
-INSTANTIATE(bias_backward, (T * dbias, const T* dout, int n, int f), (dbias, dout, n, f))
+INSTANTIATE(bias_backward, ELEMENTWISE_BLOCK, (T * dbias, const T* dout, int n, int f), (dbias, dout, n, f))
 
 // Activation codes, as the backend passes them: 0 ReLU, 1 GELU (tanh approximation, HF's
 // gelu_new), 2 SiLU. The constants of src/backend/cpu/mod.rs `activation`.
@@ -64,7 +64,7 @@ __device__ void gated_act_forward(T* out, const T* a, const T* gate, int len, in
         out[i] = from_float<T>(y);
     }
 }
-INSTANTIATE(gated_act_forward, (T * out, const T* a, const T* gate, int len, int act), (out, a, gate, len, act))
+INSTANTIATE(gated_act_forward, ELEMENTWISE_BLOCK, (T * out, const T* a, const T* gate, int len, int act), (out, a, gate, len, act))
 
 // da (len) = dout · gate · act'(a) (dout · act'(a) without gate); dgate (len) = dout · act(a)
 // when dgate is not null. Both `=`.
@@ -78,6 +78,6 @@ __device__ void gated_act_backward_dinp(T* da, T* dgate, const T* dout, const T*
         if (dgate != nullptr) dgate[i] = from_float<T>(dy * act_apply(act, x));
     }
 }
-INSTANTIATE(gated_act_backward_dinp,
+INSTANTIATE(gated_act_backward_dinp, ELEMENTWISE_BLOCK,
             (T * da, T* dgate, const T* dout, const T* a, const T* gate, int len, int act),
             (da, dgate, dout, a, gate, len, act))

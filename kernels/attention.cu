@@ -53,7 +53,7 @@ __device__ void attention_softmax_forward(T* scores, T* lse, const int* key_mask
         if (threadIdx.x == 0) lse[row] = from_float<T>(row_lse);
     }
 }
-INSTANTIATE(attention_softmax_forward,
+INSTANTIATE(attention_softmax_forward, ROW_BLOCK,
             (T * scores, T* lse, const int* key_mask, const T* bias_table, const int* rel_buckets, int b, int h, int t,
              int s, int causal),
             (scores, lse, key_mask, bias_table, rel_buckets, b, h, t, s, causal))
@@ -74,7 +74,7 @@ __device__ void attention_softmax_backward(T* dscores, const T* probs, int rows,
         }
     }
 }
-INSTANTIATE(attention_softmax_backward, (T * dscores, const T* probs, int rows, int s), (dscores, probs, rows, s))
+INSTANTIATE(attention_softmax_backward, ROW_BLOCK, (T * dscores, const T* probs, int rows, int s), (dscores, probs, rows, s))
 
 // ---- Flash attention ---------------------------------------------------------------------------
 //
@@ -223,7 +223,7 @@ __device__ void attention_forward(T* out, T* lse, const T* q, const T* k, const 
         lse[(bi * h + hh) * t + i0 + r] = from_float<T>(l > 0.0f ? row_m[r] + logf(l) : neg_inf());
     }
 }
-INSTANTIATE(attention_forward,
+INSTANTIATE(attention_forward, FLASH_BLOCK,
             (T * out, T* lse, const T* q, const T* k, const T* v, const int* key_mask, const T* bias_table,
              const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal, float scale),
             (out, lse, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, h_kv, d, causal, scale))
@@ -288,7 +288,7 @@ __device__ void attention_backward_prep(float* stats, const T* lse, const T* out
         st[r * 2] = row_l[r] > 0.0f ? row_m[r] + logf(row_l[r]) : neg_inf();
     }
 }
-INSTANTIATE(attention_backward_prep,
+INSTANTIATE(attention_backward_prep, FLASH_BLOCK,
             (float* stats, const T* lse, const T* out, const T* dout, const T* q, const T* k, const int* key_mask,
              const T* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal,
              float scale, int recompute),
@@ -378,7 +378,7 @@ __device__ void attention_backward_dkv(T* dk, T* dv, const float* stats, const T
         dv[at] = from_float<T>(dvs[idx]);
     }
 }
-INSTANTIATE(attention_backward_dkv,
+INSTANTIATE(attention_backward_dkv, FLASH_BLOCK,
             (T * dk, T* dv, const float* stats, const T* dout, const T* q, const T* k, const T* v,
              const int* key_mask, const T* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv,
              int d, int causal, float scale),
@@ -437,7 +437,7 @@ __device__ void attention_backward_dq(T* dq, const float* stats, const T* dout, 
         dq[(bi * t + i0 + r) * h * d + (long)hh * d + dd] = from_float<T>(dqs[idx]);
     }
 }
-INSTANTIATE(attention_backward_dq,
+INSTANTIATE(attention_backward_dq, FLASH_BLOCK,
             (T * dq, const float* stats, const T* dout, const T* q, const T* k, const T* v, const int* key_mask,
              const T* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal,
              float scale),
@@ -453,6 +453,17 @@ INSTANTIATE(attention_backward_dq,
 // becomes so once `fastpt doctor` has passed it on a GPU (AttentionKernel::FlashTc).
 
 #define MMA_BR 64  // query rows per block: 4 warps × 16
+
+// The body of a tensor-core kernel: the call, or a trap where the GPU has no bf16 mma (below
+// sm_80; GpuBackend never launches these there, and the template is then never instantiated).
+// At least one block per SM is all these kernels ask of ptxas: with `__launch_bounds__(128)` alone
+// it aims at four (128 registers each) and spills the D = 64 forward on sm_80.
+#define TC_LAUNCH_BOUNDS __launch_bounds__(FLASH_BLOCK, 1)
+#if FASTPT_TENSOR_CORES
+#define TC_BODY(call) call
+#else
+#define TC_BODY(call) __trap()
+#endif
 #define MMA_BC 32  // keys per tile
 
 // STATS: only the row statistics, for the backward: stats[row·2] = the f32 log-sum-exp (a bf16
@@ -462,9 +473,9 @@ __device__ void attention_forward_tc(bf16* out, bf16* lse, float* stats, const b
                                      const bf16* v, const int* key_mask, const bf16* bias_table,
                                      const int* rel_buckets, int b, int t, int s, int h, int h_kv, int causal,
                                      float scale) {
-    __shared__ bf16 qs[MMA_BR * D];  // (BR, D)
-    __shared__ bf16 ks[MMA_BC * D];  // (BC, D)
-    __shared__ bf16 vs[MMA_BC * D];  // (BC, D)
+    SHARED(bf16, qs, MMA_BR * D);  // (BR, D)
+    SHARED(bf16, ks, MMA_BC * D);  // (BC, D)
+    SHARED(bf16, vs, MMA_BC * D);  // (BC, D)
     long bi;
     int hh, i0;
     if (!flash_block(bi, hh, i0, t, h, MMA_BR, b)) return;
@@ -597,22 +608,22 @@ __device__ void attention_forward_tc(bf16* out, bf16* lse, float* stats, const b
     }
 }
 
-#define INSTANTIATE_ATTENTION_FORWARD_TC(D)                                                                       \
-    extern "C" __global__ void attention_forward_tc_d##D##_bf16(                                                \
-        bf16* out, bf16* lse, const bf16* q, const bf16* k, const bf16* v, const int* key_mask,                   \
-        const bf16* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal, \
-        float scale) {                                                                                            \
-        attention_forward_tc<D, false>(out, lse, nullptr, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h,  \
-                                       h_kv, causal, scale);                                                      \
-    }                                                                                                             \
-    VGPU_KERNEL(attention_forward_tc_d##D##_bf16)                                                                 \
-    extern "C" __global__ void attention_stats_tc_d##D##_bf16(                                                  \
-        float* stats, const bf16* q, const bf16* k, const int* key_mask, const bf16* bias_table,                  \
-        const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal, float scale) {           \
-        attention_forward_tc<D, true>(nullptr, nullptr, stats, q, k, nullptr, key_mask, bias_table, rel_buckets,  \
-                                      b, t, s, h, h_kv, causal, scale);                                          \
-    }                                                                                                             \
-    VGPU_KERNEL(attention_stats_tc_d##D##_bf16)
+#define INSTANTIATE_ATTENTION_FORWARD_TC(D)                                                                                \
+    extern "C" __global__ void TC_LAUNCH_BOUNDS attention_forward_tc_d##D##_bf16(                                          \
+        bf16* out, bf16* lse, const bf16* q, const bf16* k, const bf16* v, const int* key_mask,                            \
+        const bf16* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal,           \
+        float scale) {                                                                                                     \
+        TC_BODY((attention_forward_tc<D, false>(out, lse, nullptr, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, \
+                                       h_kv, causal, scale)));                                                             \
+    }                                                                                                                      \
+    VGPU_KERNEL(attention_forward_tc_d##D##_bf16, FLASH_BLOCK)                                                             \
+    extern "C" __global__ void TC_LAUNCH_BOUNDS attention_stats_tc_d##D##_bf16(                                            \
+        float* stats, const bf16* q, const bf16* k, const int* key_mask, const bf16* bias_table,                           \
+        const int* rel_buckets, int b, int t, int s, int h, int h_kv, int d, int causal, float scale) {                    \
+        TC_BODY((attention_forward_tc<D, true>(nullptr, nullptr, stats, q, k, nullptr, key_mask, bias_table, rel_buckets,  \
+                                      b, t, s, h, h_kv, causal, scale)));                                                  \
+    }                                                                                                                      \
+    VGPU_KERNEL(attention_stats_tc_d##D##_bf16, FLASH_BLOCK)
 INSTANTIATE_ATTENTION_FORWARD_TC(64)
 INSTANTIATE_ATTENTION_FORWARD_TC(128)
 
@@ -675,11 +686,12 @@ __device__ void attention_backward_dkv_tc(bf16* dk, bf16* dv, const float* stats
                                           const bf16* k, const bf16* v, const int* key_mask,
                                           const bf16* bias_table, const int* rel_buckets, int b, int t, int s, int h,
                                           int h_kv, int causal, float scale) {
-    __shared__ bf16 ks[TC_KEYS * D];    // (64, D)
-    __shared__ bf16 vs[TC_KEYS * D];    // (64, D)
-    __shared__ bf16 qs[TC_QSTEP * D];   // (16, D)
-    __shared__ bf16 dos[TC_QSTEP * D];  // (16, D)
-    __shared__ float st_lse[TC_QSTEP], st_d[TC_QSTEP];
+    SHARED(bf16, ks, TC_KEYS * D);    // (64, D)
+    SHARED(bf16, vs, TC_KEYS * D);    // (64, D)
+    SHARED(bf16, qs, TC_QSTEP * D);   // (16, D)
+    SHARED(bf16, dos, TC_QSTEP * D);  // (16, D)
+    SHARED(float, st_lse, TC_QSTEP);
+    SHARED(float, st_d, TC_QSTEP);
     long bi;
     int kvh, j0;
     if (!flash_block(bi, kvh, j0, s, h_kv, TC_KEYS, b)) return;
@@ -768,9 +780,9 @@ __device__ void attention_backward_dq_tc(bf16* dq, const float* stats, const bf1
                                          const bf16* k, const bf16* v, const int* key_mask, const bf16* bias_table,
                                          const int* rel_buckets, int b, int t, int s, int h, int h_kv, int causal,
                                          float scale) {
-    __shared__ bf16 rows_s[MMA_BR * D];  // (64, D): Q, then dO, staged for their fragments
-    __shared__ bf16 ks[MMA_BC * D];      // (BC, D)
-    __shared__ bf16 vs[MMA_BC * D];      // (BC, D)
+    SHARED(bf16, rows_s, MMA_BR * D);  // (64, D): Q, then dO, staged for their fragments
+    SHARED(bf16, ks, MMA_BC * D);      // (BC, D)
+    SHARED(bf16, vs, MMA_BC * D);      // (BC, D)
     long bi;
     int hh, i0;
     if (!flash_block(bi, hh, i0, t, h, MMA_BR, b)) return;
@@ -850,22 +862,22 @@ __device__ void attention_backward_dq_tc(bf16* dq, const float* stats, const bf1
     }
 }
 
-#define INSTANTIATE_ATTENTION_BACKWARD_TC(D)                                                                      \
-    extern "C" __global__ void attention_backward_dkv_tc_d##D##_bf16(                                           \
-        bf16* dk, bf16* dv, const float* stats, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,    \
-        const int* key_mask, const bf16* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, \
-        int d, int causal, float scale) {                                                                         \
-        attention_backward_dkv_tc<D>(dk, dv, stats, dout, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, \
-                                     h_kv, causal, scale);                                                        \
-    }                                                                                                             \
-    VGPU_KERNEL(attention_backward_dkv_tc_d##D##_bf16)                                                            \
-    extern "C" __global__ void attention_backward_dq_tc_d##D##_bf16(                                            \
-        bf16* dq, const float* stats, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,              \
-        const int* key_mask, const bf16* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv, \
-        int d, int causal, float scale) {                                                                         \
-        attention_backward_dq_tc<D>(dq, stats, dout, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, h_kv, \
-                                    causal, scale);                                                               \
-    }                                                                                                             \
-    VGPU_KERNEL(attention_backward_dq_tc_d##D##_bf16)
+#define INSTANTIATE_ATTENTION_BACKWARD_TC(D)                                                                                \
+    extern "C" __global__ void TC_LAUNCH_BOUNDS attention_backward_dkv_tc_d##D##_bf16(                                      \
+        bf16* dk, bf16* dv, const float* stats, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,              \
+        const int* key_mask, const bf16* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv,          \
+        int d, int causal, float scale) {                                                                                   \
+        TC_BODY((attention_backward_dkv_tc<D>(dk, dv, stats, dout, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h,  \
+                                     h_kv, causal, scale)));                                                                \
+    }                                                                                                                       \
+    VGPU_KERNEL(attention_backward_dkv_tc_d##D##_bf16, FLASH_BLOCK)                                                         \
+    extern "C" __global__ void TC_LAUNCH_BOUNDS attention_backward_dq_tc_d##D##_bf16(                                       \
+        bf16* dq, const float* stats, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,                        \
+        const int* key_mask, const bf16* bias_table, const int* rel_buckets, int b, int t, int s, int h, int h_kv,          \
+        int d, int causal, float scale) {                                                                                   \
+        TC_BODY((attention_backward_dq_tc<D>(dq, stats, dout, q, k, v, key_mask, bias_table, rel_buckets, b, t, s, h, h_kv, \
+                                    causal, scale)));                                                                       \
+    }                                                                                                                       \
+    VGPU_KERNEL(attention_backward_dq_tc_d##D##_bf16, FLASH_BLOCK)
 INSTANTIATE_ATTENTION_BACKWARD_TC(64)
 INSTANTIATE_ATTENTION_BACKWARD_TC(128)

@@ -21,7 +21,7 @@ __device__ void gather_rows(T* out, const T* table, const int* rows, int m, int 
     const T* src = table + (long)row * c;
     for (int k = threadIdx.x; k < c; k += blockDim.x) dst[k] = src[k];
 }
-INSTANTIATE(gather_rows, (T * out, const T* table, const int* rows, int m, int c, int r),
+INSTANTIATE(gather_rows, ROW_BLOCK, (T * out, const T* table, const int* rows, int m, int c, int r),
             (out, table, rows, m, c, r))
 
 // dtable (R, C): dtable[rows[i]] += dout[i], dout (M, C), rows (M) distinct. Grid (M).
@@ -35,7 +35,7 @@ __device__ void scatter_rows_add(T* dtable, const T* dout, const int* rows, int 
     const T* src = dout + i * c;
     for (int k = threadIdx.x; k < c; k += blockDim.x) dst[k] = from_float<T>(to_float(dst[k]) + to_float(src[k]));
 }
-INSTANTIATE(scatter_rows_add, (T * dtable, const T* dout, const int* rows, int m, int c, int r),
+INSTANTIATE(scatter_rows_add, ROW_BLOCK, (T * dtable, const T* dout, const int* rows, int m, int c, int r),
             (dtable, dout, rows, m, c, r))
 
 // out (B, P+T, C): row (b, j) is prompt[j] for j < P, else table[ids[b, j-P]] (+ update[j-P] when
@@ -67,7 +67,7 @@ __device__ void embed_prompt_forward(T* out, const T* table, const int* ids, con
         for (int k = threadIdx.x; k < c; k += blockDim.x) dst[k] = src[k];
     }
 }
-INSTANTIATE(embed_prompt_forward,
+INSTANTIATE(embed_prompt_forward, ROW_BLOCK,
             (T * out, const T* table, const int* ids, const T* prompt, const T* update, int b, int t, int p, int c,
              int r),
             (out, table, ids, prompt, update, b, t, p, c, r))
@@ -94,5 +94,5 @@ __device__ void embed_prompt_backward(T* d_prompt, T* d_update, const T* dout, i
         }
     }
 }
-INSTANTIATE(embed_prompt_backward, (T * d_prompt, T* d_update, const T* dout, int b, int t, int p, int c, int m),
+INSTANTIATE(embed_prompt_backward, ELEMENTWISE_BLOCK, (T * d_prompt, T* d_update, const T* dout, int b, int t, int p, int c, int m),
             (d_prompt, d_update, dout, b, t, p, c, m))

@@ -31,6 +31,6 @@ __device__ void cross_entropy_forward_backward(T* losses, T* dlogits, const T* l
     }
     if (threadIdx.x == 0) losses[row] = from_float<T>(lse - to_float(x[target]));
 }
-INSTANTIATE(cross_entropy_forward_backward,
+INSTANTIATE(cross_entropy_forward_backward, ROW_BLOCK,
             (T * losses, T* dlogits, const T* logits, const int* targets, int m, int v, float dloss),
             (losses, dlogits, logits, targets, m, v, dloss))

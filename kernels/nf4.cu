@@ -48,7 +48,7 @@ __device__ void nf4_dequantize(T* out, const unsigned char* packed, const unsign
                                const float* absmax_scale, const float* code2, int n, float offset) {
     // The 16 codes in shared memory: the nibbles of a warp index them at random, which shared
     // memory serves in one pass (constant memory would serialise distinct addresses).
-    __shared__ float table[16];
+    SHARED(float, table, 16);
     for (int k = threadIdx.x; k < 16; k += blockDim.x) table[k] = nf4_code_table[k];
     __syncthreads();
 
@@ -62,7 +62,7 @@ __device__ void nf4_dequantize(T* out, const unsigned char* packed, const unsign
         if (i + 1 < n) out[i + 1] = from_float<T>(table[byte & 15u] * absmax);
     }
 }
-INSTANTIATE(nf4_dequantize,
+INSTANTIATE(nf4_dequantize, ELEMENTWISE_BLOCK,
             (T * out, const unsigned char* packed, const unsigned char* absmax_codes, const float* absmax_scale,
              const float* code2, int n, float offset),
             (out, packed, absmax_codes, absmax_scale, code2, n, offset))

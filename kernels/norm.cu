@@ -22,7 +22,7 @@ __device__ void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, 
     }
     if (threadIdx.x == 0) rstd[row] = from_float<T>(r);
 }
-INSTANTIATE(rmsnorm_forward, (T * out, T* rstd, const T* inp, const T* weight, int n, int c, float eps),
+INSTANTIATE(rmsnorm_forward, ROW_BLOCK, (T * out, T* rstd, const T* inp, const T* weight, int n, int c, float eps),
             (out, rstd, inp, weight, n, c, eps))
 
 // dinp (N, C) += r·w·dout − r³/C · inp · Σ_j w_j·dout_j·inp_j, with r = rstd (N) from the forward.
@@ -44,7 +44,7 @@ __device__ void rmsnorm_backward_dinp(T* dinp, const T* dout, const T* inp, cons
         dx[i] = from_float<T>(to_float(dx[i]) + g);
     }
 }
-INSTANTIATE(rmsnorm_backward_dinp, (T * dinp, const T* dout, const T* inp, const T* weight, const T* rstd, int n, int c),
+INSTANTIATE(rmsnorm_backward_dinp, ROW_BLOCK, (T * dinp, const T* dout, const T* inp, const T* weight, const T* rstd, int n, int c),
             (dinp, dout, inp, weight, rstd, n, c))
 
 // LayerNorm: out (N, C) = weight · (inp − μ) · rstd + bias, mean (N) = μ, rstd (N) = 1 / sqrt(var + eps)
@@ -74,7 +74,7 @@ __device__ void layernorm_forward(T* out, T* mean, T* rstd, const T* inp, const 
         }
     }
 }
-INSTANTIATE(layernorm_forward,
+INSTANTIATE(layernorm_forward, ROW_BLOCK,
             (T * out, T* mean, T* rstd, const T* inp, const T* weight, const T* bias, int n, int c, float eps),
             (out, mean, rstd, inp, weight, bias, n, c, eps))
 
@@ -102,7 +102,7 @@ __device__ void layernorm_backward_dinp(T* dinp, const T* dout, const T* inp, co
         }
     }
 }
-INSTANTIATE(layernorm_backward_dinp,
+INSTANTIATE(layernorm_backward_dinp, ROW_BLOCK,
             (T * dinp, const T* dout, const T* inp, const T* weight, const T* mean, const T* rstd, int n, int c),
             (dinp, dout, inp, weight, mean, rstd, n, c))
 
@@ -123,7 +123,7 @@ __device__ void layernorm_backward_dweight(T* dweight, T* dbias, const T* dout, 
         dbias[col] = from_float<T>(to_float(dbias[col]) + db);
     }
 }
-INSTANTIATE(layernorm_backward_dweight,
+INSTANTIATE(layernorm_backward_dweight, ELEMENTWISE_BLOCK,
             (T * dweight, T* dbias, const T* dout, const T* inp, const T* mean, const T* rstd, int n, int c),
             (dweight, dbias, dout, inp, mean, rstd, n, c))
 
@@ -148,7 +148,7 @@ __device__ void softmax_rows_forward(T* out, const T* inp, int n, int k) {
         }
     }
 }
-INSTANTIATE(softmax_rows_forward, (T * out, const T* inp, int n, int k), (out, inp, n, k))
+INSTANTIATE(softmax_rows_forward, ROW_BLOCK, (T * out, const T* inp, int n, int k), (out, inp, n, k))
 
 // dinp (N, K) = out ⊙ (dout − Σ_j dout_j · out_j) per row (`=`); out (N, K) from the forward.
 // Grid (N), block a multiple of 32.
@@ -166,5 +166,5 @@ __device__ void softmax_rows_backward_dinp(T* dinp, const T* dout, const T* out,
         }
     }
 }
-INSTANTIATE(softmax_rows_backward_dinp, (T * dinp, const T* dout, const T* out, int n, int k),
+INSTANTIATE(softmax_rows_backward_dinp, ROW_BLOCK, (T * dinp, const T* dout, const T* out, int n, int k),
             (dinp, dout, out, n, k))

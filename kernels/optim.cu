@@ -23,7 +23,7 @@ __device__ void adamw_step(T* param, float* master, float* m, float* v, const T*
         v[i] = vi;
     }
 }
-INSTANTIATE(adamw_step,
+INSTANTIATE(adamw_step, ELEMENTWISE_BLOCK,
             (T * param, float* master, float* m, float* v, const T* grad, int n, float lr, float beta1, float beta2,
              float eps, float weight_decay, float bc1, float bc2, float grad_scale),
             (param, master, m, v, grad, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale))
@@ -40,4 +40,4 @@ __device__ void sum_squares(float* partial, const T* x, int n) {
     sum = block_sum(sum);
     if (threadIdx.x == 0) partial[blockIdx.x] = sum;
 }
-INSTANTIATE(sum_squares, (float* partial, const T* x, int n), (partial, x, n))
+INSTANTIATE(sum_squares, ELEMENTWISE_BLOCK, (float* partial, const T* x, int n), (partial, x, n))

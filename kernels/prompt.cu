@@ -33,7 +33,7 @@ __device__ void softmax_cols_forward(T* out, const T* inp, int n, int k) {
         for (long i = 0; i < n; i++) out[i * k + j] = from_float<T>(expf(to_float(inp[i * k + j]) - lse));
     }
 }
-INSTANTIATE(softmax_cols_forward, (T * out, const T* inp, int n, int k), (out, inp, n, k))
+INSTANTIATE(softmax_cols_forward, ELEMENTWISE_BLOCK, (T * out, const T* inp, int n, int k), (out, inp, n, k))
 
 // g = 1 + Σ_j probs[p, j], the scale of prompt row p in the "paper" fusion. Every thread of the
 // block must call it (block_sum).
@@ -53,7 +53,7 @@ __device__ void fusion_paper_forward(T* out, const T* ps, const T* probs, int s,
     const float g = fusion_paper_scale(probs, p, m);
     for (int k = threadIdx.x; k < c; k += blockDim.x) out[p * c + k] = from_float<T>(g * to_float(ps[p * c + k]));
 }
-INSTANTIATE(fusion_paper_forward, (T * out, const T* ps, const T* probs, int s, int m, int c),
+INSTANTIATE(fusion_paper_forward, ROW_BLOCK, (T * out, const T* ps, const T* probs, int s, int m, int c),
             (out, ps, probs, s, m, c))
 
 // Backward of fusion_paper_forward, row part (`=`): d_ps[p] = g[p]·dout[p] (the direct path; the
@@ -68,7 +68,7 @@ __device__ void fusion_paper_backward_rows(T* d_ps, T* dg, const T* dout, const 
     const float dot = scale_row_and_dot(d_ps + p * c, dout + p * c, ps + p * c, g, c);
     if (threadIdx.x == 0) dg[p] = from_float<T>(dot);
 }
-INSTANTIATE(fusion_paper_backward_rows,
+INSTANTIATE(fusion_paper_backward_rows, ROW_BLOCK,
             (T * d_ps, T* dg, const T* dout, const T* ps, const T* probs, int s, int m, int c),
             (d_ps, dg, dout, ps, probs, s, m, c))
 
@@ -86,7 +86,7 @@ __device__ void fusion_paper_backward_cols(T* d_scores, const T* probs, const T*
         }
     }
 }
-INSTANTIATE(fusion_paper_backward_cols, (T * d_scores, const T* probs, const T* dg, int s, int m),
+INSTANTIATE(fusion_paper_backward_cols, ELEMENTWISE_BLOCK, (T * d_scores, const T* probs, const T* dg, int s, int m),
             (d_scores, probs, dg, s, m))
 
 // ---- EPT-MS gated experts ------------------------------------------------------------------------
@@ -102,7 +102,7 @@ __device__ void gated_experts_forward_one(T* out, const T* gate, const T* x, int
         out[idx] = from_float<T>(first ? v : to_float(out[idx]) + v);
     }
 }
-INSTANTIATE(gated_experts_forward_one, (T * out, const T* gate, const T* x, int i, int e, int n, int c, int first),
+INSTANTIATE(gated_experts_forward_one, ELEMENTWISE_BLOCK, (T * out, const T* gate, const T* x, int i, int e, int n, int c, int first),
             (out, gate, x, i, e, n, c, first))
 
 // Backward for expert i (`=`): d_x (N, C) = gate[:, i] ⊙ dout, d_gate[:, i] (column of (N, E)) =
@@ -116,7 +116,7 @@ __device__ void gated_experts_backward_one(T* d_gate, T* d_x, const T* dout, con
     const float dot = scale_row_and_dot(d_x + row * c, dout + row * c, x + row * c, g, c);
     if (threadIdx.x == 0) d_gate[row * e + i] = from_float<T>(dot);
 }
-INSTANTIATE(gated_experts_backward_one,
+INSTANTIATE(gated_experts_backward_one, ROW_BLOCK,
             (T * d_gate, T* d_x, const T* dout, const T* gate, const T* x, int i, int e, int n, int c),
             (d_gate, d_x, dout, gate, x, i, e, n, c))
 
@@ -135,7 +135,7 @@ __device__ void lamp_pool_scale(T* w, const T* u, const T* q, int l, int r, int 
         w[idx] = from_float<T>(sum / (float)p * qk * qk);
     }
 }
-INSTANTIATE(lamp_pool_scale, (T * w, const T* u, const T* q, int l, int r, int p), (w, u, q, l, r, p))
+INSTANTIATE(lamp_pool_scale, ELEMENTWISE_BLOCK, (T * w, const T* u, const T* q, int l, int r, int p), (w, u, q, l, r, p))
 
 // Backward of lamp_pool_scale into u (+=): du[i, k] += dw[i/p, k]·q[k]²/p. du, u (L, R),
 // dw (L/p, R). Grid-stride.
@@ -148,7 +148,7 @@ __device__ void lamp_pool_backward_du(T* du, const T* dw, const T* q, int l, int
         du[idx] = from_float<T>(to_float(du[idx]) + g);
     }
 }
-INSTANTIATE(lamp_pool_backward_du, (T * du, const T* dw, const T* q, int l, int r, int p), (du, dw, q, l, r, p))
+INSTANTIATE(lamp_pool_backward_du, ELEMENTWISE_BLOCK, (T * du, const T* dw, const T* q, int l, int r, int p), (du, dw, q, l, r, p))
 
 // Backward of lamp_pool_scale into q (+=): dq[k] += 2·q[k]·Σ_i dw[i, k]·pool_p(u)[i, k].
 // dq, q (R), dw (L/p, R), u (L, R). One thread per column k.
@@ -165,5 +165,5 @@ __device__ void lamp_pool_backward_dq(T* dq, const T* dw, const T* u, const T* q
         dq[k] = from_float<T>(to_float(dq[k]) + 2.0f * to_float(q[k]) * s);
     }
 }
-INSTANTIATE(lamp_pool_backward_dq, (T * dq, const T* dw, const T* u, const T* q, int l, int r, int p),
+INSTANTIATE(lamp_pool_backward_dq, ELEMENTWISE_BLOCK, (T * dq, const T* dw, const T* u, const T* q, int l, int r, int p),
             (dq, dw, u, q, l, r, p))

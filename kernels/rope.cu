@@ -37,7 +37,7 @@ __device__ void rope_forward(T* out, const T* inp, const int* positions, const T
                              const T* sin_table, int n, int h, int d, int table_rows) {
     rope_rotate_pairs(out, inp, positions, cos_table, sin_table, n, h, d, table_rows, 1.0f);
 }
-INSTANTIATE(rope_forward,
+INSTANTIATE(rope_forward, ELEMENTWISE_BLOCK,
             (T * out, const T* inp, const int* positions, const T* cos_table, const T* sin_table, int n,
              int h, int d, int table_rows),
             (out, inp, positions, cos_table, sin_table, n, h, d, table_rows))
@@ -48,7 +48,7 @@ __device__ void rope_backward_dinp(T* dinp, const T* dout, const int* positions,
                                    const T* sin_table, int n, int h, int d, int table_rows) {
     rope_rotate_pairs(dinp, dout, positions, cos_table, sin_table, n, h, d, table_rows, -1.0f);
 }
-INSTANTIATE(rope_backward_dinp,
+INSTANTIATE(rope_backward_dinp, ELEMENTWISE_BLOCK,
             (T * dinp, const T* dout, const int* positions, const T* cos_table, const T* sin_table, int n,
              int h, int d, int table_rows),
             (dinp, dout, positions, cos_table, sin_table, n, h, d, table_rows))

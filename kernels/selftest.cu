@@ -7,14 +7,14 @@
 // static shared memory that belongs to the block.
 template <typename T>
 __device__ void selftest_reverse(T* out, const T* inp, int n) {
-    __shared__ float tile[256];
+    SHARED(float, tile, 256);
     const int base = blockIdx.x * 256, i = threadIdx.x;
     const int len = n - base < 256 ? n - base : 256;
     if (i < len) tile[i] = to_float(inp[base + i]);
     __syncthreads();
     if (i < len) out[base + i] = from_float<T>(tile[len - 1 - i]);
 }
-INSTANTIATE(selftest_reverse, (T * out, const T* inp, int n), (out, inp, n))
+INSTANTIATE(selftest_reverse, 256, (T * out, const T* inp, int n), (out, inp, n))
 
 // Per block: out[3·block] = block_sum, out[3·block+1] = block_max, out[3·block+2] = the sum of
 // lane values gathered with __shfl_down_sync (warp 0 only), over one value per thread
@@ -35,7 +35,7 @@ __device__ void selftest_reduce(float* out, const T* inp, int n) {
         out[3 * blockIdx.x + 2] = d;
     }
 }
-INSTANTIATE(selftest_reduce, (float* out, const T* inp, int n), (out, inp, n))
+INSTANTIATE(selftest_reduce, 128, (float* out, const T* inp, int n), (out, inp, n))
 
 // out[i] = number of lanes in i's warp whose input is positive (__ballot_sync + __popc-free
 // count), written through dynamic shared memory sized by the launch.
@@ -51,7 +51,7 @@ __device__ void selftest_ballot(int* out, const T* inp, int n) {
     __syncthreads();
     if (i < n) out[i] = counts[threadIdx.x];
 }
-INSTANTIATE(selftest_ballot, (int* out, const T* inp, int n), (out, inp, n))
+INSTANTIATE(selftest_ballot, 128, (int* out, const T* inp, int n), (out, inp, n))
 
 // Deliberately broken: lane 0 of each warp waits in a shuffle while the other threads wait at
 // __syncthreads. Never launched on a real GPU; the virtual GPU must report a deadlock.
@@ -63,7 +63,7 @@ __device__ void selftest_deadlock(T* out, int n) {
         __syncthreads();
     }
 }
-INSTANTIATE(selftest_deadlock, (T * out, int n), (out, n))
+INSTANTIATE(selftest_deadlock, 64, (T * out, int n), (out, n))
 
 // One tensor-core step: d (16, 8) = a (16, 16)·b (16, 8) + c (16, 8), all row-major f32 in global
 // memory, a and b rounded to bf16; fragments built with the layout common.cuh documents. One
@@ -82,4 +82,17 @@ __device__ void selftest_mma(float* d, const float* a, const float* b, const flo
     mma_m16n8k16_bf16(acc, fa, fb, acc);
     for (int e = 0; e < 4; e++) d[(g + 8 * (e / 2)) * 8 + 2 * q + (e & 1)] = acc[e];
 }
-INSTANTIATE(selftest_mma, (float* d, const float* a, const float* b, const float* c), (d, a, b, c))
+INSTANTIATE(selftest_mma, 32, (float* d, const float* a, const float* b, const float* c), (d, a, b, c))
+
+// out[block] = the first element of a static shared array as the block finds it, then the block
+// writes 1 there. The virtual GPU poisons static shared memory at each block's start, so every
+// block must read NaN (the hardware gives no promise either way: never read before writing).
+template <typename T>
+__device__ void selftest_static_poison(T* out, int n) {
+    SHARED(float, cell, 1);
+    if (threadIdx.x == 0 && (int)blockIdx.x < n) {
+        out[blockIdx.x] = from_float<T>(cell[0]);
+        cell[0] = 1.0f;
+    }
+}
+INSTANTIATE(selftest_static_poison, 32, (T * out, int n), (out, n))

@@ -187,6 +187,10 @@ struct DoctorArgs {
     /// Built-in shapes of the whole-step checks (repeat the flag for several; T5 or Llama).
     #[arg(long = "shape", default_values = ["t5-tiny", "llama-tiny"], value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
     shapes: Vec<String>,
+    /// Shapes of the whole-step checks with the tensor-core attention (bf16; heads 64 or 128 wide
+    /// use it, others fall back to the scalar kernels).
+    #[arg(long = "tc-shape", default_values = ["t5-tiny-d64", "llama-tiny-d64"], value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
+    tc_shapes: Vec<String>,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -349,16 +353,51 @@ fn select_device(args: &DeviceArgs) -> Result<Selected> {
     }
     Ok(match args.device.as_str() {
         "cpu" => Selected::Cpu32,
-        "vgpu" => Selected::Vgpu(dtype, attention),
-        "cuda" => Selected::Cuda(CudaDevice::new(0)?, dtype, attention),
+        "vgpu" => {
+            // Reports a bad $FASTPT_VGPU_SCHEDULE here, before anything runs.
+            fastpt::backend::gpu::vgpu::Schedule::from_env()?;
+            Selected::Vgpu(dtype, attention)
+        }
+        "cuda" => {
+            let dev = CudaDevice::new(0)?;
+            if let Some(why) = older_gpu_refusal(&dev, dtype, attention) {
+                bail!("{why}; use --dtype f32 --attention flash on this GPU");
+            }
+            Selected::Cuda(dev, dtype, attention)
+        }
         _ => match CudaDevice::new(0) {
-            Ok(dev) => Selected::Cuda(dev, dtype, attention),
+            Ok(dev) => match older_gpu_refusal(&dev, dtype, attention) {
+                Some(why) => {
+                    eprintln!("fastpt: {why}; running in f32 with the scalar flash kernels");
+                    Selected::Cuda(dev, DType::F32, AttentionKernel::Flash)
+                }
+                None => Selected::Cuda(dev, dtype, attention),
+            },
             Err(e) => {
                 eprintln!("fastpt: no usable GPU ({e}); running on the CPU");
                 Selected::Cpu32
             }
         },
     })
+}
+
+/// Why `dtype` / `attention` cannot run on `dev` (a GPU older than sm_80), or None.
+fn older_gpu_refusal(dev: &CudaDevice, dtype: DType, attention: AttentionKernel) -> Option<String> {
+    let (major, minor) = dev.compute_capability();
+    if dev.supports_bf16() {
+        return None;
+    }
+    if dtype == DType::Bf16 {
+        Some(format!(
+            "bf16 needs sm_80 or newer (bf16 GEMMs and mma.sync); this GPU is sm_{major}{minor}"
+        ))
+    } else if attention == AttentionKernel::FlashTc {
+        Some(format!(
+            "--attention flash-tc needs sm_80 or newer (bf16 mma.sync); this GPU is sm_{major}{minor}"
+        ))
+    } else {
+        None
+    }
 }
 
 /// Runs `$body` with `$be` bound to the selected backend (each arm is its own instantiation).
@@ -374,7 +413,8 @@ macro_rules! with_backend {
                 $body
             }
             Selected::Vgpu(dtype, attention) => {
-                let $be = &GpuBackend::new(VirtualDevice::new(), dtype).with_attention(attention);
+                let $be =
+                    &GpuBackend::new(VirtualDevice::from_env()?, dtype).with_attention(attention);
                 $body
             }
             Selected::Cuda(dev, dtype, attention) => {
@@ -825,46 +865,85 @@ fn read_batch(path: &Path, spec: BatchSpec, tokenizer_dir: Option<&Path>) -> Res
 
 fn doctor(args: &DoctorArgs) -> Result<()> {
     match args.device.as_str() {
-        "vgpu" => doctor_on(VirtualDevice::new(), args),
+        "vgpu" => doctor_on(VirtualDevice::from_env()?, args),
         "cuda" => doctor_on(CudaDevice::new(0)?, args),
         _ => match CudaDevice::new(0) {
             Ok(dev) => doctor_on(dev, args),
             Err(e) => {
                 println!("no usable GPU: {e}");
                 println!("running the same checks on the virtual GPU (the CUDA kernels compiled for the CPU)\n");
-                doctor_on(VirtualDevice::new(), args)
+                doctor_on(VirtualDevice::from_env()?, args)
             }
         },
     }
 }
 
+/// Every op and whole steps, f32 then bf16, each dtype's table printed as soon as it is done (a
+/// run cut short keeps what finished); whole steps with the tensor-core attention on the
+/// `--tc-shape` shapes in bf16. A step check that errors is a failed row, not the end of the run.
 fn doctor_on<D: Device>(dev: D, args: &DoctorArgs) -> Result<()> {
     println!("device     {}", dev.name());
     for line in dev.describe() {
         println!("           {line}");
     }
+    println!("modules");
+    for (file, from) in dev.kernel_modules() {
+        match from {
+            Ok(from) => println!("           {file:<14} {from}"),
+            Err(e) => println!("           {file:<14} FAILED: {e}"),
+        }
+    }
+    let unavailable = dev.unavailable();
+    for why in &unavailable {
+        println!("unavailable {why}");
+    }
     let name = dev.name();
     let f32_backend = GpuBackend::new(dev, DType::F32);
-    let mut results: Vec<CheckResult> = Vec::new();
+    let (mut total, mut failed) = (0, 0);
     for dtype in [DType::F32, DType::Bf16] {
+        if dtype == DType::Bf16 && !unavailable.is_empty() {
+            println!("\nskipped    bf16 and tensor-core checks (unavailable on this GPU, above)");
+            continue;
+        }
         let be = f32_backend.with_dtype(dtype);
         let start = std::time::Instant::now();
-        results.extend(check_ops(&be, args.seed));
+        let mut results = check_ops(&be, args.seed);
+        let mut steps =
+            |be: &GpuBackend<D>, shape: &str, tag: &str| match check_steps(be, shape, args.seed) {
+                Ok(rows) => results.extend(rows.into_iter().map(|mut r| {
+                    r.op.push_str(tag);
+                    r
+                })),
+                Err(e) => results.push(CheckResult {
+                    op: format!("{shape} steps{tag}: error: {e}"),
+                    dtype,
+                    rel_err: f64::NAN,
+                    tol: 0.0,
+                }),
+            };
         for shape in &args.shapes {
-            results.extend(check_steps(&be, shape, args.seed)?);
+            steps(&be, shape, "");
+        }
+        if dtype == DType::Bf16 {
+            let tc = be.with_attention(AttentionKernel::FlashTc);
+            for shape in &args.tc_shapes {
+                steps(&tc, shape, " [flash-tc]");
+            }
         }
         println!(
-            "checked    {dtype} in {:.1} s",
+            "\nchecked    {dtype} in {:.1} s",
             start.elapsed().as_secs_f64()
         );
+        print!("{}", results_table(&results));
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        total += results.len();
+        failed += results.iter().filter(|r| !r.passed()).count();
     }
-    println!();
-    print!("{}", results_table(&results));
-    let failed = results.iter().filter(|r| !r.passed()).count();
     if failed > 0 {
-        bail!("{failed} of {} checks failed on {name}", results.len());
+        bail!("{failed} of {total} checks failed on {name}");
     }
-    println!("\nall {} checks passed on {name}", results.len());
+    println!("\nall {total} checks passed on {name}");
     Ok(())
 }
 

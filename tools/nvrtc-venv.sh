@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs NVRTC and the CUDA headers from PyPI into .venv-nvrtc/ in the repository root, where
-# fastpt looks for them (src/backend/gpu/nvrtc.rs, CudaToolkit::find). No GPU and no CUDA toolkit
-# needed: this is what compiles kernels/*.cu to PTX (tests/nvrtc_compile.rs) and, on a GPU
-# machine without a toolkit, at run time. Idempotent: does nothing when the pinned versions are
-# already installed.
+# fastpt looks for them (src/backend/gpu/toolkit_paths.rs). No GPU and no CUDA toolkit needed:
+# build.rs compiles kernels/*.cu with it into CUBIN and PTX images the binary carries
+# (tests/kernel_images.rs checks them), and the binary uses it at run time for GPUs no image fits.
+# Idempotent: does nothing when the pinned versions are already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,4 +34,6 @@ fi
 echo "nvrtc-venv: installing ${PACKAGES[*]}"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PACKAGES[@]}"
 installed || { echo "nvrtc-venv: install did not leave ${PACKAGES[*]} in $VENV" >&2; exit 1; }
+# build.rs looks for NVRTC only when it runs: make the next build run it, to embed the kernels.
+touch build.rs
 echo "nvrtc-venv: done ($(ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13/lib))"

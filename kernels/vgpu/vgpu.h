@@ -2,16 +2,29 @@
 //
 // A launch runs the grid one block at a time. The block's threads are cooperative fibers
 // (ucontext): each runs until it reaches a barrier (__syncthreads, a warp shuffle or vote) or
-// returns, then hands over to the next. A barrier releases once every live thread of its group
-// (the block, or the 32 lanes of a warp) has arrived; threads that returned count as arrived, as
-// on the hardware. If a sweep over all waiting threads makes no progress the launch fails with
-// "deadlock" instead of hanging: that is the virtual GPU's race/divergence detector.
+// returns, then hands over to the next. A barrier releases once every live thread of its group (the
+// block, or the 32 lanes of a warp) has arrived; threads that returned count as arrived, as on the
+// hardware. If a sweep over all waiting threads makes no progress the launch fails with "deadlock"
+// instead of hanging.
+//
+// The schedule (the order of the blocks of a grid, and the order in which the threads of a block
+// run from one barrier to the next) is fixed (in index order), reversed, or shuffled from a seed:
+// a kernel that reads shared memory another thread writes without a barrier between them, or
+// global memory another block of the same launch writes, gets different results under different
+// schedules (`VirtualDevice::with_schedule`, FASTPT_VGPU_SCHEDULE).
+//
+// Each launch is checked as the hardware and our conventions demand: the argument kinds the host
+// passes against the kernel's C++ parameter list, the block size against the kernel's
+// `__launch_bounds__`, static and dynamic shared memory against the limits of the smallest GPU we
+// ship kernels for. Static shared memory (SHARED in common.cuh) and dynamic shared memory are
+// filled with NaN bytes at the start of each block.
 //
 // Per OS thread state is thread_local, so independent launches (cargo test runs tests on several
 // threads) never share shared memory or fiber state.
 //
-// What it cannot show: real data races between threads of a block (fibers only switch at
-// barriers), the memory model, speed. `fastpt doctor` checks those on a real GPU.
+// What it cannot show: races between threads that never meet a barrier in between inside one
+// sweep (fibers switch only at barriers), the memory model, speed. `fastpt doctor` checks those on
+// a real GPU.
 #pragma once
 
 #include <cmath>
@@ -28,8 +41,9 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// One copy per OS thread; blocks run one after another on that thread, so one copy per block.
-#define __shared__ static thread_local
+// Static shared memory goes through SHARED (below), which poisons it per block; a bare
+// `__shared__` is a compile error here so that none slips past.
+#define __shared__ VGPU_use_SHARED_from_common_cuh_instead_of___shared__
 #define __align__(n) alignas(n)
 
 struct dim3 {
@@ -45,6 +59,9 @@ extern thread_local uint3 block_idx;
 extern thread_local dim3 block_dim;
 extern thread_local dim3 grid_dim;
 void* dynamic_smem();
+// Called by each thread as it passes a SHARED declaration: poisons the array at its first use in a
+// block and counts it against the launch's static shared-memory limit.
+void static_smem(void* p, size_t bytes);
 void syncthreads();
 void syncwarp();
 // Exchange one 64-bit value among the lanes of the calling thread's warp: every lane writes its
@@ -188,7 +205,42 @@ struct LaunchCfg {
     dim3 grid;
     dim3 block;
     unsigned smem;
+    int schedule;         // 0 fixed, 1 reversed, 2 shuffled
+    unsigned long seed;   // of the shuffled schedule
 };
+
+// The kind of one kernel parameter, as `Arg` in src/backend/gpu/device.rs names it: 'p' pointer,
+// 'i' int, 'f' float ('l' long, 'u' unsigned for completeness). A parameter of any other type does
+// not compile: the host side has no way to pass it.
+template <typename T>
+struct ArgKind;
+template <typename T>
+struct ArgKind<T*> {
+    static constexpr char value = 'p';
+};
+template <>
+struct ArgKind<int> {
+    static constexpr char value = 'i';
+};
+template <>
+struct ArgKind<float> {
+    static constexpr char value = 'f';
+};
+template <>
+struct ArgKind<long> {
+    static constexpr char value = 'l';
+};
+template <>
+struct ArgKind<unsigned> {
+    static constexpr char value = 'u';
+};
+
+// "ppif": the kinds of a kernel's parameters, in order.
+template <typename... A>
+const char* signature_of(void (*)(A...)) {
+    static const char sig[] = {ArgKind<A>::value..., '\0'};
+    return sig;
+}
 
 typedef void (*BodyFn)(void* ctx);
 // Runs `body(ctx)` once per thread of every block of the grid. Returns 0, or an error code
@@ -220,9 +272,10 @@ int launch(void (*kernel)(A...), const LaunchCfg& cfg, void** params, char* err,
 }
 
 typedef int (*Launcher)(const LaunchCfg& cfg, void** params, char* err, size_t err_len);
-// Adds a kernel to the table that `vgpu_launch` looks names up in.
+// Adds a kernel to the table that `vgpu_launch` looks names up in: its source file, its block size
+// (`__launch_bounds__`), its parameter kinds.
 struct Registrar {
-    Registrar(const char* name, Launcher launcher);
+    Registrar(const char* name, const char* file, unsigned block, const char* signature, Launcher launcher);
 };
 
 }  // namespace vgpu
@@ -267,12 +320,20 @@ inline void vgpu_mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsign
     for (int e = 0; e < 4; e++) d[e] = out[e];
 }
 
-// After each kernel instantiation: makes it launchable by name from Rust.
-#define VGPU_KERNEL(name)                                                                       \
-    static ::vgpu::Registrar vgpu_registrar_##name(                                             \
-        #name, [](const ::vgpu::LaunchCfg& cfg, void** params, char* err, size_t err_len) {     \
-            return ::vgpu::launch(&name, cfg, params, err, err_len);                            \
+// After each kernel instantiation: makes it launchable by name from Rust. `block` is the kernel's
+// `__launch_bounds__`; __FILE__ is the .cu file the instantiation is in.
+#define VGPU_KERNEL(name, block)                                                                   \
+    static ::vgpu::Registrar vgpu_registrar_##name(                                                \
+        #name, __FILE__, block, ::vgpu::signature_of(&name),                                       \
+        [](const ::vgpu::LaunchCfg& cfg, void** params, char* err, size_t err_len) {               \
+            return ::vgpu::launch(&name, cfg, params, err, err_len);                               \
         });
+
+// Static shared memory: one copy per OS thread (blocks run one after another on it), poisoned at
+// each block's first use.
+#define SHARED(T, name, count)          \
+    static thread_local T name[count]; \
+    ::vgpu::static_smem(name, sizeof(name))
 
 // `extern __shared__` dynamic shared memory, sized by the launch.
 #define DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(::vgpu::dynamic_smem())

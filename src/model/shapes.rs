@@ -30,6 +30,7 @@ pub fn shape_width(name: &str) -> Result<usize> {
 /// The built-in T5 shapes, by name.
 pub const T5_SHAPES: &[&str] = &[
     "t5-tiny",
+    "t5-tiny-d64",
     "t5-small",
     "t5-base",
     "t5-large",
@@ -46,6 +47,9 @@ pub fn t5_shape(name: &str) -> Result<T5Config> {
     let (d_model, d_kv, d_ff, layers, heads, ff, vocab) = match name {
         // Small enough for the embedded default and CI, same structure as t5-base.
         "t5-tiny" => (64, 16, 256, 2, 4, FeedForward::Relu, 1000),
+        // As t5-tiny with heads 64 wide, the width the tensor-core attention kernels take
+        // (`fastpt doctor` checks whole steps on them with it).
+        "t5-tiny-d64" => (128, 64, 256, 2, 2, FeedForward::Relu, 1000),
         "t5-small" => (512, 64, 2048, 6, 8, FeedForward::Relu, 32128),
         "t5-base" => (768, 64, 3072, 12, 12, FeedForward::Relu, 32128),
         "t5-large" => (1024, 64, 4096, 24, 16, FeedForward::Relu, 32128),
@@ -148,6 +152,7 @@ fn random_normal(name: &str, len: usize, std: f64, seed: u64) -> Vec<f32> {
 /// The built-in Llama shapes, by name.
 pub const LLAMA_SHAPES: &[&str] = &[
     "llama-tiny",
+    "llama-tiny-d64",
     "tinyllama-1.1b",
     "llama-2-7b",
     "llama-2-13b",
@@ -160,6 +165,8 @@ pub fn llama_shape(name: &str) -> Result<LlamaConfig> {
     let (c, f, layers, heads, kv_heads, vocab, theta, max_pos) = match name {
         // Small enough for tests and CI, with grouped-query attention like the large ones.
         "llama-tiny" => (64, 160, 2, 4, 2, 1000, 10000.0, 512),
+        // As llama-tiny with heads 64 wide (see t5-tiny-d64); still grouped-query.
+        "llama-tiny-d64" => (256, 320, 2, 4, 2, 1000, 10000.0, 512),
         "tinyllama-1.1b" => (2048, 5632, 22, 32, 4, 32000, 10000.0, 2048),
         "llama-2-7b" => (4096, 11008, 32, 32, 32, 32000, 10000.0, 4096),
         "llama-2-13b" => (5120, 13824, 40, 40, 40, 32000, 10000.0, 4096),

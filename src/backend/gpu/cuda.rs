@@ -1,6 +1,12 @@
 //! The CUDA device: cudarc's thin driver layer (`result`/`sys`), one context (the device's
-//! primary context, shared with cuBLASLt) and one stream for everything, our kernels compiled by
-//! NVRTC (or taken from the PTX cache) when the device is created, and GEMMs by cuBLASLt.
+//! primary context, shared with cuBLASLt) and one stream for everything, our kernels and GEMMs by
+//! cuBLASLt.
+//!
+//! Kernels load one file (one module) at a time, at the first launch of one of its kernels: the
+//! CUBIN build.rs embedded for the GPU's compute capability, else the embedded `compute_80` PTX
+//! (the driver compiles it), else NVRTC at run time (or its PTX cache). A GPU without an embedded
+//! image (sm_75, say) thus still runs what its architecture supports, and a module that fails to
+//! load costs only its own kernels. Load failures carry the driver's JIT error log.
 //!
 //! cudarc loads libcuda, NVRTC and cuBLASLt at first use and panics when one is missing; every
 //! entry point here checks that a library is present before its first call, so that a machine
@@ -15,7 +21,7 @@ use cudarc::driver::result::{self as drv, DriverError};
 use cudarc::driver::sys;
 
 use super::device::{Arg, DType, Device, GemmDesc, GpuError, LaunchCfg, MemoryCounter};
-use super::nvrtc;
+use super::{images, nvrtc};
 
 /// cuBLASLt's workspace, allocated once per device (what cuBLASLt asks for on Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -196,12 +202,17 @@ pub struct CudaDevice {
     ctx: Arc<Context>,
 }
 
-/// The kernel modules of a device and the functions looked up in them.
+/// A loaded module and where it came from ("embedded CUBIN sm_90"), or why it could not be loaded.
+type Loaded = Result<(sys::CUmodule, String), String>;
+
+/// The kernel modules of a device, loaded per file on first use, and the functions looked up in
+/// them.
 struct Kernels {
-    modules: Vec<sys::CUmodule>,
+    /// Kernel file → its module.
+    modules: Mutex<HashMap<String, Loaded>>,
     functions: Mutex<HashMap<String, sys::CUfunction>>,
-    /// Where the PTX came from, for `describe`.
-    from: String,
+    /// Kernel name → kernel file (the virtual GPU's table: built from the same sources).
+    files: HashMap<String, String>,
 }
 
 // SAFETY: see `Context`; the function and plan tables are behind mutexes, the module and cuBLASLt
@@ -210,9 +221,9 @@ unsafe impl Send for CudaDevice {}
 unsafe impl Sync for CudaDevice {}
 
 impl CudaDevice {
-    /// Opens device `ordinal`: context, stream, every kernel file (PTX from the cache or compiled
-    /// by NVRTC for the device's `sm_XY`), cuBLASLt. Errors (never panics) when there is no
-    /// driver, no such device, no NVRTC nor cached PTX, or no cuBLASLt.
+    /// Opens device `ordinal`: context, stream, cuBLASLt (kernel modules load at first use, see
+    /// the module docs). Errors (never panics) when there is no driver, no such device, or no
+    /// cuBLASLt.
     pub fn new(ordinal: usize) -> Result<CudaDevice, GpuError> {
         // SAFETY: only tries to open libcuda by name.
         if !std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false) {
@@ -273,18 +284,7 @@ impl CudaDevice {
             }
         }
 
-        let arch = format!("sm_{}{}", cc.0, cc.1);
         let toolkit = nvrtc::toolkit();
-        let modules = load_modules(&toolkit, &arch)?;
-        let cache = nvrtc::cache_dir().map_or("none".into(), |d| d.display().to_string());
-        let from = match (&toolkit, nvrtc::nvrtc_version()) {
-            (Ok(t), Ok((major, minor))) => format!(
-                "NVRTC {major}.{minor} in {} for {arch} (PTX cache {cache})",
-                t.lib_dir().display()
-            ),
-            _ => format!("cached PTX for {arch} in {cache} (no NVRTC found)"),
-        };
-
         let blas = create_blas(toolkit.as_ref().ok().copied())?;
         let workspace = alloc_on(&ctx, WORKSPACE_BYTES)?;
         Ok(CudaDevice {
@@ -292,9 +292,12 @@ impl CudaDevice {
             name,
             cc,
             kernels: Box::new(Kernels {
-                modules,
+                modules: Mutex::new(HashMap::new()),
                 functions: Mutex::new(HashMap::new()),
-                from,
+                files: super::vgpu::kernels()
+                    .into_iter()
+                    .map(|k| (k.name, k.file))
+                    .collect(),
             }),
             blas,
             plans: Mutex::new(HashMap::new()),
@@ -324,7 +327,19 @@ impl CudaDevice {
         }
     }
 
-    /// The kernel `name`, looked up across the modules once and then cached.
+    /// The compute capability, (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+
+    /// Whether bf16 storage works here: bf16 GEMMs (cuBLASLt) and `mma.sync` with bf16 operands
+    /// need sm_80 or newer.
+    pub fn supports_bf16(&self) -> bool {
+        self.cc.0 >= 8
+    }
+
+    /// The kernel `name`: its file's module loaded if it is not yet, the function looked up once
+    /// and then cached.
     fn function(&self, name: &str) -> Result<sys::CUfunction, GpuError> {
         let mut functions = self
             .kernels
@@ -338,19 +353,47 @@ impl CudaDevice {
             kernel: name.to_string(),
             message,
         };
+        let file = self
+            .kernels
+            .files
+            .get(name)
+            .ok_or_else(|| launch_err("no such kernel in kernels/*.cu".into()))?;
+        let module = self.module(file).map_err(launch_err)?.0;
         let cname = CString::new(name).map_err(|_| launch_err("name contains NUL".into()))?;
-        for &module in &self.kernels.modules {
-            // SAFETY: the module was loaded in `new` and is unloaded only on drop.
-            match unsafe { drv::module::get_function(module, cname.clone()) } {
-                Ok(f) => {
-                    functions.insert(name.to_string(), f);
-                    return Ok(f);
-                }
-                Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NOT_FOUND => continue,
-                Err(e) => return Err(driver_err(&format!("cuModuleGetFunction({name})"), e)),
-            }
+        // SAFETY: the module is loaded and unloaded only on drop.
+        let f = unsafe { drv::module::get_function(module, cname) }
+            .map_err(|e| driver_err(&format!("cuModuleGetFunction({name}) in {file}"), e))?;
+        functions.insert(name.to_string(), f);
+        Ok(f)
+    }
+
+    /// The module of kernel file `file` and where it came from, loaded at the first call (a
+    /// failure is remembered: later calls return the same error).
+    fn module(&self, file: &str) -> Loaded {
+        let mut modules = self
+            .kernels
+            .modules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(loaded) = modules.get(file) {
+            return loaded.clone();
         }
-        Err(launch_err("no such kernel in kernels/*.cu".into()))
+        let loaded = self
+            .ctx
+            .bind()
+            .map_err(|e| e.to_string())
+            .and_then(|()| load_module(file, self.cc));
+        modules.insert(file.to_string(), loaded.clone());
+        loaded
+    }
+
+    /// Loads every kernel file's module (`fastpt doctor` does, to report them): `(file, where it
+    /// came from or why it failed)`, sorted by file.
+    pub fn load_all_modules(&self) -> Vec<(String, Result<String, String>)> {
+        nvrtc::kernel_files()
+            .into_iter()
+            .map(|file| (file.to_string(), self.module(file).map(|(_, from)| from)))
+            .collect()
     }
 
     /// `c = beta · c` for a GEMM with `k = 0` (cuBLASLt wants `k > 0`): only beta 0 or 1.
@@ -389,48 +432,114 @@ impl Drop for CudaDevice {
         // SAFETY: created in `new`, destroyed once; no work is queued any more.
         unsafe {
             let _ = blas::destroy_handle(self.blas);
-            for &m in &self.kernels.modules {
-                let _ = drv::module::unload(m);
+            let modules = self
+                .kernels
+                .modules
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner());
+            for (m, _) in modules.values().flatten() {
+                let _ = drv::module::unload(*m);
             }
         }
     }
 }
 
-/// Loads every kernel file's PTX (cache or NVRTC) as a module in the current context.
-fn load_modules(
-    toolkit: &Result<&'static nvrtc::CudaToolkit, GpuError>,
-    arch: &str,
-) -> Result<Vec<sys::CUmodule>, GpuError> {
-    let mut modules = Vec::new();
-    for file in nvrtc::kernel_files() {
-        // Precompiled by build.rs when nvcc was there; else NVRTC (or its on-disk cache).
-        let ptx = match nvrtc::precompiled_ptx(file) {
-            Some(ptx) => ptx.to_string(),
-            None => nvrtc::cached_ptx(toolkit.as_ref().ok().copied(), file, arch).map_err(|e| {
-                match toolkit {
-                    Err(t) => GpuError::Driver(format!("{e}\n{t}")),
-                    Ok(_) => e,
-                }
-            })?,
-        };
-        let image = CString::new(ptx).map_err(|_| GpuError::Compile {
-            kernel: file.to_string(),
-            log: "PTX contains a NUL byte".into(),
-        })?;
-        // SAFETY: a NUL-terminated PTX text; the driver copies what it needs.
-        let module = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.map_err(
-            |e| match e.0 {
-                sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => GpuError::Driver(format!(
-                    "loading {file}: the PTX from NVRTC {} is newer than this driver accepts: \
-                     update the driver or use an NVRTC no newer than the driver's CUDA version",
-                    nvrtc::nvrtc_version().map_or("?".into(), |(a, b)| format!("{a}.{b}"))
-                )),
-                _ => driver_err(&format!("cuModuleLoadData({file}, {arch})"), e),
-            },
-        )?;
-        modules.push(module);
+/// Loads kernel file `file` for a GPU of compute capability `cc` into the current context: the
+/// first embedded image that loads ([`images::candidates`]), else PTX from NVRTC at run time (or
+/// its cache). Returns the module and where it came from; the error lists every attempt.
+fn load_module(file: &str, cc: (i32, i32)) -> Loaded {
+    let arch = format!("sm_{}{}", cc.0, cc.1);
+    let mut tried = Vec::new();
+    for image in images::candidates(file, cc) {
+        let kind = if image.is_cubin() { "CUBIN" } else { "PTX" };
+        match load_image(image.bytes, !image.is_cubin()) {
+            Ok(module) => {
+                let jit = if image.is_cubin() {
+                    ""
+                } else {
+                    ", compiled by the driver"
+                };
+                return Ok((module, format!("embedded {kind} {}{jit}", image.arch)));
+            }
+            Err(e) => tried.push(format!("embedded {kind} {}: {e}", image.arch)),
+        }
     }
-    Ok(modules)
+    if tried.is_empty() {
+        tried.push(format!(
+            "no embedded image for {arch} ({})",
+            if images::embedded().is_empty() {
+                "this binary was built without NVRTC"
+            } else {
+                "CUBIN for sm_80/86/89/90, PTX for sm_80 and newer"
+            }
+        ));
+    }
+    let toolkit = nvrtc::toolkit().ok();
+    match nvrtc::cached_ptx(toolkit, file, &arch) {
+        Ok(ptx) => match load_image(ptx.as_bytes(), true) {
+            Ok(module) => {
+                let from = match (toolkit, nvrtc::nvrtc_version()) {
+                    (Some(_), Ok((major, minor))) => {
+                        format!("NVRTC {major}.{minor} at run time for {arch}")
+                    }
+                    _ => format!("cached PTX for {arch}"),
+                };
+                return Ok((module, from));
+            }
+            Err(e) => tried.push(format!("PTX from NVRTC for {arch}: {e}")),
+        },
+        Err(e) => tried.push(format!("NVRTC for {arch}: {e}")),
+    }
+    Err(format!("cannot load {file}:\n  {}", tried.join("\n  ")))
+}
+
+/// One module from an image (CUBIN, or PTX text which gets its terminating NUL here), with the
+/// driver's JIT error log in the error.
+fn load_image(bytes: &[u8], is_text: bool) -> Result<sys::CUmodule, String> {
+    // A private copy: aligned as the heap aligns, and NUL-terminated for PTX.
+    let mut image = bytes.to_vec();
+    if is_text {
+        image.push(0);
+    }
+    const LOG: usize = 16 << 10;
+    let mut error_log = vec![0u8; LOG];
+    let mut options = [
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+    ];
+    // The size option's value is the number itself, in the pointer's place (cuda.h).
+    let mut values = [error_log.as_mut_ptr() as *mut c_void, LOG as *mut c_void];
+    let mut module = std::ptr::null_mut();
+    // SAFETY: `image` is a whole CUBIN or NUL-terminated PTX; the option arrays have two entries
+    // each; the log buffer holds LOG bytes and outlives the call.
+    let rc = unsafe {
+        sys::cuModuleLoadDataEx(
+            &mut module,
+            image.as_ptr() as *const c_void,
+            options.len() as u32,
+            options.as_mut_ptr(),
+            values.as_mut_ptr(),
+        )
+    };
+    if rc == sys::CUresult::CUDA_SUCCESS {
+        return Ok(module);
+    }
+    let log = String::from_utf8_lossy(&error_log)
+        .trim_end_matches('\0')
+        .trim()
+        .to_string();
+    let what = match rc {
+        sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => format!(
+            "{} (the PTX is newer than this driver accepts: update the driver)",
+            driver_err("cuModuleLoadDataEx", DriverError(rc))
+        ),
+        _ => driver_err("cuModuleLoadDataEx", DriverError(rc)).to_string(),
+    };
+    Err(if log.is_empty() {
+        what
+    } else {
+        format!("{what}; JIT log: {log}")
+    })
 }
 
 /// A cuBLASLt handle; loads `libcublasLt.so*` from the toolkit's lib folder first when it is
@@ -707,7 +816,34 @@ impl Device for CudaDevice {
                 gib(i.total_memory),
                 gib(i.free_memory)
             ),
-            format!("kernels from {}", self.kernels.from),
+            format!(
+                "kernels: {}",
+                match images::nvrtc_used() {
+                    Some(nvrtc) => format!(
+                        "{} images embedded (by {nvrtc}); modules load at first use",
+                        images::embedded().len()
+                    ),
+                    None => "none embedded: NVRTC compiles them at run time".into(),
+                }
+            ),
+        ]
+    }
+
+    fn kernel_modules(&self) -> Vec<(String, Result<String, String>)> {
+        self.load_all_modules()
+    }
+
+    fn unavailable(&self) -> Vec<String> {
+        if self.supports_bf16() {
+            return Vec::new();
+        }
+        let arch = format!("sm_{}{}", self.cc.0, self.cc.1);
+        vec![
+            format!("bf16 storage: cuBLASLt's bf16 GEMMs need sm_80 or newer (this GPU is {arch})"),
+            format!(
+                "tensor-core attention (--attention flash-tc): bf16 mma.sync needs sm_80 or newer \
+                 (this GPU is {arch})"
+            ),
         ]
     }
 
@@ -776,17 +912,31 @@ impl Device for CudaDevice {
             kernel: name.to_string(),
             message: driver_err(what, e).to_string(),
         };
-        if cfg.smem > 48 << 10 {
-            // Above 48 KiB of dynamic shared memory a kernel must opt in.
-            // SAFETY: `f` is a live function of our modules.
+        if cfg.smem > 0 {
+            // Above 48 KiB of static + dynamic shared memory a kernel must opt in (the default
+            // dynamic maximum is 48 KiB minus its static shared memory).
+            let mut static_bytes = 0;
+            // SAFETY: `f` is a live function of our modules; a valid out-pointer.
             unsafe {
-                drv::function::set_function_attribute(
+                sys::cuFuncGetAttribute(
+                    &mut static_bytes,
+                    sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
                     f,
-                    sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    cfg.smem as i32,
                 )
             }
-            .map_err(|e| launch_err("cuFuncSetAttribute", e))?;
+            .result()
+            .map_err(|e| launch_err("cuFuncGetAttribute", e))?;
+            if static_bytes as u64 + u64::from(cfg.smem) > 48 << 10 {
+                // SAFETY: as above.
+                unsafe {
+                    drv::function::set_function_attribute(
+                        f,
+                        sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        cfg.smem as i32,
+                    )
+                }
+                .map_err(|e| launch_err("cuFuncSetAttribute", e))?;
+            }
         }
         let mut args = args.to_vec();
         let mut params: Vec<*mut c_void> = args.iter_mut().map(Arg::as_param).collect();

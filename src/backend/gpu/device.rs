@@ -43,6 +43,16 @@ pub enum Arg {
 }
 
 impl Arg {
+    /// The kind of the argument as the kernel's parameter must be: `'p'` pointer (`.u64` in PTX),
+    /// `'i'` int (`.u32`), `'f'` float (`.f32`).
+    pub fn kind(&self) -> char {
+        match self {
+            Arg::Ptr(_) => 'p',
+            Arg::I32(_) => 'i',
+            Arg::F32(_) => 'f',
+        }
+    }
+
     /// The address of the argument's value, as `cuLaunchKernel`'s `kernelParams` wants it.
     pub fn as_param(&mut self) -> *mut std::ffi::c_void {
         match self {
@@ -178,6 +188,16 @@ pub trait Device: Send + Sync + 'static {
 
     /// Facts for `fastpt doctor`: driver, compute capability, memory, ...
     fn describe(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Every kernel file with where its module came from (an embedded CUBIN, PTX, NVRTC at run
+    /// time, ...) or why it could not be loaded. Loads them all, for `fastpt doctor`.
+    fn kernel_modules(&self) -> Vec<(String, Result<String, String>)>;
+
+    /// What this device cannot run, and why ("bf16: needs sm_80 ..."); empty when it runs
+    /// everything.
+    fn unavailable(&self) -> Vec<String> {
         Vec::new()
     }
 

@@ -18,9 +18,11 @@
 pub mod check;
 pub mod cuda;
 pub mod device;
+pub mod images;
 pub mod nvrtc;
 #[cfg(test)]
 mod tests;
+mod toolkit_paths;
 pub mod vgpu;
 
 use std::sync::Arc;
@@ -126,10 +128,29 @@ const FLASH_BC: usize = 16;
 const FLASH_BR_KV: usize = 8;
 const FLASH_BLOCK: u32 = 128;
 
-/// Threads per block of the row-wise kernels (one block per row).
+/// Threads per block of the row-wise kernels (one block per row). Each kernel declares its block
+/// size with `__launch_bounds__` (kernels/common.cuh has the same constants); the virtual GPU
+/// refuses a launch with any other size.
 const ROW_BLOCK: u32 = 128;
 /// Threads per block of the elementwise kernels.
 const ELEMENTWISE_BLOCK: u32 = 256;
+
+/// Bytes of dynamic shared memory the launch of kernel `op` (no dtype suffix) asks for with heads
+/// of width `d`: the flash kernels' tiles in f32, 0 for kernels without dynamic shared memory.
+/// `tests/kernel_images.rs` checks static + dynamic at [`FLASH_MAX_D`] against each GPU's limit.
+pub fn dynamic_smem_bytes(op: &str, d: usize) -> usize {
+    let (br, bc, br_kv) = (FLASH_BR, FLASH_BC, FLASH_BR_KV);
+    let floats = match op {
+        "attention_forward" => (2 * br + 2 * bc) * d + br * bc + 3 * br,
+        "attention_backward_prep" => (br + bc) * d + br * bc + 2 * br,
+        "attention_backward_dkv" => (4 * bc + 2 * br_kv) * d + 2 * br_kv * bc + 2 * br_kv,
+        "attention_backward_dq" => (3 * br + 2 * bc) * d + br * bc + 2 * br,
+        // One int per thread of its block of 128 (the shim test's launch).
+        "selftest_ballot" => 128,
+        _ => 0,
+    };
+    floats * 4
+}
 
 fn blocks_for(n: usize, block: u32) -> u32 {
     n.div_ceil(block as usize).clamp(1, 65535) as u32
@@ -451,6 +472,12 @@ impl<D: Device> GpuBackend<D> {
             h_kv > 0 && h % h_kv == 0,
             "attention: H = {h} is not a multiple of Hkv = {h_kv}"
         );
+        // The kernels divide by these (tiles per sequence, heads per group): refused here, on
+        // the host, before any launch.
+        assert!(
+            b > 0 && t > 0 && s > 0 && d > 0,
+            "attention: empty input (B = {b}, T = {t}, S = {s}, D = {d}): every length must be > 0"
+        );
         self.check("attention: q", q, b * t * h * d);
         self.check("attention: k", k, b * s * h_kv * d);
         self.check("attention: v", v, b * s * h_kv * d);
@@ -484,10 +511,10 @@ impl<D: Device> GpuBackend<D> {
             && (d == 64 || d == 128)
     }
 
-    /// The launch of a flash kernel: `blocks` blocks, `floats` f32 of shared memory.
-    fn flash_cfg(blocks: usize, floats: usize) -> LaunchCfg {
+    /// The launch of a flash kernel: `blocks` blocks, `bytes` of dynamic shared memory.
+    fn flash_cfg(blocks: usize, bytes: usize) -> LaunchCfg {
         LaunchCfg {
-            smem: (floats * 4) as u32,
+            smem: u32::try_from(bytes).expect("flash tiles fit in u32 bytes"),
             ..LaunchCfg::linear(
                 u32::try_from(blocks).expect("attention grid fits in u32"),
                 FLASH_BLOCK,
@@ -560,7 +587,6 @@ impl<D: Device> GpuBackend<D> {
         let AttnDims { b, t, h, d, .. } = dims;
         let buckets = self.bias_buckets(bias, dims);
         let blocks = b * h * t.div_ceil(FLASH_BR);
-        let floats = (2 * FLASH_BR + 2 * FLASH_BC) * d + FLASH_BR * FLASH_BC + 3 * FLASH_BR;
         let mut args = vec![
             self.ptr(out),
             self.ptr(lse),
@@ -576,7 +602,8 @@ impl<D: Device> GpuBackend<D> {
             self.launch(&name, Self::flash_cfg(blocks, 0), &args);
             return;
         }
-        self.launch("attention_forward", Self::flash_cfg(blocks, floats), &args);
+        let smem = dynamic_smem_bytes("attention_forward", d);
+        self.launch("attention_forward", Self::flash_cfg(blocks, smem), &args);
     }
 
     /// Three launches: the row statistics (lse, rowsum(dout ⊙ out)) into an f32 scratch, then
@@ -616,10 +643,9 @@ impl<D: Device> GpuBackend<D> {
         ];
         args.extend(tail.iter().copied());
         args.push(Arg::I32(recompute as i32));
-        let floats = (FLASH_BR + FLASH_BC) * d + FLASH_BR * FLASH_BC + 2 * FLASH_BR;
         self.launch(
             "attention_backward_prep",
-            Self::flash_cfg(q_blocks, floats),
+            Self::flash_cfg(q_blocks, dynamic_smem_bytes("attention_backward_prep", d)),
             &args,
         );
         if tc {
@@ -666,11 +692,9 @@ impl<D: Device> GpuBackend<D> {
             self.ptr(x.v),
         ];
         args.extend(tail.iter().copied());
-        let floats =
-            (4 * FLASH_BC + 2 * FLASH_BR_KV) * d + 2 * FLASH_BR_KV * FLASH_BC + 2 * FLASH_BR_KV;
         self.launch(
             "attention_backward_dkv",
-            Self::flash_cfg(kv_blocks, floats),
+            Self::flash_cfg(kv_blocks, dynamic_smem_bytes("attention_backward_dkv", d)),
             &args,
         );
 
@@ -683,10 +707,9 @@ impl<D: Device> GpuBackend<D> {
             self.ptr(x.v),
         ];
         args.extend(tail.iter().copied());
-        let floats = (3 * FLASH_BR + 2 * FLASH_BC) * d + FLASH_BR * FLASH_BC + 2 * FLASH_BR;
         self.launch(
             "attention_backward_dq",
-            Self::flash_cfg(q_blocks, floats),
+            Self::flash_cfg(q_blocks, dynamic_smem_bytes("attention_backward_dq", d)),
             &args,
         );
     }

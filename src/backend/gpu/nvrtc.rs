@@ -17,6 +17,7 @@ use std::sync::{Mutex, OnceLock};
 use cudarc::nvrtc::{result, sys};
 
 use super::device::GpuError;
+use super::toolkit_paths;
 
 mod sources {
     include!(concat!(env!("OUT_DIR"), "/kernel_sources.rs"));
@@ -35,44 +36,26 @@ impl CudaToolkit {
     /// `<repo>/.venv-nvrtc` (`lib/python3*/site-packages/nvidia/cu13`). A place counts when its
     /// include folder has `cuda_bf16.h` and its lib folder a `libnvrtc.so*`.
     pub fn find() -> Result<CudaToolkit, GpuError> {
-        let mut roots: Vec<PathBuf> = Vec::new();
-        for var in ["FASTPT_CUDA_HOME", "CUDA_HOME", "CUDA_PATH"] {
-            if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
-                roots.push(PathBuf::from(v));
-            }
-        }
-        roots.push(PathBuf::from("/usr/local/cuda"));
-        roots.extend(venv_roots(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-nvrtc"),
-        ));
-        Self::find_in(&roots)
+        Self::find_in(&toolkit_paths::candidate_roots(Path::new(env!(
+            "CARGO_MANIFEST_DIR"
+        ))))
     }
 
     /// The first of `roots` holding NVRTC and the headers (see [`CudaToolkit::find`]).
     pub fn find_in(roots: &[PathBuf]) -> Result<CudaToolkit, GpuError> {
-        let mut looked = Vec::new();
-        for root in roots {
-            let include_dir = root.join("include");
-            for lib in ["lib64", "lib"] {
-                let lib_dir = root.join(lib);
-                if include_dir.join("cuda_bf16.h").is_file()
-                    && find_lib(&lib_dir, "libnvrtc.so").is_some()
-                {
-                    return Ok(CudaToolkit {
-                        lib_dir,
-                        include_dir,
-                    });
-                }
-                looked.push(format!("{} + {}", lib_dir.display(), include_dir.display()));
-            }
+        match toolkit_paths::locate(roots) {
+            Ok((lib_dir, include_dir)) => Ok(CudaToolkit {
+                lib_dir,
+                include_dir,
+            }),
+            Err(looked) => Err(GpuError::Driver(format!(
+                "NVRTC not found (need libnvrtc.so* and cuda_bf16.h). Looked in ($FASTPT_CUDA_HOME, \
+                 $CUDA_HOME, $CUDA_PATH, /usr/local/cuda, .venv-nvrtc):\n  {}\n\
+                 Install it with `bash tools/nvrtc-venv.sh` (pip wheels into .venv-nvrtc/) or point \
+                 FASTPT_CUDA_HOME at a CUDA toolkit.",
+                looked.join("\n  ")
+            ))),
         }
-        Err(GpuError::Driver(format!(
-            "NVRTC not found (need libnvrtc.so* and cuda_bf16.h). Looked in ($FASTPT_CUDA_HOME, \
-             $CUDA_HOME, $CUDA_PATH, /usr/local/cuda, .venv-nvrtc):\n  {}\n\
-             Install it with `bash tools/nvrtc-venv.sh` (pip wheels into .venv-nvrtc/) or point \
-             FASTPT_CUDA_HOME at a CUDA toolkit.",
-            looked.join("\n  ")
-        )))
     }
 
     pub fn lib_dir(&self) -> &Path {
@@ -84,43 +67,7 @@ impl CudaToolkit {
     }
 }
 
-/// `<venv>/lib/python3*/site-packages/nvidia/cu13`, for every python3* folder (sorted).
-fn venv_roots(venv: &Path) -> Vec<PathBuf> {
-    let mut pythons: Vec<PathBuf> = std::fs::read_dir(venv.join("lib"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
-        .map(|e| e.path().join("site-packages/nvidia/cu13"))
-        .collect();
-    pythons.sort();
-    if pythons.is_empty() {
-        // Listed anyway, so that the error names the place.
-        pythons.push(venv.join("lib/python3*/site-packages/nvidia/cu13"));
-    }
-    pythons
-}
-
-/// The file in `dir` named `<stem>.<digits...>` (e.g. `libnvrtc.so.13`), else `<stem>` itself;
-/// the shortest versioned name wins (the soname, not `libnvrtc.so.13.0.88`). `.alt` variants and
-/// other names that merely start with `stem` are not matched.
-pub(crate) fn find_lib(dir: &Path, stem: &str) -> Option<PathBuf> {
-    let mut versioned: Vec<String> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| {
-            n.strip_prefix(stem)
-                .and_then(|rest| rest.strip_prefix('.'))
-                .is_some_and(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.'))
-        })
-        .collect();
-    versioned.sort_by_key(|n| (n.len(), n.clone()));
-    match versioned.first() {
-        Some(n) => Some(dir.join(n)),
-        None => Some(dir.join(stem)).filter(|p| p.is_file()),
-    }
-}
+pub(crate) use super::toolkit_paths::find_lib;
 
 /// Opens a shared library by full path with `RTLD_NOW | RTLD_GLOBAL` and never closes it.
 pub(crate) fn preload(path: &Path) -> Result<(), GpuError> {
@@ -228,6 +175,43 @@ pub fn compile_ptx(
     source: &str,
     arch: &str,
 ) -> Result<Ptx, GpuError> {
+    let (ptx, log) = compile(toolkit, file_name, source, arch, false)?;
+    Ok(Ptx {
+        ptx: String::from_utf8_lossy(&ptx)
+            .trim_end_matches('\0')
+            .to_string(),
+        log,
+    })
+}
+
+/// A CUBIN and ptxas' `-v` report (registers, spills, stack, shared memory of every kernel; see
+/// [`super::images::parse_ptxas_report`]), with any warnings.
+#[derive(Debug, Clone)]
+pub struct Cubin {
+    pub cubin: Vec<u8>,
+    pub report: String,
+}
+
+/// Compiles `source` to machine code for `arch` (`"sm_75"`), with `--ptxas-options=-v`. Otherwise
+/// as [`compile_ptx`].
+pub fn compile_cubin(
+    toolkit: &CudaToolkit,
+    file_name: &str,
+    source: &str,
+    arch: &str,
+) -> Result<Cubin, GpuError> {
+    let (cubin, report) = compile(toolkit, file_name, source, arch, true)?;
+    Ok(Cubin { cubin, report })
+}
+
+/// NVRTC's output (PTX text, or the CUBIN when `cubin`) and its log.
+fn compile(
+    toolkit: &CudaToolkit,
+    file_name: &str,
+    source: &str,
+    arch: &str,
+    cubin: bool,
+) -> Result<(Vec<u8>, String), GpuError> {
     load_nvrtc(toolkit)?;
     let fail = |log: String| GpuError::Compile {
         kernel: format!("{file_name} ({arch})"),
@@ -235,28 +219,38 @@ pub fn compile_ptx(
     };
     let src = CString::new(source).map_err(|_| fail("source contains a NUL byte".into()))?;
     let name = CString::new(file_name).map_err(|_| fail("name contains a NUL byte".into()))?;
-    let options = [
+    let mut options = vec![
         format!("--gpu-architecture={arch}"),
         format!("-I{}", toolkit.include_dir.display()),
         "-std=c++17".to_string(),
         "-default-device".to_string(),
     ];
+    if cubin {
+        options.push("--ptxas-options=-v".to_string());
+    }
     let prog = result::create_program(&src, Some(&name))
         .map_err(|e| fail(format!("nvrtcCreateProgram: {e}")))?;
     // SAFETY: `prog` comes from create_program and is destroyed once, below; `src` and `name`
-    // outlive it.
+    // outlive it; the output buffer is sized by nvrtcGetCUBINSize.
     unsafe {
         let compiled = result::compile_program(prog, &options);
         let log = result::get_program_log(prog)
             .map(|l| c_chars_to_string(&l))
             .unwrap_or_else(|e| format!("(no log: {e})"));
-        let ptx = compiled.and_then(|()| result::get_ptx(prog));
+        let image = compiled.and_then(|()| {
+            if cubin {
+                let mut size = 0usize;
+                sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
+                let mut bytes = vec![0u8; size];
+                sys::nvrtcGetCUBIN(prog, bytes.as_mut_ptr() as *mut std::ffi::c_char).result()?;
+                Ok(bytes)
+            } else {
+                result::get_ptx(prog).map(|p| p.iter().map(|&c| c as u8).collect())
+            }
+        });
         let _ = result::destroy_program(prog);
-        match ptx {
-            Ok(ptx) => Ok(Ptx {
-                ptx: c_chars_to_string(&ptx),
-                log,
-            }),
+        match image {
+            Ok(image) => Ok((image, log)),
             Err(e) => Err(fail(if log.is_empty() { e.to_string() } else { log })),
         }
     }
@@ -310,15 +304,6 @@ fn cache_prefix(file: &str, source: &str, arch: &str) -> String {
     let stem = file.strip_suffix(".cu").unwrap_or(file);
     let hash = fnv1a64(&[source.as_bytes(), arch.as_bytes()]);
     format!("{stem}-{arch}-{hash:016x}-nvrtc")
-}
-
-/// The `compute_80` PTX of kernel file `file` that build.rs made with nvcc, when the binary was
-/// built on a machine with nvcc (the driver JIT-compiles it for any sm_80+ GPU).
-pub fn precompiled_ptx(file: &str) -> Option<&'static str> {
-    sources::PRECOMPILED_PTX
-        .iter()
-        .find(|(name, _)| *name == file)
-        .map(|(_, ptx)| *ptx)
 }
 
 /// The PTX of kernel file `file` for `arch`, from the cache at [`cache_dir`] or compiled (and then

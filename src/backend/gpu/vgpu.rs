@@ -3,12 +3,18 @@
 //! `cuLaunchKernel` takes them, GEMMs run on the CPU (the `gemm` crate, f32 accumulation).
 //!
 //! It is a test device: correct, not fast. It lets `cargo test` run every kernel and the whole
-//! GPU backend on machines without a GPU.
+//! GPU backend on machines without a GPU. Every launch is checked: the argument kinds against the
+//! kernel's parameters, the block size against its `__launch_bounds__`, shared memory against the
+//! hardware's limits. The [`Schedule`] sets the order of blocks and threads, so that a missing
+//! barrier or a dependency between blocks shows as a wrong result under another schedule.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::BTreeSet;
 use std::ffi::{c_char, c_void, CStr, CString};
+use std::fmt;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use half::bf16;
@@ -16,30 +22,136 @@ use half::bf16;
 use super::device::{Arg, DType, Device, GemmDesc, GpuError, LaunchCfg, MemoryCounter};
 
 extern "C" {
+    #[allow(clippy::too_many_arguments)]
     fn vgpu_launch(
         name: *const c_char,
         grid: *const u32,
         block: *const u32,
         smem: u32,
+        schedule: i32,
+        seed: u64,
+        kinds: *const c_char,
         params: *mut *mut c_void,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
     fn vgpu_kernel_count() -> usize;
-    fn vgpu_kernel_name(i: usize) -> *const c_char;
+    fn vgpu_kernel_info(
+        i: usize,
+        name: *mut *const c_char,
+        file: *mut *const c_char,
+        block: *mut u32,
+        signature: *mut *const c_char,
+    ) -> bool;
+}
+
+/// A kernel the virtual GPU was built with: the same source the CUDA device compiles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelInfo {
+    /// `rmsnorm_forward_bf16`.
+    pub name: String,
+    /// The kernel file it is in: `norm.cu`.
+    pub file: String,
+    /// Its `__launch_bounds__`, the block size every launch uses.
+    pub block: u32,
+    /// The kinds of its parameters in order, as [`Arg::kind`] names them: `"ppif"`.
+    pub signature: String,
+}
+
+/// Every kernel the virtual GPU was built with, sorted by name.
+pub fn kernels() -> Vec<KernelInfo> {
+    // SAFETY: the table is filled by static constructors before main and never changes after;
+    // the strings are NUL-terminated and owned by the table.
+    unsafe {
+        (0..vgpu_kernel_count())
+            .filter_map(|i| {
+                let (mut name, mut file, mut sig) =
+                    (std::ptr::null(), std::ptr::null(), std::ptr::null());
+                let mut block = 0u32;
+                if !vgpu_kernel_info(i, &mut name, &mut file, &mut block, &mut sig) {
+                    return None;
+                }
+                let text = |p: *const c_char| CStr::from_ptr(p).to_string_lossy().into_owned();
+                Some(KernelInfo {
+                    name: text(name),
+                    file: text(file),
+                    block,
+                    signature: text(sig),
+                })
+            })
+            .collect()
+    }
 }
 
 /// The names of every kernel the virtual GPU was built with, sorted.
 pub fn kernel_names() -> Vec<String> {
-    // SAFETY: the table is filled by static constructors before main and never changes after;
-    // each name is a NUL-terminated string owned by the table.
-    unsafe {
-        (0..vgpu_kernel_count())
-            .filter_map(|i| {
-                let p = vgpu_kernel_name(i);
-                (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
-            })
-            .collect()
+    kernels().into_iter().map(|k| k.name).collect()
+}
+
+/// The order in which the virtual GPU runs the blocks of a grid and, between two barriers, the
+/// threads of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Schedule {
+    /// Index order: block 0 first, thread 0 first.
+    #[default]
+    Fixed,
+    /// The reverse of index order.
+    Reversed,
+    /// A permutation drawn from this seed (a new one for every launch and every sweep of a block).
+    Shuffled(u64),
+}
+
+impl Schedule {
+    /// The environment variable that sets the schedule of [`VirtualDevice::new`].
+    pub const ENV: &'static str = "FASTPT_VGPU_SCHEDULE";
+
+    /// `fixed`, `reversed` (or `reverse`), `shuffled:SEED` (or `shuffle:SEED`).
+    pub fn parse(text: &str) -> Result<Schedule, GpuError> {
+        let bad = || {
+            GpuError::Driver(format!(
+                "virtual GPU schedule {text:?}: expected fixed, reversed or shuffled:SEED \
+                 (SEED an unsigned integer)"
+            ))
+        };
+        match text.trim() {
+            "fixed" => Ok(Schedule::Fixed),
+            "reversed" | "reverse" => Ok(Schedule::Reversed),
+            other => {
+                let seed = other
+                    .strip_prefix("shuffled:")
+                    .or_else(|| other.strip_prefix("shuffle:"))
+                    .ok_or_else(bad)?;
+                seed.parse().map(Schedule::Shuffled).map_err(|_| bad())
+            }
+        }
+    }
+
+    /// The schedule `$FASTPT_VGPU_SCHEDULE` names; [`Schedule::Fixed`] when it is unset or empty.
+    pub fn from_env() -> Result<Schedule, GpuError> {
+        match std::env::var(Self::ENV) {
+            Ok(v) if !v.trim().is_empty() => {
+                Self::parse(&v).map_err(|e| GpuError::Driver(format!("${}: {e}", Self::ENV)))
+            }
+            _ => Ok(Schedule::Fixed),
+        }
+    }
+
+    fn code(self) -> i32 {
+        match self {
+            Schedule::Fixed => 0,
+            Schedule::Reversed => 1,
+            Schedule::Shuffled(_) => 2,
+        }
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Schedule::Fixed => f.write_str("fixed"),
+            Schedule::Reversed => f.write_str("reversed"),
+            Schedule::Shuffled(seed) => write!(f, "shuffled:{seed}"),
+        }
     }
 }
 
@@ -66,11 +178,45 @@ impl Drop for HostBuffer {
 #[derive(Debug, Default)]
 pub struct VirtualDevice {
     memory: Arc<MemoryCounter>,
+    schedule: Schedule,
+    /// Launches so far: mixed into the shuffled schedule's seed, so every launch draws anew.
+    launches: AtomicU64,
+    /// The kernels launched on this device (tests check that every kernel was).
+    launched: Mutex<BTreeSet<String>>,
 }
 
 impl VirtualDevice {
+    /// A device with the schedule of `$FASTPT_VGPU_SCHEDULE` (fixed when unset). An invalid value
+    /// is reported on stderr and the fixed schedule used; [`VirtualDevice::from_env`] returns the
+    /// error instead.
     pub fn new() -> Self {
-        VirtualDevice::default()
+        let schedule = Schedule::from_env().unwrap_or_else(|e| {
+            eprintln!("warning: {e}; using the fixed schedule");
+            Schedule::Fixed
+        });
+        VirtualDevice::with_schedule(schedule)
+    }
+
+    /// A device with the schedule of `$FASTPT_VGPU_SCHEDULE`, or its parse error.
+    pub fn from_env() -> Result<Self, GpuError> {
+        Ok(VirtualDevice::with_schedule(Schedule::from_env()?))
+    }
+
+    pub fn with_schedule(schedule: Schedule) -> Self {
+        VirtualDevice {
+            schedule,
+            ..VirtualDevice::default()
+        }
+    }
+
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+
+    /// The names of the kernels launched on this device so far, sorted.
+    pub fn launched(&self) -> Vec<String> {
+        let launched = self.launched.lock().unwrap_or_else(|p| p.into_inner());
+        launched.iter().cloned().collect()
     }
 }
 
@@ -80,7 +226,23 @@ impl Device for VirtualDevice {
     type Event = Instant;
 
     fn name(&self) -> String {
-        "vgpu".into()
+        match self.schedule {
+            Schedule::Fixed => "vgpu".into(),
+            other => format!("vgpu ({other} schedule)"),
+        }
+    }
+
+    fn kernel_modules(&self) -> Vec<(String, Result<String, String>)> {
+        super::nvrtc::kernel_files()
+            .into_iter()
+            .map(|file| {
+                let from = format!(
+                    "compiled into the binary as C++ ({} schedule)",
+                    self.schedule
+                );
+                (file.to_string(), Ok(from))
+            })
+            .collect()
     }
 
     fn alloc(&self, bytes: usize) -> Result<HostBuffer, GpuError> {
@@ -137,24 +299,41 @@ impl Device for VirtualDevice {
             message,
         };
         let cname = CString::new(name).map_err(|_| launch_err("name contains NUL".into()))?;
+        let kinds: String = args.iter().map(|a| a.kind()).collect();
+        let ckinds = CString::new(kinds).map_err(|_| launch_err("kinds contain NUL".into()))?;
         let mut args = args.to_vec();
         let mut params: Vec<*mut c_void> = args.iter_mut().map(Arg::as_param).collect();
         let mut err = [0u8; 256];
+        let launch = self.launches.fetch_add(1, Ordering::Relaxed);
+        let seed = match self.schedule {
+            // splitmix-style mixing: nearby (seed, launch) pairs draw unrelated orders.
+            Schedule::Shuffled(seed) => (seed ^ launch.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                .wrapping_mul(0xbf58_476d_1ce4_e5b9),
+            _ => 0,
+        };
         // SAFETY: every pointer argument addresses a live HostBuffer of the size the kernel's
-        // contract asks for (GpuBackend checks lengths before launching); `params` and `args`
-        // outlive the synchronous call.
+        // contract asks for (GpuBackend checks lengths before launching); the C side checks the
+        // argument kinds against the kernel's parameters before it reads `params`; `params` and
+        // `args` outlive the synchronous call.
         let rc = unsafe {
             vgpu_launch(
                 cname.as_ptr(),
                 cfg.grid.as_ptr(),
                 cfg.block.as_ptr(),
                 cfg.smem,
+                self.schedule.code(),
+                seed,
+                ckinds.as_ptr(),
                 params.as_mut_ptr(),
                 err.as_mut_ptr() as *mut c_char,
                 err.len(),
             )
         };
         if rc == 0 {
+            let mut launched = self.launched.lock().unwrap_or_else(|p| p.into_inner());
+            if !launched.contains(name) {
+                launched.insert(name.to_string());
+            }
             return Ok(());
         }
         let msg = CStr::from_bytes_until_nul(&err)

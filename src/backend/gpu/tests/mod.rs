@@ -21,6 +21,58 @@ mod shim;
 
 pub(super) type Vgpu = GpuBackend<VirtualDevice>;
 
+/// The GPU tests of this module (every op, the shim, the doctor's whole steps) run again under
+/// the reversed schedule and two shuffled ones (`vgpu::Schedule`), in child processes of this
+/// test binary with `$FASTPT_VGPU_SCHEDULE` set: a missing barrier or a dependency between the
+/// blocks of one launch gives different results there than in the fixed order.
+#[test]
+fn gpu_tests_pass_under_other_schedules() {
+    use super::vgpu::Schedule;
+    const ME: &str = "backend::gpu::tests::gpu_tests_pass_under_other_schedules";
+    if std::env::var_os(Schedule::ENV).is_some() {
+        // A child run: the parent runs each schedule once.
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    for schedule in ["reversed", "shuffled:1", "shuffled:2"] {
+        let out = std::process::Command::new(&exe)
+            .args(["backend::gpu::tests::", "--skip", ME, "--test-threads", "2"])
+            .env(Schedule::ENV, schedule)
+            .output()
+            .expect("running the test binary");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail = |s: &str| {
+            s.lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert!(
+            out.status.success(),
+            "under the {schedule} schedule:\n{}\n{}",
+            tail(&stdout),
+            tail(&stderr)
+        );
+        let passed: usize = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("test result: ok. "))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            passed >= 50,
+            "under the {schedule} schedule only {passed} tests ran:\n{}",
+            tail(&stdout)
+        );
+        eprintln!("{schedule}: {passed} GPU tests passed");
+    }
+}
+
 /// Both dtypes with their tolerances.
 pub(super) fn backends() -> Vec<(Vgpu, f64)> {
     vec![

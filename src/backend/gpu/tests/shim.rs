@@ -100,7 +100,7 @@ fn selftest_ballot_counts_lanes_through_dynamic_shared_memory() {
         Arg::I32(n as i32),
     ];
     let cfg = LaunchCfg {
-        smem: 128 * 4,
+        smem: super::super::dynamic_smem_bytes("selftest_ballot", 0) as u32,
         ..LaunchCfg::linear(1, 128)
     };
     dev.launch("selftest_ballot_f32", cfg, &args).unwrap();
@@ -146,6 +146,75 @@ fn unknown_kernel_and_bad_launch_are_errors() {
         .launch("selftest_reverse_f32", LaunchCfg::linear(1, 2048), &args)
         .unwrap_err();
     assert!(err.to_string().contains("1024"), "{err}");
+}
+
+#[test]
+fn launches_are_checked_against_the_kernels_declaration() {
+    let dev = VirtualDevice::new();
+    let out = dev.alloc(4 * 256).unwrap();
+    let inp = dev.alloc(4 * 256).unwrap();
+    let good = [
+        Arg::Ptr(dev.ptr(&out)),
+        Arg::Ptr(dev.ptr(&inp)),
+        Arg::I32(256),
+    ];
+    let err = |name: &str, cfg: LaunchCfg, args: &[Arg]| {
+        dev.launch(name, cfg, args).unwrap_err().to_string()
+    };
+    // Argument kinds: swapped, missing, a float for an int.
+    let swapped = [good[0], good[2], good[1]];
+    let e = err("selftest_reverse_f32", LaunchCfg::linear(1, 256), &swapped);
+    assert!(e.contains("(pip)") && e.contains("(ppi)"), "{e}");
+    let e = err(
+        "selftest_reverse_f32",
+        LaunchCfg::linear(1, 256),
+        &good[..2],
+    );
+    assert!(e.contains("(pp)"), "{e}");
+    let float = [good[0], good[1], Arg::F32(256.0)];
+    let e = err("selftest_reverse_f32", LaunchCfg::linear(1, 256), &float);
+    assert!(e.contains("(ppf)"), "{e}");
+    // Block size other than the kernel's __launch_bounds__ (256).
+    let e = err("selftest_reverse_f32", LaunchCfg::linear(1, 128), &good);
+    assert!(e.contains("__launch_bounds__ is 256"), "{e}");
+    // Shared memory: dynamic over the limit, and static (1 KiB) + dynamic over it.
+    let big = LaunchCfg {
+        smem: 100 << 10,
+        ..LaunchCfg::linear(1, 256)
+    };
+    let e = err("selftest_reverse_f32", big, &good);
+    assert!(
+        e.contains("dynamic shared memory") && e.contains("99 KiB"),
+        "{e}"
+    );
+    let sum = LaunchCfg {
+        smem: (99 << 10) - 512,
+        ..LaunchCfg::linear(1, 256)
+    };
+    let e = err("selftest_reverse_f32", sum, &good);
+    assert!(e.contains("1024 static") && e.contains("99 KiB"), "{e}");
+    // The same launch within the limits runs.
+    dev.launch("selftest_reverse_f32", LaunchCfg::linear(1, 256), &good)
+        .unwrap();
+}
+
+#[test]
+fn selftest_static_poison_every_block_finds_nan() {
+    let dev = VirtualDevice::new();
+    let blocks = 4;
+    let out = upload_f32(&dev, &vec![0.0; blocks]);
+    let args = [Arg::Ptr(dev.ptr(&out)), Arg::I32(blocks as i32)];
+    // Twice: the second launch must not see the first one's writes either.
+    for _ in 0..2 {
+        dev.launch(
+            "selftest_static_poison_f32",
+            LaunchCfg::linear(blocks as u32, 32),
+            &args,
+        )
+        .unwrap();
+        let got: Vec<f32> = download(&dev, &out, blocks);
+        assert!(got.iter().all(|v| v.is_nan()), "{got:?}");
+    }
 }
 
 /// Kernels that exist for bf16 only: tensor-core code multiplies bf16 operands.
