@@ -990,14 +990,20 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
             }
             None => None,
         };
-        let report = run_claims(be, &cfg, shape, progress)?;
-        let table = claims_markdown(&report);
-        println!("{table}");
-        write(
-            "claims.json",
-            serde_json::to_string_pretty(&report)?.as_bytes(),
-        )?;
-        write("claims.md", table.as_bytes())?;
+        let write_report = |report: &fastpt::bench::claims::ClaimsReport| -> Result<()> {
+            write(
+                "claims.json",
+                serde_json::to_string_pretty(report)?.as_bytes(),
+            )?;
+            write("claims.md", claims_markdown(report).as_bytes())
+        };
+        // After each group too: a run stopped by a timeout keeps the groups that finished.
+        let mut partial = |report: &fastpt::bench::claims::ClaimsReport| {
+            write_report(report).map_err(|e| fastpt::Error::Input(format!("{e:#}")))
+        };
+        let report = run_claims(be, &cfg, shape, progress, &mut partial)?;
+        println!("{}", claims_markdown(&report));
+        write_report(&report)?;
         if let Some(dir) = &args.out {
             for (i, sweep) in report.sweeps.iter().enumerate() {
                 let points: Vec<(u64, f64)> = sweep.points.iter().map(|p| (p.0, p.1)).collect();

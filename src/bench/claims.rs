@@ -203,12 +203,14 @@ fn relative(metric: Metric, base: &Row, cand: &Row, memory: &str) -> Option<f64>
 }
 
 /// Runs every group at `shape` (or its paper shape when None), with the batch and step counts of
-/// `base` (its shapes and settings are replaced).
+/// `base` (its shapes and settings are replaced). `on_group` sees the report so far after each
+/// group (`fastpt bench --claims --out` writes it then, so a run cut short keeps what finished).
 pub fn run_claims<B: BenchClock + 'static>(
     be: &B,
     base: &BenchConfig,
     shape: Option<&str>,
     progress: &mut dyn FnMut(&str),
+    on_group: &mut dyn FnMut(&ClaimsReport) -> Result<()>,
 ) -> Result<ClaimsReport> {
     let mut rows = Vec::new();
     let mut sweeps = Vec::new();
@@ -284,6 +286,12 @@ pub fn run_claims<B: BenchClock + 'static>(
             });
         }
         reports.push(report);
+        on_group(&ClaimsReport {
+            schema: 1,
+            rows: rows.clone(),
+            sweeps: sweeps.clone(),
+            reports: reports.clone(),
+        })?;
     }
     Ok(ClaimsReport {
         schema: 1,
@@ -332,6 +340,44 @@ mod tests {
     use super::*;
     use crate::bench::Stats;
     use crate::prompt::MethodConfig;
+
+    #[test]
+    fn each_finished_group_is_reported_before_the_next_starts() {
+        let be = crate::backend::cpu::CpuBackend::<f32>::new();
+        let cfg = BenchConfig {
+            shapes: Vec::new(),
+            settings: Vec::new(),
+            batch: 2,
+            input_len: 12,
+            target_len: 3,
+            // The EPT-MS group's update covers m = 256 rows (its source_len is 100).
+            max_len: 256,
+            warmup: 0,
+            steps: 1,
+            quant: crate::model::linear::Quant::None,
+            seed: 1,
+        };
+        let mut seen: Vec<usize> = Vec::new();
+        let mut on_group = |r: &ClaimsReport| {
+            seen.push(r.rows.len());
+            Ok(())
+        };
+        let report = run_claims(&be, &cfg, Some("t5-tiny"), &mut |_| {}, &mut on_group).unwrap();
+        let groups = claim_groups(Some("t5-tiny"), 256).unwrap().len();
+        // One call per group, each with that group's four metrics added.
+        let want: Vec<usize> = (1..=groups).map(|g| 4 * g).collect();
+        assert_eq!(seen, want);
+        assert_eq!(report.rows.len(), 4 * groups);
+        // A failure to write stops the run at once, with that error.
+        let mut calls = 0;
+        let mut failing = |_: &ClaimsReport| {
+            calls += 1;
+            Err(Error::Input("disk full".into()))
+        };
+        let err = run_claims(&be, &cfg, Some("t5-tiny"), &mut |_| {}, &mut failing).unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert_eq!(calls, 1);
+    }
 
     #[test]
     fn every_setting_parses_and_the_ept_sweep_keeps_the_parameter_budget() {

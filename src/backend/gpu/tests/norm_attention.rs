@@ -1,7 +1,7 @@
 //! Normalisation, row softmax and attention on the virtual GPU against the CPU reference.
 
 use super::*;
-use crate::backend::gpu::AttentionKernel;
+use crate::backend::gpu::{AttentionKernel, GpuBackend};
 use crate::backend::{AttnDims, AttnMask, RelBias};
 
 #[test]
@@ -565,5 +565,50 @@ fn attention_backward_dinp_matches_cpu() {
                 );
             }
         }
+    }
+}
+
+/// An empty sequence (T = 0 or S = 0) is refused on the host, naming the lengths, before any
+/// launch: the kernels' tile arithmetic divides by them.
+#[test]
+fn attention_refuses_empty_sequences_before_launching() {
+    for (t, s) in [(0, 4), (4, 0), (0, 0)] {
+        let be = GpuBackend::new(VirtualDevice::new(), DType::F32);
+        let dims = AttnDims {
+            b: 1,
+            t,
+            s,
+            h: 2,
+            h_kv: 2,
+            d: 8,
+        };
+        let (q, k, v) = (
+            be.upload_f32(vec![0.0; t * 16]),
+            be.upload_f32(vec![0.0; s * 16]),
+            be.upload_f32(vec![0.0; s * 16]),
+        );
+        let (mut out, mut lse) = (
+            be.upload_f32(vec![0.0; t * 16]),
+            be.upload_f32(vec![0.0; 2 * t]),
+        );
+        let km = be.upload_index(&vec![1; s]);
+        let mask = AttnMask {
+            key_mask: &km,
+            causal: false,
+        };
+        let run = std::panic::AssertUnwindSafe(|| {
+            be.attention_forward(&mut out, &mut lse, &q, &k, &v, mask, None, 1.0, dims)
+        });
+        let err = std::panic::catch_unwind(run).expect_err("an empty sequence is refused");
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            msg.contains(&format!("T = {t}, S = {s}")) && msg.contains("empty input"),
+            "{msg}"
+        );
+        assert!(
+            be.device().launched().is_empty(),
+            "launched {:?}",
+            be.device().launched()
+        );
     }
 }
