@@ -218,22 +218,15 @@ template <typename T>
 struct ArgKind<T*> {
     static constexpr char value = 'p';
 };
-template <>
-struct ArgKind<int> {
-    static constexpr char value = 'i';
-};
-template <>
-struct ArgKind<float> {
-    static constexpr char value = 'f';
-};
-template <>
-struct ArgKind<long> {
-    static constexpr char value = 'l';
-};
-template <>
-struct ArgKind<unsigned> {
-    static constexpr char value = 'u';
-};
+#define VGPU_ARG_KIND(type, kind)                \
+    template <>                                  \
+    struct ArgKind<type> {                       \
+        static constexpr char value = kind;      \
+    };
+VGPU_ARG_KIND(int, 'i')
+VGPU_ARG_KIND(float, 'f')
+VGPU_ARG_KIND(long, 'l')
+VGPU_ARG_KIND(unsigned, 'u')
 
 // "ppif": the kinds of a kernel's parameters, in order.
 template <typename... A>
