@@ -285,6 +285,34 @@ impl CudaDevice {
         }
 
         let toolkit = nvrtc::toolkit();
+        // Modules load at first use; that each one can be loaded from somewhere is checked now,
+        // so that a GPU no embedded image fits, on a machine without NVRTC, is an error here
+        // and not at the first launch.
+        let cc_images_missing: Vec<&str> = nvrtc::kernel_files()
+            .into_iter()
+            .filter(|f| images::candidates(f, cc).is_empty())
+            .collect();
+        if !cc_images_missing.is_empty() {
+            if let Err(e) = &toolkit {
+                let arch = format!("sm_{}{}", cc.0, cc.1);
+                let cached = cc_images_missing
+                    .iter()
+                    .all(|f| nvrtc::cached_ptx(None, f, &arch).is_ok());
+                if !cached {
+                    return Err(GpuError::Driver(format!(
+                        "no kernel image in this binary fits {name} ({arch}: it carries CUBIN \
+                         for sm_80/86/89/90 and PTX for sm_80+{}), and NVRTC to compile them \
+                         is not here either:\n{e}",
+                        if images::embedded().is_empty() {
+                            "; this build has none: it was built without NVRTC"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+            }
+        }
+
         let blas = create_blas(toolkit.as_ref().ok().copied())?;
         let workspace = alloc_on(&ctx, WORKSPACE_BYTES)?;
         Ok(CudaDevice {
