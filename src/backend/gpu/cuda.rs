@@ -210,7 +210,8 @@ type Loaded = Result<(sys::CUmodule, String), String>;
 struct Kernels {
     /// Kernel file → its module.
     modules: Mutex<HashMap<String, Loaded>>,
-    functions: Mutex<HashMap<String, sys::CUfunction>>,
+    /// Kernel name → the function and its static shared memory in bytes (asked once).
+    functions: Mutex<HashMap<String, (sys::CUfunction, usize)>>,
     /// Kernel name → kernel file (the virtual GPU's table: built from the same sources).
     files: HashMap<String, String>,
 }
@@ -366,16 +367,16 @@ impl CudaDevice {
         self.cc.0 >= 8
     }
 
-    /// The kernel `name`: its file's module loaded if it is not yet, the function looked up once
-    /// and then cached.
-    fn function(&self, name: &str) -> Result<sys::CUfunction, GpuError> {
+    /// The kernel `name` and its static shared memory (bytes): its file's module loaded if it is
+    /// not yet, the function looked up once and then cached.
+    fn function(&self, name: &str) -> Result<(sys::CUfunction, usize), GpuError> {
         let mut functions = self
             .kernels
             .functions
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(&f) = functions.get(name) {
-            return Ok(f);
+        if let Some(&found) = functions.get(name) {
+            return Ok(found);
         }
         let launch_err = |message: String| GpuError::Launch {
             kernel: name.to_string(),
@@ -391,8 +392,20 @@ impl CudaDevice {
         // SAFETY: the module is loaded and unloaded only on drop.
         let f = unsafe { drv::module::get_function(module, cname) }
             .map_err(|e| driver_err(&format!("cuModuleGetFunction({name}) in {file}"), e))?;
-        functions.insert(name.to_string(), f);
-        Ok(f)
+        let mut static_smem = 0;
+        // SAFETY: `f` was just looked up; a valid out-pointer.
+        unsafe {
+            sys::cuFuncGetAttribute(
+                &mut static_smem,
+                sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                f,
+            )
+        }
+        .result()
+        .map_err(|e| driver_err(&format!("cuFuncGetAttribute({name})"), e))?;
+        let found = (f, usize::try_from(static_smem).unwrap_or(0));
+        functions.insert(name.to_string(), found);
+        Ok(found)
     }
 
     /// The module of kernel file `file` and where it came from, loaded at the first call (a
@@ -935,36 +948,23 @@ impl Device for CudaDevice {
             return Ok(());
         }
         self.ctx.bind()?;
-        let f = self.function(name)?;
+        let (f, static_smem) = self.function(name)?;
         let launch_err = |what: &str, e: DriverError| GpuError::Launch {
             kernel: name.to_string(),
             message: driver_err(what, e).to_string(),
         };
-        if cfg.smem > 0 {
-            // Above 48 KiB of static + dynamic shared memory a kernel must opt in (the default
-            // dynamic maximum is 48 KiB minus its static shared memory).
-            let mut static_bytes = 0;
-            // SAFETY: `f` is a live function of our modules; a valid out-pointer.
+        // Above 48 KiB of static + dynamic shared memory a kernel must opt in (the default dynamic
+        // maximum is 48 KiB minus its static shared memory).
+        if cfg.smem > 0 && static_smem + cfg.smem as usize > 48 << 10 {
+            // SAFETY: `f` is a live function of our modules.
             unsafe {
-                sys::cuFuncGetAttribute(
-                    &mut static_bytes,
-                    sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                drv::function::set_function_attribute(
                     f,
+                    sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    cfg.smem as i32,
                 )
             }
-            .result()
-            .map_err(|e| launch_err("cuFuncGetAttribute", e))?;
-            if static_bytes as u64 + u64::from(cfg.smem) > 48 << 10 {
-                // SAFETY: as above.
-                unsafe {
-                    drv::function::set_function_attribute(
-                        f,
-                        sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        cfg.smem as i32,
-                    )
-                }
-                .map_err(|e| launch_err("cuFuncSetAttribute", e))?;
-            }
+            .map_err(|e| launch_err("cuFuncSetAttribute", e))?;
         }
         let mut args = args.to_vec();
         let mut params: Vec<*mut c_void> = args.iter_mut().map(Arg::as_param).collect();
