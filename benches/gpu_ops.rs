@@ -27,8 +27,8 @@ use fastpt::backend::gpu::cuda::CudaDevice;
 use fastpt::backend::gpu::device::{DType, Device};
 use fastpt::backend::gpu::vgpu::VirtualDevice;
 use fastpt::backend::gpu::{AttentionKernel, GpuBackend, GpuTensor};
+use fastpt::backend::nf4::quantize_nf4;
 use fastpt::backend::{AttnDims, AttnMask, Backend, FusionMode, RelBias};
-use fastpt::model::nf4::quantize_nf4;
 use fastpt::testing::random_vec;
 
 /// One attention problem: dims, causal, T5 relative bias, padded keys.

@@ -44,8 +44,8 @@ use fastpt::backend::gpu::cuda::CudaDevice;
 use fastpt::backend::gpu::device::{DType, Device};
 use fastpt::backend::gpu::vgpu::VirtualDevice;
 use fastpt::backend::gpu::{AttentionKernel, GpuBackend, GpuTensor, FLASH_MAX_D};
+use fastpt::backend::nf4::{dequantize_nf4, quantize_nf4};
 use fastpt::backend::{AttnDims, AttnMask, Backend, FusionMode, RelBias};
-use fastpt::model::nf4::{dequantize_nf4, quantize_nf4};
 use fastpt::testing::random_vec;
 
 #[derive(Parser, Debug)]

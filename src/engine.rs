@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::backend::gpu::cuda::nvtx_range;
+use crate::backend::profiling::nvtx_range;
 use crate::backend::Backend;
 use crate::data::{EncoderInput, HostBatch};
 use crate::error::{Error, Result};

@@ -72,14 +72,17 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
+/// Golden tensors by name, (shape, values): what `model::hf::read_all_f64` returns.
+pub type Goldens = std::collections::BTreeMap<String, (Vec<usize>, Vec<f64>)>;
+
 /// Golden tensor `name` (shape, values), panicking with its name when missing.
-pub fn golden(g: &crate::model::hf::F64Tensors, name: &str) -> (Vec<usize>, Vec<f64>) {
+pub fn golden(g: &Goldens, name: &str) -> (Vec<usize>, Vec<f64>) {
     g.get(name)
         .unwrap_or_else(|| panic!("golden tensor {name} missing"))
         .clone()
 }
 
 /// Golden id tensor `name` as i32.
-pub fn golden_ids(g: &crate::model::hf::F64Tensors, name: &str) -> Vec<i32> {
+pub fn golden_ids(g: &Goldens, name: &str) -> Vec<i32> {
     golden(g, name).1.iter().map(|&x| x as i32).collect()
 }

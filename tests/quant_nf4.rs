@@ -4,11 +4,11 @@
 //! the storage shrinks to about 4.1 bits per linear weight.
 
 use fastpt::backend::cpu::CpuBackend;
+use fastpt::backend::nf4::{dequantize_nf4, quantize_nf4};
 use fastpt::data::HostBatch;
 use fastpt::engine::forward_backward;
 use fastpt::model::linear::{Linear, Quant};
 use fastpt::model::llama::{Llama, LlamaWeights};
-use fastpt::model::nf4::{dequantize_nf4, quantize_nf4};
 use fastpt::model::shapes::{llama_shape, random_llama_tensor, random_t5_tensor, t5_shape};
 use fastpt::model::t5::{T5Weights, T5};
 use fastpt::model::Backbone;

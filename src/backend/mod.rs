@@ -15,8 +15,10 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod nf4;
+pub mod profiling;
 
-use crate::model::nf4::Nf4Tensor;
+use nf4::Nf4Tensor;
 
 // Scalar parameters (alpha, eps, scale, dloss) are f64 so that the f64 CPU backend computes
 // exactly what an f64 reference does; f32 backends round them once.
@@ -193,7 +195,7 @@ pub trait Backend: Sync {
     type Tensor: Send + Sync;
     /// A flat buffer of i32.
     type Index: Send + Sync;
-    /// A frozen weight quantised to NF4 with double-quantised absmax (see `model::nf4`).
+    /// A frozen weight quantised to NF4 with double-quantised absmax (see `backend::nf4`).
     type Nf4: Send + Sync;
     /// Optimiser state (AdamW's moments and the parameters' master copy): f32 on a GPU whatever
     /// the storage dtype, so updates far below bf16's resolution (lr 1e-4 on the low-rank
@@ -213,7 +215,7 @@ pub trait Backend: Sync {
     fn download_f64(&self, x: &Self::Tensor) -> Vec<f64>;
     fn copy(&self, x: &Self::Tensor) -> Self::Tensor;
     fn upload_index(&self, data: &[i32]) -> Self::Index;
-    /// Takes an NF4 tensor quantised on the host (`model::nf4::quantize_nf4`).
+    /// Takes an NF4 tensor quantised on the host (`backend::nf4::quantize_nf4`).
     fn upload_nf4(&self, q: Nf4Tensor) -> Self::Nf4;
     /// Number of elements of an NF4 tensor.
     fn nf4_len(&self, q: &Self::Nf4) -> usize;

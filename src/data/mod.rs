@@ -2,6 +2,7 @@
 
 pub mod batch_json;
 pub mod batching;
+pub mod metric;
 pub mod readers;
 pub mod synthetic;
 pub mod tasks;

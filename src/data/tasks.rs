@@ -104,8 +104,8 @@ use serde_json::Value;
 use super::readers::{
     find_field, read_records, read_tsv_headerless, show_value, tsv_first_row, Loc, Record, Records,
 };
+use crate::data::metric::Metric;
 use crate::error::{Error, Result};
-use crate::eval::metrics::Metric;
 
 /// One text-to-text example.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::nf4::quantize_nf4;
+use crate::backend::nf4::quantize_nf4;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 

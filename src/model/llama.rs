@@ -10,7 +10,7 @@
 //! Shapes: B batch, T positions (prompt rows included), C hidden, H query heads and Hkv
 //! key/value heads of width D, F intermediate, V vocab, M label rows, S cache capacity.
 
-use crate::backend::gpu::cuda::nvtx_range;
+use crate::backend::profiling::nvtx_range;
 use crate::backend::{Activation, AttnDims, AttnMask, Backend, Gemm};
 use crate::error::{Error, Result};
 use crate::model::config::{LlamaConfig, RopeScaling};

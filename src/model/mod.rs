@@ -5,13 +5,12 @@ pub mod generate;
 pub mod hf;
 pub mod linear;
 pub mod llama;
-pub mod nf4;
 pub mod shapes;
 pub mod t5;
 
 use std::path::Path;
 
-use crate::backend::gpu::cuda::nvtx_range;
+use crate::backend::profiling::nvtx_range;
 use crate::backend::{Backend, Gemm};
 use crate::error::{Error, Result};
 use config::{Architecture, LlamaConfig, T5Config};

@@ -9,7 +9,7 @@
 //! H heads of width D (H·D may differ from C), F = d_ff, V vocab, M label rows, NB buckets.
 //! Dropout is not modelled: fastpt trains with deterministic forwards (dropout 0).
 
-use crate::backend::gpu::cuda::nvtx_range;
+use crate::backend::profiling::nvtx_range;
 use crate::backend::{Activation, AttnDims, AttnMask, Backend, RelBias};
 use crate::error::{Error, Result};
 use crate::model::config::{FeedForward, T5Config};

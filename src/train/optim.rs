@@ -3,7 +3,7 @@
 //! backend next to the parameters, in f32 on a GPU (`Backend::State`) whatever the storage
 //! dtype; the parameter the model reads is the master rounded after every step.
 
-use crate::backend::gpu::cuda::nvtx_range;
+use crate::backend::profiling::nvtx_range;
 use crate::backend::{AdamW, Backend};
 use crate::config::TrainConfig;
 use crate::prompt::{ParamGroup, PromptMethod};

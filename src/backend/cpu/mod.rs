@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::model::nf4::{dequantize_nf4, Nf4Tensor};
+use crate::backend::nf4::{dequantize_nf4, Nf4Tensor};
 
 mod method_ops;
 

@@ -14,7 +14,7 @@
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::{c_void, CString};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::{result as blas, sys as blas_sys};
 use cudarc::driver::result::{self as drv, DriverError};
@@ -1077,35 +1077,6 @@ impl Drop for CudaEvent {
     }
 }
 
-/// An NVTX range (for Nsight Systems), popped on drop. A no-op when `libnvToolsExt` is absent:
-/// cudarc's NVTX binding loads that library, which CUDA 13 no longer ships (NVTX 3 is
-/// header-only), so on most CUDA 13 machines these ranges are not recorded.
-pub struct NvtxRange {
-    active: bool,
-}
-
-/// Pushes an NVTX range named `name`; it ends when the guard drops.
-pub fn nvtx_range(name: &str) -> NvtxRange {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    let active = *PRESENT.get_or_init(|| {
-        // SAFETY: only tries to open libnvToolsExt by name.
-        std::panic::catch_unwind(|| unsafe { cudarc::nvtx::sys::is_culib_present() })
-            .unwrap_or(false)
-    });
-    if active {
-        cudarc::nvtx::result::range_push(name.replace('\0', " "));
-    }
-    NvtxRange { active }
-}
-
-impl Drop for NvtxRange {
-    fn drop(&mut self) {
-        if self.active {
-            cudarc::nvtx::result::range_pop();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1120,7 +1091,6 @@ mod tests {
                 assert!(CudaDevice::new(usize::MAX).is_err());
             }
         }
-        let _range = nvtx_range("test");
     }
 
     #[test]

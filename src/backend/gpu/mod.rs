@@ -34,7 +34,7 @@ use super::{
     relative_position_bucket, Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode, Gemm,
     RelBias,
 };
-use crate::model::nf4::{dynamic_map_signed, Nf4Tensor};
+use crate::backend::nf4::{dynamic_map_signed, Nf4Tensor};
 
 /// A tensor on a GPU device: `len` elements of the backend's dtype.
 pub struct GpuTensor<D: Device> {
@@ -54,7 +54,7 @@ pub struct GpuState<D: Device> {
     len: usize,
 }
 
-/// An NF4 tensor on a GPU device (the layout of `model::nf4`).
+/// An NF4 tensor on a GPU device (the layout of `backend::nf4`).
 pub struct GpuNf4<D: Device> {
     packed: D::Buffer,       // (ceil(N/2)) u8, two codes per byte, high nibble first
     absmax_codes: D::Buffer, // (ceil(N/64)) u8 into the dynamic map
