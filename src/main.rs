@@ -13,6 +13,8 @@ use fastpt::backend::gpu::device::{DType, Device};
 use fastpt::backend::gpu::vgpu::VirtualDevice;
 use fastpt::backend::gpu::{AttentionKernel, GpuBackend};
 use fastpt::backend::Backend;
+use fastpt::bench::baseline::peft_baseline;
+use fastpt::bench::charts::{write_memory_chart, write_sweep_charts};
 use fastpt::bench::claims::{claims_markdown, run_claims};
 use fastpt::bench::{markdown_table, run_bench, BenchClock, BenchConfig, Setting};
 use fastpt::config::RunConfig;
@@ -27,7 +29,6 @@ use fastpt::model::t5::t5_tensor_specs;
 use fastpt::model::{load_model, random_model, Backbone};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
 use fastpt::prompt::{train_params, MethodConfig};
-use fastpt::train::report::{write_bars_svg, write_line_svg};
 use fastpt::train::trainer::{
     evaluate_run, export_run, metrics_line, train, RunParams, Stopped, TrainOptions,
     DEFAULT_RUN_TOML,
@@ -1005,11 +1006,7 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         println!("{}", claims_markdown(&report));
         write_report(&report)?;
         if let Some(dir) = &args.out {
-            for (i, sweep) in report.sweeps.iter().enumerate() {
-                let points: Vec<(u64, f64)> = sweep.points.iter().map(|p| (p.0, p.1)).collect();
-                let path = dir.join(format!("sweep-{}.svg", i + 1));
-                let title = format!("{} ({})", sweep.claim, sweep.shape);
-                write_line_svg(&path, &points, &title, (&sweep.axis, "training step (ms)"))?;
+            for path in write_sweep_charts(dir, &report)? {
                 println!("wrote {}", path.display());
             }
         }
@@ -1029,7 +1026,8 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         println!("wrote {}", path.display());
     }
     if args.baseline {
-        let (side_by_side, json) = peft_baseline(&report, args, be.name().starts_with("cuda"))?;
+        let (side_by_side, json) =
+            peft_baseline(&report, args.seed, be.name().starts_with("cuda"))?;
         println!("{side_by_side}");
         write(
             "baseline.json",
@@ -1038,128 +1036,4 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         write("baseline.md", side_by_side.as_bytes())?;
     }
     Ok(())
-}
-
-/// Peak memory by shape, one bar per setting.
-fn write_memory_chart(path: &Path, report: &fastpt::bench::Report) -> Result<()> {
-    let mut shapes: Vec<String> = Vec::new();
-    let mut settings: Vec<String> = Vec::new();
-    for r in &report.rows {
-        if !shapes.contains(&r.shape) {
-            shapes.push(r.shape.clone());
-        }
-        if !settings.contains(&r.setting) {
-            settings.push(r.setting.clone());
-        }
-    }
-    let series: Vec<(String, Vec<f64>)> = settings
-        .iter()
-        .map(|setting| {
-            let mb = shapes
-                .iter()
-                .map(|shape| {
-                    report
-                        .rows
-                        .iter()
-                        .find(|r| &r.shape == shape && &r.setting == setting)
-                        .map_or(f64::NAN, |r| r.peak_memory_bytes as f64 / 1e6)
-                })
-                .collect();
-            (setting.clone(), mb)
-        })
-        .collect();
-    let title = format!(
-        "peak memory by shape ({}, {})",
-        report.backend, report.memory
-    );
-    Ok(write_bars_svg(path, &shapes, &series, &title, "MB")?)
-}
-
-/// Runs tools/peft_baseline.py for every fastpt `pt` row of `report` (same shape, batch, lengths,
-/// steps, prompt length) and returns the side-by-side table and the script's reports.
-fn peft_baseline(
-    report: &fastpt::bench::Report,
-    args: &BenchArgs,
-    cuda: bool,
-) -> Result<(String, serde_json::Value)> {
-    let script = Path::new("tools/peft_baseline.py");
-    if !script.exists() {
-        bail!("--baseline runs tools/peft_baseline.py: run fastpt from the repository root");
-    }
-    let python = std::env::var("FASTPT_PYTHON").unwrap_or_else(|_| "python3".into());
-    let exe = std::env::current_exe().context("finding the fastpt binary")?;
-    let pt_rows: Vec<_> = report
-        .rows
-        .iter()
-        .filter(|r| r.setting.starts_with("pt"))
-        .collect();
-    if pt_rows.is_empty() {
-        bail!("--baseline compares against fastpt's PT: add --setting pt (or pt:prompt_len=N)");
-    }
-    let mut table = String::from(
-        "fastpt vs PyTorch + PEFT prompt tuning (ratio < 1: fastpt is faster or smaller)\n\n\
-         | shape | prompt rows | fastpt step ms | PEFT step ms | ratio | fastpt generate ms | PEFT generate ms | ratio | fastpt memory MB | PEFT memory MB | ratio |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
-    let mut reports = Vec::new();
-    for row in pt_rows {
-        eprintln!(
-            "bench --baseline: PEFT on {} with {} prompt rows",
-            row.shape, row.prompt_rows
-        );
-        let out = std::process::Command::new(&python)
-            .arg(script)
-            .args(["--shape", &row.shape, "--fastpt"])
-            .arg(&exe)
-            .args(["--num-virtual-tokens", &row.prompt_rows.to_string()])
-            .args(["--batch", &args.batch.to_string()])
-            .args(["--input-len", &args.input_len.to_string()])
-            .args(["--target-len", &args.target_len.to_string()])
-            .args(["--warmup", &args.warmup.to_string()])
-            .args(["--steps", &args.steps.to_string()])
-            .args(["--seed", &args.seed.to_string()])
-            .args(["--device", if cuda { "cuda" } else { "cpu" }])
-            .output()
-            .with_context(|| format!("running {python} {}", script.display()))?;
-        if !out.status.success() {
-            bail!(
-                "the PEFT baseline failed ({python} {}; it needs torch, transformers and peft; \
-                 FASTPT_PYTHON picks the interpreter):\n{}",
-                script.display(),
-                String::from_utf8_lossy(&out.stderr).trim_end()
-            );
-        }
-        let json: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("reading the PEFT baseline's JSON")?;
-        let peft = &json["rows"][0];
-        let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
-        let (p_step, p_gen, p_mem) = (
-            num(&peft["train_step_ms"]["median"]),
-            num(&peft["generate_ms"]["median"]),
-            num(&peft["peak_memory_bytes"]) / 1e6,
-        );
-        let (f_step, f_gen, f_mem) = (
-            row.train_step_ms.median,
-            row.generate_ms.median,
-            row.peak_memory_bytes as f64 / 1e6,
-        );
-        table.push_str(&format!(
-            "| {} | {} | {f_step:.2} | {p_step:.2} | {:.2} | {f_gen:.2} | {p_gen:.2} | {:.2} | {f_mem:.1} | {p_mem:.1} | {:.2} |\n",
-            row.shape,
-            row.prompt_rows,
-            f_step / p_step,
-            f_gen / p_gen,
-            f_mem / p_mem,
-        ));
-        reports.push(json);
-    }
-    let peft_memory = reports
-        .first()
-        .and_then(|r| r["memory"].as_str())
-        .unwrap_or("?");
-    table.push_str(&format!(
-        "\nfastpt memory: {}; PEFT memory: {peft_memory}\n",
-        report.memory
-    ));
-    Ok((table, serde_json::Value::Array(reports)))
 }

@@ -11,6 +11,8 @@
 //! [`claims`] runs the papers' efficiency claims on top of this. What is left of the bench issue
 //! (PEFT side by side, MFU with a measured GEMM peak) builds on these modules.
 
+pub mod baseline;
+pub mod charts;
 pub mod claims;
 pub mod flops;
 pub mod heap;

@@ -1,8 +1,9 @@
-//! Prompt methods: each builds, per step, the prompt rows prepended to the encoder input and
-//! optionally an update of the text embeddings, and backpropagates their gradients into its own
-//! small parameters. One file per method; the equations are in ../shared/methods.md.
+//! Prompt methods: each builds, per step, the prompt rows prepended to the backbone's input (the
+//! T5 encoder's, or Llama's whole row) and optionally an update of the text embeddings, and
+//! backpropagates their gradients into its own small parameters. One file per method; the
+//! equations, shapes, inits and parameter counts they match are in ../shared/methods.md.
 //!
-//! A step with a method (see `engine::t5_prompt_forward_backward`):
+//! A step with a method (see `engine`'s `step`):
 //! `method.forward(be)` → `embed_prompt_forward(rows, update)` → backbone forward/backward →
 //! `embed_prompt_backward` → `method.backward(be, d_rows, d_update)` → parameter grads (`+=`).
 
