@@ -1336,20 +1336,82 @@ fn custom_examples(
 
 /// Loads a task described by a TOML file (see the module docs); data paths are relative to `dir`.
 pub fn load_custom_task(toml_path: &Path, dir: &Path, opts: &TaskOptions) -> Result<TaskData> {
+    let cfg = read_custom_toml(toml_path)?;
+    let metrics = custom_metrics(&cfg, toml_path)?;
+    let (input, target) = custom_templates(&cfg, toml_path)?;
+
+    let data_path = |key: &str, rel: &str| -> Result<PathBuf> {
+        if rel.trim().is_empty() {
+            return Err(Error::config(toml_path, key, "empty path"));
+        }
+        Ok(dir.join(rel))
+    };
+    let read_split = |key: &str, rel: Option<&str>| -> Result<Option<Records>> {
+        rel.map(|r| data_path(key, r).and_then(|p| read_records(&p)))
+            .transpose()
+    };
+    let train_recs = read_records(&data_path("train", &cfg.train)?)?;
+    let dev_recs = read_split("dev", cfg.dev.as_deref())?;
+    let test_recs = read_split("test", cfg.test.as_deref())?;
+
+    let labels = custom_labels(&cfg, &train_recs, toml_path)?;
+    let classes: Vec<String> = match &labels {
+        Some(l) => (0..l.texts.len())
+            .map(|i| {
+                let label = match opts.labels {
+                    LabelStyle::Words => l.texts[i].clone(),
+                    LabelStyle::Indices => i.to_string(),
+                };
+                render_label(&target, &label)
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    check_metric_classes(&metrics, &classes, toml_path)?;
+
+    let units = |recs: &Records| {
+        custom_examples(recs, &input, &target, labels.as_ref(), &classes, toml_path)
+    };
+    let train_units = units(&train_recs)?;
+    let dev_units = dev_recs.as_ref().map(units).transpose()?;
+    let test_units = test_recs.as_ref().map(units).transpose()?;
+    let (train, dev, test) = split_custom(
+        train_units,
+        dev_units,
+        test_units,
+        opts,
+        &cfg.name,
+        &train_recs.path,
+    )?;
+    let train = match opts.k_shot {
+        Some(k) => k_shot(train, k, &classes, opts.seed)?,
+        None => train,
+    };
+    Ok(TaskData {
+        spec: TaskSpec {
+            name: cfg.name,
+            metrics,
+            classes,
+        },
+        train: flatten(train),
+        dev: flatten(dev),
+        test: flatten(test),
+    })
+}
+
+/// The task's TOML, parsed, with a non-empty name.
+fn read_custom_toml(toml_path: &Path) -> Result<CustomToml> {
     let text = std::fs::read_to_string(toml_path).map_err(|e| Error::io(toml_path, e))?;
     let cfg: CustomToml =
         toml::from_str(&text).map_err(|e| Error::format(toml_path, e.to_string()))?;
     if cfg.name.trim().is_empty() {
         return Err(Error::config(toml_path, "name", "must not be empty"));
     }
-    let input = parse_template(&cfg.input, toml_path, "input")?;
-    if !input.iter().any(|p| matches!(p, Piece::Field(_))) {
-        return Err(Error::config(
-            toml_path,
-            "input",
-            format!("template {:?} uses no {{field}}", cfg.input),
-        ));
-    }
+    Ok(cfg)
+}
+
+/// `metrics` (default: accuracy), refusing the ones only a built-in task's data can feed.
+fn custom_metrics(cfg: &CustomToml, toml_path: &Path) -> Result<Vec<Metric>> {
     let metrics = cfg
         .metrics
         .clone()
@@ -1379,8 +1441,19 @@ pub fn load_custom_task(toml_path: &Path, dir: &Path, opts: &TaskOptions) -> Res
             ));
         }
     }
+    Ok(metrics)
+}
 
-    // The target template: free text, or the label field's text.
+/// The input and target templates. The target is free text, or the label field's text.
+fn custom_templates(cfg: &CustomToml, toml_path: &Path) -> Result<(Vec<Piece>, Vec<Piece>)> {
+    let input = parse_template(&cfg.input, toml_path, "input")?;
+    if !input.iter().any(|p| matches!(p, Piece::Field(_))) {
+        return Err(Error::config(
+            toml_path,
+            "input",
+            format!("template {:?} uses no {{field}}", cfg.input),
+        ));
+    }
     let target_src = match (&cfg.target, &cfg.label_field) {
         (Some(t), _) => t.clone(),
         (None, Some(f)) => format!("{{{f}}}"),
@@ -1409,96 +1482,76 @@ pub fn load_custom_task(toml_path: &Path, dir: &Path, opts: &TaskOptions) -> Res
             ));
         }
     }
+    Ok((input, target))
+}
 
-    let data_path = |key: &str, rel: &str| -> Result<PathBuf> {
-        if rel.trim().is_empty() {
-            return Err(Error::config(toml_path, key, "empty path"));
-        }
-        Ok(dir.join(rel))
+/// A classification task's classes: the label map's keys, or the label values seen in train,
+/// sorted, each with its label text. `None` for a task without `label_field`.
+fn custom_labels(
+    cfg: &CustomToml,
+    train_recs: &Records,
+    toml_path: &Path,
+) -> Result<Option<CustomLabels>> {
+    let Some(field) = &cfg.label_field else {
+        return Ok(None);
     };
-    let train_recs = read_records(&data_path("train", &cfg.train)?)?;
-    let dev_recs = cfg
-        .dev
-        .as_deref()
-        .map(|d| data_path("dev", d).and_then(|p| read_records(&p)))
-        .transpose()?;
-    let test_recs = cfg
-        .test
-        .as_deref()
-        .map(|t| data_path("test", t).and_then(|p| read_records(&p)))
-        .transpose()?;
-
-    // Classes: the label map's keys, or the label values seen in train.
-    let labels = match &cfg.label_field {
-        None => None,
-        Some(field) => {
-            let (mut keys, map) = match &cfg.label_map {
-                Some(map) => {
-                    if map.is_empty() {
-                        return Err(Error::config(toml_path, "label_map", "is empty"));
-                    }
-                    (
-                        map.keys().map(|k| k.trim().to_string()).collect::<Vec<_>>(),
-                        Some(map),
-                    )
-                }
-                None => {
-                    let mut seen = BTreeSet::new();
-                    for (line, rec) in &train_recs.rows {
-                        let loc = Loc {
-                            path: &train_recs.path,
-                            line: *line,
-                        };
-                        seen.insert(
-                            loc.text(loc.get(rec, field, field)?, field)?
-                                .trim()
-                                .to_string(),
-                        );
-                    }
-                    (seen.into_iter().collect(), None)
-                }
-            };
-            sort_keys(&mut keys);
-            let texts: Vec<String> = keys
-                .iter()
-                .map(|k| {
-                    map.and_then(|m| {
-                        m.iter()
-                            .find(|(mk, _)| mk.trim() == k)
-                            .map(|(_, v)| v.clone())
-                    })
-                    .unwrap_or_else(|| k.clone())
-                })
-                .collect();
-            for (i, t) in texts.iter().enumerate() {
-                if texts[..i].contains(t) {
-                    return Err(Error::config(
-                        toml_path,
-                        "label_map",
-                        format!("label text {t:?} is given to two labels"),
-                    ));
-                }
+    let (mut keys, map) = match &cfg.label_map {
+        Some(map) => {
+            if map.is_empty() {
+                return Err(Error::config(toml_path, "label_map", "is empty"));
             }
-            Some(CustomLabels {
-                field: field.clone(),
-                keys,
-                texts,
-            })
+            (
+                map.keys().map(|k| k.trim().to_string()).collect::<Vec<_>>(),
+                Some(map),
+            )
+        }
+        None => {
+            let mut seen = BTreeSet::new();
+            for (line, rec) in &train_recs.rows {
+                let loc = Loc {
+                    path: &train_recs.path,
+                    line: *line,
+                };
+                seen.insert(
+                    loc.text(loc.get(rec, field, field)?, field)?
+                        .trim()
+                        .to_string(),
+                );
+            }
+            (seen.into_iter().collect(), None)
         }
     };
-    let classes: Vec<String> = match &labels {
-        Some(l) => (0..l.texts.len())
-            .map(|i| {
-                let label = match opts.labels {
-                    LabelStyle::Words => l.texts[i].clone(),
-                    LabelStyle::Indices => i.to_string(),
-                };
-                render_label(&target, &label)
+    sort_keys(&mut keys);
+    let texts: Vec<String> = keys
+        .iter()
+        .map(|k| {
+            map.and_then(|m| {
+                m.iter()
+                    .find(|(mk, _)| mk.trim() == k)
+                    .map(|(_, v)| v.clone())
             })
-            .collect(),
-        None => Vec::new(),
-    };
-    for m in &metrics {
+            .unwrap_or_else(|| k.clone())
+        })
+        .collect();
+    for (i, t) in texts.iter().enumerate() {
+        if texts[..i].contains(t) {
+            return Err(Error::config(
+                toml_path,
+                "label_map",
+                format!("label text {t:?} is given to two labels"),
+            ));
+        }
+    }
+    Ok(Some(CustomLabels {
+        field: field.clone(),
+        keys,
+        texts,
+    }))
+}
+
+/// F1 and Matthews need two classes, macro F1 at least one.
+fn check_metric_classes(metrics: &[Metric], classes: &[String], toml_path: &Path) -> Result<()> {
+    for m in metrics {
         let need_two = matches!(m, Metric::F1 | Metric::Matthews);
         if (need_two && classes.len() != 2) || (*m == Metric::F1Macro && classes.is_empty()) {
             return Err(Error::config(
@@ -1513,33 +1566,35 @@ pub fn load_custom_task(toml_path: &Path, dir: &Path, opts: &TaskOptions) -> Res
             ));
         }
     }
+    Ok(())
+}
 
-    let units = |recs: &Records| {
-        custom_examples(recs, &input, &target, labels.as_ref(), &classes, toml_path)
-    };
-    let train_units = units(&train_recs)?;
-    let dev_units = dev_recs.as_ref().map(units).transpose()?;
-    let test_units = test_recs.as_ref().map(units).transpose()?;
+/// Train, dev and test of a custom task from the files its TOML names: `dev` and `test` are
+/// used as they are; a `dev` without `test` is halved into dev and test when train is small (as
+/// for the built-in SuperGLUE tasks), else it becomes the test set and dev is held out of train;
+/// without `dev`, dev (and test, when absent) are held out of train.
+fn split_custom(
+    train: Vec<Unit>,
+    dev: Option<Vec<Unit>>,
+    test: Option<Vec<Unit>>,
+    opts: &TaskOptions,
+    name: &str,
+    train_path: &Path,
+) -> Result<(Vec<Unit>, Vec<Unit>, Vec<Unit>)> {
     let mut rng = split_rng(opts.seed);
-    let (train, dev, test) = match (dev_units, test_units) {
-        (Some(dev), Some(test)) => (train_units, dev, test),
-        (Some(val), None) if train_units.len() < SMALL_TRAIN => {
+    Ok(match (dev, test) {
+        (Some(dev), Some(test)) => (train, dev, test),
+        (Some(val), None) if train.len() < SMALL_TRAIN => {
             let (dev, test) = halve(val, &mut rng);
-            (train_units, dev, test)
+            (train, dev, test)
         }
         (Some(val), None) => {
-            let (train, dev) = hold_out(
-                train_units,
-                opts.dev_holdout,
-                &mut rng,
-                &cfg.name,
-                &train_recs.path,
-            )?;
+            let (train, dev) = hold_out(train, opts.dev_holdout, &mut rng, name, train_path)?;
             (train, dev, val)
         }
         (None, test) => {
-            let n = opts.dev_holdout.min(train_units.len() / 2);
-            let (train, held) = hold_out(train_units, n, &mut rng, &cfg.name, &train_recs.path)?;
+            let n = opts.dev_holdout.min(train.len() / 2);
+            let (train, held) = hold_out(train, n, &mut rng, name, train_path)?;
             match test {
                 Some(test) => (train, held, test),
                 None => {
@@ -1548,20 +1603,6 @@ pub fn load_custom_task(toml_path: &Path, dir: &Path, opts: &TaskOptions) -> Res
                 }
             }
         }
-    };
-    let train = match opts.k_shot {
-        Some(k) => k_shot(train, k, &classes, opts.seed)?,
-        None => train,
-    };
-    Ok(TaskData {
-        spec: TaskSpec {
-            name: cfg.name,
-            metrics,
-            classes,
-        },
-        train: flatten(train),
-        dev: flatten(dev),
-        test: flatten(test),
     })
 }
 
