@@ -16,7 +16,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, OptimTensor, TrainState};
-use super::export::{export_prompt, init_from_adapter, BackboneKind, ExportInfo, Exported};
+use super::export::{export_prompt, init_from_adapter, ExportInfo, Exported};
 use super::optim::Optimizer;
 use super::report::{peak_rss_bytes, write_loss_svg, Report, StepRecord};
 use super::schedule::lr_factor;
@@ -133,10 +133,7 @@ impl TextTask {
 fn run_data<B: Backend>(be_model: &Backbone<B>, cfg: &RunConfig) -> Result<RunData> {
     let d = &cfg.data;
     if d.is_synthetic() {
-        let (vocab, eos) = match be_model {
-            Backbone::T5(m) => (m.cfg.vocab_size, m.cfg.eos_token_id as i32),
-            Backbone::Llama(m) => (m.cfg.vocab_size, m.cfg.eos_id() as i32),
-        };
+        let (vocab, eos) = (be_model.vocab_size(), be_model.special_ids().eos);
         return Ok(RunData {
             train: synthetic::keyword_task(d.train_examples, vocab, eos, cfg.seed),
             dev: synthetic::keyword_task(d.dev_examples, vocab, eos, cfg.seed.wrapping_add(1)),
@@ -234,20 +231,20 @@ fn run_batcher<'a, B: Backend>(
         cfg.seed,
         model.batch_ids(),
     )
-    .causal(model.is_causal())
+    .causal(model.is_decoder_only())
 }
 
-/// Llama: the longest row (prompt rows + truncated input + target) must fit the model's
-/// positions. Checked before training, so the error names the setting to change instead of
-/// stopping a run at its first long batch.
+/// The longest row (prompt rows + truncated input + target) must fit the model's positions
+/// (Llama's; T5's relative positions have no limit). Checked before training, so the error
+/// names the setting to change instead of stopping a run at its first long batch.
 fn check_positions<B: Backend>(
     model: &Backbone<B>,
     prompt_rows: usize,
     data: &RunData,
     tc: &crate::config::TrainConfig,
 ) -> Result<()> {
-    let Backbone::Llama(m) = model else {
-        return Ok(()); // T5's relative positions have no limit
+    let Some(limit) = model.max_positions() else {
+        return Ok(());
     };
     let longest = data
         .train
@@ -256,7 +253,6 @@ fn check_positions<B: Backend>(
         .map(|e| e.input.len().min(tc.max_len) + e.target.len().min(tc.max_target_len))
         .max()
         .unwrap_or(0);
-    let limit = m.cfg.max_position_embeddings;
     if prompt_rows + longest > limit {
         return Err(Error::Input(format!(
             "the longest example needs {prompt_rows} prompt rows + {longest} tokens (input cut \
@@ -539,10 +535,7 @@ pub fn train<B: Backend + 'static>(
             }
         }
         let info = ExportInfo {
-            kind: match model {
-                Backbone::T5(_) => BackboneKind::T5,
-                Backbone::Llama(_) => BackboneKind::Llama,
-            },
+            kind: model.architecture(),
             base_model: Some(&cfg.model),
         };
         export_prompt(be, method.as_mut(), &info, &out_dir.join("export"))?;
@@ -683,10 +676,7 @@ pub fn export_run<B: Backend + 'static>(
 ) -> Result<Exported> {
     let (cfg, mut s, _) = open_run(be, run_dir, params)?;
     let info = ExportInfo {
-        kind: match s.model {
-            Backbone::T5(_) => BackboneKind::T5,
-            Backbone::Llama(_) => BackboneKind::Llama,
-        },
+        kind: s.model.architecture(),
         base_model: Some(&cfg.model),
     };
     export_prompt(be, s.method.as_mut(), &info, out)
