@@ -306,9 +306,9 @@ fn eval_options(cfg: &RunConfig) -> EvalOptions {
 /// are evaluated on the whole dev and test sets (report.json `eval`, predictions.jsonl), and
 /// the prompt they give is exported to `export/` (PEFT adapter where the method allows).
 ///
-/// The phases: [`setup`] (model, method, data; nothing written yet), [`Run::start`] (the run
-/// folder, the optimiser, a resumed checkpoint), [`Run::step_loop`] (steps, dev evaluations,
-/// checkpoints, Ctrl-C), [`Run::finish`] (final checkpoint, evaluation, export, report).
+/// The phases: `setup` (model, method, data; nothing written yet), `Run::start` (the run
+/// folder, the optimiser, a resumed checkpoint), `Run::step_loop` (steps, dev evaluations,
+/// checkpoints, Ctrl-C), `Run::finish` (final checkpoint, evaluation, export, report).
 pub fn train<B: Backend + 'static>(
     be: &B,
     cfg: &RunConfig,
