@@ -82,7 +82,7 @@ pub fn train_step<'m, B: Backend>(
     Ok(step(be, &**model, method, batch, Pass::Train)?.loss)
 }
 
-/// The loss of a batch on either backbone, forward only (no gradient is computed or added).
+/// The loss of a batch on any backbone, forward only (no gradient is computed or added).
 pub fn forward_loss<'m, B: Backend>(
     be: &B,
     model: &Backbone<B>,
@@ -101,7 +101,7 @@ pub fn label_nll<'m, B: Backend>(
     batch: &HostBatch,
 ) -> Result<Vec<f64>> {
     let out = step(be, &**model, method, batch, Pass::Forward)?;
-    // Label rows are flat positions of (B, width) grids: the decoder (T5) or prompt + input (Llama).
+    // Label rows are flat positions of (B, width) grids: the decoder (T5), prompt + input (Llama).
     let width = model.label_grid_width(batch, out.prompt_rows);
     let mut nll = vec![0.0; batch.batch]; // (B)
     for (&row, &loss) in out.label_rows.iter().zip(&out.label_losses) {
@@ -121,7 +121,7 @@ pub fn llama_forward_backward<'m, B: Backend>(
     step(be, model, method, batch, Pass::Download)
 }
 
-/// One step of either backbone.
+/// One step of any backbone, its results downloaded (see [`t5_forward_backward`]).
 pub fn forward_backward<'m, B: Backend>(
     be: &B,
     model: &Backbone<B>,
@@ -202,6 +202,8 @@ pub fn generate_greedy<'m, B: Backend>(
     model.generate(be, &embeds, &mask, batch.batch, len, gen)
 }
 
+/// Embedding (with the method's rows), the family's forward, and for `Train` / `Download` its
+/// backward and the method's.
 fn step<'m, B: Backend>(
     be: &B,
     model: &dyn Family<B>,
@@ -296,7 +298,7 @@ pub fn build_llama_method<B: Backend + 'static>(
     build_with_embeddings(be, model, cfg, max_len, seed, tokenize)
 }
 
-/// A prompt method for either backbone.
+/// A prompt method for any backbone.
 pub fn build_backbone_method<B: Backend + 'static>(
     be: &B,
     model: &Backbone<B>,
