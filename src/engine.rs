@@ -1,6 +1,7 @@
 //! One forward + backward of a host batch on a backend, with or without a prompt method:
-//! method rows and update → embed + prepend → T5 or Llama forward → loss → backward (input
+//! method rows and update → embed + prepend → the backbone's forward → loss → backward (input
 //! gradient) → split into d rows / d update → method backward (parameter gradients, `+=`).
+//! The backbone is any [`Family`] (T5, Llama): the engine never asks which.
 //! Used by `fastpt run`, `fastpt forward` and the benches; the trainer builds on it.
 
 use std::time::{Duration, Instant};
@@ -10,9 +11,9 @@ use crate::backend::Backend;
 use crate::data::{EncoderInput, HostBatch};
 use crate::error::{Error, Result};
 use crate::model::generate::{GenerateConfig, Generated};
-use crate::model::llama::{Llama, LlamaBatch};
-use crate::model::t5::{T5Batch, T5};
-use crate::model::Backbone;
+use crate::model::llama::Llama;
+use crate::model::t5::T5;
+use crate::model::{Backbone, Family, StepBatch};
 use crate::prompt::{build_method, MethodConfig, MethodContext, PromptMethod, Tokenize};
 
 /// The results of one step, downloaded to the host by [`forward_backward`] (the training loop
@@ -46,36 +47,6 @@ impl StepOutput {
     }
 }
 
-/// Activations saved by either backbone's forward.
-enum Saved<B: Backend> {
-    T5(crate::model::t5::T5Saved<B>),
-    Llama(crate::model::llama::LlamaSaved<B>),
-}
-
-/// A borrowed backbone: what [`step`] runs.
-#[derive(Clone, Copy)]
-enum Model<'a, B: Backend> {
-    T5(&'a T5<B>),
-    Llama(&'a Llama<B>),
-}
-
-impl<'a, B: Backend> Model<'a, B> {
-    /// The frozen token embeddings `(V, C)` and their sizes.
-    fn of(model: &'a Backbone<B>) -> Self {
-        match model {
-            Backbone::T5(m) => Model::T5(m),
-            Backbone::Llama(m) => Model::Llama(m),
-        }
-    }
-
-    fn embeddings(&self) -> (&B::Tensor, usize, usize) {
-        match self {
-            Model::T5(m) => (&m.weights.shared, m.cfg.vocab_size, m.cfg.d_model),
-            Model::Llama(m) => (&m.weights.embed, m.cfg.vocab_size, m.cfg.hidden_size),
-        }
-    }
-}
-
 /// Runs one step. With a method, its parameter gradients are added to (`+=`); the batch must
 /// then hold token ids, at most `method.update_rows()` long when the method updates them.
 pub fn t5_forward_backward<'m, B: Backend>(
@@ -85,7 +56,7 @@ pub fn t5_forward_backward<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<StepOutput> {
-    step(be, Model::T5(model), method, batch, Pass::Download)
+    step(be, model, method, batch, Pass::Download)
 }
 
 /// What [`step`] runs and hands back.
@@ -108,18 +79,17 @@ pub fn train_step<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<f64> {
-    Ok(step(be, Model::of(model), method, batch, Pass::Train)?.loss)
+    Ok(step(be, &**model, method, batch, Pass::Train)?.loss)
 }
 
-/// The loss of a batch on either backbone, forward only (no gradient is computed or added).
+/// The loss of a batch on any backbone, forward only (no gradient is computed or added).
 pub fn forward_loss<'m, B: Backend>(
     be: &B,
     model: &Backbone<B>,
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<f64> {
-    let model = Model::of(model);
-    Ok(step(be, model, method, batch, Pass::Forward)?.loss)
+    Ok(step(be, &**model, method, batch, Pass::Forward)?.loss)
 }
 
 /// Each row's negative log-likelihood of its labels, `Σ_t −log p(label_t)` over the row's label
@@ -130,12 +100,9 @@ pub fn label_nll<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<Vec<f64>> {
-    let out = step(be, Model::of(model), method, batch, Pass::Forward)?;
-    // Label rows are flat positions of (B, width) grids: the decoder (T5) or prompt + input (Llama).
-    let width = match model {
-        Backbone::T5(_) => batch.dec_len,
-        Backbone::Llama(_) => out.prompt_rows + batch.enc_len,
-    };
+    let out = step(be, &**model, method, batch, Pass::Forward)?;
+    // Label rows are flat positions of (B, width) grids: the decoder (T5), prompt + input (Llama).
+    let width = model.label_grid_width(batch, out.prompt_rows);
     let mut nll = vec![0.0; batch.batch]; // (B)
     for (&row, &loss) in out.label_rows.iter().zip(&out.label_losses) {
         nll[row / width] += loss;
@@ -151,31 +118,28 @@ pub fn llama_forward_backward<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<StepOutput> {
-    step(be, Model::Llama(model), method, batch, Pass::Download)
+    step(be, model, method, batch, Pass::Download)
 }
 
-/// One step of either backbone.
+/// One step of any backbone, its results downloaded (see [`t5_forward_backward`]).
 pub fn forward_backward<'m, B: Backend>(
     be: &B,
     model: &Backbone<B>,
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<StepOutput> {
-    match model {
-        Backbone::T5(m) => t5_forward_backward(be, m, method, batch),
-        Backbone::Llama(m) => llama_forward_backward(be, m, method, batch),
-    }
+    step(be, &**model, method, batch, Pass::Download)
 }
 
 /// The input embeddings of a batch `(B, P+T, C)` with the method's prompt rows in front (and its
 /// update of the text rows), and the attention mask `(B, P+T)` with the prompt rows visible.
 fn encoder_inputs<'m, B: Backend>(
     be: &B,
-    model: &Model<'_, B>,
+    model: &dyn Family<B>,
     mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<(B::Tensor, Vec<i32>)> {
-    let (table, v, c) = model.embeddings();
+    let (table, v, c) = (model.embeddings(), model.vocab_size(), model.width());
     let (b, t) = (batch.batch, batch.enc_len);
     let p = method.as_ref().map_or(0, |m| m.prompt_rows());
     let _range = nvtx_range("embed (method forward + prompt rows)");
@@ -232,89 +196,42 @@ pub fn generate_greedy<'m, B: Backend>(
     batch: &HostBatch,
     gen: &GenerateConfig,
 ) -> Result<Generated> {
-    let m = Model::of(model);
     let p = method.as_ref().map_or(0, |m| m.prompt_rows());
-    let (embeds, mask) = encoder_inputs(be, &m, method, batch)?;
+    let (embeds, mask) = encoder_inputs(be, &**model, method, batch)?;
     let len = p + batch.enc_len;
-    match model {
-        Backbone::T5(m) => m.generate(be, &embeds, &mask, batch.batch, len, gen),
-        Backbone::Llama(m) => m.generate(be, &embeds, &mask, batch.batch, len, gen),
-    }
+    model.generate(be, &embeds, &mask, batch.batch, len, gen)
 }
 
+/// Embedding (with the method's rows), the family's forward, and for `Train` / `Download` its
+/// backward and the method's.
 fn step<'m, B: Backend>(
     be: &B,
-    model: Model<'_, B>,
+    model: &dyn Family<B>,
     mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
     pass: Pass,
 ) -> Result<StepOutput> {
-    let c = model.embeddings().2;
+    let c = model.width();
     let (b, t) = (batch.batch, batch.enc_len);
     let start = Instant::now();
     let p = method.as_ref().map_or(0, |m| m.prompt_rows());
-    let (inputs_embeds, mask) = encoder_inputs(be, &model, method.as_deref_mut(), batch)?;
+    let (inputs_embeds, mask) = encoder_inputs(be, model, method.as_deref_mut(), batch)?;
     let forward_range = nvtx_range("forward");
-    let (loss, logits, label_rows, label_losses, saved) = match model {
-        Model::T5(m) => {
-            let t5_batch = T5Batch::<B> {
-                inputs_embeds: &inputs_embeds,
-                attention_mask: &mask,
-                decoder_input_ids: &batch.decoder_input_ids,
-                labels: &batch.labels,
-                batch: b,
-                enc_len: p + t,
-                dec_len: batch.dec_len,
-            };
-            let (out, saved) = m.forward(be, &t5_batch)?;
-            (
-                out.loss,
-                out.logits,
-                out.label_rows,
-                out.row_losses,
-                Saved::T5(saved),
-            )
-        }
-        Model::Llama(m) => {
-            if batch.labels.len() != b * t || batch.dec_len != 0 {
-                return Err(Error::Input(format!(
-                    "a Llama batch has labels (B, T) = {b}·{t} aligned with the input and no \
-                     decoder side; this batch has {} labels and {} decoder positions",
-                    batch.labels.len(),
-                    batch.dec_len
-                )));
-            }
-            // The prompt rows predict nothing: -100 in front of every row's labels.
-            let labels: Vec<i32> = batch
-                .labels
-                .chunks(t)
-                .flat_map(|row| std::iter::repeat_n(-100, p).chain(row.iter().copied()))
-                .collect();
-            let llama_batch = LlamaBatch::<B> {
-                inputs_embeds: &inputs_embeds,
-                attention_mask: &mask,
-                labels: &labels,
-                batch: b,
-                len: p + t,
-            };
-            let (out, saved) = m.forward(be, &llama_batch)?;
-            (
-                out.loss,
-                out.logits,
-                out.label_rows,
-                out.row_losses,
-                Saved::Llama(saved),
-            )
-        }
+    let step_batch = StepBatch {
+        inputs_embeds: &inputs_embeds,
+        attention_mask: &mask,
+        prompt_rows: p,
+        host: batch,
     };
+    let (out, saved) = model.forward_batch(be, &step_batch)?;
     drop(forward_range);
     let forward_time = start.elapsed();
     let start = Instant::now();
     let loss_only = |backward_time| StepOutput {
-        loss,
+        loss: out.loss,
         logits: Vec::new(),
-        label_rows: label_rows.clone(),
-        label_losses: label_losses.clone(),
+        label_rows: out.label_rows.clone(),
+        label_losses: out.row_losses.clone(),
         prompt_rows: p,
         inputs_embeds: Vec::new(),
         encoder_out: Vec::new(),
@@ -326,11 +243,7 @@ fn step<'m, B: Backend>(
         return Ok(loss_only(start.elapsed()));
     }
     let _backward_range = nvtx_range("backward");
-    let dx = match (model, &saved) {
-        (Model::T5(m), Saved::T5(s)) => m.backward_dinp(be, s),
-        (Model::Llama(m), Saved::Llama(s)) => m.backward_dinp(be, s),
-        _ => unreachable!("the activations were saved by this model"),
-    }; // (B, P+T, C)
+    let dx = saved.backward_dinp(be); // (B, P+T, C)
     if let Some(m) = method {
         let mut d_rows = be.zeros(p * c); // (P, C)
         let mut d_update = m.update_rows().map(|rows| be.zeros(rows * c)); // (M, C)
@@ -341,15 +254,14 @@ fn step<'m, B: Backend>(
     if pass == Pass::Train {
         return Ok(loss_only(backward_time));
     }
-    let encoder_out = match &saved {
-        Saved::T5(s) => be.download_f32(s.encoder_out()),
-        Saved::Llama(_) => Vec::new(),
-    };
+    let encoder_out = saved
+        .encoder_out()
+        .map_or_else(Vec::new, |x| be.download_f32(x));
     Ok(StepOutput {
-        loss,
-        logits: be.download_f32(&logits),
-        label_rows,
-        label_losses,
+        loss: out.loss,
+        logits: be.download_f32(&out.logits),
+        label_rows: out.label_rows,
+        label_losses: out.row_losses,
         prompt_rows: p,
         inputs_embeds: be.download_f32(&inputs_embeds),
         encoder_out,
@@ -370,7 +282,6 @@ pub fn build_t5_method<B: Backend + 'static>(
     seed: u64,
     tokenize: Option<&Tokenize<'_>>,
 ) -> Result<Box<dyn PromptMethod<B>>> {
-    let model = Model::T5(model);
     build_with_embeddings(be, model, cfg, max_len, seed, tokenize)
 }
 
@@ -384,11 +295,10 @@ pub fn build_llama_method<B: Backend + 'static>(
     seed: u64,
     tokenize: Option<&Tokenize<'_>>,
 ) -> Result<Box<dyn PromptMethod<B>>> {
-    let model = Model::Llama(model);
     build_with_embeddings(be, model, cfg, max_len, seed, tokenize)
 }
 
-/// A prompt method for either backbone.
+/// A prompt method for any backbone.
 pub fn build_backbone_method<B: Backend + 'static>(
     be: &B,
     model: &Backbone<B>,
@@ -397,19 +307,18 @@ pub fn build_backbone_method<B: Backend + 'static>(
     seed: u64,
     tokenize: Option<&Tokenize<'_>>,
 ) -> Result<Box<dyn PromptMethod<B>>> {
-    let model = Model::of(model);
-    build_with_embeddings(be, model, cfg, max_len, seed, tokenize)
+    build_with_embeddings(be, &**model, cfg, max_len, seed, tokenize)
 }
 
 fn build_with_embeddings<B: Backend + 'static>(
     be: &B,
-    model: Model<'_, B>,
+    model: &dyn Family<B>,
     cfg: &MethodConfig,
     max_len: usize,
     seed: u64,
     tokenize: Option<&Tokenize<'_>>,
 ) -> Result<Box<dyn PromptMethod<B>>> {
-    let (table, vocab_size, c) = model.embeddings();
+    let (table, vocab_size, c) = (model.embeddings(), model.vocab_size(), model.width());
     let embed_rows = |ids: &[u32]| -> Result<Vec<f32>> {
         let ids: Vec<i32> = ids.iter().map(|&id| id as i32).collect();
         let mut rows = be.zeros(ids.len() * c); // (len, C)
@@ -441,10 +350,11 @@ mod tests {
         let be = CpuBackend::<f32>::new();
         for shape in ["t5-tiny", "llama-tiny"] {
             let model = random_model(&be, shape, 3, Quant::None).unwrap();
-            let batch = match &model {
-                Backbone::T5(m) => HostBatch::random(&m.cfg, &[6, 4], &[2, 2], 4),
-                // Llama generates after left padding only: rows of one length.
-                Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &[6, 6], &[1, 1], 4),
+            // T5: rows of two lengths; Llama generates after left padding only: rows of one
+            // length.
+            let batch = match model.is_decoder_only() {
+                false => model.random_batch(&[6, 4], &[2, 2], 4),
+                true => model.random_batch(&[6, 6], &[1, 1], 4),
             };
             let gen = GenerateConfig {
                 max_new_tokens: 3,
@@ -453,12 +363,10 @@ mod tests {
             };
             // Without a method: the model's own generate on the gathered embeddings.
             let got = generate_greedy(&be, &model, None, &batch, &gen).unwrap();
-            let (embeds, mask) = encoder_inputs(&be, &Model::of(&model), None, &batch).unwrap();
-            let want = match &model {
-                Backbone::T5(m) => m.generate(&be, &embeds, &mask, 2, batch.enc_len, &gen),
-                Backbone::Llama(m) => m.generate(&be, &embeds, &mask, 2, batch.enc_len, &gen),
-            }
-            .unwrap();
+            let (embeds, mask) = encoder_inputs(&be, &*model, None, &batch).unwrap();
+            let want = model
+                .generate(&be, &embeds, &mask, 2, batch.enc_len, &gen)
+                .unwrap();
             assert_eq!(got.tokens, want.tokens, "{shape}");
             assert!(got.tokens.iter().all(|row| row.len() == 3), "{shape}");
             // With PT: prompt rows in front change what is generated, never its length.

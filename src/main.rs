@@ -23,10 +23,8 @@ use fastpt::data::HostBatch;
 use fastpt::engine::{build_backbone_method, forward_backward, StepOutput};
 use fastpt::fsutil::write_file_atomic;
 use fastpt::model::hf::{load_tokenizer, save_safetensors, TensorData};
-use fastpt::model::llama::llama_tensor_specs;
-use fastpt::model::shapes::{is_builtin_shape, llama_shape, t5_shape, LLAMA_SHAPES, T5_SHAPES};
-use fastpt::model::t5::t5_tensor_specs;
-use fastpt::model::{load_model, random_model, Backbone};
+use fastpt::model::shapes::{is_builtin_shape, LLAMA_SHAPES, T5_SHAPES};
+use fastpt::model::{load_model, random_model, shape_hf_json, Backbone};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
 use fastpt::prompt::{train_params, MethodConfig};
 use fastpt::train::trainer::{
@@ -437,11 +435,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Doctor(args) => doctor(&args),
         Command::Bench(args) => with_backend!(&args.device, |be| bench(be, &args)),
         Command::Shape(args) => {
-            let json = if LLAMA_SHAPES.contains(&args.name.as_str()) {
-                llama_shape(&args.name)?.to_hf_json()
-            } else {
-                t5_shape(&args.name)?.to_hf_json()
-            };
+            let json = shape_hf_json(&args.name)?;
             println!("{}", serde_json::to_string_pretty(&json)?);
             Ok(())
         }
@@ -449,40 +443,7 @@ fn dispatch(cli: Cli) -> Result<()> {
 }
 
 fn describe<B: Backend>(name: &str, model: &Backbone<B>) -> String {
-    let count = |specs: Vec<(String, Vec<usize>)>| -> f64 {
-        let n: usize = specs.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-        n as f64 / 1e6
-    };
-    match model {
-        Backbone::T5(m) => {
-            let cfg = &m.cfg;
-            format!(
-                "{name}: T5, d_model {}, {}+{} layers, {} heads × {}, d_ff {}, vocab {}, {:.2} M parameters",
-                cfg.d_model,
-                cfg.num_layers,
-                cfg.num_decoder_layers,
-                cfg.num_heads,
-                cfg.d_kv,
-                cfg.d_ff,
-                cfg.vocab_size,
-                count(t5_tensor_specs(cfg))
-            )
-        }
-        Backbone::Llama(m) => {
-            let cfg = &m.cfg;
-            format!(
-                "{name}: Llama, hidden {}, {} layers, {} heads ({} key/value) × {}, intermediate {}, vocab {}, {:.2} M parameters",
-                cfg.hidden_size,
-                cfg.num_hidden_layers,
-                cfg.num_attention_heads,
-                cfg.num_key_value_heads,
-                cfg.head_dim,
-                cfg.intermediate_size,
-                cfg.vocab_size,
-                count(llama_tensor_specs(cfg))
-            )
-        }
-    }
+    format!("{name}: {}", model.describe())
 }
 
 fn print_step(be_name: &str, step: &StepOutput, batch: &HostBatch) {
@@ -717,10 +678,7 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
     }
     // Four rows of different lengths, as a dynamically padded batch would have.
     let (inputs, targets) = ([24, 17, 32, 9], [6, 3, 8, 5]);
-    let batch = match &model {
-        Backbone::T5(m) => HostBatch::random(&m.cfg, &inputs, &targets, args.seed),
-        Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &inputs, &targets, args.seed),
-    };
+    let batch = model.random_batch(&inputs, &targets, args.seed);
     let step = forward_backward(be, &model, method.as_deref_mut(), &batch)?;
     print_step(&be.name(), &step, &batch);
     if let Some(m) = &method {
@@ -736,7 +694,7 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn forward<B: Backend>(be: &B, args: &ForwardArgs) -> Result<()> {
+fn forward<B: Backend + 'static>(be: &B, args: &ForwardArgs) -> Result<()> {
     let (model, tokenizer_dir) = match (&args.model, &args.shape) {
         (Some(dir), _) => (
             load_model(be, dir, args.quant.parse()?)?,
@@ -754,10 +712,7 @@ fn forward<B: Backend>(be: &B, args: &ForwardArgs) -> Result<()> {
         _ => unreachable!("checked above"),
     };
     println!("model      {}", describe(&name, &model));
-    let spec = match &model {
-        Backbone::T5(m) => BatchSpec::from(&m.cfg),
-        Backbone::Llama(m) => BatchSpec::from(&m.cfg),
-    };
+    let spec = model.batch_spec();
     let batch = read_batch(&args.batch, spec, tokenizer_dir)?;
     let step = forward_backward(be, &model, None, &batch)?;
     print_step(&be.name(), &step, &batch);

@@ -4,7 +4,7 @@
 
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::data::tasks::{TaskSpec, TextExample};
-use fastpt::data::tokenize::{Family, TextCodec};
+use fastpt::data::tokenize::TextCodec;
 use fastpt::data::{Example, HostBatch};
 use fastpt::engine::{build_backbone_method, forward_loss, label_nll};
 use fastpt::eval::metrics::{accuracy, Metric};
@@ -65,14 +65,10 @@ fn spec() -> TaskSpec {
 fn one_batch(model: &Backbone<B>, codec: &TextCodec, rows: &[Example]) -> HostBatch {
     let inputs: Vec<Vec<i32>> = rows.iter().map(|r| r.input.clone()).collect();
     let targets: Vec<Vec<i32>> = rows.iter().map(|r| r.target.clone()).collect();
-    match model {
-        Backbone::T5(m) => HostBatch::from_ids(
-            &inputs,
-            &targets,
-            m.cfg.pad_token_id as i32,
-            m.cfg.decoder_start_token_id as i32,
-        ),
-        Backbone::Llama(_) => HostBatch::causal_from_ids(&inputs, &targets, codec.eos),
+    let ids = model.special_ids();
+    match ids.decoder_start {
+        Some(start) => HostBatch::from_ids(&inputs, &targets, ids.pad, start),
+        None => HostBatch::causal_from_ids(&inputs, &targets, codec.eos),
     }
 }
 
@@ -208,7 +204,7 @@ fn batched_generation_predicts_what_one_example_at_a_time_does() {
         assert_eq!(batched, single, "{name}");
         // Random weights rarely stop early: the predictions are text, not empty.
         assert!(batched.iter().any(|p| !p.is_empty()), "{name}: {batched:?}");
-        assert_eq!(codec.family == Family::Llama, name.starts_with("llama"));
+        assert_eq!(codec.decoder_only, name.starts_with("llama"));
     }
 }
 

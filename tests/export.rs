@@ -12,11 +12,11 @@ use fastpt::model::hf::{read_all_f64, save_safetensors, TensorData};
 use fastpt::model::linear::Quant;
 use fastpt::model::llama::Llama;
 use fastpt::model::t5::T5;
-use fastpt::model::{load_llama, load_t5};
+use fastpt::model::{load_llama, load_t5, Architecture};
 use fastpt::prompt::{MethodConfig, PromptMethod};
 use fastpt::testing::random_vec;
 use fastpt::train::export::{
-    export_prompt, exported_method, init_from_adapter, read_adapter, BackboneKind, ExportInfo,
+    export_prompt, exported_method, init_from_adapter, read_adapter, ExportInfo,
 };
 use serde_json::{json, Value};
 
@@ -58,7 +58,7 @@ fn randomize(be: &B, method: &mut dyn PromptMethod<B>, seed: u64) {
 
 fn t5_info(base: &Path) -> ExportInfo<'_> {
     ExportInfo {
-        kind: BackboneKind::T5,
+        kind: Architecture::T5,
         base_model: base.to_str(),
     }
 }
@@ -193,7 +193,7 @@ fn t5_adapter_config_holds_peft_prompt_tuning_keys() {
     // No base model: the counts are left to PEFT (null), the name too.
     let tmp2 = tempfile::tempdir().unwrap();
     let info = ExportInfo {
-        kind: BackboneKind::T5,
+        kind: Architecture::T5,
         base_model: None,
     };
     export_prompt(&be, pt.as_mut(), &info, tmp2.path()).unwrap();
@@ -212,7 +212,7 @@ fn llama_adapter_config_is_causal_lm_with_the_models_counts() {
     let mut pt = build_llama_method(&be, &model, &cfg, MAX_LEN, 4, None).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let info = ExportInfo {
-        kind: BackboneKind::Llama,
+        kind: Architecture::Llama,
         base_model: dir.to_str(),
     };
     let out = export_prompt(&be, pt.as_mut(), &info, tmp.path()).unwrap();
@@ -462,7 +462,7 @@ fn export_refuses_a_base_model_of_another_width_and_nan_rows() {
     let tmp = tempfile::tempdir().unwrap();
     // t5-tiny is 64 wide, the fixture's prompt 36.
     let info = ExportInfo {
-        kind: BackboneKind::T5,
+        kind: Architecture::T5,
         base_model: Some("t5-tiny"),
     };
     let msg = err_text(export_prompt(&be, pt.as_mut(), &info, tmp.path()));
@@ -473,7 +473,7 @@ fn export_refuses_a_base_model_of_another_width_and_nan_rows() {
     values[40] = f32::NAN;
     pt.params_mut()[0].value = be.upload_f32(values);
     let info = ExportInfo {
-        kind: BackboneKind::T5,
+        kind: Architecture::T5,
         base_model: None,
     };
     let msg = err_text(export_prompt(&be, pt.as_mut(), &info, tmp.path()));
@@ -492,9 +492,9 @@ fn export_refuses_a_base_model_of_another_width_and_nan_rows() {
 #[test]
 #[ignore = "writes adapters for tools/check_peft_export.py (needs FASTPT_EXPORT_DIR)"]
 fn write_adapters_for_the_peft_check() {
-    use fastpt::data::{EncoderInput, HostBatch};
+    use fastpt::data::EncoderInput;
     use fastpt::engine::{build_backbone_method, forward_loss};
-    use fastpt::model::{load_model, Backbone};
+    use fastpt::model::load_model;
 
     type B64 = CpuBackend<f64>;
     let Some(out) = std::env::var_os("FASTPT_EXPORT_DIR") else {
@@ -528,18 +528,12 @@ fn write_adapters_for_the_peft_check() {
             let v = random_vec(p.numel(), 0.5, 70 + i as u64);
             p.value = be.upload_f32(v.iter().map(|&x| x as f32).collect());
         }
-        let (kind, batch) = match &model {
-            Backbone::T5(m) => (
-                BackboneKind::T5,
-                HostBatch::random(&m.cfg, &[6, 4], &[3, 5], 8),
-            ),
-            Backbone::Llama(m) => (
-                BackboneKind::Llama,
-                HostBatch::random_causal(&m.cfg, &[5, 3], &[2, 3], 8),
-            ),
+        let batch = match model.is_decoder_only() {
+            false => model.random_batch(&[6, 4], &[3, 5], 8),
+            true => model.random_batch(&[5, 3], &[2, 3], 8),
         };
         let info = ExportInfo {
-            kind,
+            kind: model.architecture(),
             base_model: dir.to_str(),
         };
         let case_dir = out.join(case);

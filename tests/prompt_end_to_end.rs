@@ -7,7 +7,6 @@ use std::path::Path;
 
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::backend::Backend;
-use fastpt::data::HostBatch;
 use fastpt::engine::{forward_backward, StepOutput};
 use fastpt::model::linear::Quant;
 use fastpt::model::{load_model, Backbone};
@@ -33,10 +32,7 @@ const CASES: &[(&str, &str)] = &[
 const MAX_LEN: usize = 8;
 
 fn build(be: &B64, model: &Backbone<B64>, name: &str, section: &str) -> Box<dyn PromptMethod<B64>> {
-    let (table, c, vocab_size) = match model {
-        Backbone::T5(m) => (&m.weights.shared, m.cfg.d_model, m.cfg.vocab_size),
-        Backbone::Llama(m) => (&m.weights.embed, m.cfg.hidden_size, m.cfg.vocab_size),
-    };
+    let (table, c, vocab_size) = (model.embeddings(), model.width(), model.vocab_size());
     let table = be.download_f64(table);
     let embed_rows = |ids: &[u32]| -> fastpt::Result<Vec<f32>> {
         Ok(ids
@@ -75,9 +71,9 @@ fn check_every_method(fixture: &str) {
         .join("tests/fixtures")
         .join(fixture);
     let model = load_model(&be, &dir, Quant::None).unwrap();
-    let batch = match &model {
-        Backbone::T5(m) => HostBatch::random(&m.cfg, &[6, 4], &[3, 2], 3),
-        Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &[6, 3], &[2, 3], 3),
+    let batch = match model.is_decoder_only() {
+        false => model.random_batch(&[6, 4], &[3, 2], 3),
+        true => model.random_batch(&[6, 3], &[2, 3], 3),
     };
     let step = |method: &mut dyn PromptMethod<B64>| -> StepOutput {
         forward_backward(&be, &model, Some(method), &batch).unwrap()

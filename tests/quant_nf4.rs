@@ -53,14 +53,14 @@ fn models(shape: &str, seed: u64) -> [Backbone<CpuBackend<f32>>; 3] {
             let mut src =
                 |name: &str, dims: &[usize]| Ok(prep(name, random_llama_tensor(name, dims, seed)));
             let w = LlamaWeights::load_quantized(&be, &cfg, &mut src, quant).unwrap();
-            Backbone::Llama(Llama::new(cfg, w))
+            Backbone::new(Llama::new(cfg, w))
         } else {
             let cfg = t5_shape(shape).unwrap();
             let mut src = |name: &str, dims: &[usize]| {
                 Ok(prep(name, random_t5_tensor(&cfg, name, dims, seed)))
             };
             let w = T5Weights::load_quantized(&be, &cfg, &mut src, quant).unwrap();
-            Backbone::T5(T5::new(cfg, w))
+            Backbone::new(T5::new(cfg, w))
         }
     };
     [
@@ -72,10 +72,7 @@ fn models(shape: &str, seed: u64) -> [Backbone<CpuBackend<f32>>; 3] {
 
 fn batch(model: &Backbone<CpuBackend<f32>>, seed: u64) -> HostBatch {
     let (inputs, targets) = ([7, 5, 9], [3, 2, 4]);
-    match model {
-        Backbone::T5(m) => HostBatch::random(&m.cfg, &inputs, &targets, seed),
-        Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &inputs, &targets, seed),
-    }
+    model.random_batch(&inputs, &targets, seed)
 }
 
 #[test]

@@ -14,7 +14,6 @@
 pub mod baseline;
 pub mod charts;
 pub mod claims;
-pub mod flops;
 pub mod heap;
 
 use std::time::Instant;
@@ -26,12 +25,12 @@ use crate::backend::gpu::device::Device;
 use crate::backend::gpu::GpuBackend;
 use crate::backend::Backend;
 use crate::config::TrainConfig;
-use crate::data::HostBatch;
 use crate::engine::{build_backbone_method, forward_loss, generate_greedy, train_step};
 use crate::error::{Error, Result};
+use crate::model::flops::StepTokens;
 use crate::model::generate::GenerateConfig;
 use crate::model::linear::Quant;
-use crate::model::{random_model, Backbone};
+use crate::model::random_model;
 use crate::prompt::{train_params, zero_grads, MethodConfig};
 use crate::train::optim::Optimizer;
 use crate::train::report::peak_rss_bytes;
@@ -207,7 +206,8 @@ pub struct Row {
     pub train_step_ms: Stats,
     /// Input + target tokens (prompt rows excluded) per second of training step.
     pub train_tokens_per_s: f64,
-    /// FLOPs of one training step ([`flops::train_step_flops`]) over its median time.
+    /// FLOPs of one training step ([`crate::model::Family::train_step_flops`]) over its median
+    /// time.
     pub train_tflops: f64,
     /// `train_tflops` over the measured GEMM peak (GPU only).
     pub mfu: Option<f64>,
@@ -256,23 +256,14 @@ pub fn run_bench<B: BenchClock + 'static>(
         let model = random_model(be, shape, cfg.seed, cfg.quant)?;
         let inputs = vec![cfg.input_len; cfg.batch];
         let targets = vec![cfg.target_len; cfg.batch];
-        let batch = match &model {
-            Backbone::T5(m) => HostBatch::random(&m.cfg, &inputs, &targets, cfg.seed + 1),
-            Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &inputs, &targets, cfg.seed + 1),
-        };
+        let batch = model.random_batch(&inputs, &targets, cfg.seed + 1);
         let tokens = (cfg.batch * (cfg.input_len + cfg.target_len)) as f64;
-        // Generation starts from the input alone: for Llama a row of exactly input_len tokens.
-        let infer_batch = match &model {
-            Backbone::T5(_) => batch.clone(),
-            Backbone::Llama(m) => {
-                let n = cfg.input_len.saturating_sub(1).max(1);
-                HostBatch::random_causal(
-                    &m.cfg,
-                    &vec![n; cfg.batch],
-                    &vec![1; cfg.batch],
-                    cfg.seed + 2,
-                )
-            }
+        // Generation starts from the input alone: a decoder-only row of exactly input_len tokens.
+        let infer_batch = if model.is_decoder_only() {
+            let n = cfg.input_len.saturating_sub(1).max(1);
+            model.random_batch(&vec![n; cfg.batch], &vec![1; cfg.batch], cfg.seed + 2)
+        } else {
+            batch.clone()
         };
         let gen = GenerateConfig {
             max_new_tokens: cfg.target_len,
@@ -341,14 +332,14 @@ pub fn run_bench<B: BenchClock + 'static>(
                 .as_deref()
                 .map_or((0, 0), |m| (train_params(m), m.stored_params()));
             let train_step_ms = Stats::of(times);
-            let step_tokens = flops::StepTokens {
+            let step_tokens = StepTokens {
                 b: cfg.batch,
                 prompt: method.as_deref().map_or(0, |m| m.prompt_rows()),
                 input: cfg.input_len,
                 target: cfg.target_len,
             };
             let train_tflops =
-                flops::train_step_flops(&model, step_tokens) / (train_step_ms.median / 1e3) / 1e12;
+                model.train_step_flops(step_tokens) / (train_step_ms.median / 1e3) / 1e12;
             rows.push(Row {
                 shape: shape.clone(),
                 setting: setting.name.clone(),

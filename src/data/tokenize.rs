@@ -15,17 +15,11 @@ use crate::error::{Error, Result};
 use crate::model::hf::load_tokenizer;
 use crate::model::Backbone;
 
-/// Which end-of-sequence conventions apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    T5,
-    Llama,
-}
-
 /// A model's tokenizer with the ids its examples need.
 pub struct TextCodec {
     tokenizer: Tokenizer,
-    pub family: Family,
+    /// Decoder-only (Llama): inputs start with BOS instead of ending in EOS.
+    pub decoder_only: bool,
     pub eos: i32,
     /// Llama: prepended to every input.
     pub bos: Option<i32>,
@@ -45,16 +39,12 @@ impl TextCodec {
     }
 
     pub fn new<B: Backend>(tokenizer: Tokenizer, model: &Backbone<B>) -> Self {
-        let (family, bos) = match model {
-            Backbone::T5(_) => (Family::T5, None),
-            Backbone::Llama(m) => (Family::Llama, Some(m.cfg.bos_token_id as i32)),
-        };
-        let eos = model.batch_ids().1;
+        let ids = model.special_ids();
         TextCodec {
             tokenizer,
-            family,
-            eos,
-            bos,
+            decoder_only: model.is_decoder_only(),
+            eos: ids.eos,
+            bos: ids.bos,
         }
     }
 
@@ -69,8 +59,8 @@ impl TextCodec {
     /// The input ids: T5 `text EOS`, Llama `BOS text`.
     pub fn encode_input(&self, text: &str) -> Result<Vec<i32>> {
         let ids = self.ids(text)?;
-        Ok(match (self.family, self.bos) {
-            (Family::Llama, Some(bos)) => std::iter::once(bos).chain(ids).collect(),
+        Ok(match self.bos {
+            Some(bos) if self.decoder_only => std::iter::once(bos).chain(ids).collect(),
             _ => ids.into_iter().chain([self.eos]).collect(),
         })
     }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Backend;
 use crate::data::batching::Batcher;
 use crate::data::tasks::{TaskSpec, TextExample};
-use crate::data::tokenize::{Family, TextCodec};
+use crate::data::tokenize::TextCodec;
 use crate::data::Example;
 use crate::engine::{generate_greedy, label_nll};
 use crate::error::{Error, Result};
@@ -152,7 +152,7 @@ fn batcher<'a>(
         0,
         model.batch_ids(),
     )
-    .causal(model.is_causal())
+    .causal(model.is_decoder_only())
 }
 
 /// Greedy generation of each example's label text. Llama rows are batched by input length so
@@ -166,14 +166,15 @@ pub fn predict_generate<'m, B: Backend>(
     opts: &EvalOptions,
 ) -> Result<Vec<String>> {
     // T5's decoder input is ignored by generation; Llama rows are the input alone.
+    let decoder_only = model.is_decoder_only();
     let rows: Vec<Example> = examples
         .iter()
         .map(|ex| {
             let mut input = codec.encode_input(&ex.input)?;
             input.truncate(opts.max_len.max(1));
-            let target = match codec.family {
-                Family::T5 => vec![codec.eos],
-                Family::Llama => Vec::new(),
+            let target = match decoder_only {
+                false => vec![codec.eos],
+                true => Vec::new(),
             };
             Ok(Example { input, target })
         })
@@ -192,7 +193,7 @@ pub fn predict_generate<'m, B: Backend>(
     let mut i = 0;
     while i < order.len() {
         let mut end = (i + opts.batch_size.max(1)).min(order.len());
-        if codec.family == Family::Llama {
+        if decoder_only {
             let len = rows[order[i]].input.len();
             end = i + order[i..end]
                 .iter()

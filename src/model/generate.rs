@@ -1,6 +1,6 @@
 //! Greedy decoding shared by the backbones: settings, results, and the per-step choice of each
 //! row's next token. The models run their own cached forwards (`Llama::generate`,
-//! `T5::generate`) and hand each step's logits to [`Greedy::step`].
+//! `T5::generate`) and hand each step's logits to `Greedy::step`.
 
 use crate::error::{Error, Result};
 

@@ -12,8 +12,12 @@
 
 use crate::backend::profiling::nvtx_range;
 use crate::backend::{Activation, AttnDims, AttnMask, Backend, Gemm};
+use crate::data::batch_json::BatchSpec;
+use crate::data::HostBatch;
 use crate::error::{Error, Result};
-use crate::model::config::{LlamaConfig, RopeScaling};
+use crate::model::config::{Architecture, LlamaConfig, RopeScaling};
+use crate::model::family::{million_params, Activations, Family, Saved, SpecialIds, StepBatch};
+use crate::model::flops::{llama_flops, StepTokens};
 use crate::model::generate::{check_generate_inputs, GenerateConfig, Generated, Greedy};
 use crate::model::linear::{Linear, Quant};
 use crate::model::t5::WeightSource;
@@ -786,6 +790,132 @@ fn label_rows(labels: &[i32], b: usize, t: usize) -> Vec<usize> {
         .flat_map(|r| (0..t.saturating_sub(1)).map(move |j| r * t + j))
         .filter(|&i| labels[i + 1] != -100)
         .collect()
+}
+
+/// Llama through the family interface (see family.rs).
+impl<B: Backend> Family<B> for Llama<B> {
+    fn architecture(&self) -> Architecture {
+        Architecture::Llama
+    }
+
+    fn describe(&self) -> String {
+        let cfg = &self.cfg;
+        format!(
+            "Llama, hidden {}, {} layers, {} heads ({} key/value) × {}, intermediate {}, vocab {}, {:.2} M parameters",
+            cfg.hidden_size,
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+            million_params(&llama_tensor_specs(cfg))
+        )
+    }
+
+    fn tensor_specs(&self) -> Vec<(String, Vec<usize>)> {
+        llama_tensor_specs(&self.cfg)
+    }
+
+    fn embeddings(&self) -> &B::Tensor {
+        &self.weights.embed
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn width(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    fn special_ids(&self) -> SpecialIds {
+        SpecialIds {
+            pad: self.cfg.pad_id() as i32,
+            eos: self.cfg.eos_id() as i32,
+            bos: Some(self.cfg.bos_token_id as i32),
+            decoder_start: None,
+        }
+    }
+
+    fn is_decoder_only(&self) -> bool {
+        true
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.cfg.max_position_embeddings)
+    }
+
+    fn batch_spec(&self) -> BatchSpec {
+        BatchSpec::from(&self.cfg)
+    }
+
+    fn random_batch(&self, input_lens: &[usize], target_lens: &[usize], seed: u64) -> HostBatch {
+        HostBatch::random_causal(&self.cfg, input_lens, target_lens, seed)
+    }
+
+    /// Label rows are positions of the whole row: prompt rows, then input and target.
+    fn label_grid_width(&self, host: &HostBatch, prompt_rows: usize) -> usize {
+        prompt_rows + host.enc_len
+    }
+
+    fn forward_batch<'a>(
+        &'a self,
+        be: &B,
+        batch: &StepBatch<'_, B>,
+    ) -> Result<(ModelOutput<B>, Box<dyn Activations<B> + 'a>)> {
+        let (host, p) = (batch.host, batch.prompt_rows);
+        let (b, t) = (host.batch, host.enc_len);
+        if host.labels.len() != b * t || host.dec_len != 0 {
+            return Err(Error::Input(format!(
+                "a Llama batch has labels (B, T) = {b}·{t} aligned with the input and no \
+                 decoder side; this batch has {} labels and {} decoder positions",
+                host.labels.len(),
+                host.dec_len
+            )));
+        }
+        // The prompt rows predict nothing: -100 in front of every row's labels.
+        let labels: Vec<i32> = host
+            .labels
+            .chunks(t)
+            .flat_map(|row| std::iter::repeat_n(-100, p).chain(row.iter().copied()))
+            .collect();
+        let llama_batch = LlamaBatch::<B> {
+            inputs_embeds: batch.inputs_embeds,
+            attention_mask: batch.attention_mask,
+            labels: &labels,
+            batch: b,
+            len: p + t,
+        };
+        let (out, saved) = self.forward(be, &llama_batch)?;
+        Ok((out, Box::new(Saved { model: self, saved })))
+    }
+
+    fn generate(
+        &self,
+        be: &B,
+        inputs_embeds: &B::Tensor,
+        attention_mask: &[i32],
+        batch: usize,
+        len: usize,
+        gen: &GenerateConfig,
+    ) -> Result<Generated> {
+        Llama::generate(self, be, inputs_embeds, attention_mask, batch, len, gen)
+    }
+
+    fn train_step_flops(&self, x: StepTokens) -> f64 {
+        llama_flops(&self.cfg, x)
+    }
+}
+
+impl<B: Backend> Activations<B> for Saved<'_, Llama<B>, LlamaSaved<B>> {
+    fn backward_dinp(&self, be: &B) -> B::Tensor {
+        self.model.backward_dinp(be, &self.saved)
+    }
+
+    fn encoder_out(&self) -> Option<&B::Tensor> {
+        None
+    }
 }
 
 #[cfg(test)]

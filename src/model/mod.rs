@@ -1,6 +1,10 @@
 //! Backbones: configs, loading from Hugging Face folders, built-in shapes, forward and backward.
+//! Every family is used through one interface, [`Family`] (see family.rs); the `impl
+//! Architecture` below is where the families are registered.
 
 pub mod config;
+pub mod family;
+pub mod flops;
 pub mod generate;
 pub mod hf;
 pub mod linear;
@@ -13,7 +17,9 @@ use std::path::Path;
 use crate::backend::profiling::nvtx_range;
 use crate::backend::{Backend, Gemm};
 use crate::error::{Error, Result};
-use config::{Architecture, LlamaConfig, T5Config};
+pub use config::Architecture;
+use config::{LlamaConfig, T5Config};
+pub use family::{Activations, Backbone, Family, SpecialIds, StepBatch};
 use hf::SafetensorsFolder;
 use linear::Quant;
 use llama::{llama_tensor_specs, Llama, LlamaWeights};
@@ -55,11 +61,27 @@ pub fn load_t5<B: Backend>(be: &B, dir: &Path, quant: Quant) -> Result<T5<B>> {
 
 /// A built-in T5 shape (see [`shapes::T5_SHAPES`]) with random weights from `seed`.
 pub fn random_t5<B: Backend>(be: &B, shape: &str, seed: u64, quant: Quant) -> Result<T5<B>> {
+    random_t5_mapped(be, shape, seed, quant, None)
+}
+
+/// [`random_t5`] with every weight value passed through `map` first.
+fn random_t5_mapped<B: Backend>(
+    be: &B,
+    shape: &str,
+    seed: u64,
+    quant: Quant,
+    map: Option<&dyn Fn(f32) -> f32>,
+) -> Result<T5<B>> {
     let cfg = shapes::t5_shape(shape)?;
     let weights = T5Weights::load_quantized(
         be,
         &cfg,
-        &mut |name, dims| Ok(shapes::random_t5_tensor(&cfg, name, dims, seed)),
+        &mut |name, dims| {
+            Ok(map_values(
+                shapes::random_t5_tensor(&cfg, name, dims, seed),
+                map,
+            ))
+        },
         quant,
     )?;
     Ok(T5::new(cfg, weights))
@@ -87,14 +109,38 @@ pub fn load_llama<B: Backend>(be: &B, dir: &Path, quant: Quant) -> Result<Llama<
 
 /// A built-in Llama shape (see [`shapes::LLAMA_SHAPES`]) with random weights from `seed`.
 pub fn random_llama<B: Backend>(be: &B, shape: &str, seed: u64, quant: Quant) -> Result<Llama<B>> {
+    random_llama_mapped(be, shape, seed, quant, None)
+}
+
+/// [`random_llama`] with every weight value passed through `map` first.
+fn random_llama_mapped<B: Backend>(
+    be: &B,
+    shape: &str,
+    seed: u64,
+    quant: Quant,
+    map: Option<&dyn Fn(f32) -> f32>,
+) -> Result<Llama<B>> {
     let cfg = shapes::llama_shape(shape)?;
     let weights = LlamaWeights::load_quantized(
         be,
         &cfg,
-        &mut |name, dims| Ok(shapes::random_llama_tensor(name, dims, seed)),
+        &mut |name, dims| {
+            Ok(map_values(
+                shapes::random_llama_tensor(name, dims, seed),
+                map,
+            ))
+        },
         quant,
     )?;
     Ok(Llama::new(cfg, weights))
+}
+
+/// `values` with `map` applied to each, in place.
+fn map_values(mut values: Vec<f32>, map: Option<&dyn Fn(f32) -> f32>) -> Vec<f32> {
+    if let Some(map) = map {
+        values.iter_mut().for_each(|x| *x = map(*x));
+    }
+    values
 }
 
 /// Every mask row holds only 0 and 1 and at least one 1.
@@ -218,65 +264,158 @@ pub(crate) fn label_rows_loss_backward<B: Backend>(
     d_hidden
 }
 
-/// A model of either family.
-pub enum Backbone<B: Backend> {
-    T5(T5<B>),
-    Llama(Llama<B>),
+/// The registration point of the families: what is family-specific before a model is loaded
+/// (or without one: an export names its base model), one arm per family.
+impl Architecture {
+    /// The family of built-in shape `name`; `None` when it is no built-in shape.
+    pub fn of_shape(name: &str) -> Option<Self> {
+        if shapes::T5_SHAPES.contains(&name) {
+            Some(Architecture::T5)
+        } else if shapes::LLAMA_SHAPES.contains(&name) {
+            Some(Architecture::Llama)
+        } else {
+            None
+        }
+    }
+
+    /// The short name export.json and the prompt's metadata store: "t5", "llama".
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::T5 => "t5",
+            Architecture::Llama => "llama",
+        }
+    }
+
+    /// PEFT's `TaskType` for this family.
+    pub fn peft_task_type(self) -> &'static str {
+        match self {
+            Architecture::T5 => "SEQ_2_SEQ_LM",
+            Architecture::Llama => "CAUSAL_LM",
+        }
+    }
+
+    /// Where the prompt rows go, in words (export.json's `where`).
+    pub fn prompt_place(self) -> &'static str {
+        match self {
+            Architecture::T5 => "encoder input",
+            Architecture::Llama => "decoder input, before every token",
+        }
+    }
+
+    /// The sizes of model `base` as this family's config names them: the config.json in folder
+    /// `base`, else the built-in shape `base`; `None` when it is neither (a hub id).
+    pub fn base_dims(self, base: &str) -> Result<Option<BaseDims>> {
+        let config = Path::new(base).join("config.json");
+        Ok(match self {
+            Architecture::T5 => {
+                let cfg = if config.is_file() {
+                    T5Config::from_file(&config)?
+                } else if let Ok(cfg) = shapes::t5_shape(base) {
+                    cfg
+                } else {
+                    return Ok(None);
+                };
+                Some(BaseDims {
+                    width: cfg.d_model,
+                    layers: cfg.num_layers,
+                    heads: cfg.num_heads,
+                    width_key: "d_model",
+                })
+            }
+            Architecture::Llama => {
+                let cfg = if config.is_file() {
+                    LlamaConfig::from_file(&config)?
+                } else if let Ok(cfg) = shapes::llama_shape(base) {
+                    cfg
+                } else {
+                    return Ok(None);
+                };
+                Some(BaseDims {
+                    width: cfg.hidden_size,
+                    layers: cfg.num_hidden_layers,
+                    heads: cfg.num_attention_heads,
+                    width_key: "hidden_size",
+                })
+            }
+        })
+    }
+
+    /// The model of Hugging Face folder `dir`.
+    fn load<B: Backend + 'static>(self, be: &B, dir: &Path, quant: Quant) -> Result<Backbone<B>> {
+        Ok(match self {
+            Architecture::T5 => Backbone::new(load_t5(be, dir, quant)?),
+            Architecture::Llama => Backbone::new(load_llama(be, dir, quant)?),
+        })
+    }
+
+    /// Built-in shape `shape` with random weights from `seed`, each value passed through `map`.
+    fn random<B: Backend + 'static>(
+        self,
+        be: &B,
+        shape: &str,
+        seed: u64,
+        quant: Quant,
+        map: Option<&dyn Fn(f32) -> f32>,
+    ) -> Result<Backbone<B>> {
+        Ok(match self {
+            Architecture::T5 => Backbone::new(random_t5_mapped(be, shape, seed, quant, map)?),
+            Architecture::Llama => Backbone::new(random_llama_mapped(be, shape, seed, quant, map)?),
+        })
+    }
+
+    /// The Hugging Face config.json of built-in shape `shape`.
+    fn shape_hf_json(self, shape: &str) -> Result<serde_json::Value> {
+        Ok(match self {
+            Architecture::T5 => shapes::t5_shape(shape)?.to_hf_json(),
+            Architecture::Llama => shapes::llama_shape(shape)?.to_hf_json(),
+        })
+    }
 }
 
-impl<B: Backend> Backbone<B> {
-    /// Model width d (C).
-    pub fn width(&self) -> usize {
-        match self {
-            Backbone::T5(m) => m.cfg.d_model,
-            Backbone::Llama(m) => m.cfg.hidden_size,
-        }
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        match self {
-            Backbone::T5(m) => m.cfg.vocab_size,
-            Backbone::Llama(m) => m.cfg.vocab_size,
-        }
-    }
-
-    /// The ids a batch of its examples needs: `(pad, eos, decoder start)` (Llama has no
-    /// decoder: 0).
-    pub fn batch_ids(&self) -> (i32, i32, i32) {
-        match self {
-            Backbone::T5(m) => (
-                m.cfg.pad_token_id as i32,
-                m.cfg.eos_token_id as i32,
-                m.cfg.decoder_start_token_id as i32,
-            ),
-            Backbone::Llama(m) => (m.cfg.pad_id() as i32, m.cfg.eos_id() as i32, 0),
-        }
-    }
-
-    /// Decoder-only: a batch row is input then target (see `HostBatch::causal_from_ids`).
-    pub fn is_causal(&self) -> bool {
-        matches!(self, Backbone::Llama(_))
-    }
+/// A base model's sizes, as an export's PEFT adapter_config names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseDims {
+    /// Model width (C).
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    /// The config key of the width (its errors name it).
+    pub width_key: &'static str,
 }
 
 /// Loads whichever model a Hugging Face folder holds, by the `model_type` of its config.json.
-pub fn load_model<B: Backend>(be: &B, dir: &Path, quant: Quant) -> Result<Backbone<B>> {
-    Ok(match Architecture::of_config(&dir.join("config.json"))? {
-        Architecture::T5 => Backbone::T5(load_t5(be, dir, quant)?),
-        Architecture::Llama => Backbone::Llama(load_llama(be, dir, quant)?),
-    })
+pub fn load_model<B: Backend + 'static>(be: &B, dir: &Path, quant: Quant) -> Result<Backbone<B>> {
+    Architecture::of_config(&dir.join("config.json"))?.load(be, dir, quant)
 }
 
-/// A built-in shape of either family, with random weights from `seed`.
-pub fn random_model<B: Backend>(
+/// A built-in shape of any family, with random weights from `seed`.
+pub fn random_model<B: Backend + 'static>(
     be: &B,
     shape: &str,
     seed: u64,
     quant: Quant,
 ) -> Result<Backbone<B>> {
-    if shapes::LLAMA_SHAPES.contains(&shape) {
-        Ok(Backbone::Llama(random_llama(be, shape, seed, quant)?))
-    } else {
-        Ok(Backbone::T5(random_t5(be, shape, seed, quant)?))
-    }
+    shape_architecture(shape).random(be, shape, seed, quant, None)
+}
+
+/// [`random_model`] with every weight value passed through `round` (the GPU checks round them to
+/// the device's storage type, so that the GPU and the CPU reference hold identical weights).
+pub fn random_model_rounded<B: Backend + 'static>(
+    be: &B,
+    shape: &str,
+    seed: u64,
+    quant: Quant,
+    round: &dyn Fn(f32) -> f32,
+) -> Result<Backbone<B>> {
+    shape_architecture(shape).random(be, shape, seed, quant, Some(round))
+}
+
+/// The Hugging Face config.json of a built-in shape (`fastpt shape`).
+pub fn shape_hf_json(shape: &str) -> Result<serde_json::Value> {
+    shape_architecture(shape).shape_hf_json(shape)
+}
+
+/// The family of a built-in shape; an unknown name goes to T5, whose error lists the shapes.
+fn shape_architecture(shape: &str) -> Architecture {
+    Architecture::of_shape(shape).unwrap_or(Architecture::T5)
 }

@@ -11,8 +11,12 @@
 
 use crate::backend::profiling::nvtx_range;
 use crate::backend::{Activation, AttnDims, AttnMask, Backend, RelBias};
+use crate::data::batch_json::BatchSpec;
+use crate::data::HostBatch;
 use crate::error::{Error, Result};
-use crate::model::config::{FeedForward, T5Config};
+use crate::model::config::{Architecture, FeedForward, T5Config};
+use crate::model::family::{million_params, Activations, Family, Saved, SpecialIds, StepBatch};
+use crate::model::flops::{t5_flops, StepTokens};
 use crate::model::generate::{check_generate_inputs, GenerateConfig, Generated, Greedy};
 use crate::model::linear::{Linear, Quant};
 use crate::model::{
@@ -995,5 +999,118 @@ impl<B: Backend> T5<B> {
             );
         }
         dx
+    }
+}
+
+/// T5 through the family interface (see family.rs).
+impl<B: Backend> Family<B> for T5<B> {
+    fn architecture(&self) -> Architecture {
+        Architecture::T5
+    }
+
+    fn describe(&self) -> String {
+        let cfg = &self.cfg;
+        format!(
+            "T5, d_model {}, {}+{} layers, {} heads × {}, d_ff {}, vocab {}, {:.2} M parameters",
+            cfg.d_model,
+            cfg.num_layers,
+            cfg.num_decoder_layers,
+            cfg.num_heads,
+            cfg.d_kv,
+            cfg.d_ff,
+            cfg.vocab_size,
+            million_params(&t5_tensor_specs(cfg))
+        )
+    }
+
+    fn tensor_specs(&self) -> Vec<(String, Vec<usize>)> {
+        t5_tensor_specs(&self.cfg)
+    }
+
+    fn embeddings(&self) -> &B::Tensor {
+        &self.weights.shared
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn width(&self) -> usize {
+        self.cfg.d_model
+    }
+
+    fn special_ids(&self) -> SpecialIds {
+        SpecialIds {
+            pad: self.cfg.pad_token_id as i32,
+            eos: self.cfg.eos_token_id as i32,
+            bos: None,
+            decoder_start: Some(self.cfg.decoder_start_token_id as i32),
+        }
+    }
+
+    fn is_decoder_only(&self) -> bool {
+        false
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        None // relative positions have no limit
+    }
+
+    fn batch_spec(&self) -> BatchSpec {
+        BatchSpec::from(&self.cfg)
+    }
+
+    fn random_batch(&self, input_lens: &[usize], target_lens: &[usize], seed: u64) -> HostBatch {
+        HostBatch::random(&self.cfg, input_lens, target_lens, seed)
+    }
+
+    /// Label rows are decoder positions.
+    fn label_grid_width(&self, host: &HostBatch, _prompt_rows: usize) -> usize {
+        host.dec_len
+    }
+
+    fn forward_batch<'a>(
+        &'a self,
+        be: &B,
+        batch: &StepBatch<'_, B>,
+    ) -> Result<(ModelOutput<B>, Box<dyn Activations<B> + 'a>)> {
+        let host = batch.host;
+        let t5_batch = T5Batch::<B> {
+            inputs_embeds: batch.inputs_embeds,
+            attention_mask: batch.attention_mask,
+            decoder_input_ids: &host.decoder_input_ids,
+            labels: &host.labels,
+            batch: host.batch,
+            enc_len: batch.prompt_rows + host.enc_len,
+            dec_len: host.dec_len,
+        };
+        let (out, saved) = self.forward(be, &t5_batch)?;
+        Ok((out, Box::new(Saved { model: self, saved })))
+    }
+
+    fn generate(
+        &self,
+        be: &B,
+        inputs_embeds: &B::Tensor,
+        attention_mask: &[i32],
+        batch: usize,
+        len: usize,
+        gen: &GenerateConfig,
+    ) -> Result<Generated> {
+        T5::generate(self, be, inputs_embeds, attention_mask, batch, len, gen)
+    }
+
+    fn train_step_flops(&self, x: StepTokens) -> f64 {
+        t5_flops(&self.cfg, x)
+    }
+}
+
+impl<B: Backend> Activations<B> for Saved<'_, T5<B>, T5Saved<B>> {
+    fn backward_dinp(&self, be: &B) -> B::Tensor {
+        self.model.backward_dinp(be, &self.saved)
+    }
+
+    fn encoder_out(&self) -> Option<&B::Tensor> {
+        Some(self.saved.encoder_out())
     }
 }

@@ -33,9 +33,8 @@ use serde_json::{json, Value};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::fsutil::write_file_atomic;
-use crate::model::config::{LlamaConfig, T5Config};
 use crate::model::hf::read_all_f64;
-use crate::model::shapes::{llama_shape, t5_shape};
+use crate::model::Architecture;
 use crate::prompt::PromptMethod;
 
 /// PEFT's file names (peft/utils/constants.py).
@@ -49,34 +48,11 @@ pub const ADAPTER_DIR: &str = "adapter";
 pub const PROMPT_FILE: &str = "prompt.safetensors";
 pub const EXPORT_JSON: &str = "export.json";
 
-/// The backbone family a prompt was trained for (decides PEFT's `task_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackboneKind {
-    T5,
-    Llama,
-}
-
-impl BackboneKind {
-    /// PEFT's `TaskType` for this family.
-    pub fn task_type(self) -> &'static str {
-        match self {
-            BackboneKind::T5 => "SEQ_2_SEQ_LM",
-            BackboneKind::Llama => "CAUSAL_LM",
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            BackboneKind::T5 => "t5",
-            BackboneKind::Llama => "llama",
-        }
-    }
-}
-
 /// What the export needs to know about the backbone.
 #[derive(Debug, Clone, Copy)]
 pub struct ExportInfo<'a> {
-    pub kind: BackboneKind,
+    /// The family the prompt was trained for (decides PEFT's `task_type`).
+    pub kind: Architecture,
     /// The Hugging Face folder or built-in shape name the prompt was trained on; written as
     /// `base_model_name_or_path`. A folder with a config.json or a built-in shape name also
     /// fills `num_layers` / `num_attention_heads` (otherwise null: PEFT reads them from the
@@ -236,7 +212,7 @@ pub fn adapter_config_json(
         ("prompt_tuning_init", json!("RANDOM")),
         ("prompt_tuning_init_text", Value::Null),
         ("revision", Value::Null),
-        ("task_type", json!(info.kind.task_type())),
+        ("task_type", json!(info.kind.peft_task_type())),
         ("token_dim", json!(c)),
         ("tokenizer_kwargs", Value::Null),
         ("tokenizer_name_or_path", Value::Null),
@@ -284,13 +260,7 @@ fn export_json_doc(
                 None => Value::Null,
             },
         ),
-        (
-            "where",
-            json!(match info.kind {
-                BackboneKind::T5 => "encoder input",
-                BackboneKind::Llama => "decoder input, before every token",
-            }),
-        ),
+        ("where", json!(info.kind.prompt_place())),
         ("apply", json!(apply)),
         (
             "peft_adapter",
@@ -313,30 +283,11 @@ fn base_model_layers(info: &ExportInfo<'_>, c: usize) -> Result<Option<(usize, u
         return Ok(None);
     };
     let config = Path::new(base).join("config.json");
-    let (width, layers, heads, source) = match info.kind {
-        BackboneKind::T5 => {
-            let cfg = if config.is_file() {
-                T5Config::from_file(&config)?
-            } else if let Ok(cfg) = t5_shape(base) {
-                cfg
-            } else {
-                // A hub id or a folder elsewhere: PEFT fills the counts from the model.
-                return Ok(None);
-            };
-            (cfg.d_model, cfg.num_layers, cfg.num_heads, "d_model")
-        }
-        BackboneKind::Llama => {
-            let cfg = if config.is_file() {
-                LlamaConfig::from_file(&config)?
-            } else if let Ok(cfg) = llama_shape(base) {
-                cfg
-            } else {
-                return Ok(None);
-            };
-            let (l, h) = (cfg.num_hidden_layers, cfg.num_attention_heads);
-            (cfg.hidden_size, l, h, "hidden_size")
-        }
+    // Neither (a hub id or a folder elsewhere): PEFT fills the counts from the model.
+    let Some(dims) = info.kind.base_dims(base)? else {
+        return Ok(None);
     };
+    let (width, layers, heads, source) = (dims.width, dims.layers, dims.heads, dims.width_key);
     if width != c {
         return Err(Error::config(
             if config.is_file() {

@@ -16,7 +16,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, OptimTensor, TrainState};
-use super::export::{export_prompt, init_from_adapter, BackboneKind, ExportInfo, Exported};
+use super::export::{export_prompt, init_from_adapter, ExportInfo, Exported};
 use super::optim::Optimizer;
 use super::report::{peak_rss_bytes, write_loss_svg, Report, StepRecord};
 use super::schedule::lr_factor;
@@ -133,10 +133,7 @@ impl TextTask {
 fn run_data<B: Backend>(be_model: &Backbone<B>, cfg: &RunConfig) -> Result<RunData> {
     let d = &cfg.data;
     if d.is_synthetic() {
-        let (vocab, eos) = match be_model {
-            Backbone::T5(m) => (m.cfg.vocab_size, m.cfg.eos_token_id as i32),
-            Backbone::Llama(m) => (m.cfg.vocab_size, m.cfg.eos_id() as i32),
-        };
+        let (vocab, eos) = (be_model.vocab_size(), be_model.special_ids().eos);
         return Ok(RunData {
             train: synthetic::keyword_task(d.train_examples, vocab, eos, cfg.seed),
             dev: synthetic::keyword_task(d.dev_examples, vocab, eos, cfg.seed.wrapping_add(1)),
@@ -234,20 +231,20 @@ fn run_batcher<'a, B: Backend>(
         cfg.seed,
         model.batch_ids(),
     )
-    .causal(model.is_causal())
+    .causal(model.is_decoder_only())
 }
 
-/// Llama: the longest row (prompt rows + truncated input + target) must fit the model's
-/// positions. Checked before training, so the error names the setting to change instead of
-/// stopping a run at its first long batch.
+/// The longest row (prompt rows + truncated input + target) must fit the model's positions
+/// (Llama's; T5's relative positions have no limit). Checked before training, so the error
+/// names the setting to change instead of stopping a run at its first long batch.
 fn check_positions<B: Backend>(
     model: &Backbone<B>,
     prompt_rows: usize,
     data: &RunData,
     tc: &crate::config::TrainConfig,
 ) -> Result<()> {
-    let Backbone::Llama(m) = model else {
-        return Ok(()); // T5's relative positions have no limit
+    let Some(limit) = model.max_positions() else {
+        return Ok(());
     };
     let longest = data
         .train
@@ -256,7 +253,6 @@ fn check_positions<B: Backend>(
         .map(|e| e.input.len().min(tc.max_len) + e.target.len().min(tc.max_target_len))
         .max()
         .unwrap_or(0);
-    let limit = m.cfg.max_position_embeddings;
     if prompt_rows + longest > limit {
         return Err(Error::Input(format!(
             "the longest example needs {prompt_rows} prompt rows + {longest} tokens (input cut \
@@ -309,19 +305,21 @@ fn eval_options(cfg: &RunConfig) -> EvalOptions {
 /// with the lowest dev loss, in `best.safetensors`. At the end a text task's best parameters
 /// are evaluated on the whole dev and test sets (report.json `eval`, predictions.jsonl), and
 /// the prompt they give is exported to `export/` (PEFT adapter where the method allows).
+///
+/// The phases: `setup` (model, method, data; nothing written yet), `Run::start` (the run
+/// folder, the optimiser, a resumed checkpoint), `Run::step_loop` (steps, dev evaluations,
+/// checkpoints, Ctrl-C), `Run::finish` (final checkpoint, evaluation, export, report).
 pub fn train<B: Backend + 'static>(
     be: &B,
     cfg: &RunConfig,
     opts: &TrainOptions<'_>,
 ) -> Result<Outcome> {
-    let tc = &cfg.train;
-    let out_dir = cfg.out_dir.clone();
-    let ckpt_path = out_dir.join("checkpoint.safetensors");
+    let ckpt_path = cfg.out_dir.join("checkpoint.safetensors");
     if !opts.resume && ckpt_path.exists() {
         return Err(Error::Input(format!(
             "{} holds a checkpoint from an earlier run: continue it with --resume, or choose \
              another out_dir (nothing was overwritten)",
-            out_dir.display()
+            cfg.out_dir.display()
         )));
     }
     // Everything is loaded and checked before the run folder is touched.
@@ -333,202 +331,323 @@ pub fn train<B: Backend + 'static>(
     if let Some(dir) = opts.init_from {
         init_from_adapter(be, method.as_mut(), dir)?;
     }
-    check_positions(&model, method.prompt_rows(), &data, tc)?;
-    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
-    let mut opt = Optimizer::new(be, method.as_ref(), tc);
-    let batcher = run_batcher(&model, &data.train, cfg);
-    let dev_batcher = run_batcher(&model, &data.dev, cfg);
+    check_positions(&model, method.prompt_rows(), &data, &cfg.train)?;
+    let mut run = Run::start(be, cfg, opts, &model, method, &data, ckpt_path)?;
+    let stopped = run.step_loop()?;
+    run.finish(stopped)
+}
 
-    // The effective config, echoed into the run folder and hashed for resume checks.
-    let config_text = cfg.to_toml_string();
-    let hash = config_hash(&config_text);
-    write_file_atomic(
-        &out_dir.join("config.toml"),
-        config_text.as_bytes(),
-        &mut || Ok(()),
-    )?;
+/// A run in progress: what its step loop, its evaluations and its end share.
+struct Run<'a, B: Backend> {
+    be: &'a B,
+    cfg: &'a RunConfig,
+    opts: &'a TrainOptions<'a>,
+    model: &'a Backbone<B>,
+    method: Box<dyn PromptMethod<B>>,
+    data: &'a RunData,
+    opt: Optimizer<B>,
+    batcher: Batcher<'a>,
+    dev_batcher: Batcher<'a>,
+    eval_opts: EvalOptions,
+    ckpt_path: PathBuf,
+    /// The effective config as written to config.toml.
+    config_text: String,
+    /// What a checkpoint holds besides the tensors (the step, the data position, keep-best).
+    state: TrainState,
+    bar: ProgressBar,
+    /// Training steps of this process (a resumed run: since the resume).
+    records: Vec<StepRecord>,
+    /// (step, dev loss) and (step, mean of the dev metrics) of each evaluation.
+    dev_losses: Vec<(u64, f64)>,
+    dev_scores: Vec<(u64, f64)>,
+    truncated_rows: u64,
+    tokens_total: u64,
+    run_start: Instant,
+}
 
-    let mut state = TrainState {
-        step: 0,
-        epoch: 0,
-        cursor: 0,
-        best_metric: None,
-        best_step: None,
-        losses: Vec::new(),
-        config_hash: hash.clone(),
-    };
-    if opts.resume {
-        let (tensors, saved) = load_checkpoint(&ckpt_path)?;
-        if saved.config_hash != hash {
-            return Err(Error::Input(format!(
-                "{}: the run config differs from the one the checkpoint was written with \
-                 (compare {}); resume with the same config",
-                ckpt_path.display(),
-                out_dir.join("config.toml").display()
-            )));
-        }
-        restore(
-            be,
-            method.as_mut(),
-            &mut opt,
-            &tensors,
-            saved.step,
-            &ckpt_path,
+impl<'a, B: Backend + 'static> Run<'a, B> {
+    /// Creates the run folder and writes config.toml; the optimiser, and with `--resume` the
+    /// parameters, moments and data position of the checkpoint (refused if the config differs).
+    fn start(
+        be: &'a B,
+        cfg: &'a RunConfig,
+        opts: &'a TrainOptions<'a>,
+        model: &'a Backbone<B>,
+        mut method: Box<dyn PromptMethod<B>>,
+        data: &'a RunData,
+        ckpt_path: PathBuf,
+    ) -> Result<Self> {
+        let out_dir = &cfg.out_dir;
+        std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+        let mut opt = Optimizer::new(be, method.as_ref(), &cfg.train);
+        let batcher = run_batcher(model, &data.train, cfg);
+        let dev_batcher = run_batcher(model, &data.dev, cfg);
+
+        // The effective config, echoed into the run folder and hashed for resume checks.
+        let config_text = cfg.to_toml_string();
+        let hash = config_hash(&config_text);
+        write_file_atomic(
+            &out_dir.join("config.toml"),
+            config_text.as_bytes(),
+            &mut || Ok(()),
         )?;
-        state = saved;
+
+        let mut state = TrainState {
+            step: 0,
+            epoch: 0,
+            cursor: 0,
+            best_metric: None,
+            best_step: None,
+            losses: Vec::new(),
+            config_hash: hash.clone(),
+        };
+        if opts.resume {
+            let (tensors, saved) = load_checkpoint(&ckpt_path)?;
+            if saved.config_hash != hash {
+                return Err(Error::Input(format!(
+                    "{}: the run config differs from the one the checkpoint was written with \
+                     (compare {}); resume with the same config",
+                    ckpt_path.display(),
+                    out_dir.join("config.toml").display()
+                )));
+            }
+            restore(
+                be,
+                method.as_mut(),
+                &mut opt,
+                &tensors,
+                saved.step,
+                &ckpt_path,
+            )?;
+            state = saved;
+        }
+
+        let bar = progress_bar(opts, cfg.train.steps as u64, state.step);
+        Ok(Run {
+            be,
+            cfg,
+            opts,
+            model,
+            method,
+            data,
+            opt,
+            batcher,
+            dev_batcher,
+            eval_opts: eval_options(cfg),
+            ckpt_path,
+            config_text,
+            state,
+            bar,
+            records: Vec::new(),
+            dev_losses: Vec::new(),
+            dev_scores: Vec::new(),
+            truncated_rows: 0,
+            tokens_total: 0,
+            run_start: Instant::now(),
+        })
     }
 
-    let total = tc.steps as u64;
-    let bar = if opts.progress && std::io::stdout().is_terminal() {
-        let bar = ProgressBar::new(total);
-        let style = ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
-        bar.set_style(style);
-        bar.set_position(state.step);
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    /// Steps until the configured count or an interrupt: each step, then the dev evaluation
+    /// and the checkpoint when they are due.
+    fn step_loop(&mut self) -> Result<Stopped> {
+        let tc = &self.cfg.train;
+        let total = tc.steps as u64;
+        let mut pos = Position {
+            epoch: self.state.epoch,
+            cursor: self.state.cursor,
+        };
+        while self.state.step < total {
+            let step = self.state.step + 1;
+            pos = self.train_step(step, pos)?;
+            if tc.eval_every > 0 && step.is_multiple_of(tc.eval_every as u64) {
+                self.evaluate_dev(step)?;
+            }
+            let interrupted = self.opts.interrupt.load(Ordering::SeqCst);
+            if (tc.checkpoint_every > 0 && step.is_multiple_of(tc.checkpoint_every as u64))
+                || interrupted
+            {
+                self.save_checkpoint()?;
+            }
+            if interrupted {
+                return Ok(Stopped::Interrupted);
+            }
+        }
+        Ok(Stopped::Finished)
+    }
 
-    let eval_opts = eval_options(cfg);
-    let mut records: Vec<StepRecord> = Vec::new();
-    let mut dev_losses = Vec::new();
-    let mut dev_scores = Vec::new();
-    let mut truncated_rows = 0u64;
-    let mut tokens_total = 0u64;
-    let run_start = Instant::now();
-    let mut stopped = Stopped::Finished;
-    let mut pos = Position {
-        epoch: state.epoch,
-        cursor: state.cursor,
-    };
-    while state.step < total {
-        let step = state.step + 1;
+    /// Optimizer step `step` over `grad_accum` micro-batches from data position `pos`; returns
+    /// the position after them.
+    fn train_step(&mut self, step: u64, mut pos: Position) -> Result<Position> {
+        let (be, tc) = (self.be, &self.cfg.train);
         let t0 = Instant::now();
-        zero_grads(be, method.as_mut());
+        zero_grads(be, self.method.as_mut());
         let (mut loss_sum, mut tokens) = (0.0, 0u64);
         for _ in 0..tc.grad_accum {
-            let (batch, next, truncated) = batcher.next_batch(pos);
+            let (batch, next, truncated) = self.batcher.next_batch(pos);
             pos = next;
-            truncated_rows += truncated as u64;
+            self.truncated_rows += truncated as u64;
             tokens += batch_tokens(&batch);
-            loss_sum += train_step(be, &model, Some(method.as_mut()), &batch)?;
+            loss_sum += train_step(be, self.model, Some(self.method.as_mut()), &batch)?;
         }
         let loss = loss_sum / tc.grad_accum as f64;
         if !loss.is_finite() {
             return Err(Error::Input(format!(
                 "step {step}: the loss is {loss}; training stopped. The last good checkpoint \
                  (step {}) is kept in {}",
-                state.step,
-                ckpt_path.display()
+                self.state.step,
+                self.ckpt_path.display()
             )));
         }
         let factor = lr_factor(tc.schedule, step as usize, tc.warmup_steps, tc.steps);
-        let info = opt.step(be, method.as_mut(), factor, 1.0 / tc.grad_accum as f64);
-        state.step = step;
-        state.epoch = pos.epoch;
-        state.cursor = pos.cursor;
-        state.losses.push((step, loss));
-        tokens_total += tokens;
+        let info = self
+            .opt
+            .step(be, self.method.as_mut(), factor, 1.0 / tc.grad_accum as f64);
+        self.state.step = step;
+        self.state.epoch = pos.epoch;
+        self.state.cursor = pos.cursor;
+        self.state.losses.push((step, loss));
+        self.tokens_total += tokens;
         let seconds = t0.elapsed().as_secs_f64();
-        records.push(StepRecord {
+        self.records.push(StepRecord {
             step,
             loss,
             lr: info.lr,
             seconds,
             tokens,
         });
-        bar.set_position(step);
-        bar.set_message(format!(
+        self.bar.set_position(step);
+        self.bar.set_message(format!(
             "loss {loss:.4}  lr {:.2e}  {:.0} tok/s",
             info.lr,
             tokens as f64 / seconds.max(1e-9)
         ));
+        Ok(pos)
+    }
 
-        if tc.eval_every > 0 && step.is_multiple_of(tc.eval_every as u64) {
-            let dl = dev_loss(be, &model, method.as_mut(), &dev_batcher, &data.dev)?;
-            dev_losses.push((step, dl));
-            // A text task keeps the highest mean of its metrics, the synthetic task the lowest
-            // dev loss.
-            let value = match &data.text {
-                Some(t) => {
-                    let cap = match cfg.data.max_eval_examples {
-                        0 => t.task.dev.len(),
-                        n => n.min(t.task.dev.len()),
-                    };
-                    let ev =
-                        t.evaluate(be, &model, method.as_mut(), &t.task.dev[..cap], &eval_opts)?;
-                    dev_scores.push((step, ev.score));
-                    let line = format!(
-                        "step {step}: dev loss {dl:.4}, dev {}",
-                        metrics_line(&ev.metrics)
-                    );
-                    // Above the bar on a terminal; a plain line in a log.
-                    match (opts.progress, bar.is_hidden()) {
-                        (true, true) => println!("{line}"),
-                        (true, false) => bar.println(line),
-                        (false, _) => {}
-                    }
-                    ev.score
-                }
-                None => dl,
-            };
-            let better = |best: f64| match data.text {
-                Some(_) => value > best,
-                None => value < best,
-            };
-            if state.best_metric.is_none_or(better) {
-                state.best_metric = Some(value);
-                state.best_step = Some(step);
-                save_params(be, method.as_ref(), &out_dir.join("best.safetensors"))?;
-            }
-        }
-        let interrupted = opts.interrupt.load(Ordering::SeqCst);
-        if (tc.checkpoint_every > 0 && step.is_multiple_of(tc.checkpoint_every as u64))
-            || interrupted
-        {
-            save_checkpoint(
-                &ckpt_path,
-                &optim_tensors(be, method.as_ref(), &opt),
-                &state,
-            )?;
-        }
-        if interrupted {
-            stopped = Stopped::Interrupted;
-            break;
-        }
-    }
-    bar.finish_and_clear();
-    let seconds = run_start.elapsed().as_secs_f64();
-    let tokens_per_second = tokens_total as f64 / seconds.max(1e-9);
-    let mut eval = BTreeMap::new();
-    if let (Some(best), Some(step)) = (state.best_metric, state.best_step) {
-        let key = if data.text.is_some() {
-            "best_dev_score"
-        } else {
-            "best_dev_loss"
-        };
-        eval.insert(key.to_string(), best);
-        eval.insert("best_step".to_string(), step as f64);
-    }
-    if let Some(&(_, last)) = dev_losses.last() {
-        eval.insert("last_dev_loss".to_string(), last);
-    }
-    if stopped == Stopped::Finished {
-        save_checkpoint(
-            &ckpt_path,
-            &optim_tensors(be, method.as_ref(), &opt),
-            &state,
+    /// The dev loss, a text task's dev metrics, and keep-best: `best.safetensors` when the
+    /// value improved (a text task keeps the highest mean of its metrics, the synthetic task
+    /// the lowest dev loss).
+    fn evaluate_dev(&mut self, step: u64) -> Result<()> {
+        let be = self.be;
+        let dl = dev_loss(
+            be,
+            self.model,
+            self.method.as_mut(),
+            &self.dev_batcher,
+            &self.data.dev,
         )?;
-        save_params(be, method.as_ref(), &out_dir.join("method.safetensors"))?;
+        self.dev_losses.push((step, dl));
+        let value = match &self.data.text {
+            Some(t) => {
+                let cap = match self.cfg.data.max_eval_examples {
+                    0 => t.task.dev.len(),
+                    n => n.min(t.task.dev.len()),
+                };
+                let ev = t.evaluate(
+                    be,
+                    self.model,
+                    self.method.as_mut(),
+                    &t.task.dev[..cap],
+                    &self.eval_opts,
+                )?;
+                self.dev_scores.push((step, ev.score));
+                let line = format!(
+                    "step {step}: dev loss {dl:.4}, dev {}",
+                    metrics_line(&ev.metrics)
+                );
+                // Above the bar on a terminal; a plain line in a log.
+                match (self.opts.progress, self.bar.is_hidden()) {
+                    (true, true) => println!("{line}"),
+                    (true, false) => self.bar.println(line),
+                    (false, _) => {}
+                }
+                ev.score
+            }
+            None => dl,
+        };
+        let better = |best: f64| match self.data.text {
+            Some(_) => value > best,
+            None => value < best,
+        };
+        if self.state.best_metric.is_none_or(better) {
+            self.state.best_metric = Some(value);
+            self.state.best_step = Some(step);
+            let best = self.cfg.out_dir.join("best.safetensors");
+            save_params(be, self.method.as_ref(), &best)?;
+        }
+        Ok(())
+    }
+
+    /// checkpoint.safetensors: the parameters, the AdamW moments and the state.
+    fn save_checkpoint(&self) -> Result<()> {
+        save_checkpoint(
+            &self.ckpt_path,
+            &optim_tensors(self.be, self.method.as_ref(), &self.opt),
+            &self.state,
+        )
+    }
+
+    /// The end of a run: a finished one writes its last checkpoint and method.safetensors and
+    /// evaluates and exports its best parameters; both write report.json and loss.svg.
+    fn finish(mut self, stopped: Stopped) -> Result<Outcome> {
+        self.bar.finish_and_clear();
+        let seconds = self.run_start.elapsed().as_secs_f64();
+        let tokens_per_second = self.tokens_total as f64 / seconds.max(1e-9);
+        let mut eval = BTreeMap::new();
+        if let (Some(best), Some(step)) = (self.state.best_metric, self.state.best_step) {
+            let key = if self.data.text.is_some() {
+                "best_dev_score"
+            } else {
+                "best_dev_loss"
+            };
+            eval.insert(key.to_string(), best);
+            eval.insert("best_step".to_string(), step as f64);
+        }
+        if let Some(&(_, last)) = self.dev_losses.last() {
+            eval.insert("last_dev_loss".to_string(), last);
+        }
+        if stopped == Stopped::Finished {
+            self.final_evaluation_and_export(&mut eval)?;
+        }
+        self.write_report(stopped, tokens_per_second, &eval)?;
+        Ok(Outcome {
+            run_dir: self.cfg.out_dir.clone(),
+            stopped,
+            losses: self.state.losses,
+            dev_losses: self.dev_losses,
+            dev_scores: self.dev_scores,
+            best: self.state.best_step.zip(self.state.best_metric),
+            eval,
+            tokens_per_second,
+            seconds,
+        })
+    }
+
+    /// A finished run: the last checkpoint, method.safetensors, then with the best parameters
+    /// (when there are any) the whole dev and test sets (into `eval`, predictions.jsonl) and
+    /// the export.
+    fn final_evaluation_and_export(&mut self, eval: &mut BTreeMap<String, f64>) -> Result<()> {
+        let (be, out_dir) = (self.be, &self.cfg.out_dir);
+        self.save_checkpoint()?;
+        save_params(
+            be,
+            self.method.as_ref(),
+            &out_dir.join("method.safetensors"),
+        )?;
         // The final evaluation and the export use the best parameters when there are any.
         let best = out_dir.join("best.safetensors");
-        if state.best_step.is_some() && best.exists() {
-            load_params(be, method.as_mut(), &best)?;
+        if self.state.best_step.is_some() && best.exists() {
+            load_params(be, self.method.as_mut(), &best)?;
         }
-        if let Some(t) = &data.text {
+        if let Some(t) = &self.data.text {
             for (split, examples) in [("dev", &t.task.dev), ("test", &t.task.test)] {
-                let ev = t.evaluate(be, &model, method.as_mut(), examples, &eval_opts)?;
+                let ev = t.evaluate(
+                    be,
+                    self.model,
+                    self.method.as_mut(),
+                    examples,
+                    &self.eval_opts,
+                )?;
                 for (name, value) in &ev.metrics {
                     eval.insert(format!("{split}_{name}"), *value);
                 }
@@ -539,48 +658,60 @@ pub fn train<B: Backend + 'static>(
             }
         }
         let info = ExportInfo {
-            kind: match model {
-                Backbone::T5(_) => BackboneKind::T5,
-                Backbone::Llama(_) => BackboneKind::Llama,
-            },
-            base_model: Some(&cfg.model),
+            kind: self.model.architecture(),
+            base_model: Some(&self.cfg.model),
         };
-        export_prompt(be, method.as_mut(), &info, &out_dir.join("export"))?;
+        export_prompt(be, self.method.as_mut(), &info, &out_dir.join("export"))?;
+        Ok(())
     }
 
-    let report = Report {
-        config: toml_to_json(&config_text),
-        backend: be.name(),
-        model: cfg.model.clone(),
-        method: cfg.method.name().to_string(),
-        train_params: train_params(method.as_ref()),
-        stored_params: method.stored_params(),
-        steps: records,
-        tokens_per_second,
-        peak_memory_bytes: peak_rss_bytes().unwrap_or(0),
-        truncated_rows,
-        eval: eval.clone(),
-        stopped: match stopped {
-            Stopped::Finished => "finished".into(),
-            Stopped::Interrupted => "interrupted".into(),
-        },
-    };
-    report.write_json(&out_dir.join("report.json"))?;
-    if !state.losses.is_empty() {
-        let title = format!("{} on {}: training loss", cfg.method.name(), cfg.model);
-        write_loss_svg(&out_dir.join("loss.svg"), &state.losses, &title)?;
+    /// report.json and, when there are losses, loss.svg.
+    fn write_report(
+        &mut self,
+        stopped: Stopped,
+        tokens_per_second: f64,
+        eval: &BTreeMap<String, f64>,
+    ) -> Result<()> {
+        let (cfg, out_dir) = (self.cfg, &self.cfg.out_dir);
+        let report = Report {
+            config: toml_to_json(&self.config_text),
+            backend: self.be.name(),
+            model: cfg.model.clone(),
+            method: cfg.method.name().to_string(),
+            train_params: train_params(self.method.as_ref()),
+            stored_params: self.method.stored_params(),
+            steps: std::mem::take(&mut self.records),
+            tokens_per_second,
+            peak_memory_bytes: peak_rss_bytes().unwrap_or(0),
+            truncated_rows: self.truncated_rows,
+            eval: eval.clone(),
+            stopped: match stopped {
+                Stopped::Finished => "finished".into(),
+                Stopped::Interrupted => "interrupted".into(),
+            },
+        };
+        report.write_json(&out_dir.join("report.json"))?;
+        if !self.state.losses.is_empty() {
+            let title = format!("{} on {}: training loss", cfg.method.name(), cfg.model);
+            write_loss_svg(&out_dir.join("loss.svg"), &self.state.losses, &title)?;
+        }
+        Ok(())
     }
-    Ok(Outcome {
-        run_dir: out_dir,
-        stopped,
-        losses: state.losses,
-        dev_losses,
-        dev_scores,
-        best: state.best_step.zip(state.best_metric),
-        eval,
-        tokens_per_second,
-        seconds,
-    })
+}
+
+/// A progress bar of `total` steps at `step` (hidden unless asked for and stdout is a
+/// terminal).
+fn progress_bar(opts: &TrainOptions<'_>, total: u64, step: u64) -> ProgressBar {
+    if opts.progress && std::io::stdout().is_terminal() {
+        let bar = ProgressBar::new(total);
+        let style = ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar.set_position(step);
+        bar
+    } else {
+        ProgressBar::hidden()
+    }
 }
 
 /// `name value` pairs, values as percentages (as the papers print them).
@@ -683,10 +814,7 @@ pub fn export_run<B: Backend + 'static>(
 ) -> Result<Exported> {
     let (cfg, mut s, _) = open_run(be, run_dir, params)?;
     let info = ExportInfo {
-        kind: match s.model {
-            Backbone::T5(_) => BackboneKind::T5,
-            Backbone::Llama(_) => BackboneKind::Llama,
-        },
+        kind: s.model.architecture(),
         base_model: Some(&cfg.model),
     };
     export_prompt(be, s.method.as_mut(), &info, out)

@@ -13,15 +13,10 @@ use super::{AttentionKernel, GpuBackend};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::nf4::{dequantize_nf4, quantize_nf4};
 use crate::backend::{Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode, Gemm, RelBias};
-use crate::data::HostBatch;
 use crate::engine::{build_backbone_method, forward_backward};
 use crate::model::generate::{GenerateConfig, Generated};
 use crate::model::linear::Quant;
-use crate::model::llama::{Llama, LlamaWeights};
-use crate::model::shapes::LLAMA_SHAPES;
-use crate::model::shapes::{llama_shape, random_llama_tensor, random_t5_tensor, t5_shape};
-use crate::model::t5::{T5Weights, T5};
-use crate::model::Backbone;
+use crate::model::{random_model_rounded, Backbone};
 use crate::prompt::MethodConfig;
 use crate::testing::{random_vec, rel_err_f32};
 
@@ -967,29 +962,14 @@ pub fn check_method_ops<D: Device>(
 
 /// A model of a built-in shape (T5 or Llama) with random weights rounded to `dtype`, on any
 /// backend: the GPU and the CPU reference get identical weights.
-fn model_with_weights<B: Backend>(
+fn model_with_weights<B: Backend + 'static>(
     be: &B,
     shape: &str,
     seed: u64,
     dtype: DType,
     quant: Quant,
 ) -> crate::Result<Backbone<B>> {
-    if LLAMA_SHAPES.contains(&shape) {
-        let cfg = llama_shape(shape)?;
-        let mut source = |name: &str, dims: &[usize]| {
-            let w = random_llama_tensor(name, dims, seed);
-            Ok(w.into_iter().map(|x| round(x, dtype)).collect())
-        };
-        let weights = LlamaWeights::load_quantized(be, &cfg, &mut source, quant)?;
-        return Ok(Backbone::Llama(Llama::new(cfg, weights)));
-    }
-    let cfg = t5_shape(shape)?;
-    let mut source = |name: &str, dims: &[usize]| {
-        let w = random_t5_tensor(&cfg, name, dims, seed);
-        Ok(w.into_iter().map(|x| round(x, dtype)).collect())
-    };
-    let weights = T5Weights::load_quantized(be, &cfg, &mut source, quant)?;
-    Ok(Backbone::T5(T5::new(cfg, weights)))
+    random_model_rounded(be, shape, seed, quant, &|x| round(x, dtype))
 }
 
 /// Whole forward + backward steps of a built-in shape (T5 or Llama) on a padded random batch,
@@ -1006,10 +986,7 @@ pub fn check_steps<D: Device>(
     let model_g = model_with_weights(gpu, shape, seed, dt, Quant::None)?;
     let model_c = model_with_weights(&cpu, shape, seed, dt, Quant::None)?;
     let (inputs, targets) = ([9, 6, 11], [4, 2, 5]);
-    let batch = match &model_c {
-        Backbone::T5(m) => HostBatch::random(&m.cfg, &inputs, &targets, seed + 1),
-        Backbone::Llama(m) => HostBatch::random_causal(&m.cfg, &inputs, &targets, seed + 1),
-    };
+    let batch = model_c.random_batch(&inputs, &targets, seed + 1);
     let mut results = Vec::new();
     let mut push = |op: String, got: &[f32], want: &[f32], tol: f64| {
         let rel_err = if got.iter().all(|x| x.is_finite()) {
@@ -1092,9 +1069,9 @@ pub fn check_steps<D: Device>(
     // Greedy generation with the KV cache (left-padded for Llama): the logits of the first step
     // (prefill) and, in f32, of every step, where both backends pick the same tokens.
     let (b, t) = (2, 7);
-    let mask: Vec<i32> = match &model_c {
-        Backbone::T5(_) => vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0],
-        Backbone::Llama(_) => vec![1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1],
+    let mask: Vec<i32> = match model_c.is_decoder_only() {
+        false => vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0],
+        true => vec![1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1],
     };
     let width = model_c.width();
     let embeds: Vec<f32> = random_vec(b * t * width, 1.0, seed + 2)
@@ -1107,19 +1084,9 @@ pub fn check_steps<D: Device>(
         keep_logits: true,
     };
     let generate = |be_g: Option<&GpuBackend<D>>| -> crate::Result<Generated> {
-        match (be_g, &model_g, &model_c) {
-            (Some(g), Backbone::T5(m), _) => {
-                m.generate(g, &g.upload_f32(embeds.clone()), &mask, b, t, &gen)
-            }
-            (Some(g), Backbone::Llama(m), _) => {
-                m.generate(g, &g.upload_f32(embeds.clone()), &mask, b, t, &gen)
-            }
-            (None, _, Backbone::T5(m)) => {
-                m.generate(&cpu, &cpu.upload_f32(embeds.clone()), &mask, b, t, &gen)
-            }
-            (None, _, Backbone::Llama(m)) => {
-                m.generate(&cpu, &cpu.upload_f32(embeds.clone()), &mask, b, t, &gen)
-            }
+        match be_g {
+            Some(g) => model_g.generate(g, &g.upload_f32(embeds.clone()), &mask, b, t, &gen),
+            None => model_c.generate(&cpu, &cpu.upload_f32(embeds.clone()), &mask, b, t, &gen),
         }
     };
     let (g, c) = (generate(Some(gpu))?, generate(None)?);

@@ -3,9 +3,10 @@
 //! 4·N·tokens rather than 6·N·tokens), the LM head only at label rows, and each attention
 //! `4·B·H·T·S·D` forward plus `8·B·H·T·S·D` backward (dP, dV, dQ, dK), halved under a causal mask.
 //! The prompt methods' own networks are negligible next to the backbone and are not counted.
+//! Each family's `Family::train_step_flops` is its function here; `fastpt bench` divides it by the
+//! step time.
 
 use crate::model::config::{FeedForward, LlamaConfig, T5Config};
-use crate::model::Backbone;
 
 /// The token counts of a step: `b` rows of `prompt` prompt rows + `input` input tokens, and
 /// `target` target tokens (T5: decoder positions; Llama: the labelled end of each row).
@@ -28,7 +29,7 @@ fn attention_flops(b: usize, h: usize, t: usize, s: usize, d: usize, causal: boo
     }
 }
 
-fn t5_flops(cfg: &T5Config, x: StepTokens) -> f64 {
+pub(crate) fn t5_flops(cfg: &T5Config, x: StepTokens) -> f64 {
     let (c, hd, f) = (cfg.d_model, cfg.inner_dim(), cfg.d_ff);
     let ffn = match cfg.feed_forward {
         FeedForward::Relu => 2 * c * f,
@@ -51,7 +52,7 @@ fn t5_flops(cfg: &T5Config, x: StepTokens) -> f64 {
     encoder + decoder + head
 }
 
-fn llama_flops(cfg: &LlamaConfig, x: StepTokens) -> f64 {
+pub(crate) fn llama_flops(cfg: &LlamaConfig, x: StepTokens) -> f64 {
     let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
     let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     let len = x.prompt + x.input + x.target;
@@ -63,14 +64,6 @@ fn llama_flops(cfg: &LlamaConfig, x: StepTokens) -> f64 {
     // Logits only at the rows that predict a label.
     let head = 4.0 * (cfg.vocab_size * c) as f64 * (x.b * x.target) as f64;
     layers + head
-}
-
-/// The FLOPs of one training step of `model` on `x`.
-pub fn train_step_flops<B: crate::backend::Backend>(model: &Backbone<B>, x: StepTokens) -> f64 {
-    match model {
-        Backbone::T5(m) => t5_flops(&m.cfg, x),
-        Backbone::Llama(m) => llama_flops(&m.cfg, x),
-    }
 }
 
 #[cfg(test)]
