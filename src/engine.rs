@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use crate::backend::profiling::nvtx_range;
 use crate::backend::Backend;
-use crate::data::{EncoderInput, HostBatch};
 use crate::error::{Error, Result};
+use crate::model::batch::{EncoderInput, HostBatch};
 use crate::model::generate::{GenerateConfig, Generated};
 use crate::model::llama::Llama;
 use crate::model::t5::T5;

@@ -18,7 +18,7 @@ use fastpt::bench::charts::{write_memory_chart, write_sweep_charts};
 use fastpt::bench::claims::{claims_markdown, run_claims};
 use fastpt::bench::{markdown_table, run_bench, BenchClock, BenchConfig, Setting};
 use fastpt::config::RunConfig;
-use fastpt::data::batch_json::BatchSpec;
+use fastpt::data::BatchSpec;
 use fastpt::data::HostBatch;
 use fastpt::engine::{build_backbone_method, forward_backward, StepOutput};
 use fastpt::fsutil::write_file_atomic;

@@ -11,10 +11,10 @@ const LAYERS: &[&str] = &[
     "fsutil",  // atomic writes
     "testing", // test helpers (seeded data, rel_err, finite differences)
     "backend", // ops: CPU reference, GPU backend, devices, kernels' host side, NF4, NVTX
-    "model",   // T5 and Llama: configs, loading, forward, backward, generation
+    "model",   // T5 and Llama: configs, loading, batches, forward, backward, generation
     "prompt",  // the prompt methods
-    "data",    // tasks, readers, tokenising, batches (the engine's input)
     "engine",  // one step: method → backbone → loss → backward → method
+    "data",    // tasks, readers, tokenising, batching (into model::batch::HostBatch)
     "eval",    // metrics and evaluation
     "config",  // the run config (TOML)
     "train",   // the trainer, checkpoints, reports, export

@@ -19,42 +19,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{EncoderInput, HostBatch};
+use super::{BatchSpec, EncoderInput, HostBatch};
 use crate::error::{Error, Result};
-use crate::model::config::{LlamaConfig, T5Config};
-
-/// What a batch is checked and padded against: the model's sizes and special ids.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchSpec {
-    pub vocab_size: usize,
-    /// Width of an embedding row (C).
-    pub d_model: usize,
-    pub pad_token_id: u32,
-    /// The decoder's first input (encoder-decoder models); `None` for a decoder-only model.
-    pub decoder_start_token_id: Option<u32>,
-}
-
-impl From<&T5Config> for BatchSpec {
-    fn from(cfg: &T5Config) -> Self {
-        BatchSpec {
-            vocab_size: cfg.vocab_size,
-            d_model: cfg.d_model,
-            pad_token_id: cfg.pad_token_id,
-            decoder_start_token_id: Some(cfg.decoder_start_token_id),
-        }
-    }
-}
-
-impl From<&LlamaConfig> for BatchSpec {
-    fn from(cfg: &LlamaConfig) -> Self {
-        BatchSpec {
-            vocab_size: cfg.vocab_size,
-            d_model: cfg.hidden_size,
-            pad_token_id: cfg.pad_id(),
-            decoder_start_token_id: None,
-        }
-    }
-}
 
 /// Encodes texts with the tokenizer of the model folder (which appends EOS for T5).
 pub type Encode<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>>;
@@ -436,6 +402,7 @@ fn embed_rows(v: &Value, c: usize, path: &Path) -> Result<Vec<Vec<Vec<f32>>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::config::T5Config;
     use crate::model::shapes::t5_shape;
 
     fn cfg() -> T5Config {

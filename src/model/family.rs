@@ -13,9 +13,9 @@
 use std::ops::Deref;
 
 use crate::backend::Backend;
-use crate::data::batch_json::BatchSpec;
-use crate::data::HostBatch;
 use crate::error::Result;
+use crate::model::batch::BatchSpec;
+use crate::model::batch::HostBatch;
 use crate::model::config::Architecture;
 use crate::model::flops::StepTokens;
 use crate::model::generate::{GenerateConfig, Generated};

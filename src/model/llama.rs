@@ -12,9 +12,9 @@
 
 use crate::backend::profiling::nvtx_range;
 use crate::backend::{Activation, AttnDims, AttnMask, Backend, Gemm};
-use crate::data::batch_json::BatchSpec;
-use crate::data::HostBatch;
 use crate::error::{Error, Result};
+use crate::model::batch::BatchSpec;
+use crate::model::batch::HostBatch;
 use crate::model::config::{Architecture, LlamaConfig, RopeScaling};
 use crate::model::family::{million_params, Activations, Family, Saved, SpecialIds, StepBatch};
 use crate::model::flops::{llama_flops, StepTokens};

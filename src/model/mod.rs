@@ -2,6 +2,7 @@
 //! Every family is used through one interface, [`Family`] (see family.rs); the `impl
 //! Architecture` below is where the families are registered.
 
+pub mod batch;
 pub mod config;
 pub mod family;
 pub mod flops;
