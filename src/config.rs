@@ -33,7 +33,7 @@ use crate::data::tasks::{LabelStyle, TaskOptions, TASK_NAMES};
 use crate::error::{Error, Result};
 use crate::eval::EvalMode;
 use crate::model::linear::Quant;
-use crate::model::shapes::{is_builtin_shape, LLAMA_SHAPES, T5_SHAPES};
+use crate::model::shapes::{builtin_shapes, is_builtin_shape};
 use crate::prompt::config::{EptConfig, MethodConfig, METHOD_NAMES};
 
 /// The method of a config that names none.
@@ -212,7 +212,7 @@ impl Default for TopLevel {
 /// Everything `fastpt run` needs to know about a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunConfig {
-    /// A built-in shape name (random weights, see `T5_SHAPES`) or a Hugging Face model folder.
+    /// A built-in shape name (random weights, see `model::shapes::builtin_shapes`) or a Hugging Face model folder.
     pub model: String,
     /// Seeds the weights of built-in shapes, the prompt inits, the data and its order.
     pub seed: u64,
@@ -377,9 +377,8 @@ impl RunConfig {
             return fail(
                 "model",
                 format!(
-                    "empty; give a built-in shape ({}, {}) or a Hugging Face model folder",
-                    T5_SHAPES.join(", "),
-                    LLAMA_SHAPES.join(", ")
+                    "empty; give a built-in shape ({}) or a Hugging Face model folder",
+                    builtin_shapes().collect::<Vec<_>>().join(", ")
                 ),
             );
         }
@@ -1220,7 +1219,7 @@ bogus = "ignored with the section"
                 .unwrap()
                 .to_string();
             assert_eq!(cfg.method.name(), stem, "{}", path.display());
-            let d = crate::model::shapes::t5_shape(&cfg.model).unwrap().d_model;
+            let d = crate::model::shapes::shape_width(&cfg.model).unwrap();
             cfg.method.validate(d, cfg.train.max_len).unwrap();
             seen.push(stem);
         }

@@ -23,7 +23,7 @@ use fastpt::data::HostBatch;
 use fastpt::engine::{build_backbone_method, forward_backward, StepOutput};
 use fastpt::fsutil::write_file_atomic;
 use fastpt::model::hf::{load_tokenizer, save_safetensors, TensorData};
-use fastpt::model::shapes::{is_builtin_shape, LLAMA_SHAPES, T5_SHAPES};
+use fastpt::model::shapes::{builtin_shapes, is_builtin_shape};
 use fastpt::model::{load_model, random_model, shape_hf_json, Backbone};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
 use fastpt::prompt::{train_params, MethodConfig};
@@ -103,7 +103,7 @@ struct ExportArgs {
 
 #[derive(Args)]
 struct ShapeArgs {
-    #[arg(value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(builtin_shapes()))]
     name: String,
 }
 
@@ -112,7 +112,7 @@ struct BenchArgs {
     /// Built-in shapes (T5 or Llama), repeatable; default t5-tiny. With --claims: the one shape
     /// every claim runs at instead of the papers' (the default on a CPU or the virtual GPU is
     /// t5-tiny; on a GPU, the papers' shapes).
-    #[arg(long = "shape", value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
+    #[arg(long = "shape", value_parser = clap::builder::PossibleValuesParser::new(builtin_shapes()))]
     shapes: Vec<String>,
     /// Method settings, repeatable: `none` (the backbone alone), a method name at the papers'
     /// defaults (`pt`), or with options (`ept:prompt_len=60,rank=30`).
@@ -184,11 +184,11 @@ struct DoctorArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "cuda", "vgpu"])]
     device: String,
     /// Built-in shapes of the whole-step checks (repeat the flag for several; T5 or Llama).
-    #[arg(long = "shape", default_values = ["t5-tiny", "llama-tiny"], value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
+    #[arg(long = "shape", default_values = ["t5-tiny", "llama-tiny"], value_parser = clap::builder::PossibleValuesParser::new(builtin_shapes()))]
     shapes: Vec<String>,
     /// Shapes of the whole-step checks with the tensor-core attention (bf16; heads 64 or 128 wide
     /// use it, others fall back to the scalar kernels).
-    #[arg(long = "tc-shape", default_values = ["t5-tiny-d64", "llama-tiny-d64"], value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
+    #[arg(long = "tc-shape", default_values = ["t5-tiny-d64", "llama-tiny-d64"], value_parser = clap::builder::PossibleValuesParser::new(builtin_shapes()))]
     tc_shapes: Vec<String>,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 1)]
@@ -256,7 +256,7 @@ struct TrainArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Built-in shape with random weights (T5 or Llama).
-    #[arg(long, default_value = "t5-tiny", value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
+    #[arg(long, default_value = "t5-tiny", value_parser = clap::builder::PossibleValuesParser::new(builtin_shapes()))]
     shape: String,
     /// Seed of the random weights and the built-in batch.
     #[arg(long, default_value_t = 0)]
@@ -286,7 +286,7 @@ struct ForwardArgs {
     #[arg(long, required_unless_present = "shape", conflicts_with = "shape")]
     model: Option<PathBuf>,
     /// A built-in shape with random weights, instead of --model.
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(T5_SHAPES.iter().chain(LLAMA_SHAPES)))]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(builtin_shapes()))]
     shape: Option<String>,
     /// Seed of the random weights (with --shape).
     #[arg(long, default_value_t = 0)]

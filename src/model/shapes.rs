@@ -13,6 +13,11 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::model::config::{FeedForward, LlamaConfig, RopeScaling, T5Config};
 
+/// Every built-in shape name, of every family.
+pub fn builtin_shapes() -> impl Iterator<Item = &'static str> + Clone {
+    T5_SHAPES.iter().chain(LLAMA_SHAPES).copied()
+}
+
 /// Whether `name` is a built-in shape (T5 or Llama) rather than a model folder.
 pub fn is_builtin_shape(name: &str) -> bool {
     T5_SHAPES.contains(&name) || LLAMA_SHAPES.contains(&name)

@@ -27,19 +27,18 @@ const SHAPES: &[(&str, usize)] = &[
     ("llama-2-7b", 4096),
 ];
 
-/// The model width d of a shape name: the built-in T5 shapes, and Llama-2-7B (whose full shape
-/// arrives with the Llama issue; counting parameters only needs d).
+/// The model width d of a shape name: the built-in shapes, and Llama-2-7B (the papers' Llama
+/// shape; counting parameters only needs d).
 pub fn shape_width(name: &str) -> Result<usize> {
     match SHAPES.iter().find(|s| s.0 == name) {
         Some(&(_, d)) => Ok(d),
-        None => crate::model::shapes::t5_shape(name)
-            .map(|c| c.d_model)
-            .map_err(|_| {
-                crate::error::Error::Input(format!(
-                    "unknown shape `{name}`; shapes: {}, llama-2-7b",
-                    crate::model::shapes::T5_SHAPES.join(", ")
-                ))
-            }),
+        None => crate::model::shapes::shape_width(name).map_err(|_| {
+            let names: Vec<&str> = crate::model::shapes::builtin_shapes().collect();
+            crate::error::Error::Input(format!(
+                "unknown shape `{name}`; shapes: {}, llama-2-7b",
+                names.join(", ")
+            ))
+        }),
     }
 }
 
