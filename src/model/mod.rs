@@ -12,7 +12,7 @@ pub mod t5;
 use std::path::Path;
 
 use crate::backend::gpu::cuda::nvtx_range;
-use crate::backend::{Backend, Gemm};
+use crate::backend::{Backend, CrossEntropyDims, Gemm};
 use crate::error::{Error, Result};
 use config::{Architecture, LlamaConfig, T5Config};
 use hf::SafetensorsFolder;
@@ -179,8 +179,7 @@ pub(crate) fn label_rows_loss<B: Backend>(
         &logits,
         &be.upload_index(targets),
         1.0 / m as f64,
-        m,
-        v,
+        CrossEntropyDims { m, v },
     );
     let row_losses = be.download_f64(&losses);
     let loss = row_losses.iter().sum::<f64>() / m as f64;
