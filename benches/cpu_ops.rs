@@ -7,7 +7,10 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use fastpt::backend::cpu::CpuBackend;
-use fastpt::backend::{AttnDims, AttnMask, Backend, RelBias};
+use fastpt::backend::{
+    AttnDims, AttnMask, Backend, CrossEntropyDims, EmbedPromptDims, LinearDims, RelBias,
+    RmsNormDims,
+};
 use fastpt::testing::random_vec;
 
 fn rand(n: usize, seed: u64) -> Vec<f32> {
@@ -29,7 +32,7 @@ fn benches(c: &mut Criterion) {
     let mut y = vec![0f32; n * f];
     group.throughput(Throughput::Elements((2 * n * ch * f) as u64));
     group.bench_function(format!("linear_forward/{n}x{ch}->{f} (FLOP)"), |bch| {
-        bch.iter(|| be.linear_forward(&mut y, &x, &w, n, ch, f))
+        bch.iter(|| be.linear_forward(&mut y, &x, &w, LinearDims::new(n, ch, f)))
     });
 
     // Self-attention with the bidirectional T5 bias and padding.
@@ -90,7 +93,16 @@ fn benches(c: &mut Criterion) {
     let (mut normed, mut rstd) = (vec![0f32; n * ch], vec![0f32; n]);
     group.throughput(Throughput::Bytes((2 * 4 * n * ch) as u64));
     group.bench_function(format!("rmsnorm_forward/{n}x{ch} (bytes)"), |bch| {
-        bch.iter(|| be.rmsnorm_forward(&mut normed, &mut rstd, &x, &weight, n, ch, 1e-6))
+        bch.iter(|| {
+            be.rmsnorm_forward(
+                &mut normed,
+                &mut rstd,
+                &x,
+                &weight,
+                1e-6,
+                RmsNormDims { n, c: ch },
+            )
+        })
     });
 
     // Cross-entropy of 32 label rows over a 32128-token vocabulary.
@@ -109,8 +121,7 @@ fn benches(c: &mut Criterion) {
                     &logits,
                     &targets,
                     1.0,
-                    m,
-                    vocab,
+                    CrossEntropyDims { m, v: vocab },
                 )
             })
         },
@@ -132,10 +143,7 @@ fn benches(c: &mut Criterion) {
                     &ids,
                     &prompt,
                     Some(&update),
-                    b,
-                    t,
-                    p,
-                    ch,
+                    EmbedPromptDims { b, t, p, c: ch },
                 )
             })
         },

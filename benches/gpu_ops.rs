@@ -28,7 +28,10 @@ use fastpt::backend::gpu::device::{DType, Device};
 use fastpt::backend::gpu::vgpu::VirtualDevice;
 use fastpt::backend::gpu::{AttentionKernel, GpuBackend, GpuTensor};
 use fastpt::backend::nf4::quantize_nf4;
-use fastpt::backend::{AttnDims, AttnMask, Backend, FusionMode, RelBias};
+use fastpt::backend::{
+    AttnDims, AttnMask, Backend, CrossEntropyDims, EmbedPromptDims, FusionAttentionDims,
+    FusionMode, GatedExpertsDims, LampPoolDims, RelBias, RmsNormDims,
+};
 use fastpt::testing::random_vec;
 
 /// One attention problem: dims, causal, T5 relative bias, padded keys.
@@ -250,8 +253,14 @@ impl<D: Device> Bench<'_, D> {
             ));
             g.bench_function(BenchmarkId::from_parameter(name), |b| {
                 b.iter(|| {
-                    self.gpu
-                        .rmsnorm_forward(&mut y, &mut r, &x, &w, n, ch, 1e-6);
+                    self.gpu.rmsnorm_forward(
+                        &mut y,
+                        &mut r,
+                        &x,
+                        &w,
+                        1e-6,
+                        RmsNormDims { n, c: ch },
+                    );
                     self.sync();
                 })
             });
@@ -280,10 +289,7 @@ impl<D: Device> Bench<'_, D> {
                         &ids,
                         &prompt,
                         Some(&update),
-                        b,
-                        t,
-                        p,
-                        ch,
+                        EmbedPromptDims { b, t, p, c: ch },
                     );
                     self.sync();
                 })
@@ -338,9 +344,7 @@ impl<D: Device> Bench<'_, D> {
                     &ps,
                     &lr,
                     FusionMode::Attend,
-                    s,
-                    m,
-                    ch,
+                    FusionAttentionDims { s, m, c: ch },
                 );
                 self.sync();
             })
@@ -359,9 +363,7 @@ impl<D: Device> Bench<'_, D> {
                     &lr,
                     &probs,
                     FusionMode::Attend,
-                    s,
-                    m,
-                    ch,
+                    FusionAttentionDims { s, m, c: ch },
                 );
                 self.sync();
             })
@@ -384,8 +386,12 @@ impl<D: Device> Bench<'_, D> {
             BenchmarkId::new("gated_experts_forward", format!("n{n}-c{ch}-e{e}")),
             |b| {
                 b.iter(|| {
-                    self.gpu
-                        .gated_experts_forward(&mut out, &gate, &refs, n, ch);
+                    self.gpu.gated_experts_forward(
+                        &mut out,
+                        &gate,
+                        &refs,
+                        GatedExpertsDims { n, c: ch },
+                    );
                     self.sync();
                 })
             },
@@ -412,7 +418,7 @@ impl<D: Device> Bench<'_, D> {
         g.bench_function(BenchmarkId::new("lamp_pool_forward", &shape), |b| {
             b.iter(|| {
                 self.gpu
-                    .lamp_pool_forward(&mut out, &u, &q, &v, l, r, ch, p);
+                    .lamp_pool_forward(&mut out, &u, &q, &v, LampPoolDims { l, r, c: ch, p });
                 self.sync();
             })
         });
@@ -422,8 +428,16 @@ impl<D: Device> Bench<'_, D> {
         ));
         g.bench_function(BenchmarkId::new("lamp_pool_backward", &shape), |b| {
             b.iter(|| {
-                self.gpu
-                    .lamp_pool_backward(&mut du, &mut dq, &mut dv, &dy, &u, &q, &v, l, r, ch, p);
+                self.gpu.lamp_pool_backward(
+                    &mut du,
+                    &mut dq,
+                    &mut dv,
+                    &dy,
+                    &u,
+                    &q,
+                    &v,
+                    LampPoolDims { l, r, c: ch, p },
+                );
                 self.sync();
             })
         });
@@ -449,8 +463,7 @@ impl<D: Device> Bench<'_, D> {
                         &logits,
                         &targets,
                         1.0 / m as f64,
-                        m,
-                        v,
+                        CrossEntropyDims { m, v },
                     );
                     self.sync();
                 })

@@ -45,7 +45,10 @@ use fastpt::backend::gpu::device::{DType, Device};
 use fastpt::backend::gpu::vgpu::VirtualDevice;
 use fastpt::backend::gpu::{AttentionKernel, GpuBackend, GpuTensor, FLASH_MAX_D};
 use fastpt::backend::nf4::{dequantize_nf4, quantize_nf4};
-use fastpt::backend::{AttnDims, AttnMask, Backend, FusionMode, RelBias};
+use fastpt::backend::{
+    AttnDims, AttnMask, Backend, CrossEntropyDims, EmbedPromptDims, FusionAttentionDims,
+    FusionMode, GatedExpertsDims, LampPoolDims, RelBias, RmsNormDims,
+};
 use fastpt::testing::random_vec;
 
 #[derive(Parser, Debug)]
@@ -627,13 +630,13 @@ impl<D: Device> Lab<D> {
         let (mut y, mut r) = (self.nan(n * c), self.nan(n));
         let gpu = &self.gpu;
         let call = |y: &mut GpuTensor<D>, r: &mut GpuTensor<D>| {
-            gpu.rmsnorm_forward(y, r, &gx, &gw, n, c, 1e-6)
+            gpu.rmsnorm_forward(y, r, &gx, &gw, 1e-6, RmsNormDims { n, c })
         };
         call(&mut y, &mut r);
         let errors = self.check.then(|| {
             let (mut y_r, mut r_r) = (vec![0f32; n * c], vec![0f32; n]);
             self.cpu
-                .rmsnorm_forward(&mut y_r, &mut r_r, &x, &w, n, c, 1e-6);
+                .rmsnorm_forward(&mut y_r, &mut r_r, &x, &w, 1e-6, RmsNormDims { n, c });
             vec![("out", self.err(&y, &y_r)), ("rstd", self.err(&r, &r_r))]
         });
         let timing = self.time(|| call(&mut y, &mut r));
@@ -674,14 +677,20 @@ impl<D: Device> Lab<D> {
         let gpu = &self.gpu;
         let gu_opt = with_update.then_some(&gu);
         let call = |out: &mut GpuTensor<D>| {
-            gpu.embed_prompt_forward(out, &gt, &gids, &gp, gu_opt, b, t, p, c)
+            gpu.embed_prompt_forward(out, &gt, &gids, &gp, gu_opt, EmbedPromptDims { b, t, p, c })
         };
         call(&mut out);
         let errors = self.check.then(|| {
             let mut want = vec![0f32; b * (p + t) * c];
             let u = with_update.then_some(&update);
-            self.cpu
-                .embed_prompt_forward(&mut want, &table, &ids, &prompt, u, b, t, p, c);
+            self.cpu.embed_prompt_forward(
+                &mut want,
+                &table,
+                &ids,
+                &prompt,
+                u,
+                EmbedPromptDims { b, t, p, c },
+            );
             vec![("out", self.err(&out, &want))]
         });
         let timing = self.time(|| call(&mut out));
@@ -706,13 +715,26 @@ impl<D: Device> Lab<D> {
         let (mut l, mut dl) = (self.nan(m), self.nan(m * v));
         let gpu = &self.gpu;
         let call = |l: &mut GpuTensor<D>, dl: &mut GpuTensor<D>| {
-            gpu.cross_entropy_forward_backward(l, dl, &glogits, &gtargets, dloss, m, v)
+            gpu.cross_entropy_forward_backward(
+                l,
+                dl,
+                &glogits,
+                &gtargets,
+                dloss,
+                CrossEntropyDims { m, v },
+            )
         };
         call(&mut l, &mut dl);
         let errors = self.check.then(|| {
             let (mut l_r, mut d_r) = (vec![0f32; m], vec![0f32; m * v]);
-            self.cpu
-                .cross_entropy_forward_backward(&mut l_r, &mut d_r, &logits, &targets, dloss, m, v);
+            self.cpu.cross_entropy_forward_backward(
+                &mut l_r,
+                &mut d_r,
+                &logits,
+                &targets,
+                dloss,
+                CrossEntropyDims { m, v },
+            );
             vec![
                 ("losses", self.err(&l, &l_r)),
                 ("dlogits", self.err(&dl, &d_r)),
@@ -746,13 +768,26 @@ impl<D: Device> Lab<D> {
         let (mut out, mut probs) = (self.nan(s * c), self.nan(s * m));
         let gpu = &self.gpu;
         let call = |out: &mut GpuTensor<D>, probs: &mut GpuTensor<D>| {
-            gpu.fusion_attention_forward(out, probs, &gps, &glr, mode, s, m, c)
+            gpu.fusion_attention_forward(
+                out,
+                probs,
+                &gps,
+                &glr,
+                mode,
+                FusionAttentionDims { s, m, c },
+            )
         };
         call(&mut out, &mut probs);
         let errors = self.check.then(|| {
             let (mut out_r, mut probs_r) = (vec![0f32; s * c], vec![0f32; s * m]);
-            self.cpu
-                .fusion_attention_forward(&mut out_r, &mut probs_r, &ps, &lr, mode, s, m, c);
+            self.cpu.fusion_attention_forward(
+                &mut out_r,
+                &mut probs_r,
+                &ps,
+                &lr,
+                mode,
+                FusionAttentionDims { s, m, c },
+            );
             vec![
                 ("out", self.err(&out, &out_r)),
                 ("probs", self.err(&probs, &probs_r)),
@@ -778,13 +813,15 @@ impl<D: Device> Lab<D> {
         let grefs: Vec<_> = gexperts.iter().collect();
         let mut out = self.nan(n * c);
         let gpu = &self.gpu;
-        let call = |out: &mut GpuTensor<D>| gpu.gated_experts_forward(out, &ggate, &grefs, n, c);
+        let call = |out: &mut GpuTensor<D>| {
+            gpu.gated_experts_forward(out, &ggate, &grefs, GatedExpertsDims { n, c })
+        };
         call(&mut out);
         let errors = self.check.then(|| {
             let refs: Vec<&Vec<f32>> = experts.iter().collect();
             let mut want = vec![0f32; n * c];
             self.cpu
-                .gated_experts_forward(&mut want, &gate, &refs, n, c);
+                .gated_experts_forward(&mut want, &gate, &refs, GatedExpertsDims { n, c });
             vec![("out", self.err(&out, &want))]
         });
         let timing = self.time(|| call(&mut out));
@@ -810,12 +847,14 @@ impl<D: Device> Lab<D> {
         let (gu, gq, gv) = (self.up(&u), self.up(&q), self.up(&v));
         let mut out = self.nan(l / p * c);
         let gpu = &self.gpu;
-        let call = |out: &mut GpuTensor<D>| gpu.lamp_pool_forward(out, &gu, &gq, &gv, l, r, c, p);
+        let call = |out: &mut GpuTensor<D>| {
+            gpu.lamp_pool_forward(out, &gu, &gq, &gv, LampPoolDims { l, r, c, p })
+        };
         call(&mut out);
         let errors = self.check.then(|| {
             let mut want = vec![0f32; l / p * c];
             self.cpu
-                .lamp_pool_forward(&mut want, &u, &q, &v, l, r, c, p);
+                .lamp_pool_forward(&mut want, &u, &q, &v, LampPoolDims { l, r, c, p });
             vec![("out", self.err(&out, &want))]
         });
         let timing = self.time(|| call(&mut out));

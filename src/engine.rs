@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use crate::backend::profiling::nvtx_range;
-use crate::backend::Backend;
+use crate::backend::{Backend, EmbedPromptDims};
 use crate::error::{Error, Result};
 use crate::model::batch::{EncoderInput, HostBatch};
 use crate::model::generate::{GenerateConfig, Generated};
@@ -162,7 +162,14 @@ fn encoder_inputs<'m, B: Backend>(
                         )));
                     }
                     let (rows, update) = (m.rows(), m.update());
-                    be.embed_prompt_forward(&mut x, table, &ids, rows, update, b, t, p, c);
+                    be.embed_prompt_forward(
+                        &mut x,
+                        table,
+                        &ids,
+                        rows,
+                        update,
+                        EmbedPromptDims { b, t, p, c },
+                    );
                 }
                 None => be.gather_rows(&mut x, table, &ids, b * t, c),
             }
@@ -247,7 +254,12 @@ fn step<'m, B: Backend>(
     if let Some(m) = method {
         let mut d_rows = be.zeros(p * c); // (P, C)
         let mut d_update = m.update_rows().map(|rows| be.zeros(rows * c)); // (M, C)
-        be.embed_prompt_backward(&mut d_rows, d_update.as_mut(), &dx, b, t, p, c);
+        be.embed_prompt_backward(
+            &mut d_rows,
+            d_update.as_mut(),
+            &dx,
+            EmbedPromptDims { b, t, p, c },
+        );
         m.backward(be, &d_rows, d_update.as_ref());
     }
     let backward_time = start.elapsed();

@@ -1,4 +1,5 @@
-//! The `fastpt` command line. Thin: parsing and printing only; the work is in the library.
+//! The `fastpt` command line: parses the flags, picks the device, calls the library and prints what
+//! it returns (the work is in the library; anyhow only here).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

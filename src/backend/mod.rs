@@ -3,7 +3,9 @@
 //! A [`Backend`] owns its buffers: `Tensor` holds floats of the backend's storage type (f32 or f64
 //! on the CPU; bf16 or f32 on a GPU), `Index` holds i32 (token ids, masks, row indices). Tensors
 //! are flat, contiguous and row-major; every op takes its dimensions explicitly, outputs first,
-//! then inputs, then dimensions, with the shape of each buffer in a comment.
+//! then inputs, then dimensions, with the shape of each buffer in a comment. An op with several
+//! dimensions takes them in one struct named after it (`Gemm`, `AttnDims`, `EmbedPromptDims`,
+//! ...; see `dims.rs`), whose shape check each backend calls before it touches a buffer.
 //!
 //! Gradient conventions (see docs/architecture.md): `*_backward_dinp` ops compute only the
 //! gradient of their input, never of weights. They write (`=`) their output gradient, except
@@ -14,78 +16,23 @@
 //! accumulate over micro-batches.
 
 pub mod cpu;
+mod dims;
 pub mod gpu;
 pub mod nf4;
 pub mod profiling;
+
+pub use dims::{
+    check_add_assign, check_add_bias, check_bias_backward, check_gated_act_backward_dinp,
+    check_gated_act_forward, check_gather_rows, check_nf4_dequantize, check_scatter_rows_add,
+    check_softmax_rows_backward_dinp, check_softmax_rows_forward, AttnDims, CrossEntropyDims,
+    EmbedPromptDims, FusionAttentionDims, GatedExpertsDims, Gemm, LampPoolDims, LayerNormDims,
+    LinearDims, RmsNormDims, RopeDims,
+};
 
 use nf4::Nf4Tensor;
 
 // Scalar parameters (alpha, eps, scale, dloss) are f64 so that the f64 CPU backend computes
 // exactly what an f64 reference does; f32 backends round them once.
-
-/// Dimensions of a GEMM `out (M, N) = alpha · op(a) · op(b) [+ out]`.
-///
-/// `op(a)` is `a (M, K)`, or `aᵀ` with `a` stored as `(K, M)` when `trans_a`; likewise `op(b)` is
-/// `b (K, N)`, or `bᵀ` with `b` stored as `(N, K)` when `trans_b`.
-#[derive(Debug, Clone, Copy)]
-pub struct Gemm {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub trans_a: bool,
-    pub trans_b: bool,
-    pub alpha: f64,
-    /// Add to `out` instead of overwriting it.
-    pub accumulate: bool,
-}
-
-impl Gemm {
-    /// `out (M, N) = a (M, K) · b (K, N)`.
-    pub fn nn(m: usize, n: usize, k: usize) -> Self {
-        Gemm {
-            m,
-            n,
-            k,
-            trans_a: false,
-            trans_b: false,
-            alpha: 1.0,
-            accumulate: false,
-        }
-    }
-
-    /// `out (M, N) = a (M, K) · bᵀ` with `b (N, K)`: a linear layer with a PyTorch weight.
-    pub fn nt(m: usize, n: usize, k: usize) -> Self {
-        Gemm {
-            trans_b: true,
-            ..Gemm::nn(m, n, k)
-        }
-    }
-
-    pub fn alpha(self, alpha: f64) -> Self {
-        Gemm { alpha, ..self }
-    }
-
-    pub fn accumulate(self, accumulate: bool) -> Self {
-        Gemm { accumulate, ..self }
-    }
-}
-
-/// Dimensions of multi-head attention. Queries are `(B, T, H·D)`, keys and values `(B, S, Hkv·D)`
-/// with the heads side by side in a row, exactly as the projections write them (no transposes).
-#[derive(Debug, Clone, Copy)]
-pub struct AttnDims {
-    pub b: usize,
-    /// Query positions.
-    pub t: usize,
-    /// Key positions.
-    pub s: usize,
-    /// Query heads.
-    pub h: usize,
-    /// Key/value heads (`h` for T5; fewer for grouped-query attention). Must divide `h`.
-    pub h_kv: usize,
-    /// Width of one head.
-    pub d: usize,
-}
 
 /// How scores are masked and biased before the softmax.
 pub struct AttnMask<'a, I> {
@@ -245,26 +192,23 @@ pub trait Backend: Sync {
         out: &mut Self::Tensor,
         inp: &Self::Tensor,
         w: &Self::Tensor,
-        n: usize,
-        ic: usize,
-        oc: usize,
+        dims: LinearDims,
     ) {
+        let LinearDims { n, ic, oc } = dims;
         self.matmul(out, inp, w, Gemm::nt(n, oc, ic));
     }
 
     /// Input gradient of [`Backend::linear_forward`]: `dinp (N, IC) (=, or += with accumulate)
     /// = dout (N, OC) · w`, `w (OC, IC)`.
-    #[allow(clippy::too_many_arguments)]
     fn linear_backward_dinp(
         &self,
         dinp: &mut Self::Tensor,
         dout: &Self::Tensor,
         w: &Self::Tensor,
-        n: usize,
-        ic: usize,
-        oc: usize,
         accumulate: bool,
+        dims: LinearDims,
     ) {
+        let LinearDims { n, ic, oc } = dims;
         self.matmul(dinp, dout, w, Gemm::nn(n, ic, oc).accumulate(accumulate));
     }
 
@@ -275,10 +219,9 @@ pub trait Backend: Sync {
         dw: &mut Self::Tensor,
         dout: &Self::Tensor,
         inp: &Self::Tensor,
-        n: usize,
-        ic: usize,
-        oc: usize,
+        dims: LinearDims,
     ) {
+        let LinearDims { n, ic, oc } = dims;
         let g = Gemm {
             trans_a: true,
             ..Gemm::nn(oc, ic, n)
@@ -318,7 +261,6 @@ pub trait Backend: Sync {
     /// The encoder input of a prompt-tuned step, `out (B, P+T, C)`: the P prompt rows first, then
     /// the token embeddings `table[ids[b, t]]`, plus `update[t]` when the method updates the text
     /// embeddings (DePT, EPT; `update (M, C)` with M ≥ T). `ids (B, T)`, `prompt (P, C)`.
-    #[allow(clippy::too_many_arguments)]
     fn embed_prompt_forward(
         &self,
         out: &mut Self::Tensor,
@@ -326,45 +268,35 @@ pub trait Backend: Sync {
         ids: &Self::Index,
         prompt: &Self::Tensor,
         update: Option<&Self::Tensor>,
-        b: usize,
-        t: usize,
-        p: usize,
-        c: usize,
+        dims: EmbedPromptDims,
     );
 
     /// Backward of [`Backend::embed_prompt_forward`] (`=`): `d_prompt (P, C) = Σ_b dout[b, ..P]`
     /// and, when given, `d_update (M, C)`: rows `..T` get `Σ_b dout[b, P + t]`, rows `T..M` zero.
     /// The frozen table gets nothing.
-    #[allow(clippy::too_many_arguments)]
     fn embed_prompt_backward(
         &self,
         d_prompt: &mut Self::Tensor,
         d_update: Option<&mut Self::Tensor>,
         dout: &Self::Tensor,
-        b: usize,
-        t: usize,
-        p: usize,
-        c: usize,
+        dims: EmbedPromptDims,
     );
 
     // ---- normalisation --------------------------------------------------------------------
 
     /// RMSNorm (T5LayerNorm, LlamaRMSNorm): `out = weight · inp / sqrt(mean(inp²) + eps)`.
     /// `out (N, C)`, `rstd (N)` saved for the backward, `inp (N, C)`, `weight (C)`.
-    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_forward(
         &self,
         out: &mut Self::Tensor,
         rstd: &mut Self::Tensor,
         inp: &Self::Tensor,
         weight: &Self::Tensor,
-        n: usize,
-        c: usize,
         eps: f64,
+        dims: RmsNormDims,
     );
 
     /// `dinp (N, C) +=` the input gradient of RMSNorm (`+=`: `inp` is the residual stream).
-    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward_dinp(
         &self,
         dinp: &mut Self::Tensor,
@@ -372,13 +304,12 @@ pub trait Backend: Sync {
         inp: &Self::Tensor,
         weight: &Self::Tensor,
         rstd: &Self::Tensor,
-        n: usize,
-        c: usize,
+        dims: RmsNormDims,
     );
 
     /// LayerNorm with mean, `weight` and `bias` (Residual PT's reparameterisation):
     /// `out (N, C)`, `mean (N)` and `rstd (N)` saved, `inp (N, C)`, `weight, bias (C)`.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // six buffers, each its own role in LayerNorm
     fn layernorm_forward(
         &self,
         out: &mut Self::Tensor,
@@ -387,14 +318,13 @@ pub trait Backend: Sync {
         inp: &Self::Tensor,
         weight: &Self::Tensor,
         bias: &Self::Tensor,
-        n: usize,
-        c: usize,
         eps: f64,
+        dims: LayerNormDims,
     );
 
     /// Backward of [`Backend::layernorm_forward`]: `dinp (N, C) =`, and the parameter gradients
     /// `dweight, dbias (C) +=` (LayerNorm only occurs inside trainable prompt networks).
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // eight buffers, each its own role in LayerNorm
     fn layernorm_backward(
         &self,
         dinp: &mut Self::Tensor,
@@ -405,8 +335,7 @@ pub trait Backend: Sync {
         weight: &Self::Tensor,
         mean: &Self::Tensor,
         rstd: &Self::Tensor,
-        n: usize,
-        c: usize,
+        dims: LayerNormDims,
     );
 
     /// Softmax of each row: `out (N, K) = softmax(inp (N, K))` along K.
@@ -428,7 +357,7 @@ pub trait Backend: Sync {
     /// relative bias: `out = softmax(scale·q·kᵀ + bias + mask)·v` per head.
     /// `out (B, T, H·D)`, `lse (B, H, T)` the log-sum-exp of each score row, saved for the
     /// backward; `q (B, T, H·D)`, `k, v (B, S, Hkv·D)`.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // five buffers, mask, bias and scale besides the dims
     fn attention_forward(
         &self,
         out: &mut Self::Tensor,
@@ -444,7 +373,7 @@ pub trait Backend: Sync {
 
     /// Input gradients of [`Backend::attention_forward`] (`=`): `dq (B, T, H·D)`,
     /// `dk, dv (B, S, Hkv·D)`. The bias table is frozen: no gradient.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // nine buffers, mask, bias and scale besides the dims
     fn attention_backward_dinp(
         &self,
         dq: &mut Self::Tensor,
@@ -469,7 +398,6 @@ pub trait Backend: Sync {
     /// `out[i] = inp[i]·c − inp[i + D/2]·s`, `out[i + D/2] = inp[i + D/2]·c + inp[i]·s`.
     /// `out, inp (N, H·D)`, `positions (N)` rows of the tables, `cos, sin (P, D/2)` built on the
     /// host (see `model::llama::RopeTables`), so RoPE scaling never reaches a kernel.
-    #[allow(clippy::too_many_arguments)]
     fn rope_forward(
         &self,
         out: &mut Self::Tensor,
@@ -477,14 +405,11 @@ pub trait Backend: Sync {
         positions: &Self::Index,
         cos: &Self::Tensor,
         sin: &Self::Tensor,
-        n: usize,
-        h: usize,
-        d: usize,
+        dims: RopeDims,
     );
 
     /// Input gradient of [`Backend::rope_forward`] (`=`): the rotation is orthogonal, so
     /// `dinp` is `dout` rotated by the opposite angle. Shapes as the forward.
-    #[allow(clippy::too_many_arguments)]
     fn rope_backward_dinp(
         &self,
         dinp: &mut Self::Tensor,
@@ -492,9 +417,7 @@ pub trait Backend: Sync {
         positions: &Self::Index,
         cos: &Self::Tensor,
         sin: &Self::Tensor,
-        n: usize,
-        h: usize,
-        d: usize,
+        dims: RopeDims,
     );
 
     // ---- feed-forward ---------------------------------------------------------------------
@@ -510,7 +433,7 @@ pub trait Backend: Sync {
     );
 
     /// Input gradients of [`Backend::gated_act_forward`] (`=`): `da`, and `dgate` when gated.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // five buffers and the activation; one length, no dims
     fn gated_act_backward_dinp(
         &self,
         da: &mut Self::Tensor,
@@ -528,7 +451,6 @@ pub trait Backend: Sync {
     /// over the M axis, `Attend`: `out = ps + W·lr`; with `W' = softmax` of the same scores over
     /// the S axis, `Paper`: `out[p] = (1 + Σ_j W'[p, j])·ps[p]`. `out, ps (S, C)`, `lr (M, C)`.
     /// `probs (S, M)` saves W (Attend) or W' (Paper) for the backward.
-    #[allow(clippy::too_many_arguments)]
     fn fusion_attention_forward(
         &self,
         out: &mut Self::Tensor,
@@ -536,13 +458,11 @@ pub trait Backend: Sync {
         ps: &Self::Tensor,
         lr: &Self::Tensor,
         mode: FusionMode,
-        s: usize,
-        m: usize,
-        c: usize,
+        dims: FusionAttentionDims,
     );
 
     /// Backward of [`Backend::fusion_attention_forward`] (`=`): `d_ps (S, C)`, `d_lr (M, C)`.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // six buffers and the mode besides the dims
     fn fusion_attention_backward(
         &self,
         d_ps: &mut Self::Tensor,
@@ -552,9 +472,7 @@ pub trait Backend: Sync {
         lr: &Self::Tensor,
         probs: &Self::Tensor,
         mode: FusionMode,
-        s: usize,
-        m: usize,
-        c: usize,
+        dims: FusionAttentionDims,
     );
 
     /// The gated sum of EPT-MS's experts: `out (N, C) = Σ_i gate[:, i] ⊙ experts[i]`,
@@ -564,13 +482,11 @@ pub trait Backend: Sync {
         out: &mut Self::Tensor,
         gate: &Self::Tensor,
         experts: &[&Self::Tensor],
-        n: usize,
-        c: usize,
+        dims: GatedExpertsDims,
     );
 
     /// Backward of [`Backend::gated_experts_forward`] (`=`): `d_gate (N, E)`, and each
     /// `d_experts[i] (N, C) = gate[:, i] ⊙ dout`.
-    #[allow(clippy::too_many_arguments)]
     fn gated_experts_backward(
         &self,
         d_gate: &mut Self::Tensor,
@@ -578,29 +494,24 @@ pub trait Backend: Sync {
         dout: &Self::Tensor,
         gate: &Self::Tensor,
         experts: &[&Self::Tensor],
-        n: usize,
-        c: usize,
+        dims: GatedExpertsDims,
     );
 
     /// LAMP's pooled compressed outer product `out (L/p, C) = pool_p(u)·diag(q²)·vᵀ`, where
     /// `pool_p` averages blocks of `p` consecutive rows: `u (L, R)`, `q (R)`, `v (C, R)`.
     /// Pooling U first gives the same rows as pooling `u·diag(q²)·vᵀ`, with L/p × R work.
-    #[allow(clippy::too_many_arguments)]
     fn lamp_pool_forward(
         &self,
         out: &mut Self::Tensor,
         u: &Self::Tensor,
         q: &Self::Tensor,
         v: &Self::Tensor,
-        l: usize,
-        r: usize,
-        c: usize,
-        p: usize,
+        dims: LampPoolDims,
     );
 
     /// Backward of [`Backend::lamp_pool_forward`] into the parameters (`+=`): `du (L, R)`,
     /// `dq (R)`, `dv (C, R)`.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // seven buffers (three gradients) besides the dims
     fn lamp_pool_backward(
         &self,
         du: &mut Self::Tensor,
@@ -610,10 +521,7 @@ pub trait Backend: Sync {
         u: &Self::Tensor,
         q: &Self::Tensor,
         v: &Self::Tensor,
-        l: usize,
-        r: usize,
-        c: usize,
-        p: usize,
+        dims: LampPoolDims,
     );
 
     // ---- optimiser ------------------------------------------------------------------------
@@ -645,7 +553,6 @@ pub trait Backend: Sync {
     /// Cross-entropy of label rows only. `losses (M)` gets `-log softmax(logits[i])[targets[i]]`,
     /// `dlogits (M, V) = dloss · (softmax(logits[i]) - onehot(targets[i]))`. `logits (M, V)`,
     /// `targets (M)` all valid (rows without a label are never computed).
-    #[allow(clippy::too_many_arguments)]
     fn cross_entropy_forward_backward(
         &self,
         losses: &mut Self::Tensor,
@@ -653,8 +560,7 @@ pub trait Backend: Sync {
         logits: &Self::Tensor,
         targets: &Self::Index,
         dloss: f64,
-        m: usize,
-        v: usize,
+        dims: CrossEntropyDims,
     );
 }
 

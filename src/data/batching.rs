@@ -34,7 +34,6 @@ pub struct Batcher<'a> {
 const GROUP_WINDOW: usize = 50;
 
 impl<'a> Batcher<'a> {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         examples: &'a [Example],
         batch_size: usize,

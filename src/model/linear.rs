@@ -7,7 +7,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::nf4::quantize_nf4;
-use crate::backend::Backend;
+use crate::backend::{Backend, LinearDims};
 use crate::error::{Error, Result};
 
 /// How frozen linear weights are stored.
@@ -71,32 +71,21 @@ impl<B: Backend> Linear<B> {
     }
 
     /// `out (N, OC) = inp (N, IC) · wᵀ`.
-    pub fn forward(
-        &self,
-        be: &B,
-        out: &mut B::Tensor,
-        inp: &B::Tensor,
-        n: usize,
-        ic: usize,
-        oc: usize,
-    ) {
-        self.with_dense(be, |w| be.linear_forward(out, inp, w, n, ic, oc));
+    pub fn forward(&self, be: &B, out: &mut B::Tensor, inp: &B::Tensor, dims: LinearDims) {
+        self.with_dense(be, |w| be.linear_forward(out, inp, w, dims));
     }
 
     /// `dinp (N, IC) (=, or += with accumulate) = dout (N, OC) · w`.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward_dinp(
         &self,
         be: &B,
         dinp: &mut B::Tensor,
         dout: &B::Tensor,
-        n: usize,
-        ic: usize,
-        oc: usize,
         accumulate: bool,
+        dims: LinearDims,
     ) {
         self.with_dense(be, |w| {
-            be.linear_backward_dinp(dinp, dout, w, n, ic, oc, accumulate)
+            be.linear_backward_dinp(dinp, dout, w, accumulate, dims)
         });
     }
 }

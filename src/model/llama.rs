@@ -11,7 +11,9 @@
 //! key/value heads of width D, F intermediate, V vocab, M label rows, S cache capacity.
 
 use crate::backend::profiling::nvtx_range;
-use crate::backend::{Activation, AttnDims, AttnMask, Backend, Gemm};
+use crate::backend::{
+    Activation, AttnDims, AttnMask, Backend, Gemm, LinearDims, RmsNormDims, RopeDims,
+};
 use crate::error::{Error, Result};
 use crate::model::batch::BatchSpec;
 use crate::model::batch::HostBatch;
@@ -315,17 +317,44 @@ impl<B: Backend> Llama<B> {
         // Attention.
         let mut normed = be.zeros(n * c); // (N, C)
         let mut rstd = be.zeros(n); // (N)
-        be.rmsnorm_forward(&mut normed, &mut rstd, &x, &layer.ln_attn, n, c, eps);
+        be.rmsnorm_forward(
+            &mut normed,
+            &mut rstd,
+            &x,
+            &layer.ln_attn,
+            eps,
+            RmsNormDims { n, c },
+        );
         let mut q_lin = be.zeros(n * qd); // (N, H·D) before RoPE
         let mut k_lin = be.zeros(n * kvd); // (N, Hkv·D) before RoPE
         let mut v = be.zeros(n * kvd); // (N, Hkv·D)
-        layer.q.forward(be, &mut q_lin, &normed, n, c, qd);
-        layer.k.forward(be, &mut k_lin, &normed, n, c, kvd);
-        layer.v.forward(be, &mut v, &normed, n, c, kvd);
+        layer
+            .q
+            .forward(be, &mut q_lin, &normed, LinearDims::new(n, c, qd));
+        layer
+            .k
+            .forward(be, &mut k_lin, &normed, LinearDims::new(n, c, kvd));
+        layer
+            .v
+            .forward(be, &mut v, &normed, LinearDims::new(n, c, kvd));
         let mut q = be.zeros(n * qd); // (N, H·D)
         let mut k = be.zeros(n * kvd); // (N, Hkv·D)
-        be.rope_forward(&mut q, &q_lin, positions, cos, sin, n, h, hd);
-        be.rope_forward(&mut k, &k_lin, positions, cos, sin, n, h_kv, hd);
+        be.rope_forward(
+            &mut q,
+            &q_lin,
+            positions,
+            cos,
+            sin,
+            RopeDims { n, h, d: hd },
+        );
+        be.rope_forward(
+            &mut k,
+            &k_lin,
+            positions,
+            cos,
+            sin,
+            RopeDims { n, h: h_kv, d: hd },
+        );
         let mut out = be.zeros(n * qd); // (N, H·D)
         let mut lse = be.zeros(b * h * t); // (B, H, T)
         match kv {
@@ -367,22 +396,35 @@ impl<B: Backend> Llama<B> {
             }
         }
         let mut y = be.zeros(n * c); // (N, C)
-        layer.o.forward(be, &mut y, &out, n, qd, c);
+        layer.o.forward(be, &mut y, &out, LinearDims::new(n, qd, c));
         be.add_assign(&mut y, &x);
         let attn_norm = NormSaved { inp: x, rstd };
 
         // SwiGLU MLP.
         let mut normed = be.zeros(n * c); // (N, C)
         let mut rstd = be.zeros(n); // (N)
-        be.rmsnorm_forward(&mut normed, &mut rstd, &y, &layer.ln_mlp, n, c, eps);
+        be.rmsnorm_forward(
+            &mut normed,
+            &mut rstd,
+            &y,
+            &layer.ln_mlp,
+            eps,
+            RmsNormDims { n, c },
+        );
         let mut gate = be.zeros(n * f); // (N, F)
         let mut up = be.zeros(n * f); // (N, F)
-        layer.gate.forward(be, &mut gate, &normed, n, c, f);
-        layer.up.forward(be, &mut up, &normed, n, c, f);
+        layer
+            .gate
+            .forward(be, &mut gate, &normed, LinearDims::new(n, c, f));
+        layer
+            .up
+            .forward(be, &mut up, &normed, LinearDims::new(n, c, f));
         let mut hidden = be.zeros(n * f); // (N, F)
         be.gated_act_forward(&mut hidden, &gate, Some(&up), Activation::Silu, n * f);
         let mut z = be.zeros(n * c); // (N, C)
-        layer.down.forward(be, &mut z, &hidden, n, f, c);
+        layer
+            .down
+            .forward(be, &mut z, &hidden, LinearDims::new(n, f, c));
         be.add_assign(&mut z, &y);
         let mlp_norm = NormSaved { inp: y, rstd };
         let saved = LayerSaved {
@@ -425,7 +467,7 @@ impl<B: Backend> Llama<B> {
         let mut d_hidden = be.zeros(n * f); // (N, F)
         layer
             .down
-            .backward_dinp(be, &mut d_hidden, dx, n, f, c, false);
+            .backward_dinp(be, &mut d_hidden, dx, false, LinearDims::new(n, f, c));
         let mut d_gate = be.zeros(n * f); // (N, F)
         let mut d_up = be.zeros(n * f); // (N, F)
         be.gated_act_backward_dinp(
@@ -440,16 +482,25 @@ impl<B: Backend> Llama<B> {
         let mut d_normed = be.zeros(n * c); // (N, C)
         layer
             .gate
-            .backward_dinp(be, &mut d_normed, &d_gate, n, c, f, false);
+            .backward_dinp(be, &mut d_normed, &d_gate, false, LinearDims::new(n, c, f));
         layer
             .up
-            .backward_dinp(be, &mut d_normed, &d_up, n, c, f, true);
+            .backward_dinp(be, &mut d_normed, &d_up, true, LinearDims::new(n, c, f));
         let norm = &s.mlp_norm;
-        be.rmsnorm_backward_dinp(dx, &d_normed, &norm.inp, &layer.ln_mlp, &norm.rstd, n, c);
+        be.rmsnorm_backward_dinp(
+            dx,
+            &d_normed,
+            &norm.inp,
+            &layer.ln_mlp,
+            &norm.rstd,
+            RmsNormDims { n, c },
+        );
 
         // Attention branch.
         let mut d_out = be.zeros(n * qd); // (N, H·D)
-        layer.o.backward_dinp(be, &mut d_out, dx, n, qd, c, false);
+        layer
+            .o
+            .backward_dinp(be, &mut d_out, dx, false, LinearDims::new(n, qd, c));
         let mut dq = be.zeros(n * qd); // (N, H·D) after RoPE
         let mut dk = be.zeros(n * kvd); // (N, Hkv·D) after RoPE
         let mut dv = be.zeros(n * kvd); // (N, Hkv·D)
@@ -475,20 +526,34 @@ impl<B: Backend> Llama<B> {
         let (pos, cos, sin) = (&saved.positions, &saved.cos, &saved.sin);
         let mut dq_lin = be.zeros(n * qd); // (N, H·D) before RoPE
         let mut dk_lin = be.zeros(n * kvd); // (N, Hkv·D) before RoPE
-        be.rope_backward_dinp(&mut dq_lin, &dq, pos, cos, sin, n, h, hd);
-        be.rope_backward_dinp(&mut dk_lin, &dk, pos, cos, sin, n, h_kv, hd);
+        be.rope_backward_dinp(&mut dq_lin, &dq, pos, cos, sin, RopeDims { n, h, d: hd });
+        be.rope_backward_dinp(
+            &mut dk_lin,
+            &dk,
+            pos,
+            cos,
+            sin,
+            RopeDims { n, h: h_kv, d: hd },
+        );
         let mut d_normed = be.zeros(n * c); // (N, C)
         layer
             .q
-            .backward_dinp(be, &mut d_normed, &dq_lin, n, c, qd, false);
+            .backward_dinp(be, &mut d_normed, &dq_lin, false, LinearDims::new(n, c, qd));
         layer
             .k
-            .backward_dinp(be, &mut d_normed, &dk_lin, n, c, kvd, true);
+            .backward_dinp(be, &mut d_normed, &dk_lin, true, LinearDims::new(n, c, kvd));
         layer
             .v
-            .backward_dinp(be, &mut d_normed, &dv, n, c, kvd, true);
+            .backward_dinp(be, &mut d_normed, &dv, true, LinearDims::new(n, c, kvd));
         let norm = &s.attn_norm;
-        be.rmsnorm_backward_dinp(dx, &d_normed, &norm.inp, &layer.ln_attn, &norm.rstd, n, c);
+        be.rmsnorm_backward_dinp(
+            dx,
+            &d_normed,
+            &norm.inp,
+            &layer.ln_attn,
+            &norm.rstd,
+            RmsNormDims { n, c },
+        );
     }
 
     /// Checks a batch against the config; errors name the field and the bad value.
@@ -585,9 +650,8 @@ impl<B: Backend> Llama<B> {
             &mut rstd,
             &x,
             &self.weights.final_norm,
-            n,
-            c,
             eps,
+            RmsNormDims { n, c },
         );
         let final_norm = NormSaved { inp: x, rstd };
 
@@ -617,7 +681,14 @@ impl<B: Backend> Llama<B> {
         let mut dx = be.zeros(n * c); // (N, C) residual-stream gradient
         let fin = &saved.final_norm;
         let w = &self.weights;
-        be.rmsnorm_backward_dinp(&mut dx, &d_hidden, &fin.inp, &w.final_norm, &fin.rstd, n, c);
+        be.rmsnorm_backward_dinp(
+            &mut dx,
+            &d_hidden,
+            &fin.inp,
+            &w.final_norm,
+            &fin.rstd,
+            RmsNormDims { n, c },
+        );
         for (l, (layer, s)) in w.layers.iter().zip(&saved.layers).enumerate().rev() {
             let _range = nvtx_range(&format!("layer {l} backward"));
             self.layer_backward(be, &mut dx, s, layer, saved);
@@ -769,9 +840,8 @@ impl<B: Backend> Llama<B> {
             &mut rstd,
             &rows,
             &self.weights.final_norm,
-            b,
-            c,
             eps,
+            RmsNormDims { n: b, c },
         );
         let mut logits = be.zeros(b * v); // (B, V)
         be.matmul(

@@ -16,7 +16,7 @@ pub mod t5;
 use std::path::Path;
 
 use crate::backend::profiling::nvtx_range;
-use crate::backend::{Backend, Gemm};
+use crate::backend::{Backend, CrossEntropyDims, Gemm};
 use crate::error::{Error, Result};
 pub use config::Architecture;
 use config::{LlamaConfig, T5Config};
@@ -225,8 +225,7 @@ pub(crate) fn label_rows_loss<B: Backend>(
         &logits,
         &be.upload_index(targets),
         1.0 / m as f64,
-        m,
-        v,
+        CrossEntropyDims { m, v },
     );
     let row_losses = be.download_f64(&losses);
     let loss = row_losses.iter().sum::<f64>() / m as f64;

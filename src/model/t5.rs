@@ -10,7 +10,7 @@
 //! Dropout is not modelled: fastpt trains with deterministic forwards (dropout 0).
 
 use crate::backend::profiling::nvtx_range;
-use crate::backend::{Activation, AttnDims, AttnMask, Backend, RelBias};
+use crate::backend::{Activation, AttnDims, AttnMask, Backend, LinearDims, RelBias, RmsNormDims};
 use crate::error::{Error, Result};
 use crate::model::batch::BatchSpec;
 use crate::model::batch::HostBatch;
@@ -428,20 +428,27 @@ impl<B: Backend> T5<B> {
         let (n, n_kv) = (dims.b * dims.t, dims.b * dims.s);
         let mut normed = be.zeros(n * c); // (B, T, C)
         let mut rstd = be.zeros(n); // (B·T)
-        be.rmsnorm_forward(&mut normed, &mut rstd, &x, ln, n, c, self.eps());
+        be.rmsnorm_forward(
+            &mut normed,
+            &mut rstd,
+            &x,
+            ln,
+            self.eps(),
+            RmsNormDims { n, c },
+        );
         let kv_inp = kv.unwrap_or(&normed); // (B, S, C)
         let mut q = be.zeros(n * hd);
         let mut k = be.zeros(n_kv * hd);
         let mut v = be.zeros(n_kv * hd);
-        w.q.forward(be, &mut q, &normed, n, c, hd);
-        w.k.forward(be, &mut k, kv_inp, n_kv, c, hd);
-        w.v.forward(be, &mut v, kv_inp, n_kv, c, hd);
+        w.q.forward(be, &mut q, &normed, LinearDims::new(n, c, hd));
+        w.k.forward(be, &mut k, kv_inp, LinearDims::new(n_kv, c, hd));
+        w.v.forward(be, &mut v, kv_inp, LinearDims::new(n_kv, c, hd));
         let mut out = be.zeros(n * hd);
         let mut lse = be.zeros(dims.b * dims.h * dims.t);
         // T5 does not scale scores by 1/sqrt(D): the scale is folded into the q init.
         be.attention_forward(&mut out, &mut lse, &q, &k, &v, mask, bias, 1.0, dims);
         let mut y = be.zeros(n * c);
-        w.o.forward(be, &mut y, &out, n, hd, c);
+        w.o.forward(be, &mut y, &out, LinearDims::new(n, hd, c));
         be.add_assign(&mut y, &x);
         let norm = NormSaved { inp: x, rstd };
         (
@@ -476,7 +483,7 @@ impl<B: Backend> T5<B> {
         let (c, hd) = (self.cfg.d_model, self.cfg.inner_dim());
         let (n, n_kv) = (dims.b * dims.t, dims.b * dims.s);
         let mut d_out = be.zeros(n * hd); // (B, T, H·D)
-        w.o.backward_dinp(be, &mut d_out, dx, n, hd, c, false);
+        w.o.backward_dinp(be, &mut d_out, dx, false, LinearDims::new(n, hd, c));
         let mut dq = be.zeros(n * hd);
         let mut dk = be.zeros(n_kv * hd);
         let mut dv = be.zeros(n_kv * hd);
@@ -486,14 +493,21 @@ impl<B: Backend> T5<B> {
             dims,
         );
         let mut d_normed = be.zeros(n * c); // (B, T, C)
-        w.q.backward_dinp(be, &mut d_normed, &dq, n, c, hd, false);
+        w.q.backward_dinp(be, &mut d_normed, &dq, false, LinearDims::new(n, c, hd));
         let d_kv_inp = match d_kv {
             Some(d_kv) => d_kv,
             None => &mut d_normed,
         };
-        w.k.backward_dinp(be, d_kv_inp, &dk, n_kv, c, hd, true);
-        w.v.backward_dinp(be, d_kv_inp, &dv, n_kv, c, hd, true);
-        be.rmsnorm_backward_dinp(dx, &d_normed, &s.norm.inp, ln, &s.norm.rstd, n, c);
+        w.k.backward_dinp(be, d_kv_inp, &dk, true, LinearDims::new(n_kv, c, hd));
+        w.v.backward_dinp(be, d_kv_inp, &dv, true, LinearDims::new(n_kv, c, hd));
+        be.rmsnorm_backward_dinp(
+            dx,
+            &d_normed,
+            &s.norm.inp,
+            ln,
+            &s.norm.rstd,
+            RmsNormDims { n, c },
+        );
     }
 
     /// `x + ffn(rmsnorm(x))`, `x (N, C)` moved into the saved activations.
@@ -508,18 +522,25 @@ impl<B: Backend> T5<B> {
         let (c, f) = (self.cfg.d_model, self.cfg.d_ff);
         let mut normed = be.zeros(n * c); // (N, C)
         let mut rstd = be.zeros(n);
-        be.rmsnorm_forward(&mut normed, &mut rstd, &x, ln, n, c, self.eps());
+        be.rmsnorm_forward(
+            &mut normed,
+            &mut rstd,
+            &x,
+            ln,
+            self.eps(),
+            RmsNormDims { n, c },
+        );
         let mut a = be.zeros(n * f); // (N, F)
-        w.wi.forward(be, &mut a, &normed, n, c, f);
+        w.wi.forward(be, &mut a, &normed, LinearDims::new(n, c, f));
         let gate = w.wi_gate.as_ref().map(|wg| {
             let mut g = be.zeros(n * f); // (N, F)
-            wg.forward(be, &mut g, &normed, n, c, f);
+            wg.forward(be, &mut g, &normed, LinearDims::new(n, c, f));
             g
         });
         let mut hidden = be.zeros(n * f); // (N, F)
         be.gated_act_forward(&mut hidden, &a, gate.as_ref(), self.act(), n * f);
         let mut y = be.zeros(n * c);
-        w.wo.forward(be, &mut y, &hidden, n, f, c);
+        w.wo.forward(be, &mut y, &hidden, LinearDims::new(n, f, c));
         be.add_assign(&mut y, &x);
         let norm = NormSaved { inp: x, rstd };
         (y, FfnSaved { norm, a, gate })
@@ -537,7 +558,7 @@ impl<B: Backend> T5<B> {
     ) {
         let (c, f) = (self.cfg.d_model, self.cfg.d_ff);
         let mut d_hidden = be.zeros(n * f); // (N, F)
-        w.wo.backward_dinp(be, &mut d_hidden, dx, n, f, c, false);
+        w.wo.backward_dinp(be, &mut d_hidden, dx, false, LinearDims::new(n, f, c));
         let mut da = be.zeros(n * f);
         let mut d_gate = saved.gate.as_ref().map(|_| be.zeros(n * f));
         be.gated_act_backward_dinp(
@@ -550,11 +571,18 @@ impl<B: Backend> T5<B> {
             n * f,
         );
         let mut d_normed = be.zeros(n * c); // (N, C)
-        w.wi.backward_dinp(be, &mut d_normed, &da, n, c, f, false);
+        w.wi.backward_dinp(be, &mut d_normed, &da, false, LinearDims::new(n, c, f));
         if let (Some(dg), Some(wg)) = (&d_gate, &w.wi_gate) {
-            wg.backward_dinp(be, &mut d_normed, dg, n, c, f, true);
+            wg.backward_dinp(be, &mut d_normed, dg, true, LinearDims::new(n, c, f));
         }
-        be.rmsnorm_backward_dinp(dx, &d_normed, &saved.norm.inp, ln, &saved.norm.rstd, n, c);
+        be.rmsnorm_backward_dinp(
+            dx,
+            &d_normed,
+            &saved.norm.inp,
+            ln,
+            &saved.norm.rstd,
+            RmsNormDims { n, c },
+        );
     }
 
     /// Checks a batch against the config; errors name the field and the bad value.
@@ -645,9 +673,8 @@ impl<B: Backend> T5<B> {
             &mut rstd,
             &x,
             &w.encoder_final_ln,
-            b * t,
-            c,
             self.eps(),
+            RmsNormDims { n: b * t, c },
         );
         let enc_final = NormSaved { inp: x, rstd };
         (encoder, enc_final, enc_out)
@@ -724,9 +751,8 @@ impl<B: Backend> T5<B> {
             &mut rstd,
             &x,
             &w.decoder_final_ln,
-            b * td,
-            c,
             self.eps(),
+            RmsNormDims { n: b * td, c },
         );
         let dec_final = NormSaved { inp: x, rstd };
 
@@ -767,15 +793,22 @@ impl<B: Backend> T5<B> {
         let (c, hd, n) = (self.cfg.d_model, self.cfg.inner_dim(), dims.b);
         let mut normed = be.zeros(n * c); // (B, C)
         let mut rstd = be.zeros(n);
-        be.rmsnorm_forward(&mut normed, &mut rstd, &x, ln, n, c, self.eps());
+        be.rmsnorm_forward(
+            &mut normed,
+            &mut rstd,
+            &x,
+            ln,
+            self.eps(),
+            RmsNormDims { n, c },
+        );
         let mut q = be.zeros(n * hd); // (B, H·D)
-        w.q.forward(be, &mut q, &normed, n, c, hd);
+        w.q.forward(be, &mut q, &normed, LinearDims::new(n, c, hd));
         let (k, v): (&B::Tensor, &B::Tensor) = match kv {
             CachedKv::Write { k, v, slots } => {
                 let mut k_new = be.zeros(n * hd); // (B, H·D)
                 let mut v_new = be.zeros(n * hd);
-                w.k.forward(be, &mut k_new, &normed, n, c, hd);
-                w.v.forward(be, &mut v_new, &normed, n, c, hd);
+                w.k.forward(be, &mut k_new, &normed, LinearDims::new(n, c, hd));
+                w.v.forward(be, &mut v_new, &normed, LinearDims::new(n, c, hd));
                 // The slots are zero (never written): adding writes them.
                 be.scatter_rows_add(k, &k_new, slots, n, hd);
                 be.scatter_rows_add(v, &v_new, slots, n, hd);
@@ -787,7 +820,7 @@ impl<B: Backend> T5<B> {
         let mut lse = be.zeros(n * dims.h);
         be.attention_forward(&mut out, &mut lse, &q, k, v, mask, bias, 1.0, dims);
         let mut y = be.zeros(n * c); // (B, C)
-        w.o.forward(be, &mut y, &out, n, hd, c);
+        w.o.forward(be, &mut y, &out, LinearDims::new(n, hd, c));
         be.add_assign(&mut y, &x);
         y
     }
@@ -821,11 +854,11 @@ impl<B: Backend> T5<B> {
                 layer
                     .cross_attn
                     .k
-                    .forward(be, &mut k, &enc_out, b * t, c, hd);
+                    .forward(be, &mut k, &enc_out, LinearDims::new(b * t, c, hd));
                 layer
                     .cross_attn
                     .v
-                    .forward(be, &mut v, &enc_out, b * t, c, hd);
+                    .forward(be, &mut v, &enc_out, LinearDims::new(b * t, c, hd));
                 (k, v)
             })
             .collect();
@@ -893,7 +926,14 @@ impl<B: Backend> T5<B> {
             }
             let mut h = be.zeros(b * c); // (B, C)
             let mut rstd = be.zeros(b);
-            be.rmsnorm_forward(&mut h, &mut rstd, &x, &w.decoder_final_ln, b, c, self.eps());
+            be.rmsnorm_forward(
+                &mut h,
+                &mut rstd,
+                &x,
+                &w.decoder_final_ln,
+                self.eps(),
+                RmsNormDims { n: b, c },
+            );
             let head = self.lm_head();
             let mut logits = be.zeros(b * v); // (B, V)
             let gemm = crate::backend::Gemm::nt(b, v, c).alpha(head.scale);
@@ -921,8 +961,7 @@ impl<B: Backend> T5<B> {
             &fin.inp,
             &w.decoder_final_ln,
             &fin.rstd,
-            b * td,
-            c,
+            RmsNormDims { n: b * td, c },
         );
 
         // Decoder, last layer first; cross-attention accumulates into d_enc_out.
@@ -974,8 +1013,7 @@ impl<B: Backend> T5<B> {
             &fin.inp,
             &w.encoder_final_ln,
             &fin.rstd,
-            b * t,
-            c,
+            RmsNormDims { n: b * t, c },
         );
         let enc_self = AttnMask {
             key_mask: &saved.enc_mask,

@@ -41,7 +41,9 @@ use super::dept::{grad_and_value, lora_init_a, lowrank_backward, lowrank_forward
 use super::init::{linear_default, rng_for, truncated_svd};
 use super::pt::init_prompt;
 use super::{MethodConfig, MethodContext, Param, ParamGroup, PromptMethod};
-use crate::backend::{Activation, Backend, FusionMode};
+use crate::backend::{
+    Activation, Backend, FusionAttentionDims, FusionMode, GatedExpertsDims, LinearDims,
+};
 use crate::error::Result;
 
 /// Index of Ps in `params`.
@@ -250,9 +252,7 @@ impl<B: Backend> PromptMethod<B> for Ept<B> {
             ps,
             &self.lr,
             self.mode,
-            s,
-            m,
-            d,
+            FusionAttentionDims { s, m, c: d },
         );
         let Some(ms) = self.ms.as_mut() else {
             return;
@@ -260,18 +260,38 @@ impl<B: Backend> PromptMethod<B> for Ept<B> {
         let (e, h) = (ms.e, ms.h);
         for i in 0..e {
             let (wd, bd, wu, bu) = expert_idx(i);
-            be.linear_forward(&mut ms.pre[i], ps, &params[wd].value, s, d, h);
+            be.linear_forward(
+                &mut ms.pre[i],
+                ps,
+                &params[wd].value,
+                LinearDims::new(s, d, h),
+            );
             be.add_bias(&mut ms.pre[i], &params[bd].value, s, h);
             be.gated_act_forward(&mut ms.hid[i], &ms.pre[i], None, Activation::Relu, s * h);
-            be.linear_forward(&mut ms.out[i], &ms.hid[i], &params[wu].value, s, h, d);
+            be.linear_forward(
+                &mut ms.out[i],
+                &ms.hid[i],
+                &params[wu].value,
+                LinearDims::new(s, h, d),
+            );
             be.add_bias(&mut ms.out[i], &params[bu].value, s, d);
         }
         let (gw, gb) = (EXPERT0 + 4 * e, EXPERT0 + 4 * e + 1);
-        be.linear_forward(&mut ms.logits, ps, &params[gw].value, s, d, e);
+        be.linear_forward(
+            &mut ms.logits,
+            ps,
+            &params[gw].value,
+            LinearDims::new(s, d, e),
+        );
         be.add_bias(&mut ms.logits, &params[gb].value, s, e);
         be.softmax_rows_forward(&mut ms.gate, &ms.logits, s, e);
         let experts: Vec<&B::Tensor> = ms.out.iter().collect();
-        be.gated_experts_forward(&mut ms.amend, &ms.gate, &experts, s, d);
+        be.gated_experts_forward(
+            &mut ms.amend,
+            &ms.gate,
+            &experts,
+            GatedExpertsDims { n: s, c: d },
+        );
         be.add_assign(&mut self.rows, &ms.amend);
     }
 
@@ -302,9 +322,7 @@ impl<B: Backend> PromptMethod<B> for Ept<B> {
             &self.lr,
             &self.probs,
             self.mode,
-            s,
-            m,
-            d,
+            FusionAttentionDims { s, m, c: d },
         );
         be.add_assign(&mut params[PROMPT].grad, &self.d_ps);
         if let Some(du) = d_update {
@@ -324,24 +342,34 @@ impl<B: Backend> PromptMethod<B> for Ept<B> {
             d_rows,
             &ms.gate,
             &experts,
-            s,
-            d,
+            GatedExpertsDims { n: s, c: d },
         );
         be.softmax_rows_backward_dinp(&mut ms.d_logits, &ms.d_gate, &ms.gate, s, e);
         // logits = Ps·gate.weightᵀ + gate.bias.
         let (gw, gb) = (EXPERT0 + 4 * e, EXPERT0 + 4 * e + 1);
         let (dw, ps) = grad_and_value(params, gw, PROMPT);
-        be.linear_backward_dweight(dw, &ms.d_logits, ps, s, d, e);
+        be.linear_backward_dweight(dw, &ms.d_logits, ps, LinearDims::new(s, d, e));
         be.bias_backward(&mut params[gb].grad, &ms.d_logits, s, e);
         let (dps, w) = grad_and_value(params, PROMPT, gw);
-        be.linear_backward_dinp(dps, &ms.d_logits, w, s, d, e, true);
+        be.linear_backward_dinp(dps, &ms.d_logits, w, true, LinearDims::new(s, d, e));
         for i in 0..e {
             let (wd, bd, wu, bu) = expert_idx(i);
             // E_i = ReLU(Ps·downᵀ + down.bias)·upᵀ + up.bias.
             let d_out = &ms.d_out[i]; // (s, d)
-            be.linear_backward_dweight(&mut params[wu].grad, d_out, &ms.hid[i], s, h, d);
+            be.linear_backward_dweight(
+                &mut params[wu].grad,
+                d_out,
+                &ms.hid[i],
+                LinearDims::new(s, h, d),
+            );
             be.bias_backward(&mut params[bu].grad, d_out, s, d);
-            be.linear_backward_dinp(&mut ms.d_hid, d_out, &params[wu].value, s, h, d, false);
+            be.linear_backward_dinp(
+                &mut ms.d_hid,
+                d_out,
+                &params[wu].value,
+                false,
+                LinearDims::new(s, h, d),
+            );
             be.gated_act_backward_dinp(
                 &mut ms.d_pre,
                 None,
@@ -352,10 +380,10 @@ impl<B: Backend> PromptMethod<B> for Ept<B> {
                 s * h,
             );
             let (dw, ps) = grad_and_value(params, wd, PROMPT);
-            be.linear_backward_dweight(dw, &ms.d_pre, ps, s, d, h);
+            be.linear_backward_dweight(dw, &ms.d_pre, ps, LinearDims::new(s, d, h));
             be.bias_backward(&mut params[bd].grad, &ms.d_pre, s, h);
             let (dps, w) = grad_and_value(params, PROMPT, wd);
-            be.linear_backward_dinp(dps, &ms.d_pre, w, s, d, h, true);
+            be.linear_backward_dinp(dps, &ms.d_pre, w, true, LinearDims::new(s, d, h));
         }
     }
 

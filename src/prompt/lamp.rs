@@ -32,7 +32,7 @@ use super::config::{LampConfig, LampPool, QInit};
 use super::init::{normal, rng_for, truncated_svd};
 use super::pt::init_prompt;
 use super::{MethodConfig, MethodContext, Param, ParamGroup, PromptMethod};
-use crate::backend::{Backend, Gemm};
+use crate::backend::{Backend, Gemm, LampPoolDims};
 use crate::error::Result;
 
 /// Indices into `Lamp::params`.
@@ -132,11 +132,11 @@ impl<B: Backend> PromptMethod<B> for Lamp<B> {
             &self.params[V].value,
         );
         match &mut self.attention {
-            None => be.lamp_pool_forward(&mut self.rows, u, q, v, l, r, d, p),
+            None => be.lamp_pool_forward(&mut self.rows, u, q, v, LampPoolDims { l, r, c: d, p }),
             Some(a) => {
                 let w_sa = &self.params[W_SA].value; // (d, l/p)
                                                      // C (l, d) = U·diag(Q²)·Vᵀ.
-                be.lamp_pool_forward(&mut a.c, u, q, v, l, r, d, 1);
+                be.lamp_pool_forward(&mut a.c, u, q, v, LampPoolDims { l, r, c: d, p: 1 });
                 // S (l/p, l) = W_saᵀ·Cᵀ.
                 let g = Gemm {
                     trans_a: true,
@@ -171,10 +171,7 @@ impl<B: Backend> PromptMethod<B> for Lamp<B> {
                 &u.value,
                 &q.value,
                 &v.value,
-                l,
-                r,
-                d,
-                p,
+                LampPoolDims { l, r, c: d, p },
             ),
             Some(a) => {
                 let w_sa = &mut rest[0]; // (d, l/p)
@@ -211,10 +208,7 @@ impl<B: Backend> PromptMethod<B> for Lamp<B> {
                     &u.value,
                     &q.value,
                     &v.value,
-                    l,
-                    r,
-                    d,
-                    1,
+                    LampPoolDims { l, r, c: d, p: 1 },
                 );
             }
         }

@@ -12,7 +12,7 @@ use super::config::PTuningConfig;
 use super::init::{linear_default, rng_for};
 use super::pt::init_prompt;
 use super::{MethodContext, Param, ParamGroup, PromptMethod};
-use crate::backend::{Activation, Backend};
+use crate::backend::{Activation, Backend, LinearDims};
 use crate::error::Result;
 
 /// Index of P in `params`; layer k (0, 1, 2) has its weight at `1 + 2k` and bias at `2 + 2k`.
@@ -67,19 +67,16 @@ impl<B: Backend> PTuning<B> {
 }
 
 /// `out (n, oc) = inp (n, ic) · wᵀ + b`, `w (oc, ic)`, `b (oc)`.
-#[allow(clippy::too_many_arguments)]
 fn linear_bias<B: Backend>(
     be: &B,
     out: &mut B::Tensor,
     inp: &B::Tensor,
     w: &B::Tensor,
     b: &B::Tensor,
-    n: usize,
-    ic: usize,
-    oc: usize,
+    dims: LinearDims,
 ) {
-    be.linear_forward(out, inp, w, n, ic, oc);
-    be.add_bias(out, b, n, oc);
+    be.linear_forward(out, inp, w, dims);
+    be.add_bias(out, b, dims.n, dims.oc);
 }
 
 impl<B: Backend> PromptMethod<B> for PTuning<B> {
@@ -102,14 +99,26 @@ impl<B: Backend> PromptMethod<B> for PTuning<B> {
             &p[PROMPT].value,
             &p[1].value,
             &p[2].value,
-            l,
-            d,
-            d,
+            LinearDims::new(l, d, d),
         );
         be.gated_act_forward(act0, pre0, None, Activation::Relu, l * d);
-        linear_bias(be, pre1, act0, &p[3].value, &p[4].value, l, d, d);
+        linear_bias(
+            be,
+            pre1,
+            act0,
+            &p[3].value,
+            &p[4].value,
+            LinearDims::new(l, d, d),
+        );
         be.gated_act_forward(act1, pre1, None, Activation::Relu, l * d);
-        linear_bias(be, &mut self.rows, act1, &p[5].value, &p[6].value, l, d, d);
+        linear_bias(
+            be,
+            &mut self.rows,
+            act1,
+            &p[5].value,
+            &p[6].value,
+            LinearDims::new(l, d, d),
+        );
     }
 
     fn rows(&self) -> &B::Tensor {
@@ -124,9 +133,20 @@ impl<B: Backend> PromptMethod<B> for PTuning<B> {
         let relu = Activation::Relu;
 
         // Layer 3: rows = act[1]·W3ᵀ + b3.
-        be.linear_backward_dweight(&mut mlp[4].grad, d_rows, &self.act[1], l, d, d);
+        be.linear_backward_dweight(
+            &mut mlp[4].grad,
+            d_rows,
+            &self.act[1],
+            LinearDims::new(l, d, d),
+        );
         be.bias_backward(&mut mlp[5].grad, d_rows, l, d);
-        be.linear_backward_dinp(&mut self.d_act, d_rows, &mlp[4].value, l, d, d, false);
+        be.linear_backward_dinp(
+            &mut self.d_act,
+            d_rows,
+            &mlp[4].value,
+            false,
+            LinearDims::new(l, d, d),
+        );
         be.gated_act_backward_dinp(
             &mut self.d_pre,
             None,
@@ -138,9 +158,20 @@ impl<B: Backend> PromptMethod<B> for PTuning<B> {
         );
 
         // Layer 2: pre[1] = act[0]·W2ᵀ + b2.
-        be.linear_backward_dweight(&mut mlp[2].grad, &self.d_pre, &self.act[0], l, d, d);
+        be.linear_backward_dweight(
+            &mut mlp[2].grad,
+            &self.d_pre,
+            &self.act[0],
+            LinearDims::new(l, d, d),
+        );
         be.bias_backward(&mut mlp[3].grad, &self.d_pre, l, d);
-        be.linear_backward_dinp(&mut self.d_act, &self.d_pre, &mlp[2].value, l, d, d, false);
+        be.linear_backward_dinp(
+            &mut self.d_act,
+            &self.d_pre,
+            &mlp[2].value,
+            false,
+            LinearDims::new(l, d, d),
+        );
         be.gated_act_backward_dinp(
             &mut self.d_pre,
             None,
@@ -152,9 +183,20 @@ impl<B: Backend> PromptMethod<B> for PTuning<B> {
         );
 
         // Layer 1: pre[0] = P·W1ᵀ + b1; P's gradient accumulates straight into its grad.
-        be.linear_backward_dweight(&mut mlp[0].grad, &self.d_pre, &prompt.value, l, d, d);
+        be.linear_backward_dweight(
+            &mut mlp[0].grad,
+            &self.d_pre,
+            &prompt.value,
+            LinearDims::new(l, d, d),
+        );
         be.bias_backward(&mut mlp[1].grad, &self.d_pre, l, d);
-        be.linear_backward_dinp(&mut prompt.grad, &self.d_pre, &mlp[0].value, l, d, d, true);
+        be.linear_backward_dinp(
+            &mut prompt.grad,
+            &self.d_pre,
+            &mlp[0].value,
+            true,
+            LinearDims::new(l, d, d),
+        );
     }
 
     fn params(&self) -> &[Param<B>] {

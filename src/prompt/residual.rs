@@ -11,7 +11,7 @@ use super::config::ResidualConfig;
 use super::init::{linear_default, rng_for};
 use super::pt::init_prompt;
 use super::{MethodContext, Param, ParamGroup, PromptMethod};
-use crate::backend::{Activation, Backend};
+use crate::backend::{Activation, Backend, LayerNormDims, LinearDims};
 use crate::error::Result;
 
 /// PyTorch's `nn.LayerNorm` default.
@@ -94,10 +94,20 @@ impl<B: Backend> PromptMethod<B> for Residual<B> {
     fn forward(&mut self, be: &B) {
         let (l, d, h) = (self.l, self.d, self.h);
         let p = &self.params;
-        be.linear_forward(&mut self.z1, &p[PROMPT].value, &p[DOWN_W].value, l, d, h);
+        be.linear_forward(
+            &mut self.z1,
+            &p[PROMPT].value,
+            &p[DOWN_W].value,
+            LinearDims::new(l, d, h),
+        );
         be.add_bias(&mut self.z1, &p[DOWN_B].value, l, h);
         be.gated_act_forward(&mut self.a1, &self.z1, None, Activation::Relu, l * h);
-        be.linear_forward(&mut self.z2, &self.a1, &p[UP_W].value, l, h, d);
+        be.linear_forward(
+            &mut self.z2,
+            &self.a1,
+            &p[UP_W].value,
+            LinearDims::new(l, h, d),
+        );
         be.add_bias(&mut self.z2, &p[UP_B].value, l, d);
         be.layernorm_forward(
             &mut self.rows,
@@ -106,9 +116,8 @@ impl<B: Backend> PromptMethod<B> for Residual<B> {
             &self.z2,
             &p[NORM_W].value,
             &p[NORM_B].value,
-            l,
-            d,
             LN_EPS,
+            LayerNormDims { n: l, c: d },
         );
         // The skip connection.
         be.add_assign(&mut self.rows, &p[PROMPT].value);
@@ -133,14 +142,24 @@ impl<B: Backend> PromptMethod<B> for Residual<B> {
             &gamma.value,
             &self.mean,
             &self.rstd,
-            l,
-            d,
+            LayerNormDims { n: l, c: d },
         );
 
         // Up projection: z2 = a1·W2ᵀ + b2.
-        be.linear_backward_dweight(&mut net[UP_W].grad, &self.d_z2, &self.a1, l, h, d);
+        be.linear_backward_dweight(
+            &mut net[UP_W].grad,
+            &self.d_z2,
+            &self.a1,
+            LinearDims::new(l, h, d),
+        );
         be.bias_backward(&mut net[UP_B].grad, &self.d_z2, l, d);
-        be.linear_backward_dinp(&mut self.d_a1, &self.d_z2, &net[UP_W].value, l, h, d, false);
+        be.linear_backward_dinp(
+            &mut self.d_a1,
+            &self.d_z2,
+            &net[UP_W].value,
+            false,
+            LinearDims::new(l, h, d),
+        );
         let relu = Activation::Relu;
         be.gated_act_backward_dinp(
             &mut self.d_z1,
@@ -160,9 +179,7 @@ impl<B: Backend> PromptMethod<B> for Residual<B> {
             &mut net[DOWN_W - 1].grad,
             &self.d_z1,
             &prompt.value,
-            l,
-            d,
-            h,
+            LinearDims::new(l, d, h),
         );
         be.bias_backward(&mut net[DOWN_B - 1].grad, &self.d_z1, l, h);
         // P gets both the skip connection's gradient and the network's.
@@ -171,10 +188,8 @@ impl<B: Backend> PromptMethod<B> for Residual<B> {
             &mut prompt.grad,
             &self.d_z1,
             &net[DOWN_W - 1].value,
-            l,
-            d,
-            h,
             true,
+            LinearDims::new(l, d, h),
         );
     }
 

@@ -14,7 +14,7 @@
 use super::config::XptConfig;
 use super::init::{linear_default, rng_for, uniform};
 use super::{MethodContext, Param, ParamGroup, PromptMethod};
-use crate::backend::Backend;
+use crate::backend::{Backend, LinearDims};
 use crate::error::Result;
 
 // Indices into `params`.
@@ -75,8 +75,18 @@ impl<B: Backend> PromptMethod<B> for Xpt<B> {
         let (d, h, n) = (self.d, self.h, self.n);
         let p = &self.params;
         // p1 as a one-row batch through two bias-free linear layers.
-        be.linear_forward(&mut self.z, &p[PROMPT].value, &p[DOWN].value, 1, d, h);
-        be.linear_forward(&mut self.phi, &self.z, &p[UP].value, 1, h, d);
+        be.linear_forward(
+            &mut self.z,
+            &p[PROMPT].value,
+            &p[DOWN].value,
+            LinearDims::new(1, d, h),
+        );
+        be.linear_forward(
+            &mut self.phi,
+            &self.z,
+            &p[UP].value,
+            LinearDims::new(1, h, d),
+        );
         // Repeat: adding φ as a "bias" to n zero rows broadcasts it.
         be.fill_zero(&mut self.rows);
         be.add_bias(&mut self.rows, &self.phi, n, d);
@@ -96,11 +106,28 @@ impl<B: Backend> PromptMethod<B> for Xpt<B> {
         let (down, up) = weights.split_at_mut(1);
         let (down, up) = (&mut down[0], &mut up[0]);
         // φ = z·W_upᵀ.
-        be.linear_backward_dweight(&mut up.grad, &self.d_phi, &self.z, 1, h, d);
-        be.linear_backward_dinp(&mut self.d_z, &self.d_phi, &up.value, 1, h, d, false);
+        be.linear_backward_dweight(&mut up.grad, &self.d_phi, &self.z, LinearDims::new(1, h, d));
+        be.linear_backward_dinp(
+            &mut self.d_z,
+            &self.d_phi,
+            &up.value,
+            false,
+            LinearDims::new(1, h, d),
+        );
         // z = p1·W_downᵀ.
-        be.linear_backward_dweight(&mut down.grad, &self.d_z, &prompt.value, 1, d, h);
-        be.linear_backward_dinp(&mut prompt.grad, &self.d_z, &down.value, 1, d, h, true);
+        be.linear_backward_dweight(
+            &mut down.grad,
+            &self.d_z,
+            &prompt.value,
+            LinearDims::new(1, d, h),
+        );
+        be.linear_backward_dinp(
+            &mut prompt.grad,
+            &self.d_z,
+            &down.value,
+            true,
+            LinearDims::new(1, d, h),
+        );
     }
 
     fn params(&self) -> &[Param<B>] {

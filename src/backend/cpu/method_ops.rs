@@ -4,38 +4,23 @@
 //! Parameter gradients accumulate (`+=`); input gradients are written (`=`).
 
 use super::{gemm_slices, Float};
-use crate::backend::{FusionMode, Gemm};
+use crate::backend::{
+    check_add_bias, check_bias_backward, check_softmax_rows_backward_dinp,
+    check_softmax_rows_forward, EmbedPromptDims, FusionAttentionDims, FusionMode, GatedExpertsDims,
+    Gemm, LampPoolDims, LayerNormDims,
+};
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn embed_prompt_forward<T: Float>(
     out: &mut [T],
     table: &[T],
     ids: &[i32],
     prompt: &[T],
     update: Option<&[T]>,
-    b: usize,
-    t: usize,
-    p: usize,
-    c: usize,
+    dims: EmbedPromptDims,
 ) {
-    assert_eq!(
-        out.len(),
-        b * (p + t) * c,
-        "embed_prompt_forward: out is not (B, P+T, C)"
-    );
-    assert_eq!(ids.len(), b * t, "embed_prompt_forward: ids is not (B, T)");
-    assert_eq!(
-        prompt.len(),
-        p * c,
-        "embed_prompt_forward: prompt is not (P, C)"
-    );
-    if let Some(update) = update {
-        assert!(
-            update.len() >= t * c,
-            "embed_prompt_forward: update has fewer than T rows"
-        );
-    }
-    let v = table.len() / c;
+    let EmbedPromptDims { t, p, c, .. } = dims;
+    let update_len = update.map(|u| u.len());
+    let v = dims.check_forward(out.len(), table.len(), ids.len(), prompt.len(), update_len);
     for (bi, out_b) in out.chunks_exact_mut((p + t) * c).enumerate() {
         let (rows_p, rows_t) = out_b.split_at_mut(p * c);
         rows_p.copy_from_slice(prompt);
@@ -52,33 +37,21 @@ pub(super) fn embed_prompt_forward<T: Float>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn embed_prompt_backward<T: Float>(
     d_prompt: &mut [T],
     d_update: Option<&mut [T]>,
     dout: &[T],
-    b: usize,
-    t: usize,
-    p: usize,
-    c: usize,
+    dims: EmbedPromptDims,
 ) {
-    assert_eq!(
-        dout.len(),
-        b * (p + t) * c,
-        "embed_prompt_backward: dout is not (B, P+T, C)"
-    );
-    assert_eq!(
+    let EmbedPromptDims { t, p, c, .. } = dims;
+    dims.check_backward(
         d_prompt.len(),
-        p * c,
-        "embed_prompt_backward: d_prompt is not (P, C)"
+        d_update.as_ref().map(|u| u.len()),
+        dout.len(),
     );
     d_prompt.fill(T::zero());
     let mut d_update = d_update;
     if let Some(du) = d_update.as_deref_mut() {
-        assert!(
-            du.len() >= t * c,
-            "embed_prompt_backward: d_update has fewer than T rows"
-        );
         du.fill(T::zero());
     }
     for dout_b in dout.chunks_exact((p + t) * c) {
@@ -95,8 +68,7 @@ pub(super) fn embed_prompt_backward<T: Float>(
 }
 
 pub(super) fn add_bias<T: Float>(x: &mut [T], bias: &[T], n: usize, f: usize) {
-    assert_eq!(x.len(), n * f, "add_bias: x is not (N, F)");
-    assert_eq!(bias.len(), f, "add_bias: bias is not (F)");
+    check_add_bias(x.len(), bias.len(), n, f);
     for row in x.chunks_exact_mut(f) {
         for (v, &bb) in row.iter_mut().zip(bias) {
             *v += bb;
@@ -105,8 +77,7 @@ pub(super) fn add_bias<T: Float>(x: &mut [T], bias: &[T], n: usize, f: usize) {
 }
 
 pub(super) fn bias_backward<T: Float>(dbias: &mut [T], dout: &[T], n: usize, f: usize) {
-    assert_eq!(dout.len(), n * f, "bias_backward: dout is not (N, F)");
-    assert_eq!(dbias.len(), f, "bias_backward: dbias is not (F)");
+    check_bias_backward(dbias.len(), dout.len(), n, f);
     for row in dout.chunks_exact(f) {
         for (d, &g) in dbias.iter_mut().zip(row) {
             *d += g;
@@ -114,29 +85,24 @@ pub(super) fn bias_backward<T: Float>(dbias: &mut [T], dout: &[T], n: usize, f: 
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `out (N, C)`, the saved `(mean, rstd)`, each `(N)`, `inp (N, C)`, the parameters
+/// `(weight, bias)`, each `(C)`.
 pub(super) fn layernorm_forward<T: Float>(
     out: &mut [T],
-    mean: &mut [T],
-    rstd: &mut [T],
+    (mean, rstd): (&mut [T], &mut [T]),
     inp: &[T],
-    weight: &[T],
-    bias: &[T],
-    n: usize,
-    c: usize,
+    (weight, bias): (&[T], &[T]),
     eps: f64,
+    dims: LayerNormDims,
 ) {
-    assert_eq!(inp.len(), n * c, "layernorm_forward: inp is not (N, C)");
-    assert_eq!(out.len(), n * c, "layernorm_forward: out is not (N, C)");
-    assert_eq!(
-        (mean.len(), rstd.len()),
-        (n, n),
-        "layernorm_forward: mean/rstd are not (N)"
-    );
-    assert_eq!(
-        (weight.len(), bias.len()),
-        (c, c),
-        "layernorm_forward: weight/bias are not (C)"
+    let LayerNormDims { c, .. } = dims;
+    dims.check_forward(
+        out.len(),
+        mean.len(),
+        rstd.len(),
+        inp.len(),
+        weight.len(),
+        bias.len(),
     );
     for (i, (x, y)) in inp.chunks_exact(c).zip(out.chunks_exact_mut(c)).enumerate() {
         let mu = x.iter().map(|v| v.f64()).sum::<f64>() / c as f64;
@@ -150,25 +116,24 @@ pub(super) fn layernorm_forward<T: Float>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The gradients `(dinp (N, C), dweight (C), dbias (C))`, `dout, inp (N, C)`, `weight (C)`,
+/// the saved `(mean, rstd)`, each `(N)`.
 pub(super) fn layernorm_backward<T: Float>(
-    dinp: &mut [T],
-    dweight: &mut [T],
-    dbias: &mut [T],
+    (dinp, dweight, dbias): (&mut [T], &mut [T], &mut [T]),
     dout: &[T],
     inp: &[T],
     weight: &[T],
-    mean: &[T],
-    rstd: &[T],
-    n: usize,
-    c: usize,
+    (mean, rstd): (&[T], &[T]),
+    dims: LayerNormDims,
 ) {
-    assert_eq!(dinp.len(), n * c, "layernorm_backward: dinp is not (N, C)");
-    assert_eq!(dout.len(), n * c, "layernorm_backward: dout is not (N, C)");
-    assert_eq!(
-        (dweight.len(), dbias.len()),
-        (c, c),
-        "layernorm_backward: dweight/dbias not (C)"
+    let LayerNormDims { n, c } = dims;
+    let grads = (dinp.len(), dweight.len(), dbias.len());
+    dims.check_backward(
+        grads,
+        dout.len(),
+        inp.len(),
+        weight.len(),
+        (mean.len(), rstd.len()),
     );
     // With x̂ = (x − μ)·r and g = dy ⊙ w: dx = r·(g − mean(g) − x̂·mean(g ⊙ x̂)).
     for i in 0..n {
@@ -193,8 +158,7 @@ pub(super) fn layernorm_backward<T: Float>(
 }
 
 pub(super) fn softmax_rows_forward<T: Float>(out: &mut [T], inp: &[T], n: usize, k: usize) {
-    assert_eq!(inp.len(), n * k, "softmax_rows_forward: inp is not (N, K)");
-    assert_eq!(out.len(), n * k, "softmax_rows_forward: out is not (N, K)");
+    check_softmax_rows_forward(out.len(), inp.len(), n, k);
     for (x, y) in inp.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
         let max = x.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
         let sum: f64 = x.iter().map(|&v| (v - max).exp().f64()).sum();
@@ -212,21 +176,7 @@ pub(super) fn softmax_rows_backward_dinp<T: Float>(
     n: usize,
     k: usize,
 ) {
-    assert_eq!(
-        dinp.len(),
-        n * k,
-        "softmax_rows_backward_dinp: dinp is not (N, K)"
-    );
-    assert_eq!(
-        dout.len(),
-        n * k,
-        "softmax_rows_backward_dinp: dout is not (N, K)"
-    );
-    assert_eq!(
-        out.len(),
-        n * k,
-        "softmax_rows_backward_dinp: out is not (N, K)"
-    );
+    check_softmax_rows_backward_dinp(dinp.len(), dout.len(), out.len(), n, k);
     for ((dx, dy), y) in dinp
         .chunks_exact_mut(k)
         .zip(dout.chunks_exact(k))
@@ -245,10 +195,9 @@ fn fusion_probs<T: Float>(
     ps: &[T],
     lr: &[T],
     mode: FusionMode,
-    s: usize,
-    m: usize,
-    c: usize,
+    dims: FusionAttentionDims,
 ) {
+    let FusionAttentionDims { s, m, c } = dims;
     let inv_sqrt_c = 1.0 / (c as f64).sqrt();
     gemm_slices(probs, ps, lr, Gemm::nt(s, m, c).alpha(inv_sqrt_c), false);
     match mode {
@@ -272,38 +221,17 @@ fn fusion_probs<T: Float>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn fusion_attention_forward<T: Float>(
     out: &mut [T],
     probs: &mut [T],
     ps: &[T],
     lr: &[T],
     mode: FusionMode,
-    s: usize,
-    m: usize,
-    c: usize,
+    dims: FusionAttentionDims,
 ) {
-    assert_eq!(
-        out.len(),
-        s * c,
-        "fusion_attention_forward: out is not (S, C)"
-    );
-    assert_eq!(
-        probs.len(),
-        s * m,
-        "fusion_attention_forward: probs is not (S, M)"
-    );
-    assert_eq!(
-        ps.len(),
-        s * c,
-        "fusion_attention_forward: ps is not (S, C)"
-    );
-    assert_eq!(
-        lr.len(),
-        m * c,
-        "fusion_attention_forward: lr is not (M, C)"
-    );
-    fusion_probs(probs, ps, lr, mode, s, m, c);
+    let FusionAttentionDims { s, m, c } = dims;
+    dims.check_forward(out.len(), probs.len(), ps.len(), lr.len());
+    fusion_probs(probs, ps, lr, mode, dims);
     match mode {
         FusionMode::Attend => {
             out.copy_from_slice(ps);
@@ -320,38 +248,23 @@ pub(super) fn fusion_attention_forward<T: Float>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The gradients `(d_ps (S, C), d_lr (M, C))`, `dout (S, C)`, the forward's
+/// `(ps (S, C), lr (M, C), probs (S, M))`.
 pub(super) fn fusion_attention_backward<T: Float>(
-    d_ps: &mut [T],
-    d_lr: &mut [T],
+    (d_ps, d_lr): (&mut [T], &mut [T]),
     dout: &[T],
-    ps: &[T],
-    lr: &[T],
-    probs: &[T],
+    (ps, lr, probs): (&[T], &[T], &[T]),
     mode: FusionMode,
-    s: usize,
-    m: usize,
-    c: usize,
+    dims: FusionAttentionDims,
 ) {
-    assert_eq!(
+    let FusionAttentionDims { s, m, c } = dims;
+    dims.check_backward(
         d_ps.len(),
-        s * c,
-        "fusion_attention_backward: d_ps is not (S, C)"
-    );
-    assert_eq!(
         d_lr.len(),
-        m * c,
-        "fusion_attention_backward: d_lr is not (M, C)"
-    );
-    assert_eq!(
         dout.len(),
-        s * c,
-        "fusion_attention_backward: dout is not (S, C)"
-    );
-    assert_eq!(
+        ps.len(),
+        lr.len(),
         probs.len(),
-        s * m,
-        "fusion_attention_backward: probs is not (S, M)"
     );
     let inv_sqrt_c = 1.0 / (c as f64).sqrt();
     let mut d_scores = vec![T::zero(); s * m]; // (S, M)
@@ -413,23 +326,13 @@ pub(super) fn gated_experts_forward<T: Float>(
     out: &mut [T],
     gate: &[T],
     experts: &[&[T]],
-    n: usize,
-    c: usize,
+    dims: GatedExpertsDims,
 ) {
+    let GatedExpertsDims { n, c } = dims;
     let e = experts.len();
-    assert_eq!(out.len(), n * c, "gated_experts_forward: out is not (N, C)");
-    assert_eq!(
-        gate.len(),
-        n * e,
-        "gated_experts_forward: gate is not (N, E)"
-    );
+    dims.check_forward(out.len(), gate.len(), experts.iter().map(|x| x.len()));
     out.fill(T::zero());
     for (i, x) in experts.iter().enumerate() {
-        assert_eq!(
-            x.len(),
-            n * c,
-            "gated_experts_forward: expert {i} is not (N, C)"
-        );
         for row in 0..n {
             let g = gate[row * e + i];
             for j in 0..c {
@@ -445,24 +348,16 @@ pub(super) fn gated_experts_backward<T: Float>(
     dout: &[T],
     gate: &[T],
     experts: &[&[T]],
-    n: usize,
-    c: usize,
+    dims: GatedExpertsDims,
 ) {
+    let GatedExpertsDims { n, c } = dims;
     let e = experts.len();
-    assert_eq!(
-        d_experts.len(),
-        e,
-        "gated_experts_backward: one d_expert per expert"
-    );
-    assert_eq!(
+    dims.check_backward(
         d_gate.len(),
-        n * e,
-        "gated_experts_backward: d_gate is not (N, E)"
-    );
-    assert_eq!(
+        d_experts.iter().map(|x| x.len()),
         dout.len(),
-        n * c,
-        "gated_experts_backward: dout is not (N, C)"
+        gate.len(),
+        experts.iter().map(|x| x.len()),
     );
     for (i, (x, dx)) in experts.iter().zip(d_experts.iter_mut()).enumerate() {
         for row in 0..n {
@@ -498,63 +393,30 @@ fn scale_columns_by_square<T: Float>(mut x: Vec<T>, q: &[T]) -> Vec<T> {
     x
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn lamp_pool_forward<T: Float>(
     out: &mut [T],
     u: &[T],
     q: &[T],
     v: &[T],
-    l: usize,
-    r: usize,
-    c: usize,
-    p: usize,
+    dims: LampPoolDims,
 ) {
-    assert!(
-        p > 0 && l.is_multiple_of(p),
-        "lamp_pool_forward: L = {l} is not a multiple of p = {p}"
-    );
-    assert_eq!(
-        out.len(),
-        l / p * c,
-        "lamp_pool_forward: out is not (L/p, C)"
-    );
-    assert_eq!(
-        (u.len(), q.len(), v.len()),
-        (l * r, r, c * r),
-        "lamp_pool_forward: u, q, v shapes"
-    );
+    let LampPoolDims { l, r, c, p } = dims;
+    dims.check_forward(out.len(), u.len(), q.len(), v.len());
     let w = scale_columns_by_square(pool_rows(u, l, r, p), q); // (L/p, R)
     gemm_slices(out, &w, v, Gemm::nt(l / p, c, r), false);
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The gradients `(du (L, R), dq (R), dv (C, R))`, `dout (L/p, C)`, the inputs
+/// `(u (L, R), q (R), v (C, R))`.
 pub(super) fn lamp_pool_backward<T: Float>(
-    du: &mut [T],
-    dq: &mut [T],
-    dv: &mut [T],
+    (du, dq, dv): (&mut [T], &mut [T], &mut [T]),
     dout: &[T],
-    u: &[T],
-    q: &[T],
-    v: &[T],
-    l: usize,
-    r: usize,
-    c: usize,
-    p: usize,
+    (u, q, v): (&[T], &[T], &[T]),
+    dims: LampPoolDims,
 ) {
-    assert!(
-        p > 0 && l.is_multiple_of(p),
-        "lamp_pool_backward: L = {l} is not a multiple of p = {p}"
-    );
-    assert_eq!(
-        dout.len(),
-        l / p * c,
-        "lamp_pool_backward: dout is not (L/p, C)"
-    );
-    assert_eq!(
-        (du.len(), dq.len(), dv.len()),
-        (l * r, r, c * r),
-        "lamp_pool_backward: shapes"
-    );
+    let LampPoolDims { l, r, c, p } = dims;
+    let grads = (du.len(), dq.len(), dv.len());
+    dims.check_backward(grads, dout.len(), (u.len(), q.len(), v.len()));
     let lp = l / p;
     let pooled = pool_rows(u, l, r, p); // (L/p, R)
     let w = scale_columns_by_square(pooled.clone(), q); // (L/p, R)

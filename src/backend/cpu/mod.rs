@@ -15,8 +15,11 @@ use crate::backend::nf4::{dequantize_nf4, Nf4Tensor};
 mod method_ops;
 
 use super::{
-    relative_position_bucket, Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode, Gemm,
-    RelBias,
+    check_add_assign, check_gated_act_backward_dinp, check_gated_act_forward, check_gather_rows,
+    check_nf4_dequantize, check_scatter_rows_add, relative_position_bucket, Activation, AdamW,
+    AttnDims, AttnMask, Backend, CrossEntropyDims, EmbedPromptDims, FusionAttentionDims,
+    FusionMode, GatedExpertsDims, Gemm, LampPoolDims, LayerNormDims, RelBias, RmsNormDims,
+    RopeDims,
 };
 
 /// The float types the CPU backend runs in.
@@ -95,24 +98,7 @@ fn gemm_slices<T: Float>(out: &mut [T], a: &[T], b: &[T], g: Gemm, parallel: boo
         alpha,
         accumulate,
     } = g;
-    assert_eq!(
-        out.len(),
-        m * n,
-        "matmul: out has {} elements, not M·N",
-        out.len()
-    );
-    assert_eq!(
-        a.len(),
-        m * k,
-        "matmul: a has {} elements, not M·K",
-        a.len()
-    );
-    assert_eq!(
-        b.len(),
-        k * n,
-        "matmul: b has {} elements, not K·N",
-        b.len()
-    );
+    g.check(out.len(), a.len(), b.len());
     if m == 0 || n == 0 {
         return;
     }
@@ -138,7 +124,7 @@ fn gemm_slices<T: Float>(out: &mut [T], a: &[T], b: &[T], g: Gemm, parallel: boo
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound every index the strides reach: out is M×N row-major,
+    // SAFETY: the check above bounds every index the strides reach: out is M×N row-major,
     // op(a) reads M×K and op(b) K×N elements of buffers of exactly that size.
     unsafe {
         gemm::gemm(
@@ -167,17 +153,9 @@ fn gemm_slices<T: Float>(out: &mut [T], a: &[T], b: &[T], g: Gemm, parallel: boo
 
 /// The bias of every relative position `key - query` in `-(T-1) ..= S-1`, per head:
 /// `(T+S-1, H)`, row `rel + T - 1` (holding the bucket of `rel - q_offset`). Built once per call so the inner loops only index.
-fn relative_bias_rows<T: Float>(
-    bias: &RelBias<'_, Vec<T>>,
-    t: usize,
-    s: usize,
-    h: usize,
-) -> Vec<T> {
-    assert_eq!(
-        bias.table.len(),
-        bias.num_buckets * h,
-        "relative bias table is not (num_buckets, H)"
-    );
+fn relative_bias_rows<T: Float>(bias: &RelBias<'_, Vec<T>>, dims: AttnDims) -> Vec<T> {
+    let AttnDims { t, s, h, .. } = dims;
+    dims.check_bias_table(bias.table.len(), bias.num_buckets);
     let mut rows = Vec::with_capacity((t + s - 1) * h);
     for rel in -(t as i64 - 1)..(s as i64) {
         let bucket = relative_position_bucket(
@@ -207,50 +185,60 @@ fn scatter_head_add<T: Float>(dst: &mut [T], src: &[T], head: usize, heads: usiz
     }
 }
 
-/// The probabilities of one head of one batch entry, `probs (T, S)`: scores `scale·q·kᵀ` plus
+/// What every head's scores share within one attention call.
+struct Scores<'a, T> {
+    /// `(T+S-1, H)` from [`relative_bias_rows`], or None without bias.
+    bias_rows: Option<&'a [T]>,
+    causal: bool,
+    scale: T,
+    dims: AttnDims,
+}
+
+/// The log-sum-exp of each score row of one head, `(T)`: computed and written by the forward,
+/// read back by the backward.
+enum RowLse<'a, T> {
+    Write(&'a mut [T]),
+    Read(&'a [T]),
+}
+
+/// The probabilities of head `hh` of one batch entry, `probs (T, S)`: scores `scale·q·kᵀ` plus
 /// the relative bias, masked entries (padding keys, future keys when causal) set to probability
-/// 0. With `lse = None` the softmax is computed and each row's log-sum-exp written to `lse_out`;
-/// with `Some(lse)` (the backward) the saved log-sum-exp is reused instead.
-#[allow(clippy::too_many_arguments)]
+/// 0. `qh (T, D)`, `kh (S, D)`, `key_mask_b (S)`. With [`RowLse::Write`] the softmax is computed
+/// and each row's log-sum-exp written; with [`RowLse::Read`] (the backward) the saved one is
+/// reused instead.
 fn head_probs<T: Float>(
     probs: &mut [T],
     qh: &[T],
     kh: &[T],
     key_mask_b: &[i32],
-    bias_rows: Option<&[T]>,
-    causal: bool,
-    scale: T,
     hh: usize,
-    dims: AttnDims,
-    lse_in: Option<&[T]>,
-    lse_out: Option<&mut [T]>,
+    scores: &Scores<'_, T>,
+    mut lse: RowLse<'_, T>,
 ) {
-    let AttnDims { t, s, h, d, .. } = dims;
-    gemm_slices(probs, qh, kh, Gemm::nt(t, s, d).alpha(scale.f64()), false);
-    let mut lse_out = lse_out;
+    let AttnDims { t, s, h, d, .. } = scores.dims;
+    let alpha = scores.scale.f64();
+    gemm_slices(probs, qh, kh, Gemm::nt(t, s, d).alpha(alpha), false);
     for (i, row) in probs.chunks_exact_mut(s).enumerate() {
         for (j, x) in row.iter_mut().enumerate() {
-            if key_mask_b[j] == 0 || (causal && j > i) {
+            if key_mask_b[j] == 0 || (scores.causal && j > i) {
                 *x = T::neg_infinity();
-            } else if let Some(rows) = bias_rows {
+            } else if let Some(rows) = scores.bias_rows {
                 *x += rows[(j + t - 1 - i) * h + hh];
             }
         }
-        let row_lse = match lse_in {
-            Some(lse) => lse[i],
-            None => {
+        let row_lse = match &mut lse {
+            RowLse::Read(lse) => lse[i],
+            RowLse::Write(out) => {
                 let max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
-                if max == T::neg_infinity() {
+                out[i] = if max == T::neg_infinity() {
                     T::neg_infinity()
                 } else {
                     let sum: f64 = row.iter().map(|&x| (x - max).exp().f64()).sum();
                     max + T::of(sum.ln())
-                }
+                };
+                out[i]
             }
         };
-        if let Some(out) = lse_out.as_deref_mut() {
-            out[i] = row_lse;
-        }
         for x in row.iter_mut() {
             // A row with no visible key (lse = -inf) gets all-zero probabilities: output 0, no gradient.
             *x = if *x == T::neg_infinity() || row_lse == T::neg_infinity() {
@@ -321,13 +309,7 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
 
     fn nf4_dequantize(&self, out: &mut Vec<T>, q: &Nf4Tensor) {
-        assert_eq!(
-            out.len(),
-            q.len,
-            "nf4_dequantize: out has {} elements, the NF4 tensor {}",
-            out.len(),
-            q.len
-        );
+        check_nf4_dequantize(out.len(), q.len);
         let mut values = vec![0f32; q.len]; // (N)
         dequantize_nf4(&mut values, q);
         for (o, v) in out.iter_mut().zip(values) {
@@ -344,7 +326,7 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
 
     fn add_assign(&self, dst: &mut Vec<T>, src: &Vec<T>) {
-        assert_eq!(dst.len(), src.len(), "add_assign: lengths differ");
+        check_add_assign(dst.len(), src.len());
         dst.par_iter_mut()
             .with_min_len(1 << 14)
             .zip(src.par_iter())
@@ -356,9 +338,7 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
 
     fn gather_rows(&self, out: &mut Vec<T>, table: &Vec<T>, rows: &Vec<i32>, m: usize, c: usize) {
-        assert_eq!(out.len(), m * c, "gather_rows: out is not (M, C)");
-        assert_eq!(rows.len(), m, "gather_rows: rows is not (M)");
-        let r = table.len() / c;
+        let r = check_gather_rows(out.len(), table.len(), rows.len(), m, c);
         for (dst, &row) in out.chunks_exact_mut(c).zip(rows) {
             let row = usize::try_from(row).ok().filter(|&x| x < r);
             let row = row.unwrap_or_else(|| panic!("gather_rows: row index out of 0..{r}"));
@@ -374,9 +354,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         m: usize,
         c: usize,
     ) {
-        assert_eq!(dout.len(), m * c, "scatter_rows_add: dout is not (M, C)");
-        assert_eq!(rows.len(), m, "scatter_rows_add: rows is not (M)");
-        let r = dtable.len() / c;
+        let r = check_scatter_rows_add(dtable.len(), dout.len(), rows.len(), m, c);
         for (src, &row) in dout.chunks_exact(c).zip(rows) {
             let row = usize::try_from(row).ok().filter(|&x| x < r);
             let row = row.unwrap_or_else(|| panic!("scatter_rows_add: row index out of 0..{r}"));
@@ -408,11 +386,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         h: AdamW,
     ) {
         let n = param.len();
-        assert!(
-            master.len() == n && m.len() == n && v.len() == n && grad.len() == n,
-            "adamw_step: lengths differ"
-        );
-        assert!(h.step >= 1, "adamw_step: steps count from 1");
+        h.check(n, master.len(), m.len(), v.len(), grad.len());
         // The bias corrections in f64: β^t underflows gracefully, 1 − β^t stays accurate.
         let bc1 = 1.0 - h.beta1.powf(h.step as f64);
         let bc2 = 1.0 - h.beta2.powf(h.step as f64);
@@ -444,22 +418,10 @@ impl<T: Float> Backend for CpuBackend<T> {
         ids: &Vec<i32>,
         prompt: &Vec<T>,
         update: Option<&Vec<T>>,
-        b: usize,
-        t: usize,
-        p: usize,
-        c: usize,
+        dims: EmbedPromptDims,
     ) {
-        method_ops::embed_prompt_forward(
-            out,
-            table,
-            ids,
-            prompt,
-            update.map(|u| u.as_slice()),
-            b,
-            t,
-            p,
-            c,
-        );
+        let update = update.map(|u| u.as_slice());
+        method_ops::embed_prompt_forward(out, table, ids, prompt, update, dims);
     }
 
     fn embed_prompt_backward(
@@ -467,20 +429,10 @@ impl<T: Float> Backend for CpuBackend<T> {
         d_prompt: &mut Vec<T>,
         d_update: Option<&mut Vec<T>>,
         dout: &Vec<T>,
-        b: usize,
-        t: usize,
-        p: usize,
-        c: usize,
+        dims: EmbedPromptDims,
     ) {
-        method_ops::embed_prompt_backward(
-            d_prompt,
-            d_update.map(|u| u.as_mut_slice()),
-            dout,
-            b,
-            t,
-            p,
-            c,
-        );
+        let d_update = d_update.map(|u| u.as_mut_slice());
+        method_ops::embed_prompt_backward(d_prompt, d_update, dout, dims);
     }
 
     fn layernorm_forward(
@@ -491,11 +443,12 @@ impl<T: Float> Backend for CpuBackend<T> {
         inp: &Vec<T>,
         weight: &Vec<T>,
         bias: &Vec<T>,
-        n: usize,
-        c: usize,
         eps: f64,
+        dims: LayerNormDims,
     ) {
-        method_ops::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c, eps);
+        let stats = (mean.as_mut_slice(), rstd.as_mut_slice());
+        let params = (weight.as_slice(), bias.as_slice());
+        method_ops::layernorm_forward(out, stats, inp, params, eps, dims);
     }
 
     fn layernorm_backward(
@@ -508,10 +461,15 @@ impl<T: Float> Backend for CpuBackend<T> {
         weight: &Vec<T>,
         mean: &Vec<T>,
         rstd: &Vec<T>,
-        n: usize,
-        c: usize,
+        dims: LayerNormDims,
     ) {
-        method_ops::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c);
+        let grads = (
+            dinp.as_mut_slice(),
+            dweight.as_mut_slice(),
+            dbias.as_mut_slice(),
+        );
+        let stats = (mean.as_slice(), rstd.as_slice());
+        method_ops::layernorm_backward(grads, dout, inp, weight, stats, dims);
     }
 
     fn softmax_rows_forward(&self, out: &mut Vec<T>, inp: &Vec<T>, n: usize, k: usize) {
@@ -536,11 +494,9 @@ impl<T: Float> Backend for CpuBackend<T> {
         ps: &Vec<T>,
         lr: &Vec<T>,
         mode: FusionMode,
-        s: usize,
-        m: usize,
-        c: usize,
+        dims: FusionAttentionDims,
     ) {
-        method_ops::fusion_attention_forward(out, probs, ps, lr, mode, s, m, c);
+        method_ops::fusion_attention_forward(out, probs, ps, lr, mode, dims);
     }
 
     fn fusion_attention_backward(
@@ -552,11 +508,11 @@ impl<T: Float> Backend for CpuBackend<T> {
         lr: &Vec<T>,
         probs: &Vec<T>,
         mode: FusionMode,
-        s: usize,
-        m: usize,
-        c: usize,
+        dims: FusionAttentionDims,
     ) {
-        method_ops::fusion_attention_backward(d_ps, d_lr, dout, ps, lr, probs, mode, s, m, c);
+        let inputs = (ps.as_slice(), lr.as_slice(), probs.as_slice());
+        let grads = (d_ps.as_mut_slice(), d_lr.as_mut_slice());
+        method_ops::fusion_attention_backward(grads, dout, inputs, mode, dims);
     }
 
     fn gated_experts_forward(
@@ -564,11 +520,10 @@ impl<T: Float> Backend for CpuBackend<T> {
         out: &mut Vec<T>,
         gate: &Vec<T>,
         experts: &[&Vec<T>],
-        n: usize,
-        c: usize,
+        dims: GatedExpertsDims,
     ) {
         let experts: Vec<&[T]> = experts.iter().map(|x| x.as_slice()).collect();
-        method_ops::gated_experts_forward(out, gate, &experts, n, c);
+        method_ops::gated_experts_forward(out, gate, &experts, dims);
     }
 
     fn gated_experts_backward(
@@ -578,12 +533,11 @@ impl<T: Float> Backend for CpuBackend<T> {
         dout: &Vec<T>,
         gate: &Vec<T>,
         experts: &[&Vec<T>],
-        n: usize,
-        c: usize,
+        dims: GatedExpertsDims,
     ) {
         let experts: Vec<&[T]> = experts.iter().map(|x| x.as_slice()).collect();
         let mut d: Vec<&mut [T]> = d_experts.iter_mut().map(|x| x.as_mut_slice()).collect();
-        method_ops::gated_experts_backward(d_gate, &mut d, dout, gate, &experts, n, c);
+        method_ops::gated_experts_backward(d_gate, &mut d, dout, gate, &experts, dims);
     }
 
     fn lamp_pool_forward(
@@ -592,12 +546,9 @@ impl<T: Float> Backend for CpuBackend<T> {
         u: &Vec<T>,
         q: &Vec<T>,
         v: &Vec<T>,
-        l: usize,
-        r: usize,
-        c: usize,
-        p: usize,
+        dims: LampPoolDims,
     ) {
-        method_ops::lamp_pool_forward(out, u, q, v, l, r, c, p);
+        method_ops::lamp_pool_forward(out, u, q, v, dims);
     }
 
     fn lamp_pool_backward(
@@ -609,12 +560,11 @@ impl<T: Float> Backend for CpuBackend<T> {
         u: &Vec<T>,
         q: &Vec<T>,
         v: &Vec<T>,
-        l: usize,
-        r: usize,
-        c: usize,
-        p: usize,
+        dims: LampPoolDims,
     ) {
-        method_ops::lamp_pool_backward(du, dq, dv, dout, u, q, v, l, r, c, p);
+        let grads = (du.as_mut_slice(), dq.as_mut_slice(), dv.as_mut_slice());
+        let inputs = (u.as_slice(), q.as_slice(), v.as_slice());
+        method_ops::lamp_pool_backward(grads, dout, inputs, dims);
     }
 
     fn rmsnorm_forward(
@@ -623,14 +573,11 @@ impl<T: Float> Backend for CpuBackend<T> {
         rstd: &mut Vec<T>,
         inp: &Vec<T>,
         weight: &Vec<T>,
-        n: usize,
-        c: usize,
         eps: f64,
+        dims: RmsNormDims,
     ) {
-        assert_eq!(inp.len(), n * c, "rmsnorm_forward: inp is not (N, C)");
-        assert_eq!(out.len(), n * c, "rmsnorm_forward: out is not (N, C)");
-        assert_eq!(rstd.len(), n, "rmsnorm_forward: rstd is not (N)");
-        assert_eq!(weight.len(), c, "rmsnorm_forward: weight is not (C)");
+        let RmsNormDims { c, .. } = dims;
+        dims.check_forward(out.len(), rstd.len(), inp.len(), weight.len());
         out.par_chunks_mut(c)
             .zip(rstd.par_iter_mut())
             .zip(inp.par_chunks(c))
@@ -650,21 +597,10 @@ impl<T: Float> Backend for CpuBackend<T> {
         inp: &Vec<T>,
         weight: &Vec<T>,
         rstd: &Vec<T>,
-        n: usize,
-        c: usize,
+        dims: RmsNormDims,
     ) {
-        assert_eq!(
-            dinp.len(),
-            n * c,
-            "rmsnorm_backward_dinp: dinp is not (N, C)"
-        );
-        assert_eq!(
-            dout.len(),
-            n * c,
-            "rmsnorm_backward_dinp: dout is not (N, C)"
-        );
-        assert_eq!(inp.len(), n * c, "rmsnorm_backward_dinp: inp is not (N, C)");
-        assert_eq!(rstd.len(), n, "rmsnorm_backward_dinp: rstd is not (N)");
+        let RmsNormDims { c, .. } = dims;
+        dims.check_backward_dinp(dinp.len(), dout.len(), inp.len(), weight.len(), rstd.len());
         // y = w·x·r with r = (mean(x²) + eps)^-½, so
         // dx_i = r·w_i·dy_i − r³/C · x_i · Σ_j w_j·dy_j·x_j.
         dinp.par_chunks_mut(c)
@@ -699,26 +635,17 @@ impl<T: Float> Backend for CpuBackend<T> {
         dims: AttnDims,
     ) {
         let AttnDims {
-            b,
-            t,
-            s,
-            h,
-            h_kv,
-            d,
+            t, s, h, h_kv, d, ..
         } = dims;
-        check_attention_dims(dims, q, k, v, mask.key_mask);
-        assert_eq!(
-            out.len(),
-            b * t * h * d,
-            "attention_forward: out is not (B, T, H·D)"
-        );
-        assert_eq!(
-            lse.len(),
-            b * h * t,
-            "attention_forward: lse is not (B, H, T)"
-        );
-        let bias_rows = bias.map(|bias| relative_bias_rows(&bias, t, s, h));
-        let scale = T::of(scale);
+        let qkv = (q.len(), k.len(), v.len());
+        dims.check_forward(out.len(), lse.len(), qkv, mask.key_mask.len());
+        let bias_rows = bias.map(|bias| relative_bias_rows(&bias, dims));
+        let scores = Scores {
+            bias_rows: bias_rows.as_deref(),
+            causal: mask.causal,
+            scale: T::of(scale),
+            dims,
+        };
         let group = h / h_kv;
 
         // One batch entry per task; per head: P = softmax(scale·Q·Kᵀ + bias + mask), O = P·V.
@@ -743,20 +670,8 @@ impl<T: Float> Backend for CpuBackend<T> {
                     gather_head(&mut qh, q_b, hh, h, d);
                     gather_head(&mut kh, k_b, kvh, h_kv, d);
                     gather_head(&mut vh, v_b, kvh, h_kv, d);
-                    let lse_h = &mut lse_b[hh * t..(hh + 1) * t];
-                    head_probs(
-                        &mut probs,
-                        &qh,
-                        &kh,
-                        key_mask_b,
-                        bias_rows.as_deref(),
-                        mask.causal,
-                        scale,
-                        hh,
-                        dims,
-                        None,
-                        Some(lse_h),
-                    );
+                    let lse_h = RowLse::Write(&mut lse_b[hh * t..(hh + 1) * t]);
+                    head_probs(&mut probs, &qh, &kh, key_mask_b, hh, &scores, lse_h);
                     gemm_slices(&mut oh, &probs, &vh, Gemm::nn(t, d, s), false);
                     scatter_head_add(out_b, &oh, hh, h, d);
                 }
@@ -780,46 +695,23 @@ impl<T: Float> Backend for CpuBackend<T> {
         dims: AttnDims,
     ) {
         let AttnDims {
-            b,
-            t,
-            s,
-            h,
-            h_kv,
-            d,
+            t, s, h, h_kv, d, ..
         } = dims;
-        check_attention_dims(dims, q, k, v, mask.key_mask);
-        assert_eq!(
-            dq.len(),
-            q.len(),
-            "attention_backward_dinp: dq is not (B, T, H·D)"
-        );
-        assert_eq!(
-            dk.len(),
-            k.len(),
-            "attention_backward_dinp: dk is not (B, S, Hkv·D)"
-        );
-        assert_eq!(
-            dv.len(),
-            v.len(),
-            "attention_backward_dinp: dv is not (B, S, Hkv·D)"
-        );
-        assert_eq!(
+        dims.check_backward_dinp(
+            (dq.len(), dk.len(), dv.len()),
             dout.len(),
-            q.len(),
-            "attention_backward_dinp: dout is not (B, T, H·D)"
+            (q.len(), k.len(), v.len()),
+            (out.len(), lse.len()),
+            mask.key_mask.len(),
         );
-        assert_eq!(
-            out.len(),
-            q.len(),
-            "attention_backward_dinp: out is not (B, T, H·D)"
-        );
-        assert_eq!(
-            lse.len(),
-            b * h * t,
-            "attention_backward_dinp: lse is not (B, H, T)"
-        );
-        let bias_rows = bias.map(|bias| relative_bias_rows(&bias, t, s, h));
+        let bias_rows = bias.map(|bias| relative_bias_rows(&bias, dims));
         let scale_t = T::of(scale);
+        let scores = Scores {
+            bias_rows: bias_rows.as_deref(),
+            causal: mask.causal,
+            scale: scale_t,
+            dims,
+        };
         let group = h / h_kv;
 
         // With P recomputed from the saved log-sum-exp and O = P·V:
@@ -856,20 +748,8 @@ impl<T: Float> Backend for CpuBackend<T> {
                     gather_head(&mut vh, v_b, kvh, h_kv, d);
                     gather_head(&mut oh, o_b, hh, h, d);
                     gather_head(&mut doh, do_b, hh, h, d);
-                    let lse_h = &lse_b[hh * t..(hh + 1) * t];
-                    head_probs(
-                        &mut probs,
-                        &qh,
-                        &kh,
-                        key_mask_b,
-                        bias_rows.as_deref(),
-                        mask.causal,
-                        scale_t,
-                        hh,
-                        dims,
-                        Some(lse_h),
-                        None,
-                    );
+                    let lse_h = RowLse::Read(&lse_b[hh * t..(hh + 1) * t]);
+                    head_probs(&mut probs, &qh, &kh, key_mask_b, hh, &scores, lse_h);
                     gemm_slices(
                         &mut dvh,
                         &probs,
@@ -917,22 +797,9 @@ impl<T: Float> Backend for CpuBackend<T> {
         positions: &Vec<i32>,
         cos: &Vec<T>,
         sin: &Vec<T>,
-        n: usize,
-        h: usize,
-        d: usize,
+        dims: RopeDims,
     ) {
-        rope_rotate(
-            out,
-            inp,
-            positions,
-            cos,
-            sin,
-            n,
-            h,
-            d,
-            T::one(),
-            "rope_forward",
-        );
+        rope_rotate(out, inp, positions, (cos, sin), dims, Rotation::Forward);
     }
 
     fn rope_backward_dinp(
@@ -942,24 +809,9 @@ impl<T: Float> Backend for CpuBackend<T> {
         positions: &Vec<i32>,
         cos: &Vec<T>,
         sin: &Vec<T>,
-        n: usize,
-        h: usize,
-        d: usize,
+        dims: RopeDims,
     ) {
-        // The transpose of a rotation is the rotation by −θ: flip the sign of sin.
-        let minus = -T::one();
-        rope_rotate(
-            dinp,
-            dout,
-            positions,
-            cos,
-            sin,
-            n,
-            h,
-            d,
-            minus,
-            "rope_backward_dinp",
-        );
+        rope_rotate(dinp, dout, positions, (cos, sin), dims, Rotation::Transpose);
     }
 
     fn gated_act_forward(
@@ -970,19 +822,9 @@ impl<T: Float> Backend for CpuBackend<T> {
         act: Activation,
         len: usize,
     ) {
-        assert_eq!(
-            out.len(),
-            len,
-            "gated_act_forward: out has the wrong length"
-        );
-        assert_eq!(a.len(), len, "gated_act_forward: a has the wrong length");
+        check_gated_act_forward(out.len(), a.len(), gate.map(|g| g.len()), len);
         match gate {
             Some(gate) => {
-                assert_eq!(
-                    gate.len(),
-                    len,
-                    "gated_act_forward: gate has the wrong length"
-                );
                 out.par_iter_mut()
                     .with_min_len(1 << 12)
                     .zip(a.par_iter().zip(gate.par_iter()))
@@ -1006,33 +848,16 @@ impl<T: Float> Backend for CpuBackend<T> {
         act: Activation,
         len: usize,
     ) {
-        assert_eq!(
+        check_gated_act_backward_dinp(
             da.len(),
-            len,
-            "gated_act_backward_dinp: da has the wrong length"
-        );
-        assert_eq!(
+            dgate.as_ref().map(|g| g.len()),
             dout.len(),
-            len,
-            "gated_act_backward_dinp: dout has the wrong length"
-        );
-        assert_eq!(
             a.len(),
+            gate.map(|g| g.len()),
             len,
-            "gated_act_backward_dinp: a has the wrong length"
         );
         match (gate, dgate) {
             (Some(gate), Some(dgate)) => {
-                assert_eq!(
-                    gate.len(),
-                    len,
-                    "gated_act_backward_dinp: gate has the wrong length"
-                );
-                assert_eq!(
-                    dgate.len(),
-                    len,
-                    "gated_act_backward_dinp: dgate has the wrong length"
-                );
                 da.par_iter_mut()
                     .with_min_len(1 << 12)
                     .zip(dgate.par_iter_mut())
@@ -1047,9 +872,7 @@ impl<T: Float> Backend for CpuBackend<T> {
                 .with_min_len(1 << 12)
                 .zip(dout.par_iter().zip(a.par_iter()))
                 .for_each(|(dx, (&g, &x))| *dx = g * activation_grad(act, x)),
-            _ => {
-                panic!("gated_act_backward_dinp: gate and dgate must both be given or both absent")
-            }
+            _ => unreachable!("checked: gate and dgate are both given or both absent"),
         }
     }
 
@@ -1060,13 +883,10 @@ impl<T: Float> Backend for CpuBackend<T> {
         logits: &Vec<T>,
         targets: &Vec<i32>,
         dloss: f64,
-        m: usize,
-        v: usize,
+        dims: CrossEntropyDims,
     ) {
-        assert_eq!(losses.len(), m, "cross_entropy: losses is not (M)");
-        assert_eq!(dlogits.len(), m * v, "cross_entropy: dlogits is not (M, V)");
-        assert_eq!(logits.len(), m * v, "cross_entropy: logits is not (M, V)");
-        assert_eq!(targets.len(), m, "cross_entropy: targets is not (M)");
+        let CrossEntropyDims { v, .. } = dims;
+        dims.check(losses.len(), dlogits.len(), logits.len(), targets.len());
         let dloss = T::of(dloss);
         losses
             .par_iter_mut()
@@ -1088,28 +908,40 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
 }
 
-/// `out = R(sign·θ)·inp` on each (i, i + D/2) pair of each head: RoPE's forward (`sign` 1) and
-/// its transpose (`sign` −1). `out, inp (N, H·D)`, `positions (N)`, `cos, sin (P, D/2)`.
-#[allow(clippy::too_many_arguments)]
+/// Which way [`rope_rotate`] turns each pair.
+#[derive(Clone, Copy)]
+enum Rotation {
+    /// By θ: RoPE's forward.
+    Forward,
+    /// By −θ, the transpose of the rotation: the backward.
+    Transpose,
+}
+
+/// `out = R(±θ)·inp` on each (i, i + D/2) pair of each head: RoPE's forward and its transpose.
+/// `out, inp (N, H·D)`, `positions (N)`, `cos, sin (P, D/2)`.
 fn rope_rotate<T: Float>(
     out: &mut [T],
     inp: &[T],
     positions: &[i32],
-    cos: &[T],
-    sin: &[T],
-    n: usize,
-    h: usize,
-    d: usize,
-    sign: T,
-    op: &str,
+    (cos, sin): (&[T], &[T]),
+    dims: RopeDims,
+    rotation: Rotation,
 ) {
+    let RopeDims { h, d, .. } = dims;
+    // The transpose of a rotation is the rotation by −θ: flip the sign of sin.
+    let (op, sign) = match rotation {
+        Rotation::Forward => ("rope_forward", T::one()),
+        Rotation::Transpose => ("rope_backward_dinp", -T::one()),
+    };
+    let rows = dims.check(
+        op,
+        out.len(),
+        inp.len(),
+        positions.len(),
+        cos.len(),
+        sin.len(),
+    );
     let half = d / 2;
-    assert!(d.is_multiple_of(2), "{op}: head width D = {d} is odd");
-    assert_eq!(out.len(), n * h * d, "{op}: out is not (N, H·D)");
-    assert_eq!(inp.len(), n * h * d, "{op}: inp is not (N, H·D)");
-    assert_eq!(positions.len(), n, "{op}: positions is not (N)");
-    assert_eq!(cos.len(), sin.len(), "{op}: cos and sin differ in length");
-    let rows = cos.len() / half.max(1);
     out.par_chunks_exact_mut(h * d)
         .zip(inp.par_chunks_exact(h * d))
         .zip(positions.par_iter())
@@ -1128,33 +960,6 @@ fn rope_rotate<T: Float>(
                 }
             }
         });
-}
-
-fn check_attention_dims<T>(dims: AttnDims, q: &[T], k: &[T], v: &[T], key_mask: &[i32]) {
-    let AttnDims {
-        b,
-        t,
-        s,
-        h,
-        h_kv,
-        d,
-    } = dims;
-    assert!(
-        h_kv > 0 && h % h_kv == 0,
-        "attention: H = {h} is not a multiple of Hkv = {h_kv}"
-    );
-    assert_eq!(q.len(), b * t * h * d, "attention: q is not (B, T, H·D)");
-    assert_eq!(
-        k.len(),
-        b * s * h_kv * d,
-        "attention: k is not (B, S, Hkv·D)"
-    );
-    assert_eq!(
-        v.len(),
-        b * s * h_kv * d,
-        "attention: v is not (B, S, Hkv·D)"
-    );
-    assert_eq!(key_mask.len(), b * s, "attention: key_mask is not (B, S)");
 }
 
 /// `act(x)` for one element.

@@ -3,6 +3,7 @@
 //! of dimensions or a transposed index changes the result.
 
 use super::*;
+use crate::backend::LinearDims;
 use crate::testing::{dot, finite_diff, random_vec, rel_err};
 
 type B64 = CpuBackend<f64>;
@@ -92,12 +93,12 @@ fn linear_backward_dinp_matches_finite_differences() {
     let dout = random_vec(n * oc, 1.0, 3);
     let mut f = |x: &[f64]| {
         let mut out = vec![0.0; n * oc];
-        be().linear_forward(&mut out, &x.to_vec(), &w, n, ic, oc);
+        be().linear_forward(&mut out, &x.to_vec(), &w, LinearDims::new(n, ic, oc));
         dot(&out, &dout)
     };
     let numeric = finite_diff(&mut f, &inp, None, FD_EPS);
     let mut dinp = vec![f64::NAN; n * ic];
-    be().linear_backward_dinp(&mut dinp, &dout, &w, n, ic, oc, false);
+    be().linear_backward_dinp(&mut dinp, &dout, &w, false, LinearDims::new(n, ic, oc));
     assert!(rel_err(&dinp, &numeric) < FD_TOL);
 }
 
@@ -130,7 +131,7 @@ fn rmsnorm_forward_matches_definition() {
     let w = random_vec(c, 1.0, 7);
     let mut out = vec![f64::NAN; n * c];
     let mut rstd = vec![f64::NAN; n];
-    be().rmsnorm_forward(&mut out, &mut rstd, &inp, &w, n, c, 1e-6);
+    be().rmsnorm_forward(&mut out, &mut rstd, &inp, &w, 1e-6, RmsNormDims { n, c });
     for i in 0..n {
         let row = &inp[i * c..(i + 1) * c];
         let ms = row.iter().map(|x| x * x).sum::<f64>() / c as f64;
@@ -152,32 +153,38 @@ fn rmsnorm_backward_dinp_matches_finite_differences_and_accumulates() {
     let mut f = |x: &[f64]| {
         let mut out = vec![0.0; n * c];
         let mut rstd = vec![0.0; n];
-        be().rmsnorm_forward(&mut out, &mut rstd, &x.to_vec(), &w, n, c, eps);
+        be().rmsnorm_forward(
+            &mut out,
+            &mut rstd,
+            &x.to_vec(),
+            &w,
+            eps,
+            RmsNormDims { n, c },
+        );
         dot(&out, &dout)
     };
     let numeric = finite_diff(&mut f, &inp, None, FD_EPS);
     let mut out = vec![0.0; n * c];
     let mut rstd = vec![0.0; n];
-    be().rmsnorm_forward(&mut out, &mut rstd, &inp, &w, n, c, eps);
+    be().rmsnorm_forward(&mut out, &mut rstd, &inp, &w, eps, RmsNormDims { n, c });
     let prior = random_vec(n * c, 1.0, 11);
     let mut dinp = prior.clone();
-    be().rmsnorm_backward_dinp(&mut dinp, &dout, &inp, &w, &rstd, n, c);
+    be().rmsnorm_backward_dinp(&mut dinp, &dout, &inp, &w, &rstd, RmsNormDims { n, c });
     let added: Vec<f64> = dinp.iter().zip(&prior).map(|(a, b)| a - b).collect();
     assert!(rel_err(&added, &numeric) < FD_TOL);
 }
 
 /// The straightforward definition of attention, with an explicit bias tensor, to check the op.
-#[allow(clippy::too_many_arguments)]
 fn naive_attention(
     q: &[f64],
     k: &[f64],
     v: &[f64],
-    key_mask: &[i32],
+    mask: AttnMask<'_, Vec<i32>>,
     bias: Option<&RelBias<'_, Vec<f64>>>,
-    causal: bool,
     scale: f64,
     dims: AttnDims,
 ) -> Vec<f64> {
+    let AttnMask { key_mask, causal } = mask;
     let AttnDims {
         b,
         t,
@@ -337,16 +344,7 @@ fn attention_forward_matches_naive_definition() {
         be().attention_forward(
             &mut out, &mut lse, &q, &k, &v, am, bias, case.scale, case.dims,
         );
-        let expected = naive_attention(
-            &q,
-            &k,
-            &v,
-            &mask,
-            bias.as_ref(),
-            case.causal,
-            case.scale,
-            case.dims,
-        );
+        let expected = naive_attention(&q, &k, &v, am, bias.as_ref(), case.scale, case.dims);
         let err = rel_err(&out, &expected);
         assert!(err < 1e-13, "{}: rel err {err}", case.name);
     }
@@ -496,7 +494,14 @@ fn cross_entropy_matches_definition_and_finite_differences() {
     let run = |l: &Vec<f64>| {
         let mut losses = vec![0.0; m];
         let mut dl = vec![0.0; m * v];
-        be().cross_entropy_forward_backward(&mut losses, &mut dl, l, &targets, dloss, m, v);
+        be().cross_entropy_forward_backward(
+            &mut losses,
+            &mut dl,
+            l,
+            &targets,
+            dloss,
+            CrossEntropyDims { m, v },
+        );
         (losses, dl)
     };
     let (losses, dlogits) = run(&logits);
@@ -522,10 +527,17 @@ fn f32_backend_agrees_with_f64() {
     let w32 = b32.upload_f64(&w);
     let mut out32 = b32.zeros(n * c);
     let mut rstd32 = b32.zeros(n);
-    b32.rmsnorm_forward(&mut out32, &mut rstd32, &inp32, &w32, n, c, 1e-6);
+    b32.rmsnorm_forward(
+        &mut out32,
+        &mut rstd32,
+        &inp32,
+        &w32,
+        1e-6,
+        RmsNormDims { n, c },
+    );
     let mut out = vec![0.0; n * c];
     let mut rstd = vec![0.0; n];
-    be().rmsnorm_forward(&mut out, &mut rstd, &inp, &w, n, c, 1e-6);
+    be().rmsnorm_forward(&mut out, &mut rstd, &inp, &w, 1e-6, RmsNormDims { n, c });
     assert!(rel_err(&b32.download_f64(&out32), &out) < 1e-6);
     assert_eq!(b32.name(), "cpu-f32");
     // from_f32 on the f32 backend is a move, on f64 a conversion
@@ -556,7 +568,14 @@ fn embed_prompt_forward_lays_out_rows_and_backward_is_its_adjoint() {
     let prompt = random_vec(p * c, 1.0, 201);
     let update = random_vec(m * c, 1.0, 202);
     let mut out = vec![f64::NAN; b * (p + t) * c];
-    be().embed_prompt_forward(&mut out, &table, &ids, &prompt, Some(&update), b, t, p, c);
+    be().embed_prompt_forward(
+        &mut out,
+        &table,
+        &ids,
+        &prompt,
+        Some(&update),
+        EmbedPromptDims { b, t, p, c },
+    );
     for bi in 0..b {
         let row = |j: usize| &out[(bi * (p + t) + j) * c..][..c];
         assert_eq!(row(0), &prompt[..c]);
@@ -573,16 +592,35 @@ fn embed_prompt_forward_lays_out_rows_and_backward_is_its_adjoint() {
     let dout = random_vec(out.len(), 1.0, 203);
     let mut d_prompt = vec![f64::NAN; p * c];
     let mut d_update = vec![f64::NAN; m * c];
-    be().embed_prompt_backward(&mut d_prompt, Some(&mut d_update), &dout, b, t, p, c);
+    be().embed_prompt_backward(
+        &mut d_prompt,
+        Some(&mut d_update),
+        &dout,
+        EmbedPromptDims { b, t, p, c },
+    );
     let mut f_prompt = |x: &[f64]| {
         let mut o = vec![0.0; b * (p + t) * c];
-        be().embed_prompt_forward(&mut o, &table, &ids, &x.to_vec(), Some(&update), b, t, p, c);
+        be().embed_prompt_forward(
+            &mut o,
+            &table,
+            &ids,
+            &x.to_vec(),
+            Some(&update),
+            EmbedPromptDims { b, t, p, c },
+        );
         o
     };
     check_fd("d_prompt", &mut f_prompt, &prompt, &dout, &d_prompt);
     let mut f_update = |x: &[f64]| {
         let mut o = vec![0.0; b * (p + t) * c];
-        be().embed_prompt_forward(&mut o, &table, &ids, &prompt, Some(&x.to_vec()), b, t, p, c);
+        be().embed_prompt_forward(
+            &mut o,
+            &table,
+            &ids,
+            &prompt,
+            Some(&x.to_vec()),
+            EmbedPromptDims { b, t, p, c },
+        );
         o
     };
     check_fd("d_update", &mut f_update, &update, &dout, &d_update);
@@ -601,13 +639,13 @@ fn linear_backward_dweight_and_bias_backward_match_finite_differences() {
     let dout = random_vec(n * oc, 1.0, 213);
     let run = |w: &[f64], bias: &[f64]| {
         let mut out = vec![0.0; n * oc];
-        be().linear_forward(&mut out, &inp, &w.to_vec(), n, ic, oc);
+        be().linear_forward(&mut out, &inp, &w.to_vec(), LinearDims::new(n, ic, oc));
         be().add_bias(&mut out, &bias.to_vec(), n, oc);
         out
     };
     let prior = random_vec(oc * ic, 1.0, 214);
     let mut dw = prior.clone();
-    be().linear_backward_dweight(&mut dw, &dout, &inp, n, ic, oc);
+    be().linear_backward_dweight(&mut dw, &dout, &inp, LinearDims::new(n, ic, oc));
     let added: Vec<f64> = dw.iter().zip(&prior).map(|(a, b)| a - b).collect();
     check_fd("dweight", &mut |x| run(x, &bias), &w, &dout, &added);
     let mut db = vec![0.0; oc];
@@ -632,9 +670,8 @@ fn layernorm_backward_matches_finite_differences() {
             &x.to_vec(),
             &w.to_vec(),
             &bias.to_vec(),
-            n,
-            c,
             eps,
+            LayerNormDims { n, c },
         );
         (out, mean, rstd)
     };
@@ -647,7 +684,15 @@ fn layernorm_backward_matches_finite_differences() {
     let mut dinp = vec![f64::NAN; n * c];
     let (mut dw, mut db) = (vec![0.0; c], vec![0.0; c]);
     be().layernorm_backward(
-        &mut dinp, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, n, c,
+        &mut dinp,
+        &mut dw,
+        &mut db,
+        &dout,
+        &inp,
+        &w,
+        &mean,
+        &rstd,
+        LayerNormDims { n, c },
     );
     check_fd("dinp", &mut |x| run(x, &w, &bias).0, &inp, &dout, &dinp);
     check_fd("dweight", &mut |x| run(&inp, x, &bias).0, &w, &dout, &dw);
@@ -688,9 +733,7 @@ fn fusion_attention_matches_definition_and_finite_differences() {
                 &ps.to_vec(),
                 &lr.to_vec(),
                 mode,
-                s,
-                m,
-                c,
+                FusionAttentionDims { s, m, c },
             );
             (out, probs)
         };
@@ -723,7 +766,14 @@ fn fusion_attention_matches_definition_and_finite_differences() {
         }
         let (mut d_ps, mut d_lr) = (vec![f64::NAN; s * c], vec![f64::NAN; m * c]);
         be().fusion_attention_backward(
-            &mut d_ps, &mut d_lr, &dout, &ps, &lr, &probs, mode, s, m, c,
+            &mut d_ps,
+            &mut d_lr,
+            &dout,
+            &ps,
+            &lr,
+            &probs,
+            mode,
+            FusionAttentionDims { s, m, c },
         );
         check_fd(
             &format!("{mode:?} d_ps"),
@@ -753,13 +803,20 @@ fn gated_experts_backward_matches_finite_differences() {
     let run = |gate: &[f64], experts: &[Vec<f64>]| {
         let mut out = vec![0.0; n * c];
         let refs: Vec<&Vec<f64>> = experts.iter().collect();
-        be().gated_experts_forward(&mut out, &gate.to_vec(), &refs, n, c);
+        be().gated_experts_forward(&mut out, &gate.to_vec(), &refs, GatedExpertsDims { n, c });
         out
     };
     let mut d_gate = vec![f64::NAN; n * e];
     let mut d_experts = vec![vec![f64::NAN; n * c]; e];
     let refs: Vec<&Vec<f64>> = experts.iter().collect();
-    be().gated_experts_backward(&mut d_gate, &mut d_experts, &dout, &gate, &refs, n, c);
+    be().gated_experts_backward(
+        &mut d_gate,
+        &mut d_experts,
+        &dout,
+        &gate,
+        &refs,
+        GatedExpertsDims { n, c },
+    );
     check_fd("d_gate", &mut |x| run(x, &experts), &gate, &dout, &d_gate);
     for i in 0..e {
         let mut f = |x: &[f64]| {
@@ -786,7 +843,13 @@ fn lamp_pool_matches_pooling_the_full_product_and_finite_differences() {
     let dout = random_vec(l / p * c, 1.0, 263);
     let run = |u: &[f64], q: &[f64], v: &[f64]| {
         let mut out = vec![0.0; l / p * c];
-        be().lamp_pool_forward(&mut out, &u.to_vec(), &q.to_vec(), &v.to_vec(), l, r, c, p);
+        be().lamp_pool_forward(
+            &mut out,
+            &u.to_vec(),
+            &q.to_vec(),
+            &v.to_vec(),
+            LampPoolDims { l, r, c, p },
+        );
         out
     };
     let out = run(&u, &q, &v);
@@ -805,7 +868,16 @@ fn lamp_pool_matches_pooling_the_full_product_and_finite_differences() {
         }
     }
     let (mut du, mut dq, mut dv) = (vec![0.0; l * r], vec![0.0; r], vec![0.0; c * r]);
-    be().lamp_pool_backward(&mut du, &mut dq, &mut dv, &dout, &u, &q, &v, l, r, c, p);
+    be().lamp_pool_backward(
+        &mut du,
+        &mut dq,
+        &mut dv,
+        &dout,
+        &u,
+        &q,
+        &v,
+        LampPoolDims { l, r, c, p },
+    );
     check_fd("du", &mut |x| run(x, &q, &v), &u, &dout, &du);
     check_fd("dq", &mut |x| run(&u, x, &v), &q, &dout, &dq);
     check_fd("dv", &mut |x| run(&u, &q, x), &v, &dout, &dv);
@@ -864,7 +936,7 @@ fn rope_forward_matches_complex_rotation() {
     let positions = vec![0, 6, 2, 2, 5]; // unordered, repeated, the last table row
     let x = random_vec(n * h * d, 1.0, 1);
     let mut out = vec![f64::NAN; x.len()];
-    be().rope_forward(&mut out, &x, &positions, &cos, &sin, n, h, d);
+    be().rope_forward(&mut out, &x, &positions, &cos, &sin, RopeDims { n, h, d });
     let mut expected = vec![0.0; x.len()];
     for (r, &pos) in positions.iter().enumerate() {
         for hh in 0..h {
@@ -891,11 +963,25 @@ fn rope_backward_dinp_matches_finite_differences() {
     let x = random_vec(n * h * d, 1.0, 2);
     let dout = random_vec(n * h * d, 1.0, 3);
     let mut dinp = vec![f64::NAN; x.len()];
-    be().rope_backward_dinp(&mut dinp, &dout, &positions, &cos, &sin, n, h, d);
+    be().rope_backward_dinp(
+        &mut dinp,
+        &dout,
+        &positions,
+        &cos,
+        &sin,
+        RopeDims { n, h, d },
+    );
     let numeric = finite_diff(
         &mut |x| {
             let mut out = vec![0.0; x.len()];
-            be().rope_forward(&mut out, &x.to_vec(), &positions, &cos, &sin, n, h, d);
+            be().rope_forward(
+                &mut out,
+                &x.to_vec(),
+                &positions,
+                &cos,
+                &sin,
+                RopeDims { n, h, d },
+            );
             dot(&out, &dout)
         },
         &x,

@@ -12,7 +12,11 @@ use super::device::{Arg, DType, Device, LaunchCfg};
 use super::{AttentionKernel, GpuBackend};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::nf4::{dequantize_nf4, quantize_nf4};
-use crate::backend::{Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode, Gemm, RelBias};
+use crate::backend::{
+    Activation, AdamW, AttnDims, AttnMask, Backend, CrossEntropyDims, EmbedPromptDims,
+    FusionAttentionDims, FusionMode, GatedExpertsDims, Gemm, LampPoolDims, LayerNormDims, RelBias,
+    RmsNormDims, RopeDims,
+};
 use crate::engine::{build_backbone_method, forward_backward};
 use crate::model::generate::{GenerateConfig, Generated};
 use crate::model::linear::Quant;
@@ -162,22 +166,42 @@ impl<D: Device> Checker<'_, D> {
         let prompt = self.rand(p * c, 1.0);
         let update = self.rand((t + 2) * c, 0.5);
         let mut want = vec![0f32; b * (p + t) * c];
-        self.cpu
-            .embed_prompt_forward(&mut want, &table, &ids, &prompt, Some(&update), b, t, p, c);
+        self.cpu.embed_prompt_forward(
+            &mut want,
+            &table,
+            &ids,
+            &prompt,
+            Some(&update),
+            EmbedPromptDims { b, t, p, c },
+        );
         let mut out = self.nan(b * (p + t) * c);
         let gids = self.gpu.upload_index(&ids);
         let (gu, gp, gt) = (self.up(&update), self.up(&prompt), self.up(&table));
-        self.gpu
-            .embed_prompt_forward(&mut out, &gt, &gids, &gp, Some(&gu), b, t, p, c);
+        self.gpu.embed_prompt_forward(
+            &mut out,
+            &gt,
+            &gids,
+            &gp,
+            Some(&gu),
+            EmbedPromptDims { b, t, p, c },
+        );
         self.record("embed_prompt_forward", &out, &want, tol);
 
         let dout = self.rand(b * (p + t) * c, 1.0);
         let (mut dp_r, mut du_r) = (vec![0f32; p * c], vec![0f32; (t + 2) * c]);
-        self.cpu
-            .embed_prompt_backward(&mut dp_r, Some(&mut du_r), &dout, b, t, p, c);
+        self.cpu.embed_prompt_backward(
+            &mut dp_r,
+            Some(&mut du_r),
+            &dout,
+            EmbedPromptDims { b, t, p, c },
+        );
         let (mut dp, mut du) = (self.nan(p * c), self.nan((t + 2) * c));
-        self.gpu
-            .embed_prompt_backward(&mut dp, Some(&mut du), &self.up(&dout), b, t, p, c);
+        self.gpu.embed_prompt_backward(
+            &mut dp,
+            Some(&mut du),
+            &self.up(&dout),
+            EmbedPromptDims { b, t, p, c },
+        );
         self.record("embed_prompt_backward d_prompt", &dp, &dp_r, tol);
         self.record("embed_prompt_backward d_update", &du, &du_r, tol);
 
@@ -321,11 +345,23 @@ impl<D: Device> Checker<'_, D> {
         let (gps, glr, gdout) = (self.up(&ps), self.up(&lr), self.up(&dout));
         for (name, mode) in [("attend", FusionMode::Attend), ("paper", FusionMode::Paper)] {
             let (mut out_r, mut probs_r) = (vec![0f32; s * c], vec![0f32; s * m]);
-            self.cpu
-                .fusion_attention_forward(&mut out_r, &mut probs_r, &ps, &lr, mode, s, m, c);
+            self.cpu.fusion_attention_forward(
+                &mut out_r,
+                &mut probs_r,
+                &ps,
+                &lr,
+                mode,
+                FusionAttentionDims { s, m, c },
+            );
             let (mut out, mut probs) = (self.nan(s * c), self.nan(s * m));
-            self.gpu
-                .fusion_attention_forward(&mut out, &mut probs, &gps, &glr, mode, s, m, c);
+            self.gpu.fusion_attention_forward(
+                &mut out,
+                &mut probs,
+                &gps,
+                &glr,
+                mode,
+                FusionAttentionDims { s, m, c },
+            );
             self.record(
                 &format!("fusion_attention_forward {name} {tag}"),
                 &out,
@@ -342,7 +378,14 @@ impl<D: Device> Checker<'_, D> {
             let probs_r: Vec<f32> = probs_r.iter().map(|&x| round(x, dt)).collect();
             let (mut dps_r, mut dlr_r) = (vec![0f32; s * c], vec![0f32; m * c]);
             self.cpu.fusion_attention_backward(
-                &mut dps_r, &mut dlr_r, &dout, &ps, &lr, &probs_r, mode, s, m, c,
+                &mut dps_r,
+                &mut dlr_r,
+                &dout,
+                &ps,
+                &lr,
+                &probs_r,
+                mode,
+                FusionAttentionDims { s, m, c },
             );
             let (mut dps, mut dlr) = (self.nan(s * c), self.nan(m * c));
             self.gpu.fusion_attention_backward(
@@ -353,9 +396,7 @@ impl<D: Device> Checker<'_, D> {
                 &glr,
                 &self.up(&probs_r),
                 mode,
-                s,
-                m,
-                c,
+                FusionAttentionDims { s, m, c },
             );
             self.record(
                 &format!("fusion_attention_backward {name} d_ps {tag}"),
@@ -380,22 +421,34 @@ impl<D: Device> Checker<'_, D> {
         let refs: Vec<&Vec<f32>> = experts.iter().collect();
         let mut want = vec![0f32; s * c];
         self.cpu
-            .gated_experts_forward(&mut want, &gate, &refs, s, c);
+            .gated_experts_forward(&mut want, &gate, &refs, GatedExpertsDims { n: s, c });
         let ggate = self.up(&gate);
         let gexperts: Vec<_> = experts.iter().map(|x| self.up(x)).collect();
         let grefs: Vec<_> = gexperts.iter().collect();
         let mut out = self.nan(s * c);
         self.gpu
-            .gated_experts_forward(&mut out, &ggate, &grefs, s, c);
+            .gated_experts_forward(&mut out, &ggate, &grefs, GatedExpertsDims { n: s, c });
         self.record(&format!("gated_experts_forward {tag}"), &out, &want, tol);
         let mut dg_r = vec![0f32; s * e];
         let mut dx_r: Vec<Vec<f32>> = (0..e).map(|_| vec![0f32; s * c]).collect();
-        self.cpu
-            .gated_experts_backward(&mut dg_r, &mut dx_r, &dout, &gate, &refs, s, c);
+        self.cpu.gated_experts_backward(
+            &mut dg_r,
+            &mut dx_r,
+            &dout,
+            &gate,
+            &refs,
+            GatedExpertsDims { n: s, c },
+        );
         let mut dg = self.nan(s * e);
         let mut dx: Vec<_> = (0..e).map(|_| self.nan(s * c)).collect();
-        self.gpu
-            .gated_experts_backward(&mut dg, &mut dx, &gdout, &ggate, &grefs, s, c);
+        self.gpu.gated_experts_backward(
+            &mut dg,
+            &mut dx,
+            &gdout,
+            &ggate,
+            &grefs,
+            GatedExpertsDims { n: s, c },
+        );
         self.record(
             &format!("gated_experts_backward d_gate {tag}"),
             &dg,
@@ -420,10 +473,10 @@ impl<D: Device> Checker<'_, D> {
         let (gu, gq, gv) = (self.up(&u), self.up(&q), self.up(&v));
         let mut want = vec![0f32; l / p * c];
         self.cpu
-            .lamp_pool_forward(&mut want, &u, &q, &v, l, r, c, p);
+            .lamp_pool_forward(&mut want, &u, &q, &v, LampPoolDims { l, r, c, p });
         let mut out = self.nan(l / p * c);
         self.gpu
-            .lamp_pool_forward(&mut out, &gu, &gq, &gv, l, r, c, p);
+            .lamp_pool_forward(&mut out, &gu, &gq, &gv, LampPoolDims { l, r, c, p });
         self.record(&format!("lamp_pool_forward {tag}"), &out, &want, tol);
         // The backward accumulates: start from random gradients.
         let (du0, dq0, dv0, dy) = (
@@ -433,8 +486,16 @@ impl<D: Device> Checker<'_, D> {
             self.rand(l / p * c, 1.0),
         );
         let (mut du_r, mut dq_r, mut dv_r) = (du0.clone(), dq0.clone(), dv0.clone());
-        self.cpu
-            .lamp_pool_backward(&mut du_r, &mut dq_r, &mut dv_r, &dy, &u, &q, &v, l, r, c, p);
+        self.cpu.lamp_pool_backward(
+            &mut du_r,
+            &mut dq_r,
+            &mut dv_r,
+            &dy,
+            &u,
+            &q,
+            &v,
+            LampPoolDims { l, r, c, p },
+        );
         let (mut du, mut dq, mut dv) = (self.up(&du0), self.up(&dq0), self.up(&dv0));
         self.gpu.lamp_pool_backward(
             &mut du,
@@ -444,10 +505,7 @@ impl<D: Device> Checker<'_, D> {
             &gu,
             &gq,
             &gv,
-            l,
-            r,
-            c,
-            p,
+            LampPoolDims { l, r, c, p },
         );
         self.record(&format!("lamp_pool_backward du {tag}"), &du, &du_r, tol);
         self.record(&format!("lamp_pool_backward dq {tag}"), &dq, &dq_r, tol);
@@ -470,16 +528,16 @@ impl<D: Device> Checker<'_, D> {
         let gpos = self.gpu.upload_index(&positions);
         let mut want = vec![0f32; n * h * d];
         self.cpu
-            .rope_forward(&mut want, &x, &positions, &cos, &sin, n, h, d);
+            .rope_forward(&mut want, &x, &positions, &cos, &sin, RopeDims { n, h, d });
         let mut y = self.nan(n * h * d);
         self.gpu
-            .rope_forward(&mut y, &gx, &gpos, &gcos, &gsin, n, h, d);
+            .rope_forward(&mut y, &gx, &gpos, &gcos, &gsin, RopeDims { n, h, d });
         self.record("rope_forward", &y, &want, tol);
         self.cpu
-            .rope_backward_dinp(&mut want, &dy, &positions, &cos, &sin, n, h, d);
+            .rope_backward_dinp(&mut want, &dy, &positions, &cos, &sin, RopeDims { n, h, d });
         let mut dx = self.nan(n * h * d);
         self.gpu
-            .rope_backward_dinp(&mut dx, &gdy, &gpos, &gcos, &gsin, n, h, d);
+            .rope_backward_dinp(&mut dx, &gdy, &gpos, &gcos, &gsin, RopeDims { n, h, d });
         self.record("rope_backward_dinp", &dx, &want, tol);
     }
 
@@ -495,25 +553,39 @@ impl<D: Device> Checker<'_, D> {
         );
         let (mut y_r, mut r_r) = (vec![0f32; n * c], vec![0f32; n]);
         self.cpu
-            .rmsnorm_forward(&mut y_r, &mut r_r, &x, &w, n, c, 1e-6);
+            .rmsnorm_forward(&mut y_r, &mut r_r, &x, &w, 1e-6, RmsNormDims { n, c });
         let (gx, gw, gdy) = (self.up(&x), self.up(&w), self.up(&dy));
         let (mut y, mut r) = (self.nan(n * c), self.nan(n));
         self.gpu
-            .rmsnorm_forward(&mut y, &mut r, &gx, &gw, n, c, 1e-6);
+            .rmsnorm_forward(&mut y, &mut r, &gx, &gw, 1e-6, RmsNormDims { n, c });
         self.record("rmsnorm_forward", &y, &y_r, tol);
         let r_round: Vec<f32> = r_r.iter().map(|&v| round(v, dt)).collect();
         let acc = self.rand(n * c, 1.0);
         let mut want = acc.clone();
         self.cpu
-            .rmsnorm_backward_dinp(&mut want, &dy, &x, &w, &r_round, n, c);
+            .rmsnorm_backward_dinp(&mut want, &dy, &x, &w, &r_round, RmsNormDims { n, c });
         let mut dx = self.up(&acc);
-        self.gpu
-            .rmsnorm_backward_dinp(&mut dx, &gdy, &gx, &gw, &self.up(&r_round), n, c);
+        self.gpu.rmsnorm_backward_dinp(
+            &mut dx,
+            &gdy,
+            &gx,
+            &gw,
+            &self.up(&r_round),
+            RmsNormDims { n, c },
+        );
         self.record("rmsnorm_backward_dinp", &dx, &want, tol);
 
         let (mut y_r, mut m_r, mut r_r) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
-        self.cpu
-            .layernorm_forward(&mut y_r, &mut m_r, &mut r_r, &x, &w, &bias, n, c, 1e-5);
+        self.cpu.layernorm_forward(
+            &mut y_r,
+            &mut m_r,
+            &mut r_r,
+            &x,
+            &w,
+            &bias,
+            1e-5,
+            LayerNormDims { n, c },
+        );
         let (mut y, mut m, mut r) = (self.nan(n * c), self.nan(n), self.nan(n));
         self.gpu.layernorm_forward(
             &mut y,
@@ -522,9 +594,8 @@ impl<D: Device> Checker<'_, D> {
             &gx,
             &gw,
             &self.up(&bias),
-            n,
-            c,
             1e-5,
+            LayerNormDims { n, c },
         );
         self.record("layernorm_forward", &y, &y_r, tol);
         let m_round: Vec<f32> = m_r.iter().map(|&v| round(v, dt)).collect();
@@ -532,7 +603,15 @@ impl<D: Device> Checker<'_, D> {
         let (dw0, db0) = (self.rand(c, 1.0), self.rand(c, 1.0));
         let (mut dx_r, mut dw_r, mut db_r) = (vec![0f32; n * c], dw0.clone(), db0.clone());
         self.cpu.layernorm_backward(
-            &mut dx_r, &mut dw_r, &mut db_r, &dy, &x, &w, &m_round, &r_round, n, c,
+            &mut dx_r,
+            &mut dw_r,
+            &mut db_r,
+            &dy,
+            &x,
+            &w,
+            &m_round,
+            &r_round,
+            LayerNormDims { n, c },
         );
         let (mut dx, mut dw, mut db) = (self.nan(n * c), self.up(&dw0), self.up(&db0));
         self.gpu.layernorm_backward(
@@ -544,8 +623,7 @@ impl<D: Device> Checker<'_, D> {
             &gw,
             &self.up(&m_round),
             &self.up(&r_round),
-            n,
-            c,
+            LayerNormDims { n, c },
         );
         self.record("layernorm_backward dinp", &dx, &dx_r, tol);
         self.record("layernorm_backward dweight", &dw, &dw_r, tol);
@@ -770,8 +848,14 @@ impl<D: Device> Checker<'_, D> {
         let logits = self.rand(m * v, 4.0);
         let targets: Vec<i32> = (0..m).map(|i| ((i * 389 + 5) % v) as i32).collect();
         let (mut l_r, mut d_r) = (vec![0f32; m], vec![0f32; m * v]);
-        self.cpu
-            .cross_entropy_forward_backward(&mut l_r, &mut d_r, &logits, &targets, 0.25, m, v);
+        self.cpu.cross_entropy_forward_backward(
+            &mut l_r,
+            &mut d_r,
+            &logits,
+            &targets,
+            0.25,
+            CrossEntropyDims { m, v },
+        );
         let (mut l, mut d) = (self.nan(m), self.nan(m * v));
         self.gpu.cross_entropy_forward_backward(
             &mut l,
@@ -779,8 +863,7 @@ impl<D: Device> Checker<'_, D> {
             &self.up(&logits),
             &self.gpu.upload_index(&targets),
             0.25,
-            m,
-            v,
+            CrossEntropyDims { m, v },
         );
         self.record("cross_entropy losses", &l, &l_r, tol);
         self.record("cross_entropy dlogits", &d, &d_r, tol);

@@ -3,8 +3,9 @@
 //!
 //! Tensors are stored in one dtype per backend ([`DType::Bf16`] for speed, [`DType::F32`] for
 //! tight checks against the CPU); kernels accumulate in f32. Each op checks the lengths of its
-//! buffers on the host before it launches anything, so a shape bug panics with the op's name
-//! instead of reading past a buffer on the device.
+//! buffers on the host (the shape check of its dims struct, shared with the CPU backend) before
+//! it launches anything, so a shape bug panics with the op's name instead of reading past a
+//! buffer on the device.
 //!
 //! Attention runs on the flash kernels of kernels/attention.cu by default: scores, masks, the T5
 //! relative bias (looked up from a `(T+S-1)` vector of bucket ids, never a `(B, H, T, S)` tensor)
@@ -31,8 +32,12 @@ use half::bf16;
 
 use self::device::{Arg, DType, Device, GemmDesc, GpuError, LaunchCfg};
 use super::{
-    relative_position_bucket, Activation, AdamW, AttnDims, AttnMask, Backend, FusionMode, Gemm,
-    RelBias,
+    check_add_assign, check_add_bias, check_bias_backward, check_gated_act_backward_dinp,
+    check_gated_act_forward, check_gather_rows, check_nf4_dequantize, check_scatter_rows_add,
+    check_softmax_rows_backward_dinp, check_softmax_rows_forward, relative_position_bucket,
+    Activation, AdamW, AttnDims, AttnMask, Backend, CrossEntropyDims, EmbedPromptDims,
+    FusionAttentionDims, FusionMode, GatedExpertsDims, Gemm, LampPoolDims, LayerNormDims, RelBias,
+    RmsNormDims, RopeDims,
 };
 use crate::backend::nf4::{dynamic_map_signed, Nf4Tensor};
 
@@ -237,14 +242,6 @@ impl<D: Device> GpuBackend<D> {
         }
     }
 
-    fn check(&self, what: &str, x: &GpuTensor<D>, len: usize) {
-        assert_eq!(x.len, len, "{what} has {} elements, expected {len}", x.len);
-    }
-
-    fn check_index(&self, what: &str, x: &GpuIndex<D>, len: usize) {
-        assert_eq!(x.len, len, "{what} has {} elements, expected {len}", x.len);
-    }
-
     fn alloc_bytes(&self, bytes: usize) -> D::Buffer {
         match self.device.alloc(bytes) {
             Ok(b) => b,
@@ -280,27 +277,14 @@ impl<D: Device> GpuBackend<D> {
 
     /// `dst = src` on the device, same length.
     fn copy_into(&self, dst: &mut GpuTensor<D>, src: &GpuTensor<D>) {
-        self.check("copy: src", src, dst.len);
+        assert_eq!(src.len, dst.len, "copy_into: lengths differ");
         let bytes = dst.len * self.dtype.size();
         self.expect(self.device.copy(&mut dst.buf, &src.buf, bytes));
     }
 
-    /// LAMP's `w (L/p, R) = pool_p(u)·diag(q²)`, checking `u (L, R)` and `q (R)` for `op`.
-    fn lamp_pooled(
-        &self,
-        u: &GpuTensor<D>,
-        q: &GpuTensor<D>,
-        l: usize,
-        r: usize,
-        p: usize,
-        op: &str,
-    ) -> GpuTensor<D> {
-        assert!(
-            p > 0 && l.is_multiple_of(p),
-            "{op}: L = {l} is not a multiple of p = {p}"
-        );
-        self.check(&format!("{op}: u"), u, l * r);
-        self.check(&format!("{op}: q"), q, r);
+    /// LAMP's `w (L/p, R) = pool_p(u)·diag(q²)` from `u (L, R)`, `q (R)` (already checked).
+    fn lamp_pooled(&self, u: &GpuTensor<D>, q: &GpuTensor<D>, dims: LampPoolDims) -> GpuTensor<D> {
+        let LampPoolDims { l, r, p, .. } = dims;
         let w = self.zeros(l / p * r);
         self.launch(
             "lamp_pool_scale",
@@ -348,15 +332,10 @@ impl<D: Device> GpuBackend<D> {
         inp: &GpuTensor<D>,
         positions: &GpuIndex<D>,
         (cos, sin): (&GpuTensor<D>, &GpuTensor<D>),
-        (n, h, d): (usize, usize, usize),
+        dims: RopeDims,
     ) {
-        assert!(d.is_multiple_of(2), "{op}: head width D = {d} is odd");
-        self.check(&format!("{op}: out"), out, n * h * d);
-        self.check(&format!("{op}: inp"), inp, n * h * d);
-        self.check_index(&format!("{op}: positions"), positions, n);
-        let rows = cos.len / (d / 2).max(1);
-        self.check(&format!("{op}: cos"), cos, rows * (d / 2));
-        self.check(&format!("{op}: sin"), sin, rows * (d / 2));
+        let RopeDims { n, h, d } = dims;
+        let rows = dims.check(op, out.len, inp.len, positions.len, cos.len, sin.len);
         let len = n * h * (d / 2);
         self.launch(
             op,
@@ -452,46 +431,22 @@ impl<D: Device> GpuBackend<D> {
         );
     }
 
-    fn check_attention(
-        &self,
-        q: &GpuTensor<D>,
-        k: &GpuTensor<D>,
-        v: &GpuTensor<D>,
-        mask: &AttnMask<'_, GpuIndex<D>>,
-        dims: AttnDims,
-    ) {
-        let AttnDims {
-            b,
-            t,
-            s,
-            h,
-            h_kv,
-            d,
-        } = dims;
-        assert!(
-            h_kv > 0 && h % h_kv == 0,
-            "attention: H = {h} is not a multiple of Hkv = {h_kv}"
-        );
-        // The kernels divide by these (tiles per sequence, heads per group): refused here, on
-        // the host, before any launch.
+    /// Refuses an empty attention on the host, before any launch: the kernels divide by these
+    /// lengths (tiles per sequence, heads per group). The shapes are checked by [`AttnDims`].
+    fn refuse_empty_attention(dims: AttnDims) {
+        let AttnDims { b, t, s, d, .. } = dims;
         assert!(
             b > 0 && t > 0 && s > 0 && d > 0,
             "attention: empty input (B = {b}, T = {t}, S = {s}, D = {d}): every length must be > 0"
         );
-        self.check("attention: q", q, b * t * h * d);
-        self.check("attention: k", k, b * s * h_kv * d);
-        self.check("attention: v", v, b * s * h_kv * d);
-        self.check_index("attention: key_mask", mask.key_mask, b * s);
     }
 }
 
-/// The inputs of an attention backward, as the forward saw them.
+/// What attention's scores are computed from, in the forward and again in the backward.
 struct AttnInputs<'a, D: Device> {
-    q: &'a GpuTensor<D>,
-    k: &'a GpuTensor<D>,
-    v: &'a GpuTensor<D>,
-    out: &'a GpuTensor<D>,
-    lse: &'a GpuTensor<D>,
+    q: &'a GpuTensor<D>, // (B, T, H·D)
+    k: &'a GpuTensor<D>, // (B, S, Hkv·D)
+    v: &'a GpuTensor<D>, // (B, S, Hkv·D)
     mask: &'a AttnMask<'a, GpuIndex<D>>,
     bias: Option<&'a RelBias<'a, GpuTensor<D>>>,
     scale: f64,
@@ -562,39 +517,24 @@ impl<D: Device> GpuBackend<D> {
         dims: AttnDims,
     ) -> Option<GpuIndex<D>> {
         bias.map(|bias| {
-            self.check(
-                "attention: relative bias table",
-                bias.table,
-                bias.num_buckets * dims.h,
-            );
+            dims.check_bias_table(bias.table.len, bias.num_buckets);
             self.relative_buckets(bias, dims.t, dims.s)
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn flash_forward(
-        &self,
-        out: &mut GpuTensor<D>,
-        lse: &mut GpuTensor<D>,
-        q: &GpuTensor<D>,
-        k: &GpuTensor<D>,
-        v: &GpuTensor<D>,
-        mask: &AttnMask<'_, GpuIndex<D>>,
-        bias: Option<&RelBias<'_, GpuTensor<D>>>,
-        scale: f64,
-        dims: AttnDims,
-    ) {
-        let AttnDims { b, t, h, d, .. } = dims;
-        let buckets = self.bias_buckets(bias, dims);
+    /// `out (B, T, H·D)`, `lse (B, H, T)`.
+    fn flash_forward(&self, out: &mut GpuTensor<D>, lse: &mut GpuTensor<D>, x: &AttnInputs<'_, D>) {
+        let AttnDims { b, t, h, d, .. } = x.dims;
+        let buckets = self.bias_buckets(x.bias, x.dims);
         let blocks = b * h * t.div_ceil(FLASH_BR);
         let mut args = vec![
             self.ptr(out),
             self.ptr(lse),
-            self.ptr(q),
-            self.ptr(k),
-            self.ptr(v),
+            self.ptr(x.q),
+            self.ptr(x.k),
+            self.ptr(x.v),
         ];
-        args.extend(self.flash_tail(mask, bias, buckets.as_ref(), scale, dims));
+        args.extend(self.flash_tail(x.mask, x.bias, buckets.as_ref(), x.scale, x.dims));
         if self.tensor_cores(d) {
             // 64 query rows per block (4 warps), static shared memory.
             let blocks = b * h * t.div_ceil(64);
@@ -607,13 +547,13 @@ impl<D: Device> GpuBackend<D> {
     }
 
     /// Three launches: the row statistics (lse, rowsum(dout ⊙ out)) into an f32 scratch, then
-    /// dk/dv by key tiles and dq by query tiles (no atomics).
+    /// dk/dv by key tiles and dq by query tiles (no atomics). `(out, lse)` as the forward wrote
+    /// them.
     fn flash_backward(
         &self,
-        dq: &mut GpuTensor<D>,
-        dk: &mut GpuTensor<D>,
-        dv: &mut GpuTensor<D>,
+        (dq, dk, dv): (&mut GpuTensor<D>, &mut GpuTensor<D>, &mut GpuTensor<D>),
         dout: &GpuTensor<D>,
+        (out, lse): (&GpuTensor<D>, &GpuTensor<D>),
         x: &AttnInputs<'_, D>,
     ) {
         let AttnDims {
@@ -635,8 +575,8 @@ impl<D: Device> GpuBackend<D> {
         let q_blocks = b * h * t.div_ceil(FLASH_BR);
         let mut args = vec![
             stats_ptr,
-            self.ptr(x.lse),
-            self.ptr(x.out),
+            self.ptr(lse),
+            self.ptr(out),
             self.ptr(dout),
             self.ptr(x.q),
             self.ptr(x.k),
@@ -714,20 +654,23 @@ impl<D: Device> GpuBackend<D> {
         );
     }
 
-    /// The GEMM path of [`Backend::attention_forward`] (see the module docs).
-    #[allow(clippy::too_many_arguments)]
+    /// The GEMM path of [`Backend::attention_forward`] (see the module docs): `out (B, T, H·D)`,
+    /// `lse (B, H, T)`.
     fn gemm_attention_forward(
         &self,
         out: &mut GpuTensor<D>,
         lse: &mut GpuTensor<D>,
-        q: &GpuTensor<D>,
-        k: &GpuTensor<D>,
-        v: &GpuTensor<D>,
-        mask: &AttnMask<'_, GpuIndex<D>>,
-        bias: Option<&RelBias<'_, GpuTensor<D>>>,
-        scale: f64,
-        dims: AttnDims,
+        x: &AttnInputs<'_, D>,
     ) {
+        let AttnInputs {
+            q,
+            k,
+            v,
+            mask,
+            bias,
+            scale,
+            dims,
+        } = *x;
         let AttnDims {
             b,
             t,
@@ -757,9 +700,7 @@ impl<D: Device> GpuBackend<D> {
     /// The GEMM path of [`Backend::attention_backward_dinp`].
     fn gemm_attention_backward(
         &self,
-        dq: &mut GpuTensor<D>,
-        dk: &mut GpuTensor<D>,
-        dv: &mut GpuTensor<D>,
+        (dq, dk, dv): (&mut GpuTensor<D>, &mut GpuTensor<D>, &mut GpuTensor<D>),
         dout: &GpuTensor<D>,
         x: &AttnInputs<'_, D>,
     ) {
@@ -771,7 +712,6 @@ impl<D: Device> GpuBackend<D> {
             bias,
             scale,
             dims,
-            ..
         } = *x;
         let AttnDims {
             b,
@@ -938,7 +878,7 @@ impl<D: Device> Backend for GpuBackend<D> {
     }
 
     fn nf4_dequantize(&self, out: &mut GpuTensor<D>, q: &GpuNf4<D>) {
-        self.check("nf4_dequantize: out", out, q.len);
+        check_nf4_dequantize(out.len, q.len);
         let ptr = |b: &D::Buffer| Arg::Ptr(self.device.ptr(b));
         self.launch(
             "nf4_dequantize",
@@ -970,7 +910,7 @@ impl<D: Device> Backend for GpuBackend<D> {
     }
 
     fn add_assign(&self, dst: &mut GpuTensor<D>, src: &GpuTensor<D>) {
-        self.check("add_assign: src", src, dst.len);
+        check_add_assign(dst.len, src.len);
         let n = dst.len;
         self.launch(
             "add_assign",
@@ -982,9 +922,7 @@ impl<D: Device> Backend for GpuBackend<D> {
     // ---- GEMM ---------------------------------------------------------------------------------
 
     fn matmul(&self, out: &mut GpuTensor<D>, a: &GpuTensor<D>, b: &GpuTensor<D>, g: Gemm) {
-        self.check("matmul: out", out, g.m * g.n);
-        self.check("matmul: a", a, g.m * g.k);
-        self.check("matmul: b", b, g.k * g.n);
+        g.check(out.len, a.len, b.len);
         let desc = GemmDesc {
             alpha: g.alpha as f32,
             beta: if g.accumulate { 1.0 } else { 0.0 },
@@ -999,8 +937,7 @@ impl<D: Device> Backend for GpuBackend<D> {
     }
 
     fn add_bias(&self, x: &mut GpuTensor<D>, bias: &GpuTensor<D>, n: usize, f: usize) {
-        self.check("add_bias: x", x, n * f);
-        self.check("add_bias: bias", bias, f);
+        check_add_bias(x.len, bias.len, n, f);
         self.launch(
             "add_bias",
             LaunchCfg::linear(blocks_for(n * f, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
@@ -1009,8 +946,7 @@ impl<D: Device> Backend for GpuBackend<D> {
     }
 
     fn bias_backward(&self, dbias: &mut GpuTensor<D>, dout: &GpuTensor<D>, n: usize, f: usize) {
-        self.check("bias_backward: dbias", dbias, f);
-        self.check("bias_backward: dout", dout, n * f);
+        check_bias_backward(dbias.len, dout.len, n, f);
         self.launch(
             "bias_backward",
             LaunchCfg::linear(blocks_for(f, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
@@ -1028,9 +964,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         m: usize,
         c: usize,
     ) {
-        self.check("gather_rows: out", out, m * c);
-        self.check_index("gather_rows: rows", rows, m);
-        assert_eq!(table.len % c.max(1), 0, "gather_rows: table is not (R, C)");
+        let r = check_gather_rows(out.len, table.len, rows.len, m, c);
         self.launch(
             "gather_rows",
             LaunchCfg::linear(m as u32, ROW_BLOCK),
@@ -1040,7 +974,7 @@ impl<D: Device> Backend for GpuBackend<D> {
                 self.iptr(rows),
                 dim(m),
                 dim(c),
-                dim(table.len / c.max(1)),
+                dim(r),
             ],
         );
     }
@@ -1053,14 +987,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         m: usize,
         c: usize,
     ) {
-        self.check("scatter_rows_add: dout", dout, m * c);
-        self.check_index("scatter_rows_add: rows", rows, m);
-        assert_eq!(
-            dtable.len % c.max(1),
-            0,
-            "scatter_rows_add: dtable is not (R, C)"
-        );
-        let r = dtable.len / c.max(1);
+        let r = check_scatter_rows_add(dtable.len, dout.len, rows.len, m, c);
         self.launch(
             "scatter_rows_add",
             LaunchCfg::linear(m as u32, ROW_BLOCK),
@@ -1082,25 +1009,11 @@ impl<D: Device> Backend for GpuBackend<D> {
         ids: &GpuIndex<D>,
         prompt: &GpuTensor<D>,
         update: Option<&GpuTensor<D>>,
-        b: usize,
-        t: usize,
-        p: usize,
-        c: usize,
+        dims: EmbedPromptDims,
     ) {
-        self.check("embed_prompt_forward: out", out, b * (p + t) * c);
-        self.check_index("embed_prompt_forward: ids", ids, b * t);
-        self.check("embed_prompt_forward: prompt", prompt, p * c);
-        if let Some(u) = update {
-            assert!(
-                u.len >= t * c,
-                "embed_prompt_forward: update has fewer than T rows"
-            );
-        }
-        assert_eq!(
-            table.len % c.max(1),
-            0,
-            "embed_prompt_forward: table is not (V, C)"
-        );
+        let EmbedPromptDims { b, t, p, c } = dims;
+        let update_len = update.map(|u| u.len);
+        let v = dims.check_forward(out.len, table.len, ids.len, prompt.len, update_len);
         self.launch(
             "embed_prompt_forward",
             LaunchCfg::linear((b * (p + t)) as u32, ROW_BLOCK),
@@ -1114,7 +1027,7 @@ impl<D: Device> Backend for GpuBackend<D> {
                 dim(t),
                 dim(p),
                 dim(c),
-                dim(table.len / c.max(1)),
+                dim(v),
             ],
         );
     }
@@ -1124,20 +1037,10 @@ impl<D: Device> Backend for GpuBackend<D> {
         d_prompt: &mut GpuTensor<D>,
         d_update: Option<&mut GpuTensor<D>>,
         dout: &GpuTensor<D>,
-        b: usize,
-        t: usize,
-        p: usize,
-        c: usize,
+        dims: EmbedPromptDims,
     ) {
-        self.check("embed_prompt_backward: d_prompt", d_prompt, p * c);
-        self.check("embed_prompt_backward: dout", dout, b * (p + t) * c);
-        let m = d_update.as_ref().map_or(0, |u| u.len / c.max(1));
-        if let Some(u) = &d_update {
-            assert!(
-                u.len >= t * c && u.len % c.max(1) == 0,
-                "embed_prompt_backward: d_update is not (M ≥ T, C)"
-            );
-        }
+        let EmbedPromptDims { b, t, p, c } = dims;
+        let m = dims.check_backward(d_prompt.len, d_update.as_ref().map(|u| u.len), dout.len);
         let d_update_ptr = d_update.map_or(Arg::Ptr(0), |u| self.ptr(u));
         self.launch(
             "embed_prompt_backward",
@@ -1166,14 +1069,11 @@ impl<D: Device> Backend for GpuBackend<D> {
         rstd: &mut GpuTensor<D>,
         inp: &GpuTensor<D>,
         weight: &GpuTensor<D>,
-        n: usize,
-        c: usize,
         eps: f64,
+        dims: RmsNormDims,
     ) {
-        self.check("rmsnorm_forward: out", out, n * c);
-        self.check("rmsnorm_forward: rstd", rstd, n);
-        self.check("rmsnorm_forward: inp", inp, n * c);
-        self.check("rmsnorm_forward: weight", weight, c);
+        let RmsNormDims { n, c } = dims;
+        dims.check_forward(out.len, rstd.len, inp.len, weight.len);
         self.launch(
             "rmsnorm_forward",
             LaunchCfg::linear(n as u32, ROW_BLOCK),
@@ -1196,14 +1096,10 @@ impl<D: Device> Backend for GpuBackend<D> {
         inp: &GpuTensor<D>,
         weight: &GpuTensor<D>,
         rstd: &GpuTensor<D>,
-        n: usize,
-        c: usize,
+        dims: RmsNormDims,
     ) {
-        self.check("rmsnorm_backward_dinp: dinp", dinp, n * c);
-        self.check("rmsnorm_backward_dinp: dout", dout, n * c);
-        self.check("rmsnorm_backward_dinp: inp", inp, n * c);
-        self.check("rmsnorm_backward_dinp: weight", weight, c);
-        self.check("rmsnorm_backward_dinp: rstd", rstd, n);
+        let RmsNormDims { n, c } = dims;
+        dims.check_backward_dinp(dinp.len, dout.len, inp.len, weight.len, rstd.len);
         self.launch(
             "rmsnorm_backward_dinp",
             LaunchCfg::linear(n as u32, ROW_BLOCK),
@@ -1227,16 +1123,11 @@ impl<D: Device> Backend for GpuBackend<D> {
         inp: &GpuTensor<D>,
         weight: &GpuTensor<D>,
         bias: &GpuTensor<D>,
-        n: usize,
-        c: usize,
         eps: f64,
+        dims: LayerNormDims,
     ) {
-        self.check("layernorm_forward: out", out, n * c);
-        self.check("layernorm_forward: mean", mean, n);
-        self.check("layernorm_forward: rstd", rstd, n);
-        self.check("layernorm_forward: inp", inp, n * c);
-        self.check("layernorm_forward: weight", weight, c);
-        self.check("layernorm_forward: bias", bias, c);
+        let LayerNormDims { n, c } = dims;
+        dims.check_forward(out.len, mean.len, rstd.len, inp.len, weight.len, bias.len);
         self.launch(
             "layernorm_forward",
             LaunchCfg::linear(n as u32, ROW_BLOCK),
@@ -1264,17 +1155,11 @@ impl<D: Device> Backend for GpuBackend<D> {
         weight: &GpuTensor<D>,
         mean: &GpuTensor<D>,
         rstd: &GpuTensor<D>,
-        n: usize,
-        c: usize,
+        dims: LayerNormDims,
     ) {
-        self.check("layernorm_backward: dinp", dinp, n * c);
-        self.check("layernorm_backward: dweight", dweight, c);
-        self.check("layernorm_backward: dbias", dbias, c);
-        self.check("layernorm_backward: dout", dout, n * c);
-        self.check("layernorm_backward: inp", inp, n * c);
-        self.check("layernorm_backward: weight", weight, c);
-        self.check("layernorm_backward: mean", mean, n);
-        self.check("layernorm_backward: rstd", rstd, n);
+        let LayerNormDims { n, c } = dims;
+        let grads = (dinp.len, dweight.len, dbias.len);
+        dims.check_backward(grads, dout.len, inp.len, weight.len, (mean.len, rstd.len));
         self.launch(
             "layernorm_backward_dinp",
             LaunchCfg::linear(n as u32, ROW_BLOCK),
@@ -1306,8 +1191,7 @@ impl<D: Device> Backend for GpuBackend<D> {
     }
 
     fn softmax_rows_forward(&self, out: &mut GpuTensor<D>, inp: &GpuTensor<D>, n: usize, k: usize) {
-        self.check("softmax_rows_forward: out", out, n * k);
-        self.check("softmax_rows_forward: inp", inp, n * k);
+        check_softmax_rows_forward(out.len, inp.len, n, k);
         self.launch(
             "softmax_rows_forward",
             LaunchCfg::linear(n as u32, ROW_BLOCK),
@@ -1323,9 +1207,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         n: usize,
         k: usize,
     ) {
-        self.check("softmax_rows_backward_dinp: dinp", dinp, n * k);
-        self.check("softmax_rows_backward_dinp: dout", dout, n * k);
-        self.check("softmax_rows_backward_dinp: out", out, n * k);
+        check_softmax_rows_backward_dinp(dinp.len, dout.len, out.len, n, k);
         self.launch(
             "softmax_rows_backward_dinp",
             LaunchCfg::linear(n as u32, ROW_BLOCK),
@@ -1353,14 +1235,21 @@ impl<D: Device> Backend for GpuBackend<D> {
         scale: f64,
         dims: AttnDims,
     ) {
-        let AttnDims { b, t, h, d, .. } = dims;
-        self.check_attention(q, k, v, &mask, dims);
-        self.check("attention_forward: out", out, b * t * h * d);
-        self.check("attention_forward: lse", lse, b * h * t);
-        if self.flash(d) {
-            self.flash_forward(out, lse, q, k, v, &mask, bias.as_ref(), scale, dims);
+        dims.check_forward(out.len, lse.len, (q.len, k.len, v.len), mask.key_mask.len);
+        Self::refuse_empty_attention(dims);
+        let inputs = AttnInputs {
+            q,
+            k,
+            v,
+            mask: &mask,
+            bias: bias.as_ref(),
+            scale,
+            dims,
+        };
+        if self.flash(dims.d) {
+            self.flash_forward(out, lse, &inputs);
         } else {
-            self.gemm_attention_forward(out, lse, q, k, v, &mask, bias.as_ref(), scale, dims);
+            self.gemm_attention_forward(out, lse, &inputs);
         }
     }
 
@@ -1380,29 +1269,27 @@ impl<D: Device> Backend for GpuBackend<D> {
         scale: f64,
         dims: AttnDims,
     ) {
-        let AttnDims { b, t, h, d, .. } = dims;
-        self.check_attention(q, k, v, &mask, dims);
-        self.check("attention_backward_dinp: dq", dq, q.len);
-        self.check("attention_backward_dinp: dk", dk, k.len);
-        self.check("attention_backward_dinp: dv", dv, v.len);
-        self.check("attention_backward_dinp: dout", dout, q.len);
-        self.check("attention_backward_dinp: out", out, q.len);
-        self.check("attention_backward_dinp: lse", lse, b * h * t);
+        dims.check_backward_dinp(
+            (dq.len, dk.len, dv.len),
+            dout.len,
+            (q.len, k.len, v.len),
+            (out.len, lse.len),
+            mask.key_mask.len,
+        );
+        Self::refuse_empty_attention(dims);
         let inputs = AttnInputs {
             q,
             k,
             v,
-            out,
-            lse,
             mask: &mask,
             bias: bias.as_ref(),
             scale,
             dims,
         };
-        if self.flash(d) {
-            self.flash_backward(dq, dk, dv, dout, &inputs);
+        if self.flash(dims.d) {
+            self.flash_backward((dq, dk, dv), dout, (out, lse), &inputs);
         } else {
-            self.gemm_attention_backward(dq, dk, dv, dout, &inputs);
+            self.gemm_attention_backward((dq, dk, dv), dout, &inputs);
         }
     }
 
@@ -1415,11 +1302,9 @@ impl<D: Device> Backend for GpuBackend<D> {
         positions: &GpuIndex<D>,
         cos: &GpuTensor<D>,
         sin: &GpuTensor<D>,
-        n: usize,
-        h: usize,
-        d: usize,
+        dims: RopeDims,
     ) {
-        self.rope("rope_forward", out, inp, positions, (cos, sin), (n, h, d));
+        self.rope("rope_forward", out, inp, positions, (cos, sin), dims);
     }
 
     fn rope_backward_dinp(
@@ -1429,9 +1314,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         positions: &GpuIndex<D>,
         cos: &GpuTensor<D>,
         sin: &GpuTensor<D>,
-        n: usize,
-        h: usize,
-        d: usize,
+        dims: RopeDims,
     ) {
         self.rope(
             "rope_backward_dinp",
@@ -1439,7 +1322,7 @@ impl<D: Device> Backend for GpuBackend<D> {
             dout,
             positions,
             (cos, sin),
-            (n, h, d),
+            dims,
         );
     }
 
@@ -1451,11 +1334,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         act: Activation,
         len: usize,
     ) {
-        self.check("gated_act_forward: out", out, len);
-        self.check("gated_act_forward: a", a, len);
-        if let Some(g) = gate {
-            self.check("gated_act_forward: gate", g, len);
-        }
+        check_gated_act_forward(out.len, a.len, gate.map(|g| g.len), len);
         self.launch(
             "gated_act_forward",
             LaunchCfg::linear(blocks_for(len, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
@@ -1479,18 +1358,8 @@ impl<D: Device> Backend for GpuBackend<D> {
         act: Activation,
         len: usize,
     ) {
-        self.check("gated_act_backward_dinp: da", da, len);
-        self.check("gated_act_backward_dinp: dout", dout, len);
-        self.check("gated_act_backward_dinp: a", a, len);
-        assert_eq!(
-            gate.is_some(),
-            dgate.is_some(),
-            "gated_act_backward_dinp: gate and dgate must both be given or both absent"
-        );
-        if let (Some(g), Some(dg)) = (gate, dgate.as_ref()) {
-            self.check("gated_act_backward_dinp: gate", g, len);
-            self.check("gated_act_backward_dinp: dgate", dg, len);
-        }
+        let (gate_len, dgate_len) = (gate.map(|g| g.len), dgate.as_ref().map(|g| g.len));
+        check_gated_act_backward_dinp(da.len, dgate_len, dout.len, a.len, gate_len, len);
         let dgate_ptr = dgate.map_or(Arg::Ptr(0), |x| self.ptr(x));
         self.launch(
             "gated_act_backward_dinp",
@@ -1516,14 +1385,10 @@ impl<D: Device> Backend for GpuBackend<D> {
         ps: &GpuTensor<D>,
         lr: &GpuTensor<D>,
         mode: FusionMode,
-        s: usize,
-        m: usize,
-        c: usize,
+        dims: FusionAttentionDims,
     ) {
-        self.check("fusion_attention_forward: out", out, s * c);
-        self.check("fusion_attention_forward: probs", probs, s * m);
-        self.check("fusion_attention_forward: ps", ps, s * c);
-        self.check("fusion_attention_forward: lr", lr, m * c);
+        let FusionAttentionDims { s, m, c } = dims;
+        dims.check_forward(out.len, probs.len, ps.len, lr.len);
         let mut scores = self.zeros(s * m); // (S, M)
         let inv_sqrt_c = 1.0 / (c as f64).sqrt();
         self.matmul(&mut scores, ps, lr, Gemm::nt(s, m, c).alpha(inv_sqrt_c));
@@ -1564,16 +1429,10 @@ impl<D: Device> Backend for GpuBackend<D> {
         lr: &GpuTensor<D>,
         probs: &GpuTensor<D>,
         mode: FusionMode,
-        s: usize,
-        m: usize,
-        c: usize,
+        dims: FusionAttentionDims,
     ) {
-        self.check("fusion_attention_backward: d_ps", d_ps, s * c);
-        self.check("fusion_attention_backward: d_lr", d_lr, m * c);
-        self.check("fusion_attention_backward: dout", dout, s * c);
-        self.check("fusion_attention_backward: ps", ps, s * c);
-        self.check("fusion_attention_backward: lr", lr, m * c);
-        self.check("fusion_attention_backward: probs", probs, s * m);
+        let FusionAttentionDims { s, m, c } = dims;
+        dims.check_backward(d_ps.len, d_lr.len, dout.len, ps.len, lr.len, probs.len);
         let mut d_scores = self.zeros(s * m); // (S, M)
         let t_a = Gemm {
             trans_a: true,
@@ -1634,15 +1493,15 @@ impl<D: Device> Backend for GpuBackend<D> {
         out: &mut GpuTensor<D>,
         gate: &GpuTensor<D>,
         experts: &[&GpuTensor<D>],
-        n: usize,
-        c: usize,
+        dims: GatedExpertsDims,
     ) {
+        let GatedExpertsDims { n, c } = dims;
         let e = experts.len();
+        dims.check_forward(out.len, gate.len, experts.iter().map(|x| x.len));
+        // The first expert's launch writes `out`, the others add to it: none would leave it as
+        // it was.
         assert!(e > 0, "gated_experts_forward: no experts");
-        self.check("gated_experts_forward: out", out, n * c);
-        self.check("gated_experts_forward: gate", gate, n * e);
         for (i, x) in experts.iter().enumerate() {
-            self.check(&format!("gated_experts_forward: expert {i}"), x, n * c);
             self.launch(
                 "gated_experts_forward_one",
                 LaunchCfg::linear(blocks_for(n * c, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK),
@@ -1667,21 +1526,18 @@ impl<D: Device> Backend for GpuBackend<D> {
         dout: &GpuTensor<D>,
         gate: &GpuTensor<D>,
         experts: &[&GpuTensor<D>],
-        n: usize,
-        c: usize,
+        dims: GatedExpertsDims,
     ) {
+        let GatedExpertsDims { n, c } = dims;
         let e = experts.len();
-        assert_eq!(
-            d_experts.len(),
-            e,
-            "gated_experts_backward: one d_expert per expert"
+        dims.check_backward(
+            d_gate.len,
+            d_experts.iter().map(|x| x.len),
+            dout.len,
+            gate.len,
+            experts.iter().map(|x| x.len),
         );
-        self.check("gated_experts_backward: d_gate", d_gate, n * e);
-        self.check("gated_experts_backward: dout", dout, n * c);
-        self.check("gated_experts_backward: gate", gate, n * e);
         for (i, (x, dx)) in experts.iter().zip(d_experts.iter_mut()).enumerate() {
-            self.check(&format!("gated_experts_backward: expert {i}"), x, n * c);
-            self.check(&format!("gated_experts_backward: d_expert {i}"), dx, n * c);
             self.launch(
                 "gated_experts_backward_one",
                 LaunchCfg::linear(n as u32, ROW_BLOCK),
@@ -1706,14 +1562,11 @@ impl<D: Device> Backend for GpuBackend<D> {
         u: &GpuTensor<D>,
         q: &GpuTensor<D>,
         v: &GpuTensor<D>,
-        l: usize,
-        r: usize,
-        c: usize,
-        p: usize,
+        dims: LampPoolDims,
     ) {
-        let w = self.lamp_pooled(u, q, l, r, p, "lamp_pool_forward"); // (L/p, R)
-        self.check("lamp_pool_forward: out", out, l / p * c);
-        self.check("lamp_pool_forward: v", v, c * r);
+        let LampPoolDims { l, r, c, p } = dims;
+        dims.check_forward(out.len, u.len, q.len, v.len);
+        let w = self.lamp_pooled(u, q, dims); // (L/p, R)
         self.matmul(out, &w, v, Gemm::nt(l / p, c, r));
     }
 
@@ -1726,18 +1579,12 @@ impl<D: Device> Backend for GpuBackend<D> {
         u: &GpuTensor<D>,
         q: &GpuTensor<D>,
         v: &GpuTensor<D>,
-        l: usize,
-        r: usize,
-        c: usize,
-        p: usize,
+        dims: LampPoolDims,
     ) {
-        let w = self.lamp_pooled(u, q, l, r, p, "lamp_pool_backward"); // (L/p, R)
+        let LampPoolDims { l, r, c, p } = dims;
+        dims.check_backward((du.len, dq.len, dv.len), dout.len, (u.len, q.len, v.len));
+        let w = self.lamp_pooled(u, q, dims); // (L/p, R)
         let lp = l / p;
-        self.check("lamp_pool_backward: du", du, l * r);
-        self.check("lamp_pool_backward: dq", dq, r);
-        self.check("lamp_pool_backward: dv", dv, c * r);
-        self.check("lamp_pool_backward: dout", dout, lp * c);
-        self.check("lamp_pool_backward: v", v, c * r);
         // out = w·vᵀ: dw = dout·v (L/p, R), dv += doutᵀ·w (C, R).
         let mut dw = self.zeros(lp * r);
         self.matmul(&mut dw, dout, v, Gemm::nn(lp, r, c));
@@ -1820,15 +1667,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         h: AdamW,
     ) {
         let n = param.len;
-        for (what, s) in [("master", &*master), ("m", &*m), ("v", &*v)] {
-            assert_eq!(
-                s.len, n,
-                "adamw_step: {what} has {} values, param {n}",
-                s.len
-            );
-        }
-        self.check("adamw_step: grad", grad, n);
-        assert!(h.step >= 1, "adamw_step: steps count from 1");
+        h.check(n, master.len, m.len, v.len, grad.len);
         // Bias corrections in f64 on the host, as the CPU reference.
         let bc1 = 1.0 - h.beta1.powf(h.step as f64);
         let bc2 = 1.0 - h.beta2.powf(h.step as f64);
@@ -1863,13 +1702,10 @@ impl<D: Device> Backend for GpuBackend<D> {
         logits: &GpuTensor<D>,
         targets: &GpuIndex<D>,
         dloss: f64,
-        m: usize,
-        v: usize,
+        dims: CrossEntropyDims,
     ) {
-        self.check("cross_entropy: losses", losses, m);
-        self.check("cross_entropy: dlogits", dlogits, m * v);
-        self.check("cross_entropy: logits", logits, m * v);
-        self.check_index("cross_entropy: targets", targets, m);
+        let CrossEntropyDims { m, v } = dims;
+        dims.check(losses.len, dlogits.len, logits.len, targets.len);
         self.launch(
             "cross_entropy_forward_backward",
             LaunchCfg::linear(m as u32, ROW_BLOCK),

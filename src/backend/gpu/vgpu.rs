@@ -22,7 +22,6 @@ use half::bf16;
 use super::device::{Arg, DType, Device, GemmDesc, GpuError, LaunchCfg, MemoryCounter};
 
 extern "C" {
-    #[allow(clippy::too_many_arguments)]
     fn vgpu_launch(
         name: *const c_char,
         grid: *const u32,

@@ -3,7 +3,7 @@
 //! (`=`) start as NaN; outputs it accumulates into (`+=`) start random.
 
 use super::*;
-use crate::backend::{Activation, AdamW, Gemm};
+use crate::backend::{Activation, AdamW, CrossEntropyDims, EmbedPromptDims, Gemm, LinearDims};
 
 const ACTIVATIONS: [Activation; 3] = [Activation::Relu, Activation::GeluTanh, Activation::Silu];
 
@@ -229,10 +229,7 @@ fn embed_prompt_forward_matches_cpu() {
                     &ids,
                     &prompt,
                     with_update.then_some(&update),
-                    b,
-                    t,
-                    p,
-                    c,
+                    EmbedPromptDims { b, t, p, c },
                 );
                 let mut out = poisoned(&be, b * (p + t) * c);
                 let (tg, pg, ug) = (
@@ -242,7 +239,7 @@ fn embed_prompt_forward_matches_cpu() {
                 );
                 let ig = be.upload_index(&ids);
                 let u = with_update.then_some(&ug);
-                be.embed_prompt_forward(&mut out, &tg, &ig, &pg, u, b, t, p, c);
+                be.embed_prompt_forward(&mut out, &tg, &ig, &pg, u, EmbedPromptDims { b, t, p, c });
                 assert_close(&what, &be, &out, &want, tol);
             }
         }
@@ -259,7 +256,14 @@ fn embed_prompt_forward_invalid_id_is_nan() {
         let ids = [1, 4, -2];
         let mut out = poisoned(&be, b * (p + t) * c);
         let (tg, pg) = (be.upload_f32(table.clone()), be.upload_f32(prompt.clone()));
-        be.embed_prompt_forward(&mut out, &tg, &be.upload_index(&ids), &pg, None, b, t, p, c);
+        be.embed_prompt_forward(
+            &mut out,
+            &tg,
+            &be.upload_index(&ids),
+            &pg,
+            None,
+            EmbedPromptDims { b, t, p, c },
+        );
         let got = be.download_f32(&out);
         assert_eq!(&got[..p * c], &prompt[..]);
         assert_eq!(row_of(&got, p, c), row_of(&table, 1, c));
@@ -281,14 +285,16 @@ fn embed_prompt_backward_matches_cpu() {
                     &mut dp_r,
                     with_update.then_some(&mut du_r),
                     &dout,
-                    b,
-                    t,
-                    p,
-                    c,
+                    EmbedPromptDims { b, t, p, c },
                 );
                 let (mut dp, mut du) = (poisoned(&be, p * c), poisoned(&be, m * c));
                 let dg = be.upload_f32(dout.clone());
-                be.embed_prompt_backward(&mut dp, with_update.then_some(&mut du), &dg, b, t, p, c);
+                be.embed_prompt_backward(
+                    &mut dp,
+                    with_update.then_some(&mut du),
+                    &dg,
+                    EmbedPromptDims { b, t, p, c },
+                );
                 assert_close(&format!("{what} d_prompt"), &be, &dp, &dp_r, tol);
                 if with_update {
                     assert_close(&format!("{what} d_update"), &be, &du, &du_r, tol);
@@ -344,10 +350,10 @@ fn linear_backward_dweight_matches_cpu() {
         let dout = inputs(n * oc, 1.0, 30, dt);
         let inp = inputs(n * ic, 1.0, 31, dt);
         let mut want = dw.clone();
-        cpu().linear_backward_dweight(&mut want, &dout, &inp, n, ic, oc);
+        cpu().linear_backward_dweight(&mut want, &dout, &inp, LinearDims::new(n, ic, oc));
         let mut got = be.upload_f32(dw);
         let (dg, ig) = (be.upload_f32(dout), be.upload_f32(inp));
-        be.linear_backward_dweight(&mut got, &dg, &ig, n, ic, oc);
+        be.linear_backward_dweight(&mut got, &dg, &ig, LinearDims::new(n, ic, oc));
         assert_close("linear_backward_dweight", &be, &got, &want, tol);
     }
 }
@@ -472,12 +478,18 @@ fn cross_entropy_forward_backward_matches_cpu() {
                 &logits,
                 &targets,
                 dloss,
-                m,
-                v,
+                CrossEntropyDims { m, v },
             );
             let (mut loss, mut dl) = (poisoned(&be, m), poisoned(&be, m * v));
             let (lg, tg) = (be.upload_f32(logits), be.upload_index(&targets));
-            be.cross_entropy_forward_backward(&mut loss, &mut dl, &lg, &tg, dloss, m, v);
+            be.cross_entropy_forward_backward(
+                &mut loss,
+                &mut dl,
+                &lg,
+                &tg,
+                dloss,
+                CrossEntropyDims { m, v },
+            );
             assert_close(
                 &format!("cross_entropy losses v={v}"),
                 &be,
@@ -504,7 +516,14 @@ fn cross_entropy_invalid_target_is_nan() {
         let mut loss = poisoned(&be, m);
         let mut dl = be.upload_f32(vec![0.0; m * v]);
         let (lg, tg) = (be.upload_f32(logits), be.upload_index(&[0, 37, -1]));
-        be.cross_entropy_forward_backward(&mut loss, &mut dl, &lg, &tg, 1.0, m, v);
+        be.cross_entropy_forward_backward(
+            &mut loss,
+            &mut dl,
+            &lg,
+            &tg,
+            1.0,
+            CrossEntropyDims { m, v },
+        );
         let (loss, dl) = (be.download_f32(&loss), be.download_f32(&dl));
         assert!(loss[0].is_finite() && loss[1].is_nan() && loss[2].is_nan());
         assert!(dl[..v].iter().all(|x| x.is_finite()));

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::backend::gpu::{AttentionKernel, GpuBackend};
-use crate::backend::{AttnDims, AttnMask, RelBias};
+use crate::backend::{AttnDims, AttnMask, LayerNormDims, RelBias, RmsNormDims};
 
 #[test]
 fn rmsnorm_forward_matches_cpu() {
@@ -14,10 +14,10 @@ fn rmsnorm_forward_matches_cpu() {
             let w = inputs(c, 1.5, 2, dt);
             let cpu = cpu();
             let (mut out_r, mut rstd_r) = (vec![0f32; n * c], vec![0f32; n]);
-            cpu.rmsnorm_forward(&mut out_r, &mut rstd_r, &x, &w, n, c, 1e-6);
+            cpu.rmsnorm_forward(&mut out_r, &mut rstd_r, &x, &w, 1e-6, RmsNormDims { n, c });
             let (mut out, mut rstd) = (poisoned(&be, n * c), poisoned(&be, n));
             let (xg, wg) = (be.upload_f32(x.clone()), be.upload_f32(w.clone()));
-            be.rmsnorm_forward(&mut out, &mut rstd, &xg, &wg, n, c, 1e-6);
+            be.rmsnorm_forward(&mut out, &mut rstd, &xg, &wg, 1e-6, RmsNormDims { n, c });
             assert_close("rmsnorm_forward out", &be, &out, &out_r, tol);
             assert_close("rmsnorm_forward rstd", &be, &rstd, &rstd_r, tol);
         }
@@ -35,10 +35,10 @@ fn rmsnorm_backward_dinp_matches_cpu() {
             let acc = inputs(n * c, 1.0, 6, dt); // dinp accumulates (+=)
             let cpu = cpu();
             let (mut y, mut rstd) = (vec![0f32; n * c], vec![0f32; n]);
-            cpu.rmsnorm_forward(&mut y, &mut rstd, &x, &w, n, c, 1e-6);
+            cpu.rmsnorm_forward(&mut y, &mut rstd, &x, &w, 1e-6, RmsNormDims { n, c });
             let rstd: Vec<f32> = rstd.iter().map(|&r| round_to(r, dt)).collect();
             let mut dx_r = acc.clone();
-            cpu.rmsnorm_backward_dinp(&mut dx_r, &dy, &x, &w, &rstd, n, c);
+            cpu.rmsnorm_backward_dinp(&mut dx_r, &dy, &x, &w, &rstd, RmsNormDims { n, c });
             let mut dx = be.upload_f32(acc);
             let (xg, wg, dyg, rg) = (
                 be.upload_f32(x),
@@ -46,7 +46,7 @@ fn rmsnorm_backward_dinp_matches_cpu() {
                 be.upload_f32(dy),
                 be.upload_f32(rstd),
             );
-            be.rmsnorm_backward_dinp(&mut dx, &dyg, &xg, &wg, &rg, n, c);
+            be.rmsnorm_backward_dinp(&mut dx, &dyg, &xg, &wg, &rg, RmsNormDims { n, c });
             assert_close("rmsnorm_backward_dinp", &be, &dx, &dx_r, tol);
         }
     }
@@ -73,14 +73,22 @@ fn layernorm_forward_matches_cpu() {
                 &x,
                 &w,
                 &bias,
-                n,
-                c,
                 1e-5,
+                LayerNormDims { n, c },
             );
             let (mut out, mut mean, mut rstd) =
                 (poisoned(&be, n * c), poisoned(&be, n), poisoned(&be, n));
             let (xg, wg, bg) = (be.upload_f32(x), be.upload_f32(w), be.upload_f32(bias));
-            be.layernorm_forward(&mut out, &mut mean, &mut rstd, &xg, &wg, &bg, n, c, 1e-5);
+            be.layernorm_forward(
+                &mut out,
+                &mut mean,
+                &mut rstd,
+                &xg,
+                &wg,
+                &bg,
+                1e-5,
+                LayerNormDims { n, c },
+            );
             assert_close("layernorm_forward out", &be, &out, &out_r, tol);
             assert_close("layernorm_forward mean", &be, &mean, &mean_r, tol);
             assert_close("layernorm_forward rstd", &be, &rstd, &rstd_r, tol);
@@ -105,12 +113,29 @@ fn layernorm_backward_matches_cpu() {
             let db0 = inputs(c, 1.0, 19, dt);
             let cpu = cpu();
             let (mut y, mut mean, mut rstd) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
-            cpu.layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &bias, n, c, 1e-5);
+            cpu.layernorm_forward(
+                &mut y,
+                &mut mean,
+                &mut rstd,
+                &x,
+                &w,
+                &bias,
+                1e-5,
+                LayerNormDims { n, c },
+            );
             let mean: Vec<f32> = mean.iter().map(|&m| round_to(m, dt)).collect();
             let rstd: Vec<f32> = rstd.iter().map(|&r| round_to(r, dt)).collect();
             let (mut dx_r, mut dw_r, mut db_r) = (vec![0f32; n * c], dw0.clone(), db0.clone());
             cpu.layernorm_backward(
-                &mut dx_r, &mut dw_r, &mut db_r, &dy, &x, &w, &mean, &rstd, n, c,
+                &mut dx_r,
+                &mut dw_r,
+                &mut db_r,
+                &dy,
+                &x,
+                &w,
+                &mean,
+                &rstd,
+                LayerNormDims { n, c },
             );
             let mut dx = poisoned(&be, n * c);
             let (mut dw, mut db) = (be.upload_f32(dw0), be.upload_f32(db0));
@@ -121,7 +146,17 @@ fn layernorm_backward_matches_cpu() {
                 be.upload_f32(mean),
                 be.upload_f32(rstd),
             );
-            be.layernorm_backward(&mut dx, &mut dw, &mut db, &dyg, &xg, &wg, &mg, &rg, n, c);
+            be.layernorm_backward(
+                &mut dx,
+                &mut dw,
+                &mut db,
+                &dyg,
+                &xg,
+                &wg,
+                &mg,
+                &rg,
+                LayerNormDims { n, c },
+            );
             assert_close("layernorm_backward dinp", &be, &dx, &dx_r, tol);
             assert_close("layernorm_backward dweight", &be, &dw, &dw_r, tol);
             assert_close("layernorm_backward dbias", &be, &db, &db_r, tol);

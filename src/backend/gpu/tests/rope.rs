@@ -3,6 +3,7 @@
 //! the input back (the rotation is orthogonal); a position outside the tables gives NaN rows.
 
 use super::*;
+use crate::backend::RopeDims;
 
 /// cos and sin tables `(rows, D/2)` of made-up frequencies, rounded to the dtype.
 fn tables(rows: usize, half: usize, dt: DType) -> (Vec<f32>, Vec<f32>) {
@@ -33,11 +34,18 @@ fn rope_forward_matches_cpu() {
             let (cos, sin) = tables(rows, d / 2, dt);
             let x = inputs(n * h * d, 1.0, 10 + ci as u64, dt);
             let mut want = vec![0.0; n * h * d];
-            cpu().rope_forward(&mut want, &x, &positions, &cos, &sin, n, h, d);
+            cpu().rope_forward(&mut want, &x, &positions, &cos, &sin, RopeDims { n, h, d });
             let mut got = poisoned(&be, n * h * d);
             let (cos_g, sin_g) = (be.upload_f32(cos), be.upload_f32(sin));
             let pos = be.upload_index(&positions);
-            be.rope_forward(&mut got, &be.upload_f32(x), &pos, &cos_g, &sin_g, n, h, d);
+            be.rope_forward(
+                &mut got,
+                &be.upload_f32(x),
+                &pos,
+                &cos_g,
+                &sin_g,
+                RopeDims { n, h, d },
+            );
             assert_close(&format!("rope_forward {n}x{h}x{d}"), &be, &got, &want, tol);
         }
     }
@@ -51,7 +59,14 @@ fn rope_backward_dinp_matches_cpu() {
             let (cos, sin) = tables(rows, d / 2, dt);
             let dout = inputs(n * h * d, 1.0, 20 + ci as u64, dt);
             let mut want = vec![0.0; n * h * d];
-            cpu().rope_backward_dinp(&mut want, &dout, &positions, &cos, &sin, n, h, d);
+            cpu().rope_backward_dinp(
+                &mut want,
+                &dout,
+                &positions,
+                &cos,
+                &sin,
+                RopeDims { n, h, d },
+            );
             let mut got = poisoned(&be, n * h * d);
             let (cos_g, sin_g) = (be.upload_f32(cos), be.upload_f32(sin));
             let pos = be.upload_index(&positions);
@@ -61,9 +76,7 @@ fn rope_backward_dinp_matches_cpu() {
                 &pos,
                 &cos_g,
                 &sin_g,
-                n,
-                h,
-                d,
+                RopeDims { n, h, d },
             );
             assert_close(
                 &format!("rope_backward_dinp {n}x{h}x{d}"),
@@ -87,9 +100,16 @@ fn rope_backward_undoes_the_forward() {
     let (cos, sin) = (be.upload_f32(cos), be.upload_f32(sin));
     let pos = be.upload_index(&positions);
     let mut y = poisoned(&be, n * h * d);
-    be.rope_forward(&mut y, &be.upload_f32(x.clone()), &pos, &cos, &sin, n, h, d);
+    be.rope_forward(
+        &mut y,
+        &be.upload_f32(x.clone()),
+        &pos,
+        &cos,
+        &sin,
+        RopeDims { n, h, d },
+    );
     let mut back = poisoned(&be, n * h * d);
-    be.rope_backward_dinp(&mut back, &y, &pos, &cos, &sin, n, h, d);
+    be.rope_backward_dinp(&mut back, &y, &pos, &cos, &sin, RopeDims { n, h, d });
     assert_close("rope backward ∘ forward", &be, &back, &x, 1e-6);
 }
 
@@ -102,7 +122,7 @@ fn rope_position_outside_the_tables_gives_nan_rows() {
     let x = be.upload_f32(inputs(n * h * d, 1.0, 31, DType::F32));
     let pos = be.upload_index(&[0, 2, -1]);
     let (cos, sin) = (be.upload_f32(cos), be.upload_f32(sin));
-    be.rope_forward(&mut out, &x, &pos, &cos, &sin, n, h, d);
+    be.rope_forward(&mut out, &x, &pos, &cos, &sin, RopeDims { n, h, d });
     let out = be.download_f32(&out);
     assert!(out[..h * d].iter().all(|v| v.is_finite()));
     assert!(out[h * d..].iter().all(|v| v.is_nan()));
