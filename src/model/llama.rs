@@ -291,6 +291,7 @@ impl<B: Backend> Llama<B> {
 
     /// One layer on `x (N, C)`, N = B·T rows, moved into the saved activations. `positions
     /// (N)` index the RoPE tables; `mask` masks keys (of this call, or of the cache).
+    // Buffers and weights of one layer plus the attention call (mask, positions, dims): no loose dimensions.
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,

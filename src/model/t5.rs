@@ -412,6 +412,7 @@ impl<B: Backend> T5<B> {
 
     /// `x + attention(rmsnorm(x))` with keys and values from `kv` (cross-attention) or from the
     /// normalised `x` itself. `x (B, T, C)` is moved into the saved activations.
+    // Buffers and weights of one sub-layer plus the attention call (mask, bias, dims): no loose dimensions.
     #[allow(clippy::too_many_arguments)]
     fn attention_sublayer_forward(
         &self,
@@ -467,6 +468,7 @@ impl<B: Backend> T5<B> {
     /// Backward of [`Self::attention_sublayer_forward`]: `dx (B, T, C) +=` the gradient through
     /// the attention branch; for cross-attention `d_kv (B, S, C) +=` the gradient of the keys' and
     /// values' source (the encoder output).
+    // Buffers and weights of one sub-layer plus the attention call (mask, bias, dims): no loose dimensions.
     #[allow(clippy::too_many_arguments)]
     fn attention_sublayer_backward(
         &self,
@@ -778,6 +780,7 @@ impl<B: Backend> T5<B> {
 
     /// One decoding step of an attention sub-layer, `x (B, C) +` attention of one query per
     /// row over cached keys and values (no activations saved: generation has no backward).
+    // Buffers and weights of one sub-layer plus the attention call (mask, bias, dims): no loose dimensions.
     #[allow(clippy::too_many_arguments)]
     fn cached_attention(
         &self,
