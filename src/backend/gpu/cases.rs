@@ -712,7 +712,7 @@ fn rope_positions(sh: &Shape, g: &mut Host) {
 
 fn rope_needs(sh: &Shape) -> Result<(), String> {
     ok_if(
-        sh["d"] % 2 == 0 && (sh["rows"] > 0 || sh["n"] == 0),
+        sh["d"].is_multiple_of(2) && (sh["rows"] > 0 || sh["n"] == 0),
         "rope needs an even d and rows > 0",
     )
 }
@@ -789,7 +789,7 @@ fn attn_needs(sh: &Shape) -> Result<(), String> {
         d,
     } = attn_dims(sh);
     ok_if(
-        b > 0 && t > 0 && s > 0 && d > 0 && h_kv > 0 && h % h_kv == 0,
+        b > 0 && t > 0 && s > 0 && d > 0 && h_kv > 0 && h.is_multiple_of(h_kv),
         "attention needs b, t, s, d, hkv > 0 and hkv dividing h",
     )?;
     ok_if(
@@ -1039,7 +1039,7 @@ const LAMP_TESTS: Shapes = &[
 
 fn lamp_needs(sh: &Shape) -> Result<(), String> {
     ok_if(
-        sh["p"] > 0 && sh["l"] % sh["p"] == 0,
+        sh["p"] > 0 && sh["l"].is_multiple_of(sh["p"]),
         "lamp_pool needs p > 0 dividing l",
     )
 }
@@ -1862,8 +1862,8 @@ pub fn cases<B: Backend>() -> Vec<Case<B>> {
             "v" => 3e-5,
             _ => op_tolerance(dtype),
         })
-        .tests(&[("", &[1001, 1]), ("", &[1001, 2])])
-        .doctor(&[("", &[1037, 1]), ("", &[1037, 2])])
+        .tests(&[("step 1", &[1001, 1]), ("step 2", &[1001, 2])])
+        .doctor(&[("step 1", &[1037, 1]), ("step 2", &[1037, 2])])
         .needs(|sh| ok_if(sh["step"] >= 1, "adamw_step needs step >= 1")),
         // ---- loss ----
         // v = 1001: more logits than threads in the block, and not a multiple of it.

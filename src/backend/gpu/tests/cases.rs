@@ -89,8 +89,8 @@ op_tests!(
     cross_entropy_forward_backward,
 );
 
-/// Every case of the table has its test above, and every case has test shapes and doctor
-/// shapes with the right number of values; derived inputs come from a case with the same keys.
+/// Every case of the table has its test above, test shapes and doctor shapes (distinctly named)
+/// that the op takes; derived inputs come from a case with the same keys.
 #[test]
 fn every_case_is_tested_and_well_formed() {
     let table = cases::<Vgpu>();
@@ -113,6 +113,16 @@ fn every_case_is_tested_and_well_formed() {
                 assert_eq!((case.needs)(&shape), Ok(()), "{} [{shape}]", case.op);
             }
         }
+        // The doctor's rows are named after the shapes: distinct names.
+        let mut names: Vec<&str> = case.doctor.iter().map(|(n, _)| *n).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(
+            names.len(),
+            case.doctor.len(),
+            "{}: doctor shape names",
+            case.op
+        );
         if let Some(from) = case.derive_from {
             let from = table.iter().find(|c| c.op == from);
             assert_eq!(from.map(|c| c.keys), Some(case.keys), "{}", case.op);
