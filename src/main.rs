@@ -8,7 +8,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use fastpt::backend::cpu::CpuBackend;
-use fastpt::backend::gpu::check::{check_ops, check_steps, results_table, CheckResult};
 use fastpt::backend::gpu::cuda::CudaDevice;
 use fastpt::backend::gpu::device::{DType, Device};
 use fastpt::backend::gpu::vgpu::VirtualDevice;
@@ -21,6 +20,7 @@ use fastpt::bench::{markdown_table, run_bench, BenchClock, BenchConfig, Setting}
 use fastpt::config::RunConfig;
 use fastpt::data::BatchSpec;
 use fastpt::data::HostBatch;
+use fastpt::doctor::{check_ops, check_steps, results_table, CheckResult};
 use fastpt::engine::{build_backbone_method, forward_backward, StepOutput};
 use fastpt::fsutil::write_file_atomic;
 use fastpt::model::hf::{load_tokenizer, save_safetensors, TensorData};

@@ -16,6 +16,7 @@
 //! The method ops (EPT-MS fusion and experts, LAMP pooling) are GEMMs around the small kernels
 //! of kernels/prompt.cu.
 
+pub mod cases;
 pub mod check;
 pub mod cuda;
 pub mod device;

@@ -1,7 +1,9 @@
-//! GpuBackend<VirtualDevice> against the CPU reference, op by op: fresh random inputs, odd
-//! sizes, outputs poisoned with NaN before each launch (so a kernel that skips an element shows),
-//! in f32 (rel ≤ 1e-5) and bf16 (rel ≤ 2e-2). Inputs are rounded to the dtype first, so both
-//! backends see the same numbers and only the arithmetic differs.
+//! GpuBackend<VirtualDevice> against the CPU reference: every case of the op table
+//! (`cases.rs`: fresh random inputs, odd sizes, outputs poisoned with NaN before each launch so
+//! that a kernel that skips an element shows, f32 rel ≤ 1e-5 and bf16 rel ≤ 2e-2 unless a case
+//! says otherwise; inputs rounded to the dtype first, so both backends see the same numbers and
+//! only the arithmetic differs), the edge cases the table does not cover (`edges.rs`), the
+//! doctor's op checks (`doctor.rs`) and the virtual GPU's shim itself (`shim.rs`).
 
 use half::bf16;
 
@@ -12,19 +14,18 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::testing::{random_vec, rel_err_f32};
 
+mod cases;
 mod doctor;
-mod elementwise;
-mod methods;
-mod norm_attention;
-mod rope;
+mod edges;
 mod shim;
 
 pub(super) type Vgpu = GpuBackend<VirtualDevice>;
 
-/// The GPU tests of this module (every op, the shim, the doctor's whole steps) run again under
-/// the reversed schedule and two shuffled ones (`vgpu::Schedule`), in child processes of this
-/// test binary with `$FASTPT_VGPU_SCHEDULE` set: a missing barrier or a dependency between the
-/// blocks of one launch gives different results there than in the fixed order.
+/// The GPU tests of this module (every op, the shim) and the doctor's whole steps
+/// (`crate::doctor::tests`) run again under the reversed schedule and two shuffled ones
+/// (`vgpu::Schedule`), in child processes of this test binary with `$FASTPT_VGPU_SCHEDULE` set: a
+/// missing barrier or a dependency between the blocks of one launch gives different results
+/// there than in the fixed order.
 #[test]
 fn gpu_tests_pass_under_other_schedules() {
     use super::vgpu::Schedule;
@@ -36,7 +37,8 @@ fn gpu_tests_pass_under_other_schedules() {
     let exe = std::env::current_exe().expect("the test binary's path");
     for schedule in ["reversed", "shuffled:1", "shuffled:2"] {
         let out = std::process::Command::new(&exe)
-            .args(["backend::gpu::tests::", "--skip", ME, "--test-threads", "2"])
+            .args(["backend::gpu::tests::", "doctor::tests::"])
+            .args(["--skip", ME, "--test-threads", "2"])
             .env(Schedule::ENV, schedule)
             .output()
             .expect("running the test binary");
