@@ -1012,6 +1012,15 @@ const ACT_DOCTOR: Shapes = &[
     ("silu·gate", &[871, 2, 1]),
 ];
 
+/// RoPE (forward and backward): n rows of h heads of width d; positions unordered and repeated,
+/// the tables' last row included.
+const ROPE_TESTS: Shapes = &[
+    ("", &[7, 3, 10, 9]),
+    ("", &[2, 1, 2, 1]),
+    ("", &[5, 4, 64, 40]),
+];
+const ROPE_DOCTOR: Shapes = &[("", &[11, 3, 18, 13])];
+
 /// EPT-MS fusion `ps (S, C)`, `lr (M, C)`: one prompt row, widths not multiples of a block.
 const FUSION_TESTS: Shapes = &[
     ("attend", &[7, 13, 45, 0]),
@@ -1600,12 +1609,8 @@ pub fn cases<B: Backend>() -> Vec<Case<B>> {
                 be.rope_forward(out, inp, pos, cos, sin, RopeDims { n, h, d });
             },
         )
-        .tests(&[
-            ("", &[7, 3, 10, 9]),
-            ("", &[2, 1, 2, 1]),
-            ("", &[5, 4, 64, 40]),
-        ])
-        .doctor(&[("", &[11, 3, 18, 13])])
+        .tests(ROPE_TESTS)
+        .doctor(ROPE_DOCTOR)
         .needs(rope_needs),
         Case::<B>::new(
             "rope_backward_dinp",
@@ -1625,12 +1630,8 @@ pub fn cases<B: Backend>() -> Vec<Case<B>> {
                 be.rope_backward_dinp(dinp, dout, pos, cos, sin, RopeDims { n, h, d });
             },
         )
-        .tests(&[
-            ("", &[7, 3, 10, 9]),
-            ("", &[2, 1, 2, 1]),
-            ("", &[5, 4, 64, 40]),
-        ])
-        .doctor(&[("", &[11, 3, 18, 13])])
+        .tests(ROPE_TESTS)
+        .doctor(ROPE_DOCTOR)
         .needs(rope_needs),
         // ---- quantised weights ----
         // Odd lengths: a partial last block, an odd last byte.
