@@ -430,6 +430,14 @@ impl RunConfig {
                     "got 0, the synthetic task needs at least 1".into(),
                 );
             }
+            if d.dev_examples == 0 {
+                return fail(
+                    "data.dev_examples",
+                    "got 0, the synthetic task needs at least 1 (the dev loss picks the best \
+                     checkpoint)"
+                        .into(),
+                );
+            }
         } else {
             let custom = d.task.ends_with(".toml");
             if !custom && !TASK_NAMES.contains(&d.task.as_str()) {
@@ -1127,6 +1135,11 @@ bogus = "ignored with the section"
         assert_names(
             &invalid(|c| c.data.train_examples = 0),
             "data.train_examples",
+            "0",
+        );
+        assert_names(
+            &invalid(|c| c.data.dev_examples = 0),
+            "data.dev_examples",
             "0",
         );
         // Other tasks read their examples from files.

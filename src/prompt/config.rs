@@ -294,6 +294,14 @@ pub const METHOD_NAMES: &[&str] = &[
     "pt", "ptuning", "residual", "dpt", "dept", "ept", "lamp", "xpt",
 ];
 
+/// The most trainable parameters a method may have (40 GB in f32, far beyond any paper's
+/// setting): larger settings are typing mistakes, refused before anything is allocated.
+pub const MAX_METHOD_PARAMS: u64 = 10_000_000_000;
+
+/// The most prompt rows a method may put in front of the input (the papers use at most a few
+/// hundred).
+pub const MAX_PROMPT_ROWS: usize = 1 << 20;
+
 /// Train-time and stored parameter counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParamCounts {
@@ -412,6 +420,28 @@ impl MethodConfig {
     /// Checks the options against the model width `d` and maximum input length `m`; errors
     /// name the option and both values.
     pub fn validate(&self, d: usize, m: usize) -> Result<()> {
+        self.validate_options(d, m)?;
+        // Sizes no run can hold are refused here, before anything is allocated from them.
+        let (train, _) = self.param_counts_wide(d, m);
+        if train > MAX_METHOD_PARAMS as u128 {
+            return Err(Error::Input(format!(
+                "[{}] these settings need {train} trainable parameters at d = {d}, m = {m}; \
+                 fastpt accepts at most {MAX_METHOD_PARAMS}",
+                self.name()
+            )));
+        }
+        if self.prompt_rows() > MAX_PROMPT_ROWS {
+            return Err(Error::Input(format!(
+                "[{}] {} prompt rows; fastpt accepts at most {MAX_PROMPT_ROWS}",
+                self.name(),
+                self.prompt_rows()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Each method's own rules (ranks within bounds, required options given).
+    fn validate_options(&self, d: usize, m: usize) -> Result<()> {
         let bad = |msg: String| Err(Error::Input(format!("[{}] {msg}", self.name())));
         let positive = |what: &str, v: usize| {
             if v == 0 {
@@ -533,70 +563,60 @@ impl MethodConfig {
     /// Parameter counts for model width `d` and maximum input length `m`, from the formulas of
     /// methods.md (a test checks them against the tensors the methods allocate).
     pub fn param_counts(&self, d: usize, m: usize) -> ParamCounts {
+        let (train, stored) = self.param_counts_wide(d, m);
+        // `validate` refuses settings whose counts exceed MAX_METHOD_PARAMS, so these fit.
+        ParamCounts {
+            train: usize::try_from(train).unwrap_or(usize::MAX),
+            stored: usize::try_from(stored).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// (train-time, stored) counts in u128: no size a config can hold overflows them.
+    fn param_counts_wide(&self, d: usize, m: usize) -> (u128, u128) {
+        let w = |x: usize| x as u128;
+        let (d, m) = (w(d), w(m));
         match self {
-            MethodConfig::Pt(c) => {
-                let n = c.prompt_len * d;
-                ParamCounts {
-                    train: n,
-                    stored: n,
-                }
+            MethodConfig::Pt(c) => (w(c.prompt_len) * d, w(c.prompt_len) * d),
+            MethodConfig::PTuning(c) => {
+                (w(c.prompt_len) * d + 3 * (d * d + d), w(c.prompt_len) * d)
             }
-            MethodConfig::PTuning(c) => ParamCounts {
-                train: c.prompt_len * d + 3 * (d * d + d),
-                stored: c.prompt_len * d,
-            },
             MethodConfig::Residual(c) => {
-                let h = c.bottleneck;
-                ParamCounts {
-                    train: c.prompt_len * d + (d * h + h) + (h * d + d) + 2 * d,
-                    stored: c.prompt_len * d,
-                }
+                let h = w(c.bottleneck);
+                (
+                    w(c.prompt_len) * d + (d * h + h) + (h * d + d) + 2 * d,
+                    w(c.prompt_len) * d,
+                )
             }
             MethodConfig::Dpt(c) => {
-                let factors = c.prompt_len * c.rank + c.rank * d;
-                ParamCounts {
-                    train: factors,
-                    stored: factors.min(c.prompt_len * d),
-                }
+                let factors = w(c.prompt_len) * w(c.rank) + w(c.rank) * d;
+                (factors, factors.min(w(c.prompt_len) * d))
             }
             MethodConfig::Dept(c) => {
-                let n = c.prompt_len * d + (m + d) * c.rank;
-                ParamCounts {
-                    train: n,
-                    stored: n,
-                }
+                let n = w(c.prompt_len) * d + (m + d) * w(c.rank);
+                (n, n)
             }
             MethodConfig::Ept(c) => {
-                let stored = c.prompt_len * d + (m + d) * c.rank;
+                let stored = w(c.prompt_len) * d + (m + d) * w(c.rank);
                 // The experts project the prompt rows: none at s = 0.
                 let extra = if c.multi_space && c.prompt_len > 0 {
-                    let (e, h) = (c.experts, c.hidden(m));
+                    let (e, h) = (w(c.experts), c.expert_hidden.map_or(m, w));
                     e * (2 * d * h + h + d) + e * (d + 1)
                 } else {
                     0
                 };
-                ParamCounts {
-                    train: stored + extra,
-                    stored,
-                }
+                (stored + extra, stored)
             }
             MethodConfig::Lamp(c) => {
-                let (l, r, p) = (c.prompt_len, c.rank, c.pool.max(1));
+                let (l, r, p) = (w(c.prompt_len), w(c.rank), w(c.pool.max(1)));
                 let factors = l * r + r + r * d;
                 let attention = match c.pool_mode {
                     LampPool::Average => 0,
                     LampPool::Attention => d * (l / p),
                 };
-                ParamCounts {
-                    train: factors + attention,
-                    stored: (factors + attention).min(l / p * d),
-                }
+                (factors + attention, (factors + attention).min(l / p * d))
             }
-            MethodConfig::Xpt(c) => ParamCounts {
-                train: d + 2 * d * c.hidden,
-                // φ(p1) is one row, repeated: d values once folded.
-                stored: d,
-            },
+            // φ(p1) is one row, repeated: d values once folded.
+            MethodConfig::Xpt(c) => (d + 2 * d * w(c.hidden), d),
         }
     }
 }
