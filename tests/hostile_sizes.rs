@@ -1,6 +1,6 @@
-//! Sizes a careless or hostile user can type (issue 19, rule 1 and 2): each gets an error that
-//! names the setting, the value and the limit, never a panic, a wrapped count or a huge
-//! allocation.
+//! What a careless or hostile user can give (issue 19): sizes past any limit (rules 1 and 2) and
+//! non-finite weights (rule 3). Each gets an error that names the setting or tensor, the value
+//! and the limit, never a panic, a wrapped count, a huge allocation or a silent NaN.
 
 mod common;
 
@@ -77,4 +77,51 @@ fn run_refuses_a_synthetic_task_without_dev_examples() {
         stderr.contains("data.dev_examples") && stderr.contains("got 0"),
         "{stderr}"
     );
+}
+
+/// A NaN in a frozen weight (issue 19, rule 3) is refused at load, naming the file and tensor:
+/// with `--quant nf4` it used to stop the process in the quantiser's assertion, without it the
+/// run trained on NaN scores.
+#[test]
+fn a_non_finite_weight_is_refused_at_load_with_or_without_nf4() {
+    use fastpt::backend::cpu::CpuBackend;
+    use fastpt::model::hf::{save_safetensors, SafetensorsFolder, TensorData};
+    use fastpt::model::linear::Quant;
+    use fastpt::model::load_model;
+    use fastpt::testing::fixture;
+
+    let src = fixture("t5-v1_0-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let folder = SafetensorsFolder::open(&src).unwrap();
+    let poisoned = "encoder.block.0.layer.0.SelfAttention.q.weight";
+    let tensors: Vec<(String, Vec<usize>, TensorData)> = folder
+        .names()
+        .into_iter()
+        .map(|name| {
+            let shape = folder.shape(&name).unwrap();
+            let mut values = folder.load_f32(&name, &shape).unwrap();
+            if name == poisoned {
+                values[3] = f32::NAN;
+            }
+            (name, shape, TensorData::F32(values))
+        })
+        .collect();
+    assert!(
+        tensors.iter().any(|t| t.0 == poisoned),
+        "the fixture lacks {poisoned}"
+    );
+    save_safetensors(&dir.path().join("model.safetensors"), &tensors).unwrap();
+    for quant in [Quant::None, Quant::Nf4] {
+        let err = match load_model(&CpuBackend::<f32>::new(), dir.path(), quant) {
+            Ok(_) => panic!("{quant:?}: a NaN weight was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("model.safetensors")
+                && err.contains(&format!("tensor `{poisoned}`: element 3 of"))
+                && err.contains("is NaN"),
+            "{quant:?}: {err}"
+        );
+    }
 }

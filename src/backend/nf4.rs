@@ -199,7 +199,7 @@ impl Nf4Tensor {
 }
 
 /// Quantises `x (n)` to NF4 with double-quantised absmax (see the module docs). Panics on a
-/// non-finite element.
+/// non-finite element: model loading (`SafetensorsFolder::load_f32`) refuses such weights first.
 pub fn quantize_nf4(x: &[f32]) -> Nf4Tensor {
     let n = x.len();
     let nb = n.div_ceil(NF4_BLOCK);

@@ -267,26 +267,43 @@ impl SafetensorsFolder {
             });
         }
         let bytes = file.bytes(name, info)?;
-        match info.dtype {
-            Dtype::F32 => Ok(decode_le(bytes, f32::from_le_bytes, |x| x)),
-            Dtype::BF16 => Ok(decode_le(
+        let values = match info.dtype {
+            Dtype::F32 => decode_le(bytes, f32::from_le_bytes, |x| x),
+            Dtype::BF16 => decode_le(
                 bytes,
                 |b| half::bf16::from_bits(u16::from_le_bytes(b)),
                 half::bf16::to_f32,
-            )),
-            Dtype::F16 => Ok(decode_le(
+            ),
+            Dtype::F16 => decode_le(
                 bytes,
                 |b| half::f16::from_bits(u16::from_le_bytes(b)),
                 half::f16::to_f32,
-            )),
-            // Rounds to nearest; weights saved in f64 are rare but harmless to accept.
-            Dtype::F64 => Ok(decode_le(bytes, f64::from_le_bytes, |x| x as f32)),
-            other => Err(Error::Dtype {
-                path: file.path.clone(),
-                name: name.to_string(),
-                dtype: other.to_string(),
-            }),
+            ),
+            // Rounds to nearest; weights saved in f64 are rare but harmless to accept (one
+            // beyond f32's range becomes inf, refused below).
+            Dtype::F64 => decode_le(bytes, f64::from_le_bytes, |x| x as f32),
+            other => {
+                return Err(Error::Dtype {
+                    path: file.path.clone(),
+                    name: name.to_string(),
+                    dtype: other.to_string(),
+                })
+            }
+        };
+        // A NaN or inf weight would poison every step (or stop NF4 quantisation): refuse it
+        // here, naming the tensor, instead of training on it.
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::format(
+                &file.path,
+                format!(
+                    "tensor `{name}`: element {i} of {} is {} (after conversion to f32); \
+                     weights must be finite",
+                    values.len(),
+                    values[i]
+                ),
+            ));
         }
+        Ok(values)
     }
 }
 
@@ -504,6 +521,37 @@ mod tests {
         let e = r.unwrap_err();
         let m = e.to_string();
         (e, m)
+    }
+
+    #[test]
+    fn non_finite_weights_are_refused_naming_tensor_and_element() {
+        let dir = tempfile::tempdir().unwrap();
+        let nan = [0.5f32, f32::NAN, 1.0];
+        // 1e300 in f64 overflows f32: inf after conversion.
+        let big: Vec<u8> = [0.25f64, 1e300]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        write_st(
+            &dir.path().join(SINGLE_FILE),
+            &[
+                f32_spec("q.weight", vec![3], &nan),
+                ("k.weight", Dtype::F64, vec![2], big),
+                f32_spec("ok", vec![1], &[2.0]),
+            ],
+        );
+        let st = SafetensorsFolder::open(dir.path()).unwrap();
+        let (_, m) = err_msg(st.load_f32("q.weight", &[3]));
+        assert!(
+            m.contains(SINGLE_FILE) && m.contains("tensor `q.weight`: element 1 of 3 is NaN"),
+            "{m}"
+        );
+        let (_, m) = err_msg(st.load_f32("k.weight", &[2]));
+        assert!(
+            m.contains("tensor `k.weight`: element 1 of 2 is inf"),
+            "{m}"
+        );
+        assert_eq!(st.load_f32("ok", &[1]).unwrap(), [2.0]);
     }
 
     #[test]
