@@ -42,22 +42,35 @@ fn params_refuses_a_prompt_length_whose_count_would_wrap() {
 fn run_refuses_huge_method_sizes_before_building_anything() {
     let dir = tempfile::tempdir().unwrap();
     let out = format!("out_dir={:?}", dir.path().join("r").display().to_string());
-    for (set, needle) in [
+    for (sets, needle) in [
         // EPT-MS's experts: 2^62 of them would need more memory than exists.
-        ("ept.experts=4611686018427387904", "trainable parameters"),
+        (
+            &["ept.experts=4611686018427387904"][..],
+            "trainable parameters",
+        ),
+        // e · h · d = 2^63 · 2^63 · 64 is past even u128: the count saturates instead of
+        // wrapping (or panicking, with overflow checks on).
+        (
+            &[
+                "ept.experts=9223372036854775807",
+                "ept.expert_hidden=9223372036854775807",
+            ][..],
+            "trainable parameters",
+        ),
         // DePT: a prompt of 2^40 rows.
-        ("dept.prompt_len=1099511627776", "trainable parameters"),
+        (
+            &["dept.prompt_len=1099511627776"][..],
+            "trainable parameters",
+        ),
     ] {
+        let set = sets.join(" ");
         let method = set.split('.').next().unwrap();
-        let (ok, _, stderr) = fastpt(&[
-            "run",
-            "--set",
-            &format!("method={method:?}"),
-            "--set",
-            set,
-            "--set",
-            &out,
-        ]);
+        let method = format!("method={method:?}");
+        let mut args = vec!["run", "--set", &method, "--set", &out];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let (ok, _, stderr) = fastpt(&args);
         assert_clean_error(ok, &stderr);
         assert!(stderr.contains(needle), "{set}: {stderr}");
         assert!(

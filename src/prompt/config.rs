@@ -571,19 +571,21 @@ impl MethodConfig {
         }
     }
 
-    /// (train-time, stored) counts in u128: no size a config can hold overflows them.
+    /// (train-time, stored) counts that saturate instead of wrapping: any size a config can
+    /// hold gives either the exact count or one far above `MAX_METHOD_PARAMS`.
     fn param_counts_wide(&self, d: usize, m: usize) -> (u128, u128) {
-        let w = |x: usize| x as u128;
+        let w = |x: usize| Count(x as u128);
         let (d, m) = (w(d), w(m));
-        match self {
+        let (train, stored) = match self {
             MethodConfig::Pt(c) => (w(c.prompt_len) * d, w(c.prompt_len) * d),
-            MethodConfig::PTuning(c) => {
-                (w(c.prompt_len) * d + 3 * (d * d + d), w(c.prompt_len) * d)
-            }
+            MethodConfig::PTuning(c) => (
+                w(c.prompt_len) * d + Count(3) * (d * d + d),
+                w(c.prompt_len) * d,
+            ),
             MethodConfig::Residual(c) => {
                 let h = w(c.bottleneck);
                 (
-                    w(c.prompt_len) * d + (d * h + h) + (h * d + d) + 2 * d,
+                    w(c.prompt_len) * d + (d * h + h) + (h * d + d) + Count(2) * d,
                     w(c.prompt_len) * d,
                 )
             }
@@ -600,9 +602,9 @@ impl MethodConfig {
                 // The experts project the prompt rows: none at s = 0.
                 let extra = if c.multi_space && c.prompt_len > 0 {
                     let (e, h) = (w(c.experts), c.expert_hidden.map_or(m, w));
-                    e * (2 * d * h + h + d) + e * (d + 1)
+                    e * (Count(2) * d * h + h + d) + e * (d + Count(1))
                 } else {
-                    0
+                    Count(0)
                 };
                 (stored + extra, stored)
             }
@@ -610,14 +612,41 @@ impl MethodConfig {
                 let (l, r, p) = (w(c.prompt_len), w(c.rank), w(c.pool.max(1)));
                 let factors = l * r + r + r * d;
                 let attention = match c.pool_mode {
-                    LampPool::Average => 0,
+                    LampPool::Average => Count(0),
                     LampPool::Attention => d * (l / p),
                 };
                 (factors + attention, (factors + attention).min(l / p * d))
             }
             // φ(p1) is one row, repeated: d values once folded.
-            MethodConfig::Xpt(c) => (d + 2 * d * w(c.hidden), d),
-        }
+            MethodConfig::Xpt(c) => (d + Count(2) * d * w(c.hidden), d),
+        };
+        (train.0, stored.0)
+    }
+}
+
+/// A parameter count whose `+` and `·` saturate at `u128::MAX` (sizes come from user input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Count(u128);
+
+impl std::ops::Add for Count {
+    type Output = Count;
+    fn add(self, other: Count) -> Count {
+        Count(self.0.saturating_add(other.0))
+    }
+}
+
+impl std::ops::Mul for Count {
+    type Output = Count;
+    fn mul(self, other: Count) -> Count {
+        Count(self.0.saturating_mul(other.0))
+    }
+}
+
+impl std::ops::Div for Count {
+    type Output = Count;
+    /// The divisor is a pooling block, at least 1.
+    fn div(self, other: Count) -> Count {
+        Count(self.0 / other.0.max(1))
     }
 }
 
