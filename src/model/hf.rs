@@ -332,11 +332,33 @@ fn decode_le<T: bytemuck::Pod, U, const N: usize>(
         .collect()
 }
 
+/// The largest `tokenizer.json` read (the biggest published ones are tens of MB).
+pub const MAX_TOKENIZER_BYTES: u64 = 1 << 30;
+
 /// Loads `dir/tokenizer.json` with the tokenizers crate; errors name the file.
 pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
     let path = dir.join("tokenizer.json");
+    let len = std::fs::metadata(&path)
+        .map_err(|e| Error::io(&path, e))?
+        .len();
+    if len > MAX_TOKENIZER_BYTES {
+        return Err(Error::format(
+            &path,
+            format!("{len} bytes, more than the {MAX_TOKENIZER_BYTES} a tokenizer.json may have"),
+        ));
+    }
     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    tokenizers::Tokenizer::from_bytes(&bytes)
+    // UTF-8 and JSON syntax first: the tokenizers crate panics (instead of failing) when its
+    // parser errors inside the `decoder` object (a truncated file, a bad byte there).
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        Error::format(
+            &path,
+            format!("not UTF-8 text (at byte {})", e.valid_up_to()),
+        )
+    })?;
+    serde_json::from_str::<Value>(text)
+        .map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+    text.parse::<tokenizers::Tokenizer>()
         .map_err(|e| Error::format(&path, format!("not a valid tokenizer.json: {e}")))
 }
 
@@ -521,6 +543,28 @@ mod tests {
         let e = r.unwrap_err();
         let m = e.to_string();
         (e, m)
+    }
+
+    /// The tokenizers crate panics on these (its parser fails inside `decoder`); fastpt must
+    /// give an error naming the file.
+    #[test]
+    fn broken_tokenizer_json_is_an_error_not_a_panic() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/t5-v1_1-tiny");
+        let good = std::fs::read(fixture.join("tokenizer.json")).unwrap();
+        let at = good.windows(9).position(|w| w == b"\"decoder\"").unwrap() + 20;
+        let truncated = good[..at].to_vec();
+        let mut bad_byte = good.clone();
+        bad_byte[at] = 0x80;
+        for (bytes, needle) in [(truncated, "not valid JSON"), (bad_byte, "not UTF-8")] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("tokenizer.json"), bytes).unwrap();
+            let err = load_tokenizer(dir.path()).unwrap_err().to_string();
+            assert!(
+                err.contains("tokenizer.json") && err.contains(needle),
+                "{err}"
+            );
+        }
+        assert!(load_tokenizer(&fixture).is_ok());
     }
 
     #[test]
