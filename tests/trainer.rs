@@ -2,12 +2,12 @@
 //! and the embedded default's loss drop.
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicUsize;
 
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::config::RunConfig;
 use fastpt::train::checkpoint::load_checkpoint;
-use fastpt::train::trainer::{train, Outcome, Stopped, TrainOptions, DEFAULT_RUN_TOML};
+use fastpt::train::trainer::{train, Outcome, Stopped, TrainOptions, DEFAULT_RUN_TOML, SIGINT};
 
 /// The embedded default with `overrides`, writing into `dir`.
 fn config(dir: &Path, overrides: &[&str]) -> RunConfig {
@@ -19,12 +19,13 @@ fn config(dir: &Path, overrides: &[&str]) -> RunConfig {
 }
 
 fn run(cfg: &RunConfig, resume: bool, interrupt: bool) -> fastpt::Result<Outcome> {
-    let flag = AtomicBool::new(interrupt);
+    let flag = AtomicUsize::new(if interrupt { SIGINT } else { 0 });
     let opts = TrainOptions {
         resume,
         interrupt: &flag,
         progress: false,
         init_from: None,
+        nan_grad_at_step: None,
     };
     train(&CpuBackend::<f32>::new(), cfg, &opts)
 }
@@ -54,7 +55,7 @@ fn same_seed_same_losses_bit_for_bit_and_resume_continues_identically() {
     let dir = tmp.path().join("c");
     let cfg = config(&dir, SHORT);
     let first = run(&cfg, false, true).unwrap();
-    assert_eq!(first.stopped, Stopped::Interrupted);
+    assert_eq!(first.stopped, Stopped::Interrupted(SIGINT));
     assert_eq!(first.losses.len(), 1);
     let second = run(&cfg, true, true).unwrap();
     assert_eq!(second.losses.len(), 2);
