@@ -200,7 +200,15 @@ impl RunLock {
         let path = dir.join(LOCK);
         match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(file) => Self::take(file, path).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            // No folder, or a file where the folder should be (the folder checks say so).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(Error::io(&path, e)),
         }
     }

@@ -986,8 +986,23 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
     /// checkpoint to go back to only after loading it: the file must exist, hold finite values
     /// and a finite loss history, and the step it names is the one it holds.
     fn stop_message(&self, step: u64, what: &str, value: f64, loss: f64) -> Error {
+        let loss_note = match what {
+            "the loss" => String::new(),
+            _ => format!(" (the loss was {loss})"),
+        };
+        Error::Input(format!(
+            "step {step}: {what} is {value}{loss_note}; training stopped before the optimizer \
+             step. {}. A smaller train.lr or train.max_grad_norm usually avoids this (start a \
+             new run: a resume cannot change them)",
+            self.last_good()
+        ))
+    }
+
+    /// Which checkpoint a stopped run can go back to, checked by loading it: it must exist,
+    /// hold finite values and one finite loss per step; the step named is the one it holds.
+    fn last_good(&self) -> String {
         let path = &self.ckpt_path;
-        let last_good = match load_checkpoint(path) {
+        match load_checkpoint(path) {
             Err(_) if !path.exists() => format!(
                 "No checkpoint was written yet (train.checkpoint_every = {}), so there is none \
                  to go back to",
@@ -1017,16 +1032,7 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
                     )
                 }
             }
-        };
-        let loss_note = match what {
-            "the loss" => String::new(),
-            _ => format!(" (the loss was {loss})"),
-        };
-        Error::Input(format!(
-            "step {step}: {what} is {value}{loss_note}; training stopped before the optimizer \
-             step. {last_good}. A smaller train.lr or train.max_grad_norm usually avoids this \
-             (start a new run: a resume cannot change them)"
-        ))
+        }
     }
 
     /// The dev loss, a text task's dev metrics, and keep-best: `best.safetensors` when the
@@ -1097,11 +1103,11 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
                 if let Some(x) = values.iter().find(|x| !x.is_finite()) {
                     return Err(Error::Input(format!(
                         "step {}: {part}/{} holds {x} after the optimizer step; training \
-                         stopped without writing this checkpoint (the one in {} is kept). A \
-                         smaller train.lr usually avoids this",
+                         stopped without writing this checkpoint. {}. A smaller train.lr \
+                         usually avoids this",
                         self.state.step,
                         t.name,
-                        self.ckpt_path.display()
+                        self.last_good()
                     )));
                 }
             }
