@@ -248,6 +248,7 @@ fn a_new_run_refuses_another_runs_folder_even_without_its_checkpoint() {
 fn start_long_run(dir: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_fastpt"))
         .args(["run", "--device", "cpu"])
+        .args(["--set", "train.warmup_steps=0"])
         .args([
             "--set",
             "train.steps=1000000",

@@ -184,6 +184,7 @@ fn a_nan_gradient_stops_the_run_naming_the_checkpoint_the_file_holds() {
     // Checkpoints at steps 2 and 4; the gradient turns NaN at step 5 while the loss is finite.
     let sets = [
         "train.steps=8",
+        "train.warmup_steps=0",
         "train.batch_size=2",
         "train.checkpoint_every=2",
         "train.eval_every=0",
