@@ -677,6 +677,67 @@ fn culprit(table: &toml::Table, fails: impl Fn(toml::Table) -> bool) -> Option<&
         .map(|(key, _)| key.as_str())
 }
 
+/// The keys a resumed run may change: they do not alter the steps already taken (a longer
+/// `train.steps` extends the run; `out_dir` follows a moved folder).
+pub const RESUME_MAY_CHANGE: &[&str] = &[
+    "train.steps",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "out_dir",
+];
+
+/// One key whose value differs between two configs: (dotted key, old value, new value), the
+/// values as TOML text (`"absent"` when a side lacks the key).
+pub type KeyChange = (String, String, String);
+
+impl RunConfig {
+    /// The differences of `new` from `self` (a run's stored config) for a resume, split into
+    /// the keys that may change ([`RESUME_MAY_CHANGE`]) and the others, each sorted by key. The
+    /// method's options are named by their section (`ept.rank`).
+    pub fn resume_changes(&self, new: &RunConfig) -> (Vec<KeyChange>, Vec<KeyChange>) {
+        let (old, new) = (flat_keys(self), flat_keys(new));
+        let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "absent".into());
+        let (mut may, mut refused) = (Vec::new(), Vec::new());
+        for key in keys {
+            let (a, b) = (old.get(key), new.get(key));
+            if a == b {
+                continue;
+            }
+            let change = (key.clone(), show(a), show(b));
+            if RESUME_MAY_CHANGE.contains(&key.as_str()) {
+                may.push(change);
+            } else {
+                refused.push(change);
+            }
+        }
+        (may, refused)
+    }
+}
+
+/// Every key of the config's TOML form as `section.key` → the value as TOML text.
+fn flat_keys(cfg: &RunConfig) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    // to_toml_string reads back with from_toml_str, so it parses; an error leaves the map empty
+    // and every key of the other side then shows as a difference.
+    let table: toml::Table = toml::from_str(&cfg.to_toml_string()).unwrap_or_default();
+    for (key, value) in table {
+        match value {
+            toml::Value::Table(section) => {
+                for (k, v) in section {
+                    out.insert(format!("{key}.{k}"), v.to_string());
+                }
+            }
+            other => {
+                out.insert(key, other.to_string());
+            }
+        }
+    }
+    out
+}
+
 /// 1-based line and column of byte `offset` in `text`.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];

@@ -57,6 +57,22 @@ pub enum Error {
     /// Bad input that is not a file (a batch with inconsistent lengths, an unknown shape name, ...).
     #[error("{0}")]
     Input(String),
+
+    // Run folders and checkpoints (issue 19, trainer).
+    /// A checkpoint field outside what the run allows (step past train.steps, cursor past the
+    /// data, a non-finite value, ...).
+    #[error("{path}: checkpoint field `{field}` = {value}: {limit}")]
+    Checkpoint {
+        path: PathBuf,
+        field: String,
+        value: String,
+        limit: String,
+    },
+
+    /// A run folder a command cannot use: files fastpt did not write, another run's results,
+    /// a folder in use by another process.
+    #[error("{path}: {msg}")]
+    RunFolder { path: PathBuf, msg: String },
 }
 
 impl Error {

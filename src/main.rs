@@ -2,7 +2,8 @@
 //! it returns (the work is in the library; anyhow only here).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -28,8 +29,9 @@ use fastpt::model::shapes::{builtin_shapes, is_builtin_shape};
 use fastpt::model::{load_model, random_model, shape_hf_json, Backbone};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
 use fastpt::prompt::{train_params, MethodConfig};
+use fastpt::train::run_dir::{check_resume_dir, resume_command};
 use fastpt::train::trainer::{
-    evaluate_run, export_run, metrics_line, train, RunParams, Stopped, TrainOptions,
+    evaluate_run, export_run, metrics_line, signal_name, train, RunParams, Stopped, TrainOptions,
     DEFAULT_RUN_TOML,
 };
 
@@ -244,9 +246,11 @@ struct TrainArgs {
     /// adapter_model.safetensors), e.g. the export/adapter of another run.
     #[arg(long)]
     init_from: Option<PathBuf>,
-    /// Continue the run in out_dir from its checkpoint.
-    #[arg(long)]
-    resume: bool,
+    /// Continue the run in RUN_DIR from its checkpoint, with the folder's config.toml as the
+    /// config (`--set` may change train.steps, train.eval_every, train.checkpoint_every). The
+    /// older form `--config FILE --resume` resumes FILE's out_dir.
+    #[arg(long, value_name = "RUN_DIR", num_args = 0..=1)]
+    resume: Option<Option<PathBuf>>,
     /// Store the backbone's linear weights in NF4 (same as `--set quant="nf4"`).
     #[arg(long, value_parser = ["none", "nf4"])]
     quant: Option<String>,
@@ -313,10 +317,18 @@ struct ForwardArgs {
 #[global_allocator]
 static ALLOC: fastpt::bench::heap::PeakAlloc = fastpt::bench::heap::PeakAlloc;
 
+/// The signal that interrupted `fastpt run` (0: none); main exits with 128 + it.
+static EXIT_SIGNAL: AtomicUsize = AtomicUsize::new(0);
+
+/// Exit codes: 0 done (a finished run, or `--resume` of one), 1 an error, 130 a run stopped by
+/// SIGINT, 143 by SIGTERM (128 + the signal, as shells report it), 2 a bad command line (clap).
 fn main() -> std::process::ExitCode {
     // Errors print as one line with their causes (`{:#}`), without a backtrace.
     match dispatch(Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => match EXIT_SIGNAL.load(Ordering::SeqCst) {
+            0 => std::process::ExitCode::SUCCESS,
+            sig => std::process::ExitCode::from(u8::try_from(128 + sig).unwrap_or(u8::MAX)),
+        },
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -478,8 +490,24 @@ fn print_step(be_name: &str, step: &StepOutput, batch: &HostBatch) {
     );
 }
 
-/// Set by Ctrl-C: the trainer writes a checkpoint after the current step and stops.
-static INTERRUPT: AtomicBool = AtomicBool::new(false);
+/// Installs the SIGINT and SIGTERM handlers of `fastpt run`: the first signal sets `signal` to
+/// its number (the trainer finishes the step, writes the checkpoint and report.json, and
+/// stops); a second one ends the process at once with 128 + its number (the files written so
+/// far are whole: every write is atomic).
+fn install_signal_handlers(signal: &Arc<AtomicUsize>) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let seen = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // Registered first, so it sees `seen` as it was before this signal.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&seen))
+            .with_context(|| format!("installing the handler of signal {sig}"))?;
+        signal_hook::flag::register(sig, Arc::clone(&seen))
+            .with_context(|| format!("installing the handler of signal {sig}"))?;
+        signal_hook::flag::register_usize(sig, Arc::clone(signal), sig as usize)
+            .with_context(|| format!("installing the handler of signal {sig}"))?;
+    }
+    Ok(())
+}
 
 fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
     let mut overrides = args.overrides.clone();
@@ -495,9 +523,26 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
     if let Some(dir) = &args.data {
         overrides.push(format!("data.dir={:?}", dir.display().to_string()));
     }
-    let (mut cfg, source) = match &args.config {
-        Some(path) => (RunConfig::from_file(path, &overrides)?, path.clone()),
-        None => {
+    // `--resume RUN_DIR`: the folder's config.toml is the config (--config, when given too, is
+    // compared with it). `--config FILE --resume`: the older form, FILE's out_dir.
+    let resume_dir = match &args.resume {
+        Some(Some(dir)) => {
+            check_resume_dir(dir)?;
+            Some(dir.clone())
+        }
+        Some(None) if args.config.is_none() => bail!(
+            "--resume needs the run folder: fastpt run --resume RUN_DIR (or the older form \
+             fastpt run --config FILE --resume, which resumes FILE's out_dir)"
+        ),
+        _ => None,
+    };
+    let (mut cfg, source) = match (&args.config, &resume_dir) {
+        (Some(path), _) => (RunConfig::from_file(path, &overrides)?, path.clone()),
+        (None, Some(dir)) => {
+            let path = dir.join("config.toml");
+            (RunConfig::from_file(&path, &overrides)?, path)
+        }
+        (None, None) => {
             let path = PathBuf::from("<embedded default>");
             (
                 RunConfig::from_toml_str(DEFAULT_RUN_TOML, &path, &overrides)?,
@@ -505,10 +550,25 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
             )
         }
     };
+    let out_dir_set = overrides
+        .iter()
+        .any(|o| o.trim_start().starts_with("out_dir"));
+    if let Some(dir) = &resume_dir {
+        if out_dir_set && cfg.out_dir != *dir {
+            bail!(
+                "--resume {}: the run folder is where it is; --set out_dir = {} cannot move it \
+                 (move the folder, then resume it there)",
+                dir.display(),
+                cfg.out_dir.display()
+            );
+        }
+        // A moved or copied folder resumes where it is now.
+        cfg.out_dir = dir.clone();
+    }
     cfg.validate(&source)?;
+    let resume = args.resume.is_some();
     let random = is_builtin_shape(&cfg.model);
-    if args.config.is_none() && !args.resume && !overrides.iter().any(|o| o.starts_with("out_dir"))
-    {
+    if args.config.is_none() && !resume && !out_dir_set {
         // The embedded default never refuses to start: each run gets its own folder.
         cfg.out_dir = next_free_dir(&cfg.out_dir);
     }
@@ -531,27 +591,37 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
         cfg.train.grad_accum,
         cfg.out_dir.display()
     );
-    // Ctrl-C: stop after the current step with a checkpoint (a second Ctrl-C is not caught
-    // differently; the checkpoint write is atomic either way).
-    let _ = ctrlc::set_handler(|| INTERRUPT.store(true, Ordering::SeqCst));
+    let signal = Arc::new(AtomicUsize::new(0));
+    install_signal_handlers(&signal)?;
     let opts = TrainOptions {
-        resume: args.resume,
-        interrupt: &INTERRUPT,
+        resume,
+        interrupt: &signal,
         progress: true,
         init_from: args.init_from.as_deref(),
+        nan_grad_at_step: None,
     };
     let out = train(be, &cfg, &opts)?;
+    let done = out.losses.last().map(|l| l.0).unwrap_or(0);
+    if out.stopped == Stopped::AlreadyFinished {
+        println!(
+            "{}: the run is finished (step {done} of {}); nothing was changed. To train it \
+             longer: {} --set train.steps=N",
+            out.run_dir.display(),
+            cfg.train.steps,
+            resume_command(&out.run_dir)
+        );
+        return Ok(());
+    }
     let first = out.losses.first().map(|l| l.1).unwrap_or(f64::NAN);
     let last = out.losses.last().map(|l| l.1).unwrap_or(f64::NAN);
     let tail = out.losses.len().min(20);
     let mean = |s: &[(u64, f64)]| s.iter().map(|l| l.1).sum::<f64>() / s.len().max(1) as f64;
     println!(
-        "{} after {} steps in {:.1} s ({:.0} tokens/s): loss {first:.4} at step 1, {last:.4} at the end (mean of the last {tail}: {:.4})",
+        "{} after {done} steps in {:.1} s ({:.0} tokens/s): loss {first:.4} at step 1, {last:.4} at the end (mean of the last {tail}: {:.4})",
         match out.stopped {
-            Stopped::Finished => "finished",
-            Stopped::Interrupted => "interrupted (resume with --resume)",
+            Stopped::Interrupted(sig) => format!("interrupted by {}", signal_name(sig)),
+            _ => "finished".to_string(),
         },
-        out.losses.last().map(|l| l.0).unwrap_or(0),
         out.seconds,
         out.tokens_per_second,
         mean(&out.losses[out.losses.len() - tail..]),
@@ -575,9 +645,17 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
             println!("{split}: {}", metrics_line(&metrics));
         }
     }
-    if out.stopped == Stopped::Finished {
+    if let Stopped::Interrupted(sig) = out.stopped {
         println!(
-            "wrote {}: report.json, loss.svg, config.toml, checkpoint.safetensors, \
+            "wrote {}: checkpoint.safetensors (step {done}), report.json, metrics.jsonl\n\
+             resume with: {}",
+            out.run_dir.display(),
+            resume_command(&out.run_dir)
+        );
+        EXIT_SIGNAL.store(sig, Ordering::SeqCst);
+    } else {
+        println!(
+            "wrote {}: report.json, metrics.jsonl, loss.svg, config.toml, checkpoint.safetensors, \
              method.safetensors, export/{}",
             out.run_dir.display(),
             if text_task { ", predictions.jsonl" } else { "" }
@@ -626,9 +704,11 @@ fn export_cmd<B: Backend + 'static>(be: &B, args: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// `dir` if it holds no checkpoint, else `dir-2`, `dir-3`, ...
+/// `dir` if it is missing or empty, else `dir-2`, `dir-3`, ... (a folder holding anything, an
+/// earlier run's results without their checkpoint included, is taken).
 fn next_free_dir(dir: &Path) -> PathBuf {
-    let taken = |d: &Path| d.join("checkpoint.safetensors").exists();
+    let taken =
+        |d: &Path| std::fs::read_dir(d).is_ok_and(|mut r| r.next().is_some()) || d.is_file();
     if !taken(dir) {
         return dir.to_path_buf();
     }

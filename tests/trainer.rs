@@ -2,12 +2,12 @@
 //! and the embedded default's loss drop.
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicUsize;
 
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::config::RunConfig;
 use fastpt::train::checkpoint::load_checkpoint;
-use fastpt::train::trainer::{train, Outcome, Stopped, TrainOptions, DEFAULT_RUN_TOML};
+use fastpt::train::trainer::{train, Outcome, Stopped, TrainOptions, DEFAULT_RUN_TOML, SIGINT};
 
 /// The embedded default with `overrides`, writing into `dir`.
 fn config(dir: &Path, overrides: &[&str]) -> RunConfig {
@@ -19,12 +19,13 @@ fn config(dir: &Path, overrides: &[&str]) -> RunConfig {
 }
 
 fn run(cfg: &RunConfig, resume: bool, interrupt: bool) -> fastpt::Result<Outcome> {
-    let flag = AtomicBool::new(interrupt);
+    let flag = AtomicUsize::new(if interrupt { SIGINT } else { 0 });
     let opts = TrainOptions {
         resume,
         interrupt: &flag,
         progress: false,
         init_from: None,
+        nan_grad_at_step: None,
     };
     train(&CpuBackend::<f32>::new(), cfg, &opts)
 }
@@ -54,7 +55,7 @@ fn same_seed_same_losses_bit_for_bit_and_resume_continues_identically() {
     let dir = tmp.path().join("c");
     let cfg = config(&dir, SHORT);
     let first = run(&cfg, false, true).unwrap();
-    assert_eq!(first.stopped, Stopped::Interrupted);
+    assert_eq!(first.stopped, Stopped::Interrupted(SIGINT));
     assert_eq!(first.losses.len(), 1);
     let second = run(&cfg, true, true).unwrap();
     assert_eq!(second.losses.len(), 2);
@@ -161,4 +162,88 @@ fn embedded_default_loss_falls_measurably() {
     assert!(last < first - 2.0, "loss {first} → {last}");
     let (step, best) = out.best.unwrap();
     assert!(best < first - 2.0 && step > 0);
+}
+
+/// A run of `cfg` whose gradients turn NaN at `step` (the trainer's test hook).
+fn run_nan_grad_at(cfg: &RunConfig, step: u64) -> fastpt::Result<Outcome> {
+    let flag = AtomicUsize::new(0);
+    let opts = TrainOptions {
+        resume: false,
+        interrupt: &flag,
+        progress: false,
+        init_from: None,
+        nan_grad_at_step: Some(step),
+    };
+    train(&CpuBackend::<f32>::new(), cfg, &opts)
+}
+
+#[test]
+fn a_nan_gradient_stops_the_run_naming_the_checkpoint_the_file_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("nan-grad");
+    // Checkpoints at steps 2 and 4; the gradient turns NaN at step 5 while the loss is finite.
+    let sets = [
+        "train.steps=8",
+        "train.warmup_steps=0",
+        "train.batch_size=2",
+        "train.checkpoint_every=2",
+        "train.eval_every=0",
+        "data.train_examples=8",
+    ];
+    let err = run_nan_grad_at(&config(&dir, &sets), 5)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("step 5: the gradient norm is NaN"), "{err}");
+    assert!(err.contains("(the loss was "), "{err}");
+    let (tensors, state) = load_checkpoint(&dir.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(state.step, 4, "the NaN step was not applied or saved");
+    assert!(tensors.iter().all(|t| t
+        .value
+        .iter()
+        .chain(&t.m)
+        .chain(&t.v)
+        .all(|x| x.is_finite())));
+    assert!(
+        err.contains(&format!(
+            "The last good checkpoint (step 4) is kept in {}",
+            dir.join("checkpoint.safetensors").display()
+        )),
+        "{err}"
+    );
+    // The history and the report survive the error.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    let stopped = report["stopped"].as_str().unwrap();
+    assert!(
+        stopped.starts_with("error: step 5: the gradient norm is NaN"),
+        "{stopped}"
+    );
+    assert_eq!(report["steps"].as_array().unwrap().len(), 5);
+    let last = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .last()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .unwrap();
+    assert_eq!(last["step"], 5);
+    assert!(
+        last["grad_norm"].is_null() && last["loss"].as_f64().is_some(),
+        "{last}"
+    );
+
+    // Between checkpoints: the file holds step 2, not the step before the failure.
+    let dir = tmp.path().join("between");
+    let err = run_nan_grad_at(&config(&dir, &sets), 4)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("The last good checkpoint (step 2)"), "{err}");
+
+    // Before the first checkpoint: no file is named, because none exists.
+    let dir = tmp.path().join("none");
+    let err = run_nan_grad_at(&config(&dir, &sets), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("No checkpoint was written yet"), "{err}");
+    assert!(!err.contains("checkpoint.safetensors"), "{err}");
+    assert!(!dir.join("checkpoint.safetensors").exists());
 }

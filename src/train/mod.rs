@@ -4,5 +4,6 @@ pub mod checkpoint;
 pub mod export;
 pub mod optim;
 pub mod report;
+pub mod run_dir;
 pub mod schedule;
 pub mod trainer;

@@ -71,13 +71,31 @@ impl<B: Backend> Optimizer<B> {
         lr_factor: f64,
         grad_scale: f64,
     ) -> StepInfo {
-        let _range = nvtx_range("optimizer (AdamW)");
+        let grad_norm = Self::grad_norm(be, method, grad_scale);
+        self.apply(be, method, lr_factor, grad_scale, grad_norm)
+    }
+
+    /// ‖gradient‖ of every parameter of `method` together, times `grad_scale`: NaN or infinite
+    /// when any gradient entry is (the trainer checks it before [`Self::apply`]).
+    pub fn grad_norm(be: &B, method: &dyn PromptMethod<B>, grad_scale: f64) -> f64 {
         let sum_sq: f64 = method
             .params()
             .iter()
             .map(|p| be.sum_squares(&p.grad))
             .sum();
-        let grad_norm = sum_sq.sqrt() * grad_scale;
+        sum_sq.sqrt() * grad_scale
+    }
+
+    /// [`Self::step`] with the gradient norm already computed by [`Self::grad_norm`].
+    pub fn apply(
+        &mut self,
+        be: &B,
+        method: &mut dyn PromptMethod<B>,
+        lr_factor: f64,
+        grad_scale: f64,
+        grad_norm: f64,
+    ) -> StepInfo {
+        let _range = nvtx_range("optimizer (AdamW)");
         // As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above.
         let clip = if self.max_grad_norm > 0.0 && grad_norm > self.max_grad_norm {
             self.max_grad_norm / (grad_norm + 1e-6)
@@ -111,6 +129,11 @@ impl<B: Backend> Optimizer<B> {
             grad_norm,
             lr: self.lr * lr_factor,
         }
+    }
+
+    /// The prompt group's base learning rate (before the schedule).
+    pub fn lr(&self) -> f64 {
+        self.lr
     }
 
     /// The moments `(m, v)` of each parameter, for checkpoints.

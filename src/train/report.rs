@@ -24,6 +24,8 @@ pub struct StepRecord {
     pub loss: f64,
     /// Learning rate used for the step.
     pub lr: f64,
+    /// ‖gradient‖ of the method's parameters before clipping (NaN when it was not finite).
+    pub grad_norm: f64,
     /// Wall-clock seconds the step took.
     pub seconds: f64,
     /// Tokens processed in the step (inputs and targets, without padding).
@@ -58,7 +60,8 @@ pub struct Report {
     pub truncated_rows: u64,
     /// Evaluation metrics by name (e.g. `accuracy`).
     pub eval: BTreeMap<String, f64>,
-    /// Why the run stopped: `finished`, `interrupted`, `nan`, ...
+    /// Where the run is: `running` (written at each checkpoint), `finished`, `interrupted
+    /// (SIGINT)` / `interrupted (SIGTERM)`, `error: MESSAGE`.
     pub stopped: String,
 }
 
@@ -362,6 +365,7 @@ mod tests {
                     step: 1,
                     loss: 2.5,
                     lr: 0.3,
+                    grad_norm: 1.5,
                     seconds: 0.25,
                     tokens: 512,
                 },
@@ -369,6 +373,7 @@ mod tests {
                     step: 2,
                     loss: f64::NAN,
                     lr: 0.3,
+                    grad_norm: f64::NAN,
                     seconds: 0.5,
                     tokens: 500,
                 },
@@ -401,6 +406,7 @@ mod tests {
         assert_eq!(v["steps"][0]["step"], 1);
         assert_eq!(v["steps"][0]["loss"], 2.5);
         assert_eq!(v["steps"][0]["lr"], 0.3);
+        assert_eq!(v["steps"][0]["grad_norm"], 1.5);
         assert_eq!(v["steps"][0]["seconds"], 0.25);
         assert_eq!(v["steps"][0]["tokens"], 512);
         assert!(v["steps"][1]["loss"].is_null(), "NaN is written as null");

@@ -1,7 +1,8 @@
 //! The training loop of `fastpt run`: model and method from the run config, batches from the
 //! task, AdamW steps with the schedule, evaluation and keep-best, checkpoints that never lose
 //! work, and the run folder (config.toml, checkpoint.safetensors, best.safetensors,
-//! method.safetensors, report.json, loss.svg).
+//! method.safetensors, report.json, loss.svg, metrics.jsonl; the marker and the lock of
+//! [`super::run_dir`]).
 //!
 //! State that a checkpoint must hold for an exact resume: the method parameters, the AdamW
 //! moments and step, and the data position (epoch, cursor) — the data order is a function of
@@ -10,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -19,9 +20,12 @@ use super::checkpoint::{load_checkpoint, save_checkpoint, OptimTensor, TrainStat
 use super::export::{export_prompt, init_from_adapter, ExportInfo, Exported};
 use super::optim::Optimizer;
 use super::report::{peak_rss_bytes, write_loss_svg, Report, StepRecord};
+use super::run_dir::{
+    check_new_run_dir, check_resume_dir, write_marker, MetricsLog, RunLock, MARKER,
+};
 use super::schedule::lr_factor;
 use crate::backend::Backend;
-use crate::config::RunConfig;
+use crate::config::{RunConfig, RESUME_MAY_CHANGE};
 use crate::data::batching::{Batcher, Position};
 use crate::data::tasks::{load_custom_task, load_task, TaskData, TextExample};
 use crate::data::tokenize::TextCodec;
@@ -38,12 +42,40 @@ use crate::prompt::{load_params, save_params, train_params, zero_grads, PromptMe
 /// The run config of `fastpt run` without `--config` (src/train/default_run.toml).
 pub const DEFAULT_RUN_TOML: &str = include_str!("default_run.toml");
 
+/// The signal numbers of SIGINT and SIGTERM (the same on every Unix): a run interrupted by
+/// one exits with 128 + its number (130, 143).
+pub const SIGINT: usize = 2;
+pub const SIGTERM: usize = 15;
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
     Finished,
-    /// Ctrl-C: a checkpoint was written; `--resume` continues.
-    Interrupted,
+    /// A signal (its number; 0 when the flag was set otherwise) stopped the run after a step:
+    /// the checkpoint and report.json were written; `fastpt run --resume RUN_DIR` continues.
+    Interrupted(usize),
+    /// `--resume` of a run that had already finished: nothing was done or written.
+    AlreadyFinished,
+}
+
+impl Stopped {
+    /// What report.json's `stopped` says.
+    pub fn describe(self) -> String {
+        match self {
+            Stopped::Finished | Stopped::AlreadyFinished => "finished".into(),
+            Stopped::Interrupted(sig) => format!("interrupted ({})", signal_name(sig)),
+        }
+    }
+}
+
+/// `SIGINT`, `SIGTERM`, or `signal N`.
+pub fn signal_name(sig: usize) -> String {
+    match sig {
+        SIGINT => "SIGINT".into(),
+        SIGTERM => "SIGTERM".into(),
+        0 => "a stop request".into(),
+        n => format!("signal {n}"),
+    }
 }
 
 /// The summary `fastpt run` prints.
@@ -51,7 +83,7 @@ pub enum Stopped {
 pub struct Outcome {
     pub run_dir: PathBuf,
     pub stopped: Stopped,
-    /// (step, mean training loss of the step).
+    /// (step, mean training loss of the step), the whole run's (a resumed run's included).
     pub losses: Vec<(u64, f64)>,
     /// (step, dev loss) of each evaluation.
     pub dev_losses: Vec<(u64, f64)>,
@@ -64,18 +96,26 @@ pub struct Outcome {
     pub eval: BTreeMap<String, f64>,
     pub tokens_per_second: f64,
     pub seconds: f64,
+    /// A resume's changed keys, `(key, old, new)` (only [`RESUME_MAY_CHANGE`] keys).
+    pub changed: Vec<(String, String, String)>,
 }
 
 /// Options of one `train` call that are not part of the run config.
 pub struct TrainOptions<'a> {
-    /// Continue from `out_dir/checkpoint.safetensors`.
+    /// Continue the run in `cfg.out_dir` from its checkpoint. `cfg` is compared with the
+    /// folder's config.toml: only the keys of [`RESUME_MAY_CHANGE`] may differ.
     pub resume: bool,
-    /// Set (by a Ctrl-C handler) to stop after the current step with a checkpoint.
-    pub interrupt: &'a AtomicBool,
-    /// Show a progress bar (only when stdout is a terminal).
+    /// A signal number (set by a signal handler; 0: none): the run stops after the current
+    /// step with a checkpoint and report.json.
+    pub interrupt: &'a AtomicUsize,
+    /// Show a progress bar (stdout a terminal) or plain progress lines (a log).
     pub progress: bool,
     /// A PEFT prompt-tuning adapter folder whose rows start a PT method (a warm start).
     pub init_from: Option<&'a Path>,
+    /// Fault injection for tests: at this step the method's gradients are set to NaN before
+    /// the gradient-norm check, as a diverging backward would leave them. `None` in every
+    /// real run (the CLI never sets it).
+    pub nan_grad_at_step: Option<u64>,
 }
 
 /// A short hash of the effective config: a resume must continue the same run.
@@ -84,6 +124,24 @@ fn config_hash(text: &str) -> String {
         (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
     });
     format!("{h:016x}")
+}
+
+/// The hash a checkpoint stores: the config without the keys a resume may change (they are
+/// blanked here; keep in step with [`RESUME_MAY_CHANGE`]).
+fn resume_hash(cfg: &RunConfig) -> String {
+    let mut c = cfg.clone();
+    c.train.steps = 0;
+    c.train.eval_every = 0;
+    c.train.checkpoint_every = 0;
+    c.out_dir = PathBuf::new();
+    config_hash(&c.to_toml_string())
+}
+
+/// Seconds since the Unix epoch (metrics.jsonl's `time`).
+fn unix_time() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Real tokens in a batch (input positions + label positions): the tokens/s numerator.
@@ -297,8 +355,9 @@ fn eval_options(cfg: &RunConfig) -> EvalOptions {
 }
 
 /// Trains the method of `cfg` and writes the run folder. Returns when the configured steps are
-/// done or an interrupt was requested; a NaN or infinite loss is an error naming the step (the
-/// last checkpoint on disk is kept).
+/// done or an interrupt was requested; a NaN or infinite loss or gradient norm is an error
+/// naming the step and the last checkpoint that was verified good (the checkpoint on disk is
+/// kept).
 ///
 /// Keep-best: every `eval_every` steps the dev set is evaluated; a text task keeps the
 /// parameters with the best mean of its metrics (higher is better), the synthetic task those
@@ -306,21 +365,43 @@ fn eval_options(cfg: &RunConfig) -> EvalOptions {
 /// are evaluated on the whole dev and test sets (report.json `eval`, predictions.jsonl), and
 /// the prompt they give is exported to `export/` (PEFT adapter where the method allows).
 ///
-/// The phases: `setup` (model, method, data; nothing written yet), `Run::start` (the run
-/// folder, the optimiser, a resumed checkpoint), `Run::step_loop` (steps, dev evaluations,
-/// checkpoints, Ctrl-C), `Run::finish` (final checkpoint, evaluation, export, report).
+/// The phases: the folder checks (a new run needs a missing or empty folder; a resume compares
+/// the config with the folder's and validates the checkpoint) and `setup` (model, method,
+/// data), none of which writes anything; `Run::start` (lock, marker, config.toml,
+/// metrics.jsonl); `Run::step_loop` (steps, dev evaluations, checkpoints, signals);
+/// `Run::finish` (final checkpoint, evaluation, export, report). report.json is written at
+/// every checkpoint and at every stop, an error's included.
 pub fn train<B: Backend + 'static>(
     be: &B,
     cfg: &RunConfig,
     opts: &TrainOptions<'_>,
 ) -> Result<Outcome> {
-    let ckpt_path = cfg.out_dir.join("checkpoint.safetensors");
-    if !opts.resume && ckpt_path.exists() {
-        return Err(Error::Input(format!(
-            "{} holds a checkpoint from an earlier run: continue it with --resume, or choose \
-             another out_dir (nothing was overwritten)",
-            cfg.out_dir.display()
-        )));
+    let dir = &cfg.out_dir;
+    // A folder in use is refused first, naming the pid that holds it. Opening the existing
+    // lock file writes nothing.
+    let lock = RunLock::existing(dir)?;
+    let resume = match opts.resume {
+        true => Some(check_resume(cfg)?),
+        false => {
+            check_new_run_dir(dir)?;
+            None
+        }
+    };
+    if let Some(r) = &resume {
+        if r.finished {
+            return Ok(Outcome {
+                run_dir: dir.clone(),
+                stopped: Stopped::AlreadyFinished,
+                losses: r.state.losses.clone(),
+                dev_losses: Vec::new(),
+                dev_scores: Vec::new(),
+                best: r.state.best_step.zip(r.state.best_metric),
+                eval: BTreeMap::new(),
+                tokens_per_second: 0.0,
+                seconds: 0.0,
+                changed: r.changed.clone(),
+            });
+        }
     }
     // Everything is loaded and checked before the run folder is touched.
     let Setup {
@@ -332,9 +413,249 @@ pub fn train<B: Backend + 'static>(
         init_from_adapter(be, method.as_mut(), dir)?;
     }
     check_positions(&model, method.prompt_rows(), &data, &cfg.train)?;
-    let mut run = Run::start(be, cfg, opts, &model, method, &data, ckpt_path)?;
-    let stopped = run.step_loop()?;
-    run.finish(stopped)
+    let mut run = Run::start(be, cfg, opts, &model, method, &data, resume, lock)?;
+    let stopped = match run.step_loop() {
+        Ok(stopped) => stopped,
+        Err(e) => return Err(run.failed(e)),
+    };
+    match run.finish(stopped) {
+        Ok(out) => Ok(out),
+        Err(e) => Err(run.failed(e)),
+    }
+}
+
+/// What a resume starts from: the checkpoint, checked against the run's config.
+struct Resume {
+    tensors: Vec<OptimTensor>,
+    state: TrainState,
+    /// The keys that changed (all in [`RESUME_MAY_CHANGE`]): (key, old, new).
+    changed: Vec<(String, String, String)>,
+    /// The run had finished (its report says so) and `cfg` does not extend it.
+    finished: bool,
+}
+
+/// A resume's checks that need no model: the folder, the config against the folder's
+/// config.toml (only [`RESUME_MAY_CHANGE`] keys may differ), the checkpoint's format and its
+/// step against `train.steps`. Reads only.
+fn check_resume(cfg: &RunConfig) -> Result<Resume> {
+    let dir = &cfg.out_dir;
+    check_resume_dir(dir)?;
+    let config_path = dir.join("config.toml");
+    let stored = RunConfig::from_file(&config_path, &[])?;
+    let (changed, refused) = stored.resume_changes(cfg);
+    if !refused.is_empty() {
+        let list = refused
+            .iter()
+            .map(|(k, a, b)| format!("{k}: {a} in the run, {b} now"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(Error::Input(format!(
+            "{}: the run config differs from the one the run was started with, in keys a \
+             resume cannot change ({list}); only {} may change on resume (nothing was written)",
+            config_path.display(),
+            RESUME_MAY_CHANGE.join(", ")
+        )));
+    }
+    let ckpt_path = dir.join("checkpoint.safetensors");
+    if !ckpt_path.exists() {
+        return Err(Error::RunFolder {
+            path: dir.clone(),
+            msg: "no checkpoint.safetensors to resume from (the run stopped before its first \
+                  checkpoint); start it again in a new folder"
+                .into(),
+        });
+    }
+    let (tensors, state) = load_checkpoint(&ckpt_path)?;
+    // The checkpoint's hash is of the config without the keys that may change; a checkpoint
+    // of an older fastpt hashed the whole config.toml text.
+    if state.config_hash != resume_hash(&stored)
+        && state.config_hash != config_hash(&stored.to_toml_string())
+    {
+        return Err(Error::Input(format!(
+            "{}: the run config differs from the one the checkpoint was written with (was \
+             {} edited in a key other than {}?); resume with the run's own config",
+            ckpt_path.display(),
+            config_path.display(),
+            RESUME_MAY_CHANGE.join(", ")
+        )));
+    }
+    let steps = cfg.train.steps as u64;
+    if state.step > steps {
+        return Err(Error::Checkpoint {
+            path: ckpt_path,
+            field: "step".into(),
+            value: state.step.to_string(),
+            limit: format!(
+                "more than train.steps = {steps} (a resume can extend a run, not shorten it)"
+            ),
+        });
+    }
+    let finished = state.step == steps && report_says_finished(&dir.join("report.json"));
+    Ok(Resume {
+        tensors,
+        state,
+        changed,
+        finished,
+    })
+}
+
+/// Whether report.json says the run finished (its final evaluation and export are done).
+fn report_says_finished(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["stopped"] == "finished")
+}
+
+/// The position of the data after `step` optimizer steps: every step takes `grad_accum`
+/// batches of `batch_size` (an epoch ends with a short batch), so it follows from the step.
+fn position_after(step: u64, tc: &crate::config::TrainConfig, examples: usize) -> Option<Position> {
+    let batches = step.checked_mul(tc.grad_accum as u64)?;
+    let per_epoch = (examples as u64).div_ceil(tc.batch_size.max(1) as u64);
+    if per_epoch == 0 {
+        return None;
+    }
+    Some(Position {
+        epoch: batches / per_epoch,
+        cursor: (batches % per_epoch).checked_mul(tc.batch_size as u64)?,
+    })
+}
+
+/// Checks a checkpoint's fields against the run: step, data position, loss history,
+/// keep-best, tensor names and shapes (the method's), values finite. Errors name the file, the
+/// field, the value and the limit.
+fn validate_checkpoint<B: Backend>(
+    path: &Path,
+    tensors: &[OptimTensor],
+    state: &TrainState,
+    method: &dyn PromptMethod<B>,
+    cfg: &RunConfig,
+    train_examples: usize,
+) -> Result<()> {
+    let bad = |field: &str, value: String, limit: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        field: field.into(),
+        value,
+        limit,
+    };
+    let tc = &cfg.train;
+    if state.step > tc.steps as u64 {
+        return Err(bad(
+            "step",
+            state.step.to_string(),
+            format!("more than train.steps = {}", tc.steps),
+        ));
+    }
+    if state.cursor >= train_examples as u64 {
+        return Err(bad(
+            "cursor",
+            state.cursor.to_string(),
+            format!(
+                "past the end of the training data ({train_examples} examples; the cursor must \
+                 be below)"
+            ),
+        ));
+    }
+    let at = Position {
+        epoch: state.epoch,
+        cursor: state.cursor,
+    };
+    if let Some(want) = position_after(state.step, tc, train_examples) {
+        if want != at {
+            return Err(bad(
+                "epoch, cursor",
+                format!("{}, {}", state.epoch, state.cursor),
+                format!(
+                    "step {} with train.batch_size = {} × train.grad_accum = {} over {} \
+                     training examples is at epoch {}, cursor {}",
+                    state.step,
+                    tc.batch_size,
+                    tc.grad_accum,
+                    train_examples,
+                    want.epoch,
+                    want.cursor
+                ),
+            ));
+        }
+    }
+    if state.losses.len() as u64 != state.step {
+        return Err(bad(
+            "losses",
+            format!("{} entries", state.losses.len()),
+            format!("one loss per step done: step = {}", state.step),
+        ));
+    }
+    for (i, &(step, loss)) in state.losses.iter().enumerate() {
+        if step != i as u64 + 1 || !loss.is_finite() {
+            return Err(bad(
+                &format!("losses[{i}]"),
+                format!("(step {step}, loss {loss})"),
+                format!("must be step {} with a finite loss", i + 1),
+            ));
+        }
+    }
+    match (state.best_step, state.best_metric) {
+        (None, None) => {}
+        (Some(s), Some(m)) if s <= state.step && s > 0 && m.is_finite() => {}
+        (s, m) => {
+            return Err(bad(
+                "best_step, best_metric",
+                format!("{s:?}, {m:?}"),
+                format!(
+                    "both absent, or a step in 1..={} with a finite value",
+                    state.step
+                ),
+            ))
+        }
+    }
+    let params = method.params();
+    if tensors.len() != params.len() {
+        let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+        return Err(bad(
+            "tensors",
+            format!("{names:?}"),
+            format!(
+                "the method {} has {} parameter tensors ({:?})",
+                cfg.method.name(),
+                params.len(),
+                params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>()
+            ),
+        ));
+    }
+    for p in params {
+        let t = tensors
+            .iter()
+            .find(|t| t.name == p.name)
+            .ok_or_else(|| Error::MissingTensors {
+                path: path.to_path_buf(),
+                count: 1,
+                names: vec![p.name.clone()],
+            })?;
+        if t.shape != p.shape {
+            return Err(Error::Shape {
+                path: path.to_path_buf(),
+                name: p.name.clone(),
+                expected: p.shape.clone(),
+                found: t.shape.clone(),
+            });
+        }
+        for (part, values) in [("param", &t.value), ("adam_m", &t.m), ("adam_v", &t.v)] {
+            let bad_at = values
+                .iter()
+                .position(|x| !x.is_finite() || (part == "adam_v" && *x < 0.0));
+            if let Some(i) = bad_at {
+                return Err(bad(
+                    &format!("{part}/{}[{i}]", t.name),
+                    values[i].to_string(),
+                    match part {
+                        "adam_v" => "must be finite and not negative".into(),
+                        _ => "must be finite".into(),
+                    },
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A run in progress: what its step loop, its evaluations and its end share.
@@ -355,19 +676,36 @@ struct Run<'a, B: Backend> {
     /// What a checkpoint holds besides the tensors (the step, the data position, keep-best).
     state: TrainState,
     bar: ProgressBar,
-    /// Training steps of this process (a resumed run: since the resume).
+    /// Every training step of the run, a resumed run's earlier ones included (from
+    /// metrics.jsonl): report.json's `steps`.
     records: Vec<StepRecord>,
     /// (step, dev loss) and (step, mean of the dev metrics) of each evaluation.
     dev_losses: Vec<(u64, f64)>,
     dev_scores: Vec<(u64, f64)>,
     truncated_rows: u64,
+    /// Tokens of this process's steps (tokens/s is this process's).
     tokens_total: u64,
     run_start: Instant,
+    /// metrics.jsonl, open for appending.
+    metrics: MetricsLog,
+    /// The folder's lock, held until the run ends.
+    _lock: RunLock,
+    /// Plain progress lines (stdout is not a terminal): every `line_every` steps or
+    /// [`LINE_SECONDS`], whichever comes first; when the last one was printed.
+    line_every: u64,
+    last_line: Instant,
+    /// A resume's changed keys.
+    changed: Vec<(String, String, String)>,
 }
 
+/// A plain progress line at least this often (seconds) when stdout is not a terminal.
+const LINE_SECONDS: f64 = 30.0;
+
 impl<'a, B: Backend + 'static> Run<'a, B> {
-    /// Creates the run folder and writes config.toml; the optimiser, and with `--resume` the
-    /// parameters, moments and data position of the checkpoint (refused if the config differs).
+    /// The run folder (lock, marker, config.toml, metrics.jsonl), the optimiser, and with a
+    /// resume the parameters, moments and data position of the checkpoint (validated before
+    /// anything is written).
+    #[allow(clippy::too_many_arguments)]
     fn start(
         be: &'a B,
         cfg: &'a RunConfig,
@@ -375,23 +713,18 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         model: &'a Backbone<B>,
         mut method: Box<dyn PromptMethod<B>>,
         data: &'a RunData,
-        ckpt_path: PathBuf,
+        resume: Option<Resume>,
+        lock: Option<RunLock>,
     ) -> Result<Self> {
         let out_dir = &cfg.out_dir;
-        std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+        let ckpt_path = out_dir.join("checkpoint.safetensors");
         let mut opt = Optimizer::new(be, method.as_ref(), &cfg.train);
         let batcher = run_batcher(model, &data.train, cfg);
         let dev_batcher = run_batcher(model, &data.dev, cfg);
 
         // The effective config, echoed into the run folder and hashed for resume checks.
         let config_text = cfg.to_toml_string();
-        let hash = config_hash(&config_text);
-        write_file_atomic(
-            &out_dir.join("config.toml"),
-            config_text.as_bytes(),
-            &mut || Ok(()),
-        )?;
-
+        let hash = resume_hash(cfg);
         let mut state = TrainState {
             step: 0,
             epoch: 0,
@@ -401,28 +734,77 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             losses: Vec::new(),
             config_hash: hash.clone(),
         };
-        if opts.resume {
-            let (tensors, saved) = load_checkpoint(&ckpt_path)?;
-            if saved.config_hash != hash {
-                return Err(Error::Input(format!(
-                    "{}: the run config differs from the one the checkpoint was written with \
-                     (compare {}); resume with the same config",
-                    ckpt_path.display(),
-                    out_dir.join("config.toml").display()
-                )));
-            }
+        let mut changed = Vec::new();
+        if let Some(r) = &resume {
+            validate_checkpoint(
+                &ckpt_path,
+                &r.tensors,
+                &r.state,
+                method.as_ref(),
+                cfg,
+                data.train.len(),
+            )?;
             restore(
                 be,
                 method.as_mut(),
                 &mut opt,
-                &tensors,
-                saved.step,
+                &r.tensors,
+                r.state.step,
                 &ckpt_path,
             )?;
-            state = saved;
+            state = r.state.clone();
+            state.config_hash = hash;
+            changed = r.changed.clone();
+        }
+
+        // Every check passed: from here on the folder is written.
+        std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+        let mut lock = match lock {
+            Some(lock) => lock,
+            None => RunLock::create(out_dir)?,
+        };
+        // Under the lock: a new run's folder must still be free (another process may have
+        // taken it since the check).
+        if resume.is_none() && out_dir.join(MARKER).exists() {
+            check_new_run_dir(out_dir)?;
+        }
+        lock.write_pid()?;
+        let run_id = config_hash(&format!(
+            "{config_text}{}{}",
+            std::process::id(),
+            unix_time()
+        ));
+        write_marker(out_dir, &run_id)?;
+        if resume.is_none() || !changed.is_empty() {
+            write_file_atomic(
+                &out_dir.join("config.toml"),
+                config_text.as_bytes(),
+                &mut || Ok(()),
+            )?;
+        }
+        let (metrics, records) = match &resume {
+            None => (MetricsLog::create(out_dir)?, Vec::new()),
+            Some(_) => {
+                let (log, lines) = MetricsLog::resume(out_dir, state.step)?;
+                (log, step_records(&lines))
+            }
+        };
+        if opts.progress {
+            if let Some(r) = &resume {
+                println!(
+                    "resuming {} at step {} of {}",
+                    out_dir.display(),
+                    r.state.step,
+                    cfg.train.steps
+                );
+            }
+            for (key, old, new) in &changed {
+                println!("changed on resume: {key} = {new} (was {old})");
+            }
         }
 
         let bar = progress_bar(opts, cfg.train.steps as u64, state.step);
+        let line_every = (cfg.train.steps as u64 / 10).max(1);
         Ok(Run {
             be,
             cfg,
@@ -438,17 +820,23 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             config_text,
             state,
             bar,
-            records: Vec::new(),
+            records,
             dev_losses: Vec::new(),
             dev_scores: Vec::new(),
             truncated_rows: 0,
             tokens_total: 0,
             run_start: Instant::now(),
+            metrics,
+            _lock: lock,
+            line_every,
+            last_line: Instant::now(),
+            changed,
         })
     }
 
     /// Steps until the configured count or an interrupt: each step, then the dev evaluation
-    /// and the checkpoint when they are due.
+    /// and the checkpoint when they are due. A signal is looked at after each step (the step
+    /// in progress is finished first).
     fn step_loop(&mut self) -> Result<Stopped> {
         let tc = &self.cfg.train;
         let total = tc.steps as u64;
@@ -462,21 +850,48 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             if tc.eval_every > 0 && step.is_multiple_of(tc.eval_every as u64) {
                 self.evaluate_dev(step)?;
             }
-            let interrupted = self.opts.interrupt.load(Ordering::SeqCst);
+            self.progress_line(step, total);
+            let signal = self.opts.interrupt.load(Ordering::SeqCst);
             if (tc.checkpoint_every > 0 && step.is_multiple_of(tc.checkpoint_every as u64))
-                || interrupted
+                || signal != 0
             {
                 self.save_checkpoint()?;
             }
-            if interrupted {
-                return Ok(Stopped::Interrupted);
+            if signal != 0 {
+                return Ok(Stopped::Interrupted(signal));
             }
         }
         Ok(Stopped::Finished)
     }
 
+    /// A plain line when stdout is not a terminal (a cluster log shows the run is alive):
+    /// every tenth of the run, every [`LINE_SECONDS`], and at the last step.
+    fn progress_line(&mut self, step: u64, total: u64) {
+        if !self.opts.progress || !self.bar.is_hidden() {
+            return;
+        }
+        let due = step.is_multiple_of(self.line_every)
+            || step == total
+            || self.last_line.elapsed().as_secs_f64() >= LINE_SECONDS;
+        let Some(r) = self.records.last().filter(|_| due) else {
+            return;
+        };
+        println!(
+            "step {step}/{total} ({:.0}%): loss {:.4}, lr {:.2e}, grad norm {:.3e}, {:.0} tok/s, \
+             {:.1} s",
+            step as f64 * 100.0 / total.max(1) as f64,
+            r.loss,
+            r.lr,
+            r.grad_norm,
+            r.tokens as f64 / r.seconds.max(1e-9),
+            self.run_start.elapsed().as_secs_f64()
+        );
+        self.last_line = Instant::now();
+    }
+
     /// Optimizer step `step` over `grad_accum` micro-batches from data position `pos`; returns
-    /// the position after them.
+    /// the position after them. The loss and the gradient norm are checked before the
+    /// optimizer step: a non-finite one stops the run (its metrics line is written first).
     fn train_step(&mut self, step: u64, mut pos: Position) -> Result<Position> {
         let (be, tc) = (self.be, &self.cfg.train);
         let t0 = Instant::now();
@@ -490,31 +905,38 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             loss_sum += train_step(be, self.model, Some(self.method.as_mut()), &batch)?;
         }
         let loss = loss_sum / tc.grad_accum as f64;
-        if !loss.is_finite() {
-            return Err(Error::Input(format!(
-                "step {step}: the loss is {loss}; training stopped. The last good checkpoint \
-                 (step {}) is kept in {}",
-                self.state.step,
-                self.ckpt_path.display()
-            )));
+        if self.opts.nan_grad_at_step == Some(step) {
+            for p in self.method.params_mut() {
+                p.grad = be.upload_f64(&vec![f64::NAN; p.numel()]);
+            }
         }
+        let grad_scale = 1.0 / tc.grad_accum as f64;
+        let grad_norm = Optimizer::grad_norm(be, self.method.as_ref(), grad_scale);
         let factor = lr_factor(tc.schedule, step as usize, tc.warmup_steps, tc.steps);
+        let seconds = t0.elapsed().as_secs_f64();
+        let record = StepRecord {
+            step,
+            loss,
+            lr: self.opt.lr() * factor,
+            grad_norm,
+            seconds,
+            tokens,
+        };
+        self.log_step(&record)?;
+        self.records.push(record);
+        for (what, value) in [("the loss", loss), ("the gradient norm", grad_norm)] {
+            if !value.is_finite() {
+                return Err(self.stop_message(step, what, value, loss));
+            }
+        }
         let info = self
             .opt
-            .step(be, self.method.as_mut(), factor, 1.0 / tc.grad_accum as f64);
+            .apply(be, self.method.as_mut(), factor, grad_scale, grad_norm);
         self.state.step = step;
         self.state.epoch = pos.epoch;
         self.state.cursor = pos.cursor;
         self.state.losses.push((step, loss));
         self.tokens_total += tokens;
-        let seconds = t0.elapsed().as_secs_f64();
-        self.records.push(StepRecord {
-            step,
-            loss,
-            lr: info.lr,
-            seconds,
-            tokens,
-        });
         self.bar.set_position(step);
         self.bar.set_message(format!(
             "loss {loss:.4}  lr {:.2e}  {:.0} tok/s",
@@ -522,6 +944,95 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             tokens as f64 / seconds.max(1e-9)
         ));
         Ok(pos)
+    }
+
+    /// One `kind: step` line of metrics.jsonl.
+    fn log_step(&mut self, r: &StepRecord) -> Result<()> {
+        let finite = |x: f64| x.is_finite().then_some(x);
+        self.metrics.append(&serde_json::json!({
+            "kind": "step",
+            "step": r.step,
+            "loss": finite(r.loss),
+            "lr": r.lr,
+            "grad_norm": finite(r.grad_norm),
+            "tokens": r.tokens,
+            "tokens_per_s": r.tokens as f64 / r.seconds.max(1e-9),
+            "seconds": r.seconds,
+            "time": unix_time(),
+        }))
+    }
+
+    /// One `kind: eval` line of metrics.jsonl.
+    fn log_eval(
+        &mut self,
+        step: u64,
+        split: &str,
+        dev_loss: Option<f64>,
+        metrics: &BTreeMap<String, f64>,
+        score: Option<f64>,
+    ) -> Result<()> {
+        self.metrics.append(&serde_json::json!({
+            "kind": "eval",
+            "step": step,
+            "split": split,
+            "dev_loss": dev_loss.filter(|x| x.is_finite()),
+            "metrics": metrics,
+            "score": score.filter(|x| x.is_finite()),
+            "time": unix_time(),
+        }))
+    }
+
+    /// The error that stops a run at a non-finite loss or gradient norm. It names the
+    /// checkpoint to go back to only after loading it: the file must exist, hold finite values
+    /// and a finite loss history, and the step it names is the one it holds.
+    fn stop_message(&self, step: u64, what: &str, value: f64, loss: f64) -> Error {
+        let loss_note = match what {
+            "the loss" => String::new(),
+            _ => format!(" (the loss was {loss})"),
+        };
+        Error::Input(format!(
+            "step {step}: {what} is {value}{loss_note}; training stopped before the optimizer \
+             step. {}. A smaller train.lr or train.max_grad_norm usually avoids this (start a \
+             new run: a resume cannot change them)",
+            self.last_good()
+        ))
+    }
+
+    /// Which checkpoint a stopped run can go back to, checked by loading it: it must exist,
+    /// hold finite values and one finite loss per step; the step named is the one it holds.
+    fn last_good(&self) -> String {
+        let path = &self.ckpt_path;
+        match load_checkpoint(path) {
+            Err(_) if !path.exists() => format!(
+                "No checkpoint was written yet (train.checkpoint_every = {}), so there is none \
+                 to go back to",
+                self.cfg.train.checkpoint_every
+            ),
+            Err(e) => format!("The checkpoint in the run folder cannot be read ({e})"),
+            Ok((tensors, st)) => {
+                let finite = tensors.iter().all(|t| {
+                    [&t.value, &t.m, &t.v]
+                        .iter()
+                        .all(|v| v.iter().all(|x| x.is_finite()))
+                });
+                let history =
+                    st.losses.len() as u64 == st.step && st.losses.iter().all(|l| l.1.is_finite());
+                if finite && history {
+                    format!(
+                        "The last good checkpoint (step {}) is kept in {}",
+                        st.step,
+                        path.display()
+                    )
+                } else {
+                    format!(
+                        "The checkpoint in {} (step {}) holds non-finite values: there is no good \
+                         checkpoint to go back to",
+                        path.display(),
+                        st.step
+                    )
+                }
+            }
+        }
     }
 
     /// The dev loss, a text task's dev metrics, and keep-best: `best.safetensors` when the
@@ -537,7 +1048,7 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             &self.data.dev,
         )?;
         self.dev_losses.push((step, dl));
-        let value = match &self.data.text {
+        let (value, line) = match &self.data.text {
             Some(t) => {
                 let cap = match self.cfg.data.max_eval_examples {
                     0 => t.task.dev.len(),
@@ -551,20 +1062,24 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
                     &self.eval_opts,
                 )?;
                 self.dev_scores.push((step, ev.score));
+                self.log_eval(step, "dev", Some(dl), &ev.metrics, Some(ev.score))?;
                 let line = format!(
                     "step {step}: dev loss {dl:.4}, dev {}",
                     metrics_line(&ev.metrics)
                 );
-                // Above the bar on a terminal; a plain line in a log.
-                match (self.opts.progress, self.bar.is_hidden()) {
-                    (true, true) => println!("{line}"),
-                    (true, false) => self.bar.println(line),
-                    (false, _) => {}
-                }
-                ev.score
+                (ev.score, line)
             }
-            None => dl,
+            None => {
+                self.log_eval(step, "dev", Some(dl), &BTreeMap::new(), None)?;
+                (dl, format!("step {step}: dev loss {dl:.4}"))
+            }
         };
+        // Above the bar on a terminal; a plain line in a log.
+        match (self.opts.progress, self.bar.is_hidden()) {
+            (true, true) => println!("{line}"),
+            (true, false) => self.bar.println(line),
+            (false, _) => {}
+        }
         let better = |best: f64| match self.data.text {
             Some(_) => value > best,
             None => value < best,
@@ -578,18 +1093,45 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         Ok(())
     }
 
-    /// checkpoint.safetensors: the parameters, the AdamW moments and the state.
-    fn save_checkpoint(&self) -> Result<()> {
-        save_checkpoint(
-            &self.ckpt_path,
-            &optim_tensors(self.be, self.method.as_ref(), &self.opt),
-            &self.state,
-        )
+    /// checkpoint.safetensors (the parameters, the AdamW moments and the state), after
+    /// checking every value is finite (a checkpoint is always one to go back to); then
+    /// metrics.jsonl is made durable and report.json rewritten.
+    fn save_checkpoint(&mut self) -> Result<()> {
+        let tensors = optim_tensors(self.be, self.method.as_ref(), &self.opt);
+        for t in &tensors {
+            for (part, values) in [("param", &t.value), ("adam_m", &t.m), ("adam_v", &t.v)] {
+                if let Some(x) = values.iter().find(|x| !x.is_finite()) {
+                    return Err(Error::Input(format!(
+                        "step {}: {part}/{} holds {x} after the optimizer step; training \
+                         stopped without writing this checkpoint. {}. A smaller train.lr \
+                         usually avoids this",
+                        self.state.step,
+                        t.name,
+                        self.last_good()
+                    )));
+                }
+            }
+        }
+        save_checkpoint(&self.ckpt_path, &tensors, &self.state)?;
+        self.metrics.sync()?;
+        self.write_report("running", &BTreeMap::new())
+    }
+
+    /// An error ends the run: report.json (stopped: the error) is written and the metrics made
+    /// durable, best effort (the error itself is what the user needs).
+    fn failed(&mut self, e: Error) -> Error {
+        self.bar.abandon();
+        let _ = self.metrics.sync();
+        let _ = self.write_report(&format!("error: {e}"), &BTreeMap::new());
+        if !self.state.losses.is_empty() {
+            let _ = self.write_loss_svg();
+        }
+        e
     }
 
     /// The end of a run: a finished one writes its last checkpoint and method.safetensors and
     /// evaluates and exports its best parameters; both write report.json and loss.svg.
-    fn finish(mut self, stopped: Stopped) -> Result<Outcome> {
+    fn finish(&mut self, stopped: Stopped) -> Result<Outcome> {
         self.bar.finish_and_clear();
         let seconds = self.run_start.elapsed().as_secs_f64();
         let tokens_per_second = self.tokens_total as f64 / seconds.max(1e-9);
@@ -609,25 +1151,31 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         if stopped == Stopped::Finished {
             self.final_evaluation_and_export(&mut eval)?;
         }
-        self.write_report(stopped, tokens_per_second, &eval)?;
+        self.metrics.sync()?;
+        self.write_report(&stopped.describe(), &eval)?;
+        if !self.state.losses.is_empty() {
+            self.write_loss_svg()?;
+        }
         Ok(Outcome {
             run_dir: self.cfg.out_dir.clone(),
             stopped,
-            losses: self.state.losses,
-            dev_losses: self.dev_losses,
-            dev_scores: self.dev_scores,
+            losses: self.state.losses.clone(),
+            dev_losses: self.dev_losses.clone(),
+            dev_scores: self.dev_scores.clone(),
             best: self.state.best_step.zip(self.state.best_metric),
             eval,
             tokens_per_second,
             seconds,
+            changed: self.changed.clone(),
         })
     }
 
     /// A finished run: the last checkpoint, method.safetensors, then with the best parameters
-    /// (when there are any) the whole dev and test sets (into `eval`, predictions.jsonl) and
-    /// the export.
+    /// (when there are any) the whole dev and test sets (into `eval`, predictions.jsonl,
+    /// metrics.jsonl) and the export.
     fn final_evaluation_and_export(&mut self, eval: &mut BTreeMap<String, f64>) -> Result<()> {
-        let (be, out_dir) = (self.be, &self.cfg.out_dir);
+        let be = self.be;
+        let out_dir = self.cfg.out_dir.clone();
         self.save_checkpoint()?;
         save_params(
             be,
@@ -652,6 +1200,8 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
                     eval.insert(format!("{split}_{name}"), *value);
                 }
                 eval.insert(format!("{split}_score"), ev.score);
+                let step = self.state.step;
+                self.log_eval(step, split, None, &ev.metrics, Some(ev.score))?;
                 if split == "test" {
                     write_predictions(&out_dir.join("predictions.jsonl"), examples, &ev)?;
                 }
@@ -665,14 +1215,11 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         Ok(())
     }
 
-    /// report.json and, when there are losses, loss.svg.
-    fn write_report(
-        &mut self,
-        stopped: Stopped,
-        tokens_per_second: f64,
-        eval: &BTreeMap<String, f64>,
-    ) -> Result<()> {
-        let (cfg, out_dir) = (self.cfg, &self.cfg.out_dir);
+    /// report.json: every step of the run (metrics.jsonl's history), this process's tokens/s,
+    /// `stopped` (running, finished, interrupted (SIGTERM), error: ...).
+    fn write_report(&self, stopped: &str, eval: &BTreeMap<String, f64>) -> Result<()> {
+        let cfg = self.cfg;
+        let seconds = self.run_start.elapsed().as_secs_f64();
         let report = Report {
             config: toml_to_json(&self.config_text),
             backend: self.be.name(),
@@ -680,23 +1227,41 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             method: cfg.method.name().to_string(),
             train_params: train_params(self.method.as_ref()),
             stored_params: self.method.stored_params(),
-            steps: std::mem::take(&mut self.records),
-            tokens_per_second,
+            steps: self.records.clone(),
+            tokens_per_second: self.tokens_total as f64 / seconds.max(1e-9),
             peak_memory_bytes: peak_rss_bytes().unwrap_or(0),
             truncated_rows: self.truncated_rows,
             eval: eval.clone(),
-            stopped: match stopped {
-                Stopped::Finished => "finished".into(),
-                Stopped::Interrupted => "interrupted".into(),
-            },
+            stopped: stopped.to_string(),
         };
-        report.write_json(&out_dir.join("report.json"))?;
-        if !self.state.losses.is_empty() {
-            let title = format!("{} on {}: training loss", cfg.method.name(), cfg.model);
-            write_loss_svg(&out_dir.join("loss.svg"), &self.state.losses, &title)?;
-        }
-        Ok(())
+        report.write_json(&cfg.out_dir.join("report.json"))
     }
+
+    /// loss.svg of the whole run's losses.
+    fn write_loss_svg(&self) -> Result<()> {
+        let cfg = self.cfg;
+        let title = format!("{} on {}: training loss", cfg.method.name(), cfg.model);
+        write_loss_svg(&cfg.out_dir.join("loss.svg"), &self.state.losses, &title)
+    }
+}
+
+/// The `kind: step` lines of metrics.jsonl as report records (a null number reads as NaN).
+fn step_records(lines: &[serde_json::Value]) -> Vec<StepRecord> {
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    lines
+        .iter()
+        .filter(|v| v["kind"] == "step")
+        .filter_map(|v| {
+            Some(StepRecord {
+                step: v["step"].as_u64()?,
+                loss: num(&v["loss"]),
+                lr: num(&v["lr"]),
+                grad_norm: num(&v["grad_norm"]),
+                seconds: num(&v["seconds"]),
+                tokens: v["tokens"].as_u64().unwrap_or(0),
+            })
+        })
+        .collect()
 }
 
 /// A progress bar of `total` steps at `step` (hidden unless asked for and stdout is a
