@@ -230,13 +230,21 @@ fn llama_with_words_and_rank_classification() {
     assert!(config.contains("CAUSAL_LM"), "{config}");
 
     // Rows longer than the model's positions are refused before training, naming the setting.
+    // (Label words: the tiny tokenizer has no digits, so index labels would be refused first.)
     let long = tmp.path().join("long");
     let (ok, _, stderr) = run(
         "llama-gqa-tiny",
         "rte",
         "data/glue/rte",
         &long,
-        &["--set", "method=pt", "--set", "method.prompt_len=30"],
+        &[
+            "--set",
+            "method=pt",
+            "--set",
+            "method.prompt_len=30",
+            "--set",
+            "data.labels=words",
+        ],
     );
     assert!(
         !ok && stderr.contains("max_position_embeddings = 64: lower train.max_len"),
