@@ -55,12 +55,34 @@ fn predictions(dir: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A copy of the tiny T5 fixture in `tmp` whose tokenizer knows "0" and "1" (the fixture's has
+/// no digits, so index labels would all read as `<unk>`, which a run refuses): its two last
+/// pieces become the digits. Returns the folder's absolute path, which `fixture` passes on.
+fn t5_with_digits(tmp: &Path) -> String {
+    let src = fixture("t5-v1_0-tiny");
+    let dst = tmp.join("t5-digits");
+    std::fs::create_dir(&dst).unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = tok["model"]["vocab"].as_array_mut().unwrap();
+    let n = vocab.len();
+    vocab[n - 2][0] = "0".into();
+    vocab[n - 1][0] = "1".into();
+    std::fs::write(dst.join("tokenizer.json"), tok.to_string()).unwrap();
+    path(&dst)
+}
+
 #[test]
 fn t5_on_rte_reports_dev_and_test_metrics_exports_and_evaluates_again() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("rte");
     let pt = ["--set", "method=pt", "--set", "method.prompt_len=4"];
-    let (ok, stdout, stderr) = run("t5-v1_0-tiny", "rte", "data/glue/rte", &dir, &pt);
+    let t5 = t5_with_digits(tmp.path());
+    let (ok, stdout, stderr) = run(&t5, "rte", "data/glue/rte", &dir, &pt);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("test: accuracy"), "{stdout}");
     let r = report(&dir);
@@ -126,7 +148,7 @@ fn t5_on_rte_reports_dev_and_test_metrics_exports_and_evaluates_again() {
     let adapter = path(&dir.join("export/adapter"));
     let warm = tmp.path().join("warm");
     let (ok, _, stderr) = run(
-        "t5-v1_0-tiny",
+        &t5,
         "rte",
         "data/glue/rte",
         &warm,
@@ -141,7 +163,7 @@ fn t5_on_rte_reports_dev_and_test_metrics_exports_and_evaluates_again() {
     );
     assert!(ok, "{stderr}");
     let (ok, _, stderr) = run(
-        "t5-v1_0-tiny",
+        &t5,
         "rte",
         "data/glue/rte",
         &tmp.path().join("bad"),
@@ -208,13 +230,21 @@ fn llama_with_words_and_rank_classification() {
     assert!(config.contains("CAUSAL_LM"), "{config}");
 
     // Rows longer than the model's positions are refused before training, naming the setting.
+    // (Label words: the tiny tokenizer has no digits, so index labels would be refused first.)
     let long = tmp.path().join("long");
     let (ok, _, stderr) = run(
         "llama-gqa-tiny",
         "rte",
         "data/glue/rte",
         &long,
-        &["--set", "method=pt", "--set", "method.prompt_len=30"],
+        &[
+            "--set",
+            "method=pt",
+            "--set",
+            "method.prompt_len=30",
+            "--set",
+            "data.labels=words",
+        ],
     );
     assert!(
         !ok && stderr.contains("max_position_embeddings = 64: lower train.max_len"),

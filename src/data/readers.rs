@@ -8,11 +8,19 @@
 //!   TSVs contain literal `"` characters (MRPC, QQP), so a quote is text. Every row must have as
 //!   many fields as the header. CoLA's train/dev files have no header; [`read_tsv_headerless`]
 //!   reads them with given column names.
-//! - CSV (`.csv`): a header row and RFC 4180 quoting (the `csv` crate), for custom tasks.
+//! - CSV (`.csv`): a header row and RFC 4180 quoting, for custom tasks, read strictly: a quote
+//!   left open, or text after a closing quote, is an error naming the line where the quote
+//!   opened (a lenient reader lets such a quote swallow the rows after it into one field).
 //!
 //! TSV and CSV values are JSON strings. A file without records (empty, blank or header only) is an
 //! error, so a bad path or an empty export is caught before any training starts.
+//!
+//! Files are read line by line, never whole: a line (a CSV record) longer than
+//! [`MAX_LINE_BYTES`] is an error naming file and line, read without buffering more than the
+//! limit; a NUL byte or invalid UTF-8 is an error naming the line and byte offset.
 
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -39,25 +47,125 @@ impl Records {
     }
 }
 
-/// Reads a file into text, without a leading UTF-8 byte-order mark.
-fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let upto = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-        let line = 1 + upto.iter().filter(|&&b| b == b'\n').count();
-        Error::format(path, format!("line {line}: not valid UTF-8"))
-    })?;
-    Ok(match text.strip_prefix('\u{feff}') {
-        Some(rest) => rest.to_string(),
-        None => text,
-    })
+/// The longest line a data file may have (a CSV record: all its lines together). Reading stops
+/// at this many bytes of one line, so a file without newlines is never buffered whole.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// A data file's lines, read one at a time with at most `limit` bytes each, checked for NUL
+/// bytes and UTF-8 (errors name file, line and byte offset). The first line loses a leading
+/// byte-order mark.
+pub struct Lines {
+    path: PathBuf,
+    reader: BufReader<File>,
+    limit: usize,
+    /// 1-based number of the line last returned.
+    line: usize,
+    /// Byte offset of the next line's start.
+    offset: u64,
+    /// The bytes of the line being read, `\n` included.
+    buf: Vec<u8>,
 }
 
-/// Lines with their 1-based numbers, without the `\r` of CRLF files.
-fn numbered_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
-    text.split('\n')
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.strip_suffix('\r').unwrap_or(l)))
+/// One line: its 1-based number, its text without `\n` (a CRLF file's `\r` is kept), and
+/// whether a `\n` ended it (the last line of a file may have none).
+pub struct Line<'a> {
+    pub number: usize,
+    pub text: &'a str,
+    pub newline: bool,
+}
+
+impl Lines {
+    /// Opens `path` with the line limit [`MAX_LINE_BYTES`].
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::with_limit(path, MAX_LINE_BYTES)
+    }
+
+    /// Opens `path` with a line limit of `limit` bytes.
+    pub fn with_limit(path: &Path, limit: usize) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        Ok(Lines {
+            path: path.to_path_buf(),
+            reader: BufReader::new(file),
+            limit,
+            line: 0,
+            offset: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The next line, or `None` at the end of the file.
+    pub fn next_line(&mut self) -> Result<Option<Line<'_>>> {
+        self.buf.clear();
+        let start = self.offset;
+        let number = self.line + 1;
+        // One byte past the limit tells a line of exactly `limit` bytes from a longer one.
+        let max = (self.limit as u64).saturating_add(1);
+        let n = (&mut self.reader)
+            .take(max)
+            .read_until(b'\n', &mut self.buf)
+            .map_err(|e| Error::io(&self.path, e))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let newline = self.buf.last() == Some(&b'\n');
+        let len = self.buf.len() - usize::from(newline);
+        if len > self.limit {
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "line {number} (byte offset {start}): longer than the limit of {} bytes ({}); \
+                     is this a text data file with one record per line?",
+                    self.limit,
+                    show_bytes(self.limit)
+                ),
+            ));
+        }
+        self.line = number;
+        self.offset += n as u64;
+        let mut bytes = &self.buf[..len];
+        if number == 1 {
+            bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
+        }
+        if let Some(i) = bytes.iter().position(|&b| b == 0) {
+            let at = start + (len - bytes.len() + i) as u64;
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "line {number} (byte offset {at}): a NUL byte; a data file is text \
+                     (JSON Lines, TSV or CSV), not binary"
+                ),
+            ));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let at = start + (len - bytes.len() + e.valid_up_to()) as u64;
+            Error::format(
+                &self.path,
+                format!(
+                    "line {number} (byte offset {at}): not valid UTF-8; data files must be \
+                     UTF-8 text"
+                ),
+            )
+        })?;
+        Ok(Some(Line {
+            number,
+            text,
+            newline,
+        }))
+    }
+}
+
+/// A byte count for messages: "64 MiB".
+fn show_bytes(n: usize) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// A line without the `\r` of CRLF files.
+fn strip_cr(l: &str) -> &str {
+    l.strip_suffix('\r').unwrap_or(l)
 }
 
 fn no_records(path: &Path, what: &str) -> Error {
@@ -78,9 +186,15 @@ pub fn show_value(v: &Value) -> String {
 
 /// One JSON object per line; blank lines are skipped.
 pub fn read_jsonl(path: &Path) -> Result<Records> {
-    let text = read_text(path)?;
+    let mut lines = Lines::open(path)?;
     let mut rows = Vec::new();
-    for (line, l) in numbered_lines(&text) {
+    while let Some(Line {
+        number: line,
+        text: l,
+        ..
+    }) = lines.next_line()?
+    {
+        let l = strip_cr(l);
         if l.trim().is_empty() {
             continue;
         }
@@ -115,14 +229,17 @@ pub fn read_jsonl(path: &Path) -> Result<Records> {
     })
 }
 
-/// Splits TSV data lines (after the header, if any) into records with the given column names.
-fn tsv_rows<'a>(
-    path: &Path,
-    names: &[String],
-    lines: impl Iterator<Item = (usize, &'a str)>,
-) -> Result<Vec<(usize, Record)>> {
+/// Splits the TSV data lines still in `lines` (after the header, if any) into records with the
+/// given column names.
+fn tsv_rows(path: &Path, names: &[String], lines: &mut Lines) -> Result<Vec<(usize, Record)>> {
     let mut rows = Vec::new();
-    for (line, l) in lines {
+    while let Some(Line {
+        number: line,
+        text: l,
+        ..
+    }) = lines.next_line()?
+    {
+        let l = strip_cr(l);
         if l.is_empty() {
             continue;
         }
@@ -161,16 +278,28 @@ fn check_header(path: &Path, line: usize, names: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The first non-empty line's number and tab-separated fields.
+fn tsv_header(lines: &mut Lines) -> Result<Option<(usize, Vec<String>)>> {
+    while let Some(l) = lines.next_line()? {
+        let text = strip_cr(l.text);
+        if !text.is_empty() {
+            return Ok(Some((
+                l.number,
+                text.split('\t').map(str::to_string).collect(),
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// A header row, then tab-separated rows; no quoting (a `"` is literal text, as in GLUE).
 pub fn read_tsv(path: &Path) -> Result<Records> {
-    let text = read_text(path)?;
-    let mut lines = numbered_lines(&text).skip_while(|(_, l)| l.is_empty());
-    let Some((hline, header)) = lines.next() else {
+    let mut lines = Lines::open(path)?;
+    let Some((hline, names)) = tsv_header(&mut lines)? else {
         return Err(no_records(path, "the file is empty"));
     };
-    let names: Vec<String> = header.split('\t').map(str::to_string).collect();
     check_header(path, hline, &names)?;
-    let rows = tsv_rows(path, &names, lines)?;
+    let rows = tsv_rows(path, &names, &mut lines)?;
     if rows.is_empty() {
         return Err(no_records(path, "only a header"));
     }
@@ -182,9 +311,9 @@ pub fn read_tsv(path: &Path) -> Result<Records> {
 
 /// Tab-separated rows without a header row (CoLA's train.tsv / dev.tsv), named by `names`.
 pub fn read_tsv_headerless(path: &Path, names: &[&str]) -> Result<Records> {
-    let text = read_text(path)?;
+    let mut lines = Lines::open(path)?;
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    let rows = tsv_rows(path, &names, numbered_lines(&text))?;
+    let rows = tsv_rows(path, &names, &mut lines)?;
     if rows.is_empty() {
         return Err(no_records(path, "the file is empty"));
     }
@@ -194,52 +323,169 @@ pub fn read_tsv_headerless(path: &Path, names: &[&str]) -> Result<Records> {
     })
 }
 
-/// The first non-empty line's tab-separated fields (to tell a header from data).
+/// The first non-empty line's tab-separated fields (to tell a header from data); reads only
+/// up to that line.
 pub fn tsv_first_row(path: &Path) -> Result<Vec<String>> {
-    let text = read_text(path)?;
-    let first = numbered_lines(&text)
-        .find(|(_, l)| !l.is_empty())
-        .map(|(_, l)| l.split('\t').map(str::to_string).collect())
-        .unwrap_or_default();
-    Ok(first)
+    let mut lines = Lines::open(path)?;
+    Ok(tsv_header(&mut lines)?.map(|(_, f)| f).unwrap_or_default())
 }
 
-/// A header row, then comma-separated rows with RFC 4180 quoting.
-pub fn read_csv(path: &Path) -> Result<Records> {
-    let text = read_text(path)?;
-    let csv_err = |e: csv::Error| {
-        let line = e.position().map(|p| p.line()).unwrap_or(0);
-        let msg = match e.kind() {
-            csv::ErrorKind::UnequalLengths {
-                expected_len, len, ..
-            } => format!("expected {expected_len} comma-separated fields, found {len}"),
-            _ => e.to_string(),
-        };
-        if line > 0 {
-            Error::format(path, format!("line {line}: {msg}"))
-        } else {
-            Error::format(path, msg)
+/// Where the CSV parser is within a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CsvState {
+    /// At the start of a field.
+    Start,
+    /// In a field that did not start with a quote (a `"` in it is text).
+    Unquoted,
+    /// In a quoted field, opened on this line.
+    Quoted { open: usize },
+    /// Just after a `"` in a quoted field: the closing quote, or the first of a doubled `""`.
+    QuoteInQuoted { open: usize },
+}
+
+/// Comma-separated records with RFC 4180 quoting, parsed strictly: a quoted field must be
+/// closed before the end of the file and followed by a comma or the end of the record, so a
+/// stray quote cannot silently swallow the lines after it (the `csv` crate's lenient reading
+/// merges them into one field). Line ends are `\n`, `\r\n` or a lone `\r` outside quotes (as
+/// the `csv` crate); inside quotes they are kept as they are. Blank lines are skipped.
+struct CsvRecords {
+    lines: Lines,
+    path: PathBuf,
+}
+
+impl CsvRecords {
+    /// The next record's first line and fields, or `None` at the end of the file.
+    fn next_record(&mut self) -> Result<Option<(usize, Vec<String>)>> {
+        let limit = self.lines.limit;
+        let mut fields: Vec<String> = Vec::new();
+        let mut field = String::new();
+        let mut state = CsvState::Start;
+        // The record's first line; None until a character of it is seen.
+        let mut first: Option<usize> = None;
+        let mut bytes = 0usize;
+        loop {
+            let Some(line) = self.lines.next_line()? else {
+                return match (state, first) {
+                    (CsvState::Quoted { open }, Some(_)) => Err(Error::format(
+                        &self.path,
+                        format!(
+                            "line {open}: a quoted field opens here and is never closed: the \
+                             quote swallows every line after it (up to line {}); close it or \
+                             double a quote inside it as \"\"",
+                            self.lines.line
+                        ),
+                    )),
+                    (_, Some(start)) => {
+                        fields.push(field);
+                        Ok(Some((start, fields)))
+                    }
+                    (_, None) => Ok(None),
+                };
+            };
+            let number = line.number;
+            bytes = bytes.saturating_add(line.text.len() + 1);
+            if bytes > limit.saturating_add(1) {
+                return Err(Error::format(
+                    &self.path,
+                    format!(
+                        "line {}: a record longer than the limit of {} ({}); an unclosed quote?",
+                        first.unwrap_or(number),
+                        show_bytes(limit),
+                        match state {
+                            CsvState::Quoted { open } | CsvState::QuoteInQuoted { open } =>
+                                format!("the quoted field opened on line {open} is still open"),
+                            _ => "the record has no end".to_string(),
+                        }
+                    ),
+                ));
+            }
+            let mut chars = line.text.chars().peekable();
+            while let Some(c) = chars.next() {
+                // A CR alone (a CRLF blank line) does not start a record.
+                if c != '\r' {
+                    first.get_or_insert(number);
+                }
+                match (state, c) {
+                    (CsvState::Start, '"') => state = CsvState::Quoted { open: number },
+                    (CsvState::Start | CsvState::Unquoted, ',')
+                    | (CsvState::QuoteInQuoted { .. }, ',') => {
+                        fields.push(std::mem::take(&mut field));
+                        state = CsvState::Start;
+                    }
+                    (
+                        CsvState::Start | CsvState::Unquoted | CsvState::QuoteInQuoted { .. },
+                        '\r',
+                    ) => {
+                        // A record ends at a CR; a lone CR followed by more text starts the next
+                        // record on this line, which this line-based reader does not split.
+                        if chars.peek().is_some() {
+                            return Err(Error::format(
+                                &self.path,
+                                format!(
+                                    "line {number}: a carriage return (\\r) inside a line; \
+                                     save the file with \\n or \\r\\n line ends"
+                                ),
+                            ));
+                        }
+                    }
+                    (CsvState::Start | CsvState::Unquoted, c) => {
+                        field.push(c);
+                        state = CsvState::Unquoted;
+                    }
+                    (CsvState::Quoted { open }, '"') => state = CsvState::QuoteInQuoted { open },
+                    (CsvState::Quoted { .. }, c) => field.push(c),
+                    (CsvState::QuoteInQuoted { open }, '"') => {
+                        field.push('"');
+                        state = CsvState::Quoted { open };
+                    }
+                    (CsvState::QuoteInQuoted { open }, c) => {
+                        return Err(Error::format(
+                            &self.path,
+                            format!(
+                                "line {number}: text ({c:?}) after the closing quote of field {} \
+                                 (its quote opened on line {open}); a stray quote? Quote the \
+                                 whole field and double the quotes inside it as \"\"",
+                                fields.len() + 1
+                            ),
+                        ))
+                    }
+                }
+            }
+            match state {
+                CsvState::Quoted { .. } => {
+                    if line.newline {
+                        field.push('\n');
+                    }
+                }
+                _ => match first {
+                    // A blank line: no record yet.
+                    None => {}
+                    Some(start) => {
+                        fields.push(field);
+                        return Ok(Some((start, fields)));
+                    }
+                },
+            }
         }
+    }
+}
+
+/// A header row, then comma-separated rows with RFC 4180 quoting (strict: see [`CsvRecords`]).
+pub fn read_csv(path: &Path) -> Result<Records> {
+    let mut rdr = CsvRecords {
+        lines: Lines::open(path)?,
+        path: path.to_path_buf(),
     };
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(false)
-        .from_reader(text.as_bytes());
-    let names: Vec<String> = rdr
-        .headers()
-        .map_err(csv_err)?
-        .iter()
-        .map(str::to_string)
-        .collect();
+    let Some((hline, names)) = rdr.next_record()? else {
+        return Err(no_records(path, "the file is empty"));
+    };
     if names.is_empty() || (names.len() == 1 && names[0].is_empty()) {
         return Err(no_records(path, "the file is empty"));
     }
-    check_header(path, 1, &names)?;
+    check_header(path, hline, &names)?;
     let mut rows = Vec::new();
-    for rec in rdr.records() {
-        let rec = rec.map_err(csv_err)?;
-        let line = rec.position().map(|p| p.line() as usize).unwrap_or(0);
-        // A blank line between records reads as one empty field; skip it like the other readers.
+    while let Some((line, rec)) = rdr.next_record()? {
+        // A line holding only `""` reads as one empty field; skip it like a blank line.
         if rec.len() == 1 && rec[0].is_empty() && names.len() > 1 {
             continue;
         }
@@ -256,8 +502,8 @@ pub fn read_csv(path: &Path) -> Result<Records> {
         }
         let map: Record = names
             .iter()
-            .zip(rec.iter())
-            .map(|(n, f)| (n.clone(), Value::String(f.to_string())))
+            .cloned()
+            .zip(rec.into_iter().map(Value::String))
             .collect();
         rows.push((line, map));
     }

@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::Example;
+use crate::error::{Error, Result};
 
 /// Keyword ids of each class, and the label word of each class. Small ids: every vocabulary
 /// of fastpt's shapes has them.
@@ -22,19 +23,36 @@ const NEGATIVE_LABEL: i32 = 21;
 /// Filler tokens are drawn from here up to the vocabulary size.
 const FIRST_FILLER: i32 = 30;
 
+/// The most examples the synthetic task generates per split (each holds up to 32 ids and two
+/// vectors, about 200 bytes: ten million take about 2 GB).
+pub const MAX_EXAMPLES: usize = 10_000_000;
+
 /// `n` examples of the keyword task for a vocabulary of `vocab` ids with EOS `eos`, inputs of
-/// 6 to 30 tokens (EOS included).
-pub fn keyword_task(n: usize, vocab: usize, eos: i32, seed: u64) -> Vec<Example> {
-    assert!(
-        vocab as i32 > FIRST_FILLER + 1,
-        "keyword_task needs a vocabulary above {FIRST_FILLER}"
-    );
+/// 6 to 30 tokens (EOS included). A vocabulary without room for the filler tokens, or `n`
+/// above [`MAX_EXAMPLES`], is an error.
+pub fn keyword_task(n: usize, vocab: usize, eos: i32, seed: u64) -> Result<Vec<Example>> {
+    let vocab_ids = i32::try_from(vocab)
+        .ok()
+        .filter(|&v| v > FIRST_FILLER + 1)
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "the synthetic task needs a vocabulary of {} to {} ids; the model has {vocab}",
+                FIRST_FILLER + 2,
+                i32::MAX
+            ))
+        })?;
+    if n > MAX_EXAMPLES {
+        return Err(Error::Input(format!(
+            "the synthetic task: {n} examples asked for (data.train_examples or \
+             data.dev_examples), more than its limit of {MAX_EXAMPLES}"
+        )));
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n)
+    Ok((0..n)
         .map(|_| {
             let len = rng.random_range(5..30);
             let mut input: Vec<i32> = (0..len)
-                .map(|_| rng.random_range(FIRST_FILLER..vocab as i32))
+                .map(|_| rng.random_range(FIRST_FILLER..vocab_ids))
                 .collect();
             let positive = rng.random_bool(0.5);
             let keywords = if positive {
@@ -54,7 +72,7 @@ pub fn keyword_task(n: usize, vocab: usize, eos: i32, seed: u64) -> Vec<Example>
                 target: vec![label, eos],
             }
         })
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]
@@ -63,8 +81,8 @@ mod tests {
 
     #[test]
     fn every_example_has_one_keyword_and_the_matching_label() {
-        let examples = keyword_task(200, 1000, 1, 7);
-        assert_eq!(examples, keyword_task(200, 1000, 1, 7), "seeded");
+        let examples = keyword_task(200, 1000, 1, 7).unwrap();
+        assert_eq!(examples, keyword_task(200, 1000, 1, 7).unwrap(), "seeded");
         let mut positives = 0;
         for ex in &examples {
             assert_eq!(*ex.input.last().unwrap(), 1);
@@ -92,5 +110,21 @@ mod tests {
             (70..130).contains(&positives),
             "classes are balanced: {positives}"
         );
+    }
+
+    #[test]
+    fn small_vocabularies_and_huge_counts_are_errors() {
+        for vocab in [0, 31, usize::MAX] {
+            let e = keyword_task(3, vocab, 1, 0).unwrap_err().to_string();
+            assert!(
+                e.contains("vocabulary") && e.contains(&vocab.to_string()),
+                "{e}"
+            );
+        }
+        assert!(keyword_task(3, 32, 1, 0).is_ok());
+        let e = keyword_task(MAX_EXAMPLES + 1, 100, 1, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.train_examples"), "{e}");
     }
 }

@@ -590,6 +590,16 @@ fn class_index(loc: Loc<'_>, field: &str, v: &Value, words: &[&str]) -> Result<u
         .ok_or_else(|| loc.err(field, format!("{}: {expected}", show_value(v))))
 }
 
+/// The range of STS-B's similarity scores.
+const STSB_RANGE: (f64, f64) = (0.0, 5.0);
+
+/// The most classes a custom task may have: every example carries its task's label texts as
+/// rank-classification options, so memory grows with examples × classes.
+pub const MAX_CLASSES: usize = 1000;
+
+/// The largest custom task TOML read (it names files and labels, nothing large).
+const MAX_TOML_BYTES: u64 = 1 << 20;
+
 /// STS-B's target: the score rounded to the nearest 0.2 (ties to even, as numpy), one decimal.
 pub fn stsb_target(score: f64) -> String {
     format!("{:.1}", (score * 5.0).round_ties_even() / 5.0)
@@ -622,7 +632,21 @@ fn fields_example(
     }
     let (name, v) = any_field(loc, rec, label)?;
     let (target, options) = if def.words.is_empty() {
-        (stsb_target(loc.float(v, name)?), Vec::new())
+        let score = loc.float(v, name)?;
+        // STS-B's similarity scores lie in [0, 5]; a value outside is a wrong column or scale.
+        if !(STSB_RANGE.0..=STSB_RANGE.1).contains(&score) {
+            return Err(loc.err(
+                name,
+                format!(
+                    "{}: outside {}'s score range {}–{}",
+                    show_value(v),
+                    def.name,
+                    STSB_RANGE.0,
+                    STSB_RANGE.1
+                ),
+            ));
+        }
+        (stsb_target(score), Vec::new())
     } else {
         let i = class_index(loc, name, v, def.words)?;
         (
@@ -1401,6 +1425,15 @@ pub fn load_custom_task(toml_path: &Path, dir: &Path, opts: &TaskOptions) -> Res
 
 /// The task's TOML, parsed, with a non-empty name.
 fn read_custom_toml(toml_path: &Path) -> Result<CustomToml> {
+    let size = std::fs::metadata(toml_path)
+        .map_err(|e| Error::io(toml_path, e))?
+        .len();
+    if size > MAX_TOML_BYTES {
+        return Err(Error::format(
+            toml_path,
+            format!("{size} bytes: a task TOML is at most {MAX_TOML_BYTES} bytes"),
+        ));
+    }
     let text = std::fs::read_to_string(toml_path).map_err(|e| Error::io(toml_path, e))?;
     let cfg: CustomToml =
         toml::from_str(&text).map_err(|e| Error::format(toml_path, e.to_string()))?;
@@ -1500,6 +1533,13 @@ fn custom_labels(
             if map.is_empty() {
                 return Err(Error::config(toml_path, "label_map", "is empty"));
             }
+            if map.len() > MAX_CLASSES {
+                return Err(Error::config(
+                    toml_path,
+                    "label_map",
+                    format!("{} labels, more than {MAX_CLASSES}", map.len()),
+                ));
+            }
             (
                 map.keys().map(|k| k.trim().to_string()).collect::<Vec<_>>(),
                 Some(map),
@@ -1517,6 +1557,16 @@ fn custom_labels(
                         .trim()
                         .to_string(),
                 );
+                if seen.len() > MAX_CLASSES {
+                    return Err(loc.err(
+                        field,
+                        format!(
+                            "more than {MAX_CLASSES} distinct labels in {} by this line: is                              `label_field = {field:?}` in {} a class label? (a free-text target:                              give `target` without `label_field`)",
+                            train_recs.path.display(),
+                            toml_path.display()
+                        ),
+                    ));
+                }
             }
             (seen.into_iter().collect(), None)
         }

@@ -141,8 +141,8 @@ fn batcher<'a>(
     model: &Backbone<impl Backend>,
     rows: &'a [Example],
     opts: &EvalOptions,
-) -> Batcher<'a> {
-    Batcher::new(
+) -> Result<Batcher<'a>> {
+    Ok(Batcher::new(
         rows,
         opts.batch_size.max(1),
         opts.max_len,
@@ -151,8 +151,8 @@ fn batcher<'a>(
         false,
         0,
         model.batch_ids(),
-    )
-    .causal(model.is_decoder_only())
+    )?
+    .causal(model.is_decoder_only()))
 }
 
 /// Greedy generation of each example's label text. Llama rows are batched by input length so
@@ -170,7 +170,7 @@ pub fn predict_generate<'m, B: Backend>(
     let rows: Vec<Example> = examples
         .iter()
         .map(|ex| {
-            let mut input = codec.encode_input(&ex.input)?;
+            let mut input = codec.encode_input_max(&ex.input, opts.max_len.max(1))?;
             input.truncate(opts.max_len.max(1));
             let target = match decoder_only {
                 false => vec![codec.eos],
@@ -187,7 +187,7 @@ pub fn predict_generate<'m, B: Backend>(
         eos_token_ids: vec![codec.eos as u32],
         keep_logits: false,
     };
-    let batcher = batcher(model, &rows, opts);
+    let batcher = batcher(model, &rows, opts)?;
     let bar = progress_bar(opts, rows.len(), "generating");
     let mut predictions = vec![String::new(); rows.len()];
     let mut i = 0;
@@ -240,7 +240,7 @@ pub fn predict_rank<'m, B: Backend>(
                 spec.name
             )));
         }
-        let mut input = codec.encode_input(&ex.input)?;
+        let mut input = codec.encode_input_max(&ex.input, opts.max_len.max(1))?;
         input.truncate(opts.max_len.max(1));
         for (k, option) in options.iter().enumerate() {
             rows.push(Example {
@@ -250,7 +250,7 @@ pub fn predict_rank<'m, B: Backend>(
             owner.push((i, k));
         }
     }
-    let batcher = batcher(model, &rows, opts);
+    let batcher = batcher(model, &rows, opts)?;
     let mut best: Vec<(f64, usize)> = vec![(f64::INFINITY, 0); examples.len()];
     let all: Vec<&Example> = rows.iter().collect();
     let bar = progress_bar(opts, examples.len(), "ranking");

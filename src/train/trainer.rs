@@ -193,8 +193,8 @@ fn run_data<B: Backend>(be_model: &Backbone<B>, cfg: &RunConfig) -> Result<RunDa
     if d.is_synthetic() {
         let (vocab, eos) = (be_model.vocab_size(), be_model.special_ids().eos);
         return Ok(RunData {
-            train: synthetic::keyword_task(d.train_examples, vocab, eos, cfg.seed),
-            dev: synthetic::keyword_task(d.dev_examples, vocab, eos, cfg.seed.wrapping_add(1)),
+            train: synthetic::keyword_task(d.train_examples, vocab, eos, cfg.seed)?,
+            dev: synthetic::keyword_task(d.dev_examples, vocab, eos, cfg.seed.wrapping_add(1))?,
             text: None,
         });
     }
@@ -224,9 +224,11 @@ fn run_data<B: Backend>(be_model: &Backbone<B>, cfg: &RunConfig) -> Result<RunDa
         }
     }
     let codec = TextCodec::load(Path::new(&cfg.model), be_model)?;
+    codec.check_classes(&task.spec)?;
+    let (max_len, max_target_len) = (cfg.train.max_len, cfg.train.max_target_len);
     Ok(RunData {
-        train: codec.examples("train", &task.train)?,
-        dev: codec.examples("dev", &task.dev)?,
+        train: codec.examples("train", &task.train, max_len, max_target_len)?,
+        dev: codec.examples("dev", &task.dev, max_len, max_target_len)?,
         text: Some(TextTask { codec, task }),
     })
 }
@@ -278,9 +280,9 @@ fn run_batcher<'a, B: Backend>(
     model: &Backbone<B>,
     examples: &'a [Example],
     cfg: &RunConfig,
-) -> Batcher<'a> {
+) -> Result<Batcher<'a>> {
     let tc = &cfg.train;
-    Batcher::new(
+    Ok(Batcher::new(
         examples,
         tc.batch_size,
         tc.max_len,
@@ -288,8 +290,8 @@ fn run_batcher<'a, B: Backend>(
         tc.group_by_length,
         cfg.seed,
         model.batch_ids(),
-    )
-    .causal(model.is_decoder_only())
+    )?
+    .causal(model.is_decoder_only()))
 }
 
 /// The longest row (prompt rows + truncated input + target) must fit the model's positions
@@ -719,8 +721,11 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         let out_dir = &cfg.out_dir;
         let ckpt_path = out_dir.join("checkpoint.safetensors");
         let mut opt = Optimizer::new(be, method.as_ref(), &cfg.train);
-        let batcher = run_batcher(model, &data.train, cfg);
-        let dev_batcher = run_batcher(model, &data.dev, cfg);
+        let batcher = run_batcher(model, &data.train, cfg)?;
+        if let Some(note) = batcher.reduced_note("train.batch_size") {
+            println!("{note}");
+        }
+        let dev_batcher = run_batcher(model, &data.dev, cfg)?;
 
         // The effective config, echoed into the run folder and hashed for resume checks.
         let config_text = cfg.to_toml_string();
@@ -898,7 +903,7 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         zero_grads(be, self.method.as_mut());
         let (mut loss_sum, mut tokens) = (0.0, 0u64);
         for _ in 0..tc.grad_accum {
-            let (batch, next, truncated) = self.batcher.next_batch(pos);
+            let (batch, next, truncated) = self.batcher.next_batch(pos)?;
             pos = next;
             self.truncated_rows += truncated as u64;
             tokens += batch_tokens(&batch);
