@@ -57,6 +57,12 @@ pub enum Error {
     /// Bad input that is not a file (a batch with inconsistent lengths, an unknown shape name, ...).
     #[error("{0}")]
     Input(String),
+
+    // ---- issue 19, sizes (helper S) ----
+    /// The memory estimate of a model, step or run (model/memory.rs) exceeds what the machine
+    /// has available: refused before anything is loaded.
+    #[error("{what}: {msg}")]
+    Memory { what: String, msg: String },
 }
 
 impl Error {
