@@ -631,11 +631,13 @@ mod tests {
         let mut c = t5_shape("t5-base").unwrap();
         c.num_layers = crate::model::config::MAX_LAYERS;
         c.d_ff = crate::model::config::MAX_FF_WIDTH;
+        // 2^63 rows of 2^64 tokens: every activation term is a multiple of 2^128, which
+        // wrapping products would turn into 0.
         let work = Workload {
-            train_batch: usize::MAX,
-            input_len: usize::MAX,
+            train_batch: 1 << 63,
+            input_len: 1 << 63,
             target_len: usize::MAX,
-            prompt_rows: usize::MAX,
+            prompt_rows: 1 << 63,
             method_params: u128::MAX,
             ..Workload::default()
         };
