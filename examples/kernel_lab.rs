@@ -49,6 +49,7 @@ use fastpt::backend::gpu::device::{DType, Device};
 use fastpt::backend::gpu::vgpu::VirtualDevice;
 use fastpt::backend::gpu::{AttentionKernel, GpuBackend, FLASH_MAX_D};
 use fastpt::backend::Backend;
+use fastpt::model::memory::{check_fits, MemoryNeed};
 
 #[derive(Parser, Debug)]
 #[command(about = "Check every variant of one GPU op against the CPU reference, then time it")]
@@ -154,8 +155,48 @@ fn shapes<B: Backend>(case: &Case<B>, real: bool, overrides: &[String]) -> Resul
     };
     for shape in &out {
         (case.needs)(shape).map_err(|e| anyhow!("--shape [{shape}]: {e}"))?;
+        // Issue 19: the cost formulas multiply the sizes in usize; bounding the product of all
+        // of them keeps every partial product from wrapping.
+        let product = shape
+            .vals
+            .iter()
+            .fold(1u128, |p, &v| p.saturating_mul(v.max(1) as u128));
+        if product > MAX_SHAPE_PRODUCT {
+            bail!(
+                "--shape [{shape}]: the product of its sizes is {product}, more than \
+                 MAX_SHAPE_PRODUCT = {MAX_SHAPE_PRODUCT} (2^56): no device holds such a shape"
+            );
+        }
     }
     Ok(out)
+}
+
+/// The largest product of a lab shape's sizes (attention at b 8, h 32, t = s 8192, d 128 is
+/// 2^41).
+const MAX_SHAPE_PRODUCT: u128 = 1 << 56;
+
+/// Refuses a shape whose buffers cannot fit (issue 19, rule 2), before any is allocated: the
+/// op's minimal bytes (`cost`) on the device, and as f32 on the host for the inputs, the CPU
+/// reference and the downloaded outputs (host memory on the virtual GPU as well).
+fn check_shape_memory<D: Device>(
+    gpu: &GpuBackend<D>,
+    case: &Case<GpuBackend<D>>,
+    shape: &Shape,
+    dtype: DType,
+) -> Result<()> {
+    let cost = (case.cost)(shape, dtype.size());
+    let elements = cost.bytes / dtype.size() as f64;
+    let need = MemoryNeed {
+        weights: 0,
+        activations: (elements * (dtype.size() + 3 * 4) as f64) as u128,
+        method: 0,
+    };
+    check_fits(
+        gpu,
+        &need,
+        &format!("kernel lab {} --shape [{shape}]", case.op),
+    )?;
+    Ok(())
 }
 
 // ---- the lab ---------------------------------------------------------------------------------
@@ -387,6 +428,11 @@ fn lab_on<D: Device>(dev: D, real: bool, args: &Args) -> Result<()> {
          median and min per call, rates at the median",
         lab.warmup, lab.iters
     );
+    for (case, shapes) in &runs {
+        for shape in shapes {
+            check_shape_memory(&lab.gpu, case, shape, dtype)?;
+        }
+    }
     let full = cases::<GpuBackend<D>>();
     for (case, shapes) in runs {
         println!("\n== {}", case.op);

@@ -29,10 +29,12 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Backend;
 use crate::data::tasks::{LabelStyle, TaskOptions, TASK_NAMES};
 use crate::error::{Error, Result};
 use crate::eval::EvalMode;
 use crate::model::linear::Quant;
+use crate::model::memory::{check_fits, estimate, ModelShape, Storage, Workload};
 use crate::model::shapes::{builtin_shapes, is_builtin_shape};
 use crate::prompt::config::{EptConfig, MethodConfig, METHOD_NAMES};
 
@@ -44,6 +46,22 @@ const NO_FILE: &str = "<command line>";
 
 /// The top-level keys (besides the sections).
 const TOP_KEYS: &[&str] = &["model", "seed", "out_dir", "method", "quant"];
+
+// Limits of the run's sizes (issue 19, rule 2): far above any paper's setting, so that a value
+// past one is a typing mistake, refused naming the key before anything is sized from it. What
+// fits within them is the memory estimate's question (`RunConfig::check_memory`).
+
+/// train.steps: a hundred million optimiser steps.
+pub const MAX_STEPS: usize = 100_000_000;
+/// train.batch_size and data.eval_batch_size: rows of one batch.
+pub const MAX_BATCH_SIZE: usize = 1 << 16;
+/// train.grad_accum: micro-batches per optimiser step.
+pub const MAX_GRAD_ACCUM: usize = 1 << 12;
+/// train.max_len and train.max_target_len: tokens of an input or a target.
+pub const MAX_SEQ_LEN: usize = 1 << 20;
+/// data.train_examples and data.dev_examples: examples the synthetic task generates (held in
+/// memory).
+pub const MAX_SYNTHETIC_EXAMPLES: usize = 10_000_000;
 
 /// The learning-rate schedule of the optimiser steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -393,10 +411,32 @@ impl RunConfig {
             return fail("out_dir", "empty; give the run folder".into());
         }
 
+        // A size in 1..=limit, the limit named in the error.
+        let size = |field: &str, v: usize, limit: usize, limit_name: &str| {
+            at_least_1(field, v)?;
+            if v > limit {
+                return fail(
+                    field,
+                    format!("got {v}, must be at most {limit} ({limit_name})"),
+                );
+            }
+            Ok(())
+        };
+
         let t = &self.train;
-        at_least_1("train.steps", t.steps)?;
-        at_least_1("train.batch_size", t.batch_size)?;
-        at_least_1("train.grad_accum", t.grad_accum)?;
+        size("train.steps", t.steps, MAX_STEPS, "MAX_STEPS")?;
+        size(
+            "train.batch_size",
+            t.batch_size,
+            MAX_BATCH_SIZE,
+            "MAX_BATCH_SIZE",
+        )?;
+        size(
+            "train.grad_accum",
+            t.grad_accum,
+            MAX_GRAD_ACCUM,
+            "MAX_GRAD_ACCUM",
+        )?;
         positive("train.lr", t.lr)?;
         positive("train.lr_lowrank", t.lr_lowrank)?;
         non_negative("train.weight_decay", t.weight_decay)?;
@@ -413,8 +453,13 @@ impl RunConfig {
         beta("train.adam_beta1", t.adam_beta1)?;
         beta("train.adam_beta2", t.adam_beta2)?;
         positive("train.adam_eps", t.adam_eps)?;
-        at_least_1("train.max_len", t.max_len)?;
-        at_least_1("train.max_target_len", t.max_target_len)?;
+        size("train.max_len", t.max_len, MAX_SEQ_LEN, "MAX_SEQ_LEN")?;
+        size(
+            "train.max_target_len",
+            t.max_target_len,
+            MAX_SEQ_LEN,
+            "MAX_SEQ_LEN",
+        )?;
 
         let d = &self.data;
         if d.task.trim().is_empty() {
@@ -437,6 +482,12 @@ impl RunConfig {
                      checkpoint)"
                         .into(),
                 );
+            }
+            for (field, v) in [
+                ("data.train_examples", d.train_examples),
+                ("data.dev_examples", d.dev_examples),
+            ] {
+                size(field, v, MAX_SYNTHETIC_EXAMPLES, "MAX_SYNTHETIC_EXAMPLES")?;
             }
         } else {
             let custom = d.task.ends_with(".toml");
@@ -473,8 +524,51 @@ impl RunConfig {
                 );
             }
         }
-        at_least_1("data.eval_batch_size", d.eval_batch_size)?;
+        size(
+            "data.eval_batch_size",
+            d.eval_batch_size,
+            MAX_BATCH_SIZE,
+            "MAX_BATCH_SIZE",
+        )?;
         Ok(())
+    }
+
+    /// Estimates the memory of this run (model/memory.rs: the weights at their storage type, a
+    /// training step at train.batch_size, the dev loss and generation at the evaluation batch,
+    /// the method with its gradients and AdamW state) from the model's config alone, and
+    /// refuses it when `be` has less available. Checks the method's sizes first (their counts
+    /// enter the estimate). Nothing is loaded or allocated.
+    pub fn check_memory<B: Backend>(&self, be: &B) -> Result<()> {
+        let model = ModelShape::of_model(&self.model)?;
+        let (d, m) = (model.width(), self.train.max_len);
+        self.method.validate(d, m)?;
+        let t = &self.train;
+        let work = Workload {
+            train_batch: t.batch_size,
+            // The dev loss runs in chunks of 32 rows, rank classification at eval_batch_size.
+            forward_batch: self.data.eval_batch_size.max(32),
+            generate_batch: self.data.eval_batch_size,
+            prompt_rows: self.method.prompt_rows(),
+            input_len: t.max_len,
+            target_len: t.max_target_len,
+            max_new_tokens: t.max_target_len,
+            method_params: self.method.param_counts(d, m).train as u128,
+        };
+        let need = estimate(&model, Storage::of(be, self.quant), &work);
+        check_fits(
+            be,
+            &need,
+            &format!(
+                "the run ({}, method {}, train.batch_size {}, train.max_len {}, \
+                 train.max_target_len {}, data.eval_batch_size {})",
+                self.model,
+                self.method.name(),
+                t.batch_size,
+                t.max_len,
+                t.max_target_len,
+                self.data.eval_batch_size
+            ),
+        )
     }
 
     /// The config with every default filled in, as TOML: echoed into the run folder, and
@@ -610,8 +704,12 @@ fn deserialize_keys<T: DeserializeOwned>(
     match table.clone().try_into::<T>() {
         Ok(value) => Ok(value),
         Err(e) => {
-            let msg = e.message().trim().to_string();
             let key = culprit(&table, |one| one.try_into::<T>().is_err());
+            let msg = format!(
+                "{}{}",
+                e.message().trim(),
+                key.map_or(String::new(), |k| float_hint(&table[k]))
+            );
             Err(match (section, key) {
                 (None, Some(key)) if !TOP_KEYS.contains(&key) => Error::config(
                     path,
@@ -632,6 +730,23 @@ fn deserialize_keys<T: DeserializeOwned>(
                 (Some(section), None) => Error::config(path, section, msg),
             })
         }
+    }
+}
+
+/// A hint for an integral float where an integer is expected (`1e9` and `8.0` are floats in
+/// TOML, and serde does not convert them); empty for any other value.
+fn float_hint(value: &toml::Value) -> String {
+    match value {
+        toml::Value::Float(x) if x.fract() == 0.0 => format!(
+            " ({x:e} is a floating-point number in TOML: write the integer without an exponent or \
+             decimal point{})",
+            if x.abs() <= 1e15 {
+                format!(", e.g. {x:.0}")
+            } else {
+                String::new()
+            }
+        ),
+        _ => String::new(),
     }
 }
 
@@ -660,7 +775,12 @@ fn method_from_table(path: &Path, name: &str, options: toml::Table) -> Result<Me
         // from_toml's message starts with "[name] options: "; the field says that already.
         let msg = e.to_string();
         let prefix = format!("[{name}] options: ");
-        Error::config(path, field, msg.strip_prefix(&prefix).unwrap_or(&msg))
+        let hint = key.map_or(String::new(), |k| float_hint(&options[k]));
+        Error::config(
+            path,
+            field,
+            format!("{}{hint}", msg.strip_prefix(&prefix).unwrap_or(&msg)),
+        )
     })
 }
 
@@ -1069,6 +1189,66 @@ bogus = "ignored with the section"
             &invalid(|c| c.train.grad_accum = 0),
             "train.grad_accum",
             "0",
+        );
+    }
+
+    #[test]
+    fn validate_sizes_past_their_limits() {
+        let huge = usize::MAX;
+        type Set = fn(&mut RunConfig, usize);
+        let cases: [(&str, &str, Set); 8] = [
+            ("train.steps", "MAX_STEPS", |c, v| c.train.steps = v),
+            ("train.batch_size", "MAX_BATCH_SIZE", |c, v| {
+                c.train.batch_size = v
+            }),
+            ("train.grad_accum", "MAX_GRAD_ACCUM", |c, v| {
+                c.train.grad_accum = v
+            }),
+            ("train.max_len", "MAX_SEQ_LEN", |c, v| c.train.max_len = v),
+            ("train.max_target_len", "MAX_SEQ_LEN", |c, v| {
+                c.train.max_target_len = v
+            }),
+            ("data.train_examples", "MAX_SYNTHETIC_EXAMPLES", |c, v| {
+                c.data.train_examples = v
+            }),
+            ("data.dev_examples", "MAX_SYNTHETIC_EXAMPLES", |c, v| {
+                c.data.dev_examples = v
+            }),
+            ("data.eval_batch_size", "MAX_BATCH_SIZE", |c, v| {
+                c.data.eval_batch_size = v
+            }),
+        ];
+        for (key, limit, set) in cases {
+            let msg = invalid(|c| set(c, huge));
+            assert_names(&msg, key, &huge.to_string());
+            assert!(msg.contains(limit), "{msg}");
+        }
+        // The limits themselves are accepted.
+        let mut cfg = RunConfig::default();
+        (cfg.train.steps, cfg.train.warmup_steps) = (MAX_STEPS, 0);
+        cfg.train.batch_size = MAX_BATCH_SIZE;
+        cfg.train.max_target_len = MAX_SEQ_LEN;
+        cfg.data.train_examples = MAX_SYNTHETIC_EXAMPLES;
+        cfg.validate(path()).unwrap();
+    }
+
+    #[test]
+    fn an_integral_float_for_an_integer_key_says_how_to_write_it() {
+        let err = RunConfig::from_overrides(&sets(&["train.max_target_len=1e9"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.max_target_len")
+                && err.contains("floating-point")
+                && err.contains("e.g. 1000000000"),
+            "{err}"
+        );
+        let err = RunConfig::from_overrides(&sets(&["method=pt", "method.prompt_len=1e9"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pt.prompt_len") && err.contains("floating-point"),
+            "{err}"
         );
     }
 

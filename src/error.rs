@@ -73,6 +73,12 @@ pub enum Error {
     /// a folder in use by another process.
     #[error("{path}: {msg}")]
     RunFolder { path: PathBuf, msg: String },
+
+    // Memory (issue 19, sizes).
+    /// The memory estimate of a model, step or run (model/memory.rs) exceeds what the machine
+    /// has available: refused before anything is loaded.
+    #[error("{what}: {msg}")]
+    Memory { what: String, msg: String },
 }
 
 impl Error {

@@ -25,6 +25,7 @@ use fastpt::doctor::{check_ops, check_steps, results_table, CheckResult};
 use fastpt::engine::{build_backbone_method, forward_backward, StepOutput};
 use fastpt::fsutil::write_file_atomic;
 use fastpt::model::hf::{load_tokenizer, save_safetensors, TensorData};
+use fastpt::model::memory::{check_model, Workload};
 use fastpt::model::shapes::{builtin_shapes, is_builtin_shape};
 use fastpt::model::{load_model, random_model, shape_hf_json, Backbone};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
@@ -727,8 +728,6 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
         "`step` does one forward + backward on a built-in batch; to check a real checkpoint:\n  \
          fastpt forward --model DIR --batch FILE.json --out OUT.safetensors\n"
     );
-    let model = random_model(be, &args.shape, args.seed, args.quant.parse()?)?;
-    println!("model      {}", describe(&args.shape, &model));
     let method_cfg = match (&args.method, &args.config) {
         (Some(name), _) => Some(MethodConfig::default_for(name)?),
         (None, Some(path)) => {
@@ -737,6 +736,24 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
         }
         (None, None) => None,
     };
+    // Issue 19: the method's sizes and the step's memory are checked before anything is built.
+    let quant = args.quant.parse()?;
+    let mut work = Workload {
+        train_batch: 4,
+        input_len: 32,
+        target_len: 8,
+        ..Workload::default()
+    };
+    if let Some(cfg) = &method_cfg {
+        let d = shape_width(&args.shape)?;
+        cfg.validate(d, args.max_len)?;
+        work.prompt_rows = cfg.prompt_rows();
+        work.method_params = cfg.param_counts(d, args.max_len).train as u128;
+    }
+    let what = format!("fastpt step --shape {}", args.shape);
+    check_model(be, &args.shape, quant, &work, &what)?;
+    let model = random_model(be, &args.shape, args.seed, quant)?;
+    println!("model      {}", describe(&args.shape, &model));
     let mut method = match &method_cfg {
         Some(cfg) => Some(build_backbone_method(
             be,
@@ -776,6 +793,15 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
 }
 
 fn forward<B: Backend + 'static>(be: &B, args: &ForwardArgs) -> Result<()> {
+    // Issue 19: the weights must fit before they are loaded (the batch is checked once read).
+    let source = match (&args.model, &args.shape) {
+        (Some(dir), _) => dir.display().to_string(),
+        (None, Some(shape)) => shape.clone(),
+        (None, None) => bail!("give --model DIR or --shape NAME"),
+    };
+    let what = format!("fastpt forward on {source}");
+    let quant = args.quant.parse()?;
+    check_model(be, &source, quant, &Workload::default(), &what)?;
     let (model, tokenizer_dir) = match (&args.model, &args.shape) {
         (Some(dir), _) => (
             load_model(be, dir, args.quant.parse()?)?,
@@ -795,6 +821,7 @@ fn forward<B: Backend + 'static>(be: &B, args: &ForwardArgs) -> Result<()> {
     println!("model      {}", describe(&name, &model));
     let spec = model.batch_spec();
     let batch = read_batch(&args.batch, spec, tokenizer_dir)?;
+    check_model(be, &source, quant, &Workload::of_batch(&batch), &what)?;
     let step = forward_backward(be, &model, None, &batch)?;
     print_step(&be.name(), &step, &batch);
 

@@ -152,6 +152,18 @@ pub trait Backend: Sync {
     /// A short name for logs: "cpu-f32", "cpu-f64", ...
     fn name(&self) -> String;
 
+    /// Bytes of one stored element (weights, activations): what the memory estimate
+    /// (model/memory.rs) sizes tensors with.
+    fn elem_bytes(&self) -> usize {
+        4
+    }
+
+    /// Free memory of the device the tensors live on, in bytes; `None` when they live in host
+    /// memory (the CPU, the virtual GPU), which the memory check reads from the OS instead.
+    fn device_free_bytes(&self) -> Option<u64> {
+        None
+    }
+
     // ---- buffers --------------------------------------------------------------------------
 
     fn zeros(&self, len: usize) -> Self::Tensor;

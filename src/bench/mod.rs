@@ -24,12 +24,13 @@ use crate::backend::cpu::{CpuBackend, Float};
 use crate::backend::gpu::device::Device;
 use crate::backend::gpu::GpuBackend;
 use crate::backend::Backend;
-use crate::config::TrainConfig;
+use crate::config::{TrainConfig, MAX_BATCH_SIZE, MAX_SEQ_LEN};
 use crate::engine::{build_backbone_method, forward_loss, generate_greedy, train_step};
 use crate::error::{Error, Result};
 use crate::model::flops::StepTokens;
 use crate::model::generate::GenerateConfig;
 use crate::model::linear::Quant;
+use crate::model::memory::{check_model, ModelShape, Workload};
 use crate::model::random_model;
 use crate::prompt::{train_params, zero_grads, MethodConfig};
 use crate::train::optim::Optimizer;
@@ -165,6 +166,71 @@ pub struct BenchConfig {
     pub seed: u64,
 }
 
+/// `--steps` and `--warmup`: timed and untimed steps (each timed one keeps three samples).
+pub const MAX_BENCH_STEPS: usize = 1_000_000;
+
+impl BenchConfig {
+    /// Every size in 1..=its limit (`--batch` and the lengths as a run's, see
+    /// [`crate::config`]; steps [`MAX_BENCH_STEPS`]), the flag, value and limit named.
+    pub fn check_sizes(&self) -> Result<()> {
+        for (flag, v, min, limit, name) in [
+            ("--steps", self.steps, 1, MAX_BENCH_STEPS, "MAX_BENCH_STEPS"),
+            (
+                "--warmup",
+                self.warmup,
+                0,
+                MAX_BENCH_STEPS,
+                "MAX_BENCH_STEPS",
+            ),
+            ("--batch", self.batch, 1, MAX_BATCH_SIZE, "MAX_BATCH_SIZE"),
+            ("--input-len", self.input_len, 1, MAX_SEQ_LEN, "MAX_SEQ_LEN"),
+            (
+                "--target-len",
+                self.target_len,
+                1,
+                MAX_SEQ_LEN,
+                "MAX_SEQ_LEN",
+            ),
+            ("--max-len", self.max_len, 0, MAX_SEQ_LEN, "MAX_SEQ_LEN"),
+        ] {
+            if v < min || v > limit {
+                return Err(Error::Input(format!(
+                    "bench {flag} {v}: must be in {min}..={limit} ({name})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every setting's method at `shape` and the memory of the largest cell (a training
+    /// step, the forward passes, generation of `target_len` tokens) before the model is built.
+    pub fn check_memory<B: Backend>(&self, be: &B, shape: &str) -> Result<()> {
+        let m = self.max_len.max(self.input_len);
+        let d = ModelShape::of_model(shape)?.width();
+        let mut work = Workload {
+            train_batch: self.batch,
+            forward_batch: self.batch,
+            generate_batch: self.batch,
+            input_len: self.input_len,
+            target_len: self.target_len,
+            max_new_tokens: self.target_len,
+            ..Workload::default()
+        };
+        for method in self.settings.iter().filter_map(|s| s.method.as_ref()) {
+            method.validate(d, m)?;
+            work.prompt_rows = work.prompt_rows.max(method.prompt_rows());
+            work.method_params = work
+                .method_params
+                .max(method.param_counts(d, m).train as u128);
+        }
+        let what = format!(
+            "bench --shape {shape} (--batch {}, --input-len {}, --target-len {})",
+            self.batch, self.input_len, self.target_len
+        );
+        check_model(be, shape, self.quant, &work, &what)
+    }
+}
+
 /// Median and spread of a set of times (ms).
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
@@ -244,15 +310,12 @@ pub fn run_bench<B: BenchClock + 'static>(
     cfg: &BenchConfig,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Report> {
-    if cfg.steps == 0 || cfg.batch == 0 || cfg.input_len == 0 || cfg.target_len == 0 {
-        return Err(Error::Input(
-            "bench: steps, batch, input_len and target_len must be at least 1".into(),
-        ));
-    }
+    cfg.check_sizes()?;
     let mut rows = Vec::new();
     let mut memory = "";
     let peak = be.gemm_peak_tflops();
     for shape in &cfg.shapes {
+        cfg.check_memory(be, shape)?;
         let model = random_model(be, shape, cfg.seed, cfg.quant)?;
         let inputs = vec![cfg.input_len; cfg.batch];
         let targets = vec![cfg.target_len; cfg.batch];

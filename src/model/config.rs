@@ -46,14 +46,151 @@ pub struct T5Config {
 }
 
 impl T5Config {
-    /// Width of the concatenated attention heads (H·D).
+    /// Width of the concatenated attention heads (H·D); [`Self::check_sizes`] bounds it by
+    /// [`MAX_INNER_DIM`].
     pub fn inner_dim(&self) -> usize {
-        self.num_heads * self.d_kv
+        self.num_heads.saturating_mul(self.d_kv)
+    }
+
+    /// Every weight of the model, in u128 (no size a config holds wraps it).
+    pub fn param_count(&self) -> u128 {
+        let w = |x: usize| x as u128;
+        let (c, hd, f) = (
+            w(self.d_model),
+            w(self.num_heads) * w(self.d_kv),
+            w(self.d_ff),
+        );
+        let ffn = match self.feed_forward {
+            FeedForward::Relu => 2 * c * f,
+            FeedForward::GatedGelu => 3 * c * f,
+        };
+        let embeddings = w(self.vocab_size) * c * if self.tie_word_embeddings { 1 } else { 2 };
+        let bias = 2 * w(self.relative_attention_num_buckets) * w(self.num_heads);
+        embeddings
+            + bias
+            + w(self.num_layers) * (4 * c * hd + ffn + 2 * c)
+            + w(self.num_decoder_layers) * (8 * c * hd + ffn + 3 * c)
+            + 2 * c
+    }
+
+    /// Every size against its limit ([`MAX_WIDTH`], [`MAX_LAYERS`], ...) and the weight count
+    /// against [`MAX_MODEL_PARAMS`]; errors name `path`, the field, the value and the limit.
+    /// Config.json's reader calls it, and so does every built-in shape.
+    pub fn check_sizes(&self, path: &Path) -> Result<()> {
+        within(
+            path,
+            "vocab_size",
+            self.vocab_size,
+            MAX_VOCAB_SIZE,
+            "MAX_VOCAB_SIZE",
+        )?;
+        within(path, "d_model", self.d_model, MAX_WIDTH, "MAX_WIDTH")?;
+        within(path, "d_kv", self.d_kv, MAX_HEAD_DIM, "MAX_HEAD_DIM")?;
+        within(path, "d_ff", self.d_ff, MAX_FF_WIDTH, "MAX_FF_WIDTH")?;
+        within(
+            path,
+            "num_layers",
+            self.num_layers,
+            MAX_LAYERS,
+            "MAX_LAYERS",
+        )?;
+        within(
+            path,
+            "num_decoder_layers",
+            self.num_decoder_layers,
+            MAX_LAYERS,
+            "MAX_LAYERS",
+        )?;
+        within(path, "num_heads", self.num_heads, MAX_HEADS, "MAX_HEADS")?;
+        within(
+            path,
+            "relative_attention_num_buckets",
+            self.relative_attention_num_buckets,
+            MAX_BUCKETS,
+            "MAX_BUCKETS",
+        )?;
+        within(
+            path,
+            "relative_attention_max_distance",
+            self.relative_attention_max_distance,
+            MAX_POSITIONS,
+            "MAX_POSITIONS",
+        )?;
+        // Both factors are bounded above, so the product cannot wrap.
+        let inner = self.num_heads * self.d_kv;
+        if inner > MAX_INNER_DIM {
+            return Err(Error::config(
+                path,
+                "num_heads",
+                format!(
+                    "num_heads × d_kv = {} × {} = {inner} is too large: fastpt accepts at most \
+                     {MAX_INNER_DIM} (MAX_INNER_DIM)",
+                    self.num_heads, self.d_kv
+                ),
+            ));
+        }
+        within_params(path, "num_layers", self.param_count())
     }
 }
 
 /// The values `feed_forward_proj` may take, as written in an error message.
 const ACCEPTED_FEED_FORWARD: &str = "\"relu\" (T5 v1.0) or \"gated-gelu\" (T5 v1.1, flan-T5, mT5)";
+
+/// Limits on config.json's sizes, far above any published model (the largest have vocabularies
+/// of 256k, widths of 16k, feed-forward widths of 64k, 128 heads of 256, 126 layers) and low
+/// enough that no product of them wraps in 64 bits: a value past one is a typing mistake or a
+/// hostile file, refused before a layer list or a tensor is sized from it. Whether a model
+/// within them fits is the memory estimate's question (model/memory.rs).
+pub const MAX_VOCAB_SIZE: usize = 1 << 24;
+/// d_model / hidden_size.
+pub const MAX_WIDTH: usize = 1 << 17;
+/// d_ff / intermediate_size.
+pub const MAX_FF_WIDTH: usize = 1 << 20;
+/// num_heads / num_attention_heads / num_key_value_heads.
+pub const MAX_HEADS: usize = 1 << 12;
+/// d_kv / head_dim.
+pub const MAX_HEAD_DIM: usize = 1 << 12;
+/// Heads × head width (H·D), the width of the attention projections.
+pub const MAX_INNER_DIM: usize = 1 << 18;
+/// num_layers / num_decoder_layers / num_hidden_layers.
+pub const MAX_LAYERS: usize = 1 << 10;
+/// relative_attention_num_buckets.
+pub const MAX_BUCKETS: usize = 1 << 12;
+/// relative_attention_max_distance, max_position_embeddings and RoPE's
+/// original_max_position_embeddings.
+pub const MAX_POSITIONS: usize = 1 << 24;
+/// Every weight of the model together (2.2 trillion).
+pub const MAX_MODEL_PARAMS: u128 = 1 << 41;
+
+/// `value` of `field` is at most `limit` (named `limit_name` in the error).
+fn within(path: &Path, field: &str, value: usize, limit: usize, limit_name: &str) -> Result<()> {
+    if value > limit {
+        return Err(Error::config(
+            path,
+            field,
+            format!(
+                "{value} is too large: fastpt accepts at most {limit} ({limit_name}; no \
+                 published model comes near it)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The model's weight count against [`MAX_MODEL_PARAMS`]; `field` is the field to blame.
+fn within_params(path: &Path, field: &str, params: u128) -> Result<()> {
+    if params > MAX_MODEL_PARAMS {
+        return Err(Error::config(
+            path,
+            field,
+            format!(
+                "these sizes give {params} weights; fastpt accepts at most {MAX_MODEL_PARAMS} \
+                 (MAX_MODEL_PARAMS)"
+            ),
+        ));
+    }
+    Ok(())
+}
 
 impl T5Config {
     /// Reads and validates a Hugging Face T5 `config.json`.
@@ -173,7 +310,7 @@ impl T5Config {
             fields.token_id("decoder_start_token_id", pad_token_id, vocab_size)?;
         let eos_token_id = fields.token_id("eos_token_id", 1, vocab_size)?;
 
-        Ok(T5Config {
+        let cfg = T5Config {
             vocab_size,
             d_model,
             d_kv,
@@ -190,7 +327,9 @@ impl T5Config {
             decoder_start_token_id,
             pad_token_id,
             eos_token_id,
-        })
+        };
+        cfg.check_sizes(path)?;
+        Ok(cfg)
     }
 }
 
@@ -313,14 +452,113 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
-    /// Width of the concatenated query heads (H·D).
+    /// Width of the concatenated query heads (H·D); bounded by [`MAX_INNER_DIM`].
     pub fn q_dim(&self) -> usize {
-        self.num_attention_heads * self.head_dim
+        self.num_attention_heads.saturating_mul(self.head_dim)
     }
 
     /// Width of the concatenated key (or value) heads (Hkv·D).
     pub fn kv_dim(&self) -> usize {
-        self.num_key_value_heads * self.head_dim
+        self.num_key_value_heads.saturating_mul(self.head_dim)
+    }
+
+    /// Every weight of the model, in u128 (no size a config holds wraps it).
+    pub fn param_count(&self) -> u128 {
+        let w = |x: usize| x as u128;
+        let c = w(self.hidden_size);
+        let qd = w(self.num_attention_heads) * w(self.head_dim);
+        let kvd = w(self.num_key_value_heads) * w(self.head_dim);
+        let layer = 2 * c * qd + 2 * c * kvd + 3 * c * w(self.intermediate_size) + 2 * c;
+        let embeddings = w(self.vocab_size) * c * if self.tie_word_embeddings { 1 } else { 2 };
+        embeddings + w(self.num_hidden_layers) * layer + c
+    }
+
+    /// Every size against its limit and the weight count against [`MAX_MODEL_PARAMS`] (see
+    /// [`T5Config::check_sizes`]).
+    pub fn check_sizes(&self, path: &Path) -> Result<()> {
+        within(
+            path,
+            "vocab_size",
+            self.vocab_size,
+            MAX_VOCAB_SIZE,
+            "MAX_VOCAB_SIZE",
+        )?;
+        within(
+            path,
+            "hidden_size",
+            self.hidden_size,
+            MAX_WIDTH,
+            "MAX_WIDTH",
+        )?;
+        within(
+            path,
+            "intermediate_size",
+            self.intermediate_size,
+            MAX_FF_WIDTH,
+            "MAX_FF_WIDTH",
+        )?;
+        within(
+            path,
+            "num_hidden_layers",
+            self.num_hidden_layers,
+            MAX_LAYERS,
+            "MAX_LAYERS",
+        )?;
+        within(
+            path,
+            "num_attention_heads",
+            self.num_attention_heads,
+            MAX_HEADS,
+            "MAX_HEADS",
+        )?;
+        within(
+            path,
+            "num_key_value_heads",
+            self.num_key_value_heads,
+            MAX_HEADS,
+            "MAX_HEADS",
+        )?;
+        within(
+            path,
+            "head_dim",
+            self.head_dim,
+            MAX_HEAD_DIM,
+            "MAX_HEAD_DIM",
+        )?;
+        within(
+            path,
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            MAX_POSITIONS,
+            "MAX_POSITIONS",
+        )?;
+        if let RopeScaling::Llama3 {
+            original_max_position_embeddings,
+            ..
+        } = self.rope_scaling
+        {
+            within(
+                path,
+                "rope_scaling.original_max_position_embeddings",
+                original_max_position_embeddings,
+                MAX_POSITIONS,
+                "MAX_POSITIONS",
+            )?;
+        }
+        // Both factors are bounded above, so the product cannot wrap.
+        let q = self.num_attention_heads * self.head_dim;
+        if q > MAX_INNER_DIM {
+            return Err(Error::config(
+                path,
+                "num_attention_heads",
+                format!(
+                    "num_attention_heads × head_dim = {} × {} = {q} is too large: fastpt accepts \
+                     at most {MAX_INNER_DIM} (MAX_INNER_DIM)",
+                    self.num_attention_heads, self.head_dim
+                ),
+            ));
+        }
+        within_params(path, "num_hidden_layers", self.param_count())
     }
 
     /// The id that pads token rows: `pad_token_id`, else the first EOS id.
@@ -431,7 +669,7 @@ impl LlamaConfig {
             None => None,
             Some(_) => Some(fields.token_id("pad_token_id", 0, vocab_size)?),
         };
-        Ok(LlamaConfig {
+        let cfg = LlamaConfig {
             vocab_size,
             hidden_size,
             intermediate_size,
@@ -447,7 +685,9 @@ impl LlamaConfig {
             bos_token_id,
             eos_token_ids,
             pad_token_id,
-        })
+        };
+        cfg.check_sizes(path)?;
+        Ok(cfg)
     }
 }
 
@@ -646,12 +886,25 @@ impl Fields<'_> {
                 };
                 Error::config(self.path, field, msg)
             }),
-            // as_u64 is None for negative numbers, fractions, and integral floats like 512.0.
+            // as_u64 is None for negative numbers, fractions, and integral floats like 512.0
+            // or 1e9 (JSON numbers with an exponent or a decimal point are floats to serde).
             Some(v) => v.as_u64().ok_or_else(|| {
+                let hint = match v.as_f64() {
+                    Some(x) if v.is_f64() && x.fract() == 0.0 && x >= 0.0 => format!(
+                        " (a floating-point number: write the integer without an exponent or \
+                         decimal point{})",
+                        if x <= 1e15 {
+                            format!(", e.g. {x:.0}")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    _ => String::new(),
+                };
                 Error::config(
                     self.path,
                     field,
-                    format!("expected a non-negative integer, found {}", show(v)),
+                    format!("expected a non-negative integer, found {}{hint}", show(v)),
                 )
             }),
         }
@@ -998,6 +1251,95 @@ mod tests {
             &small_with("eos_token_id", Some(serde_json::json!([]))),
             "eos_token_id",
             &["empty list"],
+        );
+    }
+
+    #[test]
+    fn every_size_past_its_limit_is_refused_naming_field_value_and_limit() {
+        let billion = 1_000_000_000u64;
+        for (field, value, limit) in [
+            ("num_layers", billion, "MAX_LAYERS"),
+            ("num_decoder_layers", billion, "MAX_LAYERS"),
+            ("vocab_size", 1 << 40, "MAX_VOCAB_SIZE"),
+            ("d_model", 1 << 40, "MAX_WIDTH"),
+            ("d_ff", 1 << 40, "MAX_FF_WIDTH"),
+            ("d_kv", 1 << 32, "MAX_HEAD_DIM"),
+            ("num_heads", 1 << 32, "MAX_HEADS"),
+            ("relative_attention_max_distance", 1 << 40, "MAX_POSITIONS"),
+        ] {
+            assert_config_err(
+                &small_with(field, Some(value.into())),
+                field,
+                &[&value.to_string(), limit],
+            );
+        }
+        // Buckets past their limit, with a distance that the buckets' own rule accepts.
+        let buckets = "relative_attention_num_buckets";
+        let mut v: Value = serde_json::from_str(&small_with(buckets, Some(8192.into()))).unwrap();
+        v["relative_attention_max_distance"] = 8192.into();
+        assert_config_err(&v.to_string(), buckets, &["8192", "MAX_BUCKETS"]);
+        // d_kv = num_heads = 2^32: their product wrapped to 0 ("expected shape [0, 36]").
+        let text = small_with("d_kv", Some((1u64 << 32).into()));
+        let mut v: Value = serde_json::from_str(&text).unwrap();
+        v["num_heads"] = (1u64 << 32).into();
+        let err = parse(&v.to_string()).unwrap_err().to_string();
+        assert!(err.contains("4294967296") && err.contains("MAX_"), "{err}");
+        // Within each limit, but a product past MAX_INNER_DIM.
+        let text = small_with("d_kv", Some(4096.into()));
+        let mut v: Value = serde_json::from_str(&text).unwrap();
+        v["num_heads"] = 4096.into();
+        assert_config_err(
+            &v.to_string(),
+            "num_heads",
+            &["4096 × 4096", "MAX_INNER_DIM"],
+        );
+        // Each within its limit: the weight count (about 2^48) is refused, counted in u128.
+        let mut v: Value = serde_json::from_str(T5_SMALL).unwrap();
+        for (f, x) in [
+            ("num_layers", MAX_LAYERS),
+            ("d_model", MAX_WIDTH),
+            ("d_ff", MAX_FF_WIDTH),
+        ] {
+            v[f] = x.into();
+        }
+        assert_config_err(&v.to_string(), "num_layers", &["MAX_MODEL_PARAMS"]);
+    }
+
+    #[test]
+    fn a_float_where_an_integer_belongs_says_so() {
+        // serde_json reads 1e9 as a float, which is no integer: the error says how to write it.
+        let text = T5_SMALL.replace("\"num_layers\": 6", "\"num_layers\": 1e9");
+        assert_config_err(
+            &text,
+            "num_layers",
+            &["1000000000.0", "floating-point", "e.g. 1000000000"],
+        );
+    }
+
+    #[test]
+    fn llama_sizes_past_their_limits_are_refused() {
+        for (field, value, limit) in [
+            ("num_hidden_layers", 1_000_000_000u64, "MAX_LAYERS"),
+            ("intermediate_size", 1 << 40, "MAX_FF_WIDTH"),
+            ("max_position_embeddings", 1 << 40, "MAX_POSITIONS"),
+            ("head_dim", 1 << 32, "MAX_HEAD_DIM"),
+        ] {
+            assert_llama_err(
+                &llama_with(LLAMA2_7B, field, Some(value.into())),
+                field,
+                &[&value.to_string(), limit],
+            );
+        }
+        assert_llama_err(
+            &llama_with(
+                LLAMA31_8B,
+                "rope_scaling",
+                Some(serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 1e30})),
+            ),
+            "rope_scaling.original_max_position_embeddings",
+            &["MAX_POSITIONS"],
         );
     }
 

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod hf;
 pub mod linear;
 pub mod llama;
+pub mod memory;
 pub mod shapes;
 pub mod t5;
 

@@ -70,7 +70,7 @@ pub fn t5_shape(name: &str) -> Result<T5Config> {
             )))
         }
     };
-    Ok(T5Config {
+    let cfg = T5Config {
         vocab_size: vocab,
         d_model,
         d_kv,
@@ -88,7 +88,10 @@ pub fn t5_shape(name: &str) -> Result<T5Config> {
         decoder_start_token_id: 0,
         pad_token_id: 0,
         eos_token_id: 1,
-    })
+    };
+    // The same limits as a config.json's (a shape edited past them fails here, not in a kernel).
+    cfg.check_sizes(std::path::Path::new(name))?;
+    Ok(cfg)
 }
 
 /// The standard deviation Hugging Face's `T5PreTrainedModel._init_weights` uses for a tensor
@@ -184,7 +187,7 @@ pub fn llama_shape(name: &str) -> Result<LlamaConfig> {
         }
     };
     let llama3 = name == "llama-3-8b";
-    Ok(LlamaConfig {
+    let cfg = LlamaConfig {
         vocab_size: vocab,
         hidden_size: c,
         intermediate_size: f,
@@ -200,7 +203,9 @@ pub fn llama_shape(name: &str) -> Result<LlamaConfig> {
         bos_token_id: if llama3 { 128000 } else { 1 },
         eos_token_ids: vec![if llama3 { 128001 } else { 2 }],
         pad_token_id: None,
-    })
+    };
+    cfg.check_sizes(std::path::Path::new(name))?;
+    Ok(cfg)
 }
 
 /// The random value of Llama tensor `name` of `shape` for `seed`: Hugging Face's init,

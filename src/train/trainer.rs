@@ -243,6 +243,7 @@ struct Setup<B: Backend> {
 /// Builds the model (a built-in shape with random weights, or a Hugging Face folder), the
 /// method (its `text` init uses the folder's tokenizer) and the data of `cfg`.
 fn setup<B: Backend + 'static>(be: &B, cfg: &RunConfig) -> Result<Setup<B>> {
+    cfg.check_memory(be)?; // issue 19: refuse what cannot fit before loading anything
     let tc = &cfg.train;
     let model = if is_builtin_shape(&cfg.model) {
         random_model(be, &cfg.model, cfg.seed, cfg.quant)?

@@ -260,6 +260,10 @@ impl<T: Float> Backend for CpuBackend<T> {
         format!("cpu-{}", std::any::type_name::<T>())
     }
 
+    fn elem_bytes(&self) -> usize {
+        std::mem::size_of::<T>()
+    }
+
     fn zeros(&self, len: usize) -> Vec<T> {
         vec![T::zero(); len]
     }

@@ -1056,6 +1056,15 @@ impl Device for CudaDevice {
         }
     }
 
+    fn free_bytes(&self) -> Option<u64> {
+        let (free, _) = self
+            .ctx
+            .bind()
+            .ok()
+            .and_then(|()| drv::mem_get_info().ok())?;
+        u64::try_from(free).ok()
+    }
+
     fn memory(&self) -> &MemoryCounter {
         &self.ctx.memory
     }

@@ -238,4 +238,10 @@ pub trait Device: Send + Sync + 'static {
 
     /// The memory our buffers hold on this device (see [`MemoryCounter`]).
     fn memory(&self) -> &MemoryCounter;
+
+    /// Free device memory in bytes (the driver's figure); `None` for a device in host memory
+    /// (the virtual GPU) or when the driver cannot say.
+    fn free_bytes(&self) -> Option<u64> {
+        None
+    }
 }

@@ -804,6 +804,14 @@ impl<D: Device> Backend for GpuBackend<D> {
         format!("{}-{}", self.device.name(), self.dtype)
     }
 
+    fn elem_bytes(&self) -> usize {
+        self.dtype.size()
+    }
+
+    fn device_free_bytes(&self) -> Option<u64> {
+        self.device.free_bytes()
+    }
+
     // ---- buffers ------------------------------------------------------------------------------
 
     fn zeros(&self, len: usize) -> GpuTensor<D> {
