@@ -57,6 +57,16 @@ pub enum Error {
     /// Bad input that is not a file (a batch with inconsistent lengths, an unknown shape name, ...).
     #[error("{0}")]
     Input(String),
+
+    // ---- issue 19, non-finite numerics (helper N) ----
+    /// A step's result is NaN or infinite (`fastpt forward`, `fastpt step`): `what` names the
+    /// quantity and where it came from, `value` is what it was.
+    #[error("{what} is {value} (not finite): {hint}")]
+    NonFinite {
+        what: String,
+        value: f64,
+        hint: String,
+    },
 }
 
 impl Error {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use fastpt::backend::cpu::CpuBackend;
@@ -682,6 +682,8 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
     let batch = model.random_batch(&inputs, &targets, args.seed);
     let step = forward_backward(be, &model, method.as_deref_mut(), &batch)?;
     print_step(&be.name(), &step, &batch);
+    let source = format!("the `{}` shape (seed {})", args.shape, args.seed);
+    step.check_finite(&source)?;
     if let Some(m) = &method {
         let norm: f64 = m
             .params()
@@ -691,6 +693,9 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
             .sum::<f64>()
             .sqrt();
         println!("method grad norm {norm:.6e}  (‖d loss / d method parameters‖)");
+        if !norm.is_finite() {
+            bail!("the method's gradient norm on {source} is {norm} (not finite)");
+        }
     }
     Ok(())
 }
@@ -717,6 +722,8 @@ fn forward<B: Backend + 'static>(be: &B, args: &ForwardArgs) -> Result<()> {
     let batch = read_batch(&args.batch, spec, tokenizer_dir)?;
     let step = forward_backward(be, &model, None, &batch)?;
     print_step(&be.name(), &step, &batch);
+    // Checked now, reported after the outputs are written: they show where the NaN starts.
+    let finite = step.check_finite(&format!("{name} on {}", args.batch.display()));
 
     let (b, t, c, v) = (batch.batch, batch.enc_len, spec.d_model, spec.vocab_size);
     let m = step.label_rows.len();
@@ -753,7 +760,12 @@ fn forward<B: Backend + 'static>(be: &B, args: &ForwardArgs) -> Result<()> {
     }
     save_safetensors(&args.out, &tensors)?;
     println!("wrote      {}", args.out.display());
-    Ok(())
+    finite.map_err(|e| {
+        anyhow!(
+            "{e}; the outputs are in {} for inspection",
+            args.out.display()
+        )
+    })
 }
 
 fn params(args: &ParamsArgs) -> Result<()> {
