@@ -34,7 +34,7 @@ INSTANTIATE(bias_backward, ELEMENTWISE_BLOCK, (T * dbias, const T* dout, int n, 
 #define ACT_GELU_K 0.044715f
 
 __device__ __forceinline__ float act_apply(int act, float x) {
-    if (act == 0) return x > 0.0f ? x : 0.0f;
+    if (act == 0) return x <= 0.0f ? 0.0f : x;  // NaN stays NaN, as torch.relu
     if (act == 1) {
         const float u = ACT_GELU_C * (x + ACT_GELU_K * x * x * x);
         return 0.5f * x * (1.0f + tanhf(u));
@@ -42,9 +42,10 @@ __device__ __forceinline__ float act_apply(int act, float x) {
     return x / (1.0f + expf(-x));
 }
 
-// d act(x) / dx; ReLU's derivative at 0 is 0 (PyTorch).
+// d act(x) / dx; ReLU's derivative at 0 is 0 (PyTorch), at NaN NaN (a NaN input never gives a
+// finite gradient).
 __device__ __forceinline__ float act_grad(int act, float x) {
-    if (act == 0) return x > 0.0f ? 1.0f : 0.0f;
+    if (act == 0) return x > 0.0f ? 1.0f : (x != x ? x : 0.0f);
     if (act == 1) {
         const float u = ACT_GELU_C * (x + ACT_GELU_K * x * x * x);
         const float th = tanhf(u);

@@ -34,7 +34,7 @@ __device__ void attention_softmax_forward(T* scores, T* lse, const int* key_mask
         const int* km = key_mask + bi * s;
         float m = neg_inf();
         for (int j = threadIdx.x; j < s; j += blockDim.x) {
-            m = fmaxf(m, attention_masked_score(x, km, bias_table, rel_buckets, h, hh, t, i, j, causal));
+            m = max_nan(m, attention_masked_score(x, km, bias_table, rel_buckets, h, hh, t, i, j, causal));
         }
         m = block_max(m);
         float sum = 0.0f;
@@ -189,7 +189,7 @@ __device__ void attention_forward(T* out, T* lse, const T* q, const T* k, const 
         for (int r = threadIdx.x; r < FLASH_BR; r += blockDim.x) {
             float* pr = ps + r * FLASH_BC;
             float mx = row_m[r];
-            for (int c = 0; c < FLASH_BC; c++) mx = fmaxf(mx, pr[c]);
+            for (int c = 0; c < FLASH_BC; c++) mx = max_nan(mx, pr[c]);
             float alpha = 1.0f, sum = 0.0f;
             if (mx == neg_inf()) {
                 for (int c = 0; c < FLASH_BC; c++) pr[c] = 0.0f;
@@ -216,11 +216,13 @@ __device__ void attention_forward(T* out, T* lse, const T* q, const T* k, const 
     for (int idx = threadIdx.x; idx < rows * d; idx += blockDim.x) {
         const int r = idx / d, dd = idx % d;
         const float l = row_l[r];
-        out[(bi * t + i0 + r) * h * d + (long)hh * d + dd] = from_float<T>(l > 0.0f ? os[idx] / l : 0.0f);
+        // A row with no visible key keeps max −inf (output 0); a NaN score made the max NaN (out NaN).
+        out[(bi * t + i0 + r) * h * d + (long)hh * d + dd] =
+            from_float<T>(row_m[r] != neg_inf() ? os[idx] / l : 0.0f);
     }
     for (int r = threadIdx.x; r < rows; r += blockDim.x) {
         const float l = row_l[r];
-        lse[(bi * h + hh) * t + i0 + r] = from_float<T>(l > 0.0f ? row_m[r] + logf(l) : neg_inf());
+        lse[(bi * h + hh) * t + i0 + r] = from_float<T>(row_m[r] != neg_inf() ? row_m[r] + logf(l) : neg_inf());
     }
 }
 INSTANTIATE(attention_forward, FLASH_BLOCK,
@@ -275,7 +277,7 @@ __device__ void attention_backward_prep(float* stats, const T* lse, const T* out
         for (int r = threadIdx.x; r < FLASH_BR; r += blockDim.x) {
             const float* pr = ps + r * FLASH_BC;
             float mx = row_m[r];
-            for (int c = 0; c < FLASH_BC; c++) mx = fmaxf(mx, pr[c]);
+            for (int c = 0; c < FLASH_BC; c++) mx = max_nan(mx, pr[c]);
             if (mx == neg_inf()) continue;
             float sum = row_l[r] * expf(row_m[r] - mx);
             for (int c = 0; c < FLASH_BC; c++) sum += expf(pr[c] - mx);
@@ -285,7 +287,7 @@ __device__ void attention_backward_prep(float* stats, const T* lse, const T* out
     }
     __syncthreads();
     for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-        st[r * 2] = row_l[r] > 0.0f ? row_m[r] + logf(row_l[r]) : neg_inf();
+        st[r * 2] = row_m[r] != neg_inf() ? row_m[r] + logf(row_l[r]) : neg_inf();
     }
 }
 INSTANTIATE(attention_backward_prep, FLASH_BLOCK,
@@ -534,15 +536,15 @@ __device__ void attention_forward_tc(bf16* out, bf16* lse, float* stats, const b
                     if (bias_table) x += to_float(bias_table[(long)rel_buckets[j - i + t - 1] * h + hh]);
                 }
                 sc[n][e] = x;
-                tile_m[e >= 2] = fmaxf(tile_m[e >= 2], x);
+                tile_m[e >= 2] = max_nan(tile_m[e >= 2], x);
             }
         }
         float alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-            tile_m[r] = fmaxf(tile_m[r], __shfl_xor_sync(0xffffffffu, tile_m[r], 1));
-            tile_m[r] = fmaxf(tile_m[r], __shfl_xor_sync(0xffffffffu, tile_m[r], 2));
-            const float m_new = fmaxf(row_m[r], tile_m[r]);
+            tile_m[r] = max_nan(tile_m[r], __shfl_xor_sync(0xffffffffu, tile_m[r], 1));
+            tile_m[r] = max_nan(tile_m[r], __shfl_xor_sync(0xffffffffu, tile_m[r], 2));
+            const float m_new = max_nan(row_m[r], tile_m[r]);
             alpha[r] = m_new == neg_inf() ? 1.0f : expf(row_m[r] - m_new);
             row_m[r] = m_new;
         }
@@ -594,17 +596,19 @@ __device__ void attention_forward_tc(bf16* out, bf16* lse, float* stats, const b
         if (i >= t) continue;
         const float l = row_l[r];
         if (STATS) {
-            if (tq == 0) stats[((bi * h + hh) * t + i) * 2] = l > 0.0f ? row_m[r] + logf(l) : neg_inf();
+            if (tq == 0) stats[((bi * h + hh) * t + i) * 2] = row_m[r] != neg_inf() ? row_m[r] + logf(l) : neg_inf();
             continue;
         }
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        // No visible key: max −inf, output 0. A NaN score: max NaN, output NaN (max_nan).
+        const float inv = row_m[r] != neg_inf() ? 1.0f / l : 0.0f;
         bf16* dst = out + (bi * t + i) * h * D + (long)hh * D;
 #pragma unroll
         for (int n = 0; n < D / 8; n++) {
             dst[n * 8 + 2 * tq] = __float2bfloat16(o[n][2 * r] * inv);
             dst[n * 8 + 2 * tq + 1] = __float2bfloat16(o[n][2 * r + 1] * inv);
         }
-        if (tq == 0) lse[(bi * h + hh) * t + i] = __float2bfloat16(l > 0.0f ? row_m[r] + logf(l) : neg_inf());
+        if (tq == 0)
+            lse[(bi * h + hh) * t + i] = __float2bfloat16(row_m[r] != neg_inf() ? row_m[r] + logf(l) : neg_inf());
     }
 }
 

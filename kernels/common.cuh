@@ -56,13 +56,18 @@ __device__ __forceinline__ bf16 from_float<bf16>(float x) {
 // -inf without <cmath> (NVRTC has no INFINITY).
 __device__ __forceinline__ float neg_inf() { return __int_as_float((int)0xff800000u); }
 
+// max(a, b) that propagates NaN, as torch.max does (fmaxf drops a NaN operand). A softmax whose
+// running max comes from it sees a NaN score: the row's lse and probabilities are NaN, not the
+// all-zero row of a row that sees no key. One compare more than fmaxf, no extra pass.
+__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
 }
 
 __device__ __forceinline__ float warp_max(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    for (int offset = 16; offset > 0; offset /= 2) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
     return v;
 }
 
@@ -79,7 +84,7 @@ __device__ __forceinline__ float block_sum(float v) {
     return warp_sum(v);
 }
 
-// Maximum over the block, as block_sum.
+// Maximum over the block, as block_sum; NaN when any thread's value is NaN (max_nan).
 __device__ __forceinline__ float block_max(float v) {
     SHARED(float, partial, 32);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;

@@ -20,7 +20,7 @@ __device__ void cross_entropy_forward_backward(T* losses, T* dlogits, const T* l
         return;
     }
     float mx = neg_inf();
-    for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, to_float(x[j]));
+    for (int j = threadIdx.x; j < v; j += blockDim.x) mx = max_nan(mx, to_float(x[j]));
     mx = block_max(mx);
     float sum = 0.0f;
     for (int j = threadIdx.x; j < v; j += blockDim.x) sum += expf(to_float(x[j]) - mx);

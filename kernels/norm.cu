@@ -135,7 +135,7 @@ __device__ void softmax_rows_forward(T* out, const T* inp, int n, int k) {
         const T* x = inp + row * k;
         T* y = out + row * k;
         float m = neg_inf();
-        for (int j = threadIdx.x; j < k; j += blockDim.x) m = fmaxf(m, to_float(x[j]));
+        for (int j = threadIdx.x; j < k; j += blockDim.x) m = max_nan(m, to_float(x[j]));
         m = block_max(m);
         float sum = 0.0f;
         if (m != neg_inf()) {

@@ -26,7 +26,7 @@ template <typename T>
 __device__ void softmax_cols_forward(T* out, const T* inp, int n, int k) {
     FOR_EACH_INDEX(j, k) {
         float mx = neg_inf();
-        for (long i = 0; i < n; i++) mx = fmaxf(mx, to_float(inp[i * k + j]));
+        for (long i = 0; i < n; i++) mx = max_nan(mx, to_float(inp[i * k + j]));
         float sum = 0.0f;
         for (long i = 0; i < n; i++) sum += expf(to_float(inp[i * k + j]) - mx);
         const float lse = mx + logf(sum);

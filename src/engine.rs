@@ -37,6 +37,42 @@ pub struct StepOutput {
 }
 
 impl StepOutput {
+    /// An error when the loss or the input gradient is NaN or infinite, naming which, how many
+    /// label rows are affected, and `source` (the model and batch the step ran on): a NaN must
+    /// never leave `fastpt forward` or `step` as a number printed with exit 0.
+    pub fn check_finite(&self, source: &str) -> Result<()> {
+        let hint = "a weight or input holds NaN or inf, or an activation overflowed";
+        if !self.loss.is_finite() {
+            let bad = self.label_losses.iter().filter(|l| !l.is_finite()).count();
+            return Err(Error::NonFinite {
+                what: format!(
+                    "the loss of {source} ({bad} of {} label rows non-finite)",
+                    self.label_losses.len()
+                ),
+                value: self.loss,
+                hint: hint.into(),
+            });
+        }
+        let norm = self.grad_norm();
+        if !norm.is_finite() {
+            let bad = self
+                .d_inputs_embeds
+                .iter()
+                .filter(|g| !g.is_finite())
+                .count();
+            return Err(Error::NonFinite {
+                what: format!(
+                    "the gradient norm ‖d loss / d inputs_embeds‖ of {source} ({bad} of {} \
+                     elements non-finite)",
+                    self.d_inputs_embeds.len()
+                ),
+                value: norm,
+                hint: hint.into(),
+            });
+        }
+        Ok(())
+    }
+
     /// ‖d loss / d inputs_embeds‖₂.
     pub fn grad_norm(&self) -> f64 {
         self.d_inputs_embeds

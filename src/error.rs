@@ -79,6 +79,16 @@ pub enum Error {
     /// has available: refused before anything is loaded.
     #[error("{what}: {msg}")]
     Memory { what: String, msg: String },
+
+    // Non-finite results (issue 19, numerics).
+    /// A step's result is NaN or infinite (`fastpt forward`, `fastpt step`): `what` names the
+    /// quantity and where it came from, `value` is what it was.
+    #[error("{what} is {value} (not finite): {hint}")]
+    NonFinite {
+        what: String,
+        value: f64,
+        hint: String,
+    },
 }
 
 impl Error {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use fastpt::backend::cpu::CpuBackend;
@@ -779,6 +779,8 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
     let batch = model.random_batch(&inputs, &targets, args.seed);
     let step = forward_backward(be, &model, method.as_deref_mut(), &batch)?;
     print_step(&be.name(), &step, &batch);
+    let source = format!("the `{}` shape (seed {})", args.shape, args.seed);
+    step.check_finite(&source)?;
     if let Some(m) = &method {
         let norm: f64 = m
             .params()
@@ -788,6 +790,9 @@ fn run<B: Backend + 'static>(be: &B, args: &RunArgs) -> Result<()> {
             .sum::<f64>()
             .sqrt();
         println!("method grad norm {norm:.6e}  (‖d loss / d method parameters‖)");
+        if !norm.is_finite() {
+            bail!("the method's gradient norm on {source} is {norm} (not finite)");
+        }
     }
     Ok(())
 }
@@ -824,6 +829,8 @@ fn forward<B: Backend + 'static>(be: &B, args: &ForwardArgs) -> Result<()> {
     check_model(be, &source, quant, &Workload::of_batch(&batch), &what)?;
     let step = forward_backward(be, &model, None, &batch)?;
     print_step(&be.name(), &step, &batch);
+    // Checked now, reported after the outputs are written: they show where the NaN starts.
+    let finite = step.check_finite(&format!("{name} on {}", args.batch.display()));
 
     let (b, t, c, v) = (batch.batch, batch.enc_len, spec.d_model, spec.vocab_size);
     let m = step.label_rows.len();
@@ -860,7 +867,12 @@ fn forward<B: Backend + 'static>(be: &B, args: &ForwardArgs) -> Result<()> {
     }
     save_safetensors(&args.out, &tensors)?;
     println!("wrote      {}", args.out.display());
-    Ok(())
+    finite.map_err(|e| {
+        anyhow!(
+            "{e}; the outputs are in {} for inspection",
+            args.out.display()
+        )
+    })
 }
 
 fn params(args: &ParamsArgs) -> Result<()> {

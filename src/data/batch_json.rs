@@ -387,10 +387,22 @@ fn embed_rows(v: &Value, c: usize, path: &Path) -> Result<Vec<Vec<Vec<f32>>>> {
                         )));
                     }
                     x.iter()
-                        .map(|y| {
-                            y.as_f64().map(|y| y as f32).ok_or_else(|| {
+                        .enumerate()
+                        .map(|(k, y)| {
+                            let v = y.as_f64().ok_or_else(|| {
                                 err(format!("row {i}, position {j}: {y} is not a number"))
-                            })
+                            })?;
+                            // A JSON number beyond f32 (|x| > 3.4e38) would become inf here and a
+                            // NaN loss later: refuse it as the input error it is.
+                            let f = v as f32;
+                            if !f.is_finite() {
+                                return Err(err(format!(
+                                    "row {i}, position {j}, element {k}: {v:e} overflows f32 \
+                                     (|x| ≤ {:e})",
+                                    f32::MAX
+                                )));
+                            }
+                            Ok(f)
                         })
                         .collect()
                 })
@@ -476,6 +488,36 @@ mod tests {
             err.contains("inputs_embeds") && err.contains("d_model = 64"),
             "{err}"
         );
+    }
+
+    /// A number JSON holds but f32 cannot (it would become inf, then a NaN loss) is refused,
+    /// naming file, field, position and value; the largest f32 still passes.
+    #[test]
+    fn embeds_beyond_f32_are_refused() {
+        let row = |x: &str| {
+            let mut v = vec!["0.5"; 64];
+            v[3] = x;
+            format!("[{}]", v.join(","))
+        };
+        for bad in ["1e39", "-1e39", "3.5e38"] {
+            let text = format!(
+                r#"{{"inputs_embeds": [[{}, {}]], "labels": [[1]]}}"#,
+                row("0.5"),
+                row(bad)
+            );
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("batch.json")
+                    && err.contains("inputs_embeds")
+                    && err.contains("position 1, element 3")
+                    && err.contains(bad.trim_start_matches('-'))
+                    && err.contains("overflows f32"),
+                "{bad}: {err}"
+            );
+        }
+        let max = format!("{:e}", f32::MAX);
+        let text = format!(r#"{{"inputs_embeds": [[{}]], "labels": [[1]]}}"#, row(&max));
+        assert!(parse(&text).is_ok(), "{max} fits f32");
     }
 
     #[test]

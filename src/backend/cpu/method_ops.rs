@@ -3,7 +3,7 @@
 //! `Backend` impl in `mod.rs`; the definitions the GPU kernels will be tested against.
 //! Parameter gradients accumulate (`+=`); input gradients are written (`=`).
 
-use super::{gemm_slices, Float};
+use super::{gemm_slices, max_nan, Float};
 use crate::backend::{
     check_add_bias, check_bias_backward, check_softmax_rows_backward_dinp,
     check_softmax_rows_forward, EmbedPromptDims, FusionAttentionDims, FusionMode, GatedExpertsDims,
@@ -160,7 +160,7 @@ pub(super) fn layernorm_backward<T: Float>(
 pub(super) fn softmax_rows_forward<T: Float>(out: &mut [T], inp: &[T], n: usize, k: usize) {
     check_softmax_rows_forward(out.len(), inp.len(), n, k);
     for (x, y) in inp.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
-        let max = x.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+        let max = x.iter().fold(T::neg_infinity(), |m, &v| max_nan(m, v));
         let sum: f64 = x.iter().map(|&v| (v - max).exp().f64()).sum();
         let lse = max + T::of(sum.ln());
         for (yi, &xi) in y.iter_mut().zip(x) {
@@ -210,7 +210,7 @@ fn fusion_probs<T: Float>(
             for j in 0..m {
                 let max = (0..s)
                     .map(|p| probs[p * m + j])
-                    .fold(T::neg_infinity(), |a, b| a.max(b));
+                    .fold(T::neg_infinity(), max_nan);
                 let sum: f64 = (0..s).map(|p| (probs[p * m + j] - max).exp().f64()).sum();
                 let lse = max + T::of(sum.ln());
                 for p in 0..s {

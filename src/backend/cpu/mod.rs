@@ -69,6 +69,17 @@ impl Float for f64 {
     }
 }
 
+/// `max(a, b)`, NaN when either is NaN (as `torch.max`; `f32::max` drops a NaN operand). Softmax
+/// maxima use it, so that a row with a NaN score gets NaN probabilities, never the all-zero row of
+/// a row that sees no key.
+pub fn max_nan<T: Float>(a: T, b: T) -> T {
+    if a > b || a.is_nan() {
+        a
+    } else {
+        b
+    }
+}
+
 /// The CPU backend in float type `T`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend<T> {
@@ -229,7 +240,7 @@ fn head_probs<T: Float>(
         let row_lse = match &mut lse {
             RowLse::Read(lse) => lse[i],
             RowLse::Write(out) => {
-                let max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                let max = row.iter().fold(T::neg_infinity(), |m, &x| max_nan(m, x));
                 out[i] = if max == T::neg_infinity() {
                     T::neg_infinity()
                 } else {
@@ -240,7 +251,8 @@ fn head_probs<T: Float>(
             }
         };
         for x in row.iter_mut() {
-            // A row with no visible key (lse = -inf) gets all-zero probabilities: output 0, no gradient.
+            // A row with no visible key (lse = -inf) gets all-zero probabilities: output 0, no
+            // gradient. A NaN visible score makes the max and lse NaN: the row's probabilities are NaN.
             *x = if *x == T::neg_infinity() || row_lse == T::neg_infinity() {
                 T::zero()
             } else {
@@ -900,7 +912,7 @@ impl<T: Float> Backend for CpuBackend<T> {
                 let target = usize::try_from(target).ok().filter(|&x| x < v);
                 let target =
                     target.unwrap_or_else(|| panic!("cross_entropy: target out of 0..{v}"));
-                let max = l.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                let max = l.iter().fold(T::neg_infinity(), |m, &x| max_nan(m, x));
                 let sum: f64 = l.iter().map(|&x| (x - max).exp().f64()).sum();
                 let lse = max + T::of(sum.ln());
                 *loss = lse - l[target];
@@ -969,7 +981,14 @@ fn rope_rotate<T: Float>(
 /// `act(x)` for one element.
 pub fn activation<T: Float>(act: Activation, x: T) -> T {
     match act {
-        Activation::Relu => x.max(T::zero()),
+        // Not `x.max(0)`: that drops a NaN x (torch.relu keeps it).
+        Activation::Relu => {
+            if x <= T::zero() {
+                T::zero()
+            } else {
+                x
+            }
+        }
         Activation::GeluTanh => {
             let c = T::of((2.0 / std::f64::consts::PI).sqrt());
             let u = c * (x + T::of(0.044715) * x * x * x);
@@ -979,12 +998,15 @@ pub fn activation<T: Float>(act: Activation, x: T) -> T {
     }
 }
 
-/// `d act(x) / dx` for one element. ReLU's derivative at 0 is 0, as in PyTorch.
+/// `d act(x) / dx` for one element. ReLU's derivative at 0 is 0, as in PyTorch; at NaN it is NaN
+/// (a NaN input never gives a finite gradient).
 pub fn activation_grad<T: Float>(act: Activation, x: T) -> T {
     match act {
         Activation::Relu => {
             if x > T::zero() {
                 T::one()
+            } else if x.is_nan() {
+                x
             } else {
                 T::zero()
             }
@@ -1004,5 +1026,7 @@ pub fn activation_grad<T: Float>(act: Activation, x: T) -> T {
     }
 }
 
+#[cfg(test)]
+pub(crate) mod nonfinite;
 #[cfg(test)]
 mod tests;

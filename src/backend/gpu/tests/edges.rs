@@ -227,3 +227,121 @@ fn attention_refuses_empty_sequences_before_launching() {
         );
     }
 }
+
+/// Non-finite values (issue 19, rule 3) through every attention kernel (flash, GEMM, tensor
+/// cores at T5's head width) in f32 and bf16, forward and backward: the same NaN pattern as the
+/// CPU reference (`cpu/nonfinite.rs`: a NaN query row is NaN in that row and in the gradients of
+/// the keys it sees, a NaN key in every row that sees it, a NaN padded key in no output), a batch
+/// entry that sees no key keeps output 0, lse −inf and zero gradients, and the finite elements
+/// agree with the CPU's.
+#[test]
+fn attention_nan_rows_stay_nan_and_empty_rows_stay_zero() {
+    use crate::backend::cpu::nonfinite::NanAttention;
+    use crate::backend::gpu::AttentionKernel;
+    for (be, tol) in backends() {
+        let dt = be.dtype();
+        let round = match dt {
+            DType::F32 => |x: f32| x,
+            DType::Bf16 => |x: f32| bf16::from_f32(x).to_f32(),
+        };
+        let kernels = [
+            AttentionKernel::Flash,
+            AttentionKernel::Gemm,
+            AttentionKernel::FlashTc,
+        ];
+        for kernel in kernels {
+            let be = be.with_attention(kernel);
+            for (causal, bias, poison) in NanAttention::settings() {
+                let x = NanAttention::new(64, causal, bias, poison, round);
+                let got = x.run(&be);
+                x.check(&got, &format!("vgpu {dt} {kernel:?}"));
+                let want = x.run(&cpu());
+                let pairs = [
+                    ("out", &got.out, &want.out),
+                    ("dq", &got.dq, &want.dq),
+                    ("dk", &got.dk, &want.dk),
+                    ("dv", &got.dv, &want.dv),
+                ];
+                for (name, g, w) in pairs {
+                    let (g, w): (Vec<f32>, Vec<f32>) = g
+                        .iter()
+                        .zip(w.iter())
+                        .filter(|(a, b)| a.is_finite() && b.is_finite())
+                        .map(|(a, b)| (*a, *b))
+                        .unzip();
+                    let err = rel_err_f32(&g, &w);
+                    // The tensor-core kernels round P to bf16 (FlashAttention's choice).
+                    let tol = if kernel == AttentionKernel::FlashTc {
+                        3.0 * tol
+                    } else {
+                        tol
+                    };
+                    assert!(
+                        err <= tol,
+                        "{dt} {kernel:?} {poison:?} causal {causal}: {name} rel err {err:.2e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The row ops where a max or a threshold could drop a NaN: the row softmax (all-NaN and
+/// one-NaN rows are NaN, forward and backward), cross-entropy (a NaN logit row has a NaN loss
+/// and gradient), ReLU (NaN stays NaN, its derivative NaN) and RMSNorm (one NaN makes the row
+/// NaN); the other rows stay finite.
+#[test]
+fn row_ops_propagate_nan() {
+    use crate::backend::{Activation, RmsNormDims};
+    for (be, _) in backends() {
+        let (n, k) = (3, 37);
+        let mut x = inputs(n * k, 2.0, 40, be.dtype());
+        x[k..2 * k].fill(f32::NAN);
+        x[2 * k + 5] = f32::NAN;
+        let xg = be.upload_f32(x.clone());
+        let finite_then_nan = |what: &str, got: &[f32], c: usize| {
+            assert!(got[..c].iter().all(|v| v.is_finite()), "{what}: {got:?}");
+            assert!(got[c..].iter().all(|v| v.is_nan()), "{what}: {got:?}");
+        };
+
+        let mut probs = poisoned(&be, n * k);
+        be.softmax_rows_forward(&mut probs, &xg, n, k);
+        finite_then_nan("softmax_rows_forward", &be.download_f32(&probs), k);
+        let mut dinp = poisoned(&be, n * k);
+        let ones = be.upload_f32(vec![1.0; n * k]);
+        be.softmax_rows_backward_dinp(&mut dinp, &ones, &probs, n, k);
+        finite_then_nan("softmax_rows_backward_dinp", &be.download_f32(&dinp), k);
+
+        let mut loss = poisoned(&be, n);
+        let mut dl = poisoned(&be, n * k);
+        let targets = be.upload_index(&[1, 2, 3]);
+        be.cross_entropy_forward_backward(
+            &mut loss,
+            &mut dl,
+            &xg,
+            &targets,
+            1.0,
+            CrossEntropyDims { m: n, v: k },
+        );
+        finite_then_nan("cross-entropy loss", &be.download_f32(&loss), 1);
+        finite_then_nan("cross-entropy dlogits", &be.download_f32(&dl), k);
+
+        let (mut out, mut rstd) = (poisoned(&be, n * k), poisoned(&be, n));
+        let w = be.upload_f32(inputs(k, 1.0, 41, be.dtype()));
+        be.rmsnorm_forward(&mut out, &mut rstd, &xg, &w, 1e-6, RmsNormDims { n, c: k });
+        finite_then_nan("rmsnorm_forward", &be.download_f32(&out), k);
+
+        let mut act = poisoned(&be, n * k);
+        be.gated_act_forward(&mut act, &xg, None, Activation::Relu, n * k);
+        let got = be.download_f32(&act);
+        for (i, (&a, &xi)) in got.iter().zip(&x).enumerate() {
+            assert_eq!(a.is_nan(), xi.is_nan(), "relu[{i}] of {xi} = {a}");
+        }
+        let mut da = poisoned(&be, n * k);
+        be.gated_act_backward_dinp(&mut da, None, &ones, &xg, None, Activation::Relu, n * k);
+        let got = be.download_f32(&da);
+        for (i, (&g, &xi)) in got.iter().zip(&x).enumerate() {
+            assert_eq!(g.is_nan(), xi.is_nan(), "relu'[{i}] at {xi} = {g}");
+        }
+    }
+}
