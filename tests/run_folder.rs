@@ -128,6 +128,21 @@ fn a_refused_resume_names_each_key_and_both_values_and_writes_nothing() {
         "{stderr}"
     );
     assert_eq!(snapshot(&dir), before);
+    // config.toml edited by hand in a key a resume cannot change: the checkpoint's hash of
+    // the run's config tells, and nothing is written.
+    let edited = String::from_utf8(before[&dir.join("config.toml")].clone())
+        .unwrap()
+        .replace("lr = 0.3", "lr = 0.2");
+    std::fs::write(dir.join("config.toml"), edited).unwrap();
+    let before = snapshot(&dir);
+    let out = resume(&dir, &["train.steps=5".to_string()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("differs from the one the checkpoint was written with"),
+        "{stderr}"
+    );
+    assert_eq!(snapshot(&dir), before);
     // --resume without a folder (and without --config) says what it needs.
     let out = run_in(None, &[], &["--resume"]);
     assert!(

@@ -232,6 +232,7 @@ pub fn load_checkpoint(path: &Path) -> Result<(Vec<OptimTensor>, TrainState)> {
                 format_err(format!("tensor `{stored}`: data past the end of the file"))
             })?;
             parts.push(
+                // Infallible: chunks_exact(8) yields only 8-byte slices.
                 raw.chunks_exact(8)
                     .map(|b| f64::from_le_bytes(b.try_into().expect("chunks of 8 bytes")))
                     .collect::<Vec<f64>>(),
@@ -242,6 +243,7 @@ pub fn load_checkpoint(path: &Path) -> Result<(Vec<OptimTensor>, TrainState)> {
                 )));
             }
         }
+        // Infallible: the loop above pushed one part per entry of PARTS (three), or returned.
         let [value, m, v]: [Vec<f64>; 3] = parts.try_into().expect("three parts");
         tensors.push(OptimTensor {
             name: name.clone(),
