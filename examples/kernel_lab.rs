@@ -159,7 +159,7 @@ fn shapes<B: Backend>(case: &Case<B>, real: bool, overrides: &[String]) -> Resul
         // b·h·t·s·d); bounding the product of the five largest keeps every such product, times
         // the element size and a few terms, from wrapping.
         let mut vals = shape.vals.clone();
-        vals.sort_unstable_by(|a, b| b.cmp(a));
+        vals.sort_unstable_by_key(|&v| std::cmp::Reverse(v));
         let product = vals
             .iter()
             .take(5)
