@@ -1,6 +1,9 @@
 //! What a careless or hostile user can give (issue 19): sizes past any limit (rules 1 and 2) and
 //! non-finite weights (rule 3). Each gets an error that names the setting or tensor, the value
-//! and the limit, never a panic, a wrapped count, a huge allocation or a silent NaN.
+//! and the limit, never a panic, a wrapped count, a huge allocation or a silent NaN. Work that
+//! is within every limit but cannot fit the machine is refused by the memory estimate
+//! (model/memory.rs), tested here with FASTPT_MEMORY_LIMIT_GB so that it does not depend on the
+//! machine.
 
 mod common;
 

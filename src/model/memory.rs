@@ -520,7 +520,7 @@ pub fn check_against(need: &MemoryNeed, avail: &Available, what: &str) -> Result
         ("activations", need.activations),
         ("method + AdamW", need.method),
     ];
-    parts.sort_by(|a, b| b.1.cmp(&a.1));
+    parts.sort_by_key(|p| std::cmp::Reverse(p.1));
     let parts = parts
         .iter()
         .map(|(name, b)| format!("{name} {} GB", gb(*b)))
