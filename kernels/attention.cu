@@ -18,7 +18,8 @@ __device__ __forceinline__ float attention_masked_score(const T* scores_row, con
 
 // scores (B, H, T, S): in place, the probabilities softmax(scores + bias + mask) of each row;
 // lse (B, H, T) = log Σ_j exp(score_j) over the visible keys, −inf for a row with no visible key
-// (whose probabilities are then all 0). key_mask (B, S) 1 = visible; bias_table (num_buckets, H)
+// (whose probabilities are then all 0), NaN for a row with a NaN visible score (the max is taken
+// with max_nan, so the row's probabilities are NaN too, as in PyTorch). key_mask (B, S) 1 = visible; bias_table (num_buckets, H)
 // or null; rel_buckets (T + S − 1), entry j − i + T − 1 = bucket of key j for query i (null without
 // bias); causal: query i sees keys j ≤ i only. Grid (B·H·T) (further rows looped over), block a
 // multiple of 32.

@@ -128,7 +128,7 @@ INSTANTIATE(layernorm_backward_dweight, ELEMENTWISE_BLOCK,
             (dweight, dbias, dout, inp, mean, rstd, n, c))
 
 // out (N, K) = softmax(inp (N, K)) along K, in float (max-subtracted). A row that is entirely −inf
-// gets all-zero probabilities. Grid (N), block a multiple of 32.
+// gets all-zero probabilities; a row holding a NaN gets NaN ones (max_nan). Grid (N), block a multiple of 32.
 template <typename T>
 __device__ void softmax_rows_forward(T* out, const T* inp, int n, int k) {
     for (long row = blockIdx.x; row < n; row += gridDim.x) {
