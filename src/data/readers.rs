@@ -156,7 +156,7 @@ impl Lines {
 
 /// A byte count for messages: "64 MiB".
 fn show_bytes(n: usize) -> String {
-    if n >= 1 << 20 && n % (1 << 20) == 0 {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
         format!("{} MiB", n >> 20)
     } else {
         format!("{n} bytes")
