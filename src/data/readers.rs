@@ -138,11 +138,15 @@ impl Lines {
         }
         let text = std::str::from_utf8(bytes).map_err(|e| {
             let at = start + (len - bytes.len() + e.valid_up_to()) as u64;
+            // A UTF-16 byte-order mark: a file saved as "Unicode" by some editors.
+            let utf16 =
+                number == 1 && (bytes.starts_with(b"\xff\xfe") || bytes.starts_with(b"\xfe\xff"));
             Error::format(
                 &self.path,
                 format!(
-                    "line {number} (byte offset {at}): not valid UTF-8; data files must be \
-                     UTF-8 text"
+                    "line {number} (byte offset {at}): not valid UTF-8{}; data files must be \
+                     UTF-8 text",
+                    if utf16 { " (a UTF-16 file)" } else { "" }
                 ),
             )
         })?;
