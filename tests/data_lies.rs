@@ -262,6 +262,12 @@ fn nul_bytes_and_invalid_utf8_name_line_and_byte_offset() {
         e.contains("a.tsv") && e.contains("line 3 (byte offset 15)") && e.contains("UTF-8"),
         "{e}"
     );
+    let p = write(d.path(), "u16.jsonl", b"\xff\xfe{\x00}\x00".as_slice());
+    let e = err(read_records(&p));
+    assert!(
+        e.contains("line 1 (byte offset 0)") && e.contains("UTF-16"),
+        "{e}"
+    );
     let p = write(d.path(), "a.csv", b"a,b\n1,\x00\n".as_slice());
     let e = err(read_records(&p));
     assert!(
