@@ -126,16 +126,6 @@ impl Lines {
         if number == 1 {
             bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
         }
-        if let Some(i) = bytes.iter().position(|&b| b == 0) {
-            let at = start + (len - bytes.len() + i) as u64;
-            return Err(Error::format(
-                &self.path,
-                format!(
-                    "line {number} (byte offset {at}): a NUL byte; a data file is text \
-                     (JSON Lines, TSV or CSV), not binary"
-                ),
-            ));
-        }
         let text = std::str::from_utf8(bytes).map_err(|e| {
             let at = start + (len - bytes.len() + e.valid_up_to()) as u64;
             // A UTF-16 byte-order mark: a file saved as "Unicode" by some editors.
@@ -150,6 +140,17 @@ impl Lines {
                 ),
             )
         })?;
+        // After the UTF-8 check, so that a UTF-16 file is named as such.
+        if let Some(i) = bytes.iter().position(|&b| b == 0) {
+            let at = start + (len - bytes.len() + i) as u64;
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "line {number} (byte offset {at}): a NUL byte; a data file is text \
+                     (JSON Lines, TSV or CSV), not binary"
+                ),
+            ));
+        }
         Ok(Some(Line {
             number,
             text,
