@@ -16,10 +16,14 @@ use rand_chacha::ChaCha8Rng;
 
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::data::batching::{Batcher, Position};
+use fastpt::data::metric::Metric;
 use fastpt::data::readers::{read_csv, read_records, MAX_LINE_BYTES};
-use fastpt::data::tasks::{load_custom_task, load_task, LabelStyle, TaskOptions};
+use fastpt::data::tasks::{
+    load_custom_task, load_task, LabelStyle, TaskOptions, TaskSpec, TextExample,
+};
 use fastpt::data::tokenize::TextCodec;
 use fastpt::data::Example;
+use fastpt::eval::{predict_generate, predict_rank, EvalMode, EvalOptions};
 use fastpt::model::hf::load_tokenizer;
 use fastpt::model::linear::Quant;
 use fastpt::model::{load_model, Backbone};
@@ -258,6 +262,12 @@ fn nul_bytes_and_invalid_utf8_name_line_and_byte_offset() {
         e.contains("a.tsv") && e.contains("line 3 (byte offset 15)") && e.contains("UTF-8"),
         "{e}"
     );
+    let p = write(d.path(), "u16.jsonl", b"\xff\xfe{\x00}\x00".as_slice());
+    let e = err(read_records(&p));
+    assert!(
+        e.contains("line 1 (byte offset 0)") && e.contains("UTF-16"),
+        "{e}"
+    );
     let p = write(d.path(), "a.csv", b"a,b\n1,\x00\n".as_slice());
     let e = err(read_records(&p));
     assert!(
@@ -290,11 +300,16 @@ fn a_line_over_the_hard_limit_is_an_error_naming_file_and_line() {
 }
 
 fn codec(name: &str) -> (Backbone<B>, TextCodec) {
+    let (_, model, codec) = codec_on(name);
+    (model, codec)
+}
+
+fn codec_on(name: &str) -> (B, Backbone<B>, TextCodec) {
     let be = B::new();
     let dir = fixture(name);
     let model = load_model(&be, &dir, Quant::None).unwrap();
     let codec = TextCodec::new(load_tokenizer(&dir).unwrap(), &model);
-    (model, codec)
+    (be, model, codec)
 }
 
 /// The batch of one example as the trainer builds it: input cut to `max_len` (EOS kept).
@@ -318,7 +333,7 @@ fn a_long_field_is_tokenized_only_as_far_as_max_len_keeps() {
         long.push(' ');
     }
     for name in ["t5-v1_0-tiny", "llama-gqa-tiny"] {
-        let (model, codec) = codec(name);
+        let (be, model, codec) = codec_on(name);
         let max_len = 16;
         let before = codec.tokenized_bytes();
         let full = codec.encode_input_max(&long, max_len).unwrap();
@@ -348,6 +363,43 @@ fn a_long_field_is_tokenized_only_as_far_as_max_len_keeps() {
             max_len,
         );
         assert_eq!(a, b, "{name}");
+
+        // Evaluation (generation and rank classification) reads the field as far, too, and
+        // predicts what it predicts for the cut field.
+        let ex = |input: &str| TextExample {
+            input: input.to_string(),
+            target: "x".into(),
+            answers: Vec::new(),
+            options: vec!["x".into(), "y".into()],
+            group: None,
+        };
+        let spec = TaskSpec {
+            name: "t".into(),
+            metrics: vec![Metric::Accuracy],
+            classes: Vec::new(),
+        };
+        for mode in [EvalMode::Generate, EvalMode::Rank] {
+            let opts = EvalOptions {
+                mode,
+                batch_size: 2,
+                max_len,
+                max_new_tokens: 3,
+                progress: false,
+            };
+            let predict = |text: &str| match mode {
+                EvalMode::Generate => {
+                    predict_generate(&be, &model, None, &codec, &[ex(text)], &opts).unwrap()
+                }
+                EvalMode::Rank => {
+                    predict_rank(&be, &model, None, &codec, &spec, &[ex(text)], &opts).unwrap()
+                }
+            };
+            let before = codec.tokenized_bytes();
+            let long_pred = predict(&long);
+            let read = codec.tokenized_bytes() - before;
+            assert!(read <= 64 * 1024, "{name} {mode:?}: {read} bytes tokenized");
+            assert_eq!(long_pred, predict(cut), "{name} {mode:?}");
+        }
     }
 }
 
@@ -400,8 +452,16 @@ fn the_truncation_margin_never_changes_which_tokens_are_kept() {
             let max_len = rng.random_range(1..24);
             let bounded = codec.encode_input_max(&text, max_len).unwrap();
             let whole = codec.encode_input(&text).unwrap();
-            if bounded.len() <= max_len {
+            let n = bounded.len();
+            if n <= max_len {
                 assert_eq!(bounded, whole, "{name} case {case}");
+            } else if n < whole.len() {
+                // A cut text: its ids are the first of the whole text's (T5: then EOS), one
+                // more than the batch keeps, so the row still counts as truncated.
+                // (T5: text ids then EOS; Llama: BOS then text ids.)
+                let same = if model.is_decoder_only() { n } else { n - 1 };
+                assert_eq!(bounded[..same], whole[..same], "{name} case {case}");
+                assert_eq!(n - 1, max_len + 1, "{name} case {case}: text ids kept");
             }
             let target = codec.encode_target("y").unwrap();
             let rows = [

@@ -126,6 +126,21 @@ impl Lines {
         if number == 1 {
             bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
         }
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let at = start + (len - bytes.len() + e.valid_up_to()) as u64;
+            // A UTF-16 byte-order mark: a file saved as "Unicode" by some editors.
+            let utf16 =
+                number == 1 && (bytes.starts_with(b"\xff\xfe") || bytes.starts_with(b"\xfe\xff"));
+            Error::format(
+                &self.path,
+                format!(
+                    "line {number} (byte offset {at}): not valid UTF-8{}; data files must be \
+                     UTF-8 text",
+                    if utf16 { " (a UTF-16 file)" } else { "" }
+                ),
+            )
+        })?;
+        // After the UTF-8 check, so that a UTF-16 file is named as such.
         if let Some(i) = bytes.iter().position(|&b| b == 0) {
             let at = start + (len - bytes.len() + i) as u64;
             return Err(Error::format(
@@ -136,16 +151,6 @@ impl Lines {
                 ),
             ));
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            let at = start + (len - bytes.len() + e.valid_up_to()) as u64;
-            Error::format(
-                &self.path,
-                format!(
-                    "line {number} (byte offset {at}): not valid UTF-8; data files must be \
-                     UTF-8 text"
-                ),
-            )
-        })?;
         Ok(Some(Line {
             number,
             text,
@@ -156,7 +161,7 @@ impl Lines {
 
 /// A byte count for messages: "64 MiB".
 fn show_bytes(n: usize) -> String {
-    if n >= 1 << 20 && n % (1 << 20) == 0 {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
         format!("{} MiB", n >> 20)
     } else {
         format!("{n} bytes")

@@ -2,6 +2,10 @@
 //! tokens added explicitly (not by the tokenizer's post-processor, whose presence varies
 //! between tokenizer.json files): T5 inputs and targets end in EOS; Llama inputs start with BOS
 //! and targets end in EOS, so input + target is one causal row.
+//!
+//! Examples for training and evaluation are tokenized only as far as the batch keeps
+//! (`*_max`, see [`BYTES_PER_TOKEN`]): a field of any length costs memory and time in
+//! proportion to `max_len`, and the kept tokens are those of the whole text.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
