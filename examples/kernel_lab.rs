@@ -193,6 +193,8 @@ fn check_shape_memory<D: Device>(
         weights: 0,
         activations: (elements * (dtype.size() + 3 * 4) as f64) as u128,
         method: 0,
+        // The cost has no per-buffer sizes; the lab's own shapes stay within 32-bit indices.
+        largest_buffer: 0,
     };
     check_fits(
         gpu,

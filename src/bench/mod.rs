@@ -75,6 +75,8 @@ impl<T: Float> BenchClock for CpuBackend<T> {
 impl<D: Device> BenchClock for GpuBackend<D> {
     fn time_ms(&self, f: &mut dyn FnMut()) -> f64 {
         let dev = self.device();
+        // A failed event is a device failure, not input: fatal, as every op of the GPU
+        // backend (see `GpuBackend::expect`).
         let start = dev.record_event().expect("record a device event");
         f();
         let end = dev.record_event().expect("record a device event");

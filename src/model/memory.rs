@@ -136,6 +136,9 @@ pub struct MemoryNeed {
     pub weights: u128,
     pub activations: u128,
     pub method: u128,
+    /// Elements of the largest single buffer (a weight, a row-major activation or a score
+    /// matrix): the GPU kernels index with 32-bit integers.
+    pub largest_buffer: u128,
 }
 
 impl MemoryNeed {
@@ -239,7 +242,44 @@ pub fn estimate(model: &ModelShape, storage: Storage, work: &Workload) -> Memory
         weights,
         activations: bytes(activations, e),
         method,
+        largest_buffer: largest_buffer(model, work).0.max(largest.0),
     }
+}
+
+/// Elements of the largest activation buffer of `work`: rows times the widest column (FFN,
+/// vocabulary, heads · head width), or one batch's attention scores (B, H, T, T).
+fn largest_buffer(model: &ModelShape, work: &Workload) -> S {
+    let (widest, heads, t5) = match model {
+        ModelShape::T5(c) => (
+            w(c.d_model)
+                .max(w(c.d_ff))
+                .max(w(c.vocab_size))
+                .max(w(c.num_heads) * w(c.d_kv)),
+            w(c.num_heads),
+            true,
+        ),
+        ModelShape::Llama(c) => (
+            w(c.hidden_size)
+                .max(w(c.intermediate_size))
+                .max(w(c.vocab_size))
+                .max(w(c.num_attention_heads) * w(c.head_dim)),
+            w(c.num_attention_heads),
+            false,
+        ),
+    };
+    let batch = w(work.train_batch)
+        .max(w(work.forward_batch))
+        .max(w(work.generate_batch));
+    let input = w(work.prompt_rows) + w(work.input_len);
+    let target = w(work.target_len) + w(work.max_new_tokens) + S(1);
+    // T5: encoder and decoder rows apart (the decoder has the start token in front); Llama:
+    // one sequence of both.
+    let t = if t5 {
+        input.max(target)
+    } else {
+        input + target
+    };
+    (batch * t * widest).max(batch * heads * t * t)
 }
 
 /// (dense elements, linear elements, the largest linear, the largest tensor) of the weights.
@@ -503,10 +543,30 @@ pub fn check_fits<B: Backend>(be: &B, need: &MemoryNeed, what: &str) -> Result<(
     if std::env::var(SKIP_ENV).is_ok_and(|v| v.trim() == "1") {
         return Ok(());
     }
+    check_index_range(be, need, what)?;
     let Some(avail) = available(be)? else {
         return Ok(());
     };
     check_against(need, &avail, what)
+}
+
+/// The largest element count a GPU kernel indexes (they use 32-bit integers).
+pub const MAX_GPU_BUFFER_ELEMENTS: u128 = i32::MAX as u128;
+
+/// Refuses, on a GPU backend (real or virtual), a workload with a buffer past the kernels'
+/// 32-bit indices: that would be a failed launch deep inside a step, not an error here.
+fn check_index_range<B: Backend>(be: &B, need: &MemoryNeed, what: &str) -> Result<()> {
+    if be.name().starts_with("cpu-") || need.largest_buffer <= MAX_GPU_BUFFER_ELEMENTS {
+        return Ok(());
+    }
+    Err(Error::Memory {
+        what: what.to_string(),
+        msg: format!(
+            "one buffer would hold {} elements, more than the {MAX_GPU_BUFFER_ELEMENTS} the GPU \
+             kernels index (32-bit); use a smaller batch or shorter lengths, or --device cpu",
+            need.largest_buffer
+        ),
+    })
 }
 
 /// [`check_fits`] against a given availability.
@@ -648,12 +708,48 @@ mod tests {
         assert_eq!(need.total(), u128::MAX);
     }
 
+    /// t5-small's logits at batch 600 × 128 target tokens: 600 · 129 · 32128 elements, past
+    /// 2^31, though a big GPU could hold them: the GPU backends refuse, the CPU does not.
+    #[test]
+    fn a_buffer_past_32_bit_indices_is_refused_on_a_gpu_backend_only() {
+        use crate::backend::cpu::CpuBackend;
+        use crate::backend::gpu::{device::DType, vgpu::VirtualDevice, GpuBackend};
+        let work = Workload {
+            train_batch: 600,
+            input_len: 64,
+            target_len: 128,
+            ..Workload::default()
+        };
+        let need = estimate(
+            &t5("t5-small"),
+            Storage::of(&CpuBackend::<f32>::new(), Quant::None),
+            &work,
+        );
+        assert_eq!(need.largest_buffer, 600 * 129 * 32128);
+        let gpu = GpuBackend::new(VirtualDevice::new(), DType::F32);
+        let err = check_index_range(&gpu, &need, "fastpt step")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fastpt step") && err.contains("2147483647"),
+            "{err}"
+        );
+        check_index_range(&CpuBackend::<f32>::new(), &need, "fastpt step").unwrap();
+        let half = Workload {
+            train_batch: 300,
+            ..work
+        };
+        let need = estimate(&t5("t5-small"), Storage::of(&gpu, Quant::None), &half);
+        check_index_range(&gpu, &need, "fastpt step").unwrap();
+    }
+
     #[test]
     fn refusal_names_the_need_the_parts_the_place_and_the_way_out() {
         let need = MemoryNeed {
             weights: 45_000_000_000,
             activations: 3_000_000_000,
             method: 1_000_000,
+            largest_buffer: 1_000_000,
         };
         let avail = Available {
             bytes: 24_000_000_000,

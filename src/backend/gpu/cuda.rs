@@ -681,6 +681,8 @@ impl Layout {
                 .map_err(|e| blas_err("matrix layout", e))?,
         );
         if batch > 1 {
+            // Infallible from input: a batch count is at most a buffer's length, which the
+            // memory check keeps below i32::MAX elements on a GPU.
             let count = i32::try_from(batch).expect("batch fits in i32");
             let offset = stride as i64;
             use blas_sys::cublasLtMatrixLayoutAttribute_t::*;

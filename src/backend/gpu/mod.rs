@@ -171,6 +171,9 @@ fn act_code(act: Activation) -> i32 {
 }
 
 fn dim(x: usize) -> Arg {
+    // Infallible from input: before a model is built, `model::memory::check_fits` refuses on a
+    // GPU backend any workload with a buffer past i32::MAX elements, and every dimension is at
+    // most its buffer's length. Reaching this would be a bug in that bound.
     Arg::I32(i32::try_from(x).expect("dimension fits in i32"))
 }
 
@@ -250,6 +253,10 @@ impl<D: Device> GpuBackend<D> {
         }
     }
 
+    /// The backend's ops are infallible by design (the model code reads like the math): a
+    /// device failure (a lost context, a driver error) is not an input error and ends the
+    /// process naming the device. Memory is checked against the device's free memory before
+    /// a model is loaded (`model::memory`), so out-of-memory is not reachable from a config.
     fn expect<T>(&self, r: Result<T, GpuError>) -> T {
         r.unwrap_or_else(|e| panic!("{}: {e}", self.device.name()))
     }
@@ -469,6 +476,8 @@ impl<D: Device> GpuBackend<D> {
 
     /// The launch of a flash kernel: `blocks` blocks, `bytes` of dynamic shared memory.
     fn flash_cfg(blocks: usize, bytes: usize) -> LaunchCfg {
+        // Infallible: `bytes` is a few tiles of at most 128 × 128 elements, and `blocks` is at
+        // most a (B, H, T) buffer's length, below i32::MAX by the memory check.
         LaunchCfg {
             smem: u32::try_from(bytes).expect("flash tiles fit in u32 bytes"),
             ..LaunchCfg::linear(

@@ -346,7 +346,7 @@ pub fn cached_ptx_in(
     let ptx = compile_ptx(toolkit, file, &source, arch)?.ptx;
     if let Some(path) = &path {
         // Best effort: without a cache the next start compiles again.
-        let _ = std::fs::create_dir_all(path.parent().expect("a file in a folder"))
+        let _ = std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
             .map_err(|e| crate::error::Error::io(path, e))
             .and_then(|()| crate::fsutil::write_file_atomic(path, ptx.as_bytes(), &mut || Ok(())));
     }
