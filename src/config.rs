@@ -543,8 +543,15 @@ impl RunConfig {
         let (d, m) = (model.width(), self.train.max_len);
         self.method.validate(d, m)?;
         let t = &self.train;
+        // A batch larger than the training set is cut to the set (the batcher says so); the
+        // synthetic task's size is known before anything is read.
+        let train_batch = if self.data.is_synthetic() {
+            t.batch_size.min(self.data.train_examples)
+        } else {
+            t.batch_size
+        };
         let work = Workload {
-            train_batch: t.batch_size,
+            train_batch,
             // The dev loss runs in chunks of 32 rows, rank classification at eval_batch_size.
             forward_batch: self.data.eval_batch_size.max(32),
             generate_batch: self.data.eval_batch_size,
