@@ -10,7 +10,7 @@ mod common;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use common::fastpt;
+use common::{assert_clean_error, fastpt};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -52,16 +52,6 @@ fn opts() -> TaskOptions {
 
 fn path(p: &Path) -> String {
     p.to_str().unwrap().to_string()
-}
-
-/// A failed command: not a panic, an `error:` line.
-fn assert_clean_error(ok: bool, stderr: &str) {
-    assert!(!ok, "the command succeeded: {stderr}");
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("memory allocation"),
-        "{stderr}"
-    );
-    assert!(stderr.lines().any(|l| l.starts_with("error: ")), "{stderr}");
 }
 
 #[test]

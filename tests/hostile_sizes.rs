@@ -7,17 +7,7 @@
 
 mod common;
 
-use common::fastpt;
-
-/// A failed command: not a panic (Rust's panic message and exit code 101 are absent).
-fn assert_clean_error(ok: bool, stderr: &str) {
-    assert!(!ok, "the command succeeded: {stderr}");
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("memory allocation"),
-        "{stderr}"
-    );
-    assert!(stderr.lines().any(|l| l.starts_with("error: ")), "{stderr}");
-}
+use common::{assert_clean_error, fastpt};
 
 #[test]
 fn params_refuses_a_prompt_length_whose_count_would_wrap() {
@@ -101,33 +91,15 @@ fn run_refuses_a_synthetic_task_without_dev_examples() {
 #[test]
 fn a_non_finite_weight_is_refused_at_load_with_or_without_nf4() {
     use fastpt::backend::cpu::CpuBackend;
-    use fastpt::model::hf::{save_safetensors, SafetensorsFolder, TensorData};
     use fastpt::model::linear::Quant;
     use fastpt::model::load_model;
     use fastpt::testing::fixture;
 
-    let src = fixture("t5-v1_0-tiny");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
-    let folder = SafetensorsFolder::open(&src).unwrap();
     let poisoned = "encoder.block.0.layer.0.SelfAttention.q.weight";
-    let tensors: Vec<(String, Vec<usize>, TensorData)> = folder
-        .names()
-        .into_iter()
-        .map(|name| {
-            let shape = folder.shape(&name).unwrap();
-            let mut values = folder.load_f32(&name, &shape).unwrap();
-            if name == poisoned {
-                values[3] = f32::NAN;
-            }
-            (name, shape, TensorData::F32(values))
-        })
-        .collect();
-    assert!(
-        tensors.iter().any(|t| t.0 == poisoned),
-        "the fixture lacks {poisoned}"
-    );
-    save_safetensors(&dir.path().join("model.safetensors"), &tensors).unwrap();
+    common::model_with_edited_tensor(&fixture("t5-v1_0-tiny"), dir.path(), poisoned, |v, _| {
+        v[3] = f32::NAN
+    });
     for quant in [Quant::None, Quant::Nf4] {
         let err = match load_model(&CpuBackend::<f32>::new(), dir.path(), quant) {
             Ok(_) => panic!("{quant:?}: a NaN weight was accepted"),

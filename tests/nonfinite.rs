@@ -19,7 +19,6 @@ use fastpt::backend::gpu::{AttentionKernel, GpuBackend};
 use fastpt::backend::Backend;
 use fastpt::engine::{llama_forward_backward, t5_forward_backward, StepOutput};
 use fastpt::model::family::Family;
-use fastpt::model::hf::{save_safetensors, SafetensorsFolder, TensorData};
 use fastpt::model::linear::{Linear, Quant};
 use fastpt::model::{random_llama, random_t5};
 use fastpt::testing::fixture;
@@ -167,31 +166,13 @@ fn forward_refuses_an_input_that_overflows_f32() {
 /// and exited 0), after writing the outputs for inspection.
 #[test]
 fn forward_with_a_non_finite_loss_exits_non_zero() {
-    let src = fixture("t5-v1_0-tiny");
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    for f in ["config.json", "tokenizer.json"] {
-        if src.join(f).exists() {
-            std::fs::copy(src.join(f), model.join(f)).unwrap();
-        }
-    }
-    let folder = SafetensorsFolder::open(&src).unwrap();
     let huge = "encoder.block.0.layer.0.SelfAttention.q.weight";
-    let tensors: Vec<(String, Vec<usize>, TensorData)> = folder
-        .names()
-        .into_iter()
-        .map(|name| {
-            let shape = folder.shape(&name).unwrap();
-            let mut values = folder.load_f32(&name, &shape).unwrap();
-            if name == huge {
-                // Row 0 (output feature 0 of every query): finite, but q·k overflows f32.
-                values[..shape[1]].fill(3e38);
-            }
-            (name, shape, TensorData::F32(values))
-        })
-        .collect();
-    save_safetensors(&model.join("model.safetensors"), &tensors).unwrap();
+    // Row 0 (output feature 0 of every query): finite, but q·k overflows f32.
+    common::model_with_edited_tensor(&fixture("t5-v1_0-tiny"), &model, huge, |v, shape| {
+        v[..shape[1]].fill(3e38)
+    });
     let batch = dir.path().join("batch.json");
     std::fs::write(
         &batch,

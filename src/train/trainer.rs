@@ -626,22 +626,7 @@ fn validate_checkpoint<B: Backend>(
         ));
     }
     for p in params {
-        let t = tensors
-            .iter()
-            .find(|t| t.name == p.name)
-            .ok_or_else(|| Error::MissingTensors {
-                path: path.to_path_buf(),
-                count: 1,
-                names: vec![p.name.clone()],
-            })?;
-        if t.shape != p.shape {
-            return Err(Error::Shape {
-                path: path.to_path_buf(),
-                name: p.name.clone(),
-                expected: p.shape.clone(),
-                found: t.shape.clone(),
-            });
-        }
+        let t = checkpoint_tensor(tensors, &p.name, &p.shape, path)?;
         for (part, values) in [("param", &t.value), ("adam_m", &t.m), ("adam_v", &t.v)] {
             let bad_at = values
                 .iter()
@@ -1412,6 +1397,32 @@ fn optim_tensors<B: Backend>(
         .collect()
 }
 
+/// The checkpoint tensor of parameter `name`, which must have `shape`.
+fn checkpoint_tensor<'t>(
+    tensors: &'t [OptimTensor],
+    name: &str,
+    shape: &[usize],
+    path: &Path,
+) -> Result<&'t OptimTensor> {
+    let t = tensors
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| Error::MissingTensors {
+            path: path.to_path_buf(),
+            count: 1,
+            names: vec![name.to_string()],
+        })?;
+    if t.shape != shape {
+        return Err(Error::Shape {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            found: t.shape.clone(),
+        });
+    }
+    Ok(t)
+}
+
 /// Puts a checkpoint's tensors back into the method and the optimiser.
 fn restore<B: Backend>(
     be: &B,
@@ -1423,22 +1434,7 @@ fn restore<B: Backend>(
 ) -> Result<()> {
     let (mut values, mut moments) = (Vec::new(), Vec::new());
     for p in method.params_mut() {
-        let t = tensors
-            .iter()
-            .find(|t| t.name == p.name)
-            .ok_or_else(|| Error::MissingTensors {
-                path: path.to_path_buf(),
-                count: 1,
-                names: vec![p.name.clone()],
-            })?;
-        if t.shape != p.shape {
-            return Err(Error::Shape {
-                path: path.to_path_buf(),
-                name: p.name.clone(),
-                expected: p.shape.clone(),
-                found: t.shape.clone(),
-            });
-        }
+        let t = checkpoint_tensor(tensors, &p.name, &p.shape, path)?;
         p.value = be.upload_f64(&t.value);
         values.push(t.value.clone());
         moments.push((t.m.clone(), t.v.clone()));

@@ -1,6 +1,12 @@
 //! What the integration tests that run the `fastpt` binary share.
 
+// Each test binary compiles this module and uses only some of it.
+#![allow(dead_code)]
+
+use std::path::Path;
 use std::process::Command;
+
+use fastpt::model::hf::{save_safetensors, SafetensorsFolder, TensorData};
 
 /// Runs `fastpt ARGS`: (success, stdout, stderr).
 pub fn fastpt(args: &[&str]) -> (bool, String, String) {
@@ -13,4 +19,46 @@ pub fn fastpt(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A failed command: not a panic (Rust's panic message and exit code 101 are absent), not an
+/// allocation abort, and an `error: ` line.
+pub fn assert_clean_error(ok: bool, stderr: &str) {
+    assert!(!ok, "the command succeeded: {stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("memory allocation"),
+        "{stderr}"
+    );
+    assert!(stderr.lines().any(|l| l.starts_with("error: ")), "{stderr}");
+}
+
+/// Copies the model folder `src` to `dst` (config.json, tokenizer.json when there is one, the
+/// weights as one f32 model.safetensors) with tensor `name` changed by `edit(values, shape)`.
+pub fn model_with_edited_tensor(
+    src: &Path,
+    dst: &Path,
+    name: &str,
+    edit: impl Fn(&mut [f32], &[usize]),
+) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        if src.join(f).exists() {
+            std::fs::copy(src.join(f), dst.join(f)).unwrap();
+        }
+    }
+    let folder = SafetensorsFolder::open(src).unwrap();
+    assert!(folder.contains(name), "{} lacks {name}", src.display());
+    let tensors: Vec<(String, Vec<usize>, TensorData)> = folder
+        .names()
+        .into_iter()
+        .map(|n| {
+            let shape = folder.shape(&n).unwrap();
+            let mut values = folder.load_f32(&n, &shape).unwrap();
+            if n == name {
+                edit(&mut values, &shape);
+            }
+            (n, shape, TensorData::F32(values))
+        })
+        .collect();
+    save_safetensors(&dst.join("model.safetensors"), &tensors).unwrap();
 }
