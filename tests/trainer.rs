@@ -247,3 +247,40 @@ fn a_nan_gradient_stops_the_run_naming_the_checkpoint_the_file_holds() {
     assert!(!err.contains("checkpoint.safetensors"), "{err}");
     assert!(!dir.join("checkpoint.safetensors").exists());
 }
+
+/// A signal during the final evaluation and export (which can outlast a scheduler's grace
+/// period) stops the run there: it reports "interrupted", writes no export, and a resume redoes
+/// only the final stage.
+#[test]
+fn a_signal_during_the_final_evaluation_stops_it_and_a_resume_redoes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut sets = SHORT.to_vec();
+    sets.extend(["train.steps=1", "train.warmup_steps=0"]);
+    let cfg = config(&out, &sets);
+    // Step 1 is the last: a signal there leaves a checkpoint at the last step, and no report
+    // that says finished.
+    let first = run(&cfg, false, true).unwrap();
+    assert_eq!(first.stopped, Stopped::Interrupted(SIGINT));
+    assert_eq!(
+        load_checkpoint(&out.join("checkpoint.safetensors"))
+            .unwrap()
+            .1
+            .step,
+        1
+    );
+    // The resume has no step to take; its signal arrives before the final stage.
+    let second = run(&cfg, true, true).unwrap();
+    assert_eq!(second.stopped, Stopped::Interrupted(SIGINT));
+    assert!(
+        !out.join("export").exists(),
+        "the export ran after the signal"
+    );
+    let report = std::fs::read_to_string(out.join("report.json")).unwrap();
+    assert!(report.contains("interrupted (SIGINT)"), "{report}");
+    // Without a signal the resume finishes the final stage.
+    let third = run(&cfg, true, false).unwrap();
+    assert_eq!(third.stopped, Stopped::Finished);
+    assert!(out.join("export").is_dir());
+    assert_eq!(third.losses, first.losses);
+}

@@ -1139,8 +1139,13 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         if let Some(&(_, last)) = self.dev_losses.last() {
             eval.insert("last_dev_loss".to_string(), last);
         }
+        let mut stopped = stopped;
         if stopped == Stopped::Finished {
-            self.final_evaluation_and_export(&mut eval)?;
+            if let Some(signal) = self.final_evaluation_and_export(&mut eval)? {
+                // The report then says "interrupted": a resume finds the run unfinished and
+                // does the final evaluation again (no step is redone).
+                stopped = Stopped::Interrupted(signal);
+            }
         }
         self.metrics.sync()?;
         self.write_report(&stopped.describe(), &eval)?;
@@ -1163,8 +1168,16 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
 
     /// A finished run: the last checkpoint, method.safetensors, then with the best parameters
     /// (when there are any) the whole dev and test sets (into `eval`, predictions.jsonl,
-    /// metrics.jsonl) and the export.
-    fn final_evaluation_and_export(&mut self, eval: &mut BTreeMap<String, f64>) -> Result<()> {
+    /// metrics.jsonl) and the export. A signal is acted on between these stages (an evaluation
+    /// can take minutes, more than a scheduler waits after SIGTERM): `Some(signal)`.
+    fn final_evaluation_and_export(
+        &mut self,
+        eval: &mut BTreeMap<String, f64>,
+    ) -> Result<Option<usize>> {
+        let signalled = |opts: &TrainOptions<'_>| match opts.interrupt.load(Ordering::SeqCst) {
+            0 => None,
+            signal => Some(signal),
+        };
         let be = self.be;
         let out_dir = self.cfg.out_dir.clone();
         self.save_checkpoint()?;
@@ -1180,6 +1193,9 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         }
         if let Some(t) = &self.data.text {
             for (split, examples) in [("dev", &t.task.dev), ("test", &t.task.test)] {
+                if let Some(signal) = signalled(self.opts) {
+                    return Ok(Some(signal));
+                }
                 let ev = t.evaluate(
                     be,
                     self.model,
@@ -1202,8 +1218,11 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             kind: self.model.architecture(),
             base_model: Some(&self.cfg.model),
         };
+        if let Some(signal) = signalled(self.opts) {
+            return Ok(Some(signal));
+        }
         export_prompt(be, self.method.as_mut(), &info, &out_dir.join("export"))?;
-        Ok(())
+        Ok(None)
     }
 
     /// report.json: every step of the run (metrics.jsonl's history), this process's tokens/s,
