@@ -299,6 +299,21 @@ fn load_model_folder(dir: &Path) {
     }
 }
 
+/// Runs `load` on a copy of fixture model `name` whose JSON `file` got `edits`, under the cap.
+fn with_edited_json(
+    name: &str,
+    file: &str,
+    edits: &[JsonEdit],
+    what: &str,
+    load: impl FnOnce(&Path),
+) -> Result<(), TestCaseError> {
+    let text = std::fs::read(fixture(name).join(file)).unwrap();
+    let bytes = apply_json(&text, edits);
+    let dir = model_copy(name, file, &bytes);
+    let case = format!("{name}/{file}:\n{}", String::from_utf8_lossy(&bytes));
+    guarded(what, &case, || load(dir.path()))
+}
+
 /// The two fixture families: T5 (sharded) and Llama (one file).
 const MODELS: [(&str, &str); 2] = [
     ("t5-v1_1-tiny", "model-00002-of-00003.safetensors"),
@@ -310,18 +325,11 @@ const MODELS: [(&str, &str); 2] = [
 #[test]
 fn model_config_json_mutations_never_panic_or_overallocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut runner = runner(384);
     let strategy = (0usize..MODELS.len(), json_edits());
-    runner
+    runner(384)
         .run(&strategy, |(m, edits)| {
             let (name, _) = MODELS[m];
-            let text = std::fs::read(fixture(name).join("config.json")).unwrap();
-            let bytes = apply_json(&text, &edits);
-            let dir = model_copy(name, "config.json", &bytes);
-            let case = format!("{name} config.json:\n{}", String::from_utf8_lossy(&bytes));
-            guarded("load_model (config.json)", &case, || {
-                load_model_folder(dir.path())
-            })
+            with_edited_json(name, "config.json", &edits, "load_model", load_model_folder)
         })
         .unwrap();
 }
@@ -355,18 +363,16 @@ fn safetensors_mutations_never_panic_or_overallocate() {
 #[test]
 fn safetensors_index_mutations_never_panic_or_overallocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut runner = runner(192);
-    let name = "t5-v1_1-tiny";
-    let file = "model.safetensors.index.json";
-    runner
+    let index = "model.safetensors.index.json";
+    runner(192)
         .run(&json_edits(), |edits| {
-            let text = std::fs::read(fixture(name).join(file)).unwrap();
-            let bytes = apply_json(&text, &edits);
-            let dir = model_copy(name, file, &bytes);
-            let case = format!("{name}/{file}: {edits:?}");
-            guarded("load_model (index)", &case, || {
-                load_model_folder(dir.path())
-            })
+            with_edited_json(
+                "t5-v1_1-tiny",
+                index,
+                &edits,
+                "load_model",
+                load_model_folder,
+            )
         })
         .unwrap();
 }
@@ -374,17 +380,12 @@ fn safetensors_index_mutations_never_panic_or_overallocate() {
 #[test]
 fn tokenizer_json_mutations_never_panic_or_overallocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut runner = runner(384);
     let strategy = (0usize..MODELS.len(), json_edits());
-    runner
+    runner(384)
         .run(&strategy, |(m, edits)| {
             let (name, _) = MODELS[m];
-            let text = std::fs::read(fixture(name).join("tokenizer.json")).unwrap();
-            let bytes = apply_json(&text, &edits);
-            let dir = model_copy(name, "tokenizer.json", &bytes);
-            let case = format!("{name} tokenizer.json: {edits:?}");
-            guarded("load_tokenizer", &case, || {
-                if let Ok(tok) = fastpt::model::hf::load_tokenizer(dir.path()) {
+            with_edited_json(name, "tokenizer.json", &edits, "load_tokenizer", |dir| {
+                if let Ok(tok) = fastpt::model::hf::load_tokenizer(dir) {
                     let _ = tok.encode("premise: a cat sat. hypothesis: 12 dogs", true);
                 }
             })
