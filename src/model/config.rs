@@ -116,19 +116,7 @@ impl T5Config {
             MAX_POSITIONS,
             "MAX_POSITIONS",
         )?;
-        // Both factors are bounded above, so the product cannot wrap.
-        let inner = self.num_heads * self.d_kv;
-        if inner > MAX_INNER_DIM {
-            return Err(Error::config(
-                path,
-                "num_heads",
-                format!(
-                    "num_heads × d_kv = {} × {} = {inner} is too large: fastpt accepts at most \
-                     {MAX_INNER_DIM} (MAX_INNER_DIM)",
-                    self.num_heads, self.d_kv
-                ),
-            ));
-        }
+        within_inner(path, ("num_heads", self.num_heads), ("d_kv", self.d_kv))?;
         within_params(path, "num_layers", self.param_count())
     }
 }
@@ -171,6 +159,24 @@ fn within(path: &Path, field: &str, value: usize, limit: usize, limit_name: &str
             format!(
                 "{value} is too large: fastpt accepts at most {limit} ({limit_name}; no \
                  published model comes near it)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Heads × head width against [`MAX_INNER_DIM`], blaming the heads field. Both factors were
+/// checked against their own limits first, so the product cannot wrap.
+fn within_inner(path: &Path, heads: (&str, usize), width: (&str, usize)) -> Result<()> {
+    let inner = heads.1 * width.1;
+    if inner > MAX_INNER_DIM {
+        return Err(Error::config(
+            path,
+            heads.0,
+            format!(
+                "{} × {} = {} × {} = {inner} is too large: fastpt accepts at most \
+                 {MAX_INNER_DIM} (MAX_INNER_DIM)",
+                heads.0, width.0, heads.1, width.1
             ),
         ));
     }
@@ -545,19 +551,11 @@ impl LlamaConfig {
                 "MAX_POSITIONS",
             )?;
         }
-        // Both factors are bounded above, so the product cannot wrap.
-        let q = self.num_attention_heads * self.head_dim;
-        if q > MAX_INNER_DIM {
-            return Err(Error::config(
-                path,
-                "num_attention_heads",
-                format!(
-                    "num_attention_heads × head_dim = {} × {} = {q} is too large: fastpt accepts \
-                     at most {MAX_INNER_DIM} (MAX_INNER_DIM)",
-                    self.num_attention_heads, self.head_dim
-                ),
-            ));
-        }
+        within_inner(
+            path,
+            ("num_attention_heads", self.num_attention_heads),
+            ("head_dim", self.head_dim),
+        )?;
         within_params(path, "num_hidden_layers", self.param_count())
     }
 
