@@ -33,6 +33,7 @@ use crate::backend::Backend;
 use crate::data::tasks::{LabelStyle, TaskOptions, TASK_NAMES};
 use crate::error::{Error, Result};
 use crate::eval::EvalMode;
+use crate::model::folder::{check_model_dir, check_tokenizer_file};
 use crate::model::linear::Quant;
 use crate::model::memory::{check_fits, estimate, ModelShape, Storage, Workload};
 use crate::model::shapes::{builtin_shapes, is_builtin_shape};
@@ -523,6 +524,10 @@ impl RunConfig {
                     ),
                 );
             }
+            // A Hub id, a pickle-only or SentencePiece-only folder: said before any work.
+            let dir = Path::new(&self.model);
+            check_model_dir(dir)?;
+            check_tokenizer_file(dir)?;
         }
         size(
             "data.eval_batch_size",

@@ -205,8 +205,8 @@ struct ParamsArgs {
     /// the figures of the papers (markdown).
     #[arg(long, conflicts_with_all = ["method"])]
     table: bool,
-    /// Model shape (sets the width d): a built-in T5 shape or llama-2-7b.
-    #[arg(long, default_value = "t5-base")]
+    /// Model shape (sets the width d): any built-in shape, T5 or Llama.
+    #[arg(long, default_value = "t5-base", value_parser = clap::builder::PossibleValuesParser::new(builtin_shapes()))]
     shape: String,
     /// pt, ptuning, residual, dpt, dept, ept, lamp or xpt.
     #[arg(long, required_unless_present = "table")]
@@ -910,14 +910,41 @@ fn params(args: &ParamsArgs) -> Result<()> {
     let cfg = MethodConfig::from_toml(method, &toml)?;
     cfg.validate(d, args.max_len)?;
     let counts = cfg.param_counts(d, args.max_len);
-    println!(
-        "{method} on {} (d = {d}, m = {}): {cfg:?}",
-        args.shape, args.max_len
+    print!(
+        "{}",
+        params_table(&cfg, &args.shape, d, args.max_len, counts)
     );
-    println!("train-time parameters  {}", thousands(counts.train));
-    println!("stored parameters      {}", thousands(counts.stored));
-    println!("prompt rows            {}", cfg.prompt_rows());
     Ok(())
+}
+
+/// `fastpt params`: the method's options (every default filled in) and its counts, as an
+/// aligned two-column table.
+fn params_table(
+    cfg: &MethodConfig,
+    shape: &str,
+    d: usize,
+    m: usize,
+    counts: fastpt::prompt::config::ParamCounts,
+) -> String {
+    let mut rows: Vec<(String, String)> = cfg
+        .options_toml()
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let options = rows.len();
+    rows.push(("train-time parameters".into(), thousands(counts.train)));
+    rows.push(("stored parameters".into(), thousands(counts.stored)));
+    rows.push(("prompt rows".into(), cfg.prompt_rows().to_string()));
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = format!("{} on {shape} (d = {d}, m = {m})\n\n", cfg.name());
+    for (i, (k, v)) in rows.iter().enumerate() {
+        if i == options {
+            out.push('\n');
+        }
+        out.push_str(&format!("  {k:<width$}  {v}\n"));
+    }
+    out
 }
 
 /// Reads the JSON batch, tokenizing text fields with the model folder's tokenizer.json.

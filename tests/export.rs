@@ -7,16 +7,20 @@ use std::path::{Path, PathBuf};
 
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::backend::Backend;
+use fastpt::data::HostBatch;
+use fastpt::engine::{build_backbone_method, label_nll};
 use fastpt::engine::{build_llama_method, build_t5_method};
 use fastpt::model::hf::{read_all_f64, save_safetensors, TensorData};
 use fastpt::model::linear::Quant;
 use fastpt::model::llama::Llama;
+use fastpt::model::load_model;
 use fastpt::model::t5::T5;
 use fastpt::model::{load_llama, load_t5, Architecture};
 use fastpt::prompt::{MethodConfig, PromptMethod};
 use fastpt::testing::random_vec;
 use fastpt::train::export::{
-    export_prompt, exported_method, init_from_adapter, read_adapter, ExportInfo,
+    export_prompt, exported_method, init_from_adapter, read_adapter, read_adapter_prompt,
+    ExportInfo,
 };
 use serde_json::{json, Value};
 
@@ -123,6 +127,7 @@ fn pt_round_trips_bit_for_bit_through_the_peft_adapter() {
         [
             "prompt.safetensors",
             "adapter/adapter_model.safetensors",
+            "adapter/README.md",
             "adapter/adapter_config.json",
             "export.json"
         ]
@@ -177,6 +182,7 @@ fn t5_adapter_config_holds_peft_prompt_tuning_keys() {
         "num_transformer_submodules": 1,
         "num_virtual_tokens": 4,
         "peft_type": "PROMPT_TUNING",
+        "peft_version": "0.21.2",
         "prompt_tuning_init": "RANDOM",
         "prompt_tuning_init_text": null,
         "revision": null,
@@ -383,29 +389,167 @@ fn missing_or_misshapen_prompt_embeddings_name_the_file_and_tensor() {
 }
 
 #[test]
-fn two_transformer_submodules_are_refused() {
+fn two_transformer_submodules_keep_the_encoder_half_and_say_so() {
     let tmp = tempfile::tempdir().unwrap();
     let mut config = peft_config(2, 4);
     config["num_transformer_submodules"] = json!(2);
+    let values: Vec<f32> = (0..16).map(|i| i as f32).collect();
     write_adapter(
         tmp.path(),
         &config,
-        &[("prompt_embeddings", vec![4, 4], vec![0.0; 16])],
+        &[("prompt_embeddings", vec![4, 4], values.clone())],
     );
-    let msg = err_text(read_adapter(tmp.path(), 4));
-    assert!(msg.contains("num_transformer_submodules"), "{msg}");
-    // null means 2 for a seq2seq adapter (PEFT's default), so it is refused too.
+    let prompt = read_adapter_prompt(tmp.path(), 4).unwrap();
+    assert_eq!((prompt.p, &prompt.rows[..]), (2, &values[..8]));
+    let note = prompt.note.unwrap();
+    assert!(
+        note.contains("num_transformer_submodules = 2") && note.contains("rows 2..4"),
+        "{note}"
+    );
+    // null means 2 for a seq2seq adapter (PEFT's default): the same.
     config["num_transformer_submodules"] = Value::Null;
     write_adapter(
         tmp.path(),
         &config,
-        &[("prompt_embeddings", vec![4, 4], vec![0.0; 16])],
+        &[("prompt_embeddings", vec![4, 4], values.clone())],
+    );
+    assert_eq!(
+        read_adapter(tmp.path(), 4).unwrap(),
+        (2, values[..8].to_vec())
+    );
+    // ... but then the file must hold both halves.
+    write_adapter(
+        tmp.path(),
+        &config,
+        &[("prompt_embeddings", vec![2, 4], values[..8].to_vec())],
+    );
+    let msg = err_text(read_adapter(tmp.path(), 4));
+    assert!(msg.contains("[4, 4]") && msg.contains("[2, 4]"), "{msg}");
+    config["num_transformer_submodules"] = json!(3);
+    write_adapter(
+        tmp.path(),
+        &config,
+        &[("prompt_embeddings", vec![6, 4], vec![0.0; 24])],
     );
     let msg = err_text(read_adapter(tmp.path(), 4));
     assert!(
-        msg.contains("num_transformer_submodules") && msg.contains("is 2"),
+        msg.contains("num_transformer_submodules") && msg.contains("is 3"),
         "{msg}"
     );
+}
+
+/// PEFT's default seq2seq adapter (tools/make_peft_fixtures.py: 2 × 5 rows) read by
+/// `--init-from` reproduces PEFT's own generation: the log-probability of every token PEFT's
+/// greedy `generate` chose equals fastpt's with the encoder half (the decoder half would give
+/// other numbers: PEFT's generate does not use it).
+#[test]
+fn peft_seq2seq_default_adapter_reproduces_peft_generation() {
+    let be = B::new();
+    let model = load_model(&be, &fixture("t5-v1_0-tiny"), Quant::None).unwrap();
+    let dir = fixture("peft/t5-pt-seq2seq");
+    let cfg = MethodConfig::from_toml("pt", "prompt_len = 5").unwrap();
+    let mut pt = build_backbone_method(&be, &model, &cfg, MAX_LEN, 0, None).unwrap();
+    let note = init_from_adapter(&be, pt.as_mut(), &dir).unwrap().unwrap();
+    assert!(note.contains("rows 5..10"), "{note}");
+    let golden = read_json(&dir.join("golden.json"));
+    for case in golden["cases"].as_array().unwrap() {
+        let ids: Vec<i32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        let generated: Vec<i32> = serde_json::from_value(case["generated"].clone()).unwrap();
+        let logprobs: Vec<f64> = serde_json::from_value(case["token_logprobs"].clone()).unwrap();
+        // Token by token: the NLL of the first k generated tokens, for every k.
+        for k in 1..generated.len() {
+            let batch = HostBatch::from_ids(
+                std::slice::from_ref(&ids),
+                &[generated[1..=k].to_vec()],
+                0,
+                0,
+            );
+            let nll = label_nll(&be, &model, Some(pt.as_mut()), &batch).unwrap()[0];
+            let want: f64 = -logprobs[..k].iter().sum::<f64>();
+            assert!(
+                (nll - want).abs() <= 1e-4 * want.abs(),
+                "input {ids:?}, first {k} tokens: fastpt {nll}, PEFT {want}"
+            );
+        }
+    }
+}
+
+/// P-Tuning's state under PEFT's names (`prompt_encoder.default.embedding.weight`,
+/// `...mlp_head.{0,2,4}.*`) starts fastpt's `ptuning`, whose rows then equal the rows PEFT
+/// saved in the adapter (its MLP's output).
+#[test]
+fn ptuning_starts_from_peft_mlp_head_state() {
+    let be = B::new();
+    let model = t5(&be);
+    let dir = fixture("peft/t5-ptuning");
+    let mut pt = t5_method(&be, &model, "ptuning", "prompt_len = 4", 3);
+    let note =
+        init_from_adapter(&be, pt.as_mut(), &dir.join("prompt_encoder.safetensors")).unwrap();
+    assert_eq!(note, None);
+    let ours = be.download_f32(pt.rows());
+    let theirs =
+        &read_all_f64(&dir.join("adapter_model.safetensors")).unwrap()["prompt_embeddings"];
+    assert_eq!(theirs.0, [4, 36]);
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (a, b) in ours.iter().zip(&theirs.1) {
+        diff += (*a as f64 - b).powi(2);
+        norm += b * b;
+    }
+    assert!(
+        diff.sqrt() <= 1e-5 * norm.sqrt(),
+        "{} vs {}",
+        diff.sqrt(),
+        norm.sqrt()
+    );
+    // The saved adapter alone holds only those rows: they start `pt`, and `ptuning` says why not.
+    let msg = err_text(init_from_adapter(&be, pt.as_mut(), &dir));
+    assert!(
+        msg.contains("mlp_head") && msg.contains("state_dict"),
+        "{msg}"
+    );
+    let mut plain = t5_method(&be, &model, "pt", "prompt_len = 4", 3);
+    let note = init_from_adapter(&be, plain.as_mut(), &dir)
+        .unwrap()
+        .unwrap();
+    assert!(note.contains("P_TUNING"), "{note}");
+    assert_eq!(
+        be.download_f32(plain.rows()),
+        theirs.1.iter().map(|&x| x as f32).collect::<Vec<_>>()
+    );
+}
+
+/// The adapter folder has PEFT's model card (README.md with the Hub metadata PEFT writes) and
+/// `peft_version` in its config.
+#[test]
+fn export_writes_peft_model_card_and_version() {
+    let be = B::new();
+    let model = t5(&be);
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixture("t5-v1_0-tiny");
+    let mut pt = t5_method(&be, &model, "pt", "prompt_len = 3", 1);
+    let out = export_prompt(&be, pt.as_mut(), &t5_info(&base), tmp.path()).unwrap();
+    let card_path = tmp.path().join("adapter/README.md");
+    assert!(out.files.contains(&card_path));
+    let card = std::fs::read_to_string(&card_path).unwrap();
+    let meta = card.split("---\n").nth(1).unwrap();
+    let base_s = base.to_str().unwrap();
+    assert!(
+        meta.contains(&format!("base_model: {}", json!(base_s))),
+        "{meta}"
+    );
+    assert!(meta.contains("library_name: peft"), "{meta}");
+    assert!(
+        meta.contains(&format!("base_model:adapter:{base_s}")),
+        "{meta}"
+    );
+    assert!(card.contains("- PEFT 0.21.2"), "{card}");
+    assert!(card.contains("AutoModelForSeq2SeqLM"), "{card}");
+    let config = read_json(&tmp.path().join("adapter/adapter_config.json"));
+    assert_eq!(config["peft_version"], "0.21.2");
+    // A later DePT export into the same folder removes the card with the rest of the adapter.
+    let mut dept = t5_method(&be, &model, "dept", "prompt_len = 2\nrank = 2", 1);
+    export_prompt(&be, dept.as_mut(), &t5_info(&base), tmp.path()).unwrap();
+    assert!(!card_path.exists());
 }
 
 #[test]

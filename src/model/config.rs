@@ -699,6 +699,10 @@ pub enum Architecture {
 impl Architecture {
     /// Reads `model_type` from `config.json`: `"t5"`/`"mt5"` or `"llama"`.
     pub fn of_config(path: &Path) -> Result<Self> {
+        // A missing config.json: say what the folder is (a Hub id, not a model folder, ...).
+        if let (false, Some(dir)) = (path.is_file(), path.parent()) {
+            super::folder::check_model_dir(dir)?;
+        }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::of_config_str(&text, path)
     }

@@ -111,9 +111,10 @@ impl SafetensorsFolder {
         if index.exists() {
             return Self::open_sharded(dir, index);
         }
+        let hint = super::folder::pickle_hint(dir).map_or_else(String::new, |h| format!("; {h}"));
         Err(Error::format(
             dir,
-            format!("no safetensors checkpoint: neither `{SINGLE_FILE}` nor `{INDEX_FILE}` is in this folder"),
+            format!("no safetensors checkpoint: neither `{SINGLE_FILE}` nor `{INDEX_FILE}` is in this folder{hint}"),
         ))
     }
 

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod config;
 pub mod family;
 pub mod flops;
+pub mod folder;
 pub mod generate;
 pub mod hf;
 pub mod linear;

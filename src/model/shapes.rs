@@ -10,6 +10,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
+use std::path::Path;
+
 use crate::error::{Error, Result};
 use crate::model::config::{FeedForward, LlamaConfig, RopeScaling, T5Config};
 
@@ -18,9 +20,11 @@ pub fn builtin_shapes() -> impl Iterator<Item = &'static str> + Clone {
     T5_SHAPES.iter().chain(LLAMA_SHAPES).copied()
 }
 
-/// Whether `name` is a built-in shape (T5 or Llama) rather than a model folder.
+/// Whether `name` is a built-in shape (T5 or Llama) rather than a model folder. A folder of
+/// that name in the working directory wins: a user's `t5-small/` download is loaded, never
+/// shadowed by the random-weight shape (write another path to it to be explicit either way).
 pub fn is_builtin_shape(name: &str) -> bool {
-    T5_SHAPES.contains(&name) || LLAMA_SHAPES.contains(&name)
+    (T5_SHAPES.contains(&name) || LLAMA_SHAPES.contains(&name)) && !Path::new(name).is_dir()
 }
 
 /// The model width (d_model / hidden_size) of a built-in shape.

@@ -42,6 +42,12 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// The tensor of a prompt-learning adapter (BasePromptEncoder._get_adapter_state_dict).
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
+/// The model card PEFT's save_pretrained writes next to an adapter.
+pub const ADAPTER_CARD: &str = "README.md";
+/// The PEFT version whose `save_pretrained` output fastpt's adapter matches (checked with
+/// tools/check_peft_export.py); written as `peft_version`, as PEFT ≥ 0.18 writes its own. Older
+/// PEFTs drop the key they do not know, with a warning.
+pub const PEFT_VERSION: &str = "0.21.2";
 /// Sub-folder of an export that holds the PEFT adapter.
 pub const ADAPTER_DIR: &str = "adapter";
 /// fastpt's own files of an export.
@@ -160,6 +166,10 @@ pub fn export_prompt<B: Backend>(
                 HashMap::from([("format".to_string(), "pt".to_string())]),
             )?;
             files.push(weights);
+            let card = adapter_dir.join(ADAPTER_CARD);
+            let text = adapter_card(name, info, p, c);
+            write_file_atomic(&card, text.as_bytes(), &mut || Ok(()))?;
+            files.push(card);
             // The config last: a folder interrupted before it is not mistaken for an adapter.
             let config = adapter_dir.join(ADAPTER_CONFIG);
             let text = adapter_config_json(info, p, c, layers);
@@ -182,9 +192,8 @@ pub fn export_prompt<B: Backend>(
 }
 
 /// The adapter_config.json of a PROMPT_TUNING adapter with P virtual tokens of width C: every
-/// key PEFT's `PromptTuningConfig.save_pretrained` writes, sorted, 2-space indent, except
-/// `peft_version` — PEFT fills it with its own version when absent, and a PEFT older than that
-/// key rejects or warns about it.
+/// key PEFT's `PromptTuningConfig.save_pretrained` writes, sorted, 2-space indent, with
+/// `peft_version` = [`PEFT_VERSION`], the version this format was checked against.
 pub fn adapter_config_json(
     info: &ExportInfo<'_>,
     p: usize,
@@ -208,6 +217,7 @@ pub fn adapter_config_json(
         ("num_transformer_submodules", json!(1)),
         ("num_virtual_tokens", json!(p)),
         ("peft_type", json!("PROMPT_TUNING")),
+        ("peft_version", json!(PEFT_VERSION)),
         // The rows are trained, not initialised: RANDOM makes PEFT skip any init on load.
         ("prompt_tuning_init", json!("RANDOM")),
         ("prompt_tuning_init_text", Value::Null),
@@ -220,6 +230,57 @@ pub fn adapter_config_json(
     let mut text = serde_json::to_string_pretty(&config).unwrap_or_default();
     text.push('\n');
     text
+}
+
+/// The adapter's README.md, a model card as the Hub reads one: YAML metadata with the keys
+/// PEFT's `create_or_update_model_card` sets (base_model, library_name: peft, the
+/// `base_model:adapter:` tag), then what the adapter is, how to load it, and the framework
+/// versions.
+pub fn adapter_card(method: &str, info: &ExportInfo<'_>, p: usize, c: usize) -> String {
+    // JSON strings are valid YAML double-quoted scalars: any path or id is quoted safely.
+    let quoted = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+    let base = info.base_model.unwrap_or("");
+    let mut yaml = String::from("---\n");
+    if !base.is_empty() {
+        yaml.push_str(&format!("base_model: {}\n", quoted(base)));
+    }
+    yaml.push_str("library_name: peft\ntags:\n");
+    if !base.is_empty() {
+        yaml.push_str(&format!(
+            "- {}\n",
+            quoted(&format!("base_model:adapter:{base}"))
+        ));
+    }
+    yaml.push_str("- prompt-tuning\n- fastpt\n---\n\n");
+    let (auto, place) = match info.kind.peft_task_type() {
+        "SEQ_2_SEQ_LM" => ("AutoModelForSeq2SeqLM", "the encoder input"),
+        _ => ("AutoModelForCausalLM", "the input"),
+    };
+    let shown = if base.is_empty() { "BASE_MODEL" } else { base };
+    format!(
+        "{yaml}# Prompt-tuning adapter{of}\n\n\
+         {p} virtual tokens of width {c}, trained by fastpt's `{method}` method on a frozen \
+         backbone and saved as the plain prompt PEFT's PROMPT_TUNING prepends to {place} \
+         (num_transformer_submodules = 1).\n\n\
+         ## How to use\n\n\
+         ```python\n\
+         from peft import PeftModel\n\
+         from transformers import {auto}\n\n\
+         base = {auto}.from_pretrained({base_q})\n\
+         model = PeftModel.from_pretrained(base, \"PATH/TO/THIS/FOLDER\")\n\
+         ```\n\n\
+         `fastpt run --init-from PATH/TO/THIS/FOLDER` starts a `pt` run from it.\n\n\
+         ### Framework versions\n\n\
+         - PEFT {PEFT_VERSION}\n\
+         - fastpt {}\n",
+        env!("CARGO_PKG_VERSION"),
+        of = if base.is_empty() {
+            String::new()
+        } else {
+            format!(" for {base}")
+        },
+        base_q = quoted(shown),
+    )
 }
 
 /// export.json: fastpt's own format, documented for whoever reads the folder.
@@ -321,7 +382,7 @@ fn check_finite(values: &[f32], method: &str, tensor: &str, c: usize) -> Result<
 /// Removes the two files of an adapter an earlier export left in `adapter_dir` (and the folder
 /// if that empties it), so a DePT/EPT export is not shadowed by an unrelated old adapter.
 fn remove_stale_adapter(adapter_dir: &Path) -> Result<()> {
-    for file in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
+    for file in [ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_CARD] {
         let path = adapter_dir.join(file);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -357,14 +418,23 @@ fn write_f32_safetensors(
 
 /// An adapter's config fields that decide its rows.
 struct AdapterShape {
-    /// num_virtual_tokens (P) — with num_transformer_submodules = 1 also the row count.
+    /// num_virtual_tokens (P): the rows of one prompt.
     p: usize,
     /// token_dim (C).
     c: usize,
+    /// num_transformer_submodules: 1, or 2 for PEFT's seq2seq default (a second P rows that
+    /// PEFT prepends to the decoder input); the file holds P · submodules rows.
+    submodules: usize,
+    /// PROMPT_TUNING or P_TUNING (whose file holds the rows its encoder computed).
+    peft_type: String,
 }
 
-/// Reads `dir/adapter_config.json` and checks it describes a PROMPT_TUNING adapter fastpt can
-/// use (peft_type, num_virtual_tokens, token_dim, num_transformer_submodules = 1).
+/// The peft_types whose `prompt_embeddings` are a plain prompt fastpt can read.
+const PROMPT_PEFT_TYPES: [&str; 2] = ["PROMPT_TUNING", "P_TUNING"];
+
+/// Reads `dir/adapter_config.json` and checks it describes a prompt adapter fastpt can use
+/// (peft_type PROMPT_TUNING or P_TUNING, num_virtual_tokens, token_dim,
+/// num_transformer_submodules 1 or 2).
 fn read_adapter_config(dir: &Path) -> Result<AdapterShape> {
     let path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
@@ -373,23 +443,24 @@ fn read_adapter_config(dir: &Path) -> Result<AdapterShape> {
     let Some(obj) = value.as_object() else {
         return Err(Error::format(&path, "not a JSON object"));
     };
-    match obj.get("peft_type") {
-        Some(Value::String(t)) if t == "PROMPT_TUNING" => {}
+    let known = "fastpt reads \"PROMPT_TUNING\" and \"P_TUNING\" adapters";
+    let peft_type = match obj.get("peft_type") {
+        Some(Value::String(t)) if PROMPT_PEFT_TYPES.contains(&t.as_str()) => t.clone(),
         Some(other) => {
             return Err(Error::config(
                 &path,
                 "peft_type",
-                format!("is {other}; fastpt reads only \"PROMPT_TUNING\" adapters"),
+                format!("is {other}; {known}"),
             ))
         }
         None => {
             return Err(Error::config(
                 &path,
                 "peft_type",
-                "missing; fastpt reads only \"PROMPT_TUNING\" adapters",
+                format!("missing; {known}"),
             ))
         }
-    }
+    };
     let positive = |field: &str| -> Result<usize> {
         match obj.get(field) {
             Some(v) => match v.as_u64() {
@@ -415,21 +486,49 @@ fn read_adapter_config(dir: &Path) -> Result<AdapterShape> {
         },
         Some(_) => positive("num_transformer_submodules")?,
     };
-    if submodules != 1 {
+    if submodules > 2 {
         return Err(Error::config(
             &path,
             "num_transformer_submodules",
-            format!(
-                "is {submodules} (PEFT then also prompts the decoder input); fastpt prompts \
-                 the encoder input only, so only 1 is supported"
-            ),
+            format!("is {submodules}; PEFT writes 1 or 2 (2: a second prompt for the decoder)"),
         ));
     }
-    Ok(AdapterShape { p, c })
+    Ok(AdapterShape {
+        p,
+        c,
+        submodules,
+        peft_type,
+    })
+}
+
+/// What fastpt does with an adapter's rows beyond the first P, said to the user (None for a
+/// one-submodule PROMPT_TUNING adapter, which fastpt uses as it is).
+fn adapter_note(dir: &Path, shape: &AdapterShape) -> Option<String> {
+    let p = shape.p;
+    let mut notes = Vec::new();
+    if shape.submodules == 2 {
+        notes.push(format!(
+            "the adapter has num_transformer_submodules = 2 (PEFT's seq2seq default), so it \
+             holds {} rows: fastpt prompts the encoder with rows 0..{p}, the half PEFT's \
+             generate() uses; rows {p}..{}, the prompt PEFT prepends to the decoder input in its \
+             training forward only, are left out (fastpt never prompts the decoder)",
+            2 * p,
+            2 * p
+        ));
+    }
+    if shape.peft_type == "P_TUNING" {
+        notes.push(
+            "a P_TUNING adapter stores the rows its MLP computed, which fastpt reads as a plain \
+             prompt"
+                .to_string(),
+        );
+    }
+    (!notes.is_empty()).then(|| format!("{}: {}", dir.display(), notes.join("; ")))
 }
 
 /// Reads the rows of an adapter whose config was checked: `prompt_embeddings` must be
-/// (num_virtual_tokens · num_transformer_submodules, token_dim) and finite.
+/// (num_virtual_tokens · num_transformer_submodules, token_dim) and finite; returns the first
+/// num_virtual_tokens rows (the encoder's, or the only ones).
 fn read_adapter_rows(dir: &Path, shape: &AdapterShape) -> Result<Vec<f32>> {
     let path = dir.join(ADAPTER_WEIGHTS);
     if !path.is_file() && dir.join("adapter_model.bin").is_file() {
@@ -447,7 +546,7 @@ fn read_adapter_rows(dir: &Path, shape: &AdapterShape) -> Result<Vec<f32>> {
             names: vec![PROMPT_EMBEDDINGS.to_string()],
         });
     };
-    let expected = vec![shape.p, shape.c];
+    let expected = vec![shape.p * shape.submodules, shape.c];
     if found != expected {
         return Err(Error::Shape {
             path,
@@ -457,7 +556,10 @@ fn read_adapter_rows(dir: &Path, shape: &AdapterShape) -> Result<Vec<f32>> {
         });
     }
     // f32/bf16/f16 → f64 → f32 is exact, so f32 rows come back bit for bit.
-    let rows: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+    let rows: Vec<f32> = values[..shape.p * shape.c]
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
     if let Some(i) = rows.iter().position(|x| !x.is_finite()) {
         return Err(Error::format(
             &path,
@@ -472,11 +574,24 @@ fn read_adapter_rows(dir: &Path, shape: &AdapterShape) -> Result<Vec<f32>> {
     Ok(rows)
 }
 
-/// Reads a PEFT adapter folder (`adapter_config.json` with peft_type PROMPT_TUNING +
-/// `adapter_model.safetensors` with `prompt_embeddings`) into its rows: `(P, rows (P, C))`.
-/// Checks `token_dim == d_model`, num_transformer_submodules = 1 and the tensor's shape
-/// (num_virtual_tokens · num_transformer_submodules, token_dim); errors name the file and field.
-pub fn read_adapter(dir: &Path, d_model: usize) -> Result<(usize, Vec<f32>)> {
+/// A PEFT adapter's prompt, as fastpt uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterPrompt {
+    /// num_virtual_tokens.
+    pub p: usize,
+    /// (P, C): the encoder's rows (the first P of a two-submodule adapter).
+    pub rows: Vec<f32>,
+    /// What was left out or how the rows were read (a two-submodule adapter's decoder half, a
+    /// P_TUNING adapter's computed rows), for the user; None when the adapter is used as is.
+    pub note: Option<String>,
+}
+
+/// Reads a PEFT adapter folder (`adapter_config.json` with peft_type PROMPT_TUNING or P_TUNING,
+/// and `adapter_model.safetensors` with `prompt_embeddings`). Checks `token_dim == d_model` and
+/// the tensor's shape (num_virtual_tokens · num_transformer_submodules, token_dim); errors name
+/// the file and field. Of a two-submodule adapter (PEFT's seq2seq default) it keeps the encoder
+/// half, and [`AdapterPrompt::note`] says so.
+pub fn read_adapter_prompt(dir: &Path, d_model: usize) -> Result<AdapterPrompt> {
     let shape = read_adapter_config(dir)?;
     if shape.c != d_model {
         return Err(Error::config(
@@ -490,33 +605,62 @@ pub fn read_adapter(dir: &Path, d_model: usize) -> Result<(usize, Vec<f32>)> {
         ));
     }
     let rows = read_adapter_rows(dir, &shape)?;
-    Ok((shape.p, rows))
+    Ok(AdapterPrompt {
+        p: shape.p,
+        rows,
+        note: adapter_note(dir, &shape),
+    })
 }
 
-/// `fastpt run --init-from adapter_dir`: copies the adapter's rows into a PT method's `prompt`
-/// parameter (a PT warm start). Any other method, or an adapter whose (P, C) differs from the
-/// prompt's, is an error naming the folder and both shapes.
+/// [`read_adapter_prompt`] without the note: `(P, rows (P, C))`.
+pub fn read_adapter(dir: &Path, d_model: usize) -> Result<(usize, Vec<f32>)> {
+    let prompt = read_adapter_prompt(dir, d_model)?;
+    Ok((prompt.p, prompt.rows))
+}
+
+/// `fastpt run --init-from PATH`: a warm start from PEFT's files.
+///
+/// - `pt`: PATH is an adapter folder (PROMPT_TUNING or P_TUNING, one or two submodules); its
+///   encoder rows become the prompt.
+/// - `ptuning`: PATH holds P-Tuning's trainable state under PEFT's names — a safetensors file,
+///   or an adapter folder whose adapter_model.safetensors has them: `…embedding.weight`
+///   (P·S, C) and `…mlp_head.{0,2,4}.{weight,bias}` (PEFT's `Sequential` counts its ReLUs;
+///   fastpt's layers are `mlp.{0,1,2}`). A saved PEFT adapter holds only the computed rows,
+///   which cannot set an MLP: the error says how to save the state.
+///
+/// Any other method, or shapes that differ from the method's, is an error naming the path and
+/// both shapes; nothing is changed then. Returns a note for the user (see
+/// [`AdapterPrompt::note`]).
 pub fn init_from_adapter<B: Backend>(
     be: &B,
     method: &mut dyn PromptMethod<B>,
+    path: &Path,
+) -> Result<Option<String>> {
+    match method.name() {
+        "pt" => init_pt(be, method, path),
+        "ptuning" => init_ptuning(be, method, path),
+        name => Err(Error::Input(format!(
+            "{}: --init-from warm-starts the `pt` method (its parameter is the prompt itself) \
+             and `ptuning` (from PEFT's P-Tuning state); the method is `{name}`",
+            path.display()
+        ))),
+    }
+}
+
+fn init_pt<B: Backend>(
+    be: &B,
+    method: &mut dyn PromptMethod<B>,
     dir: &Path,
-) -> Result<()> {
-    let name = method.name();
-    // Only PT's parameter *is* the prompt; the others compute it from other parameters, which
-    // rows alone cannot set.
-    let Some(param) = method
-        .params_mut()
-        .iter_mut()
-        .find(|p| p.name == "prompt" && name == "pt")
-    else {
+) -> Result<Option<String>> {
+    let Some(index) = method.params().iter().position(|p| p.name == "prompt") else {
         return Err(Error::Input(format!(
-            "{}: --init-from warm-starts only the `pt` method (its parameter is the prompt \
-             itself); the method is `{name}`",
+            "{}: the `pt` method has no `prompt` parameter",
             dir.display()
         )));
     };
     let shape = read_adapter_config(dir)?;
     let have = [shape.p, shape.c];
+    let param = &mut method.params_mut()[index];
     if param.shape[..] != have {
         return Err(Error::Input(format!(
             "{}: the adapter holds prompt rows of shape {have:?} (num_virtual_tokens, \
@@ -528,7 +672,135 @@ pub fn init_from_adapter<B: Backend>(
     let rows = read_adapter_rows(dir, &shape)?;
     param.value = be.upload_f32(rows);
     method.forward(be);
-    Ok(())
+    Ok(adapter_note(dir, &shape))
+}
+
+/// PEFT's name suffix of each fastpt P-Tuning parameter (PromptEncoder's `embedding` and its
+/// MLP `Sequential(Linear, ReLU, Linear, ReLU, Linear)`).
+const PTUNING_PEFT_NAMES: [(&str, &str); 7] = [
+    ("prompt", "embedding.weight"),
+    ("mlp.0.weight", "mlp_head.0.weight"),
+    ("mlp.0.bias", "mlp_head.0.bias"),
+    ("mlp.1.weight", "mlp_head.2.weight"),
+    ("mlp.1.bias", "mlp_head.2.bias"),
+    ("mlp.2.weight", "mlp_head.4.weight"),
+    ("mlp.2.bias", "mlp_head.4.bias"),
+];
+
+fn init_ptuning<B: Backend>(
+    be: &B,
+    method: &mut dyn PromptMethod<B>,
+    path: &Path,
+) -> Result<Option<String>> {
+    let file = if path.is_dir() {
+        path.join(ADAPTER_WEIGHTS)
+    } else {
+        path.to_path_buf()
+    };
+    let tensors = read_all_f64(&file)?;
+    let how_to_save = "PEFT's saved adapter holds only the rows the MLP computed (they can \
+         warm-start `pt`); save P-Tuning's state with `safetensors.torch.save_file({k: v for k, v \
+         in model.state_dict().items() if k.startswith(\"prompt_encoder.\")}, \"state.safetensors\")` \
+         and pass that file";
+    if tensors.keys().any(|k| k.contains("lstm_head.")) {
+        return Err(Error::format(
+            &file,
+            "an LSTM P-Tuning encoder (lstm_head); fastpt's `ptuning` is the MLP encoder \
+             (encoder_reparameterization_type = \"MLP\")",
+        ));
+    }
+    let is_state = |k: &String| k.ends_with("embedding.weight") || k.contains("mlp_head.");
+    if !tensors.keys().any(is_state) {
+        return Err(Error::format(
+            &file,
+            format!(
+                "holds no P-Tuning encoder state (`…embedding.weight`, \
+                 `…mlp_head.{{0,2,4}}.{{weight,bias}}`): {how_to_save}"
+            ),
+        ));
+    }
+    // Find each parameter by its PEFT suffix; exactly one tensor may match.
+    let mut found = Vec::with_capacity(PTUNING_PEFT_NAMES.len());
+    for (ours, suffix) in PTUNING_PEFT_NAMES {
+        let matches: Vec<&String> = tensors
+            .keys()
+            .filter(|k| *k == suffix || k.ends_with(&format!(".{suffix}")))
+            .collect();
+        match matches[..] {
+            [name] => found.push((ours, name.clone())),
+            [] => {
+                return Err(Error::format(
+                    &file,
+                    format!("no tensor named `…{suffix}` (P-Tuning's `{ours}`); {how_to_save}"),
+                ))
+            }
+            _ => {
+                return Err(Error::format(
+                    &file,
+                    format!(
+                        "several tensors end in `{suffix}` ({}): one adapter's state at a time",
+                        matches
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+    // Check every shape before changing anything.
+    let mut values = Vec::with_capacity(found.len());
+    for (ours, theirs) in &found {
+        let Some(param) = method.params().iter().find(|p| p.name == *ours) else {
+            return Err(Error::Input(format!(
+                "{}: the `ptuning` method has no parameter `{ours}`",
+                path.display()
+            )));
+        };
+        let want = param.shape.clone();
+        let (shape, data) = &tensors[theirs];
+        // The embedding may hold two prompts (num_transformer_submodules = 2): the first is the
+        // encoder's; the MLP maps each row alone, so the first P rows are its prompt.
+        let rows_ok = *ours == "prompt"
+            && shape.len() == 2
+            && want.len() == 2
+            && shape[1] == want[1]
+            && (shape[0] == want[0] || shape[0] == 2 * want[0]);
+        if shape != &want && !rows_ok {
+            return Err(Error::Shape {
+                path: file.clone(),
+                name: theirs.clone(),
+                expected: want,
+                found: shape.clone(),
+            });
+        }
+        let n: usize = want.iter().product();
+        let v: Vec<f32> = data[..n].iter().map(|&x| x as f32).collect();
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::format(
+                &file,
+                format!("tensor `{theirs}` element {i} is {}", v[i]),
+            ));
+        }
+        values.push((*ours, v));
+    }
+    for (ours, v) in values {
+        if let Some(param) = method.params_mut().iter_mut().find(|p| p.name == ours) {
+            param.value = be.upload_f32(v);
+        }
+    }
+    method.forward(be);
+    let embedding = &tensors[&found[0].1].0;
+    let p = method.prompt_rows();
+    Ok((embedding.first() == Some(&(2 * p))).then(|| {
+        format!(
+            "{}: the P-Tuning embedding holds {} rows (two submodules): fastpt uses rows \
+             0..{p}, the encoder's, and leaves out the decoder's",
+            file.display(),
+            2 * p
+        )
+    }))
 }
 
 /// Reads the method name stored in an export's `prompt.safetensors` metadata (None when absent).

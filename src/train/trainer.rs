@@ -413,7 +413,9 @@ pub fn train<B: Backend + 'static>(
         data,
     } = setup(be, cfg)?;
     if let Some(dir) = opts.init_from {
-        init_from_adapter(be, method.as_mut(), dir)?;
+        if let Some(note) = init_from_adapter(be, method.as_mut(), dir)? {
+            println!("{note}");
+        }
     }
     check_positions(&model, method.prompt_rows(), &data, &cfg.train)?;
     let mut run = Run::start(be, cfg, opts, &model, method, &data, resume, lock)?;
