@@ -229,7 +229,9 @@ impl TrainConfig {
             }
             Some(epochs) => (
                 self.steps,
-                format!("train.steps (train.epochs = {epochs} does not apply: steps win, as max_steps)"),
+                format!(
+                    "train.steps (train.epochs = {epochs} does not apply: steps win, as max_steps)"
+                ),
             ),
             None => (self.steps, "train.steps".to_string()),
         };
@@ -238,7 +240,10 @@ impl TrainConfig {
             Some(ratio) if self.warmup_steps == 0 => {
                 // ratio ≤ 1, so the warmup is at most the steps.
                 let warmup = ((steps as f64 * ratio).ceil() as usize).min(steps);
-                (warmup, format!("ceil(train.warmup_ratio = {ratio} × {steps} steps)"))
+                (
+                    warmup,
+                    format!("ceil(train.warmup_ratio = {ratio} × {steps} steps)"),
+                )
             }
             Some(ratio) => (
                 self.warmup_steps,
@@ -1503,11 +1508,11 @@ bogus = "ignored with the section"
             assert!(err.contains(o) && err.contains(needle), "{o}: {err}");
         }
         // Well-formed overrides of unknown keys fail like the same key in the file.
-        let err = RunConfig::from_overrides(&sets(&["train.learning_rate=0.1"]))
+        let err = RunConfig::from_overrides(&sets(&["train.learning_rat=0.1"]))
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("<command line>") && err.contains("train.learning_rate"),
+            err.contains("<command line>") && err.contains("train.learning_rat"),
             "{err}"
         );
     }
@@ -1533,7 +1538,7 @@ bogus = "ignored with the section"
                 "field `train.lr`: invalid type: string",
             ),
             (
-                "[train]\nschedule = \"cosine\"",
+                "[train]\nschedule = \"cosine_with_restarts\"",
                 "field `train.schedule`: unknown variant",
             ),
             (
@@ -1612,7 +1617,10 @@ bogus = "ignored with the section"
                     group_by_length: true,
                     ..TrainConfig::default()
                 },
+                // A task read from files: `dir` applies (the synthetic task's config
+                // leaves it out).
                 data: DataConfig {
+                    task: "rte".into(),
                     dir: Some(PathBuf::from("data/x")),
                     ..DataConfig::default()
                 },

@@ -100,20 +100,34 @@ fn alias_cases() -> Vec<(&'static str, &'static str, &'static str, Check)> {
         ("num_train_epochs", "2.5", "Some(2.5) 0", |c| {
             format!("{:?} {}", c.train.epochs, c.train.steps)
         }),
-        ("warmup_steps", "11", "11", |c| c.train.warmup_steps.to_string()),
+        ("warmup_steps", "11", "11", |c| {
+            c.train.warmup_steps.to_string()
+        }),
         ("warmup_ratio", "0.1", "Some(0.1) 0", |c| {
             format!("{:?} {}", c.train.warmup_ratio, c.train.warmup_steps)
         }),
         ("lr_scheduler_type", "\"cosine\"", "Cosine", |c| {
             format!("{:?}", c.train.schedule)
         }),
-        ("weight_decay", "0.01", "0.01", |c| c.train.weight_decay.to_string()),
-        ("max_grad_norm", "0.5", "0.5", |c| c.train.max_grad_norm.to_string()),
-        ("adam_beta1", "0.8", "0.8", |c| c.train.adam_beta1.to_string()),
-        ("adam_beta2", "0.98", "0.98", |c| c.train.adam_beta2.to_string()),
-        ("adam_epsilon", "1e-6", "0.000001", |c| c.train.adam_eps.to_string()),
+        ("weight_decay", "0.01", "0.01", |c| {
+            c.train.weight_decay.to_string()
+        }),
+        ("max_grad_norm", "0.5", "0.5", |c| {
+            c.train.max_grad_norm.to_string()
+        }),
+        ("adam_beta1", "0.8", "0.8", |c| {
+            c.train.adam_beta1.to_string()
+        }),
+        ("adam_beta2", "0.98", "0.98", |c| {
+            c.train.adam_beta2.to_string()
+        }),
+        ("adam_epsilon", "1e-6", "0.000001", |c| {
+            c.train.adam_eps.to_string()
+        }),
         ("eval_steps", "17", "17", |c| c.train.eval_every.to_string()),
-        ("save_steps", "19", "19", |c| c.train.checkpoint_every.to_string()),
+        ("save_steps", "19", "19", |c| {
+            c.train.checkpoint_every.to_string()
+        }),
         ("output_dir", "\"runs/hf\"", "runs/hf", |c| {
             c.out_dir.display().to_string()
         }),
@@ -253,7 +267,10 @@ fn the_effective_config_holds_only_the_keys_that_apply() {
     // A task read from files: no synthetic sizes.
     let rte = RunConfig::from_overrides(&[
         "data.task=rte".into(),
-        format!("data.dir={:?}", fixtures.join("data/glue/rte").display().to_string()),
+        format!(
+            "data.dir={:?}",
+            fixtures.join("data/glue/rte").display().to_string()
+        ),
         "data.train_examples=99".into(),
     ])
     .unwrap();
@@ -275,7 +292,10 @@ fn the_effective_config_holds_only_the_keys_that_apply() {
     .unwrap();
     assert_eq!(odd.data.task, "custom\nline.toml");
     let back = parse(&odd.to_toml_string(), &[]).unwrap();
-    assert_eq!((back.data.task, back.data.dir), (odd.data.task.clone(), odd.data.dir.clone()));
+    assert_eq!(
+        (back.data.task, back.data.dir),
+        (odd.data.task.clone(), odd.data.dir.clone())
+    );
     // Steps from epochs: no steps; steps given: no epochs (steps win).
     let epochs = parse("num_train_epochs = 3", &[]).unwrap();
     let train = keys(&epochs, "train");
@@ -302,7 +322,9 @@ fn the_effective_config_holds_only_the_keys_that_apply() {
     assert_eq!(back.init_from, Some(PathBuf::from("runs/a/export/adapter")));
     assert!(!keys(&RunConfig::default(), "").contains(&"init_from".into()));
     // Every config here reads back to the same effective config.
-    for cfg in [&rte, &synthetic, &epochs, &both, &ratio, &steps_win, &constant, &init] {
+    for cfg in [
+        &rte, &synthetic, &epochs, &both, &ratio, &steps_win, &constant, &init,
+    ] {
         let text = cfg.to_toml_string();
         assert_eq!(parse(&text, &[]).unwrap().to_toml_string(), text);
     }
@@ -338,11 +360,26 @@ fn new_keys_are_validated_naming_key_and_value() {
     };
     for (o, needle) in [
         (&["num_train_epochs=0"][..], "field `train.epochs`: got 0,"),
-        (&["num_train_epochs=-1"][..], "field `train.epochs`: got -1,"),
-        (&["num_train_epochs=inf"][..], "field `train.epochs`: got inf,"),
-        (&["num_train_epochs=1e9"][..], "field `train.epochs`: got 1000000000,"),
-        (&["warmup_ratio=1.5"][..], "field `train.warmup_ratio`: got 1.5,"),
-        (&["warmup_ratio=-0.1"][..], "field `train.warmup_ratio`: got -0.1,"),
+        (
+            &["num_train_epochs=-1"][..],
+            "field `train.epochs`: got -1,",
+        ),
+        (
+            &["num_train_epochs=inf"][..],
+            "field `train.epochs`: got inf,",
+        ),
+        (
+            &["num_train_epochs=1e9"][..],
+            "field `train.epochs`: got 1000000000,",
+        ),
+        (
+            &["warmup_ratio=1.5"][..],
+            "field `train.warmup_ratio`: got 1.5,",
+        ),
+        (
+            &["warmup_ratio=-0.1"][..],
+            "field `train.warmup_ratio`: got -0.1,",
+        ),
         (&["max_steps=0"][..], "field `train.steps`: got 0,"),
         (
             &["early_stopping_patience=2", "eval_steps=0"][..],
@@ -353,8 +390,8 @@ fn new_keys_are_validated_naming_key_and_value() {
         assert!(msg.contains(needle), "{o:?}: {msg}");
     }
     // Steps from epochs past the limit: named when the data's size is known.
-    let cfg = RunConfig::from_overrides(&sets(&["num_train_epochs=90000000", "warmup_steps=0"]))
-        .unwrap();
+    let cfg =
+        RunConfig::from_overrides(&sets(&["num_train_epochs=90000000", "warmup_steps=0"])).unwrap();
     cfg.validate(Path::new("run.toml")).unwrap();
     let msg = cfg.train.plan(1_000_000).unwrap_err().to_string();
     assert!(

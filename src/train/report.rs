@@ -714,6 +714,74 @@ mod tests {
         assert_eq!(thin(&points[..10], MAX_PLOTTED), points[..10].to_vec());
     }
 
+    /// The text of the SVG's title (its first `<text>` element holds the caption).
+    fn svg_title(svg: &str) -> String {
+        let start = svg.find("<text").unwrap();
+        let open = start + svg[start..].find('>').unwrap() + 1;
+        let close = open + svg[open..].find("</text>").unwrap();
+        svg[open..close].trim().to_string()
+    }
+
+    #[test]
+    fn a_long_title_keeps_the_end_of_its_path_and_fits_the_chart() {
+        let long_dir = format!("/home/user/{}runs/rte-pt", "nested/".repeat(40));
+        assert!(long_dir.len() > 300);
+        let title = format!("pt on {long_dir}: loss");
+        let short = fit_title(&title, TITLE_MAX_CHARS);
+        assert!(short.chars().count() <= TITLE_MAX_CHARS, "{short}");
+        assert_eq!(short, "pt on …/nested/nested/nested/runs/rte-pt: loss");
+        // A short title is left alone; a word without a path keeps its start and end.
+        assert_eq!(fit_title("pt on t5-tiny: loss", 52), "pt on t5-tiny: loss");
+        let word = "x".repeat(100);
+        let cut = fit_title(&word, 10);
+        assert_eq!((cut.chars().count(), cut.contains('…')), (10, true));
+        // In the chart: the caption is the shortened title.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.svg");
+        write_loss_svg(&path, &[(1, 2.0), (2, 1.0)], &title).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(svg_title(&svg), short);
+    }
+
+    #[test]
+    fn run_svg_draws_the_dev_loss_and_metric_with_a_legend_when_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.svg");
+        let train: Vec<(u64, f64)> = (1..=20).map(|s| (s, 3.0 - s as f64 * 0.1)).collect();
+        let dev = [(5, 2.8), (10, 2.5), (15, f64::NAN), (20, 2.2)];
+        let score = [(5, 0.5), (10, 0.625), (15, 0.7), (20, 0.75)];
+        let chart = LossChart {
+            title: "pt on t5: loss",
+            train: &train,
+            dev_loss: &dev,
+            dev_metric: Some(("dev score (mean of accuracy)", &score)),
+        };
+        write_run_svg(&path, &chart).unwrap();
+        let svg = check_svg(&path, "pt on t5: loss");
+        for text in ["training loss", "dev loss", "dev score (mean of accuracy)"] {
+            // The legend names each series (the metric's label is also its axis).
+            assert!(svg.contains(text), "no {text}");
+        }
+        // One colour per series (the curve and its legend swatch).
+        for colour in ["#1F77B4", "#FF7F0E", "#2CA02C"] {
+            assert!(
+                svg.contains(&format!("stroke=\"{colour}\"")),
+                "no {colour} series"
+            );
+        }
+        // Without dev points: the training loss alone, no legend.
+        let alone = LossChart {
+            dev_loss: &[],
+            dev_metric: None,
+            ..chart
+        };
+        write_run_svg(&path, &alone).unwrap();
+        let svg = check_svg(&path, "pt on t5: loss");
+        assert!(!svg.contains("dev loss") && !svg.contains("training loss"));
+        assert!(svg.contains("stroke=\"#1F77B4\""));
+        assert!(!svg.contains("#FF7F0E") && !svg.contains("#2CA02C"));
+    }
+
     #[test]
     fn loss_svg_without_finite_points_names_the_path() {
         let dir = tempfile::tempdir().unwrap();
