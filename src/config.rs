@@ -626,8 +626,9 @@ impl RunConfig {
                 );
             }
         }
-        // With steps from the epochs the bound is checked once they are known (`plan`).
-        if t.steps > 0 && t.warmup_steps > t.steps {
+        // With steps from the epochs the bound is checked once they are known (`plan`); the
+        // constant schedule has no warmup (its config.toml leaves warmup_steps out).
+        if t.schedule.warms_up() && t.steps > 0 && t.warmup_steps > t.steps {
             return fail(
                 "train.warmup_steps",
                 format!(

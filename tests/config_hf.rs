@@ -412,3 +412,17 @@ fn new_keys_are_validated_naming_key_and_value() {
         "{msg}"
     );
 }
+
+/// The constant schedule's config.toml leaves warmup_steps out; read back (the default 500
+/// steps) it still validates with fewer steps (a resume reads it so).
+#[test]
+fn a_constant_schedule_config_validates_without_its_warmup() {
+    let cfg = parse(
+        "[train]\nsteps = 8\nwarmup_steps = 0\nschedule = \"constant\"",
+        &[],
+    )
+    .unwrap();
+    let back = parse(&cfg.to_toml_string(), &[]).unwrap();
+    back.validate(Path::new("config.toml")).unwrap();
+    assert_eq!(back.train.plan(10).unwrap().warmup, 0);
+}
