@@ -46,7 +46,7 @@ pub const DEFAULT_METHOD: &str = "ept";
 const NO_FILE: &str = "<command line>";
 
 /// The top-level keys (besides the sections).
-const TOP_KEYS: &[&str] = &["model", "seed", "out_dir", "method", "quant"];
+const TOP_KEYS: &[&str] = &["model", "seed", "out_dir", "method", "quant", "init_from"];
 
 // Limits of the run's sizes (issue 19, rule 2): far above any paper's setting, so that a value
 // past one is a typing mistake, refused naming the key before anything is sized from it. What
@@ -64,23 +64,46 @@ pub const MAX_SEQ_LEN: usize = 1 << 20;
 /// memory).
 pub const MAX_SYNTHETIC_EXAMPLES: usize = 10_000_000;
 
-/// The learning-rate schedule of the optimiser steps.
+/// The learning-rate schedule of the optimiser steps: transformers' `lr_scheduler_type`s of the
+/// same names, step for step (train/schedule.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Schedule {
-    /// Linear warmup from 0 over `warmup_steps`, then linear decay to 0 at `steps`.
+    /// Linear warmup from 0 over `warmup_steps`, then linear decay towards 0 at `steps`.
     #[default]
     Linear,
+    /// Linear warmup, then half a cosine wave from the full rate towards 0 at `steps`.
+    Cosine,
     /// Linear warmup over `warmup_steps`, then the full rate.
+    ConstantWithWarmup,
+    /// The full rate from the first step (no warmup: `warmup_steps` does not apply).
     Constant,
 }
 
+impl Schedule {
+    /// Whether the schedule has a warmup (every one but `constant`).
+    pub fn warms_up(self) -> bool {
+        self != Schedule::Constant
+    }
+}
+
 /// Section `[train]`: the optimiser (AdamW), its schedule, and the sequence limits.
+///
+/// transformers' `TrainingArguments` names are accepted for these keys ([`HF_ALIASES`]), and
+/// resolve as a Trainer resolves them ([`TrainConfig::plan`]): `steps` (max_steps) wins over
+/// `epochs` (num_train_epochs) unless it is 0, and `warmup_steps` over `warmup_ratio` unless it
+/// is 0.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Optimiser steps.
+    /// Optimiser steps; 0: from `epochs` (a config that gives `epochs` without `steps` reads
+    /// as 0, as transformers' max_steps = -1).
     pub steps: usize,
+    /// Passes over the training set (may be fractional), used when `steps` is 0: each pass is
+    /// ceil(examples / (batch_size · grad_accum)) optimiser steps, and the run
+    /// ceil(epochs × that) steps (transformers' num_train_epochs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<f64>,
     /// Examples per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimiser step.
@@ -91,7 +114,13 @@ pub struct TrainConfig {
     pub lr_lowrank: f64,
     /// AdamW's decoupled weight decay.
     pub weight_decay: f64,
+    /// Steps of linear warmup; 0 with `warmup_ratio` set: the ratio decides (a config that gives
+    /// `warmup_ratio` without `warmup_steps` reads as 0, as transformers' default).
     pub warmup_steps: usize,
+    /// Warmup as a fraction of the run's steps: ceil(ratio × steps) (transformers'
+    /// `get_warmup_steps`), used when `warmup_steps` is 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_ratio: Option<f64>,
     pub schedule: Schedule,
     /// Clip the global gradient norm to this; 0 disables clipping.
     pub max_grad_norm: f64,
@@ -108,6 +137,14 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Write a checkpoint every this many steps; 0: only at the end (and on Ctrl-C).
     pub checkpoint_every: usize,
+    /// Stop the run after this many dev evaluations in a row without a better keep-best value
+    /// (transformers' EarlyStoppingCallback); 0: never.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub early_stopping_patience: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 impl Default for TrainConfig {
@@ -117,12 +154,14 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             steps: 30_000,
+            epochs: None,
             batch_size: 16,
             grad_accum: 1,
             lr: 0.3,
             lr_lowrank: 1e-4,
             weight_decay: 1e-5,
             warmup_steps: 500,
+            warmup_ratio: None,
             schedule: Schedule::Linear,
             max_grad_norm: 1.0,
             adam_beta1: 0.9,
@@ -133,7 +172,101 @@ impl Default for TrainConfig {
             group_by_length: false,
             eval_every: 1000,
             checkpoint_every: 1000,
+            early_stopping_patience: 0,
         }
+    }
+}
+
+/// The optimiser steps and warmup steps of a run, resolved from `train.steps` / `train.epochs`
+/// and `train.warmup_steps` / `train.warmup_ratio` once the training set's size is known
+/// ([`TrainConfig::plan`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepPlan {
+    /// Optimiser steps of the run.
+    pub steps: usize,
+    /// Warmup steps (≤ `steps`).
+    pub warmup: usize,
+    /// Optimiser steps per pass over the training set: ceil(examples / (batch_size ·
+    /// grad_accum)).
+    pub per_epoch: usize,
+    /// How `steps` was found, for the start banner (`3 epochs × 125 steps per epoch`).
+    pub steps_from: String,
+    /// How `warmup` was found (`train.warmup_steps`, `ceil(0.1 × 375)`, ...).
+    pub warmup_from: String,
+}
+
+impl TrainConfig {
+    /// The run's steps and warmup for a training set of `train_examples`, as a transformers
+    /// Trainer finds them: `steps` when it is not 0 (max_steps wins over num_train_epochs),
+    /// else ceil(epochs × per_epoch) with per_epoch = ceil(examples / (batch_size ·
+    /// grad_accum)), so a fractional epoch rounds up to a whole step (`set_initial_training_values`);
+    /// `warmup_steps` when it is not 0, else ceil(warmup_ratio × steps) (`get_warmup_steps`).
+    /// The constant schedule has no warmup. Errors name the keys and values.
+    pub fn plan(&self, train_examples: usize) -> Result<StepPlan> {
+        let per_epoch = (train_examples.div_ceil(self.batch_size.max(1)))
+            .div_ceil(self.grad_accum.max(1))
+            .max(1);
+        let (steps, steps_from) = match self.epochs {
+            Some(epochs) if self.steps == 0 => {
+                let steps = (epochs * per_epoch as f64).ceil();
+                if !(steps >= 1.0 && steps <= MAX_STEPS as f64) {
+                    return Err(Error::Input(format!(
+                        "train.epochs = {epochs} × {per_epoch} steps per epoch ({train_examples} \
+                         training examples in batches of train.batch_size = {} × \
+                         train.grad_accum = {}) = {steps} steps, must be in 1..={MAX_STEPS} \
+                         (MAX_STEPS)",
+                        self.batch_size, self.grad_accum
+                    )));
+                }
+                let steps = steps as usize;
+                (
+                    steps,
+                    format!(
+                        "train.epochs = {epochs} × {per_epoch} steps per epoch ({train_examples} \
+                         examples / ({} × {}), rounded up)",
+                        self.batch_size, self.grad_accum
+                    ),
+                )
+            }
+            Some(epochs) => (
+                self.steps,
+                format!(
+                    "train.steps (train.epochs = {epochs} does not apply: steps win, as max_steps)"
+                ),
+            ),
+            None => (self.steps, "train.steps".to_string()),
+        };
+        let (warmup, warmup_from) = match self.warmup_ratio {
+            _ if !self.schedule.warms_up() => (0, "the constant schedule has none".to_string()),
+            Some(ratio) if self.warmup_steps == 0 => {
+                // ratio ≤ 1, so the warmup is at most the steps.
+                let warmup = ((steps as f64 * ratio).ceil() as usize).min(steps);
+                (
+                    warmup,
+                    format!("ceil(train.warmup_ratio = {ratio} × {steps} steps)"),
+                )
+            }
+            Some(ratio) => (
+                self.warmup_steps,
+                format!(
+                    "train.warmup_steps (train.warmup_ratio = {ratio} does not apply: warmup \
+                     steps win, as transformers)"
+                ),
+            ),
+            None => (self.warmup_steps, "train.warmup_steps".to_string()),
+        };
+        if warmup > steps {
+            return Err(Error::Input(format!(
+                "train.warmup_steps = {warmup} is more than the run's {steps} steps ({steps_from})"
+            )));
+        }
+        Ok(StepPlan {
+            steps,
+            warmup,
+            per_epoch,
+            steps_from,
+            warmup_from,
+        })
     }
 }
 
@@ -214,6 +347,8 @@ struct TopLevel {
     out_dir: PathBuf,
     method: String,
     quant: Quant,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    init_from: Option<PathBuf>,
 }
 
 impl Default for TopLevel {
@@ -224,6 +359,7 @@ impl Default for TopLevel {
             out_dir: PathBuf::from("runs/run"),
             method: DEFAULT_METHOD.into(),
             quant: Quant::None,
+            init_from: None,
         }
     }
 }
@@ -239,6 +375,9 @@ pub struct RunConfig {
     pub out_dir: PathBuf,
     /// How the backbone's frozen linear weights are stored (`quant = "nf4"`: 4-bit).
     pub quant: Quant,
+    /// A PEFT prompt-tuning adapter folder whose rows start PT's prompt (`--init-from`); used
+    /// by a new run only (a resume starts from its checkpoint).
+    pub init_from: Option<PathBuf>,
     /// `method = "NAME"` and the options of its `[NAME]` section.
     pub method: MethodConfig,
     pub train: TrainConfig,
@@ -253,6 +392,7 @@ impl Default for RunConfig {
             seed: top.seed,
             out_dir: top.out_dir,
             quant: top.quant,
+            init_from: top.init_from,
             method: MethodConfig::Ept(EptConfig::default()),
             train: TrainConfig::default(),
             data: DataConfig::default(),
@@ -296,6 +436,10 @@ impl RunConfig {
     }
 
     fn from_table(mut table: toml::Table, path: &Path, overrides: &[String]) -> Result<Self> {
+        // The file's TrainingArguments names first (a key given twice in the file is an error),
+        // then the overrides, whose keys are already fastpt's: an override replaces the file's
+        // value whatever its spelling.
+        resolve_aliases(&mut table, path)?;
         let overrides = overrides
             .iter()
             .map(|o| Override::parse(o))
@@ -327,6 +471,15 @@ impl RunConfig {
             o.apply(&mut table, &keys)?;
         }
 
+        // As transformers: epochs without steps mean steps from the epochs (max_steps = -1), a
+        // warmup ratio without warmup steps means warmup from the ratio (warmup_steps = 0).
+        if let Some(toml::Value::Table(train)) = table.get_mut("train") {
+            for (given, absent) in [("epochs", "steps"), ("warmup_ratio", "warmup_steps")] {
+                if train.contains_key(given) && !train.contains_key(absent) {
+                    train.insert(absent.into(), toml::Value::Integer(0));
+                }
+            }
+        }
         let train: TrainConfig = take_section(&mut table, path, "train")?;
         let data: DataConfig = take_section(&mut table, path, "data")?;
         // Every method section must be a table, but only the selected one is read: one file
@@ -352,6 +505,7 @@ impl RunConfig {
             seed: top.seed,
             out_dir: top.out_dir,
             quant: top.quant,
+            init_from: top.init_from,
             method,
             train,
             data,
@@ -425,7 +579,31 @@ impl RunConfig {
         };
 
         let t = &self.train;
-        size("train.steps", t.steps, MAX_STEPS, "MAX_STEPS")?;
+        match t.epochs {
+            // steps = 0: the steps come from the epochs (`plan`, once the data is read).
+            Some(epochs) => {
+                if !(epochs.is_finite() && epochs > 0.0 && epochs <= MAX_STEPS as f64) {
+                    return fail(
+                        "train.epochs",
+                        format!(
+                            "got {epochs}, must be a finite number > 0 and at most {MAX_STEPS} \
+                             (MAX_STEPS)"
+                        ),
+                    );
+                }
+                if t.steps > 0 {
+                    size("train.steps", t.steps, MAX_STEPS, "MAX_STEPS")?;
+                }
+            }
+            None if t.steps == 0 => {
+                return fail(
+                    "train.steps",
+                    "got 0, must be at least 1 (0 means: from train.epochs, which is not set)"
+                        .into(),
+                )
+            }
+            None => size("train.steps", t.steps, MAX_STEPS, "MAX_STEPS")?,
+        }
         size(
             "train.batch_size",
             t.batch_size,
@@ -441,12 +619,32 @@ impl RunConfig {
         positive("train.lr", t.lr)?;
         positive("train.lr_lowrank", t.lr_lowrank)?;
         non_negative("train.weight_decay", t.weight_decay)?;
-        if t.warmup_steps > t.steps {
+        if let Some(ratio) = t.warmup_ratio {
+            if !(0.0..=1.0).contains(&ratio) {
+                return fail(
+                    "train.warmup_ratio",
+                    format!("got {ratio}, must be in [0, 1]"),
+                );
+            }
+        }
+        // With steps from the epochs the bound is checked once they are known (`plan`); the
+        // constant schedule has no warmup (its config.toml leaves warmup_steps out).
+        if t.schedule.warms_up() && t.steps > 0 && t.warmup_steps > t.steps {
             return fail(
                 "train.warmup_steps",
                 format!(
                     "got {}, must be at most train.steps = {}",
                     t.warmup_steps, t.steps
+                ),
+            );
+        }
+        if t.early_stopping_patience > 0 && t.eval_every == 0 {
+            return fail(
+                "train.early_stopping_patience",
+                format!(
+                    "got {}, but train.eval_every = 0 never evaluates: give train.eval_every \
+                     (patience counts dev evaluations)",
+                    t.early_stopping_patience
                 ),
             );
         }
@@ -592,19 +790,110 @@ impl RunConfig {
             out_dir: self.out_dir.clone(),
             method: self.method.name().to_string(),
             quant: self.quant,
+            init_from: self.init_from.clone(),
         };
         let name = self.method.name();
         let mut text =
             String::from("# fastpt run config: the effective values, defaults filled in.\n");
         text.push_str(&to_toml(&top, "top-level keys"));
         text.push_str("\n[train]\n");
-        text.push_str(&to_toml(&self.train, "[train]"));
+        text.push_str(&to_toml_without(
+            &self.train,
+            "[train]",
+            &self.train.keys_not_applying(),
+        ));
         text.push_str("\n[data]\n");
-        text.push_str(&to_toml(&self.data, "[data]"));
+        // A synthetic task's `dir` is left out (as every key that does not apply).
+        let mut data = self.data.clone();
+        if data.is_synthetic() {
+            data.dir = None;
+        }
+        text.push_str(&to_toml_without(
+            &data,
+            "[data]",
+            self.data.keys_not_applying(),
+        ));
         text.push_str(&format!("\n[{name}]\n"));
         text.push_str(&self.method.options_toml());
         text
     }
+}
+
+impl TrainConfig {
+    /// The keys whose values do not apply, left out of the effective config: `epochs` when
+    /// `steps` is set, `steps` when it comes from `epochs`, `warmup_steps` or `warmup_ratio`
+    /// when the other decides, both without a warmup (the constant schedule).
+    fn keys_not_applying(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        match self.epochs {
+            Some(_) if self.steps == 0 => out.push("steps"),
+            Some(_) => out.push("epochs"),
+            None => {}
+        }
+        match self.warmup_ratio {
+            _ if !self.schedule.warms_up() => out.extend(["warmup_steps", "warmup_ratio"]),
+            Some(_) if self.warmup_steps == 0 => out.push("warmup_steps"),
+            Some(_) => out.push("warmup_ratio"),
+            None => {}
+        }
+        out
+    }
+}
+
+impl DataConfig {
+    /// The keys that do not apply to the task, left out of the effective config: the built-in
+    /// synthetic task reads no files and is judged by its dev loss alone (only its sizes
+    /// apply); a task read from files has no generated sizes.
+    fn keys_not_applying(&self) -> &'static [&'static str] {
+        if self.is_synthetic() {
+            &[
+                "dir",
+                "labels",
+                "k_shot",
+                "dev_holdout",
+                "split_seed",
+                "eval",
+                "eval_batch_size",
+                "max_eval_examples",
+            ]
+        } else {
+            &["train_examples", "dev_examples"]
+        }
+    }
+}
+
+/// `value` as TOML (its fields in their order) without the top-level keys `drop`.
+fn to_toml_without<T: Serialize>(value: &T, what: &str, drop: &[&str]) -> String {
+    let text = to_toml(value, what);
+    let mut out = String::with_capacity(text.len());
+    // Inside a multi-line string value: (its delimiter, whether its key is dropped).
+    let mut open: Option<(&str, bool)> = None;
+    for line in text.lines() {
+        let (skip, delimiter) = match open {
+            Some((delim, skip)) => {
+                if line.contains(delim) {
+                    open = None;
+                }
+                (skip, None)
+            }
+            None => {
+                let key = line.split(" = ").next().unwrap_or("").trim();
+                let value = line.split_once(" = ").map_or("", |(_, v)| v);
+                let delimiter = ["\"\"\"", "'''"]
+                    .into_iter()
+                    .find(|d| value.starts_with(d) && !value[d.len()..].contains(d));
+                (drop.contains(&key), delimiter)
+            }
+        };
+        if let Some(d) = delimiter {
+            open = Some((d, skip));
+        }
+        if !skip {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// `value` as TOML; what cannot be written (a seed above i64::MAX, a path that is not UTF-8)
@@ -641,6 +930,7 @@ impl Override {
         if keys.iter().any(String::is_empty) {
             return bad("empty part in the key");
         }
+        let keys = canonical_keys(keys);
         Ok(Override {
             text: text.to_string(),
             keys,
@@ -673,6 +963,165 @@ impl Override {
         table.insert(last.clone(), self.value.clone());
         Ok(())
     }
+}
+
+/// transformers' `TrainingArguments` names that fastpt reads as its own keys: (TrainingArguments'
+/// name, fastpt's key, `train.KEY` or a top-level key). They are accepted at the top level (as
+/// TrainingArguments is flat) and in `[train]`, in a file and in `--set`; the config.toml a
+/// run writes uses fastpt's names. `early_stopping_patience` is EarlyStoppingCallback's.
+pub const HF_ALIASES: &[(&str, &str)] = &[
+    ("learning_rate", "train.lr"),
+    ("per_device_train_batch_size", "train.batch_size"),
+    ("gradient_accumulation_steps", "train.grad_accum"),
+    ("max_steps", "train.steps"),
+    ("num_train_epochs", "train.epochs"),
+    ("warmup_steps", "train.warmup_steps"),
+    ("warmup_ratio", "train.warmup_ratio"),
+    ("lr_scheduler_type", "train.schedule"),
+    ("weight_decay", "train.weight_decay"),
+    ("max_grad_norm", "train.max_grad_norm"),
+    ("adam_beta1", "train.adam_beta1"),
+    ("adam_beta2", "train.adam_beta2"),
+    ("adam_epsilon", "train.adam_eps"),
+    ("eval_steps", "train.eval_every"),
+    ("save_steps", "train.checkpoint_every"),
+    ("output_dir", "out_dir"),
+    ("seed", "seed"),
+    ("group_by_length", "train.group_by_length"),
+    ("early_stopping_patience", "train.early_stopping_patience"),
+];
+
+/// fastpt's key of TrainingArguments' name `name`.
+fn hf_alias(name: &str) -> Option<&'static str> {
+    HF_ALIASES
+        .iter()
+        .find(|(hf, _)| *hf == name)
+        .map(|(_, key)| *key)
+}
+
+/// An override's keys with a TrainingArguments name (`learning_rate`, `train.learning_rate`)
+/// replaced by fastpt's key (`train.lr`).
+fn canonical_keys(keys: Vec<String>) -> Vec<String> {
+    let name = match keys.as_slice() {
+        [name] => name,
+        [section, name] if section == "train" => name,
+        _ => return keys,
+    };
+    match hf_alias(name) {
+        Some(key) => key.split('.').map(String::from).collect(),
+        None => keys,
+    }
+}
+
+/// Moves each TrainingArguments name of `table` (at the top level or in `[train]`) to fastpt's
+/// key. One key given twice (two spellings, or one name in both places) is an error naming
+/// both.
+fn resolve_aliases(table: &mut toml::Table, path: &Path) -> Result<()> {
+    // (how the key was written, fastpt's key, value)
+    let mut moved: Vec<(String, &'static str, toml::Value)> = Vec::new();
+    for &(hf, key) in HF_ALIASES {
+        if key != hf {
+            if let Some(value) = table.remove(hf) {
+                moved.push((hf.to_string(), key, value));
+            }
+        }
+    }
+    if let Some(toml::Value::Table(train)) = table.get_mut("train") {
+        for &(hf, key) in HF_ALIASES {
+            if key.strip_prefix("train.") != Some(hf) {
+                if let Some(value) = train.remove(hf) {
+                    moved.push((format!("train.{hf}"), key, value));
+                }
+            }
+        }
+    }
+    let mut placed: Vec<(&str, String)> = Vec::new();
+    for (spelling, key, value) in moved {
+        let (target, name) = match key.split_once('.') {
+            None => (&mut *table, key),
+            Some((section, name)) => {
+                let entry = table
+                    .entry(section)
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                match entry {
+                    toml::Value::Table(t) => (t, name),
+                    other => {
+                        return Err(Error::config(
+                            path,
+                            section,
+                            format!("expected a [{section}] section, found {other}"),
+                        ))
+                    }
+                }
+            }
+        };
+        if target.contains_key(name) {
+            let first = placed
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map_or_else(|| format!("`{key}`"), |(_, s)| format!("`{s}`"));
+            return Err(Error::config(
+                path,
+                key,
+                format!(
+                    "given twice, as {first} and as `{spelling}` (TrainingArguments' name of \
+                     {key}); keep one"
+                ),
+            ));
+        }
+        target.insert(name.to_string(), value);
+        placed.push((key, spelling));
+    }
+    Ok(())
+}
+
+/// "; did you mean `KEY`?" for an unknown key `key`: the closest of `candidates` by edit
+/// distance (or one that contains it or that it contains), none when nothing is close. A
+/// TrainingArguments name is shown with the key it stands for.
+fn did_you_mean<'c>(key: &str, candidates: impl IntoIterator<Item = &'c str>) -> String {
+    let low = key.to_lowercase();
+    let close = |c: &str| {
+        let d = edit_distance(&low, &c.to_lowercase());
+        let contains = low.len() >= 4 && c.len() >= 4 && (c.contains(&low) || low.contains(c));
+        (d <= (low.chars().count() / 3).max(2) || contains).then_some(d)
+    };
+    let best = candidates
+        .into_iter()
+        .filter(|c| *c != key)
+        .filter_map(|c| close(c).map(|d| (d, c)))
+        .min_by_key(|(d, _)| *d);
+    match best {
+        None => String::new(),
+        Some((_, c)) => match hf_alias(c).filter(|k| *k != c) {
+            Some(k) => format!("; did you mean `{c}` (TrainingArguments' name of {k})?"),
+            None => format!("; did you mean `{c}`?"),
+        },
+    }
+}
+
+/// Levenshtein distance of `a` and `b` (characters).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    // (|b| + 1): the previous row of the table.
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let up = row[j + 1];
+            row[j + 1] = (up + 1).min(row[j] + 1).min(diag + usize::from(ca != *cb));
+            diag = up;
+        }
+    }
+    row[b.len()]
+}
+
+/// The field names a serde "unknown field `x`, expected one of `a`, `b`" message lists.
+fn expected_fields(msg: &str) -> Vec<&str> {
+    let Some((_, list)) = msg.split_once("expected") else {
+        return Vec::new();
+    };
+    list.split('`').skip(1).step_by(2).collect()
 }
 
 /// The right-hand side of an override: a TOML value if it is one, else the text as a string.
@@ -717,9 +1166,18 @@ fn deserialize_keys<T: DeserializeOwned>(
         Ok(value) => Ok(value),
         Err(e) => {
             let key = culprit(&table, |one| one.try_into::<T>().is_err());
+            let raw = e.message().trim();
+            // An unknown key: the closest known one (and in [train], TrainingArguments' names).
+            let suggestion = match (section, key) {
+                (Some(section), Some(key)) if raw.starts_with("unknown field") => {
+                    let hf = HF_ALIASES.iter().map(|(hf, _)| *hf);
+                    let hf = hf.filter(|_| section == "train");
+                    did_you_mean(key, expected_fields(raw).into_iter().chain(hf))
+                }
+                _ => String::new(),
+            };
             let msg = format!(
-                "{}{}",
-                e.message().trim(),
+                "{raw}{}{suggestion}",
                 key.map_or(String::new(), |k| float_hint(&table[k]))
             );
             Err(match (section, key) {
@@ -727,11 +1185,26 @@ fn deserialize_keys<T: DeserializeOwned>(
                     path,
                     key,
                     format!(
-                        "unknown key; the top level holds {} and the sections [train], [data], {}",
+                        "unknown key{}; the top level holds {} and the sections [train], [data], \
+                         {}, and TrainingArguments' names ({})",
+                        did_you_mean(
+                            key,
+                            TOP_KEYS
+                                .iter()
+                                .chain(&["train", "data"])
+                                .chain(METHOD_NAMES)
+                                .copied()
+                                .chain(HF_ALIASES.iter().map(|(hf, _)| *hf))
+                        ),
                         TOP_KEYS.join(", "),
                         METHOD_NAMES
                             .iter()
                             .map(|m| format!("[{m}]"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        HF_ALIASES
+                            .iter()
+                            .map(|(hf, _)| *hf)
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
@@ -787,12 +1260,15 @@ fn method_from_table(path: &Path, name: &str, options: toml::Table) -> Result<Me
         // from_toml's message starts with "[name] options: "; the field says that already.
         let msg = e.to_string();
         let prefix = format!("[{name}] options: ");
+        let msg = msg.strip_prefix(&prefix).unwrap_or(&msg);
         let hint = key.map_or(String::new(), |k| float_hint(&options[k]));
-        Error::config(
-            path,
-            field,
-            format!("{}{hint}", msg.strip_prefix(&prefix).unwrap_or(&msg)),
-        )
+        let suggestion = match key {
+            Some(key) if msg.starts_with("unknown field") => {
+                did_you_mean(key, expected_fields(msg))
+            }
+            _ => String::new(),
+        };
+        Error::config(path, field, format!("{msg}{hint}{suggestion}"))
     })
 }
 
@@ -813,6 +1289,7 @@ fn culprit(table: &toml::Table, fails: impl Fn(toml::Table) -> bool) -> Option<&
 /// `train.steps` extends the run; `out_dir` follows a moved folder).
 pub const RESUME_MAY_CHANGE: &[&str] = &[
     "train.steps",
+    "train.epochs",
     "train.eval_every",
     "train.checkpoint_every",
     "out_dir",
@@ -1037,11 +1514,11 @@ bogus = "ignored with the section"
             assert!(err.contains(o) && err.contains(needle), "{o}: {err}");
         }
         // Well-formed overrides of unknown keys fail like the same key in the file.
-        let err = RunConfig::from_overrides(&sets(&["train.learning_rate=0.1"]))
+        let err = RunConfig::from_overrides(&sets(&["train.learning_rat=0.1"]))
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("<command line>") && err.contains("train.learning_rate"),
+            err.contains("<command line>") && err.contains("train.learning_rat"),
             "{err}"
         );
     }
@@ -1067,7 +1544,7 @@ bogus = "ignored with the section"
                 "field `train.lr`: invalid type: string",
             ),
             (
-                "[train]\nschedule = \"cosine\"",
+                "[train]\nschedule = \"cosine_with_restarts\"",
                 "field `train.schedule`: unknown variant",
             ),
             (
@@ -1136,6 +1613,7 @@ bogus = "ignored with the section"
                 seed: 42,
                 out_dir: PathBuf::from("runs/a b"),
                 quant: Quant::Nf4,
+                init_from: Some(PathBuf::from("prompts/adapter")),
                 method,
                 train: TrainConfig {
                     lr: 0.123456789,
@@ -1145,7 +1623,10 @@ bogus = "ignored with the section"
                     group_by_length: true,
                     ..TrainConfig::default()
                 },
+                // A task read from files: `dir` applies (the synthetic task's config
+                // leaves it out).
                 data: DataConfig {
+                    task: "rte".into(),
                     dir: Some(PathBuf::from("data/x")),
                     ..DataConfig::default()
                 },

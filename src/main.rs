@@ -524,6 +524,10 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
     if let Some(dir) = &args.data {
         overrides.push(format!("data.dir={:?}", dir.display().to_string()));
     }
+    // Recorded in config.toml as `init_from`, which `--config` files may give too.
+    if let Some(dir) = &args.init_from {
+        overrides.push(format!("init_from={:?}", dir.display().to_string()));
+    }
     // `--resume RUN_DIR`: the folder's config.toml is the config (--config, when given too, is
     // compared with it). `--config FILE --resume`: the older form, FILE's out_dir.
     let resume_dir = match &args.resume {
@@ -551,9 +555,10 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
             )
         }
     };
-    let out_dir_set = overrides
-        .iter()
-        .any(|o| o.trim_start().starts_with("out_dir"));
+    let out_dir_set = overrides.iter().any(|o| {
+        let o = o.trim_start();
+        o.starts_with("out_dir") || o.starts_with("output_dir")
+    });
     if let Some(dir) = &resume_dir {
         if out_dir_set && cfg.out_dir != *dir {
             bail!(
@@ -582,12 +587,12 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
             cfg.model, cfg.seed
         );
     }
+    // The trainer's banner follows with the data's sizes and the resolved steps and warmup.
     println!(
-        "method {} | model {} | task {} | {} steps of {} × {} | run folder {}",
+        "method {} | model {} | task {} | batches of {} × {} | run folder {}",
         cfg.method.name(),
         cfg.model,
         cfg.data.task,
-        cfg.train.steps,
         cfg.train.batch_size,
         cfg.train.grad_accum,
         cfg.out_dir.display()
@@ -598,7 +603,7 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
         resume,
         interrupt: &signal,
         progress: true,
-        init_from: args.init_from.as_deref(),
+        init_from: None,
         nan_grad_at_step: None,
     };
     let out = train(be, &cfg, &opts)?;
@@ -608,7 +613,7 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
             "{}: the run is finished (step {done} of {}); nothing was changed. To train it \
              longer: {} --set train.steps=N",
             out.run_dir.display(),
-            cfg.train.steps,
+            out.total_steps,
             resume_command(&out.run_dir)
         );
         return Ok(());
@@ -619,8 +624,9 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
     let mean = |s: &[(u64, f64)]| s.iter().map(|l| l.1).sum::<f64>() / s.len().max(1) as f64;
     println!(
         "{} after {done} steps in {:.1} s ({:.0} tokens/s): loss {first:.4} at step 1, {last:.4} at the end (mean of the last {tail}: {:.4})",
-        match out.stopped {
-            Stopped::Interrupted(sig) => format!("interrupted by {}", signal_name(sig)),
+        match (out.stopped, &out.early_stop) {
+            (Stopped::Interrupted(sig), _) => format!("interrupted by {}", signal_name(sig)),
+            (_, Some(_)) => format!("stopped early (of {} steps)", out.total_steps),
             _ => "finished".to_string(),
         },
         out.seconds,

@@ -492,3 +492,104 @@ fn a_log_gets_plain_progress_lines() {
     }
     assert_eq!(stdout.matches("/20 (").count(), 10, "{stdout}");
 }
+
+/// The start banner names the data's sizes and the resolved steps and warmup, here from
+/// TrainingArguments' names: 8 examples in batches of 2 are 4 steps an epoch, 2 epochs 8
+/// steps, warmup ceil(0.25 × 8) = 2; loss.svg draws the dev loss of the evaluations.
+#[test]
+fn the_banner_shows_sizes_and_resolved_steps_and_the_plot_the_dev_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("r");
+    let mut sets = short(4);
+    sets.extend([
+        "max_steps=0".to_string(),
+        "num_train_epochs=2".into(),
+        "warmup_ratio=0.25".into(),
+        format!("output_dir={:?}", path_str(&dir)),
+    ]);
+    let out = run_in(None, &sets, &[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("data: 8 train, 4 dev examples (synthetic) | 8 steps (train.epochs = 2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| warmup 2 steps (ceil(train.warmup_ratio = 0.25 × 8 steps))"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("run folder "), "{stdout}");
+    let svg = std::fs::read_to_string(dir.join("loss.svg")).unwrap();
+    assert!(
+        svg.contains("training loss") && svg.contains("dev loss"),
+        "no dev series in loss.svg"
+    );
+    // The synthetic task's config.toml holds no data keys that do not apply to it.
+    let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    for key in ["dir", "labels", "k_shot", "eval_batch_size"] {
+        assert!(!config.contains(&format!("\n{key} =")), "{key} in {config}");
+    }
+    assert!(config.contains("\ntrain_examples = 8\n"), "{config}");
+}
+
+/// `--init-from DIR` is recorded in config.toml as `init_from`, which `--config` honours.
+#[test]
+fn init_from_is_recorded_and_a_config_file_honours_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pt = ["method=pt".to_string(), "method.prompt_len=4".into()];
+    let first = tmp.path().join("first");
+    let mut sets = short(2);
+    sets.extend(pt.clone());
+    sets.push(format!("out_dir={:?}", path_str(&first)));
+    let out = run_in(None, &sets, &[]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let adapter = first.join("export/adapter");
+    assert!(adapter.is_dir());
+
+    let warm = tmp.path().join("warm");
+    let mut sets = short(2);
+    sets.extend(pt.clone());
+    sets.push(format!("out_dir={:?}", path_str(&warm)));
+    let out = run_in(None, &sets, &["--init-from", &path_str(&adapter)]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let config = std::fs::read_to_string(warm.join("config.toml")).unwrap();
+    assert!(
+        config.contains(&format!("init_from = {:?}", path_str(&adapter))),
+        "{config}"
+    );
+    // The recorded config starts the same warm start: the adapter is read (a missing one is
+    // an error naming it; another method refuses it).
+    let file = tmp.path().join("run.toml");
+    let missing = tmp.path().join("no-adapter");
+    std::fs::write(
+        &file,
+        config.replace(&path_str(&adapter), &path_str(&missing)),
+    )
+    .unwrap();
+    let again = tmp.path().join("again");
+    let out = run_in(
+        None,
+        &[format!("out_dir={:?}", path_str(&again))],
+        &["--config", &path_str(&file)],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no-adapter"), "{stderr}");
+    let out = run_in(
+        None,
+        &[
+            format!("out_dir={:?}", path_str(&again)),
+            format!("init_from={:?}", path_str(&adapter)),
+            "method=dpt".into(),
+            "method.prompt_len=4".into(),
+            "method.rank=2".into(),
+        ],
+        &["--config", &path_str(&file)],
+    );
+    let (_, stderr) = text(&out);
+    assert!(
+        stderr.contains("warm-starts only the `pt` method"),
+        "{stderr}"
+    );
+    assert!(!again.exists(), "a refused run leaves no folder");
+}

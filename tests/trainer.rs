@@ -284,3 +284,139 @@ fn a_signal_during_the_final_evaluation_stops_it_and_a_resume_redoes_it() {
     assert!(out.join("export").is_dir());
     assert_eq!(third.losses, first.losses);
 }
+
+/// Early stopping: with a learning rate too small to move f32 parameters, the dev loss never
+/// improves on the first evaluation's, so the run stops at the evaluation that makes
+/// `patience` without a better one, says so in report.json and metrics.jsonl, still exports,
+/// and a resume finds it finished.
+#[test]
+fn early_stopping_ends_the_run_at_the_patience_th_evaluation_without_improvement() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("early");
+    let sets = [
+        "train.steps=20",
+        "learning_rate=1e-30",
+        "train.lr_lowrank=1e-30",
+        "train.warmup_steps=0",
+        "train.batch_size=2",
+        "eval_steps=2",
+        "save_steps=4",
+        "early_stopping_patience=3",
+        "data.train_examples=8",
+        "data.dev_examples=4",
+    ];
+    let cfg = config(&dir, &sets);
+    let out = run(&cfg, false, false).unwrap();
+    // Evaluations at 2 (the best), 4, 6, 8: the third without a better dev loss is at step 8.
+    assert_eq!(out.stopped, Stopped::Finished);
+    assert_eq!(out.losses.len(), 8);
+    assert_eq!(out.total_steps, 20);
+    let stop = out.early_stop.clone().unwrap();
+    assert_eq!((stop.step, stop.best_step, stop.patience), (8, 2, 3));
+    assert_eq!(out.best.unwrap().0, 2);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["stopped"], "finished");
+    assert_eq!(report["early_stop"]["step"], 8);
+    assert!(report["early_stop"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("3 dev evaluations in a row without a better dev loss"));
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let line = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["kind"] == "early_stop")
+        .unwrap();
+    assert_eq!(
+        (line["step"].as_u64(), line["best_step"].as_u64()),
+        (Some(8), Some(2))
+    );
+    assert!(dir.join("export").is_dir(), "the final stage still ran");
+    let (_, state) = load_checkpoint(&dir.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(state.step, 8);
+    // A resume of the stopped run has nothing to do.
+    let again = run(&cfg, true, false).unwrap();
+    assert_eq!(again.stopped, Stopped::AlreadyFinished);
+
+    // Interrupted at step 5 and resumed: the evaluations before the interruption count.
+    let dir = tmp.path().join("early-resumed");
+    let cfg = config(&dir, &sets);
+    let flag = AtomicUsize::new(0);
+    let opts = TrainOptions {
+        resume: false,
+        interrupt: &flag,
+        progress: false,
+        init_from: None,
+        nan_grad_at_step: None,
+    };
+    let mut stop_at = cfg.clone();
+    stop_at.train.steps = 5;
+    // Stopped at 5 by a shorter run (steps may grow on resume), then resumed to 20.
+    let first = train(&CpuBackend::<f32>::new(), &stop_at, &opts).unwrap();
+    assert_eq!(first.losses.len(), 5);
+    let resumed = run(&cfg, true, false).unwrap();
+    assert_eq!(resumed.early_stop.unwrap().step, 8);
+    assert_eq!(resumed.losses.len(), 8);
+
+    // Without patience the same run takes every step.
+    let dir = tmp.path().join("patient");
+    let mut no_patience = sets.to_vec();
+    no_patience.push("early_stopping_patience=0");
+    let out = run(&config(&dir, &no_patience), false, false).unwrap();
+    assert_eq!((out.losses.len(), out.early_stop), (20, None));
+}
+
+/// num_train_epochs and warmup_ratio resolve against the training set: 20 examples in
+/// batches of 4 × 2 are 3 steps an epoch; 2 epochs are 6 steps, warmup ceil(0.5 × 6) = 3. The
+/// learning rates of the steps are the schedule's (transformers' lambda at step − 1), and
+/// config.toml keeps the epochs.
+#[test]
+fn epochs_and_warmup_ratio_set_the_steps_of_a_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("epochs");
+    let cfg = config(
+        &dir,
+        &[
+            "max_steps=0",
+            "num_train_epochs=2",
+            "warmup_steps=0",
+            "warmup_ratio=0.5",
+            "lr_scheduler_type=cosine",
+            "train.batch_size=4",
+            "train.grad_accum=2",
+            "train.eval_every=3",
+            "data.train_examples=20",
+            "data.dev_examples=4",
+        ],
+    );
+    let out = run(&cfg, false, false).unwrap();
+    assert_eq!((out.losses.len(), out.total_steps), (6, 6));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    let lrs: Vec<f64> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["lr"].as_f64().unwrap())
+        .collect();
+    let want: Vec<f64> = (1..=6)
+        .map(|s| 0.3 * fastpt::train::schedule::lr_factor(cfg.train.schedule, s, 3, 6))
+        .collect();
+    // serde_json's float parser may be an ulp off.
+    for (got, want) in lrs.iter().zip(&want) {
+        assert!(
+            (got - want).abs() <= 1e-15 * want.abs(),
+            "{lrs:?} vs {want:?}"
+        );
+    }
+    assert_eq!(lrs[0], 0.0, "transformers' warmup starts at 0");
+    let text = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(
+        text.contains("\nepochs = 2.0\n") && !text.contains("\nsteps ="),
+        "{text}"
+    );
+    assert!(text.contains("\nwarmup_ratio = 0.5\n") && !text.contains("\nwarmup_steps ="));
+    assert!(text.contains("\nschedule = \"cosine\"\n"), "{text}");
+    assert_eq!(report["config"]["train"]["epochs"], 2.0);
+}

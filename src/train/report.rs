@@ -63,6 +63,10 @@ pub struct Report {
     /// Where the run is: `running` (written at each checkpoint), `finished`, `interrupted
     /// (SIGINT)` / `interrupted (SIGTERM)`, `error: MESSAGE`.
     pub stopped: String,
+    /// Set when early stopping ended the run before its last step: `step`, `patience`,
+    /// `best_step`, `best`, `compared` (dev loss or dev score) and `reason` (a sentence).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_stop: Option<serde_json::Value>,
 }
 
 impl Report {
@@ -106,6 +110,65 @@ const MAX_PLOTTED: usize = 2000;
 /// Up to this many points each get a marker, so a short run (or a single step) is visible.
 const MAX_MARKED: usize = 60;
 
+/// A chart title longer than this many characters is shortened ([`fit_title`]): the title's
+/// 26 px sans-serif averages under 15 px a character, and the chart is 800 px wide with 16 px
+/// margins.
+pub const TITLE_MAX_CHARS: usize = 52;
+
+/// `title` shortened to at most `max` characters so a chart never clips it: path-like words
+/// (holding a `/`) lose leading components first, keeping their end (`…/runs/rte-pt`), the
+/// longest first; what is still too long keeps its start and end around a `…`.
+pub fn fit_title(title: &str, max: usize) -> String {
+    let len = |s: &str| s.chars().count();
+    let mut words: Vec<String> = title.split(' ').map(String::from).collect();
+    while len(&words.join(" ")) > max {
+        // The longest word that still has a leading path component to drop.
+        let Some(i) = (0..words.len())
+            .filter(|&i| without_first_component(&words[i]).is_some())
+            .max_by_key(|&i| len(&words[i]))
+        else {
+            break;
+        };
+        match without_first_component(&words[i]) {
+            Some(shorter) => words[i] = shorter,
+            None => break,
+        }
+    }
+    let text = words.join(" ");
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= max {
+        return text;
+    }
+    let keep = max.saturating_sub(1);
+    let head = keep / 2;
+    let tail = keep - head;
+    let mut out: String = chars[..head].iter().collect();
+    out.push('…');
+    out.extend(&chars[chars.len() - tail..]);
+    out
+}
+
+/// `word` without its first path component, marked `…/` (`/a/b/c` → `…/b/c`, `…/b/c` →
+/// `…/c`); None when only one component is left.
+fn without_first_component(word: &str) -> Option<String> {
+    let rest = word.trim_start_matches('…').trim_start_matches('/');
+    let cut = rest.find('/')?;
+    Some(format!("…/{}", &rest[cut + 1..]))
+}
+
+/// A run's loss chart: the training loss of every step and, when the run evaluated on dev,
+/// the dev loss (same axis) and a dev metric (its own axis on the right), with a legend.
+#[derive(Debug, Clone, Copy)]
+pub struct LossChart<'a> {
+    pub title: &'a str,
+    /// (step, training loss).
+    pub train: &'a [(u64, f64)],
+    /// (step, dev loss) of each evaluation; empty when there were none.
+    pub dev_loss: &'a [(u64, f64)],
+    /// The dev metric's label and its (step, value) points.
+    pub dev_metric: Option<(&'a str, &'a [(u64, f64)])>,
+}
+
 /// An SVG line chart of (step, loss) with title and axis labels; atomic write.
 ///
 /// Non-finite losses (NaN, infinities) are skipped. With no finite point at all (an empty slice
@@ -115,6 +178,36 @@ const MAX_MARKED: usize = 60;
 /// viewer picks a sans-serif font).
 pub fn write_loss_svg(path: &Path, points: &[(u64, f64)], title: &str) -> Result<()> {
     write_line_svg(path, points, title, ("step", "loss"))
+}
+
+/// loss.svg of a run ([`LossChart`]): written as [`write_loss_svg`] writes the loss (the same
+/// rules for non-finite points and thinning; the dev series are drawn when they have a finite
+/// point).
+pub fn write_run_svg(path: &Path, chart: &LossChart<'_>) -> Result<()> {
+    let finite = |points: &[(u64, f64)]| -> Vec<(u64, f64)> {
+        points.iter().copied().filter(|p| p.1.is_finite()).collect()
+    };
+    let train = finite(chart.train);
+    if train.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: no finite (step, loss) points to plot ({} given)",
+            path.display(),
+            chart.train.len()
+        )));
+    }
+    let dev = finite(chart.dev_loss);
+    let metric = chart
+        .dev_metric
+        .map(|(label, points)| (label, finite(points)))
+        .filter(|(_, points)| !points.is_empty());
+    let svg = render_run_svg(
+        &thin(&train, MAX_PLOTTED),
+        &dev,
+        metric.as_ref().map(|(l, p)| (*l, p.as_slice())),
+        chart.title,
+    )
+    .map_err(|e| Error::Input(format!("{}: cannot draw the chart: {e}", path.display())))?;
+    write_file_atomic(path, svg.as_bytes(), &mut || Ok(()))
 }
 
 /// A line chart of `(x, y)` points with the axes named `(x, y)`, written as
@@ -200,7 +293,7 @@ fn chart_frame<'a, 'b, DB: DrawingBackend>(
 ) -> ChartBuilder<'a, 'b, DB> {
     let mut builder = ChartBuilder::on(root);
     builder
-        .caption(title, ("sans-serif", 26))
+        .caption(fit_title(title, TITLE_MAX_CHARS), ("sans-serif", 26))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(72);
@@ -243,6 +336,83 @@ fn render_line_svg(
         chart.draw_series(
             LineSeries::new(points.iter().copied(), BLUE.stroke_width(2)).point_size(marker),
         )?;
+        root.present()?;
+    }
+    Ok(svg)
+}
+
+/// The run's chart as an SVG document: the training loss (`train`, non-empty and finite),
+/// the dev loss on the same axis, the dev metric on a right-hand axis; a legend when there is
+/// more than the training loss.
+fn render_run_svg(
+    train: &[(u64, f64)],
+    dev: &[(u64, f64)],
+    metric: Option<(&str, &[(u64, f64)])>,
+    title: &str,
+) -> std::result::Result<String, Box<dyn std::error::Error>> {
+    let metric_points = metric.map_or(&[][..], |m| m.1);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, CHART_SIZE).into_drawing_area();
+        root.fill(&WHITE)?;
+        let steps = step_range(train.iter().chain(dev).chain(metric_points).map(|p| p.0));
+        let mut frame = chart_frame(&root, title);
+        if metric.is_some() {
+            frame.right_y_label_area_size(72);
+        }
+        let mut chart = frame
+            .build_cartesian_2d(
+                steps.clone(),
+                loss_range(train.iter().chain(dev).map(|p| p.1)),
+            )?
+            // The same steps: the metric's points line up with the losses'.
+            .set_secondary_coord(steps, loss_range(metric_points.iter().map(|p| p.1)));
+        let mut mesh = chart.configure_mesh();
+        mesh.x_desc("step").y_desc("loss");
+        style_mesh(&mut mesh).draw()?;
+        let marker = |n: usize| if n <= MAX_MARKED { 3 } else { 0 };
+        let [train_colour, dev_colour, metric_colour] =
+            [SERIES_COLOURS[0], SERIES_COLOURS[1], SERIES_COLOURS[2]];
+        chart
+            .draw_series(
+                LineSeries::new(train.iter().copied(), train_colour.stroke_width(2))
+                    .point_size(marker(train.len())),
+            )?
+            .label("training loss")
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], train_colour));
+        if !dev.is_empty() {
+            chart
+                .draw_series(
+                    LineSeries::new(dev.iter().copied(), dev_colour.stroke_width(2))
+                        .point_size(marker(dev.len())),
+                )?
+                .label("dev loss")
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], dev_colour));
+        }
+        if let Some((label, points)) = metric {
+            chart
+                .configure_secondary_axes()
+                .y_desc(label)
+                .axis_desc_style(("sans-serif", 18))
+                .label_style(("sans-serif", 15))
+                .draw()?;
+            chart
+                .draw_secondary_series(
+                    LineSeries::new(points.iter().copied(), metric_colour.stroke_width(2))
+                        .point_size(marker(points.len())),
+                )?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], metric_colour));
+        }
+        if !dev.is_empty() || metric.is_some() {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK.mix(0.3))
+                .label_font(("sans-serif", 15))
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()?;
+        }
         root.present()?;
     }
     Ok(svg)
@@ -383,6 +553,7 @@ mod tests {
             truncated_rows: 3,
             eval: BTreeMap::from([("accuracy".to_string(), 0.75)]),
             stopped: "nan".into(),
+            early_stop: None,
         }
     }
 
@@ -541,6 +712,74 @@ mod tests {
         assert!(thinned.contains(&(123_457, 50.0)), "the spike survives");
         assert!(thinned.windows(2).all(|w| w[0].0 < w[1].0), "step order");
         assert_eq!(thin(&points[..10], MAX_PLOTTED), points[..10].to_vec());
+    }
+
+    /// The text of the SVG's title (its first `<text>` element holds the caption).
+    fn svg_title(svg: &str) -> String {
+        let start = svg.find("<text").unwrap();
+        let open = start + svg[start..].find('>').unwrap() + 1;
+        let close = open + svg[open..].find("</text>").unwrap();
+        svg[open..close].trim().to_string()
+    }
+
+    #[test]
+    fn a_long_title_keeps_the_end_of_its_path_and_fits_the_chart() {
+        let long_dir = format!("/home/user/{}runs/rte-pt", "nested/".repeat(40));
+        assert!(long_dir.len() > 300);
+        let title = format!("pt on {long_dir}: loss");
+        let short = fit_title(&title, TITLE_MAX_CHARS);
+        assert!(short.chars().count() <= TITLE_MAX_CHARS, "{short}");
+        assert_eq!(short, "pt on …/nested/nested/nested/runs/rte-pt: loss");
+        // A short title is left alone; a word without a path keeps its start and end.
+        assert_eq!(fit_title("pt on t5-tiny: loss", 52), "pt on t5-tiny: loss");
+        let word = "x".repeat(100);
+        let cut = fit_title(&word, 10);
+        assert_eq!((cut.chars().count(), cut.contains('…')), (10, true));
+        // In the chart: the caption is the shortened title.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.svg");
+        write_loss_svg(&path, &[(1, 2.0), (2, 1.0)], &title).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(svg_title(&svg), short);
+    }
+
+    #[test]
+    fn run_svg_draws_the_dev_loss_and_metric_with_a_legend_when_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.svg");
+        let train: Vec<(u64, f64)> = (1..=20).map(|s| (s, 3.0 - s as f64 * 0.1)).collect();
+        let dev = [(5, 2.8), (10, 2.5), (15, f64::NAN), (20, 2.2)];
+        let score = [(5, 0.5), (10, 0.625), (15, 0.7), (20, 0.75)];
+        let chart = LossChart {
+            title: "pt on t5: loss",
+            train: &train,
+            dev_loss: &dev,
+            dev_metric: Some(("dev score (mean of accuracy)", &score)),
+        };
+        write_run_svg(&path, &chart).unwrap();
+        let svg = check_svg(&path, "pt on t5: loss");
+        for text in ["training loss", "dev loss", "dev score (mean of accuracy)"] {
+            // The legend names each series (the metric's label is also its axis).
+            assert!(svg.contains(text), "no {text}");
+        }
+        // One colour per series (the curve and its legend swatch).
+        for colour in ["#1F77B4", "#FF7F0E", "#2CA02C"] {
+            assert!(
+                svg.contains(&format!("stroke=\"{colour}\"")),
+                "no {colour} series"
+            );
+        }
+        // Without dev points: the training loss alone, no legend.
+        let alone = LossChart {
+            dev_loss: &[],
+            dev_metric: None,
+            ..chart
+        };
+        write_run_svg(&path, &alone).unwrap();
+        let svg = check_svg(&path, "pt on t5: loss");
+        assert!(!svg.contains("dev loss") && !svg.contains("training loss"));
+        assert!(svg.contains("stroke=\"#1F77B4\""));
+        assert!(!svg.contains("#FF7F0E") && !svg.contains("#2CA02C"));
     }
 
     #[test]

@@ -19,13 +19,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::checkpoint::{load_checkpoint, save_checkpoint, OptimTensor, TrainState};
 use super::export::{export_prompt, init_from_adapter, ExportInfo, Exported};
 use super::optim::Optimizer;
-use super::report::{peak_rss_bytes, write_loss_svg, Report, StepRecord};
+use super::report::{peak_rss_bytes, write_run_svg, LossChart, Report, StepRecord};
 use super::run_dir::{
     check_new_run_dir, check_resume_dir, write_marker, MetricsLog, RunLock, MARKER,
 };
 use super::schedule::lr_factor;
 use crate::backend::Backend;
-use crate::config::{RunConfig, RESUME_MAY_CHANGE};
+use crate::config::{RunConfig, StepPlan, RESUME_MAY_CHANGE};
 use crate::data::batching::{Batcher, Position};
 use crate::data::tasks::{load_custom_task, load_task, TaskData, TextExample};
 use crate::data::tokenize::TextCodec;
@@ -98,6 +98,33 @@ pub struct Outcome {
     pub seconds: f64,
     /// A resume's changed keys, `(key, old, new)` (only [`RESUME_MAY_CHANGE`] keys).
     pub changed: Vec<(String, String, String)>,
+    /// The run's optimiser steps (resolved from `train.steps` or `train.epochs`).
+    pub total_steps: u64,
+    /// Early stopping ended the run before `total_steps`: when and why.
+    pub early_stop: Option<EarlyStop>,
+}
+
+/// Why a run stopped before its last step: `patience` dev evaluations in a row (the last at
+/// `step`) without a better keep-best value than `best` at `best_step`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EarlyStop {
+    pub step: u64,
+    pub patience: usize,
+    pub best_step: u64,
+    pub best: f64,
+    /// What was compared: `dev loss` (lower is better) or `dev score` (higher is better).
+    pub compared: String,
+}
+
+impl EarlyStop {
+    /// The sentence the run prints and report.json's `early_stop.reason` holds.
+    pub fn describe(&self) -> String {
+        format!(
+            "stopped early at step {}: {} dev evaluations in a row without a better {} than {:.4} \
+             (step {}; train.early_stopping_patience = {})",
+            self.step, self.patience, self.compared, self.best, self.best_step, self.patience
+        )
+    }
 }
 
 /// Options of one `train` call that are not part of the run config.
@@ -110,7 +137,9 @@ pub struct TrainOptions<'a> {
     pub interrupt: &'a AtomicUsize,
     /// Show a progress bar (stdout a terminal) or plain progress lines (a log).
     pub progress: bool,
-    /// A PEFT prompt-tuning adapter folder whose rows start a PT method (a warm start).
+    /// A PEFT prompt-tuning adapter folder whose rows start a PT method (a warm start), when
+    /// the config's `init_from` names none (`fastpt run --init-from` sets the config key, so
+    /// config.toml records it; this one is recorded the same way).
     pub init_from: Option<&'a Path>,
     /// Fault injection for tests: at this step the method's gradients are set to NaN before
     /// the gradient-norm check, as a diverging backward would leave them. `None` in every
@@ -131,6 +160,7 @@ fn config_hash(text: &str) -> String {
 fn resume_hash(cfg: &RunConfig) -> String {
     let mut c = cfg.clone();
     c.train.steps = 0;
+    c.train.epochs = None;
     c.train.eval_every = 0;
     c.train.checkpoint_every = 0;
     c.out_dir = PathBuf::new();
@@ -379,12 +409,19 @@ pub fn train<B: Backend + 'static>(
     cfg: &RunConfig,
     opts: &TrainOptions<'_>,
 ) -> Result<Outcome> {
-    let dir = &cfg.out_dir;
+    // The config as asked (config.toml records it, a resume compares with it): `init_from`
+    // of the options goes into it.
+    let mut asked = cfg.clone();
+    if asked.init_from.is_none() {
+        asked.init_from = opts.init_from.map(Path::to_path_buf);
+    }
+    let asked = &asked;
+    let dir = &asked.out_dir;
     // A folder in use is refused first, naming the pid that holds it. Opening the existing
     // lock file writes nothing.
     let lock = RunLock::existing(dir)?;
     let resume = match opts.resume {
-        true => Some(check_resume(cfg)?),
+        true => Some(check_resume(asked, &plan_before_setup(asked)?)?),
         false => {
             check_new_run_dir(dir)?;
             None
@@ -403,6 +440,8 @@ pub fn train<B: Backend + 'static>(
                 tokens_per_second: 0.0,
                 seconds: 0.0,
                 changed: r.changed.clone(),
+                total_steps: r.total_steps,
+                early_stop: None,
             });
         }
     }
@@ -411,14 +450,26 @@ pub fn train<B: Backend + 'static>(
         model,
         mut method,
         data,
-    } = setup(be, cfg)?;
-    if let Some(dir) = opts.init_from {
+    } = setup(be, asked)?;
+    // A resume's parameters come from its checkpoint.
+    if let (Some(dir), None) = (&asked.init_from, &resume) {
         if let Some(note) = init_from_adapter(be, method.as_mut(), dir)? {
             println!("{note}");
         }
     }
-    check_positions(&model, method.prompt_rows(), &data, &cfg.train)?;
-    let mut run = Run::start(be, cfg, opts, &model, method, &data, resume, lock)?;
+    check_positions(&model, method.prompt_rows(), &data, &asked.train)?;
+    let plan = asked.train.plan(data.train.len())?;
+    // The run's config with its steps and warmup resolved: what the loop reads.
+    let mut run_cfg = asked.clone();
+    run_cfg.train.steps = plan.steps;
+    run_cfg.train.warmup_steps = plan.warmup;
+    (run_cfg.train.epochs, run_cfg.train.warmup_ratio) = (None, None);
+    if opts.progress {
+        println!("{}", banner(asked, &plan, &data));
+    }
+    let mut run = Run::start(
+        be, &run_cfg, asked, opts, &model, method, &data, resume, lock,
+    )?;
     let stopped = match run.step_loop() {
         Ok(stopped) => stopped,
         Err(e) => return Err(run.failed(e)),
@@ -429,6 +480,86 @@ pub fn train<B: Backend + 'static>(
     }
 }
 
+/// The start banner's second line: the data's sizes, the resolved steps and warmup (and how
+/// they were found), the schedule, early stopping.
+fn banner(cfg: &RunConfig, plan: &StepPlan, data: &RunData) -> String {
+    let sizes = match &data.text {
+        Some(t) => format!(
+            "{} train, {} dev, {} test examples",
+            t.task.train.len(),
+            t.task.dev.len(),
+            t.task.test.len()
+        ),
+        None => format!(
+            "{} train, {} dev examples (synthetic)",
+            data.train.len(),
+            data.dev.len()
+        ),
+    };
+    let tc = &cfg.train;
+    let mut line = format!(
+        "data: {sizes} | {} steps ({}; {} per epoch of {} × {}) | warmup {} steps ({}) | \
+         schedule {}",
+        plan.steps,
+        plan.steps_from,
+        plan.per_epoch,
+        tc.batch_size,
+        tc.grad_accum,
+        plan.warmup,
+        plan.warmup_from,
+        serde_json::to_value(tc.schedule)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    );
+    if tc.early_stopping_patience > 0 {
+        line.push_str(&format!(
+            " | early stopping after {} dev evaluations without a better {}",
+            tc.early_stopping_patience,
+            compared(data)
+        ));
+    }
+    line
+}
+
+/// What keep-best and early stopping compare: a text task's dev score, the synthetic task's
+/// dev loss.
+fn compared(data: &RunData) -> &'static str {
+    match data.text {
+        Some(_) => "dev score",
+        None => "dev loss",
+    }
+}
+
+/// The run's steps before the model and data are loaded (a resume's checks need them): only
+/// steps from `train.epochs` depend on the training set, whose size the synthetic task's
+/// config holds and a text task's files give (read here without a tokenizer; one example per
+/// record, as the tokenized set has).
+fn plan_before_setup(cfg: &RunConfig) -> Result<StepPlan> {
+    let tc = &cfg.train;
+    let d = &cfg.data;
+    let examples = if tc.epochs.is_none() || tc.steps > 0 {
+        1
+    } else if d.is_synthetic() {
+        d.train_examples
+    } else {
+        let dir = d.dir.as_deref().ok_or_else(|| {
+            Error::config(
+                "<run config>",
+                "data.dir",
+                "a text task needs its data folder",
+            )
+        })?;
+        let task = if d.task.ends_with(".toml") {
+            load_custom_task(Path::new(&d.task), dir, &d.task_options())?
+        } else {
+            load_task(&d.task, dir, &d.task_options())?
+        };
+        task.train.len()
+    };
+    tc.plan(examples)
+}
+
 /// What a resume starts from: the checkpoint, checked against the run's config.
 struct Resume {
     tensors: Vec<OptimTensor>,
@@ -437,12 +568,14 @@ struct Resume {
     changed: Vec<(String, String, String)>,
     /// The run had finished (its report says so) and `cfg` does not extend it.
     finished: bool,
+    /// The run's steps.
+    total_steps: u64,
 }
 
 /// A resume's checks that need no model: the folder, the config against the folder's
 /// config.toml (only [`RESUME_MAY_CHANGE`] keys may differ), the checkpoint's format and its
 /// step against `train.steps`. Reads only.
-fn check_resume(cfg: &RunConfig) -> Result<Resume> {
+fn check_resume(cfg: &RunConfig, plan: &StepPlan) -> Result<Resume> {
     let dir = &cfg.out_dir;
     check_resume_dir(dir)?;
     let config_path = dir.join("config.toml");
@@ -484,7 +617,7 @@ fn check_resume(cfg: &RunConfig) -> Result<Resume> {
             RESUME_MAY_CHANGE.join(", ")
         )));
     }
-    let steps = cfg.train.steps as u64;
+    let steps = plan.steps as u64;
     if state.step > steps {
         return Err(Error::Checkpoint {
             path: ckpt_path,
@@ -495,21 +628,26 @@ fn check_resume(cfg: &RunConfig) -> Result<Resume> {
             ),
         });
     }
-    let finished = state.step == steps && report_says_finished(&dir.join("report.json"));
+    // Finished: the report says so, at the last step or where early stopping ended the run.
+    let finished = report_says_finished(&dir.join("report.json"))
+        .is_some_and(|early| state.step == steps || early == Some(state.step));
     Ok(Resume {
         tensors,
         state,
         changed,
         finished,
+        total_steps: steps,
     })
 }
 
-/// Whether report.json says the run finished (its final evaluation and export are done).
-fn report_says_finished(path: &Path) -> bool {
+/// Whether report.json says the run finished (its final evaluation and export are done):
+/// `Some(the step early stopping ended it at, if it did)`.
+fn report_says_finished(path: &Path) -> Option<Option<u64>> {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["stopped"] == "finished")
+        .filter(|v| v["stopped"] == "finished")
+        .map(|v| v["early_stop"]["step"].as_u64())
 }
 
 /// The position of the data after `step` optimizer steps: every step takes `grad_accum`
@@ -686,6 +824,42 @@ struct Run<'a, B: Backend> {
     last_line: Instant,
     /// A resume's changed keys.
     changed: Vec<(String, String, String)>,
+    /// Every periodic dev evaluation of the run (a resumed run's earlier ones included, from
+    /// metrics.jsonl): the plot's dev series and early stopping's count.
+    evals: Vec<EvalPoint>,
+    /// Set when early stopping ended the run.
+    early_stop: Option<EarlyStop>,
+}
+
+/// One periodic dev evaluation: step, dev loss (NaN when it was not finite), a text task's dev
+/// score.
+#[derive(Debug, Clone, Copy)]
+struct EvalPoint {
+    step: u64,
+    dev_loss: f64,
+    score: Option<f64>,
+}
+
+/// The periodic dev evaluations among metrics.jsonl's lines (`kind: eval`, split dev, with
+/// `periodic: true`; a line without that field, from an older fastpt, is periodic when it has
+/// a dev loss, as only those had one).
+fn eval_points(lines: &[serde_json::Value]) -> Vec<EvalPoint> {
+    lines
+        .iter()
+        .filter(|v| v["kind"] == "eval" && v["split"] == "dev")
+        .filter(|v| {
+            v["periodic"]
+                .as_bool()
+                .unwrap_or_else(|| v["dev_loss"].is_number())
+        })
+        .filter_map(|v| {
+            Some(EvalPoint {
+                step: v["step"].as_u64()?,
+                dev_loss: v["dev_loss"].as_f64().unwrap_or(f64::NAN),
+                score: v["score"].as_f64(),
+            })
+        })
+        .collect()
 }
 
 /// A plain progress line at least this often (seconds) when stdout is not a terminal.
@@ -699,6 +873,7 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
     fn start(
         be: &'a B,
         cfg: &'a RunConfig,
+        asked: &RunConfig,
         opts: &'a TrainOptions<'a>,
         model: &'a Backbone<B>,
         mut method: Box<dyn PromptMethod<B>>,
@@ -715,9 +890,10 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         }
         let dev_batcher = run_batcher(model, &data.dev, cfg)?;
 
-        // The effective config, echoed into the run folder and hashed for resume checks.
-        let config_text = cfg.to_toml_string();
-        let hash = resume_hash(cfg);
+        // The effective config as asked (steps from epochs stay epochs), echoed into the run
+        // folder and hashed for resume checks.
+        let config_text = asked.to_toml_string();
+        let hash = resume_hash(asked);
         let mut state = TrainState {
             step: 0,
             epoch: 0,
@@ -775,11 +951,11 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
                 &mut || Ok(()),
             )?;
         }
-        let (metrics, records) = match &resume {
-            None => (MetricsLog::create(out_dir)?, Vec::new()),
+        let (metrics, records, evals) = match &resume {
+            None => (MetricsLog::create(out_dir)?, Vec::new(), Vec::new()),
             Some(_) => {
                 let (log, lines) = MetricsLog::resume(out_dir, state.step)?;
-                (log, step_records(&lines))
+                (log, step_records(&lines), eval_points(&lines))
             }
         };
         if opts.progress {
@@ -824,6 +1000,8 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             line_every,
             last_line: Instant::now(),
             changed,
+            evals,
+            early_stop: None,
         })
     }
 
@@ -838,6 +1016,11 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             cursor: self.state.cursor,
         };
         while self.state.step < total {
+            // Checked before each step: a resume of a run that early stopping had ended (a
+            // signal then stopped its final evaluation) takes no step.
+            if self.should_stop_early()? {
+                return Ok(Stopped::Finished);
+            }
             let step = self.state.step + 1;
             pos = self.train_step(step, pos)?;
             if tc.eval_every > 0 && step.is_multiple_of(tc.eval_every as u64) {
@@ -855,6 +1038,51 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             }
         }
         Ok(Stopped::Finished)
+    }
+
+    /// Early stopping: `train.early_stopping_patience` periodic dev evaluations since the one
+    /// that set the keep-best value (none better since). Sets `early_stop`, writes its
+    /// metrics.jsonl line and says so.
+    fn should_stop_early(&mut self) -> Result<bool> {
+        let patience = self.cfg.train.early_stopping_patience;
+        let (Some(best_step), Some(best)) = (self.state.best_step, self.state.best_metric) else {
+            return Ok(false);
+        };
+        let since = self.evals.iter().filter(|e| e.step > best_step).count();
+        if patience == 0 || since < patience {
+            return Ok(false);
+        }
+        let stop = EarlyStop {
+            step: self.state.step,
+            patience,
+            best_step,
+            best,
+            compared: compared(self.data).to_string(),
+        };
+        let line = stop.describe();
+        self.metrics.append(&serde_json::json!({
+            "kind": "early_stop",
+            "step": stop.step,
+            "patience": patience,
+            "best_step": best_step,
+            "best": best,
+            "compared": stop.compared,
+            "reason": line,
+            "time": unix_time(),
+        }))?;
+        self.say(line);
+        self.early_stop = Some(stop);
+        Ok(true)
+    }
+
+    /// A line above the progress bar on a terminal, a plain line in a log, nothing without
+    /// progress output.
+    fn say(&self, line: String) {
+        match (self.opts.progress, self.bar.is_hidden()) {
+            (true, true) => println!("{line}"),
+            (true, false) => self.bar.println(line),
+            (false, _) => {}
+        }
     }
 
     /// A plain line when stdout is not a terminal (a cluster log shows the run is alive):
@@ -968,6 +1196,8 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             "kind": "eval",
             "step": step,
             "split": split,
+            // The evaluations during training (with a dev loss) or the final one.
+            "periodic": dev_loss.is_some(),
             "dev_loss": dev_loss.filter(|x| x.is_finite()),
             "metrics": metrics,
             "score": score.filter(|x| x.is_finite()),
@@ -1067,12 +1297,13 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
                 (dl, format!("step {step}: dev loss {dl:.4}"))
             }
         };
+        self.evals.push(EvalPoint {
+            step,
+            dev_loss: dl,
+            score: self.data.text.as_ref().map(|_| value),
+        });
         // Above the bar on a terminal; a plain line in a log.
-        match (self.opts.progress, self.bar.is_hidden()) {
-            (true, true) => println!("{line}"),
-            (true, false) => self.bar.println(line),
-            (false, _) => {}
-        }
+        self.say(line);
         let better = |best: f64| match self.data.text {
             Some(_) => value > best,
             None => value < best,
@@ -1165,6 +1396,8 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             tokens_per_second,
             seconds,
             changed: self.changed.clone(),
+            total_steps: self.cfg.train.steps as u64,
+            early_stop: self.early_stop.clone(),
         })
     }
 
@@ -1245,15 +1478,53 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             truncated_rows: self.truncated_rows,
             eval: eval.clone(),
             stopped: stopped.to_string(),
+            early_stop: self.early_stop.as_ref().map(|e| {
+                let mut v = serde_json::to_value(e).unwrap_or_default();
+                v["reason"] = e.describe().into();
+                v
+            }),
         };
         report.write_json(&cfg.out_dir.join("report.json"))
     }
 
-    /// loss.svg of the whole run's losses.
+    /// loss.svg: the whole run's training loss, with the dev loss and a text task's dev score
+    /// of its periodic evaluations when there are any.
     fn write_loss_svg(&self) -> Result<()> {
         let cfg = self.cfg;
-        let title = format!("{} on {}: training loss", cfg.method.name(), cfg.model);
-        write_loss_svg(&cfg.out_dir.join("loss.svg"), &self.state.losses, &title)
+        let title = format!(
+            "{} on {}: {}",
+            cfg.method.name(),
+            cfg.model,
+            match self.evals.is_empty() {
+                true => "training loss",
+                false => "loss",
+            }
+        );
+        let dev_loss: Vec<(u64, f64)> = self.evals.iter().map(|e| (e.step, e.dev_loss)).collect();
+        let score: Vec<(u64, f64)> = self
+            .evals
+            .iter()
+            .filter_map(|e| Some((e.step, e.score?)))
+            .collect();
+        let metric_names = match &self.data.text {
+            Some(t) => t
+                .task
+                .spec
+                .metrics
+                .iter()
+                .map(|m| m.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            None => String::new(),
+        };
+        let score_label = format!("dev score (mean of {metric_names})");
+        let chart = LossChart {
+            title: &title,
+            train: &self.state.losses,
+            dev_loss: &dev_loss,
+            dev_metric: (!score.is_empty()).then_some((score_label.as_str(), score.as_slice())),
+        };
+        write_run_svg(&cfg.out_dir.join("loss.svg"), &chart)
     }
 }
 
