@@ -19,6 +19,7 @@ use fastpt::bench::charts::{write_memory_chart, write_sweep_charts};
 use fastpt::bench::claims::{claims_markdown, run_claims};
 use fastpt::bench::{markdown_table, run_bench, BenchClock, BenchConfig, Setting};
 use fastpt::config::RunConfig;
+use fastpt::data::tasks::LabelStyle;
 use fastpt::data::BatchSpec;
 use fastpt::data::HostBatch;
 use fastpt::doctor::{check_ops, check_steps, results_table, CheckResult};
@@ -30,14 +31,13 @@ use fastpt::model::shapes::{builtin_shapes, is_builtin_shape};
 use fastpt::model::{load_model, random_model, shape_hf_json, Backbone};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
 use fastpt::prompt::{train_params, MethodConfig};
-use fastpt::data::tasks::LabelStyle;
 use fastpt::train::predict::{
     load_predictor, predictions_jsonl, read_inputs, PredictOptions, PromptSource,
 };
 use fastpt::train::run_dir::{check_resume_dir, resume_command};
 use fastpt::train::trainer::{
-    evaluate_run, evaluate_transfer, export_run, metrics_line, signal_name, train, RunParams, Stopped, TrainOptions,
-    DEFAULT_RUN_TOML,
+    evaluate_run, evaluate_transfer, export_run, metrics_line, signal_name, train, RunParams,
+    Stopped, TrainOptions, DEFAULT_RUN_TOML,
 };
 
 #[derive(Parser)]
@@ -777,13 +777,10 @@ fn predict_cmd<B: Backend + 'static>(be: &B, args: &PredictArgs) -> Result<()> {
         params: Some(run_params(&args.params)),
         model: args.model.clone(),
         task: args.task.clone(),
-        labels: args
-            .labels
-            .as_deref()
-            .map(|l| match l {
-                "words" => LabelStyle::Words,
-                _ => LabelStyle::Indices,
-            }),
+        labels: args.labels.as_deref().map(|l| match l {
+            "words" => LabelStyle::Words,
+            _ => LabelStyle::Indices,
+        }),
         mode: args.mode.as_deref().map(str::parse).transpose()?,
         scores: args.scores,
         batch_size: args.batch_size,

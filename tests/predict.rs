@@ -120,7 +120,11 @@ fn rte_fields(input: &str) -> (String, String) {
 fn t5_run_predicts_its_own_test_predictions_from_every_input_form() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    train("t5-v1_0-tiny", &run, &["--set", "method=pt", "--set", "method.prompt_len=4"]);
+    train(
+        "t5-v1_0-tiny",
+        &run,
+        &["--set", "method=pt", "--set", "method.prompt_len=4"],
+    );
     let own = run_predictions(&run);
     assert_eq!(own.len(), 3);
     let run_s = path(&run);
@@ -176,7 +180,14 @@ fn t5_run_predicts_its_own_test_predictions_from_every_input_form() {
 
     // --scores: log-likelihoods of both labels, ≤ 0, whose argmax is the rank prediction.
     let (ok, stdout, stderr) = fastpt(&[
-        "predict", &run_s, &path(&inputs), "--scores", "--mode", "rank", "--device", "cpu",
+        "predict",
+        &run_s,
+        &path(&inputs),
+        "--scores",
+        "--mode",
+        "rank",
+        "--device",
+        "cpu",
     ]);
     assert!(ok, "{stderr}");
     let lines = jsonl(&stdout);
@@ -241,10 +252,9 @@ fn t5_run_predicts_its_own_test_predictions_from_every_input_form() {
         ]);
         assert!(ok, "{mode}: {stderr}");
         assert!(stdout.contains("f1_macro"), "{stdout}");
-        let ev: Value = serde_json::from_str(
-            &std::fs::read_to_string(run.join("eval-cb-test.json")).unwrap(),
-        )
-        .unwrap();
+        let ev: Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("eval-cb-test.json")).unwrap())
+                .unwrap();
         assert!(ev["metrics"]["accuracy"].is_number(), "{ev}");
         if mode == "rank" {
             // CB's three labels, not RTE's two.
@@ -300,7 +310,11 @@ fn dept_export_and_llama_run_predict_their_own_predictions() {
 fn predict_errors_name_the_file_row_and_field() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    train("t5-v1_0-tiny", &run, &["--set", "method=pt", "--set", "method.prompt_len=2"]);
+    train(
+        "t5-v1_0-tiny",
+        &run,
+        &["--set", "method=pt", "--set", "method.prompt_len=2"],
+    );
     let run_s = path(&run);
 
     // A record without `input` (no --task): file, line and field.
@@ -314,7 +328,13 @@ fn predict_errors_name_the_file_row_and_field() {
     );
     // --task rte without sentence2.
     let (ok, _, stderr) = fastpt(&[
-        "predict", &run_s, &path(&bad), "--task", "rte", "--device", "cpu",
+        "predict",
+        &run_s,
+        &path(&bad),
+        "--task",
+        "rte",
+        "--device",
+        "cpu",
     ]);
     assert_clean_error(ok, &stderr);
     assert!(
@@ -377,7 +397,13 @@ fn predict_errors_name_the_file_row_and_field() {
     assert!(stderr.contains("--task"), "{stderr}");
     // A size past its limit.
     let (ok, _, stderr) = fastpt(&[
-        "predict", &run_s, &path(&bad), "--batch-size", "0", "--device", "cpu",
+        "predict",
+        &run_s,
+        &path(&bad),
+        "--batch-size",
+        "0",
+        "--device",
+        "cpu",
     ]);
     assert_clean_error(ok, &stderr);
     assert!(stderr.contains("--batch-size 0"), "{stderr}");

@@ -32,8 +32,8 @@ use crate::data::tokenize::TextCodec;
 use crate::error::{Error, Result};
 use crate::eval::{option_nll, options_of, predict_generate, rank_best, EvalMode, EvalOptions};
 use crate::model::hf::read_all_f64;
-use crate::model::memory::{check_model, Workload};
 use crate::model::linear::Quant;
+use crate::model::memory::{check_model, Workload};
 use crate::model::{load_model, Backbone};
 use crate::prompt::{Param, PromptMethod};
 
@@ -198,7 +198,8 @@ impl Prediction {
         }
         obj.insert("prediction".into(), json!(self.prediction));
         if let Some(scores) = &self.scores {
-            let map: Map<String, Value> = scores.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            let map: Map<String, Value> =
+                scores.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
             obj.insert("scores".into(), Value::Object(map));
         }
         Value::Object(obj)
@@ -315,9 +316,7 @@ pub fn load_predictor<B: Backend + 'static>(
         ("--max-new-tokens", po.max_new_tokens, MAX_SEQ_LEN),
     ] {
         if let Some(v) = value.filter(|&v| v == 0 || v > limit) {
-            return Err(Error::Input(format!(
-                "{flag} {v}: expected 1 to {limit}"
-            )));
+            return Err(Error::Input(format!("{flag} {v}: expected 1 to {limit}")));
         }
     }
     let run_dir = enclosing_run(source.dir());
@@ -358,8 +357,11 @@ pub fn load_predictor<B: Backend + 'static>(
             }
             PromptSource::Export(dir) => {
                 let named = named_base(&dir.join(EXPORT_JSON))?;
-                let model_dir =
-                    base_model(po.model.as_deref(), named.as_deref(), &dir.join(EXPORT_JSON))?;
+                let model_dir = base_model(
+                    po.model.as_deref(),
+                    named.as_deref(),
+                    &dir.join(EXPORT_JSON),
+                )?;
                 let (p, c, rows, update) = read_export(dir)?;
                 let m = update.as_ref().map(|u| u.len() / c.max(1));
                 // DePT / EPT-MS: inputs longer than the update cannot be embedded, so they are
@@ -381,7 +383,12 @@ pub fn load_predictor<B: Backend + 'static>(
                 }
                 let method: Box<dyn PromptMethod<B>> =
                     Box::new(FixedPrompt::new(be, p, c, rows, update));
-                (model, method, model_dir, format!("export {}", dir.display()))
+                (
+                    model,
+                    method,
+                    model_dir,
+                    format!("export {}", dir.display()),
+                )
             }
             PromptSource::Adapter(dir) => {
                 let named = named_base(&dir.join(ADAPTER_CONFIG))?;
@@ -395,7 +402,12 @@ pub fn load_predictor<B: Backend + 'static>(
                 let (p, rows) = read_adapter(dir, model.width())?;
                 let method: Box<dyn PromptMethod<B>> =
                     Box::new(FixedPrompt::new(be, p, model.width(), rows, None));
-                (model, method, model_dir, format!("adapter {}", dir.display()))
+                (
+                    model,
+                    method,
+                    model_dir,
+                    format!("adapter {}", dir.display()),
+                )
             }
         };
     let codec = TextCodec::load(&model_dir, &model)?;
@@ -462,13 +474,23 @@ fn load_base<B: Backend + 'static>(
         ..Workload::default()
     };
     let source = dir.display().to_string();
-    check_model(be, &source, quant, &work, &format!("fastpt predict on {source}"))?;
+    check_model(
+        be,
+        &source,
+        quant,
+        &work,
+        &format!("fastpt predict on {source}"),
+    )?;
     load_model(be, dir, quant)
 }
 
 /// The inputs of `path` (`-`: stdin): records with an `input` field, or with `task` the task's
 /// fields (see the module docs). Errors name the file, line and field.
-pub fn read_inputs(path: &Path, task: Option<&str>, labels: LabelStyle) -> Result<Vec<TextExample>> {
+pub fn read_inputs(
+    path: &Path,
+    task: Option<&str>,
+    labels: LabelStyle,
+) -> Result<Vec<TextExample>> {
     let stdin = path == Path::new("-");
     let raw = |input: String| TextExample {
         input,
@@ -544,21 +566,20 @@ impl<B: Backend> Predictor<B> {
         scores: bool,
     ) -> Result<Vec<Prediction>> {
         let needs_labels = scores || self.opts.mode == EvalMode::Rank;
-        let spec = match (&self.spec, needs_labels) {
-            (Some(s), _) => s.clone(),
-            (None, false) => TaskSpec {
-                name: "inputs".into(),
-                metrics: Vec::new(),
-                classes: Vec::new(),
-            },
-            (None, true) => {
-                return Err(Error::Input(
+        let spec =
+            match (&self.spec, needs_labels) {
+                (Some(s), _) => s.clone(),
+                (None, false) => TaskSpec {
+                    name: "inputs".into(),
+                    metrics: Vec::new(),
+                    classes: Vec::new(),
+                },
+                (None, true) => return Err(Error::Input(
                     "--scores and --mode rank rank the task's label texts: give --task NAME (a \
                      built-in task with labels)"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         if needs_labels && spec.classes.is_empty() && examples.iter().any(|e| e.options.is_empty())
         {
             return Err(Error::Input(format!(
@@ -574,7 +595,8 @@ impl<B: Backend> Predictor<B> {
                 None,
             ),
             (EvalMode::Generate, true) => {
-                let p = predict_generate(be, &self.model, method, &self.codec, examples, &self.opts)?;
+                let p =
+                    predict_generate(be, &self.model, method, &self.codec, examples, &self.opts)?;
                 let nll = option_nll(
                     be,
                     &self.model,
@@ -587,8 +609,15 @@ impl<B: Backend> Predictor<B> {
                 (p, Some(nll))
             }
             (EvalMode::Rank, _) => {
-                let nll =
-                    option_nll(be, &self.model, method, &self.codec, &spec, examples, &self.opts)?;
+                let nll = option_nll(
+                    be,
+                    &self.model,
+                    method,
+                    &self.codec,
+                    &spec,
+                    examples,
+                    &self.opts,
+                )?;
                 let p = examples
                     .iter()
                     .zip(&nll)

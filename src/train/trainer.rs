@@ -1476,7 +1476,9 @@ pub fn evaluate_transfer<B: Backend + 'static>(
     mode: Option<EvalMode>,
 ) -> Result<(Evaluation, PathBuf, String)> {
     if !matches!(split, "dev" | "test") {
-        return Err(Error::Input(format!("unknown split {split:?}: dev or test")));
+        return Err(Error::Input(format!(
+            "unknown split {split:?}: dev or test"
+        )));
     }
     let config_path = run_dir.join("config.toml");
     let cfg = RunConfig::from_file(&config_path, &[])?;
@@ -1487,7 +1489,11 @@ pub fn evaluate_transfer<B: Backend + 'static>(
     } else {
         load_task(task, data_dir, &opts)?
     };
-    let examples = if split == "dev" { &data.dev } else { &data.test };
+    let examples = if split == "dev" {
+        &data.dev
+    } else {
+        &data.test
+    };
     let (cfg, model, mut method, path) = open_run_model(be, run_dir, params, None)?;
     let codec = TextCodec::load(Path::new(&cfg.model), &model)?;
     codec.check_classes(&data.spec)?;
