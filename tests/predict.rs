@@ -210,17 +210,24 @@ fn t5_run_predicts_its_own_test_predictions_from_every_input_form() {
         );
     }
 
-    // The export folder and its PEFT adapter, inside the run (its settings apply) ...
-    for sub in ["export", "export/adapter"] {
+    // The export folder and its PEFT adapter, inside the run (its settings apply: its task
+    // and label words for --scores, its lengths) give the run folder's output, scores included.
+    let with_scores = |source: &Path| {
         let (ok, stdout, stderr) = fastpt(&[
             "predict",
-            &path(&run.join(sub)),
+            &path(source),
             &path(&inputs),
+            "--scores",
             "--device",
             "cpu",
         ]);
-        assert!(ok, "{sub}: {stderr}");
-        assert_eq!(pairs(&stdout), own, "{sub}");
+        assert!(ok, "{}: {stderr}", source.display());
+        stdout
+    };
+    let from_run = with_scores(&run);
+    assert_eq!(pairs(&from_run), own);
+    for sub in ["export", "export/adapter"] {
+        assert_eq!(with_scores(&run.join(sub)), from_run, "{sub}");
     }
     // ... and a copy of the adapter elsewhere, with the settings as flags.
     let copy = tmp.path().join("adapter");
@@ -286,6 +293,9 @@ fn dept_export_and_llama_run_predict_their_own_predictions() {
             "method.prompt_len=3",
             "--set",
             "method.rank=2",
+            // A large step for A and B, so that the update weighs in the scores.
+            "--set",
+            "train.lr_lowrank=0.3",
         ],
     );
     let llama = tmp.path().join("llama");
@@ -304,6 +314,22 @@ fn dept_export_and_llama_run_predict_their_own_predictions() {
         assert_eq!(pairs(&stdout), own, "{}", source.display());
     }
     assert!(!dept.join("export/adapter").exists(), "DePT has no adapter");
+    // The export's rows + update give the run's own log-likelihoods, to the last bit.
+    let inputs = tmp.path().join("inputs.jsonl");
+    inputs_jsonl(&run_predictions(&dept), &inputs);
+    let scores = |source: &Path| {
+        let (ok, stdout, stderr) = fastpt(&[
+            "predict",
+            &path(source),
+            &path(&inputs),
+            "--scores",
+            "--device",
+            "cpu",
+        ]);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    assert_eq!(scores(&dept.join("export")), scores(&dept));
 }
 
 #[test]
