@@ -1667,6 +1667,62 @@ fn split_custom(
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Issue 20 (predict): a built-in task's spec and inputs without its files' splits.
+
+/// The spec (name, metrics, label texts in `style`) of built-in task `name`, read from no file.
+pub fn builtin_spec(name: &str, style: LabelStyle) -> Result<TaskSpec> {
+    let def = task_def(name)?;
+    Ok(TaskSpec {
+        name: def.name.to_string(),
+        metrics: def.metrics.to_vec(),
+        classes: class_texts(def.words, style),
+    })
+}
+
+/// The examples of built-in task `name` in `recs` (`fastpt predict --task`): its template on each
+/// record's fields, in file order. Tasks of `key: value` fields may omit the label (the
+/// example's target is then empty); MultiRC, ReCoRD and WSC read their records as their own
+/// files are read, label included. Errors name the file, line and field.
+pub fn task_inputs(name: &str, recs: &Records, style: LabelStyle) -> Result<Vec<TextExample>> {
+    let def = task_def(name)?;
+    match def.format {
+        Format::MultiRc => Ok(flatten(multirc_units(def, recs, style)?)),
+        Format::Record => Ok(flatten(record_units(def, recs)?)),
+        Format::Wsc => recs
+            .rows
+            .iter()
+            .map(|(line, rec)| {
+                let loc = Loc {
+                    path: &recs.path,
+                    line: *line,
+                };
+                wsc_example(def, loc, rec, style)
+            })
+            .collect(),
+        Format::Fields { parts, label } => recs
+            .rows
+            .iter()
+            .map(|(line, rec)| {
+                let loc = Loc {
+                    path: &recs.path,
+                    line: *line,
+                };
+                if find_field(rec, label).is_some() {
+                    return fields_example(def, loc, rec, parts, label, style);
+                }
+                Ok(TextExample {
+                    input: fields_input(def, loc, rec, parts)?,
+                    target: String::new(),
+                    answers: Vec::new(),
+                    options: class_texts(def.words, style),
+                    group: None,
+                })
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1794,61 +1850,5 @@ mod tests {
         let b = k_shot(train.clone(), 10, &classes, 7).unwrap();
         assert_eq!(b.len(), 15); // 10 of "0", all 5 of "1"
         assert_eq!(k_shot(train, 4, &[], 1).unwrap().len(), 4);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Issue 20 (predict): a built-in task's spec and inputs without its files' splits.
-
-/// The spec (name, metrics, label texts in `style`) of built-in task `name`, read from no file.
-pub fn builtin_spec(name: &str, style: LabelStyle) -> Result<TaskSpec> {
-    let def = task_def(name)?;
-    Ok(TaskSpec {
-        name: def.name.to_string(),
-        metrics: def.metrics.to_vec(),
-        classes: class_texts(def.words, style),
-    })
-}
-
-/// The examples of built-in task `name` in `recs` (`fastpt predict --task`): its template on each
-/// record's fields, in file order. Tasks of `key: value` fields may omit the label (the
-/// example's target is then empty); MultiRC, ReCoRD and WSC read their records as their own
-/// files are read, label included. Errors name the file, line and field.
-pub fn task_inputs(name: &str, recs: &Records, style: LabelStyle) -> Result<Vec<TextExample>> {
-    let def = task_def(name)?;
-    match def.format {
-        Format::MultiRc => Ok(flatten(multirc_units(def, recs, style)?)),
-        Format::Record => Ok(flatten(record_units(def, recs)?)),
-        Format::Wsc => recs
-            .rows
-            .iter()
-            .map(|(line, rec)| {
-                let loc = Loc {
-                    path: &recs.path,
-                    line: *line,
-                };
-                wsc_example(def, loc, rec, style)
-            })
-            .collect(),
-        Format::Fields { parts, label } => recs
-            .rows
-            .iter()
-            .map(|(line, rec)| {
-                let loc = Loc {
-                    path: &recs.path,
-                    line: *line,
-                };
-                if find_field(rec, label).is_some() {
-                    return fields_example(def, loc, rec, parts, label, style);
-                }
-                Ok(TextExample {
-                    input: fields_input(def, loc, rec, parts)?,
-                    target: String::new(),
-                    answers: Vec::new(),
-                    options: class_texts(def.words, style),
-                    group: None,
-                })
-            })
-            .collect(),
     }
 }

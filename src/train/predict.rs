@@ -250,8 +250,16 @@ fn named_base(file: &Path) -> Result<Option<String>> {
         .map(str::to_string))
 }
 
+/// What an export folder's prompt.safetensors holds.
+struct ExportRows {
+    p: usize,
+    c: usize,
+    rows: Vec<f32>,           // (P, C)
+    update: Option<Vec<f32>>, // (M, C)
+}
+
 /// An export's rows `(P, C)` and update `(M, C)`, checked finite and of one width.
-fn read_export(dir: &Path) -> Result<(usize, usize, Vec<f32>, Option<Vec<f32>>)> {
+fn read_export(dir: &Path) -> Result<ExportRows> {
     let path = dir.join(PROMPT_FILE);
     let mut tensors = read_all_f64(&path)?;
     let Some((shape, rows)) = tensors.remove("prompt") else {
@@ -294,12 +302,12 @@ fn read_export(dir: &Path) -> Result<(usize, usize, Vec<f32>, Option<Vec<f32>>)>
             None => Ok(v.iter().map(|&x| x as f32).collect()),
         }
     };
-    Ok((
+    Ok(ExportRows {
         p,
         c,
-        to_f32("prompt", rows)?,
-        update.map(|u| to_f32("update", u)).transpose()?,
-    ))
+        rows: to_f32("prompt", rows)?,
+        update: update.map(|u| to_f32("update", u)).transpose()?,
+    })
 }
 
 /// Loads the prompt of `source` with its model and settings (see the module docs). The memory
@@ -362,7 +370,7 @@ pub fn load_predictor<B: Backend + 'static>(
                     named.as_deref(),
                     &dir.join(EXPORT_JSON),
                 )?;
-                let (p, c, rows, update) = read_export(dir)?;
+                let ExportRows { p, c, rows, update } = read_export(dir)?;
                 let m = update.as_ref().map(|u| u.len() / c.max(1));
                 // DePT / EPT-MS: inputs longer than the update cannot be embedded, so they are
                 // cut to its length (as training cut them to train.max_len = M).

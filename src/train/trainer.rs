@@ -1395,6 +1395,10 @@ pub fn export_run<B: Backend + 'static>(
     export_prompt(be, s.method.as_mut(), &info, out)
 }
 
+/// What [`open_run_model`] returns: the run's config, its backbone, its method with the
+/// parameters loaded, and the parameter file.
+pub type OpenedRun<B> = (RunConfig, Backbone<B>, Box<dyn PromptMethod<B>>, PathBuf);
+
 /// A finished run's backbone and method with the chosen parameters loaded, without its data
 /// (`fastpt predict`, `fastpt eval --task`): the run's task files need not exist any more.
 /// `quant` replaces the run's `quant` when given. Returns the run's config (the model and
@@ -1404,7 +1408,7 @@ pub fn open_run_model<B: Backend + 'static>(
     run_dir: &Path,
     params: RunParams,
     quant: Option<crate::model::linear::Quant>,
-) -> Result<(RunConfig, Backbone<B>, Box<dyn PromptMethod<B>>, PathBuf)> {
+) -> Result<OpenedRun<B>> {
     let config_path = run_dir.join("config.toml");
     let mut cfg = RunConfig::from_file(&config_path, &[])?;
     if let Some(q) = quant {
