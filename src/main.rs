@@ -19,6 +19,7 @@ use fastpt::bench::charts::{write_memory_chart, write_sweep_charts};
 use fastpt::bench::claims::{claims_markdown, run_claims};
 use fastpt::bench::{markdown_table, run_bench, BenchClock, BenchConfig, Setting};
 use fastpt::config::RunConfig;
+use fastpt::data::tasks::LabelStyle;
 use fastpt::data::BatchSpec;
 use fastpt::data::HostBatch;
 use fastpt::doctor::{check_ops, check_steps, results_table, CheckResult};
@@ -30,10 +31,13 @@ use fastpt::model::shapes::{builtin_shapes, is_builtin_shape};
 use fastpt::model::{load_model, random_model, shape_hf_json, Backbone};
 use fastpt::prompt::table::{paper_table_markdown, shape_width, thousands};
 use fastpt::prompt::{train_params, MethodConfig};
+use fastpt::train::predict::{
+    load_predictor, predictions_jsonl, read_inputs, PredictOptions, PromptSource,
+};
 use fastpt::train::run_dir::{check_resume_dir, resume_command};
 use fastpt::train::trainer::{
-    evaluate_run, export_run, metrics_line, signal_name, train, RunParams, Stopped, TrainOptions,
-    DEFAULT_RUN_TOML,
+    evaluate_run, evaluate_transfer, export_run, metrics_line, signal_name, train, RunParams,
+    Stopped, TrainOptions, DEFAULT_RUN_TOML,
 };
 
 #[derive(Parser)]
@@ -54,6 +58,9 @@ enum Command {
     Run(TrainArgs),
     /// Evaluate a finished run folder on its task's dev or test set (metrics and predictions).
     Eval(EvalArgs),
+    /// Apply a trained prompt (a run folder, an export folder or a PEFT prompt-tuning adapter)
+    /// to new inputs: predictions as JSON Lines.
+    Predict(PredictArgs),
     /// Export a finished run's prompt: prompt.safetensors, export.json and, for methods whose
     /// result is a plain prompt, a PEFT prompt-tuning adapter folder.
     Export(ExportArgs),
@@ -88,6 +95,60 @@ struct EvalArgs {
     /// Predictions by greedy generation or rank classification (default: the run's `data.eval`).
     #[arg(long, value_parser = ["generate", "rank"])]
     mode: Option<String>,
+    /// Evaluate on another task (transfer): a built-in task name or a custom task's .toml,
+    /// read from --data; writes eval-TASK-SPLIT.json. Without it: the run's own task.
+    #[arg(long, requires = "data")]
+    task: Option<String>,
+    /// The data folder of --task.
+    #[arg(long, requires = "task")]
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// A run folder, an export folder (prompt.safetensors; DePT's and EPT-MS's update
+    /// included) or a PEFT prompt-tuning adapter folder.
+    source: PathBuf,
+    /// The inputs: a .jsonl / .json / .csv / .tsv file of records with an `input` field (or the
+    /// fields of --task), or `-`: stdin, one input text per line (with --task: JSON Lines).
+    input: PathBuf,
+    /// Write the predictions (JSON Lines) to this file instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A built-in task whose template applies to the inputs' fields (rte, boolq, ...); its label
+    /// texts are what --scores and --mode rank rank. Default: the run's task, for --scores.
+    #[arg(long)]
+    task: Option<String>,
+    /// The base model folder (an adapter or export whose base_model_name_or_path is not a
+    /// local folder).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Label texts as indices ("0") or words ("entailment"); default: the run's data.labels.
+    #[arg(long, value_parser = ["indices", "words"])]
+    labels: Option<String>,
+    /// Greedy generation or rank classification (default: the run's data.eval, else generate).
+    #[arg(long, value_parser = ["generate", "rank"])]
+    mode: Option<String>,
+    /// Add each label's log-likelihood (rank classification over the task's label texts).
+    #[arg(long)]
+    scores: bool,
+    /// A run's keep-best parameters (best) or its last (last).
+    #[arg(long, default_value = "best", value_parser = ["best", "last"])]
+    params: String,
+    /// Rows per batch (default: the run's data.eval_batch_size, else 32).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Inputs are cut to this many tokens (default: the run's train.max_len, else 256).
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Generation stops after this many tokens (default: the run's train.max_target_len).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Store the backbone's linear weights in NF4 (default: the run's quant).
+    #[arg(long, value_parser = ["none", "nf4"])]
+    quant: Option<String>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -442,6 +503,7 @@ fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => with_backend!(&args.device, |be| train_cmd(be, &args)),
         Command::Eval(args) => with_backend!(&args.device, |be| eval_cmd(be, &args)),
+        Command::Predict(args) => with_backend!(&args.device, |be| predict_cmd(be, &args)),
         Command::Export(args) => with_backend!(&args.device, |be| export_cmd(be, &args)),
         Command::Step(args) => with_backend!(&args.device, |be| run(be, &args)),
         Command::Params(args) => params(&args),
@@ -680,23 +742,83 @@ fn run_params(name: &str) -> RunParams {
 
 fn eval_cmd<B: Backend + 'static>(be: &B, args: &EvalArgs) -> Result<()> {
     let mode = args.mode.as_deref().map(str::parse).transpose()?;
-    let (ev, params) = evaluate_run(be, &args.run, run_params(&args.params), &args.split, mode)?;
+    let params_of = run_params(&args.params);
+    let (ev, params, file) = match (&args.task, &args.data) {
+        (Some(task), Some(data)) => {
+            let (ev, params, name) =
+                evaluate_transfer(be, &args.run, params_of, task, data, &args.split, mode)?;
+            // The run's own eval-{split}.json stays; a transfer gets its own file.
+            (ev, params, format!("eval-{name}-{}.json", args.split))
+        }
+        _ => {
+            let (ev, params) = evaluate_run(be, &args.run, params_of, &args.split, mode)?;
+            (ev, params, format!("eval-{}.json", args.split))
+        }
+    };
     println!(
-        "{} on {} ({} examples, {:.1} s, parameters {}): {}",
+        "{} on {}{} ({} examples, {:.1} s, parameters {}): {}",
         args.run.display(),
+        args.task
+            .as_deref()
+            .map_or(String::new(), |t| format!("{t} ")),
         args.split,
         ev.predictions.len(),
         ev.seconds,
         params.display(),
         metrics_line(&ev.metrics)
     );
-    let path = args.run.join(format!("eval-{}.json", args.split));
+    let path = args.run.join(file);
     write_file_atomic(
         &path,
         serde_json::to_string_pretty(&ev)?.as_bytes(),
         &mut || Ok(()),
     )?;
     println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn predict_cmd<B: Backend + 'static>(be: &B, args: &PredictArgs) -> Result<()> {
+    let source = PromptSource::detect(&args.source)?;
+    let opts = PredictOptions {
+        params: Some(run_params(&args.params)),
+        model: args.model.clone(),
+        task: args.task.clone(),
+        labels: args.labels.as_deref().map(|l| match l {
+            "words" => LabelStyle::Words,
+            _ => LabelStyle::Indices,
+        }),
+        mode: args.mode.as_deref().map(str::parse).transpose()?,
+        scores: args.scores,
+        batch_size: args.batch_size,
+        max_len: args.max_len,
+        max_new_tokens: args.max_new_tokens,
+        quant: args.quant.as_deref().map(str::parse).transpose()?,
+    };
+    let mut predictor = load_predictor(be, &source, &opts)?;
+    // The task's labels in the style the prompt was trained with (the run's, or --labels).
+    let examples = read_inputs(&args.input, args.task.as_deref(), predictor.labels)?;
+    eprintln!("fastpt predict: {}", predictor.describe);
+    let start = std::time::Instant::now();
+    let predictions = predictor.predict(be, &examples, args.scores)?;
+    let text = predictions_jsonl(&predictions);
+    match &args.out {
+        Some(path) => {
+            write_file_atomic(path, text.as_bytes(), &mut || Ok(()))?;
+            eprintln!(
+                "wrote {} ({} predictions, {:.1} s)",
+                path.display(),
+                predictions.len(),
+                start.elapsed().as_secs_f64()
+            );
+        }
+        None => {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .context("writing the predictions to stdout")?;
+        }
+    }
     Ok(())
 }
 

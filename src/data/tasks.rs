@@ -614,14 +614,13 @@ fn any_field<'r>(
     find_field(rec, names).ok_or_else(|| loc.missing(&names.join("` or `"), rec))
 }
 
-fn fields_example(
+/// The template of a `key: value` task on one record: its prefix, then each part.
+fn fields_input(
     def: &TaskDef,
     loc: Loc<'_>,
     rec: &Record,
     parts: &[(&str, &'static [&'static str])],
-    label: &[&'static str],
-    style: LabelStyle,
-) -> Result<TextExample> {
+) -> Result<String> {
     let mut input = def.prefix.to_string();
     for (key, names) in parts {
         let (name, v) = any_field(loc, rec, names)?;
@@ -630,6 +629,18 @@ fn fields_example(
         input.push(' ');
         input.push_str(&loc.text(v, name)?);
     }
+    Ok(input)
+}
+
+fn fields_example(
+    def: &TaskDef,
+    loc: Loc<'_>,
+    rec: &Record,
+    parts: &[(&str, &'static [&'static str])],
+    label: &[&'static str],
+    style: LabelStyle,
+) -> Result<TextExample> {
+    let input = fields_input(def, loc, rec, parts)?;
     let (name, v) = any_field(loc, rec, label)?;
     let (target, options) = if def.words.is_empty() {
         let score = loc.float(v, name)?;
@@ -1654,6 +1665,62 @@ fn split_custom(
             }
         }
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 20 (predict): a built-in task's spec and inputs without its files' splits.
+
+/// The spec (name, metrics, label texts in `style`) of built-in task `name`, read from no file.
+pub fn builtin_spec(name: &str, style: LabelStyle) -> Result<TaskSpec> {
+    let def = task_def(name)?;
+    Ok(TaskSpec {
+        name: def.name.to_string(),
+        metrics: def.metrics.to_vec(),
+        classes: class_texts(def.words, style),
+    })
+}
+
+/// The examples of built-in task `name` in `recs` (`fastpt predict --task`): its template on each
+/// record's fields, in file order. Tasks of `key: value` fields may omit the label (the
+/// example's target is then empty); MultiRC, ReCoRD and WSC read their records as their own
+/// files are read, label included. Errors name the file, line and field.
+pub fn task_inputs(name: &str, recs: &Records, style: LabelStyle) -> Result<Vec<TextExample>> {
+    let def = task_def(name)?;
+    match def.format {
+        Format::MultiRc => Ok(flatten(multirc_units(def, recs, style)?)),
+        Format::Record => Ok(flatten(record_units(def, recs)?)),
+        Format::Wsc => recs
+            .rows
+            .iter()
+            .map(|(line, rec)| {
+                let loc = Loc {
+                    path: &recs.path,
+                    line: *line,
+                };
+                wsc_example(def, loc, rec, style)
+            })
+            .collect(),
+        Format::Fields { parts, label } => recs
+            .rows
+            .iter()
+            .map(|(line, rec)| {
+                let loc = Loc {
+                    path: &recs.path,
+                    line: *line,
+                };
+                if find_field(rec, label).is_some() {
+                    return fields_example(def, loc, rec, parts, label, style);
+                }
+                Ok(TextExample {
+                    input: fields_input(def, loc, rec, parts)?,
+                    target: String::new(),
+                    answers: Vec::new(),
+                    options: class_texts(def.words, style),
+                    group: None,
+                })
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]

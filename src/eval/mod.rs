@@ -218,21 +218,56 @@ pub fn predict_generate<'m, B: Backend>(
 pub fn predict_rank<'m, B: Backend>(
     be: &B,
     model: &Backbone<B>,
-    mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     codec: &TextCodec,
     spec: &TaskSpec,
     examples: &[TextExample],
     opts: &EvalOptions,
 ) -> Result<Vec<String>> {
+    let nll = option_nll(be, model, method, codec, spec, examples, opts)?;
+    Ok(examples
+        .iter()
+        .zip(&nll)
+        .map(|(ex, scores)| options_of(ex, spec)[rank_best(scores)].clone())
+        .collect())
+}
+
+/// The options rank classification chooses from: the example's own, else the task's labels.
+pub fn options_of<'a>(ex: &'a TextExample, spec: &'a TaskSpec) -> &'a [String] {
+    if ex.options.is_empty() {
+        &spec.classes
+    } else {
+        &ex.options
+    }
+}
+
+/// The index of the least negative log-likelihood (the first on a tie).
+pub fn rank_best(nll: &[f64]) -> usize {
+    let mut best = (f64::INFINITY, 0);
+    for (k, &score) in nll.iter().enumerate() {
+        if score < best.0 {
+            best = (score, k);
+        }
+    }
+    best.1
+}
+
+/// The summed negative log-likelihood of each option's tokens (see [`options_of`]) after each
+/// example's input: `[example][option]`, in the options' order.
+pub fn option_nll<'m, B: Backend>(
+    be: &B,
+    model: &Backbone<B>,
+    mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    codec: &TextCodec,
+    spec: &TaskSpec,
+    examples: &[TextExample],
+    opts: &EvalOptions,
+) -> Result<Vec<Vec<f64>>> {
     // Every (example, option) pair is one row.
     let mut rows: Vec<Example> = Vec::new();
-    let mut owner: Vec<(usize, usize)> = Vec::new(); // (example, option)
+    let mut owner: Vec<usize> = Vec::new(); // the example of each row
     for (i, ex) in examples.iter().enumerate() {
-        let options = if ex.options.is_empty() {
-            &spec.classes
-        } else {
-            &ex.options
-        };
+        let options = options_of(ex, spec);
         if options.is_empty() {
             return Err(Error::Input(format!(
                 "{}: rank classification needs label options and example {i} has none (a \
@@ -242,16 +277,16 @@ pub fn predict_rank<'m, B: Backend>(
         }
         let mut input = codec.encode_input_max(&ex.input, opts.max_len.max(1))?;
         input.truncate(opts.max_len.max(1));
-        for (k, option) in options.iter().enumerate() {
+        for option in options {
             rows.push(Example {
                 input: input.clone(),
                 target: codec.encode_target(option)?,
             });
-            owner.push((i, k));
+            owner.push(i);
         }
     }
     let batcher = batcher(model, &rows, opts)?;
-    let mut best: Vec<(f64, usize)> = vec![(f64::INFINITY, 0); examples.len()];
+    let mut nll: Vec<Vec<f64>> = examples.iter().map(|_| Vec::new()).collect(); // [example][option]
     let all: Vec<&Example> = rows.iter().collect();
     let bar = progress_bar(opts, examples.len(), "ranking");
     for (chunk, owners) in all
@@ -259,28 +294,16 @@ pub fn predict_rank<'m, B: Backend>(
         .zip(owner.chunks(opts.batch_size.max(1)))
     {
         let (batch, _) = batcher.pad(chunk);
-        let nll = label_nll(be, model, method.as_deref_mut(), &batch)?;
-        for (&(i, k), &score) in owners.iter().zip(&nll) {
-            if score < best[i].0 {
-                best[i] = (score, k);
-            }
+        let scores = label_nll(be, model, method.as_deref_mut(), &batch)?;
+        // Rows come in option order, so each example's scores are pushed in that order.
+        for (&i, &score) in owners.iter().zip(&scores) {
+            nll[i].push(score);
         }
         // An example is done once its last option is scored.
-        if let Some(&(i, _)) = owners.last() {
+        if let Some(&i) = owners.last() {
             bar.set_position(i as u64);
         }
     }
     bar.finish_and_clear();
-    Ok(examples
-        .iter()
-        .zip(&best)
-        .map(|(ex, &(_, k))| {
-            let options = if ex.options.is_empty() {
-                &spec.classes
-            } else {
-                &ex.options
-            };
-            options[k].clone()
-        })
-        .collect())
+    Ok(nll)
 }

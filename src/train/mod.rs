@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod export;
 pub mod optim;
+pub mod predict;
 pub mod report;
 pub mod run_dir;
 pub mod schedule;

@@ -1668,6 +1668,128 @@ pub fn export_run<B: Backend + 'static>(
     export_prompt(be, s.method.as_mut(), &info, out)
 }
 
+/// What [`open_run_model`] returns: the run's config, its backbone, its method with the
+/// parameters loaded, and the parameter file.
+pub type OpenedRun<B> = (RunConfig, Backbone<B>, Box<dyn PromptMethod<B>>, PathBuf);
+
+/// A finished run's backbone and method with the chosen parameters loaded, without its data
+/// (`fastpt predict`, `fastpt eval --task`): the run's task files need not exist any more.
+/// `quant` replaces the run's `quant` when given. Returns the run's config (the model and
+/// method it names), both, and the parameter file used.
+pub fn open_run_model<B: Backend + 'static>(
+    be: &B,
+    run_dir: &Path,
+    params: RunParams,
+    quant: Option<crate::model::linear::Quant>,
+) -> Result<OpenedRun<B>> {
+    let config_path = run_dir.join("config.toml");
+    let mut cfg = RunConfig::from_file(&config_path, &[])?;
+    if let Some(q) = quant {
+        cfg.quant = q;
+    }
+    let best = run_dir.join("best.safetensors");
+    let path = match params {
+        RunParams::Best if best.exists() => best,
+        _ => run_dir.join("method.safetensors"),
+    };
+    if !path.exists() {
+        return Err(Error::Input(format!(
+            "{}: no trained parameters (the run did not finish: resume it first)",
+            path.display()
+        )));
+    }
+    // As `setup` builds them (the same init, then the saved parameters over it), minus the data.
+    cfg.check_memory(be)?;
+    let model = if is_builtin_shape(&cfg.model) {
+        random_model(be, &cfg.model, cfg.seed, cfg.quant)?
+    } else {
+        load_model(be, Path::new(&cfg.model), cfg.quant)?
+    };
+    cfg.method.validate(model.width(), cfg.train.max_len)?;
+    // A `text` init reads the tokenizer (its values are then replaced by the saved ones).
+    let tokenizer = match Path::new(&cfg.model).join("tokenizer.json").exists() {
+        true => Some(load_tokenizer(Path::new(&cfg.model))?),
+        false => None,
+    };
+    let tokenize = |text: &str| -> Result<Vec<u32>> {
+        let tok = tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::Input("no tokenizer.json".into()))?;
+        let enc = tok
+            .encode(text, false)
+            .map_err(|e| Error::Input(format!("tokenizing {text:?}: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    };
+    let tokenize_ref: Option<&crate::prompt::Tokenize<'_>> =
+        tokenizer.as_ref().map(|_| &tokenize as _);
+    let mut method = build_backbone_method(
+        be,
+        &model,
+        &cfg.method,
+        cfg.train.max_len,
+        cfg.seed,
+        tokenize_ref,
+    )?;
+    load_params(be, method.as_mut(), &path)?;
+    Ok((cfg, model, method, path))
+}
+
+/// The evaluation settings of a run (batch size, lengths, mode), for predictions made outside
+/// it that must equal its own.
+pub fn run_eval_options(cfg: &RunConfig) -> EvalOptions {
+    eval_options(cfg)
+}
+
+/// `fastpt eval RUN --task T --data DIR`: evaluates a run's prompt on another task's `split`
+/// (transfer): the target task's template, labels (in the run's label style) and metrics, the
+/// run's evaluation settings. Returns the evaluation, the parameter file and the task's name.
+pub fn evaluate_transfer<B: Backend + 'static>(
+    be: &B,
+    run_dir: &Path,
+    params: RunParams,
+    task: &str,
+    data_dir: &Path,
+    split: &str,
+    mode: Option<EvalMode>,
+) -> Result<(Evaluation, PathBuf, String)> {
+    if !matches!(split, "dev" | "test") {
+        return Err(Error::Input(format!(
+            "unknown split {split:?}: dev or test"
+        )));
+    }
+    let config_path = run_dir.join("config.toml");
+    let cfg = RunConfig::from_file(&config_path, &[])?;
+    // The task first: a wrong name or folder is reported before the model is loaded.
+    let opts = cfg.data.task_options();
+    let data = if task.ends_with(".toml") {
+        load_custom_task(Path::new(task), data_dir, &opts)?
+    } else {
+        load_task(task, data_dir, &opts)?
+    };
+    let examples = if split == "dev" {
+        &data.dev
+    } else {
+        &data.test
+    };
+    let (cfg, model, mut method, path) = open_run_model(be, run_dir, params, None)?;
+    let codec = TextCodec::load(Path::new(&cfg.model), &model)?;
+    codec.check_classes(&data.spec)?;
+    let mut eo = eval_options(&cfg);
+    if let Some(mode) = mode {
+        eo.mode = mode;
+    }
+    let ev = evaluate(
+        be,
+        &model,
+        Some(method.as_mut()),
+        &codec,
+        &data.spec,
+        examples,
+        &eo,
+    )?;
+    Ok((ev, path, data.spec.name))
+}
+
 /// Parameters (the optimiser's masters) and moments of every method tensor, for a checkpoint.
 fn optim_tensors<B: Backend>(
     be: &B,

@@ -1,0 +1,436 @@
+//! `fastpt predict` and `fastpt eval --task` (issue 20) on runs trained on the RTE fixture: the
+//! predictions for the run's own test inputs equal its predictions.jsonl, from the run folder,
+//! its export (PT, DePT) and its PEFT adapter, on JSONL / TSV / CSV / stdin inputs, for T5 and
+//! Llama; `--scores`; errors; transfer evaluation on another task.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+mod common;
+
+use common::{assert_clean_error, fastpt};
+use fastpt::testing::fixture;
+use serde_json::Value;
+
+fn path(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// A short run of `model` on the RTE fixture with label words, into `out` (as tests/run_tasks.rs).
+fn train(model: &str, out: &Path, extra: &[&str]) {
+    let (model, data, out_s) = (
+        path(&fixture(model)),
+        path(&fixture("data/glue/rte")),
+        path(out),
+    );
+    let mut args = vec![
+        "run", "--device", "cpu", "--model", &model, "--task", "rte", "--data", &data,
+    ];
+    let sets = [
+        "train.steps=4".to_string(),
+        "train.batch_size=3".into(),
+        "train.warmup_steps=0".into(),
+        "train.eval_every=4".into(),
+        "train.max_len=40".into(),
+        "train.max_target_len=4".into(),
+        "data.labels=words".into(),
+        format!("out_dir={out_s:?}"),
+    ];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    args.extend(extra);
+    let (ok, _, stderr) = fastpt(&args);
+    assert!(ok, "{stderr}");
+}
+
+fn jsonl(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (input, prediction) of each line of the run's predictions.jsonl.
+fn run_predictions(dir: &Path) -> Vec<(String, String)> {
+    jsonl(&std::fs::read_to_string(dir.join("predictions.jsonl")).unwrap())
+        .iter()
+        .map(|v| {
+            (
+                v["input"].as_str().unwrap().to_string(),
+                v["prediction"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// (input, prediction) of predict's output.
+fn pairs(out: &str) -> Vec<(String, String)> {
+    jsonl(out)
+        .iter()
+        .map(|v| {
+            (
+                v["input"].as_str().unwrap().to_string(),
+                v["prediction"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `fastpt predict ARGS` with `stdin` piped in: (success, stdout, stderr).
+fn predict_stdin(args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fastpt"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The run's test inputs as a JSONL file of `input` records.
+fn inputs_jsonl(run: &[(String, String)], file: &Path) {
+    let text: String = run
+        .iter()
+        .map(|(input, _)| format!("{}\n", serde_json::json!({ "input": input })))
+        .collect();
+    std::fs::write(file, text).unwrap();
+}
+
+/// "rte sentence1: A sentence2: B" → (A, B): the fields of a rendered RTE input.
+fn rte_fields(input: &str) -> (String, String) {
+    let rest = input.strip_prefix("rte sentence1: ").unwrap();
+    let (a, b) = rest.split_once(" sentence2: ").unwrap();
+    (a.to_string(), b.to_string())
+}
+
+#[test]
+fn t5_run_predicts_its_own_test_predictions_from_every_input_form() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    train(
+        "t5-v1_0-tiny",
+        &run,
+        &["--set", "method=pt", "--set", "method.prompt_len=4"],
+    );
+    let own = run_predictions(&run);
+    assert_eq!(own.len(), 3);
+    let run_s = path(&run);
+
+    // JSONL with `input`, to a file.
+    let inputs = tmp.path().join("inputs.jsonl");
+    inputs_jsonl(&own, &inputs);
+    let out = tmp.path().join("out.jsonl");
+    let (ok, _, stderr) = fastpt(&[
+        "predict",
+        &run_s,
+        &path(&inputs),
+        "--out",
+        &path(&out),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(pairs(&std::fs::read_to_string(&out).unwrap()), own);
+
+    // The task's fields with --task: a TSV with labels (kept as targets), a CSV without.
+    let mut tsv = String::from("sentence1\tsentence2\tlabel\n");
+    let mut csv = String::from("sentence2,sentence1\n");
+    for (input, _) in &own {
+        let (a, b) = rte_fields(input);
+        tsv.push_str(&format!("{a}\t{b}\tentailment\n"));
+        csv.push_str(&format!("\"{b}\",\"{a}\"\n"));
+    }
+    std::fs::write(tmp.path().join("in.tsv"), tsv).unwrap();
+    std::fs::write(tmp.path().join("in.csv"), csv).unwrap();
+    for (file, target) in [("in.tsv", Some("entailment")), ("in.csv", None)] {
+        let (ok, stdout, stderr) = fastpt(&[
+            "predict",
+            &run_s,
+            &path(&tmp.path().join(file)),
+            "--task",
+            "rte",
+            "--device",
+            "cpu",
+        ]);
+        assert!(ok, "{file}: {stderr}");
+        assert_eq!(pairs(&stdout), own, "{file}");
+        for v in jsonl(&stdout) {
+            assert_eq!(v["target"].as_str(), target, "{file}: {v}");
+        }
+    }
+
+    // stdin: one input per line.
+    let lines: String = own.iter().map(|(i, _)| format!("{i}\n")).collect();
+    let (ok, stdout, stderr) = predict_stdin(&["predict", &run_s, "-", "--device", "cpu"], &lines);
+    assert!(ok, "{stderr}");
+    assert_eq!(pairs(&stdout), own);
+
+    // --scores: log-likelihoods of both labels, ≤ 0, whose argmax is the rank prediction.
+    let (ok, stdout, stderr) = fastpt(&[
+        "predict",
+        &run_s,
+        &path(&inputs),
+        "--scores",
+        "--mode",
+        "rank",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    let lines = jsonl(&stdout);
+    assert_eq!(lines.len(), 3);
+    for v in &lines {
+        let scores = v["scores"].as_object().unwrap();
+        let mut keys: Vec<&String> = scores.keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["entailment", "not_entailment"], "{v}");
+        let best = scores
+            .iter()
+            .map(|(k, s)| (k, s.as_f64().unwrap()))
+            .inspect(|(_, s)| assert!(*s <= 0.0 && s.is_finite(), "{v}"))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap();
+        assert_eq!(v["prediction"].as_str().unwrap(), best.0, "{v}");
+        assert!(
+            scores["entailment"] != scores["not_entailment"],
+            "the labels' likelihoods differ: {v}"
+        );
+    }
+
+    // The export folder and its PEFT adapter, inside the run (its settings apply: its task
+    // and label words for --scores, its lengths) give the run folder's output, scores included.
+    let with_scores = |source: &Path| {
+        let (ok, stdout, stderr) = fastpt(&[
+            "predict",
+            &path(source),
+            &path(&inputs),
+            "--scores",
+            "--device",
+            "cpu",
+        ]);
+        assert!(ok, "{}: {stderr}", source.display());
+        stdout
+    };
+    let from_run = with_scores(&run);
+    assert_eq!(pairs(&from_run), own);
+    for sub in ["export", "export/adapter"] {
+        assert_eq!(with_scores(&run.join(sub)), from_run, "{sub}");
+    }
+    // ... and a copy of the adapter elsewhere, with the settings as flags.
+    let copy = tmp.path().join("adapter");
+    std::fs::create_dir(&copy).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(run.join("export/adapter").join(f), copy.join(f)).unwrap();
+    }
+    let (ok, stdout, stderr) = fastpt(&[
+        "predict",
+        &path(&copy),
+        &path(&inputs),
+        "--max-len",
+        "40",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(pairs(&stdout), own);
+
+    // Transfer: the RTE prompt evaluated on CB's test split, in generate and rank mode; the
+    // run's own eval files stay untouched.
+    let cb = path(&fixture("data/superglue/cb"));
+    for mode in ["generate", "rank"] {
+        let (ok, stdout, stderr) = fastpt(&[
+            "eval", &run_s, "--task", "cb", "--data", &cb, "--split", "test", "--mode", mode,
+            "--device", "cpu",
+        ]);
+        assert!(ok, "{mode}: {stderr}");
+        assert!(stdout.contains("f1_macro"), "{stdout}");
+        let ev: Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("eval-cb-test.json")).unwrap())
+                .unwrap();
+        assert!(ev["metrics"]["accuracy"].is_number(), "{ev}");
+        if mode == "rank" {
+            // CB's three labels, not RTE's two.
+            let preds = ev["predictions"].as_array().unwrap();
+            assert!(!preds.is_empty());
+            for p in preds {
+                assert!(
+                    ["entailment", "contradiction", "neutral"].contains(&p.as_str().unwrap()),
+                    "{p}"
+                );
+            }
+        }
+    }
+    assert!(!run.join("eval-test.json").exists());
+}
+
+#[test]
+fn dept_export_and_llama_run_predict_their_own_predictions() {
+    let tmp = tempfile::tempdir().unwrap();
+    // DePT: prompt rows + the update of the text embeddings, rebuilt from export/.
+    let dept = tmp.path().join("dept");
+    train(
+        "t5-v1_0-tiny",
+        &dept,
+        &[
+            "--set",
+            "method=dept",
+            "--set",
+            "method.prompt_len=3",
+            "--set",
+            "method.rank=2",
+            // A large step for A and B, so that the update weighs in the scores.
+            "--set",
+            "train.lr_lowrank=0.3",
+        ],
+    );
+    let llama = tmp.path().join("llama");
+    train(
+        "llama-gqa-tiny",
+        &llama,
+        &["--set", "method=pt", "--set", "method.prompt_len=4"],
+    );
+    for (source, run) in [(dept.join("export"), &dept), (llama.clone(), &llama)] {
+        let own = run_predictions(run);
+        let inputs = tmp.path().join("inputs.jsonl");
+        inputs_jsonl(&own, &inputs);
+        let (ok, stdout, stderr) =
+            fastpt(&["predict", &path(&source), &path(&inputs), "--device", "cpu"]);
+        assert!(ok, "{}: {stderr}", source.display());
+        assert_eq!(pairs(&stdout), own, "{}", source.display());
+    }
+    assert!(!dept.join("export/adapter").exists(), "DePT has no adapter");
+    // The export's rows + update give the run's own log-likelihoods, to the last bit.
+    let inputs = tmp.path().join("inputs.jsonl");
+    inputs_jsonl(&run_predictions(&dept), &inputs);
+    let scores = |source: &Path| {
+        let (ok, stdout, stderr) = fastpt(&[
+            "predict",
+            &path(source),
+            &path(&inputs),
+            "--scores",
+            "--device",
+            "cpu",
+        ]);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    assert_eq!(scores(&dept.join("export")), scores(&dept));
+}
+
+#[test]
+fn predict_errors_name_the_file_row_and_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    train(
+        "t5-v1_0-tiny",
+        &run,
+        &["--set", "method=pt", "--set", "method.prompt_len=2"],
+    );
+    let run_s = path(&run);
+
+    // A record without `input` (no --task): file, line and field.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"input\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
+    let (ok, _, stderr) = fastpt(&["predict", &run_s, &path(&bad), "--device", "cpu"]);
+    assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("bad.jsonl") && stderr.contains("line 2") && stderr.contains("input"),
+        "{stderr}"
+    );
+    // --task rte without sentence2.
+    let (ok, _, stderr) = fastpt(&[
+        "predict",
+        &run_s,
+        &path(&bad),
+        "--task",
+        "rte",
+        "--device",
+        "cpu",
+    ]);
+    assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("bad.jsonl") && stderr.contains("line 1") && stderr.contains("sentence1"),
+        "{stderr}"
+    );
+    // A folder that holds no prompt.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, _, stderr) = fastpt(&["predict", &path(&empty), &path(&bad), "--device", "cpu"]);
+    assert_clean_error(ok, &stderr);
+    assert!(stderr.contains("neither a run folder"), "{stderr}");
+    // The T5 adapter (36 wide) on the Llama fixture (48 wide).
+    let (ok, _, stderr) = fastpt(&[
+        "predict",
+        &path(&run.join("export/adapter")),
+        &path(&bad),
+        "--model",
+        &path(&fixture("llama-gqa-tiny")),
+        "--device",
+        "cpu",
+    ]);
+    assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("adapter_config.json") && stderr.contains("token_dim"),
+        "{stderr}"
+    );
+    // An adapter whose base model is not a local folder needs --model.
+    let copy = tmp.path().join("adapter");
+    std::fs::create_dir(&copy).unwrap();
+    std::fs::copy(
+        run.join("export/adapter/adapter_model.safetensors"),
+        copy.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(run.join("export/adapter/adapter_config.json")).unwrap();
+    let mut v: Value = serde_json::from_str(&config).unwrap();
+    v["base_model_name_or_path"] = "google/t5-small".into();
+    std::fs::write(copy.join("adapter_config.json"), v.to_string()).unwrap();
+    let (ok, _, stderr) = fastpt(&["predict", &path(&copy), &path(&bad), "--device", "cpu"]);
+    assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("base_model_name_or_path") && stderr.contains("--model"),
+        "{stderr}"
+    );
+    // --scores on an adapter outside a run without --task: no labels to rank.
+    let good = tmp.path().join("good.jsonl");
+    std::fs::write(&good, "{\"input\": \"a\"}\n").unwrap();
+    let (ok, _, stderr) = fastpt(&[
+        "predict",
+        &path(&copy),
+        &path(&good),
+        "--model",
+        &path(&fixture("t5-v1_0-tiny")),
+        "--scores",
+        "--device",
+        "cpu",
+    ]);
+    assert_clean_error(ok, &stderr);
+    assert!(stderr.contains("--task"), "{stderr}");
+    // A size past its limit.
+    let (ok, _, stderr) = fastpt(&[
+        "predict",
+        &run_s,
+        &path(&bad),
+        "--batch-size",
+        "0",
+        "--device",
+        "cpu",
+    ]);
+    assert_clean_error(ok, &stderr);
+    assert!(stderr.contains("--batch-size 0"), "{stderr}");
+}
