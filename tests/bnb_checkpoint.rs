@@ -59,10 +59,13 @@ fn maps_equal_bitsandbytes_bit_for_bit() {
 #[test]
 fn quant_nf4_equals_bitsandbytes_dequantisation() {
     let g = quant_golden();
-    for name in ["a", "b", "c"] {
+    for name in ["a", "b", "c", "d"] {
         let (shape, x) = &g[&format!("x.{name}")];
         let want = &g[&format!("deq.{name}")].1;
-        assert!(x.len() > 256 * 64, "{name}: {shape:?} spans several absmax blocks");
+        assert!(
+            x.len() > 256 * 64,
+            "{name}: {shape:?} spans several absmax blocks"
+        );
         let q = quantize_nf4(x);
         let mut got = vec![f32::NAN; x.len()];
         dequantize_nf4(&mut got, &q);
@@ -74,7 +77,10 @@ fn quant_nf4_equals_bitsandbytes_dequantisation() {
         let g64: Vec<f64> = got.iter().map(|&v| v as f64).collect();
         let w64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
         let rel = rel_err(&g64, &w64);
-        eprintln!("{name} {shape:?}: {differ} of {} elements differ, relative {rel:e}", x.len());
+        eprintln!(
+            "{name} {shape:?}: {differ} of {} elements differ, relative {rel:e}",
+            x.len()
+        );
         assert!(rel <= 1e-6, "{name}: relative {rel}");
         assert_eq!(differ, 0, "{name}: bit-identical to bitsandbytes");
     }
@@ -97,7 +103,15 @@ fn bnb_folder_loads_linears_as_stored() {
 
     let llama = load_llama(&be, &fixture("bnb-llama-tiny"), Quant::None).unwrap();
     let layer = &llama.weights.layers[0];
-    for l in [&layer.q, &layer.k, &layer.v, &layer.o, &layer.gate, &layer.up, &layer.down] {
+    for l in [
+        &layer.q,
+        &layer.k,
+        &layer.v,
+        &layer.o,
+        &layer.gate,
+        &layer.up,
+        &layer.down,
+    ] {
         assert!(matches!(l, Linear::Nf4(_)));
     }
 }
@@ -156,7 +170,12 @@ fn edited_copy(
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut kept = Vec::new();
     for (name, view) in st.tensors() {
-        let edited = edit_tensor(&name, view.dtype(), view.shape().to_vec(), view.data().to_vec());
+        let edited = edit_tensor(
+            &name,
+            view.dtype(),
+            view.shape().to_vec(),
+            view.data().to_vec(),
+        );
         if let Some((dtype, shape, data)) = edited {
             kept.push((name, dtype, shape, data));
         }
@@ -164,7 +183,10 @@ fn edited_copy(
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = kept
         .iter()
         .map(|(n, d, s, b)| {
-            (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
         })
         .collect();
     safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
@@ -188,7 +210,8 @@ fn forward_error(dir: &Path) -> String {
     stderr
 }
 
-const Q_STATE: &str = "encoder.block.0.layer.0.SelfAttention.q.weight.quant_state.bitsandbytes__nf4";
+const Q_STATE: &str =
+    "encoder.block.0.layer.0.SelfAttention.q.weight.quant_state.bitsandbytes__nf4";
 
 #[test]
 fn unsupported_quantisation_configs_are_named() {
@@ -238,14 +261,42 @@ fn tampered_quant_states_and_sizes_are_named() {
             }
         }
     };
-    type Edit = Box<dyn Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(Dtype, Vec<usize>, Vec<u8>)>>;
+    type Edit =
+        Box<dyn Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(Dtype, Vec<usize>, Vec<u8>)>>;
     let cases: Vec<(Edit, &str)> = vec![
-        (Box::new(state_edit("\"blocksize\": 64", "\"blocksize\": 128")), "field `blocksize` = 128"),
-        (Box::new(state_edit("\"quant_type\": \"nf4\"", "\"quant_type\": \"fp8\"")), "field `quant_type` = \"fp8\""),
-        (Box::new(state_edit("\"dtype\": \"float32\"", "\"dtype\": \"bfloat16\"")), "field `dtype` = \"bfloat16\""),
-        (Box::new(state_edit("\"shape\": [64, 64]", "\"shape\": [64, 65]")), "field `shape` = [64,65]"),
-        (Box::new(state_edit("\"nested_blocksize\": 256, ", "")), "not double-quantised"),
-        (Box::new(state_edit("\"nested_offset\": ", "\"nested_offset\": \"x\", \"o\": ")), "nested_offset"),
+        (
+            Box::new(state_edit("\"blocksize\": 64", "\"blocksize\": 128")),
+            "field `blocksize` = 128",
+        ),
+        (
+            Box::new(state_edit(
+                "\"quant_type\": \"nf4\"",
+                "\"quant_type\": \"fp8\"",
+            )),
+            "field `quant_type` = \"fp8\"",
+        ),
+        (
+            Box::new(state_edit(
+                "\"dtype\": \"float32\"",
+                "\"dtype\": \"bfloat16\"",
+            )),
+            "field `dtype` = \"bfloat16\"",
+        ),
+        (
+            Box::new(state_edit("\"shape\": [64, 64]", "\"shape\": [64, 65]")),
+            "field `shape` = [64,65]",
+        ),
+        (
+            Box::new(state_edit("\"nested_blocksize\": 256, ", "")),
+            "not double-quantised",
+        ),
+        (
+            Box::new(state_edit(
+                "\"nested_offset\": ",
+                "\"nested_offset\": \"x\", \"o\": ",
+            )),
+            "nested_offset",
+        ),
         (Box::new(state_edit("{", "[")), "not valid JSON"),
         // The packed codes cut short, the absmax codes one short, a scale NaN, a wrong map.
         (
@@ -306,4 +357,25 @@ fn tampered_quant_states_and_sizes_are_named() {
         assert!(err.contains(q), "case {i}: {err}");
         assert!(err.contains(says), "case {i}: wanted {says:?} in {err}");
     }
+}
+
+/// The memory check counts a bnb folder's linears at NF4 size whatever `--quant` says.
+#[test]
+fn memory_estimate_counts_a_bnb_folder_in_nf4() {
+    use fastpt::model::memory::stored_quant;
+    for name in ["bnb-t5-tiny", "bnb-llama-tiny"] {
+        let dir = fixture(name);
+        let dir = dir.to_str().unwrap();
+        assert_eq!(
+            stored_quant(dir, Quant::None).unwrap(),
+            Quant::Nf4,
+            "{name}"
+        );
+    }
+    let dense = fixture("t5-v1_1-tiny");
+    assert_eq!(
+        stored_quant(dense.to_str().unwrap(), Quant::None).unwrap(),
+        Quant::None
+    );
+    assert_eq!(stored_quant("t5-tiny", Quant::Nf4).unwrap(), Quant::Nf4);
 }

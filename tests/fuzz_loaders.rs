@@ -381,7 +381,8 @@ fn bnb_folder_mutations_never_panic_or_overallocate() {
             let dir = model_copy(name, file, &bytes);
             let text = std::fs::read(fixture(name).join("config.json")).unwrap();
             std::fs::write(dir.path().join("config.json"), apply_json(&text, &config)).unwrap();
-            let case = format!("{name}/{file}: header {header:?}, body {body:?}, config {config:?}");
+            let case =
+                format!("{name}/{file}: header {header:?}, body {body:?}, config {config:?}");
             guarded("load_model (bnb 4-bit)", &case, || {
                 load_model_folder(dir.path())
             })

@@ -250,8 +250,28 @@ def quant_fixture(out_root):
     c.view(-1)[640:704] = 0.0  # one all-zero block
     scale = 10.0 ** torch.linspace(-3, 1, 263).unsqueeze(1)  # mixed scales across blocks
     c *= scale
+    # Values on and a few ulps around the NF4 thresholds, one block per row (absmax in column 0):
+    # where x * (1/absmax) and x / absmax round to different sides, and exact ties (rows with a
+    # power-of-two absmax).
+    code = bnbf.get_4bit_type("nf4", device="cpu")
+    mids = ((code[:-1] + code[1:]) / 2).numpy()
+    rng = np.random.default_rng(32)
+    d = np.empty((260, 64), dtype=np.float32)
+    for r in range(260):
+        amax = np.float32(2.0 ** rng.integers(-2, 3)) if r % 4 == 0 else np.float32(rng.uniform(0.3, 3.0))
+        k = rng.integers(0, 15, size=63)
+        v = (mids[k].astype(np.float32) * amax).astype(np.float32)
+        steps = rng.integers(-3, 4, size=63)
+        v = np.array([np.nextafter(x, np.float32(np.inf) if s > 0 else np.float32(-np.inf)) if s else x
+                      for x, s in zip(v, steps)], dtype=np.float32)
+        for _ in range(2):
+            v = np.array([np.nextafter(x, np.float32(np.inf) if s > 1 else (np.float32(-np.inf) if s < -1 else x))
+                          for x, s in zip(v, steps)], dtype=np.float32)
+        d[r, 0] = amax
+        d[r, 1:] = np.clip(v, -amax, amax)
+    d = torch.from_numpy(d)
     tensors = {}
-    for name, x in [("a", a), ("b", b), ("c", c)]:
+    for name, x in [("a", a), ("b", b), ("c", c), ("d", d)]:
         x = x.contiguous()
         assert x.numel() > 256 * 64
         packed, state = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")

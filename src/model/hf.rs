@@ -421,7 +421,11 @@ impl SafetensorsFolder {
             }
         };
         want_str("quant_type", "nf4", "only nf4 is supported")?;
-        want_int("blocksize", NF4_BLOCK as u64, "only blocksize 64 is supported")?;
+        want_int(
+            "blocksize",
+            NF4_BLOCK as u64,
+            "only blocksize 64 is supported",
+        )?;
         want_str(
             "dtype",
             "float32",
@@ -489,11 +493,18 @@ impl SafetensorsFolder {
         if let Some(i) = scales.iter().position(|s| !s.is_finite() || *s < 0.0) {
             return Err(self.bnb_error(
                 &scale_name,
-                format!("element {i} is {}; absmax scales are finite and ≥ 0", scales[i]),
+                format!(
+                    "element {i} is {}; absmax scales are finite and ≥ 0",
+                    scales[i]
+                ),
             ));
         }
         let map_name = format!("{name}.quant_map");
-        let code = decode_le(self.raw(&map_name, Dtype::F32, 16)?, f32::from_le_bytes, |x| x);
+        let code = decode_le(
+            self.raw(&map_name, Dtype::F32, 16)?,
+            f32::from_le_bytes,
+            |x| x,
+        );
         if let Some(k) = (0..16).find(|&k| code[k].to_bits() != NF4_CODE[k].to_bits()) {
             return Err(self.bnb_error(
                 &map_name,

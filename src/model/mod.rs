@@ -122,7 +122,11 @@ pub fn load_llama<B: Backend>(be: &B, dir: &Path, quant: Quant) -> Result<Llama<
 
 /// Linear weight `name` of a checkpoint folder: NF4 as stored when it has a bitsandbytes 4-bit
 /// quant state, else its full-precision values.
-fn checkpoint_linear(folder: &SafetensorsFolder, name: &str, shape: &[usize]) -> Result<LinearData> {
+fn checkpoint_linear(
+    folder: &SafetensorsFolder,
+    name: &str,
+    shape: &[usize],
+) -> Result<LinearData> {
     if folder.is_bnb_4bit(name) {
         Ok(LinearData::Nf4(folder.load_bnb_nf4(name, shape)?))
     } else {
