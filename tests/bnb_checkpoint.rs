@@ -152,6 +152,11 @@ fn forward_on_bnb_folders_matches_transformers() {
     }
 }
 
+/// A stored tensor: dtype, shape, little-endian bytes.
+type RawTensor = (Dtype, Vec<usize>, Vec<u8>);
+/// An edit of one stored tensor (by name): the new tensor, or None to drop it.
+type TensorEdit = dyn Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<RawTensor>;
+
 /// Copies folder `src` to `dst` with config.json passed through `edit_config` and every tensor
 /// through `edit_tensor(name, dtype, shape, bytes)` (which returns the new ones, or None to
 /// drop the tensor).
@@ -159,7 +164,7 @@ fn edited_copy(
     src: &Path,
     dst: &Path,
     edit_config: &dyn Fn(&mut serde_json::Value),
-    edit_tensor: &dyn Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(Dtype, Vec<usize>, Vec<u8>)>,
+    edit_tensor: &TensorEdit,
 ) {
     std::fs::create_dir_all(dst).unwrap();
     let mut cfg: serde_json::Value =
@@ -261,8 +266,7 @@ fn tampered_quant_states_and_sizes_are_named() {
             }
         }
     };
-    type Edit =
-        Box<dyn Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(Dtype, Vec<usize>, Vec<u8>)>>;
+    type Edit = Box<TensorEdit>;
     let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(state_edit("\"blocksize\": 64", "\"blocksize\": 128")),

@@ -226,17 +226,17 @@ pub fn torch_mean_f32(x: &[f32]) -> f32 {
     let mut r = 0;
     while r + span <= rows {
         for _ in 0..span {
-            for k in 0..ILP {
-                add(&mut acc[0][k], &load(r * ILP + k));
+            for (k, a) in acc[0].iter_mut().enumerate() {
+                add(a, &load(r * ILP + k));
             }
             r += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..ILP {
-                let lower = acc[j - 1][k];
-                add(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0.0; LANES];
+            let lower = acc[j - 1];
+            for (a, l) in acc[j].iter_mut().zip(&lower) {
+                add(a, l);
             }
+            acc[j - 1] = [[0.0; LANES]; ILP];
             let mask = (span - 1) << (j as u32 * power);
             if r & mask != 0 {
                 break;
@@ -244,15 +244,15 @@ pub fn torch_mean_f32(x: &[f32]) -> f32 {
         }
     }
     while r < rows {
-        for k in 0..ILP {
-            add(&mut acc[0][k], &load(r * ILP + k));
+        for (k, a) in acc[0].iter_mut().enumerate() {
+            add(a, &load(r * ILP + k));
         }
         r += 1;
     }
     for j in 1..LEVELS {
-        for k in 0..ILP {
-            let upper = acc[j][k];
-            add(&mut acc[0][k], &upper);
+        let upper = acc[j];
+        for (a, u) in acc[0].iter_mut().zip(&upper) {
+            add(a, u);
         }
     }
     let mut partial = acc[0];
