@@ -1,5 +1,5 @@
 // NF4 weights with double-quantised absmax (the bitsandbytes storage layout; CPU reference and the
-// layout's description in src/model/nf4.rs): dequantisation to f32 / bf16.
+// layout's description in src/backend/nf4.rs): dequantisation to f32 / bf16.
 //
 // Layout of a tensor of N elements, NB = ceil(N/64) blocks of 64:
 //   packed (ceil(N/2)) bytes: element 2j in the HIGH nibble of byte j, element 2j+1 in the low one
@@ -7,9 +7,10 @@
 //   absmax[b] = code2[absmax_codes[b]] · absmax_scale[b/256] + offset (double quantisation: blocks
 //     of 256 absmax values, u8 codes into the 256-entry signed dynamic map `code2`);
 //   out[i] = NF4[nibble(i)] · absmax[i/64].
-// The absmax is computed with one fmaf and the value with one multiply, exactly as the CPU
-// reference (f32::mul_add, then *), so the f32 output is bit-identical to it and the bf16 output
-// is that value rounded once.
+// The absmax is a multiply then an add, each rounded (__fmul_rn / __fadd_rn: nvcc would otherwise
+// contract them into one fma), and the value one multiply, exactly as the CPU reference and
+// bitsandbytes' dequantize_4bit, so the f32 output is bit-identical to it and the bf16 output is
+// that value rounded once.
 //
 // Floors, per element: read 0.5 byte of codes + 1/64 byte of absmax code + 4/(64·256) byte of
 // absmax scale ≈ 0.516 byte (the 1 KiB dynamic map and the 64-byte NF4 table are per launch);
@@ -21,7 +22,7 @@
 // works; the table load below needs no minimum), any grid.
 #include "common.cuh"
 
-// The NF4 code table, index 0..15 (the same values as NF4_CODE in src/model/nf4.rs).
+// The NF4 code table, index 0..15 (the same values as NF4_CODE in src/backend/nf4.rs).
 __device__ const float nf4_code_table[16] = {
     -1.0f,
     -0.6961928009986877f,
@@ -57,7 +58,7 @@ __device__ void nf4_dequantize(T* out, const unsigned char* packed, const unsign
         const unsigned int byte = packed[j];
         const long i = 2 * j;  // elements i and i + 1 share block i / 64 (64 is even)
         const long b = i / 64;
-        const float absmax = fmaf(code2[absmax_codes[b]], absmax_scale[b / 256], offset);
+        const float absmax = __fadd_rn(__fmul_rn(code2[absmax_codes[b]], absmax_scale[b / 256]), offset);
         out[i] = from_float<T>(table[byte >> 4] * absmax);
         if (i + 1 < n) out[i + 1] = from_float<T>(table[byte & 15u] * absmax);
     }

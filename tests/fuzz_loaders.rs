@@ -360,6 +360,36 @@ fn safetensors_mutations_never_panic_or_overallocate() {
         .unwrap();
 }
 
+/// Issue 20: a bitsandbytes 4-bit folder, whose quant states are JSON inside the safetensors body
+/// and whose sizes are read from them: header, body and config.json mutations.
+#[test]
+fn bnb_folder_mutations_never_panic_or_overallocate() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, file) = ("bnb-llama-tiny", "model.safetensors");
+    let strategy = (
+        prop::collection::vec(
+            (any::<usize>(), any::<u8>()).prop_map(|(i, k)| JsonEdit::Leaf(i, k)),
+            0..3,
+        ),
+        prop::collection::vec(byte_edit(), 0..3),
+        json_edits(),
+    );
+    runner(128)
+        .run(&strategy, |(header, body, config)| {
+            let original = std::fs::read(fixture(name).join(file)).unwrap();
+            let bytes = apply_safetensors(&original, &header, &body);
+            let dir = model_copy(name, file, &bytes);
+            let text = std::fs::read(fixture(name).join("config.json")).unwrap();
+            std::fs::write(dir.path().join("config.json"), apply_json(&text, &config)).unwrap();
+            let case =
+                format!("{name}/{file}: header {header:?}, body {body:?}, config {config:?}");
+            guarded("load_model (bnb 4-bit)", &case, || {
+                load_model_folder(dir.path())
+            })
+        })
+        .unwrap();
+}
+
 #[test]
 fn safetensors_index_mutations_never_panic_or_overallocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -163,6 +163,9 @@ inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __frcp_rn(float x) { return 1.0f / x; }
+// Separately rounded multiply and add (no contraction into an fma; kernels/nf4.cu needs them).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __int_as_float(int x) { return vgpu::from_bits<float>((uint32_t)x); }
 inline int __float_as_int(float x) { return (int)(uint32_t)vgpu::to_bits(x); }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }

@@ -1,28 +1,50 @@
 //! NF4 quantisation with double quantisation of the block scales, in bitsandbytes' storage
-//! layout: the CPU reference of `kernels/nf4.cu` (`nf4_dequantize`).
+//! layout and with bitsandbytes' own rounding (0.50, CPU): the CPU reference of
+//! `kernels/nf4.cu` (`nf4_dequantize`). `--quant nf4` and a bitsandbytes 4-bit checkpoint
+//! (`model::bnb`) both end up in an [`Nf4Tensor`].
 //!
 //! A flat f32 tensor of `n` elements is cut into `nb = ceil(n/64)` blocks of [`NF4_BLOCK`] (the
 //! last one partial). Each block keeps its `absmax` (max |x|) and each element the 4-bit index of
-//! the [`NF4_CODE`] entry nearest to `x / absmax`:
+//! an [`NF4_CODE`] entry. The rules below are bitsandbytes' (`quantize_4bit` with
+//! `compress_statistics=True`, read in its Python source and its `cpu_ops.cpp`, and checked
+//! bit for bit against its output by `tests/bnb_checkpoint.rs`):
 //!
 //! - **Packing**: two codes per byte, element `2j` in the HIGH nibble of byte `j`, element `2j+1`
 //!   in the low nibble; `ceil(n/2)` bytes. An odd `n` pads the last low nibble with
-//!   [`NF4_ZERO_CODE`] (7, the code of 0.0).
-//! - **Nearest code**: the decision thresholds are the midpoints between consecutive codes
-//!   (computed in f32); a scaled value exactly on a midpoint takes the LOWER code (the one nearer
-//!   −1). The scaled value is `x / absmax` in f32; a block whose absmax is 0 gets code 7 throughout.
-//! - **Double quantisation** of the absmax vector: `offset = mean(absmax)` (summed in f64, stored
-//!   f32); `centred = absmax − offset`; in blocks of [`ABSMAX_BLOCK`] (256) absmax values,
-//!   `absmax_scale[j] = max |centred|` over the block and each `centred / absmax_scale[j]` is
-//!   stored as the u8 index of the nearest entry of [`dynamic_map_signed`] (ties to the lower
-//!   entry; a block whose scale is 0 stores the index of 0.0).
-//! - **Dequantisation**: `absmax[b] = fma(code2[absmax_codes[b]], absmax_scale[b/256], offset)`
-//!   (one rounding), `out[i] = NF4_CODE[code(i)] · absmax[i/64]` (one rounding). The kernel does
-//!   the same two operations, so its f32 output is bit-identical to [`dequantize_nf4`].
+//!   [`NF4_ZERO_CODE`] (7, the code of 0.0: bitsandbytes pads the scaled values with 0).
+//! - **Scaled value**: in a full block `s = x · (1/a)` (the f32 reciprocal of the block's absmax
+//!   `a`, then one f32 multiply); in the partial final block `s = x / a` (one f32 division).
+//!   These differ in the last bit, which moves values that sit on a threshold. `a` is clamped
+//!   to at least 1e-38 first, so an all-zero block scales to 0 (code 7).
+//! - **Element code**: the number of decision thresholds strictly below `s`, the thresholds being
+//!   the f32 midpoints `(c[k] + c[k+1]) / 2` of consecutive codes (`torch.bucketize`, right =
+//!   False): a value exactly on a threshold takes the LOWER code.
+//! - **Double quantisation** of the absmax vector: `offset = mean(absmax)` as torch computes it in
+//!   f32 (a cascade sum over 8-wide vector lanes, single-threaded, then `/ nb`: see
+//!   [`torch_mean_f32`]); `centred = absmax − offset` (f32). In blocks of [`ABSMAX_BLOCK`] (256)
+//!   values, `absmax_scale[j] = max |centred|` and each `v = centred · (1/absmax_scale[j])` (f32)
+//!   is coded by bitsandbytes' CPU `quantize_blockwise`: NOT the nearest entry of
+//!   [`dynamic_map_signed`], but a 65536-entry lookup table: `v` (clamped to [−1, 1]) goes to
+//!   bin `trunc((v + 1) · 0.5 · 65535 + 0.5)`, and bin `i` holds the number of map midpoints (f32
+//!   `0.5 · (m[k] + m[k+1])`) strictly below `−1 + 2i/65535` (f32). Values near a midpoint can so
+//!   take the farther entry; this is where exact nearest-entry rounding differed from
+//!   bitsandbytes by up to 4e-3 per element. A block whose scale is 0 stores code 0.
+//! - **Dequantisation**: `absmax[b] = map[absmax_codes[b]] · absmax_scale[b/256] + offset` with
+//!   TWO f32 roundings (bitsandbytes multiplies in `dequantize_blockwise`, then adds the offset
+//!   as a separate tensor op; a fused multiply-add differs in the last bit),
+//!   `out[i] = NF4_CODE[code(i)] · absmax[i/64]` (one rounding). The kernel does the same
+//!   operations (`__fmul_rn`, `__fadd_rn`: no contraction), so its f32 output is bit-identical
+//!   to [`dequantize_nf4`].
 //!
 //! The block absmax is quantised only after the codes are chosen: the codes use the exact absmax,
 //! and the double-quantisation error shows up as a per-block scale error on dequantisation.
 //! Inputs must be finite (checked).
+//!
+//! What can still differ from a bitsandbytes run: torch sums the absmax vector per thread when it
+//! holds more than 32768 values (tensors over 2M elements) and with 16-wide lanes on some
+//! builds, so its `offset` depends on the machine; ours is the single-threaded 8-lane sum (the
+//! fixtures are made with one thread). A different offset moves the dequantised values by
+//! about one ulp of the offset.
 
 use std::sync::OnceLock;
 
@@ -75,36 +97,59 @@ fn nf4_nearest(s: f32) -> u8 {
 /// The signed 8-bit dynamic map (256 values, sorted ascending) that the absmax vector is
 /// double-quantised with: bitsandbytes' `create_dynamic_map(signed=True, max_exponent_bits=7,
 /// total_bits=8)`. For decade `i` in 0..7, the midpoints of `linspace(0.1, 1, 2^i + 1)` scaled by
-/// `10^(i−6)`, with both signs (2·127 values), then 0 and 1. Computed in f64, stored f32. It holds
-/// 0.0 (index 127) and 1.0 (index 255) but not −1.0: its minimum is `−(1 − 0.9/128)`.
+/// `10^(i−6)`, with both signs (2·127 values), then 0 and 1. It holds 0.0 (index 127) and 1.0
+/// (index 255) but not −1.0: its minimum is about `−(1 − 0.9/128)`.
+///
+/// Every step in f32 as torch does it, so the entries equal bitsandbytes' bit for bit (computing
+/// in f64 and rounding once differs in the last bit of 72 entries): `torch.linspace` in f32 (step
+/// `(1 − 0.1)/(k − 1)`, the first half `fma(step, j, 0.1)`, the second half `fma(−step, k−1−j,
+/// 1)`), midpoints `(b[j] + b[j+1]) / 2`, then `f32(10^(i−6)) · midpoint`.
 pub fn dynamic_map_signed() -> [f32; 256] {
     const MAX_EXPONENT_BITS: u32 = 7;
     const TOTAL_BITS: u32 = 8;
     const NON_SIGN_BITS: u32 = TOTAL_BITS - 1;
-    // 10^(−(MAX_EXPONENT_BITS−1) + i) as literals, so each is the correctly rounded f64.
-    const DECADE: [f64; MAX_EXPONENT_BITS as usize] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1e0];
+    // 10^(−(MAX_EXPONENT_BITS−1) + i) as literals, each the correctly rounded f32.
+    const DECADE: [f32; MAX_EXPONENT_BITS as usize] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1e0];
     // 2^(NON_SIGN_BITS − MAX_EXPONENT_BITS) − 1 = 0 extra items for this configuration.
     const _: () = assert!(NON_SIGN_BITS == MAX_EXPONENT_BITS);
 
-    let mut data: Vec<f64> = Vec::with_capacity(256);
+    let mut data: Vec<f32> = Vec::with_capacity(256);
     for (i, &decade) in DECADE.iter().enumerate() {
-        let fraction_items = (1usize << (i as u32 + NON_SIGN_BITS - MAX_EXPONENT_BITS)) + 1;
-        let boundary = |k: usize| 0.1 + (1.0 - 0.1) * k as f64 / (fraction_items - 1) as f64;
-        for k in 0..fraction_items - 1 {
-            let mean = (boundary(k) + boundary(k + 1)) / 2.0;
+        let items = (1usize << (i as u32 + NON_SIGN_BITS - MAX_EXPONENT_BITS)) + 1;
+        let boundaries = linspace_f32(0.1, 1.0, items); // (items)
+        for w in boundaries.windows(2) {
+            let mean = (w[0] + w[1]) / 2.0;
             data.push(decade * mean);
-            data.push(-decade * mean);
+            data.push(-(decade * mean));
         }
     }
     data.push(0.0);
     data.push(1.0);
     assert_eq!(data.len(), 256, "the signed dynamic map has 256 entries");
     let mut map = [0.0f32; 256];
-    for (m, &d) in map.iter_mut().zip(&data) {
-        *m = d as f32;
-    }
+    map.copy_from_slice(&data);
     map.sort_by(f32::total_cmp);
     map
+}
+
+/// `torch.linspace(start, end, steps, dtype=float32)` on the CPU: an f32 step, the first half
+/// counted up from `start` and the second half down from `end`, each with one fused
+/// multiply-add (checked against torch for 2..129 steps by the dynamic-map golden).
+fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (steps - 1) as f32;
+    let half = steps / 2;
+    (0..steps)
+        .map(|j| {
+            if j < half {
+                step.mul_add(j as f32, start)
+            } else {
+                (-step).mul_add((steps - 1 - j) as f32, end)
+            }
+        })
+        .collect()
 }
 
 /// [`dynamic_map_signed`], computed once.
@@ -113,19 +158,119 @@ fn dynamic_map() -> &'static [f32; 256] {
     MAP.get_or_init(dynamic_map_signed)
 }
 
-/// The index of the dynamic-map entry nearest to `s` (ties to the lower entry).
-fn dynamic_nearest(map: &[f32; 256], s: f32) -> u8 {
-    let hi = map.partition_point(|&c| c < s).min(255);
-    if hi == 0 {
-        return 0;
+/// Bins of bitsandbytes' CPU lookup table for 8-bit blockwise quantisation.
+const LUT_BINS: usize = 65536;
+
+/// bitsandbytes' CPU lookup table of [`dynamic_map_signed`]: bin `i` covers the value
+/// `−1 + 2i/65535` (f32) and holds the number of map midpoints `0.5 · (m[k] + m[k+1])` (f32)
+/// strictly below it.
+fn dynamic_lut() -> &'static [u8] {
+    static LUT: OnceLock<Vec<u8>> = OnceLock::new();
+    LUT.get_or_init(|| {
+        let map = dynamic_map();
+        let mid: Vec<f32> = map.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect(); // (255)
+        (0..LUT_BINS)
+            .map(|i| {
+                let val = -1.0f32 + (2.0f32 * i as f32) / (LUT_BINS - 1) as f32;
+                mid.partition_point(|&m| m < val) as u8
+            })
+            .collect()
+    })
+}
+
+/// The dynamic-map code of a scaled absmax `v` as bitsandbytes' CPU `quantize_blockwise` picks
+/// it: clamp to [−1, 1], bin `trunc((v + 1) · 0.5 · 65535 + 0.5)` (f32, each step rounded), the
+/// table's entry for that bin.
+fn dynamic_code(lut: &[u8], v: f32) -> u8 {
+    let v = v.clamp(-1.0, 1.0);
+    let bin = ((v + 1.0) * 0.5 * (LUT_BINS - 1) as f32 + 0.5) as usize;
+    lut[bin.min(LUT_BINS - 1)]
+}
+
+/// The mean of `x` as `torch.mean` computes it for a contiguous f32 vector on the CPU with one
+/// thread (0 for an empty vector): an f32 sum, then one f32 division by the count.
+///
+/// The sum (ATen's vectorised inner sum) reads `x` as 8-lane vectors; the `x.len()/8` vectors
+/// are taken 4 at a time (4 lane-wise partial sums) through a cascade of 4 accumulator levels
+/// of `2^p` rows each, `p = max(4, ceil(log2(rows))/4)`: rows go into level 0, and after every
+/// `2^p` rows each level spills into the next until the row count is not a multiple of that
+/// level's span. Leftover vectors are added to partial 0, the partials are added lane-wise (1,
+/// 2, 3 into 0), then the scalar tail (from 0.0) and finally the 8 lanes in order. Checked
+/// against torch 2.15 on lengths 1..40000 (all equal); bitsandbytes' offset is this value.
+pub fn torch_mean_f32(x: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    const ILP: usize = 4;
+    const LEVELS: usize = 4;
+    type Lanes = [f32; LANES];
+    let add = |a: &mut Lanes, b: &Lanes| a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+    if x.is_empty() {
+        return 0.0;
     }
-    let lo = hi - 1;
-    let (s, a, b) = (s as f64, map[lo] as f64, map[hi] as f64);
-    if s - a <= b - s {
-        lo as u8
-    } else {
-        hi as u8
+    let vectors = x.len() / LANES;
+    let rows = vectors / ILP; // rows of ILP vectors
+    let load = |v: usize| -> Lanes {
+        let mut l = [0.0f32; LANES];
+        l.copy_from_slice(&x[v * LANES..(v + 1) * LANES]);
+        l
+    };
+    let ceil_log2 = |n: usize| -> u32 {
+        if n <= 2 {
+            1
+        } else {
+            usize::BITS - (n - 1).leading_zeros()
+        }
+    };
+    let power = 4.max(ceil_log2(rows) / LEVELS as u32);
+    let span = 1usize << power;
+    let mut acc = [[[0.0f32; LANES]; ILP]; LEVELS]; // (LEVELS, ILP, LANES)
+    let mut r = 0;
+    while r + span <= rows {
+        for _ in 0..span {
+            for (k, a) in acc[0].iter_mut().enumerate() {
+                add(a, &load(r * ILP + k));
+            }
+            r += 1;
+        }
+        for j in 1..LEVELS {
+            let lower = acc[j - 1];
+            for (a, l) in acc[j].iter_mut().zip(&lower) {
+                add(a, l);
+            }
+            acc[j - 1] = [[0.0; LANES]; ILP];
+            let mask = (span - 1) << (j as u32 * power);
+            if r & mask != 0 {
+                break;
+            }
+        }
     }
+    while r < rows {
+        for (k, a) in acc[0].iter_mut().enumerate() {
+            add(a, &load(r * ILP + k));
+        }
+        r += 1;
+    }
+    for j in 1..LEVELS {
+        let upper = acc[j];
+        for (a, u) in acc[0].iter_mut().zip(&upper) {
+            add(a, u);
+        }
+    }
+    let mut partial = acc[0];
+    for v in rows * ILP..vectors {
+        add(&mut partial[0], &load(v));
+    }
+    for k in 1..ILP {
+        let p = partial[k];
+        add(&mut partial[0], &p);
+    }
+    let mut sum = 0.0f32;
+    for &t in &x[vectors * LANES..] {
+        sum += t;
+    }
+    for &lane in &partial[0] {
+        sum += lane;
+    }
+    sum / x.len() as f32
 }
 
 /// An NF4-quantised flat tensor with double-quantised block absmax (layout in the module docs).
@@ -159,32 +304,43 @@ impl Nf4Tensor {
         }
     }
 
-    /// The double-dequantised block absmax `(nb)`: `fma(code2[q], scale, offset)` per block.
+    /// The double-dequantised block absmax `(nb)`: `code2[q] · scale + offset` per block, two
+    /// roundings.
     pub fn absmax(&self) -> Vec<f32> {
         self.check();
         let map = dynamic_map();
         self.absmax_codes
             .iter()
             .enumerate()
-            .map(|(b, &q)| {
-                map[q as usize].mul_add(self.absmax_scale[b / ABSMAX_BLOCK], self.offset)
-            })
+            .map(|(b, &q)| map[q as usize] * self.absmax_scale[b / ABSMAX_BLOCK] + self.offset)
             .collect()
     }
 
     /// Storage in bytes: packed codes, absmax codes, f32 absmax scales and the f32 offset. The
     /// 1 KiB dynamic map is shared by every tensor and not counted.
     pub fn bytes(&self) -> usize {
-        self.packed.len() + self.absmax_codes.len() + 4 * self.absmax_scale.len() + 4
+        Self::bytes_for(self.len)
+    }
+
+    /// [`Nf4Tensor::bytes`] of a tensor of `len` elements.
+    pub fn bytes_for(len: usize) -> usize {
+        let nb = len.div_ceil(NF4_BLOCK);
+        len.div_ceil(2) + nb + 4 * nb.div_ceil(ABSMAX_BLOCK) + 4
+    }
+
+    /// Whether the buffer lengths match `len` (what `check` asserts).
+    pub fn is_consistent(&self) -> bool {
+        let nb = self.blocks();
+        self.packed.len() == self.len.div_ceil(2)
+            && self.absmax_codes.len() == nb
+            && self.absmax_scale.len() == nb.div_ceil(ABSMAX_BLOCK)
     }
 
     /// Panics when the buffer lengths do not match `len`.
     fn check(&self) {
         let nb = self.blocks();
         assert!(
-            self.packed.len() == self.len.div_ceil(2)
-                && self.absmax_codes.len() == nb
-                && self.absmax_scale.len() == nb.div_ceil(ABSMAX_BLOCK),
+            self.is_consistent(),
             "Nf4Tensor of {} elements needs packed ({}), absmax_codes ({}), absmax_scale ({}); \
              it has ({}), ({}), ({})",
             self.len,
@@ -198,11 +354,15 @@ impl Nf4Tensor {
     }
 }
 
+/// The smallest absmax bitsandbytes divides by (`absmax.clamp(min=1e-38)`).
+const MIN_ABSMAX: f32 = 1e-38;
+
 /// Quantises `x (n)` to NF4 with double-quantised absmax (see the module docs). Panics on a
 /// non-finite element: model loading (`SafetensorsFolder::load_f32`) refuses such weights first.
 pub fn quantize_nf4(x: &[f32]) -> Nf4Tensor {
     let n = x.len();
     let nb = n.div_ceil(NF4_BLOCK);
+    let full_blocks = n / NF4_BLOCK;
     let mut packed = vec![0u8; n.div_ceil(2)]; // (ceil(n/2))
     let mut absmax = vec![0.0f32; nb]; // (nb)
     for (b, (block, out)) in x
@@ -220,13 +380,12 @@ pub fn quantize_nf4(x: &[f32]) -> Nf4Tensor {
             a = a.max(v.abs());
         }
         absmax[b] = a;
-        let code = |v: f32| {
-            if a > 0.0 {
-                nf4_nearest(v / a)
-            } else {
-                NF4_ZERO_CODE
-            }
-        };
+        let a = a.max(MIN_ABSMAX);
+        // Full blocks multiply by the reciprocal, the partial final block divides (bitsandbytes'
+        // two code paths; the results differ in the last bit).
+        let inv = 1.0 / a;
+        let full = b < full_blocks;
+        let code = |v: f32| nf4_nearest(if full { v * inv } else { v / a });
         for (pair, byte) in block.chunks(2).zip(out.iter_mut()) {
             let hi = code(pair[0]);
             let lo = pair.get(1).map_or(NF4_ZERO_CODE, |&v| code(v));
@@ -248,22 +407,21 @@ fn double_quantize(absmax: &[f32]) -> (Vec<u8>, Vec<f32>, f32) {
     if absmax.is_empty() {
         return (Vec::new(), Vec::new(), 0.0);
     }
-    let map = dynamic_map();
-    let zero = dynamic_nearest(map, 0.0);
-    let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32;
+    let lut = dynamic_lut();
+    let offset = torch_mean_f32(absmax);
     let mut codes = Vec::with_capacity(absmax.len()); // (nb)
     let mut scales = Vec::with_capacity(absmax.len().div_ceil(ABSMAX_BLOCK)); // (ceil(nb/256))
     for block in absmax.chunks(ABSMAX_BLOCK) {
-        let centred: Vec<f32> = block.iter().map(|&a| a - offset).collect();
+        let centred: Vec<f32> = block.iter().map(|&a| a - offset).collect(); // (≤ 256)
         let scale = centred.iter().fold(0.0f32, |m, c| m.max(c.abs()));
         scales.push(scale);
-        codes.extend(centred.iter().map(|&c| {
-            if scale > 0.0 {
-                dynamic_nearest(map, c / scale)
-            } else {
-                zero
-            }
-        }));
+        if scale == 0.0 {
+            // bitsandbytes writes code 0 (map[0] · 0 + offset = offset).
+            codes.extend(std::iter::repeat_n(0u8, centred.len()));
+            continue;
+        }
+        let inv = 1.0 / scale;
+        codes.extend(centred.iter().map(|&c| dynamic_code(lut, c * inv)));
     }
     (codes, scales, offset)
 }
@@ -362,13 +520,44 @@ mod tests {
         for k in 0..127 {
             assert_eq!(map[k], -map[254 - k], "entry {k}");
         }
-        // Hand values: the extremes of the top and bottom decades.
-        assert_eq!(map[254], (1.0 - 0.9 / 128.0) as f32);
-        assert_eq!(map[0], -(1.0 - 0.9 / 128.0) as f32);
-        assert_eq!(map[128], (0.55e-6f64) as f32);
-        assert_eq!(dynamic_nearest(&map, 0.0), 127);
-        assert_eq!(dynamic_nearest(&map, 1.0), 255);
-        assert_eq!(dynamic_nearest(&map, -1.0), 0);
+        // Hand values: the extremes of the top and bottom decades (to f32 rounding; the exact
+        // bits are checked against bitsandbytes by tests/bnb_checkpoint.rs).
+        let near = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-7 * b.abs();
+        assert!(near(map[254], 1.0 - 0.9 / 128.0));
+        assert!(near(map[0], -(1.0 - 0.9 / 128.0)));
+        assert!(near(map[128], 0.55e-6));
+        assert!(near(map[131], 2.125e-5));
+        let lut = dynamic_lut();
+        assert_eq!(dynamic_code(lut, 1.0), 255);
+        assert_eq!(dynamic_code(lut, -1.0), 0);
+        // 0 falls in bin 32768, whose value −1 + 65536/65535 ≈ 1.53e-5 lies above the midpoint
+        // of 7.75e-6 (130) and 2.125e-5 (131): the table's 3e-5 bins cannot hold the small
+        // entries, and a centred absmax of 0 comes back as 2.125e-5 · scale.
+        assert_eq!(dynamic_code(lut, 0.0), 131);
+    }
+
+    /// The offset is torch's f32 mean: on values whose sum rounds differently in another order,
+    /// the cascade's order decides. Hand cases: fewer than 8 values are summed in order.
+    #[test]
+    fn torch_mean_sums_in_the_cascade_order() {
+        assert_eq!(torch_mean_f32(&[]), 0.0);
+        assert_eq!(torch_mean_f32(&[3.0]), 3.0);
+        // Sequential: (1 + 2^-24) + 2^-24 = 1 (each addition rounds back to 1), then / 3.
+        let t = f32::EPSILON / 2.0;
+        assert_eq!(torch_mean_f32(&[1.0, t, t]), 1.0f32 / 3.0);
+        // 8 values are one vector: lanes added in order after a zero tail gives the same.
+        let mut x = [0.0f32; 8];
+        x[0] = 1.0;
+        x[1] = t;
+        x[2] = t;
+        assert_eq!(torch_mean_f32(&x), 1.0f32 / 8.0);
+        // 16 values, two vectors: lane-wise first (lane 1 gets t + t = 2^-23), then lanes in
+        // order: 1 + 2^-23 is representable, so the sum keeps it.
+        let mut y = [0.0f32; 16];
+        y[0] = 1.0;
+        y[1] = t;
+        y[9] = t;
+        assert_eq!(torch_mean_f32(&y), (1.0f32 + f32::EPSILON) / 16.0);
     }
 
     /// (a) One block, absmax 2 (a power of two, so x / absmax is exact): codes k = j mod 16 in the
@@ -422,8 +611,8 @@ mod tests {
     }
 
     /// (b) Four blocks with absmax 1, 2, 3, 6: offset 3, centred −2, −1, 0, 3, scale 3, scaled
-    /// −2/3, −1/3, 0, 1. Nearest map entries: −(0.1 + 0.9·40.5/64) = −0.66953125 (index 23),
-    /// −(0.1 + 0.9·16.5/64) = −0.33203125 (index 47), 0 (index 127), 1 (index 255).
+    /// −2/3, −1/3, 0, 1. Map entries: −(0.1 + 0.9·40.5/64) = −0.66953125 (index 23),
+    /// −(0.1 + 0.9·16.5/64) = −0.33203125 (index 47), 2.125e-5 (index 131), 1 (index 255).
     #[test]
     fn double_quant_hand_check() {
         let mut x = vec![0.0f32; 256];
@@ -434,12 +623,20 @@ mod tests {
         let q = quantize_nf4(&x);
         assert_eq!(q.offset, 3.0);
         assert_eq!(q.absmax_scale, vec![3.0]);
-        assert_eq!(q.absmax_codes, vec![23, 47, 127, 255]);
+        // Codes by bitsandbytes' lookup table: −2/3 → bin 10923 (value −0.66665, between the
+        // midpoints −0.6766 and −0.6625: entry 23), −1/3 → bin 21845 (entry 47), 0 → bin 32768
+        // (entry 131 = 2.125e-5, not 0: see dynamic_map_signed_has_256...), 1 → 255.
+        assert_eq!(q.absmax_codes, vec![23, 47, 131, 255]);
         let map = dynamic_map_signed();
         assert!((map[23] as f64 + 0.66953125).abs() < 1e-7);
         assert_eq!(map[47], -0.33203125);
         let absmax = q.absmax();
-        let want = [3.0 - 3.0 * 0.66953125, 3.0 - 3.0 * 0.33203125, 3.0, 6.0];
+        let want = [
+            3.0 - 3.0 * 0.66953125,
+            3.0 - 3.0 * 0.33203125,
+            3.0 + 3.0 * 2.125e-5,
+            6.0,
+        ];
         for (got, want) in absmax.iter().zip(want) {
             assert!((*got as f64 - want).abs() < 1e-6, "{got} vs {want}");
         }
@@ -537,7 +734,8 @@ mod tests {
         assert!(q.packed.iter().all(|&b| b == 0x77));
         assert_eq!(q.offset, 0.0);
         assert_eq!(q.absmax_scale, vec![0.0]);
-        assert!(q.absmax_codes.iter().all(|&c| c == 127));
+        // A zero scale: bitsandbytes stores code 0 (map[0] · 0 + offset = offset).
+        assert!(q.absmax_codes.iter().all(|&c| c == 0));
         assert!(dequant(&q).iter().all(|&v| v == 0.0));
 
         // Empty.

@@ -967,6 +967,129 @@ impl Fields<'_> {
     }
 }
 
+/// How a checkpoint stores its linear weights, from config.json's `quantization_config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointQuant {
+    /// No `quantization_config`: full-precision weights.
+    None,
+    /// bitsandbytes 4-bit as transformers saves it with `BitsAndBytesConfig(load_in_4bit=True,
+    /// bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`, f32 compute: the quantised
+    /// linears load into fastpt's NF4 storage as they are.
+    BnbNf4,
+}
+
+impl CheckpointQuant {
+    /// The quantisation of the checkpoint whose config.json is `path`.
+    pub fn of_config(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::of_config_str(&text, path)
+    }
+
+    /// [`Self::of_config`] on the text of a config.json; `path` names it in errors.
+    ///
+    /// Absent keys take `BitsAndBytesConfig`'s defaults (quant type fp4, no double quantisation,
+    /// storage uint8, compute dtype float32). Everything but 4-bit NF4 with double quantisation,
+    /// float32 compute and uint8 storage is refused, naming the field and its value: fp4, plain
+    /// absmax, bf16/fp16 compute (bitsandbytes then rounds the dequantised weights to that type),
+    /// 8-bit (LLM.int8) checkpoints and other quantisation methods.
+    pub fn of_config_str(text: &str, path: &Path) -> Result<Self> {
+        const Q: &str = "quantization_config";
+        let obj = json_object(text, path)?;
+        let qc = match obj.get(Q) {
+            None | Some(Value::Null) => return Ok(CheckpointQuant::None),
+            Some(Value::Object(qc)) => qc,
+            Some(other) => {
+                return Err(Error::config(
+                    path,
+                    Q,
+                    format!("expected an object, found {}", show(other)),
+                ))
+            }
+        };
+        let field = |key: &str| format!("{Q}.{key}");
+        let string = |key: &str, default: &str| -> Result<String> {
+            match qc.get(key) {
+                None | Some(Value::Null) => Ok(default.to_string()),
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(other) => Err(Error::config(
+                    path,
+                    field(key),
+                    format!("expected a string, found {}", show(other)),
+                )),
+            }
+        };
+        let flag = |key: &str| -> Result<bool> {
+            match qc.get(key) {
+                None | Some(Value::Null) => Ok(false),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(other) => Err(Error::config(
+                    path,
+                    field(key),
+                    format!("expected true or false, found {}", show(other)),
+                )),
+            }
+        };
+        let refuse = |key: &str, value: &str, why: &str| {
+            Err(Error::config(path, field(key), format!("{value:?}: {why}")))
+        };
+        let method = string("quant_method", "")?;
+        if method != "bitsandbytes" {
+            return refuse(
+                "quant_method",
+                &method,
+                "not supported; fastpt loads bitsandbytes 4-bit NF4 checkpoints (or full-precision ones)",
+            );
+        }
+        if flag("load_in_8bit")? {
+            return refuse(
+                "load_in_8bit",
+                "true",
+                "8-bit (LLM.int8) checkpoints are not supported; fastpt loads bitsandbytes 4-bit NF4",
+            );
+        }
+        if !flag("load_in_4bit")? {
+            return refuse(
+                "load_in_4bit",
+                "false",
+                "fastpt loads bitsandbytes 4-bit checkpoints only",
+            );
+        }
+        let quant_type = string("bnb_4bit_quant_type", "fp4")?;
+        if quant_type != "nf4" {
+            return refuse(
+                "bnb_4bit_quant_type",
+                &quant_type,
+                "only nf4 is supported (fastpt's 4-bit storage is NF4)",
+            );
+        }
+        if !flag("bnb_4bit_use_double_quant")? {
+            return refuse(
+                "bnb_4bit_use_double_quant",
+                "false",
+                "only double-quantised absmax (bnb_4bit_use_double_quant=True) is supported",
+            );
+        }
+        let compute = string("bnb_4bit_compute_dtype", "float32")?;
+        if compute != "float32" {
+            return refuse(
+                "bnb_4bit_compute_dtype",
+                &compute,
+                "only float32 is supported (with another type bitsandbytes rounds the \
+                 dequantised weights to it, which fastpt does not reproduce)",
+            );
+        }
+        let storage = string("bnb_4bit_quant_storage", "uint8")?;
+        if storage != "uint8" {
+            return refuse(
+                "bnb_4bit_quant_storage",
+                &storage,
+                "only uint8 storage is supported",
+            );
+        }
+        Ok(CheckpointQuant::BnbNf4)
+    }
+}
+
 /// The top-level object of a config file; malformed JSON is an [`Error::Format`] with
 /// serde_json's line and column.
 fn json_object(text: &str, path: &Path) -> Result<Map<String, Value>> {

@@ -11,6 +11,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors, View};
 use serde_json::Value;
 
+use crate::backend::nf4::{dynamic_map_signed, Nf4Tensor, ABSMAX_BLOCK, NF4_BLOCK, NF4_CODE};
 use crate::error::{Error, Result};
 use crate::fsutil::write_file_atomic;
 
@@ -305,6 +306,249 @@ impl SafetensorsFolder {
             ));
         }
         Ok(values)
+    }
+}
+
+/// The largest quant-state JSON of one bitsandbytes weight read (real ones are ~200 bytes).
+pub const MAX_QUANT_STATE_BYTES: usize = 1 << 16;
+
+/// The suffix of the tensor that holds a bitsandbytes 4-bit weight's quant state (JSON bytes).
+const BNB_NF4_STATE: &str = "quant_state.bitsandbytes__nf4";
+const BNB_FP4_STATE: &str = "quant_state.bitsandbytes__fp4";
+
+impl SafetensorsFolder {
+    /// The stored bytes of `name`, which must have `dtype` and `numel` elements (whatever its
+    /// shape); errors name the file, the tensor and what it holds.
+    fn raw(&self, name: &str, dtype: Dtype, numel: usize) -> Result<&[u8]> {
+        let Some((file, info)) = self.lookup(name) else {
+            return Err(Error::MissingTensors {
+                path: self.source.clone(),
+                count: 1,
+                names: vec![name.to_string()],
+            });
+        };
+        if info.dtype != dtype {
+            return Err(Error::format(
+                &file.path,
+                format!(
+                    "tensor `{name}`: dtype {}, but a bitsandbytes 4-bit weight stores it as {dtype}",
+                    info.dtype
+                ),
+            ));
+        }
+        let found = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if found != Some(numel) {
+            return Err(Error::format(
+                &file.path,
+                format!(
+                    "tensor `{name}`: shape {:?} holds {} elements; the weight's quant state \
+                     needs {numel}",
+                    info.shape,
+                    found.map_or("too many".to_string(), |n| n.to_string())
+                ),
+            ));
+        }
+        file.bytes(name, info)
+    }
+
+    /// Whether linear weight `name` is stored bitsandbytes 4-bit (it has a quant-state tensor).
+    pub fn is_bnb_4bit(&self, name: &str) -> bool {
+        self.contains(&format!("{name}.{BNB_NF4_STATE}"))
+            || self.contains(&format!("{name}.{BNB_FP4_STATE}"))
+    }
+
+    /// Loads bitsandbytes 4-bit weight `name` of shape `expected` as it is stored: the packed
+    /// codes `name` (u8, `ceil(n/2)`), the absmax codes `name.absmax` (u8, `ceil(n/64)`), the
+    /// absmax scales `name.nested_absmax` (f32, one per 256 blocks), the maps `name.quant_map`
+    /// (16) and `name.nested_quant_map` (256), and the JSON `name.quant_state.bitsandbytes__nf4`
+    /// (quant_type nf4, blocksize 64, dtype float32, shape, nested_blocksize 256, nested_dtype
+    /// float32, nested_offset). Every field and size is checked before anything is copied; the
+    /// maps must equal fastpt's NF4 code and dynamic map bit for bit. Errors name the file, the
+    /// tensor, the field and its value.
+    pub fn load_bnb_nf4(&self, name: &str, expected: &[usize]) -> Result<Nf4Tensor> {
+        let fp4 = format!("{name}.{BNB_FP4_STATE}");
+        if self.contains(&fp4) {
+            return Err(self.bnb_error(
+                &fp4,
+                "quant_type fp4 is not supported; fastpt loads bitsandbytes NF4 weights",
+            ));
+        }
+        let state_name = format!("{name}.{BNB_NF4_STATE}");
+        let Some((file, info)) = self.lookup(&state_name) else {
+            return Err(Error::MissingTensors {
+                path: self.source.clone(),
+                count: 1,
+                names: vec![state_name],
+            });
+        };
+        if info.dtype != Dtype::U8 || info.shape.len() != 1 || info.shape[0] > MAX_QUANT_STATE_BYTES
+        {
+            return Err(self.bnb_error(
+                &state_name,
+                format!(
+                    "expected JSON bytes (u8, one dimension, at most {MAX_QUANT_STATE_BYTES}), \
+                     found {} {:?}",
+                    info.dtype, info.shape
+                ),
+            ));
+        }
+        let bytes = file.bytes(&state_name, info)?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| self.bnb_error(&state_name, format!("not UTF-8 ({e})")))?;
+        let state: Value = serde_json::from_str(text)
+            .map_err(|e| self.bnb_error(&state_name, format!("not valid JSON: {e}")))?;
+        let state = state
+            .as_object()
+            .ok_or_else(|| self.bnb_error(&state_name, "expected a JSON object"))?;
+        let field = |key: &str| -> Result<&Value> {
+            state
+                .get(key)
+                .ok_or_else(|| self.bnb_error(&state_name, format!("no field `{key}`")))
+        };
+        let want_str = |key: &str, want: &str, why: &str| -> Result<()> {
+            let v = field(key)?;
+            if v.as_str() == Some(want) {
+                Ok(())
+            } else {
+                Err(self.bnb_error(&state_name, format!("field `{key}` = {v}: {why}")))
+            }
+        };
+        let want_int = |key: &str, want: u64, why: &str| -> Result<()> {
+            let v = field(key)?;
+            if v.as_u64() == Some(want) {
+                Ok(())
+            } else {
+                Err(self.bnb_error(&state_name, format!("field `{key}` = {v}: {why}")))
+            }
+        };
+        want_str("quant_type", "nf4", "only nf4 is supported")?;
+        want_int(
+            "blocksize",
+            NF4_BLOCK as u64,
+            "only blocksize 64 is supported",
+        )?;
+        want_str(
+            "dtype",
+            "float32",
+            "only float32 weights are supported (bitsandbytes rounds the dequantised weights \
+             to this type)",
+        )?;
+        if !state.contains_key("nested_blocksize") {
+            return Err(self.bnb_error(
+                &state_name,
+                "no `nested_blocksize`: the absmax is not double-quantised \
+                 (bnb_4bit_use_double_quant=False), which fastpt does not load",
+            ));
+        }
+        want_int(
+            "nested_blocksize",
+            ABSMAX_BLOCK as u64,
+            "only nested blocksize 256 is supported",
+        )?;
+        want_str("nested_dtype", "float32", "only float32 is supported")?;
+        let shape_value = field("shape")?;
+        let shape: Option<Vec<usize>> = shape_value.as_array().and_then(|dims| {
+            dims.iter()
+                .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                .collect()
+        });
+        if shape.as_deref() != Some(expected) {
+            return Err(self.bnb_error(
+                &state_name,
+                format!("field `shape` = {shape_value}: the model needs {expected:?}"),
+            ));
+        }
+        let offset_value = field("nested_offset")?;
+        let offset = offset_value
+            .as_f64()
+            .filter(|x| x.is_finite() && (*x as f32).is_finite())
+            .ok_or_else(|| {
+                self.bnb_error(
+                    &state_name,
+                    format!("field `nested_offset` = {offset_value}: expected a finite number"),
+                )
+            })? as f32;
+
+        // Sizes from the (validated) shape, checked against every tensor before copying.
+        let n = expected
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| self.bnb_error(&state_name, format!("shape {expected:?} overflows")))?;
+        let nb = n.div_ceil(NF4_BLOCK);
+        let nb2 = nb.div_ceil(ABSMAX_BLOCK);
+        let absmax_name = format!("{name}.absmax");
+        if self.lookup(&absmax_name).map(|(_, i)| i.dtype) == Some(Dtype::F32) {
+            return Err(self.bnb_error(
+                &absmax_name,
+                "f32 absmax: the absmax is not double-quantised, which fastpt does not load",
+            ));
+        }
+        let packed = self.raw(name, Dtype::U8, n.div_ceil(2))?;
+        let absmax_codes = self.raw(&absmax_name, Dtype::U8, nb)?;
+        let scale_name = format!("{name}.nested_absmax");
+        let scales = decode_le(
+            self.raw(&scale_name, Dtype::F32, nb2)?,
+            f32::from_le_bytes,
+            |x| x,
+        ); // (ceil(nb/256))
+        if let Some(i) = scales.iter().position(|s| !s.is_finite() || *s < 0.0) {
+            return Err(self.bnb_error(
+                &scale_name,
+                format!(
+                    "element {i} is {}; absmax scales are finite and ≥ 0",
+                    scales[i]
+                ),
+            ));
+        }
+        let map_name = format!("{name}.quant_map");
+        let code = decode_le(
+            self.raw(&map_name, Dtype::F32, 16)?,
+            f32::from_le_bytes,
+            |x| x,
+        );
+        if let Some(k) = (0..16).find(|&k| code[k].to_bits() != NF4_CODE[k].to_bits()) {
+            return Err(self.bnb_error(
+                &map_name,
+                format!(
+                    "entry {k} is {}, not NF4's {}: only the NF4 code is supported",
+                    code[k], NF4_CODE[k]
+                ),
+            ));
+        }
+        let nested_name = format!("{name}.nested_quant_map");
+        let map = decode_le(
+            self.raw(&nested_name, Dtype::F32, 256)?,
+            f32::from_le_bytes,
+            |x| x,
+        );
+        let ours = dynamic_map_signed();
+        if let Some(k) = (0..256).find(|&k| map[k].to_bits() != ours[k].to_bits()) {
+            return Err(self.bnb_error(
+                &nested_name,
+                format!(
+                    "entry {k} is {}, not the signed dynamic map's {}: only bitsandbytes' \
+                     default dynamic map is supported",
+                    map[k], ours[k]
+                ),
+            ));
+        }
+        let q = Nf4Tensor {
+            packed: packed.to_vec(),
+            absmax_codes: absmax_codes.to_vec(),
+            absmax_scale: scales,
+            offset,
+            len: n,
+        };
+        debug_assert!(q.is_consistent());
+        Ok(q)
+    }
+
+    /// An error about tensor `name` of a bitsandbytes weight, naming its file.
+    fn bnb_error(&self, name: &str, msg: impl std::fmt::Display) -> Error {
+        let path = self
+            .file_of(name)
+            .map_or_else(|| self.source.clone(), Path::to_path_buf);
+        Error::format(path, format!("tensor `{name}`: {msg}"))
     }
 }
 

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::nf4::quantize_nf4;
+use crate::backend::nf4::{quantize_nf4, Nf4Tensor};
 use crate::backend::{Backend, LinearDims};
 use crate::error::{Error, Result};
 
@@ -35,6 +35,14 @@ impl FromStr for Quant {
     }
 }
 
+/// A linear weight `(OC, IC)` as its source holds it: full precision, or already NF4 (a
+/// bitsandbytes 4-bit checkpoint).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinearData {
+    Dense(Vec<f32>), // (OC, IC)
+    Nf4(Nf4Tensor),  // (OC, IC) quantised
+}
+
 /// A frozen linear weight `(OC, IC)` in PyTorch's layout.
 pub enum Linear<B: Backend> {
     Dense(B::Tensor), // (OC, IC)
@@ -47,6 +55,15 @@ impl<B: Backend> Linear<B> {
         match quant {
             Quant::None => Linear::Dense(be.upload_f32(data)),
             Quant::Nf4 => Linear::Nf4(be.upload_nf4(quantize_nf4(&data))),
+        }
+    }
+
+    /// Uploads `data`: a dense weight as [`Linear::load`] with `quant`, an NF4 one as it is
+    /// (already quantised: `quant` cannot make it denser or quantise it again).
+    pub fn from_data(be: &B, data: LinearData, quant: Quant) -> Self {
+        match data {
+            LinearData::Dense(w) => Self::load(be, w, quant),
+            LinearData::Nf4(q) => Linear::Nf4(be.upload_nf4(q)),
         }
     }
 

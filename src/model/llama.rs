@@ -21,8 +21,8 @@ use crate::model::config::{Architecture, LlamaConfig, RopeScaling};
 use crate::model::family::{million_params, Activations, Family, Saved, SpecialIds, StepBatch};
 use crate::model::flops::{llama_flops, StepTokens};
 use crate::model::generate::{check_generate_inputs, GenerateConfig, Generated, Greedy};
-use crate::model::linear::{Linear, Quant};
-use crate::model::t5::WeightSource;
+use crate::model::linear::{Linear, LinearData, Quant};
+use crate::model::t5::{LinearSource, WeightSource};
 use crate::model::{
     label_rows_loss, label_rows_loss_backward, LmHead, LossSaved, ModelOutput, NormSaved,
 };
@@ -92,36 +92,59 @@ impl<B: Backend> LlamaWeights<B> {
         source: &mut WeightSource<'_>,
         quant: Quant,
     ) -> Result<Self> {
+        // One source behind both callbacks (they are never called at the same time).
+        let source = std::cell::RefCell::new(source);
+        Self::load_with_linears(
+            be,
+            cfg,
+            &mut |name, shape| (*source.borrow_mut())(name, shape),
+            &mut |name, shape| Ok(LinearData::Dense((*source.borrow_mut())(name, shape)?)),
+            quant,
+        )
+    }
+
+    /// As [`LlamaWeights::load_quantized`], with the attention and MLP projections read through
+    /// `linears` (dense ones stored as `quant` says, NF4 ones as they are).
+    pub fn load_with_linears(
+        be: &B,
+        cfg: &LlamaConfig,
+        source: &mut WeightSource<'_>,
+        linears: &mut LinearSource<'_>,
+        quant: Quant,
+    ) -> Result<Self> {
         let mut specs = llama_tensor_specs(cfg).into_iter();
-        let mut next_f32 = || -> Result<Vec<f32>> {
-            let (name, shape) = specs
+        let mut next = || -> Result<(String, Vec<usize>)> {
+            specs
                 .next()
-                .ok_or_else(|| Error::Input("Llama tensor list ended early".into()))?;
-            source(&name, &shape)
+                .ok_or_else(|| Error::Input("Llama tensor list ended early".into()))
         };
-        let dense = |data: Vec<f32>| be.upload_f32(data);
-        let linear = |data: Vec<f32>| Linear::load(be, data, quant);
-        let embed = dense(next_f32()?);
+        let mut dense = |spec: (String, Vec<usize>)| -> Result<B::Tensor> {
+            Ok(be.upload_f32(source(&spec.0, &spec.1)?))
+        };
+        let mut linear = |spec: (String, Vec<usize>)| -> Result<Linear<B>> {
+            Ok(Linear::from_data(be, linears(&spec.0, &spec.1)?, quant))
+        };
+        let embed = dense(next()?)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for _ in 0..cfg.num_hidden_layers {
             // The order of llama_tensor_specs.
             layers.push(LlamaLayer {
-                ln_attn: dense(next_f32()?),
-                q: linear(next_f32()?),
-                k: linear(next_f32()?),
-                v: linear(next_f32()?),
-                o: linear(next_f32()?),
-                ln_mlp: dense(next_f32()?),
-                gate: linear(next_f32()?),
-                up: linear(next_f32()?),
-                down: linear(next_f32()?),
+                ln_attn: dense(next()?)?,
+                q: linear(next()?)?,
+                k: linear(next()?)?,
+                v: linear(next()?)?,
+                o: linear(next()?)?,
+                ln_mlp: dense(next()?)?,
+                gate: linear(next()?)?,
+                up: linear(next()?)?,
+                down: linear(next()?)?,
             });
         }
-        let final_norm = dense(next_f32()?);
+        let final_norm = dense(next()?)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(dense(next_f32()?))
+            Some(dense(next()?)?)
         };
         Ok(LlamaWeights {
             embed,

@@ -28,7 +28,7 @@ use std::path::Path;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::config::{Architecture, FeedForward, LlamaConfig, T5Config};
+use crate::model::config::{Architecture, CheckpointQuant, FeedForward, LlamaConfig, T5Config};
 use crate::model::linear::Quant;
 use crate::model::shapes::{is_builtin_shape, llama_shape, t5_shape};
 
@@ -127,7 +127,23 @@ pub fn check_model<B: Backend>(
     what: &str,
 ) -> Result<()> {
     let shape = ModelShape::of_model(model)?;
+    let quant = stored_quant(model, quant)?;
     check_fits(be, &estimate(&shape, Storage::of(be, quant), work), what)
+}
+
+/// How `model`'s linear weights will be stored: `quant`, or NF4 for a bitsandbytes 4-bit folder
+/// (its linears load in NF4 whatever `quant` says; the few it keeps dense, T5's `wo`, are
+/// counted at NF4 size too).
+pub fn stored_quant(model: &str, quant: Quant) -> Result<Quant> {
+    if is_builtin_shape(model) {
+        return Ok(quant);
+    }
+    Ok(
+        match CheckpointQuant::of_config(&Path::new(model).join("config.json"))? {
+            CheckpointQuant::BnbNf4 => Quant::Nf4,
+            CheckpointQuant::None => quant,
+        },
+    )
 }
 
 /// An estimate in bytes, by part.

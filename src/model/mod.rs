@@ -21,18 +21,25 @@ use crate::backend::profiling::nvtx_range;
 use crate::backend::{Backend, CrossEntropyDims, Gemm};
 use crate::error::{Error, Result};
 pub use config::Architecture;
-use config::{LlamaConfig, T5Config};
+use config::{CheckpointQuant, LlamaConfig, T5Config};
 pub use family::{Activations, Backbone, Family, SpecialIds, StepBatch};
 use hf::SafetensorsFolder;
-use linear::Quant;
+use linear::{LinearData, Quant};
 use llama::{llama_tensor_specs, Llama, LlamaWeights};
 use t5::{t5_tensor_specs, T5Weights, T5};
 
 /// Loads a T5 model from a Hugging Face folder: `config.json` and `model.safetensors` (or the
 /// shards of `model.safetensors.index.json`), weights converted to the backend's type. Every
 /// missing tensor is reported at once, before any weight is read.
+///
+/// A bitsandbytes 4-bit folder (config.json's `quantization_config`, see [`CheckpointQuant`])
+/// loads each linear as it is stored: NF4 where the checkpoint has its quant state, dense
+/// otherwise (transformers keeps T5's `wo` and every lm_head dense); `quant` then applies to the
+/// dense linears only (`Quant::None` keeps them dense, `Quant::Nf4` quantises them).
 pub fn load_t5<B: Backend>(be: &B, dir: &Path, quant: Quant) -> Result<T5<B>> {
-    let cfg = T5Config::from_file(&dir.join("config.json"))?;
+    let config = dir.join("config.json");
+    let cfg = T5Config::from_file(&config)?;
+    CheckpointQuant::of_config(&config)?;
     let folder = SafetensorsFolder::open(dir)?;
     // Checkpoints saved with tied embeddings may keep only the encoder's copy of the table.
     let shared_name =
@@ -53,10 +60,11 @@ pub fn load_t5<B: Backend>(be: &B, dir: &Path, quant: Quant) -> Result<T5<B>> {
         .map(|(n, _)| rename(n))
         .collect();
     folder.require(&names)?;
-    let weights = T5Weights::load_quantized(
+    let weights = T5Weights::load_with_linears(
         be,
         &cfg,
         &mut |name, shape| folder.load_f32(&rename(name), shape),
+        &mut |name, shape| checkpoint_linear(&folder, name, shape),
         quant,
     )?;
     Ok(T5::new(cfg, weights))
@@ -92,22 +100,39 @@ fn random_t5_mapped<B: Backend>(
 
 /// Loads a Llama model from a Hugging Face folder: `config.json` and `model.safetensors` (or
 /// the shards of `model.safetensors.index.json`). Every missing tensor is reported at once,
-/// before any weight is read.
+/// before any weight is read. A bitsandbytes 4-bit folder loads as in [`load_t5`].
 pub fn load_llama<B: Backend>(be: &B, dir: &Path, quant: Quant) -> Result<Llama<B>> {
-    let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let config = dir.join("config.json");
+    let cfg = LlamaConfig::from_file(&config)?;
+    CheckpointQuant::of_config(&config)?;
     let folder = SafetensorsFolder::open(dir)?;
     let names: Vec<String> = llama_tensor_specs(&cfg)
         .into_iter()
         .map(|(n, _)| n)
         .collect();
     folder.require(&names)?;
-    let weights = LlamaWeights::load_quantized(
+    let weights = LlamaWeights::load_with_linears(
         be,
         &cfg,
         &mut |name, shape| folder.load_f32(name, shape),
+        &mut |name, shape| checkpoint_linear(&folder, name, shape),
         quant,
     )?;
     Ok(Llama::new(cfg, weights))
+}
+
+/// Linear weight `name` of a checkpoint folder: NF4 as stored when it has a bitsandbytes 4-bit
+/// quant state, else its full-precision values.
+fn checkpoint_linear(
+    folder: &SafetensorsFolder,
+    name: &str,
+    shape: &[usize],
+) -> Result<LinearData> {
+    if folder.is_bnb_4bit(name) {
+        Ok(LinearData::Nf4(folder.load_bnb_nf4(name, shape)?))
+    } else {
+        Ok(LinearData::Dense(folder.load_f32(name, shape)?))
+    }
 }
 
 /// A built-in Llama shape (see [`shapes::LLAMA_SHAPES`]) with random weights from `seed`.

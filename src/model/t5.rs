@@ -18,7 +18,7 @@ use crate::model::config::{Architecture, FeedForward, T5Config};
 use crate::model::family::{million_params, Activations, Family, Saved, SpecialIds, StepBatch};
 use crate::model::flops::{t5_flops, StepTokens};
 use crate::model::generate::{check_generate_inputs, GenerateConfig, Generated, Greedy};
-use crate::model::linear::{Linear, Quant};
+use crate::model::linear::{Linear, LinearData, Quant};
 use crate::model::{
     label_rows_loss, label_rows_loss_backward, LmHead, LossSaved, ModelOutput, NormSaved,
 };
@@ -72,6 +72,10 @@ pub struct T5Weights<B: Backend> {
 /// Where weights come from: given a Hugging Face tensor name and its expected shape, returns the
 /// values as f32 (a checkpoint folder, or random weights of a built-in shape).
 pub type WeightSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>> + 'a;
+
+/// Where the frozen linear weights come from: as [`WeightSource`], but a weight may come
+/// already quantised (a bitsandbytes 4-bit checkpoint).
+pub type LinearSource<'a> = dyn FnMut(&str, &[usize]) -> Result<LinearData> + 'a;
 
 /// The Hugging Face name and shape of every tensor a T5 checkpoint must hold, in load order.
 pub fn t5_tensor_specs(cfg: &T5Config) -> Vec<(String, Vec<usize>)> {
@@ -146,6 +150,26 @@ impl<B: Backend> T5Weights<B> {
         source: &mut WeightSource<'_>,
         quant: Quant,
     ) -> Result<Self> {
+        // One source behind both callbacks (they are never called at the same time).
+        let source = std::cell::RefCell::new(source);
+        Self::load_with_linears(
+            be,
+            cfg,
+            &mut |name, shape| (*source.borrow_mut())(name, shape),
+            &mut |name, shape| Ok(LinearData::Dense((*source.borrow_mut())(name, shape)?)),
+            quant,
+        )
+    }
+
+    /// As [`T5Weights::load_quantized`], with the attention and feed-forward projections read
+    /// through `linears` (dense ones stored as `quant` says, NF4 ones as they are).
+    pub fn load_with_linears(
+        be: &B,
+        cfg: &T5Config,
+        source: &mut WeightSource<'_>,
+        linears: &mut LinearSource<'_>,
+        quant: Quant,
+    ) -> Result<Self> {
         let (c, hd, f, v) = (cfg.d_model, cfg.inner_dim(), cfg.d_ff, cfg.vocab_size);
         let nb = cfg.relative_attention_num_buckets;
         // Same names and order as t5_tensor_specs (a test checks that they agree).
@@ -155,7 +179,7 @@ impl<B: Backend> T5Weights<B> {
         for l in 0..cfg.num_layers {
             let p = format!("encoder.block.{l}.layer");
             let ln_attn = be.upload_f32(source(&format!("{p}.0.layer_norm.weight"), &[c])?);
-            let attn = load_attn(be, source, quant, &format!("{p}.0.SelfAttention"), hd, c)?;
+            let attn = load_attn(be, linears, quant, &format!("{p}.0.SelfAttention"), hd, c)?;
             if l == 0 {
                 let name = format!("{p}.0.SelfAttention.relative_attention_bias.weight");
                 encoder_rel_bias = Some(be.upload_f32(source(&name, &[nb, cfg.num_heads])?));
@@ -163,7 +187,7 @@ impl<B: Backend> T5Weights<B> {
             let ln_ff = be.upload_f32(source(&format!("{p}.1.layer_norm.weight"), &[c])?);
             let ff = load_ffn(
                 be,
-                source,
+                linears,
                 quant,
                 cfg,
                 &format!("{p}.1.DenseReluDense"),
@@ -183,18 +207,18 @@ impl<B: Backend> T5Weights<B> {
         for l in 0..cfg.num_decoder_layers {
             let p = format!("decoder.block.{l}.layer");
             let ln_self = be.upload_f32(source(&format!("{p}.0.layer_norm.weight"), &[c])?);
-            let self_attn = load_attn(be, source, quant, &format!("{p}.0.SelfAttention"), hd, c)?;
+            let self_attn = load_attn(be, linears, quant, &format!("{p}.0.SelfAttention"), hd, c)?;
             if l == 0 {
                 let name = format!("{p}.0.SelfAttention.relative_attention_bias.weight");
                 decoder_rel_bias = Some(be.upload_f32(source(&name, &[nb, cfg.num_heads])?));
             }
             let ln_cross = be.upload_f32(source(&format!("{p}.1.layer_norm.weight"), &[c])?);
             let cross_attn =
-                load_attn(be, source, quant, &format!("{p}.1.EncDecAttention"), hd, c)?;
+                load_attn(be, linears, quant, &format!("{p}.1.EncDecAttention"), hd, c)?;
             let ln_ff = be.upload_f32(source(&format!("{p}.2.layer_norm.weight"), &[c])?);
             let ff = load_ffn(
                 be,
-                source,
+                linears,
                 quant,
                 cfg,
                 &format!("{p}.2.DenseReluDense"),
@@ -232,15 +256,15 @@ impl<B: Backend> T5Weights<B> {
 
 fn load_attn<B: Backend>(
     be: &B,
-    source: &mut WeightSource<'_>,
+    linears: &mut LinearSource<'_>,
     quant: Quant,
     prefix: &str,
     hd: usize,
     c: usize,
 ) -> Result<AttnWeights<B>> {
     let mut linear = |name: &str, shape: [usize; 2]| -> Result<Linear<B>> {
-        let data = source(&format!("{prefix}.{name}.weight"), &shape)?;
-        Ok(Linear::load(be, data, quant))
+        let data = linears(&format!("{prefix}.{name}.weight"), &shape)?;
+        Ok(Linear::from_data(be, data, quant))
     };
     Ok(AttnWeights {
         q: linear("q", [hd, c])?,
@@ -252,7 +276,7 @@ fn load_attn<B: Backend>(
 
 fn load_ffn<B: Backend>(
     be: &B,
-    source: &mut WeightSource<'_>,
+    linears: &mut LinearSource<'_>,
     quant: Quant,
     cfg: &T5Config,
     prefix: &str,
@@ -260,8 +284,8 @@ fn load_ffn<B: Backend>(
     f: usize,
 ) -> Result<FfnWeights<B>> {
     let mut linear = |name: &str, shape: [usize; 2]| -> Result<Linear<B>> {
-        let data = source(&format!("{prefix}.{name}.weight"), &shape)?;
-        Ok(Linear::load(be, data, quant))
+        let data = linears(&format!("{prefix}.{name}.weight"), &shape)?;
+        Ok(Linear::from_data(be, data, quant))
     };
     let (wi, wi_gate) = match cfg.feed_forward {
         FeedForward::Relu => (linear("wi", [f, c])?, None),
