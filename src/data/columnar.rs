@@ -10,7 +10,7 @@
 //! - Records are numbered by their 0-based row within the file (as `datasets` indexes them), so an
 //!   error names file, row and column.
 //! - `.arrow` files are Arrow IPC in the stream format (`datasets`' `save_to_disk`) or the file
-//!   format (its body is a stream after the 8-byte magic, read the same way).
+//!   format (starting with `ARROW1`).
 //! - Sizes: a file's rows are capped at [`MAX_ROWS`] and at one row per byte of the file (plus
 //!   [`ROW_SLACK`]): a real text row takes several bytes, so a larger count is a corrupt or
 //!   hostile size and is refused before it is decoded (memory grows with the rows actually read).
@@ -381,21 +381,28 @@ fn read_arrow_inner(path: &Path) -> Result<Records> {
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut magic = [0u8; 6];
     let n = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
-    // The file format: magic, padding to 8 bytes, a stream, the footer. The stream part is read.
-    let start = if n == 6 && &magic == b"ARROW1" { 8 } else { 0 };
-    file.seek(SeekFrom::Start(start))
+    file.seek(SeekFrom::Start(0))
         .map_err(|e| Error::io(path, e))?;
     let bad = |e: arrow_schema::ArrowError| {
         Error::format(path, format!("not a readable Arrow IPC file: {e}"))
     };
-    let reader =
-        arrow_ipc::reader::StreamReader::try_new(BufReader::new(file), None).map_err(bad)?;
-    let names = column_names(path, reader.schema().fields())?;
     let limit = row_limit(file_len);
     let mut rows = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(bad)?;
-        append_batch(path, &names, &batch, limit, &mut rows)?;
+    if n == 6 && &magic == b"ARROW1" {
+        // The file format (magic, messages, a footer listing them).
+        let reader = arrow_ipc::reader::FileReader::try_new_buffered(file, None).map_err(bad)?;
+        let names = column_names(path, reader.schema().fields())?;
+        for batch in reader {
+            append_batch(path, &names, &batch.map_err(bad)?, limit, &mut rows)?;
+        }
+    } else {
+        // The stream format, which datasets' save_to_disk writes.
+        let reader =
+            arrow_ipc::reader::StreamReader::try_new(BufReader::new(file), None).map_err(bad)?;
+        let names = column_names(path, reader.schema().fields())?;
+        for batch in reader {
+            append_batch(path, &names, &batch.map_err(bad)?, limit, &mut rows)?;
+        }
     }
     finish(path, rows)
 }
