@@ -600,3 +600,42 @@ fn data_file_mutations_never_panic_or_overallocate() {
         })
         .unwrap();
 }
+
+/// Parquet and Arrow IPC files (issue 20): the `datasets`-made fixtures, mutated, give `Ok` or an
+/// `Err`, never a panic or an allocation sized by a corrupt length.
+#[test]
+fn columnar_file_mutations_never_panic_or_overallocate() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let glue = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/glue");
+    let originals: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "train.parquet",
+            std::fs::read(glue.join("rte_parquet/train.parquet")).unwrap(),
+        ),
+        (
+            "train.arrow",
+            std::fs::read(glue.join("rte_disk/train/data-00000-of-00002.arrow")).unwrap(),
+        ),
+    ];
+    let mut runner = runner(512);
+    let strategy = (
+        0usize..originals.len(),
+        prop::collection::vec(byte_edit(), 1..5),
+    );
+    runner
+        .run(&strategy, |(f, edits)| {
+            let (name, original) = &originals[f];
+            let mut bytes = original.clone();
+            for e in &edits {
+                apply_bytes(&mut bytes, e);
+            }
+            let path = dir.path().join(name);
+            std::fs::write(&path, &bytes).unwrap();
+            let case = format!("{name}: edits {edits:?}");
+            guarded("read_records", &case, || {
+                let _ = fastpt::data::readers::read_records(&path);
+            })
+        })
+        .unwrap();
+}

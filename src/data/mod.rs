@@ -3,6 +3,7 @@
 
 pub mod batch_json;
 pub mod batching;
+pub mod columnar;
 pub mod metric;
 pub mod readers;
 pub mod synthetic;

@@ -25,25 +25,89 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::columnar;
 use crate::error::{Error, Result};
 
 /// One record: field name → value (TSV/CSV fields are JSON strings).
 pub type Record = serde_json::Map<String, Value>;
 
-/// A file's records with the 1-based line each started on (for errors).
+/// How a file numbers its records in errors: text files by 1-based line, Parquet / Arrow files
+/// by 0-based row (the index `datasets` gives it within the file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Line,
+    Row,
+}
+
+/// A file's records, each with the line it started on or its row (see [`Unit`]), for errors.
+/// A split read from several files (Parquet shards, `save_to_disk` Arrow files) holds them in
+/// order; `parts` says where each file's rows start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Records {
+    /// The (first) file read.
     pub path: PathBuf,
+    /// (line or row within its file, record).
     pub rows: Vec<(usize, Record)>,
+    /// How the numbers in `rows` count.
+    pub unit: Unit,
+    /// The files after the first: (index in `rows` of the file's first record, file).
+    pub parts: Vec<(usize, PathBuf)>,
 }
 
 impl Records {
+    /// The records of one text file, numbered by line.
+    pub fn lines(path: &Path, rows: Vec<(usize, Record)>) -> Self {
+        Records {
+            path: path.to_path_buf(),
+            rows,
+            unit: Unit::Line,
+            parts: Vec::new(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.rows.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+
+    /// The file that holds `rows[i]`.
+    pub fn path_of(&self, i: usize) -> &Path {
+        // The last part starting at or before i.
+        let k = self.parts.partition_point(|(start, _)| *start <= i);
+        match k {
+            0 => &self.path,
+            k => &self.parts[k - 1].1,
+        }
+    }
+
+    /// Each record with its location (file and line or row) for errors.
+    pub fn iter(&self) -> impl Iterator<Item = (Loc<'_>, &Record)> {
+        self.rows.iter().enumerate().map(move |(i, (n, rec))| {
+            let loc = Loc {
+                path: self.path_of(i),
+                line: *n,
+                unit: self.unit,
+            };
+            (loc, rec)
+        })
+    }
+
+    /// The records of several files of one split, in order (an empty list gives None).
+    /// All files must number their records the same way.
+    pub fn concat(files: Vec<Records>) -> Option<Records> {
+        let mut it = files.into_iter();
+        let mut all = it.next()?;
+        for r in it {
+            all.parts.push((all.rows.len(), r.path));
+            let base = all.rows.len();
+            all.parts
+                .extend(r.parts.into_iter().map(|(start, p)| (base + start, p)));
+            all.rows.extend(r.rows);
+        }
+        Some(all)
     }
 }
 
@@ -228,10 +292,7 @@ pub fn read_jsonl(path: &Path) -> Result<Records> {
     if rows.is_empty() {
         return Err(no_records(path, "the file is empty"));
     }
-    Ok(Records {
-        path: path.to_path_buf(),
-        rows,
-    })
+    Ok(Records::lines(path, rows))
 }
 
 /// Splits the TSV data lines still in `lines` (after the header, if any) into records with the
@@ -308,10 +369,7 @@ pub fn read_tsv(path: &Path) -> Result<Records> {
     if rows.is_empty() {
         return Err(no_records(path, "only a header"));
     }
-    Ok(Records {
-        path: path.to_path_buf(),
-        rows,
-    })
+    Ok(Records::lines(path, rows))
 }
 
 /// Tab-separated rows without a header row (CoLA's train.tsv / dev.tsv), named by `names`.
@@ -322,10 +380,7 @@ pub fn read_tsv_headerless(path: &Path, names: &[&str]) -> Result<Records> {
     if rows.is_empty() {
         return Err(no_records(path, "the file is empty"));
     }
-    Ok(Records {
-        path: path.to_path_buf(),
-        rows,
-    })
+    Ok(Records::lines(path, rows))
 }
 
 /// The first non-empty line's tab-separated fields (to tell a header from data); reads only
@@ -515,14 +570,16 @@ pub fn read_csv(path: &Path) -> Result<Records> {
     if rows.is_empty() {
         return Err(no_records(path, "only a header"));
     }
-    Ok(Records {
-        path: path.to_path_buf(),
-        rows,
-    })
+    Ok(Records::lines(path, rows))
 }
 
-/// Reads by extension: `.jsonl` / `.json` (JSON Lines), `.tsv`, `.csv`.
+/// Reads by extension: `.jsonl` / `.json` (JSON Lines), `.tsv`, `.csv`, `.parquet`, `.arrow`
+/// (Arrow IPC, stream or file format); a folder is a `datasets` `save_to_disk` folder or a folder
+/// of Parquet files (see [`columnar::read_dataset_dir`]).
 pub fn read_records(path: &Path) -> Result<Records> {
+    if path.is_dir() {
+        return columnar::read_dataset_dir(path);
+    }
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -531,27 +588,43 @@ pub fn read_records(path: &Path) -> Result<Records> {
         Some("jsonl") | Some("json") => read_jsonl(path),
         Some("tsv") => read_tsv(path),
         Some("csv") => read_csv(path),
+        Some("parquet") => columnar::read_parquet(path),
+        Some("arrow") => columnar::read_arrow(path),
         _ => Err(Error::format(
             path,
-            "unknown data file type: expected a .jsonl, .json, .tsv or .csv file",
+            "unknown data file type: expected a .jsonl, .json, .tsv, .csv, .parquet or .arrow \
+             file, or a datasets save_to_disk folder",
         )),
     }
 }
 
-/// Where a value sits: file and line, for errors about one of its fields.
+/// Where a value sits: file and line (text files) or row (Parquet / Arrow), for errors about one
+/// of its fields.
 #[derive(Debug, Clone, Copy)]
 pub struct Loc<'a> {
     pub path: &'a Path,
+    /// The line (1-based) or row (0-based), as `unit` says.
     pub line: usize,
+    pub unit: Unit,
 }
 
-impl Loc<'_> {
-    /// An error about `field` (a dotted path for nested values) on this line.
+impl<'a> Loc<'a> {
+    /// A line of a text file.
+    pub fn at_line(path: &'a Path, line: usize) -> Self {
+        Loc {
+            path,
+            line,
+            unit: Unit::Line,
+        }
+    }
+
+    /// An error about `field` (a dotted path for nested values) on this line or row.
     pub fn err(&self, field: &str, msg: impl std::fmt::Display) -> Error {
-        Error::format(
-            self.path,
-            format!("line {}: field `{field}`: {msg}", self.line),
-        )
+        let at = match self.unit {
+            Unit::Line => format!("line {}: field `{field}`", self.line),
+            Unit::Row => format!("row {}: column `{field}`", self.line),
+        };
+        Error::format(self.path, format!("{at}: {msg}"))
     }
 
     /// A missing field, listing the fields the object does have.
@@ -631,19 +704,19 @@ impl Loc<'_> {
 /// Field `name` as text (strings; numbers and booleans are written out), or an error naming file,
 /// line and field.
 pub fn field_str(rec: &Record, path: &Path, line: usize, name: &str) -> Result<String> {
-    let loc = Loc { path, line };
+    let loc = Loc::at_line(path, line);
     loc.text(loc.get(rec, name, name)?, name)
 }
 
 /// Field `name` as an integer (a JSON integer or a string holding one).
 pub fn field_i64(rec: &Record, path: &Path, line: usize, name: &str) -> Result<i64> {
-    let loc = Loc { path, line };
+    let loc = Loc::at_line(path, line);
     loc.int(loc.get(rec, name, name)?, name)
 }
 
 /// Field `name` as a finite number (a JSON number or a string holding one).
 pub fn field_f64(rec: &Record, path: &Path, line: usize, name: &str) -> Result<f64> {
-    let loc = Loc { path, line };
+    let loc = Loc::at_line(path, line);
     loc.float(loc.get(rec, name, name)?, name)
 }
 
@@ -735,9 +808,9 @@ mod tests {
 
     #[test]
     fn unknown_extension_is_an_error() {
-        let e = read_records(Path::new("data/x.parquet"))
+        let e = read_records(Path::new("data/x.feather"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("x.parquet"), "{e}");
+        assert!(e.contains("x.feather") && e.contains(".parquet"), "{e}");
     }
 }

@@ -42,6 +42,10 @@
 //!   / `.json`.
 //! - SuperGLUE train: `train.jsonl`, `train.json`; validation: `val.jsonl`, `validation.jsonl`,
 //!   `validation.json`.
+//! - Then, for every task, the Hub's and `datasets`' layouts of the split (`train`, `validation`,
+//!   MNLI's `validation_matched` / `validation_mismatched`): Parquet files (one, or all shards of
+//!   `train-00000-of-0000N.parquet`, also under `data/`) or a `save_to_disk` split folder; see
+//!   [`super::columnar`]. Their values keep their types, as JSON's do.
 //!
 //! GLUE TSVs use GLUE's column names (RTE `sentence1 sentence2 label` with label words; MNLI
 //! `sentence1 sentence2 gold_label`; MRPC `#1 String #2 String Quality`; QQP `… is_duplicate`;
@@ -77,6 +81,7 @@
 //! label_field = "label"                     # makes it a classification task
 //! metrics = ["accuracy", "f1"]              # default ["accuracy"]
 //! train = "train.csv"                       # relative to the data dir; .csv .tsv .jsonl .json
+//!                                           # .parquet .arrow, or a save_to_disk / Parquet folder
 //! dev = "dev.csv"                           # optional
 //! test = "test.csv"                         # optional
 //! [label_map]                               # optional: raw label value → label text
@@ -101,6 +106,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::columnar;
 use super::readers::{
     find_field, read_records, read_tsv_headerless, show_value, tsv_first_row, Loc, Record, Records,
 };
@@ -483,20 +489,45 @@ const TASKS: &[TaskDef] = &[
     },
 ];
 
-const GLUE_TRAIN: &[&str] = &["train.tsv", "train.jsonl", "train.json"];
-const GLUE_VAL: &[&str] = &["dev.tsv", "validation.jsonl", "validation.json"];
-const MNLI_MATCHED: &[&str] = &[
-    "dev_matched.tsv",
-    "validation_matched.jsonl",
-    "validation_matched.json",
-];
-const MNLI_MISMATCHED: &[&str] = &[
-    "dev_mismatched.tsv",
-    "validation_mismatched.jsonl",
-    "validation_mismatched.json",
-];
-const SG_TRAIN: &[&str] = &["train.jsonl", "train.json"];
-const SG_VAL: &[&str] = &["val.jsonl", "validation.jsonl", "validation.json"];
+/// Where a split's data may be: its own file names (the first found is read), then the
+/// Hub / `datasets` layouts of split `hub` ([`columnar::find_split`]).
+struct SplitNames {
+    files: &'static [&'static str],
+    hub: &'static str,
+}
+
+const GLUE_TRAIN: SplitNames = SplitNames {
+    files: &["train.tsv", "train.jsonl", "train.json"],
+    hub: "train",
+};
+const GLUE_VAL: SplitNames = SplitNames {
+    files: &["dev.tsv", "validation.jsonl", "validation.json"],
+    hub: "validation",
+};
+const MNLI_MATCHED: SplitNames = SplitNames {
+    files: &[
+        "dev_matched.tsv",
+        "validation_matched.jsonl",
+        "validation_matched.json",
+    ],
+    hub: "validation_matched",
+};
+const MNLI_MISMATCHED: SplitNames = SplitNames {
+    files: &[
+        "dev_mismatched.tsv",
+        "validation_mismatched.jsonl",
+        "validation_mismatched.json",
+    ],
+    hub: "validation_mismatched",
+};
+const SG_TRAIN: SplitNames = SplitNames {
+    files: &["train.jsonl", "train.json"],
+    hub: "train",
+};
+const SG_VAL: SplitNames = SplitNames {
+    files: &["val.jsonl", "validation.jsonl", "validation.json"],
+    hub: "validation",
+};
 
 /// CoLA's GLUE train/dev TSVs have no header row; these are their columns.
 const COLA_COLUMNS: &[&str] = &["source", "label", "original_label", "sentence"];
@@ -517,26 +548,33 @@ fn task_def(name: &str) -> Result<&'static TaskDef> {
         })
 }
 
-/// The first of `names` that exists in `dir`, or an error listing them all.
-fn find_file(dir: &Path, names: &[&str], task: &str, split: &str) -> Result<PathBuf> {
-    names
+/// The files of one split in `dir`: the first of `names.files` that exists, else the split's
+/// Parquet / `save_to_disk` files; or an error listing every place looked at.
+fn find_split(dir: &Path, names: &SplitNames, task: &str, split: &str) -> Result<Vec<PathBuf>> {
+    if let Some(p) = names
+        .files
         .iter()
         .map(|n| dir.join(n))
         .find(|p| p.is_file())
-        .ok_or_else(|| {
-            let why = if dir.is_dir() {
-                ""
-            } else {
-                " (the folder does not exist)"
-            };
-            Error::format(
-                dir,
-                format!(
-                    "task `{task}`: no {split} file{why}; looked for {}",
-                    names.join(", ")
-                ),
-            )
-        })
+    {
+        return Ok(vec![p]);
+    }
+    if let Some(files) = columnar::find_split(dir, names.hub)? {
+        return Ok(files);
+    }
+    let why = if dir.is_dir() {
+        ""
+    } else {
+        " (the folder does not exist)"
+    };
+    Err(Error::format(
+        dir,
+        format!(
+            "task `{task}`: no {split} file{why}; looked for {}, {}",
+            names.files.join(", "),
+            columnar::split_layouts(names.hub)
+        ),
+    ))
 }
 
 fn label_text(i: usize, words: &[&str], style: LabelStyle) -> String {
@@ -710,11 +748,8 @@ fn multirc_example(
 fn multirc_units(def: &TaskDef, recs: &Records, style: LabelStyle) -> Result<Vec<Unit>> {
     let mut units: Vec<Unit> = Vec::new();
     let mut by_group: HashMap<String, usize> = HashMap::new();
-    for (line, rec) in &recs.rows {
-        let loc = Loc {
-            path: &recs.path,
-            line: *line,
-        };
+    for (loc, rec) in recs.iter() {
+        let line = loc.line;
         if let Some(Value::Object(passage)) = rec.get("passage") {
             let text = loc.text(loc.get(passage, "text", "passage.text")?, "passage.text")?;
             let pid = match rec.get("idx") {
@@ -840,11 +875,7 @@ fn record_example(
 /// de-duplicated and sorted (as HF's loader), the target is the first answer.
 fn record_units(def: &TaskDef, recs: &Records) -> Result<Vec<Unit>> {
     let mut units = Vec::new();
-    for (line, rec) in &recs.rows {
-        let loc = Loc {
-            path: &recs.path,
-            line: *line,
-        };
+    for (loc, rec) in recs.iter() {
         let texts = |v: &Value, f: &str| -> Result<BTreeSet<String>> {
             loc.array(v, f)?
                 .iter()
@@ -1015,33 +1046,24 @@ fn read_task_file(def: &TaskDef, path: &Path) -> Result<Records> {
     read_records(path)
 }
 
-/// A file's records as split units.
-fn load_units(def: &TaskDef, path: &Path, style: LabelStyle) -> Result<Vec<Unit>> {
-    let recs = read_task_file(def, path)?;
+/// A split's records (several files: in order) as split units.
+fn load_units(def: &TaskDef, paths: &[PathBuf], style: LabelStyle) -> Result<Vec<Unit>> {
+    let mut parts = Vec::with_capacity(paths.len());
+    for p in paths {
+        parts.push(read_task_file(def, p)?);
+    }
+    let recs = Records::concat(parts)
+        .ok_or_else(|| Error::Input(format!("task `{}`: a split without files", def.name)))?;
     match def.format {
         Format::MultiRc => multirc_units(def, &recs, style),
         Format::Record => record_units(def, &recs),
         Format::Fields { parts, label } => recs
-            .rows
             .iter()
-            .map(|(line, rec)| {
-                let loc = Loc {
-                    path: &recs.path,
-                    line: *line,
-                };
-                fields_example(def, loc, rec, parts, label, style).map(|e| vec![e])
-            })
+            .map(|(loc, rec)| fields_example(def, loc, rec, parts, label, style).map(|e| vec![e]))
             .collect(),
         Format::Wsc => recs
-            .rows
             .iter()
-            .map(|(line, rec)| {
-                let loc = Loc {
-                    path: &recs.path,
-                    line: *line,
-                };
-                wsc_example(def, loc, rec, style).map(|e| vec![e])
-            })
+            .map(|(loc, rec)| wsc_example(def, loc, rec, style).map(|e| vec![e]))
             .collect(),
     }
 }
@@ -1140,34 +1162,34 @@ pub fn load_task(name: &str, dir: &Path, opts: &TaskOptions) -> Result<TaskData>
     let def = task_def(name)?;
     let style = opts.labels;
     let (train_names, val_names) = if def.glue {
-        (GLUE_TRAIN, GLUE_VAL)
+        (&GLUE_TRAIN, &GLUE_VAL)
     } else {
-        (SG_TRAIN, SG_VAL)
+        (&SG_TRAIN, &SG_VAL)
     };
-    let train_path = find_file(dir, train_names, def.name, "train")?;
+    let train_path = find_split(dir, train_names, def.name, "train")?;
     let train_units = load_units(def, &train_path, style)?;
     let mut rng = split_rng(opts.seed);
     let (train, dev, test) = match def.split {
         SplitRule::Small => {
-            let val_path = find_file(dir, val_names, def.name, "validation")?;
+            let val_path = find_split(dir, val_names, def.name, "validation")?;
             let (dev, test) = halve(load_units(def, &val_path, style)?, &mut rng);
             (train_units, dev, test)
         }
         SplitRule::Large => {
-            let val_path = find_file(dir, val_names, def.name, "validation")?;
+            let val_path = find_split(dir, val_names, def.name, "validation")?;
             let test = load_units(def, &val_path, style)?;
             let (train, dev) = hold_out(
                 train_units,
                 opts.dev_holdout,
                 &mut rng,
                 def.name,
-                &train_path,
+                train_path.first().map_or(dir, PathBuf::as_path),
             )?;
             (train, dev, test)
         }
         SplitRule::Mnli { test_matched } => {
-            let matched = find_file(dir, MNLI_MATCHED, def.name, "matched validation")?;
-            let mismatched = find_file(dir, MNLI_MISMATCHED, def.name, "mismatched validation")?;
+            let matched = find_split(dir, &MNLI_MATCHED, def.name, "matched validation")?;
+            let mismatched = find_split(dir, &MNLI_MISMATCHED, def.name, "mismatched validation")?;
             let (dev_path, test_path) = if test_matched {
                 (mismatched, matched)
             } else {
@@ -1333,13 +1355,8 @@ fn custom_examples(
     classes: &[String],
     toml: &Path,
 ) -> Result<Vec<Unit>> {
-    recs.rows
-        .iter()
-        .map(|(line, rec)| {
-            let loc = Loc {
-                path: &recs.path,
-                line: *line,
-            };
+    recs.iter()
+        .map(|(loc, rec)| {
             let input = render(input, loc, rec, "input", toml)?;
             let target = match labels {
                 Some(l) => {
@@ -1558,11 +1575,7 @@ fn custom_labels(
         }
         None => {
             let mut seen = BTreeSet::new();
-            for (line, rec) in &train_recs.rows {
-                let loc = Loc {
-                    path: &train_recs.path,
-                    line: *line,
-                };
+            for (loc, rec) in train_recs.iter() {
                 seen.insert(
                     loc.text(loc.get(rec, field, field)?, field)?
                         .trim()
@@ -1573,7 +1586,7 @@ fn custom_labels(
                         field,
                         format!(
                             "more than {MAX_CLASSES} distinct labels in {} by this line: is                              `label_field = {field:?}` in {} a class label? (a free-text target:                              give `target` without `label_field`)",
-                            train_recs.path.display(),
+                            loc.path.display(),
                             toml_path.display()
                         ),
                     ));
@@ -1791,10 +1804,7 @@ mod tests {
 
     #[test]
     fn labels_accept_indices_words_and_booleans() {
-        let loc = Loc {
-            path: Path::new("f.jsonl"),
-            line: 4,
-        };
+        let loc = Loc::at_line(Path::new("f.jsonl"), 4);
         let w = NLI2;
         assert_eq!(class_index(loc, "label", &Value::from(1), w).unwrap(), 1);
         assert_eq!(class_index(loc, "label", &Value::from("0"), w).unwrap(), 0);
