@@ -258,7 +258,7 @@ fn odd_types_nulls_nested_and_dictionaries_in_several_row_groups_and_batches() {
 fn rte_batch(s2: ArrayRef, label: ArrayRef) -> RecordBatch {
     let s1: ArrayRef = Arc::new(StringArray::from(vec!["A cat.", "A dog."]));
     let mut cols = vec![("sentence1", s1), ("label", label)];
-    if s2.len() > 0 {
+    if !s2.is_empty() {
         cols.push(("sentence2", s2));
     }
     RecordBatch::try_from_iter(cols).unwrap()
@@ -382,7 +382,7 @@ fn more_rows_than_the_file_can_hold_are_refused() {
     let many =
         RecordBatch::try_from_iter([("x", Arc::new(NullArray::new(200_000)) as ArrayRef)]).unwrap();
     let p = tmp.path().join("many.arrow");
-    write_ipc(&p, &[many.clone()]);
+    write_ipc(&p, std::slice::from_ref(&many));
     assert_names(&err(read_records(&p)), &["many.arrow", "more than", "rows"]);
     // Parquet stores a null column as definition levels: 200 000 nulls in a few bytes.
     let nulls = RecordBatch::try_from_iter([(

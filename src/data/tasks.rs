@@ -1703,24 +1703,12 @@ pub fn task_inputs(name: &str, recs: &Records, style: LabelStyle) -> Result<Vec<
         Format::MultiRc => Ok(flatten(multirc_units(def, recs, style)?)),
         Format::Record => Ok(flatten(record_units(def, recs)?)),
         Format::Wsc => recs
-            .rows
             .iter()
-            .map(|(line, rec)| {
-                let loc = Loc {
-                    path: &recs.path,
-                    line: *line,
-                };
-                wsc_example(def, loc, rec, style)
-            })
+            .map(|(loc, rec)| wsc_example(def, loc, rec, style))
             .collect(),
         Format::Fields { parts, label } => recs
-            .rows
             .iter()
-            .map(|(line, rec)| {
-                let loc = Loc {
-                    path: &recs.path,
-                    line: *line,
-                };
+            .map(|(loc, rec)| {
                 if find_field(rec, label).is_some() {
                     return fields_example(def, loc, rec, parts, label, style);
                 }

@@ -26,7 +26,7 @@ use super::run_dir::MARKER;
 use super::trainer::{open_run_model, run_eval_options, RunParams};
 use crate::backend::Backend;
 use crate::config::{RunConfig, MAX_BATCH_SIZE, MAX_SEQ_LEN};
-use crate::data::readers::{read_jsonl, read_records, Lines, Loc, Records};
+use crate::data::readers::{read_jsonl, read_records, Lines, Records};
 use crate::data::tasks::{builtin_spec, task_inputs, LabelStyle, TaskSpec, TextExample};
 use crate::data::tokenize::TextCodec;
 use crate::error::{Error, Result};
@@ -535,13 +535,8 @@ pub fn read_inputs(
 
 /// Each record's `input` field (raw text); a `target` field, when present, is kept.
 fn input_field(recs: &Records) -> Result<Vec<TextExample>> {
-    recs.rows
-        .iter()
-        .map(|(line, rec)| {
-            let loc = Loc {
-                path: &recs.path,
-                line: *line,
-            };
+    recs.iter()
+        .map(|(loc, rec)| {
             let v = rec.get("input").ok_or_else(|| {
                 loc.err(
                     "input",
