@@ -451,6 +451,7 @@ impl RunConfig {
         for o in &plain {
             o.apply(&mut table, &o.keys)?;
         }
+        fractional_warmup(&mut table, path)?;
         let method_name = match table.get("method") {
             None => DEFAULT_METHOD.to_string(),
             Some(toml::Value::String(name)) => name.clone(),
@@ -1075,6 +1076,35 @@ fn resolve_aliases(table: &mut toml::Table, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// transformers 5 folds `warmup_ratio` into `warmup_steps`: a float in [0, 1) is the ratio of
+/// the run's steps (`get_warmup_steps`). Such a value becomes `train.warmup_ratio`; a whole
+/// float (`10.0`) becomes the integer; anything else is left for the type check to name.
+fn fractional_warmup(table: &mut toml::Table, path: &Path) -> Result<()> {
+    let Some(toml::Value::Table(train)) = table.get_mut("train") else {
+        return Ok(());
+    };
+    let Some(&toml::Value::Float(x)) = train.get("warmup_steps") else {
+        return Ok(());
+    };
+    if (0.0..1.0).contains(&x) {
+        if let Some(ratio) = train.get("warmup_ratio") {
+            return Err(Error::config(
+                path,
+                "train.warmup_steps",
+                format!(
+                    "{x} is a ratio of the steps (transformers 5's spelling of warmup_ratio), \
+                     and train.warmup_ratio = {ratio} is given too; keep one"
+                ),
+            ));
+        }
+        train.insert("warmup_steps".into(), toml::Value::Integer(0));
+        train.insert("warmup_ratio".into(), toml::Value::Float(x));
+    } else if x >= 1.0 && x.fract() == 0.0 && x < 9.0e15 {
+        train.insert("warmup_steps".into(), toml::Value::Integer(x as i64));
+    }
+    Ok(())
+}
+
 /// "; did you mean `KEY`?" for an unknown key `key`: the closest of `candidates` by edit
 /// distance (or one that contains it or that it contains), none when nothing is close. A
 /// TrainingArguments name is shown with the key it stands for.
@@ -1286,12 +1316,15 @@ fn culprit(table: &toml::Table, fails: impl Fn(toml::Table) -> bool) -> Option<&
 }
 
 /// The keys a resumed run may change: they do not alter the steps already taken (a longer
-/// `train.steps` extends the run; `out_dir` follows a moved folder).
+/// `train.steps` extends the run, a larger `train.early_stopping_patience` lets an early-stopped
+/// run go on; `out_dir` follows a moved folder).
 pub const RESUME_MAY_CHANGE: &[&str] = &[
     "train.steps",
     "train.epochs",
     "train.eval_every",
     "train.checkpoint_every",
+    // A run early stopping ended goes on with more patience (or none).
+    "train.early_stopping_patience",
     "out_dir",
 ];
 

@@ -111,14 +111,15 @@ struct PredictArgs {
     /// A run folder, an export folder (prompt.safetensors; DePT's and EPT-MS's update
     /// included) or a PEFT prompt-tuning adapter folder.
     source: PathBuf,
-    /// The inputs: a .jsonl / .json / .csv / .tsv file of records with an `input` field (or the
+    /// The inputs: a .jsonl / .json / .csv / .tsv / .parquet / .arrow file of records with an `input` field (or the
     /// fields of --task), or `-`: stdin, one input text per line (with --task: JSON Lines).
     input: PathBuf,
     /// Write the predictions (JSON Lines) to this file instead of stdout.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// A built-in task whose template applies to the inputs' fields (rte, boolq, ...); its label
-    /// texts are what --scores and --mode rank rank. Default: the run's task, for --scores.
+    /// A built-in task (rte, boolq, ...) or a custom task's .toml whose template applies to the
+    /// inputs' fields; its label texts are what --scores and --mode rank rank. Default: the
+    /// run's task, for --scores.
     #[arg(long)]
     task: Option<String>,
     /// The base model folder (an adapter or export whose base_model_name_or_path is not a
@@ -670,6 +671,18 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
     };
     let out = train(be, &cfg, &opts)?;
     let done = out.losses.last().map(|l| l.0).unwrap_or(0);
+    if out.stopped == Stopped::AlreadyFinished && done < out.total_steps {
+        println!(
+            "{}: early stopping ended the run at step {done} of {} (train.early_stopping_patience \
+             = {}); nothing was changed. To train it on: {} --set \
+             train.early_stopping_patience=N (more evaluations, or 0 for no early stopping)",
+            out.run_dir.display(),
+            out.total_steps,
+            cfg.train.early_stopping_patience,
+            resume_command(&out.run_dir)
+        );
+        return Ok(());
+    }
     if out.stopped == Stopped::AlreadyFinished {
         println!(
             "{}: the run is finished (step {done} of {}); nothing was changed. To train it \
@@ -796,7 +809,7 @@ fn predict_cmd<B: Backend + 'static>(be: &B, args: &PredictArgs) -> Result<()> {
     };
     let mut predictor = load_predictor(be, &source, &opts)?;
     // The task's labels in the style the prompt was trained with (the run's, or --labels).
-    let examples = read_inputs(&args.input, args.task.as_deref(), predictor.labels)?;
+    let examples = read_inputs(&args.input, predictor.inputs.as_ref(), predictor.labels)?;
     eprintln!("fastpt predict: {}", predictor.describe);
     let start = std::time::Instant::now();
     let predictions = predictor.predict(be, &examples, args.scores)?;

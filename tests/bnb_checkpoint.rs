@@ -121,11 +121,22 @@ fn bnb_folder_loads_linears_as_stored() {
 #[test]
 fn forward_on_bnb_folders_matches_transformers() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["bnb-t5-tiny", "bnb-llama-tiny"] {
+    // The CPU reference, and the virtual GPU in f32: the NF4 dequantisation kernel on the
+    // checkpoint's own codes.
+    for (name, device) in [
+        ("bnb-t5-tiny", "cpu"),
+        ("bnb-llama-tiny", "cpu"),
+        ("bnb-t5-tiny", "vgpu"),
+        ("bnb-llama-tiny", "vgpu"),
+    ] {
         let dir = fixture(name);
-        let out = tmp.path().join(format!("{name}.safetensors"));
+        let out = tmp.path().join(format!("{name}-{device}.safetensors"));
         let (ok, stdout, stderr) = fastpt(&[
             "forward",
+            "--device",
+            device,
+            "--dtype",
+            "f32",
             "--model",
             dir.to_str().unwrap(),
             "--batch",
@@ -133,7 +144,7 @@ fn forward_on_bnb_folders_matches_transformers() {
             "--out",
             out.to_str().unwrap(),
         ]);
-        assert!(ok, "{name}: {stderr}");
+        assert!(ok, "{name} {device}: {stderr}");
         assert!(stdout.contains("wrote"), "{stdout}");
         let res = read_all_f64(&out).unwrap();
         let g = read_all_f64(&dir.join("bnb_golden.safetensors")).unwrap();
@@ -147,8 +158,8 @@ fn forward_on_bnb_folders_matches_transformers() {
             .collect();
         assert!(!want.is_empty());
         let err = rel_err(&res["logits"].1, &want);
-        eprintln!("{name}: logits relative error {err:e}");
-        assert!(err <= 1e-4, "{name}: logits relative error {err}");
+        eprintln!("{name} {device}: logits relative error {err:e}");
+        assert!(err <= 1e-4, "{name} {device}: logits relative error {err}");
     }
 }
 

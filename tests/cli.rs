@@ -621,3 +621,144 @@ fn bench_baseline_errors_name_what_is_missing() {
         "{stderr}"
     );
 }
+
+/// `fastpt run` of `model` on the RTE fixture for one step, from the folder `cwd`.
+fn run_rte_from(cwd: &Path, model: &str) -> (bool, String, String) {
+    let data = fixture("data/glue/rte");
+    let out = cwd.join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_fastpt"))
+        .current_dir(cwd)
+        .args(["run", "--device", "cpu", "--model", model, "--task", "rte"])
+        .args(["--data", data.to_str().unwrap()])
+        .args(["--set", "train.steps=1", "--set", "train.batch_size=2"])
+        .args([
+            "--set",
+            "train.warmup_steps=0",
+            "--set",
+            "data.labels=words",
+        ])
+        .args(["--set", "train.eval_every=1", "--set", "train.max_len=32"])
+        .args(["--set", "method=pt", "--set", "method.prompt_len=2"])
+        .args(["--set", &format!("out_dir={:?}", out.to_str().unwrap())])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A copy of the T5 fixture folder's files at `dst`, without the files named in `skip`.
+fn copy_t5_fixture(dst: &Path, skip: &[&str]) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        if !skip.contains(&f) {
+            std::fs::copy(fixture("t5-v1_0-tiny").join(f), dst.join(f)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn model_folder_edges_say_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let batch = tmp.path().join("text.json");
+    std::fs::write(
+        &batch,
+        r#"{"input_text": ["a cat"], "target_text": ["yes"]}"#,
+    )
+    .unwrap();
+    let out = tmp.path().join("out.safetensors");
+
+    // A Hub id: fastpt reads local folders, and the download command names that id.
+    let (ok, _, stderr) = run_rte_from(tmp.path(), "google/flan-t5-base");
+    common::assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("Hub id")
+            && stderr.contains("hf download google/flan-t5-base --local-dir models/flan-t5-base"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = forward(Path::new("google/flan-t5-base"), &batch, &out);
+    common::assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("hf download google/flan-t5-base"),
+        "{stderr}"
+    );
+
+    // A PyTorch pickle instead of safetensors: how to convert it.
+    let pickle = tmp.path().join("pickle");
+    copy_t5_fixture(&pickle, &["model.safetensors"]);
+    std::fs::write(pickle.join("pytorch_model.bin"), b"not read").unwrap();
+    let (ok, _, stderr) = forward(&pickle, &batch, &out);
+    common::assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("pytorch_model.bin") && stderr.contains("save_pretrained"),
+        "{stderr}"
+    );
+
+    // A SentencePiece model without tokenizer.json: how to write tokenizer.json.
+    let spm = tmp.path().join("spm");
+    copy_t5_fixture(&spm, &["tokenizer.json"]);
+    std::fs::write(spm.join("spiece.model"), b"not read").unwrap();
+    let (ok, _, stderr) = run_rte_from(tmp.path(), spm.to_str().unwrap());
+    common::assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("only spiece.model") && stderr.contains("AutoTokenizer"),
+        "{stderr}"
+    );
+    assert!(!tmp.path().join("run").exists());
+}
+
+#[test]
+fn a_folder_named_like_a_builtin_shape_is_loaded() {
+    // Without a folder, "t5-tiny" is the built-in random shape, which has no tokenizer.
+    let bare = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = run_rte_from(bare.path(), "t5-tiny");
+    common::assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("built-in shape without a tokenizer"),
+        "{stderr}"
+    );
+
+    // A folder of that name in the working directory is a model folder, and it trains.
+    let cwd = tempfile::tempdir().unwrap();
+    copy_t5_fixture(&cwd.path().join("t5-tiny"), &[]);
+    let (ok, stdout, stderr) = run_rte_from(cwd.path(), "t5-tiny");
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(!stdout.contains("RANDOM weights"), "{stdout}");
+    assert!(cwd.path().join("run/predictions.jsonl").is_file());
+}
+
+#[test]
+fn params_prints_a_table_for_every_builtin_shape() {
+    for shape in fastpt::model::shapes::builtin_shapes() {
+        let (ok, stdout, stderr) = fastpt(&["params", "--shape", shape, "--method", "dept"]);
+        assert!(ok, "{shape}: {stderr}");
+        assert!(
+            stdout.starts_with(&format!("dept on {shape} (d = ")),
+            "{stdout}"
+        );
+        // An aligned table of the options and counts, no Rust Debug text.
+        assert!(
+            !stdout.contains('{') && !stdout.contains("Some("),
+            "{stdout}"
+        );
+        let col = |key: &str| {
+            let line = stdout
+                .lines()
+                .find(|l| l.trim_start().starts_with(key))
+                .unwrap_or_else(|| panic!("{key}: {stdout}"));
+            line.len()
+                - line[line.find(key).unwrap() + key.len()..]
+                    .trim_start()
+                    .len()
+        };
+        assert_eq!(col("prompt_len"), col("train-time parameters"), "{stdout}");
+    }
+    let (ok, _, stderr) = fastpt(&["params", "--shape", "t5-huge", "--method", "pt"]);
+    common::assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("t5-tiny") && stderr.contains("llama"),
+        "{stderr}"
+    );
+}

@@ -426,3 +426,27 @@ fn a_constant_schedule_config_validates_without_its_warmup() {
     back.validate(Path::new("config.toml")).unwrap();
     assert_eq!(back.train.plan(10).unwrap().warmup, 0);
 }
+
+/// transformers 5 dropped `warmup_ratio`: `warmup_steps` in [0, 1) is the ratio
+/// (`TrainingArguments.get_warmup_steps`), ≥ 1 a step count, in a file and with --set.
+#[test]
+fn transformers_5_fractional_warmup_steps_is_the_ratio() {
+    let cfg = parse("warmup_steps = 0.1\nmax_steps = 95", &[]).unwrap();
+    assert_eq!(
+        (cfg.train.warmup_ratio, cfg.train.warmup_steps),
+        (Some(0.1), 0)
+    );
+    // ceil(0.1 × 95) = 10, as get_warmup_steps.
+    assert_eq!(cfg.train.plan(1000).unwrap().warmup, 10);
+    let cfg = parse("max_steps = 95", &["warmup_steps=0.25"]).unwrap();
+    assert_eq!(cfg.train.plan(1000).unwrap().warmup, 24);
+    let cfg = parse("[train]\nwarmup_steps = 12.0", &[]).unwrap();
+    assert_eq!((cfg.train.warmup_ratio, cfg.train.warmup_steps), (None, 12));
+    let msg = err("warmup_steps = 0.1\nwarmup_ratio = 0.2", &[]);
+    assert!(
+        msg.contains("train.warmup_steps") && msg.contains("warmup_ratio = 0.2"),
+        "{msg}"
+    );
+    let msg = err("warmup_steps = 2.5", &[]);
+    assert!(msg.contains("warmup_steps"), "{msg}");
+}

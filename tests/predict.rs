@@ -1,16 +1,20 @@
 //! `fastpt predict` and `fastpt eval --task` (issue 20) on runs trained on the RTE fixture: the
 //! predictions for the run's own test inputs equal its predictions.jsonl, from the run folder,
-//! its export (PT, DePT) and its PEFT adapter, on JSONL / TSV / CSV / stdin inputs, for T5 and
+//! its export (PT, DePT) and its PEFT adapter, on JSONL / Parquet / TSV / CSV / stdin inputs, for T5 and
 //! Llama; `--scores`; errors; transfer evaluation on another task.
 
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 mod common;
 
+use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use common::{assert_clean_error, fastpt};
 use fastpt::testing::fixture;
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
 use serde_json::Value;
 
 fn path(p: &Path) -> String {
@@ -116,6 +120,24 @@ fn rte_fields(input: &str) -> (String, String) {
     (a.to_string(), b.to_string())
 }
 
+/// A string column for [`write_parquet`].
+fn strings(values: &[&str]) -> ArrayRef {
+    Arc::new(StringArray::from(values.to_vec()))
+}
+
+/// A Parquet file of the given columns, written as the `parquet` crate writes it, with row groups
+/// of two rows.
+fn write_parquet(file: &Path, columns: Vec<(&str, ArrayRef)>) {
+    let batch = RecordBatch::try_from_iter(columns).unwrap();
+    let props = WriterProperties::builder()
+        .set_max_row_group_row_count(Some(2))
+        .build();
+    let f = std::fs::File::create(file).unwrap();
+    let mut w = ArrowWriter::try_new(f, batch.schema(), Some(props)).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
 #[test]
 fn t5_run_predicts_its_own_test_predictions_from_every_input_form() {
     let tmp = tempfile::tempdir().unwrap();
@@ -144,6 +166,30 @@ fn t5_run_predicts_its_own_test_predictions_from_every_input_form() {
     ]);
     assert!(ok, "{stderr}");
     assert_eq!(pairs(&std::fs::read_to_string(&out).unwrap()), own);
+
+    // Parquet (the Hub's format): an `input` column, and the task's fields with --task, in
+    // two row groups so the reader crosses a group boundary.
+    let parquet_inputs: Vec<&str> = own.iter().map(|(i, _)| i.as_str()).collect();
+    let plain = tmp.path().join("inputs.parquet");
+    write_parquet(&plain, vec![("input", strings(&parquet_inputs))]);
+    let fields: Vec<(String, String)> = own.iter().map(|(i, _)| rte_fields(i)).collect();
+    let (s1, s2): (Vec<&str>, Vec<&str>) =
+        fields.iter().map(|(a, b)| (a.as_str(), b.as_str())).unzip();
+    let by_fields = tmp.path().join("fields.parquet");
+    write_parquet(
+        &by_fields,
+        vec![("sentence2", strings(&s2)), ("sentence1", strings(&s1))],
+    );
+    for (file, task) in [(&plain, None), (&by_fields, Some("rte"))] {
+        let file_s = path(file);
+        let mut args = vec!["predict", &run_s, &file_s, "--device", "cpu"];
+        if let Some(t) = task {
+            args.extend(["--task", t]);
+        }
+        let (ok, stdout, stderr) = fastpt(&args);
+        assert!(ok, "{file_s}: {stderr}");
+        assert_eq!(pairs(&stdout), own, "{file_s}");
+    }
 
     // The task's fields with --task: a TSV with labels (kept as targets), a CSV without.
     let mut tsv = String::from("sentence1\tsentence2\tlabel\n");
@@ -433,4 +479,110 @@ fn predict_errors_name_the_file_row_and_field() {
     ]);
     assert_clean_error(ok, &stderr);
     assert!(stderr.contains("--batch-size 0"), "{stderr}");
+}
+
+/// A custom task (its TOML): `--task FILE.toml` applies its template to the fields, and the
+/// run's own custom task gives `--scores` its labels (from `label_map`).
+#[test]
+fn custom_task_inputs_predict_the_runs_own_predictions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let (toml, data) = (
+        path(&fixture("data/custom/sentiment.toml")),
+        path(&fixture("data/custom")),
+    );
+    let out_s = format!("out_dir={:?}", path(&run));
+    let (ok, _, stderr) = fastpt(&[
+        "run",
+        "--device",
+        "cpu",
+        "--model",
+        &path(&fixture("t5-v1_0-tiny")),
+        "--task",
+        &toml,
+        "--data",
+        &data,
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.max_len=24",
+        "--set",
+        "train.max_target_len=3",
+        "--set",
+        "data.labels=words",
+        "--set",
+        "method=pt",
+        "--set",
+        "method.prompt_len=2",
+        "--set",
+        &out_s,
+    ]);
+    assert!(ok, "{stderr}");
+    let own = run_predictions(&run);
+    assert!(!own.is_empty());
+    // "review: {text} rating: {stars}" → the fields, as JSON Lines without the label.
+    let records: String = own
+        .iter()
+        .map(|(input, _)| {
+            let rest = input.strip_prefix("review: ").unwrap();
+            let (text, stars) = rest.rsplit_once(" rating: ").unwrap();
+            format!("{}\n", serde_json::json!({ "text": text, "stars": stars }))
+        })
+        .collect();
+    let inputs = tmp.path().join("reviews.jsonl");
+    std::fs::write(&inputs, records).unwrap();
+    let run_s = path(&run);
+    let (ok, stdout, stderr) = fastpt(&[
+        "predict",
+        &run_s,
+        &path(&inputs),
+        "--task",
+        &toml,
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(pairs(&stdout), own);
+    // The run's own task gives the labels of --scores (raw `input` records).
+    let raw = tmp.path().join("raw.jsonl");
+    inputs_jsonl(&own, &raw);
+    let (ok, stdout, stderr) = fastpt(&[
+        "predict",
+        &run_s,
+        &path(&raw),
+        "--scores",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    for v in jsonl(&stdout) {
+        let mut keys: Vec<&String> = v["scores"].as_object().unwrap().keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["negative", "positive"], "{v}");
+    }
+    // A task whose classes come from its train file, away from the run's data: what to do.
+    let no_map = tmp.path().join("no_map.toml");
+    let text = std::fs::read_to_string(fixture("data/custom/sentiment.toml")).unwrap();
+    let cut = text.find("[label_map]").unwrap();
+    std::fs::write(&no_map, &text[..cut]).unwrap();
+    let (ok, _, stderr) = fastpt(&[
+        "predict",
+        &run_s,
+        &path(&inputs),
+        "--task",
+        &path(&no_map),
+        "--device",
+        "cpu",
+    ]);
+    assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("no_map.toml") && stderr.contains("label_map"),
+        "{stderr}"
+    );
 }

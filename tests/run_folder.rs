@@ -587,9 +587,6 @@ fn init_from_is_recorded_and_a_config_file_honours_it() {
         &["--config", &path_str(&file)],
     );
     let (_, stderr) = text(&out);
-    assert!(
-        stderr.contains("warm-starts only the `pt` method"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("warm-starts the `pt` method"), "{stderr}");
     assert!(!again.exists(), "a refused run leaves no folder");
 }

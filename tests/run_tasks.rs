@@ -179,7 +179,7 @@ fn t5_on_rte_reports_dev_and_test_metrics_exports_and_evaluates_again() {
         ],
     );
     assert!(
-        !ok && stderr.contains("warm-starts only the `pt` method"),
+        !ok && stderr.contains("warm-starts the `pt` method"),
         "{stderr}"
     );
     assert!(

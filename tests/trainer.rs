@@ -288,7 +288,7 @@ fn a_signal_during_the_final_evaluation_stops_it_and_a_resume_redoes_it() {
 /// Early stopping: with a learning rate too small to move f32 parameters, the dev loss never
 /// improves on the first evaluation's, so the run stops at the evaluation that makes
 /// `patience` without a better one, says so in report.json and metrics.jsonl, still exports,
-/// and a resume finds it finished.
+/// a resume finds it finished, and one with more patience goes on.
 #[test]
 fn early_stopping_ends_the_run_at_the_patience_th_evaluation_without_improvement() {
     let tmp = tempfile::tempdir().unwrap();
@@ -338,6 +338,14 @@ fn early_stopping_ends_the_run_at_the_patience_th_evaluation_without_improvement
     // A resume of the stopped run has nothing to do.
     let again = run(&cfg, true, false).unwrap();
     assert_eq!(again.stopped, Stopped::AlreadyFinished);
+    // More patience lets it go on: evaluations at 4..=12 are five without a better one.
+    let mut more = cfg.clone();
+    more.train.early_stopping_patience = 5;
+    let longer = run(&more, true, false).unwrap();
+    assert_eq!(longer.stopped, Stopped::Finished);
+    assert_eq!(longer.early_stop.unwrap().step, 12);
+    assert_eq!(longer.losses[..8], out.losses[..]);
+    assert_eq!(longer.losses.len(), 12);
 
     // Interrupted at step 5 and resumed: the evaluations before the interruption count.
     let dir = tmp.path().join("early-resumed");

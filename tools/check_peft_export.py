@@ -11,7 +11,10 @@ with transformers, wraps it with `PeftModel.from_pretrained(model, CASE/adapter)
 2. the prompt encoder's embedding equals `prompt_embeddings` of adapter_model.safetensors and the
    `prompt` tensor of CASE/prompt.safetensors bit for bit;
 3. PEFT's loss on the batch in check.json (model and prompt in float64) equals the loss fastpt
-   computed with the method (CPU, f64) — i.e. PEFT puts the rows where fastpt does.
+   computed with the method (CPU, f64) — i.e. PEFT puts the rows where fastpt does;
+4. the folder holds what PEFT's own save_pretrained writes besides the weights: the model card
+   README.md (with its `library_name: peft` front matter and PEFT's version) and
+   `peft_version` in adapter_config.json.
 
 Needs torch, transformers, peft and safetensors. Exit status 1 on any mismatch.
 """
@@ -52,6 +55,18 @@ def check_case(case: Path) -> list[str]:
         got = getattr(got, "value", got)  # enums
         if got != value:
             errors.append(f"{case.name}: PEFT config {key} = {got!r}, want {value!r}")
+
+    card = adapter / "README.md"
+    if not card.is_file():
+        errors.append(f"{case.name}: no model card README.md in the adapter folder")
+    else:
+        text = card.read_text()
+        if not text.startswith("---\n") or "library_name: peft" not in text:
+            errors.append(f"{case.name}: README.md lacks PEFT's front matter (library_name: peft)")
+        if f"PEFT {config.get('peft_version')}" not in text:
+            errors.append(f"{case.name}: README.md does not name PEFT {config.get('peft_version')}")
+    if not config.get("peft_version"):
+        errors.append(f"{case.name}: adapter_config.json has no peft_version")
 
     weight = model.prompt_encoder["default"].embedding.weight.detach().cpu()
     file_rows = load_file(str(adapter / "adapter_model.safetensors"))["prompt_embeddings"]

@@ -26,11 +26,13 @@
 //!    order; `dataset_dict.json` in `dir` makes `dir` a `DatasetDict`), or a folder of
 //!    `*.parquet` files (the Hub's parquet conversion, `{split}/0000.parquet`).
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::Once;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
@@ -64,10 +66,28 @@ fn row_limit(file_len: u64) -> u64 {
     file_len.saturating_add(ROW_SLACK).min(MAX_ROWS)
 }
 
+thread_local! {
+    /// Set while this thread runs a decoder under [`guarded`]: its panics are errors, not news.
+    static IN_DECODER: Cell<bool> = const { Cell::new(false) };
+}
+
 /// Runs a third-party decoder on a file's bytes: a panic inside it (corrupt data it did not
-/// expect) becomes an error naming the file instead of taking the process down.
+/// expect) becomes an error naming the file instead of taking the process down, and the
+/// panic hook stays quiet about it (the error says it all).
 fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+    static QUIET_HOOK: Once = Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_DECODER.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    IN_DECODER.with(|d| d.set(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    IN_DECODER.with(|d| d.set(false));
+    result.unwrap_or_else(|payload| {
         let msg = payload
             .downcast_ref::<String>()
             .cloned()
@@ -842,4 +862,24 @@ pub fn split_layouts(split: &str) -> String {
         "{split}.parquet, {split}-NNNNN-of-NNNNN.parquet, data/{split}-*.parquet, {split}/ (a \
          datasets save_to_disk split or Parquet files)"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_decoder_is_an_error_naming_the_file() {
+        let r: Result<()> = guarded(Path::new("x.parquet"), "Parquet", || {
+            panic!("index 9 out of range")
+        });
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.contains("x.parquet") && msg.contains("index 9 out of range"),
+            "{msg}"
+        );
+        assert!(!IN_DECODER.with(Cell::get), "the hook speaks again after");
+        let ok: Result<u8> = guarded(Path::new("y.parquet"), "Parquet", || Ok(3));
+        assert_eq!(ok.unwrap(), 3);
+    }
 }

@@ -1347,6 +1347,8 @@ struct CustomLabels {
     texts: Vec<String>,
 }
 
+/// Each record as an example of a custom task. With `label_optional` (`fastpt predict`) a
+/// record without its label (or without a free-text target's fields) gets an empty target.
 fn custom_examples(
     recs: &Records,
     input: &[Piece],
@@ -1354,11 +1356,16 @@ fn custom_examples(
     labels: Option<&CustomLabels>,
     classes: &[String],
     toml: &Path,
+    label_optional: bool,
 ) -> Result<Vec<Unit>> {
     recs.iter()
         .map(|(loc, rec)| {
             let input = render(input, loc, rec, "input", toml)?;
             let target = match labels {
+                Some(l) if label_optional && rec.get(&l.field).is_none() => String::new(),
+                None if label_optional => {
+                    render(target, loc, rec, "target", toml).unwrap_or_default()
+                }
                 Some(l) => {
                     let raw = loc.text(loc.get(rec, &l.field, &l.field)?, &l.field)?;
                     let i = l.keys.iter().position(|k| k == raw.trim()).ok_or_else(|| {
@@ -1407,22 +1414,19 @@ pub fn load_custom_task(toml_path: &Path, dir: &Path, opts: &TaskOptions) -> Res
     let test_recs = read_split("test", cfg.test.as_deref())?;
 
     let labels = custom_labels(&cfg, &train_recs, toml_path)?;
-    let classes: Vec<String> = match &labels {
-        Some(l) => (0..l.texts.len())
-            .map(|i| {
-                let label = match opts.labels {
-                    LabelStyle::Words => l.texts[i].clone(),
-                    LabelStyle::Indices => i.to_string(),
-                };
-                render_label(&target, &label)
-            })
-            .collect(),
-        None => Vec::new(),
-    };
+    let classes = custom_classes(labels.as_ref(), &target, opts.labels);
     check_metric_classes(&metrics, &classes, toml_path)?;
 
     let units = |recs: &Records| {
-        custom_examples(recs, &input, &target, labels.as_ref(), &classes, toml_path)
+        custom_examples(
+            recs,
+            &input,
+            &target,
+            labels.as_ref(),
+            &classes,
+            toml_path,
+            false,
+        )
     };
     let train_units = units(&train_recs)?;
     let dev_units = dev_recs.as_ref().map(units).transpose()?;
@@ -1449,6 +1453,26 @@ pub fn load_custom_task(toml_path: &Path, dir: &Path, opts: &TaskOptions) -> Res
         dev: flatten(dev),
         test: flatten(test),
     })
+}
+
+/// A custom task's class texts in `style`, each through the target template.
+fn custom_classes(
+    labels: Option<&CustomLabels>,
+    target: &[Piece],
+    style: LabelStyle,
+) -> Vec<String> {
+    match labels {
+        Some(l) => (0..l.texts.len())
+            .map(|i| {
+                let label = match style {
+                    LabelStyle::Words => l.texts[i].clone(),
+                    LabelStyle::Indices => i.to_string(),
+                };
+                render_label(target, &label)
+            })
+            .collect(),
+        None => Vec::new(),
+    }
 }
 
 /// The task's TOML, parsed, with a non-empty name.
@@ -1721,6 +1745,76 @@ pub fn task_inputs(name: &str, recs: &Records, style: LabelStyle) -> Result<Vec<
                 })
             })
             .collect(),
+    }
+}
+
+/// A custom task (its TOML) as `fastpt predict --task FILE.toml` applies it: its spec and its
+/// templates, without its data splits.
+pub struct CustomInputs {
+    toml: PathBuf,
+    spec: TaskSpec,
+    input: Vec<Piece>,
+    target: Vec<Piece>,
+    labels: Option<CustomLabels>,
+}
+
+impl CustomInputs {
+    /// Reads the task's TOML. Its classes come from `label_map`; a task that takes them from
+    /// its training file reads that file under `data_dir` (the run's data folder), and without
+    /// one is refused with what to do.
+    pub fn load(toml_path: &Path, style: LabelStyle, data_dir: Option<&Path>) -> Result<Self> {
+        let cfg = read_custom_toml(toml_path)?;
+        let metrics = custom_metrics(&cfg, toml_path)?;
+        let (input, target) = custom_templates(&cfg, toml_path)?;
+        let train_recs = match (&cfg.label_field, &cfg.label_map, data_dir) {
+            (Some(_), None, Some(dir)) => read_records(&dir.join(&cfg.train))?,
+            (Some(field), None, None) => {
+                return Err(Error::config(
+                    toml_path,
+                    "label_map",
+                    format!(
+                        "missing: the task takes its classes (`{field}`) from its train file \
+                         {:?}, which predict cannot find without a data folder; give \
+                         `label_map` in the TOML, or predict from the run folder (its data.dir)",
+                        cfg.train
+                    ),
+                ))
+            }
+            _ => Records::lines(toml_path, Vec::new()),
+        };
+        let labels = custom_labels(&cfg, &train_recs, toml_path)?;
+        let classes = custom_classes(labels.as_ref(), &target, style);
+        check_metric_classes(&metrics, &classes, toml_path)?;
+        Ok(CustomInputs {
+            toml: toml_path.to_path_buf(),
+            spec: TaskSpec {
+                name: cfg.name,
+                metrics,
+                classes,
+            },
+            input,
+            target,
+            labels,
+        })
+    }
+
+    /// The task's name, metrics and class texts.
+    pub fn spec(&self) -> &TaskSpec {
+        &self.spec
+    }
+
+    /// The examples of `recs`: the input template on each record; its label, when present,
+    /// as the target. Errors name the file, line and field.
+    pub fn inputs(&self, recs: &Records) -> Result<Vec<TextExample>> {
+        Ok(flatten(custom_examples(
+            recs,
+            &self.input,
+            &self.target,
+            self.labels.as_ref(),
+            &self.spec.classes,
+            &self.toml,
+            true,
+        )?))
     }
 }
 

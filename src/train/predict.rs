@@ -12,9 +12,9 @@
 //! settings, the predictions for the run's test inputs equal its `predictions.jsonl`: the same
 //! batches (same size, same longest-first order) go through the same code.
 //!
-//! Inputs: records (JSONL / CSV / TSV, whatever `data::readers::read_records` reads) with an
+//! Inputs: records (JSONL / CSV / TSV / Parquet / Arrow, whatever `data::readers::read_records` reads) with an
 //! `input` field (raw text, no template), or with `--task NAME` that task's fields (its
-//! template applies; the label may be absent), or `-`: stdin, one raw input per line (JSON
+//! template applies, a built-in task's or a custom task's TOML; the label may be absent), or `-`: stdin, one raw input per line (JSON
 //! Lines of the task's fields with `--task`).
 
 use std::path::{Path, PathBuf};
@@ -27,7 +27,9 @@ use super::trainer::{open_run_model, run_eval_options, RunParams};
 use crate::backend::Backend;
 use crate::config::{RunConfig, MAX_BATCH_SIZE, MAX_SEQ_LEN};
 use crate::data::readers::{read_jsonl, read_records, Lines, Records};
-use crate::data::tasks::{builtin_spec, task_inputs, LabelStyle, TaskSpec, TextExample};
+use crate::data::tasks::{
+    builtin_spec, task_inputs, CustomInputs, LabelStyle, TaskSpec, TextExample,
+};
 use crate::data::tokenize::TextCodec;
 use crate::error::{Error, Result};
 use crate::eval::{option_nll, options_of, predict_generate, rank_best, EvalMode, EvalOptions};
@@ -170,11 +172,20 @@ pub struct Predictor<B: Backend> {
     codec: TextCodec,
     /// The task whose labels `--scores` and rank mode use (and whose template `--task` applies).
     spec: Option<TaskSpec>,
+    /// `--task`: how input records become examples (None: records with an `input` field).
+    pub inputs: Option<InputTask>,
     /// The label style of the task's targets.
     pub labels: LabelStyle,
     pub opts: EvalOptions,
     /// One line for the user: what was loaded and with which settings.
     pub describe: String,
+}
+
+/// How `--task` turns input records into examples: a built-in task's template, or a custom
+/// task's (its TOML).
+pub enum InputTask {
+    Builtin(String),
+    Custom(Box<CustomInputs>),
 }
 
 /// One prediction: the model's input text, the target when the input had a label, the
@@ -419,23 +430,36 @@ pub fn load_predictor<B: Backend + 'static>(
             }
         };
     let codec = TextCodec::load(&model_dir, &model)?;
-    // The task: --task, else the run's (a built-in one; a custom task has no spec without files).
+    // The task: --task, else the run's. A custom task (its TOML) that takes its classes from
+    // its train file reads it from the run's data folder, when the run is of that task.
     let task = po.task.clone().or_else(|| {
         run_cfg
             .as_ref()
             .map(|c| c.data.task.clone())
-            .filter(|t| !t.ends_with(".toml") && t != "synthetic")
+            .filter(|t| t != "synthetic")
     });
-    let spec = match &task {
+    let task = match task {
         Some(t) if t.ends_with(".toml") => {
-            return Err(Error::Input(format!(
-                "--task {t}: predict applies the templates of built-in tasks; a custom task's \
-                 inputs can be given rendered, in an `input` field"
-            )))
+            let data_dir = run_cfg
+                .as_ref()
+                .filter(|c| c.data.task == t)
+                .and_then(|c| c.data.dir.as_deref());
+            Some(InputTask::Custom(Box::new(CustomInputs::load(
+                Path::new(&t),
+                labels,
+                data_dir,
+            )?)))
         }
-        Some(t) => Some(builtin_spec(t, labels)?),
+        Some(t) => Some(InputTask::Builtin(t)),
         None => None,
     };
+    let spec = match &task {
+        Some(InputTask::Custom(c)) => Some(c.spec().clone()),
+        Some(InputTask::Builtin(t)) => Some(builtin_spec(t, labels)?),
+        None => None,
+    };
+    // Input records are read with the task's template only when --task names it.
+    let inputs = task.filter(|_| po.task.is_some());
     if let Some(s) = &spec {
         codec.check_classes(s)?;
     }
@@ -458,6 +482,7 @@ pub fn load_predictor<B: Backend + 'static>(
         method,
         codec,
         spec,
+        inputs,
         labels,
         opts,
         describe,
@@ -496,7 +521,7 @@ fn load_base<B: Backend + 'static>(
 /// fields (see the module docs). Errors name the file, line and field.
 pub fn read_inputs(
     path: &Path,
-    task: Option<&str>,
+    task: Option<&InputTask>,
     labels: LabelStyle,
 ) -> Result<Vec<TextExample>> {
     let stdin = path == Path::new("-");
@@ -520,8 +545,8 @@ pub fn read_inputs(
             }
             out
         }
-        (true, Some(t)) => task_inputs(t, &read_jsonl(Path::new("/dev/stdin"))?, labels)?,
-        (false, Some(t)) => task_inputs(t, &read_records(path)?, labels)?,
+        (true, Some(t)) => t.inputs(&read_jsonl(Path::new("/dev/stdin"))?, labels)?,
+        (false, Some(t)) => t.inputs(&read_records(path)?, labels)?,
         (false, None) => input_field(&read_records(path)?)?,
     };
     if examples.is_empty() {
@@ -531,6 +556,16 @@ pub fn read_inputs(
         ));
     }
     Ok(examples)
+}
+
+impl InputTask {
+    /// The examples of `recs` under the task's template.
+    fn inputs(&self, recs: &Records, labels: LabelStyle) -> Result<Vec<TextExample>> {
+        match self {
+            InputTask::Builtin(name) => task_inputs(name, recs, labels),
+            InputTask::Custom(c) => c.inputs(recs),
+        }
+    }
 }
 
 /// Each record's `input` field (raw text); a `target` field, when present, is kept.
