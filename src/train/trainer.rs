@@ -228,18 +228,7 @@ fn run_data<B: Backend>(be_model: &Backbone<B>, cfg: &RunConfig) -> Result<RunDa
             text: None,
         });
     }
-    let dir = d.dir.as_deref().ok_or_else(|| {
-        Error::config(
-            "<run config>",
-            "data.dir",
-            "a text task needs its data folder",
-        )
-    })?;
-    let task = if d.task.ends_with(".toml") {
-        load_custom_task(Path::new(&d.task), dir, &d.task_options())?
-    } else {
-        load_task(&d.task, dir, &d.task_options())?
-    };
+    let task = load_text_task(d)?;
     for (split, examples) in [
         ("train", &task.train),
         ("dev", &task.dev),
@@ -249,7 +238,7 @@ fn run_data<B: Backend>(be_model: &Backbone<B>, cfg: &RunConfig) -> Result<RunDa
             return Err(Error::Input(format!(
                 "task {} in {}: the {split} split is empty",
                 task.spec.name,
-                dir.display()
+                d.dir.as_deref().unwrap_or(Path::new("?")).display()
             )));
         }
     }
@@ -273,6 +262,21 @@ struct Setup<B: Backend> {
 /// Builds the model (a built-in shape with random weights, or a Hugging Face folder), the
 /// method (its `text` init uses the folder's tokenizer) and the data of `cfg`.
 fn setup<B: Backend + 'static>(be: &B, cfg: &RunConfig) -> Result<Setup<B>> {
+    let (model, method) = model_and_method(be, cfg)?;
+    let data = run_data(&model, cfg)?;
+    Ok(Setup {
+        model,
+        method,
+        data,
+    })
+}
+
+/// The model and the method of `cfg`, freshly initialised (the run's seed), after the memory
+/// check: what a run starts from and what a finished run's parameters are loaded into.
+fn model_and_method<B: Backend + 'static>(
+    be: &B,
+    cfg: &RunConfig,
+) -> Result<(Backbone<B>, Box<dyn PromptMethod<B>>)> {
     cfg.check_memory(be)?; // issue 19: refuse what cannot fit before loading anything
     let tc = &cfg.train;
     let model = if is_builtin_shape(&cfg.model) {
@@ -280,6 +284,7 @@ fn setup<B: Backend + 'static>(be: &B, cfg: &RunConfig) -> Result<Setup<B>> {
     } else {
         load_model(be, Path::new(&cfg.model), cfg.quant)?
     };
+    // A `text` init reads the tokenizer.
     let tokenizer = match Path::new(&cfg.model).join("tokenizer.json").exists() {
         true => Some(load_tokenizer(Path::new(&cfg.model))?),
         false => None,
@@ -298,12 +303,23 @@ fn setup<B: Backend + 'static>(be: &B, cfg: &RunConfig) -> Result<Setup<B>> {
     cfg.method.validate(model.width(), tc.max_len)?;
     let method =
         build_backbone_method(be, &model, &cfg.method, tc.max_len, cfg.seed, tokenize_ref)?;
-    let data = run_data(&model, cfg)?;
-    Ok(Setup {
-        model,
-        method,
-        data,
-    })
+    Ok((model, method))
+}
+
+/// The text task of `d` (built-in or a custom task's TOML), read from its data folder.
+fn load_text_task(d: &crate::config::DataConfig) -> Result<TaskData> {
+    let dir = d.dir.as_deref().ok_or_else(|| {
+        Error::config(
+            "<run config>",
+            "data.dir",
+            "a text task needs its data folder",
+        )
+    })?;
+    if d.task.ends_with(".toml") {
+        load_custom_task(Path::new(&d.task), dir, &d.task_options())
+    } else {
+        load_task(&d.task, dir, &d.task_options())
+    }
 }
 
 /// A batcher over `examples` with the run's lengths and the model's special ids.
@@ -543,19 +559,7 @@ fn plan_before_setup(cfg: &RunConfig) -> Result<StepPlan> {
     } else if d.is_synthetic() {
         d.train_examples
     } else {
-        let dir = d.dir.as_deref().ok_or_else(|| {
-            Error::config(
-                "<run config>",
-                "data.dir",
-                "a text task needs its data folder",
-            )
-        })?;
-        let task = if d.task.ends_with(".toml") {
-            load_custom_task(Path::new(&d.task), dir, &d.task_options())?
-        } else {
-            load_task(&d.task, dir, &d.task_options())?
-        };
-        task.train.len()
+        load_text_task(d)?.train.len()
     };
     tc.plan(examples)
 }
@@ -628,9 +632,14 @@ fn check_resume(cfg: &RunConfig, plan: &StepPlan) -> Result<Resume> {
             ),
         });
     }
-    // Finished: the report says so, at the last step or where early stopping ended the run.
-    let finished = report_says_finished(&dir.join("report.json"))
-        .is_some_and(|early| state.step == steps || early == Some(state.step));
+    // Finished: the report says so, at the last step or where early stopping ended the run
+    // (unless the resume changes the patience).
+    let patience_changed = changed
+        .iter()
+        .any(|(k, _, _)| k == "train.early_stopping_patience");
+    let finished = report_says_finished(&dir.join("report.json")).is_some_and(|early| {
+        state.step == steps || (early == Some(state.step) && !patience_changed)
+    });
     Ok(Resume {
         tensors,
         state,
@@ -1699,37 +1708,7 @@ pub fn open_run_model<B: Backend + 'static>(
         )));
     }
     // As `setup` builds them (the same init, then the saved parameters over it), minus the data.
-    cfg.check_memory(be)?;
-    let model = if is_builtin_shape(&cfg.model) {
-        random_model(be, &cfg.model, cfg.seed, cfg.quant)?
-    } else {
-        load_model(be, Path::new(&cfg.model), cfg.quant)?
-    };
-    cfg.method.validate(model.width(), cfg.train.max_len)?;
-    // A `text` init reads the tokenizer (its values are then replaced by the saved ones).
-    let tokenizer = match Path::new(&cfg.model).join("tokenizer.json").exists() {
-        true => Some(load_tokenizer(Path::new(&cfg.model))?),
-        false => None,
-    };
-    let tokenize = |text: &str| -> Result<Vec<u32>> {
-        let tok = tokenizer
-            .as_ref()
-            .ok_or_else(|| Error::Input("no tokenizer.json".into()))?;
-        let enc = tok
-            .encode(text, false)
-            .map_err(|e| Error::Input(format!("tokenizing {text:?}: {e}")))?;
-        Ok(enc.get_ids().to_vec())
-    };
-    let tokenize_ref: Option<&crate::prompt::Tokenize<'_>> =
-        tokenizer.as_ref().map(|_| &tokenize as _);
-    let mut method = build_backbone_method(
-        be,
-        &model,
-        &cfg.method,
-        cfg.train.max_len,
-        cfg.seed,
-        tokenize_ref,
-    )?;
+    let (model, mut method) = model_and_method(be, &cfg)?;
     load_params(be, method.as_mut(), &path)?;
     Ok((cfg, model, method, path))
 }
