@@ -360,6 +360,19 @@ fn token_dim_mismatch_names_the_field_and_both_widths() {
     // The same folder with the right width reads (a PEFT-written config, peft_version and all).
     let (p, rows) = read_adapter(tmp.path(), 4).unwrap();
     assert_eq!((p, rows), (2, vec![0.5; 8]));
+    // A row count past any prompt (an overflow of rows × submodules) is named, not computed.
+    let mut huge = peft_config(2, 4);
+    huge["num_virtual_tokens"] = json!(u64::MAX / 2 + 1);
+    write_adapter(
+        tmp.path(),
+        &huge,
+        &[("prompt_embeddings", vec![2, 4], vec![0.5; 8])],
+    );
+    let msg = err_text(read_adapter(tmp.path(), 4));
+    assert!(
+        msg.contains("num_virtual_tokens") && msg.contains("MAX_SEQ_LEN"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -31,6 +31,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value};
 
 use crate::backend::Backend;
+use crate::config::MAX_SEQ_LEN;
 use crate::error::{Error, Result};
 use crate::fsutil::write_file_atomic;
 use crate::model::hf::read_all_f64;
@@ -477,6 +478,13 @@ fn read_adapter_config(dir: &Path) -> Result<AdapterShape> {
         }
     };
     let p = positive("num_virtual_tokens")?;
+    if p > MAX_SEQ_LEN {
+        return Err(Error::config(
+            &path,
+            "num_virtual_tokens",
+            format!("is {p}; a prompt holds at most {MAX_SEQ_LEN} rows (MAX_SEQ_LEN)"),
+        ));
+    }
     let c = positive("token_dim")?;
     // PEFT's default when null: 2 for SEQ_2_SEQ_LM (a second prompt on the decoder input), else 1.
     let submodules = match obj.get("num_transformer_submodules") {
