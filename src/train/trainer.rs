@@ -1604,15 +1604,9 @@ pub enum RunParams {
     Last,
 }
 
-/// A finished run folder's model and method with the chosen parameters loaded.
-fn open_run<B: Backend + 'static>(
-    be: &B,
-    run_dir: &Path,
-    params: RunParams,
-) -> Result<(RunConfig, Setup<B>, PathBuf)> {
-    let config_path = run_dir.join("config.toml");
-    let cfg = RunConfig::from_file(&config_path, &[])?;
-    let mut s = setup(be, &cfg)?;
+/// The parameter file of a finished run: keep-best's (best.safetensors, else the last) or the
+/// last (method.safetensors); an error when the run never wrote one.
+fn params_file(run_dir: &Path, params: RunParams) -> Result<PathBuf> {
     let best = run_dir.join("best.safetensors");
     let path = match params {
         RunParams::Best if best.exists() => best,
@@ -1624,6 +1618,19 @@ fn open_run<B: Backend + 'static>(
             path.display()
         )));
     }
+    Ok(path)
+}
+
+/// A finished run folder's model and method with the chosen parameters loaded.
+fn open_run<B: Backend + 'static>(
+    be: &B,
+    run_dir: &Path,
+    params: RunParams,
+) -> Result<(RunConfig, Setup<B>, PathBuf)> {
+    let config_path = run_dir.join("config.toml");
+    let cfg = RunConfig::from_file(&config_path, &[])?;
+    let mut s = setup(be, &cfg)?;
+    let path = params_file(run_dir, params)?;
     load_params(be, s.method.as_mut(), &path)?;
     Ok((cfg, s, path))
 }
@@ -1696,17 +1703,7 @@ pub fn open_run_model<B: Backend + 'static>(
     if let Some(q) = quant {
         cfg.quant = q;
     }
-    let best = run_dir.join("best.safetensors");
-    let path = match params {
-        RunParams::Best if best.exists() => best,
-        _ => run_dir.join("method.safetensors"),
-    };
-    if !path.exists() {
-        return Err(Error::Input(format!(
-            "{}: no trained parameters (the run did not finish: resume it first)",
-            path.display()
-        )));
-    }
+    let path = params_file(run_dir, params)?;
     // As `setup` builds them (the same init, then the saved parameters over it), minus the data.
     let (model, mut method) = model_and_method(be, &cfg)?;
     load_params(be, method.as_mut(), &path)?;
