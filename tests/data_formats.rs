@@ -416,10 +416,10 @@ fn t5_with_digits(tmp: &Path) -> String {
 }
 
 #[test]
-fn fastpt_run_trains_rte_from_sharded_parquet_and_save_to_disk() {
+fn fastpt_run_trains_rte_from_single_and_sharded_parquet_and_save_to_disk() {
     let tmp = tempfile::tempdir().unwrap();
     let model = t5_with_digits(tmp.path());
-    for rel in ["rte_sharded", "rte_disk"] {
+    for rel in ["rte_parquet", "rte_sharded", "rte_disk"] {
         let out = tmp.path().join(rel);
         let data = glue(rel);
         let sets = [
