@@ -14,7 +14,7 @@ use fastpt::backend::gpu::device::{DType, Device};
 use fastpt::backend::gpu::vgpu::VirtualDevice;
 use fastpt::backend::gpu::{AttentionKernel, GpuBackend};
 use fastpt::backend::Backend;
-use fastpt::bench::baseline::peft_baseline;
+use fastpt::bench::baseline::{check_baseline, peft_baseline};
 use fastpt::bench::charts::{write_memory_chart, write_sweep_charts};
 use fastpt::bench::claims::{claims_markdown, run_claims};
 use fastpt::bench::{markdown_table, run_bench, BenchClock, BenchConfig, Setting};
@@ -1215,9 +1215,26 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         seed: args.seed,
     };
     let progress = &mut |cell: &str| eprintln!("bench: {cell}");
+    // What a run needs is checked before the first measurement: the output folder is
+    // writable, and --baseline has a PT setting, its script and a Python with its packages.
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let probe = dir.join(".fastpt-write-check");
+        std::fs::write(&probe, b"")
+            .with_context(|| format!("{}: the output folder is not writable", dir.display()))?;
+        let _ = std::fs::remove_file(&probe);
     }
+    let baseline_tools = match args.baseline {
+        true if !cfg.settings.iter().any(|s| s.name.starts_with("pt")) => {
+            return Err(fastpt::Error::Input(
+                "--baseline compares against fastpt's PT: add --setting pt (or pt:prompt_len=N)"
+                    .into(),
+            )
+            .into())
+        }
+        true => Some(check_baseline()?),
+        false => None,
+    };
     let write = |name: &str, bytes: &[u8]| -> Result<()> {
         if let Some(dir) = &args.out {
             write_file_atomic(&dir.join(name), bytes, &mut || Ok(()))?;
@@ -1268,9 +1285,9 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         write_memory_chart(&path, &report)?;
         println!("wrote {}", path.display());
     }
-    if args.baseline {
+    if let Some(tools) = &baseline_tools {
         let (side_by_side, json) =
-            peft_baseline(&report, args.seed, be.name().starts_with("cuda"))?;
+            peft_baseline(tools, &report, args.seed, be.name().starts_with("cuda"))?;
         println!("{side_by_side}");
         write(
             "baseline.json",

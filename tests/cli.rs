@@ -762,3 +762,47 @@ fn params_prints_a_table_for_every_builtin_shape() {
         "{stderr}"
     );
 }
+
+/// `--baseline` checks what it needs before measuring anything, from any directory: the
+/// script is found beside the binary, a Python without the packages is named with them.
+#[test]
+fn bench_baseline_checks_python_and_the_script_before_measuring() {
+    let tmp = tempfile::tempdir().unwrap();
+    // python3 without its site-packages: no torch, transformers or peft.
+    let python = tmp.path().join("python-bare");
+    std::fs::write(&python, "#!/bin/sh\nexec python3 -S \"$@\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bench = |envs: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fastpt"));
+        cmd.current_dir(tmp.path())
+            .args(["bench", "--device", "cpu", "--steps", "1", "--warmup", "0"])
+            .args(["--setting", "pt:prompt_len=3", "--baseline"])
+            .env_remove("FASTPT_BASELINE_SCRIPT");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = bench(&[("FASTPT_PYTHON", python.to_str().unwrap())]);
+    common::assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("peft_baseline.py")
+            && stderr.contains("lacks torch transformers peft")
+            && stderr.contains("pip install"),
+        "{stderr}"
+    );
+    // Nothing was measured: the bench's progress lines never started.
+    assert!(!stderr.contains("bench: t5-tiny"), "{stderr}");
+    // A script named by FASTPT_BASELINE_SCRIPT must exist.
+    let (ok, stderr) = bench(&[("FASTPT_BASELINE_SCRIPT", "/nonexistent/peft_baseline.py")]);
+    common::assert_clean_error(ok, &stderr);
+    assert!(
+        stderr.contains("FASTPT_BASELINE_SCRIPT=/nonexistent"),
+        "{stderr}"
+    );
+}

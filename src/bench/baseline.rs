@@ -1,26 +1,103 @@
 //! `fastpt bench --baseline`: the same PT steps in PyTorch + PEFT (tools/peft_baseline.py),
-//! side by side with fastpt's rows of a bench report.
+//! side by side with fastpt's rows of a bench report. [`check_baseline`] finds the script and
+//! checks the interpreter's packages before anything is measured.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::Report;
 use crate::error::{Error, Result};
 
-/// Runs tools/peft_baseline.py for every fastpt `pt` row of `report` (same shape, batch, lengths,
+/// The script's path inside the repository.
+const SCRIPT: &str = "tools/peft_baseline.py";
+/// The Python packages the script imports.
+const PACKAGES: [&str; 3] = ["torch", "transformers", "peft"];
+
+/// What `--baseline` runs: the interpreter and the script, both checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaselineTools {
+    pub python: String,
+    pub script: PathBuf,
+}
+
+/// Where tools/peft_baseline.py is: `FASTPT_BASELINE_SCRIPT`, else a `tools/` beside an
+/// ancestor of the binary (target/release/fastpt in a checkout), else the checkout the binary
+/// was built from, else the working directory. An error lists where it looked.
+pub fn find_baseline_script() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("FASTPT_BASELINE_SCRIPT") {
+        let path = PathBuf::from(path);
+        return match path.is_file() {
+            true => Ok(path),
+            false => Err(Error::Input(format!(
+                "FASTPT_BASELINE_SCRIPT={}: no such file (it names tools/peft_baseline.py)",
+                path.display()
+            ))),
+        };
+    }
+    let mut tried = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        tried.extend(exe.ancestors().skip(1).map(|dir| dir.join(SCRIPT)));
+    }
+    tried.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(SCRIPT));
+    tried.push(PathBuf::from(SCRIPT));
+    if let Some(found) = tried.iter().find(|p| p.is_file()) {
+        return Ok(found.clone());
+    }
+    Err(Error::Input(format!(
+        "--baseline runs {SCRIPT}, which is not beside the binary ({}) nor in the checkout it \
+         was built from ({}) nor in the working directory: set FASTPT_BASELINE_SCRIPT to it",
+        std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "?".into()),
+        env!("CARGO_MANIFEST_DIR")
+    )))
+}
+
+/// Finds the script and checks that the interpreter (`FASTPT_PYTHON`, else `python3`) has
+/// torch, transformers and peft, without importing them (a second, not a minute): what
+/// `--baseline` needs, before fastpt measures anything.
+pub fn check_baseline() -> Result<BaselineTools> {
+    let script = find_baseline_script()?;
+    let python = std::env::var("FASTPT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let code = format!(
+        "import importlib.util as u, sys\n\
+         missing = [n for n in {PACKAGES:?} if u.find_spec(n) is None]\n\
+         print(' '.join(missing))\n\
+         sys.exit(1 if missing else 0)"
+    );
+    let out = std::process::Command::new(&python)
+        .args(["-c", &code])
+        .output()
+        .map_err(|e| {
+            Error::Input(format!(
+                "--baseline runs {} with {python} (FASTPT_PYTHON picks the interpreter), which \
+                 cannot be started: {e}",
+                script.display()
+            ))
+        })?;
+    if !out.status.success() {
+        let missing = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let why = match missing.is_empty() {
+            true => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            false => format!("it lacks {missing}: pip install {missing}"),
+        };
+        return Err(Error::Input(format!(
+            "--baseline runs {} with {python} (FASTPT_PYTHON picks the interpreter): {why}",
+            script.display()
+        )));
+    }
+    Ok(BaselineTools { python, script })
+}
+
+/// Runs the PEFT script of `tools` for every fastpt `pt` row of `report` (same shape, batch, lengths,
 /// steps, prompt length, `seed`; on CUDA when `cuda`) and returns the side-by-side table and the
 /// script's reports.
 pub fn peft_baseline(
+    tools: &BaselineTools,
     report: &Report,
     seed: u64,
     cuda: bool,
 ) -> Result<(String, serde_json::Value)> {
-    let script = Path::new("tools/peft_baseline.py");
-    if !script.exists() {
-        return Err(Error::Input(
-            "--baseline runs tools/peft_baseline.py: run fastpt from the repository root".into(),
-        ));
-    }
-    let python = std::env::var("FASTPT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let (python, script) = (&tools.python, &tools.script);
     let exe = std::env::current_exe()
         .map_err(|e| Error::Input(format!("finding the fastpt binary: {e}")))?;
     let pt_rows: Vec<_> = report
@@ -44,7 +121,7 @@ pub fn peft_baseline(
             "bench --baseline: PEFT on {} with {} prompt rows",
             row.shape, row.prompt_rows
         );
-        let out = std::process::Command::new(&python)
+        let out = std::process::Command::new(python)
             .arg(script)
             .args(["--shape", &row.shape, "--fastpt"])
             .arg(&exe)
