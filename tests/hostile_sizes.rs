@@ -377,7 +377,7 @@ fn step_and_forward_refuse_a_shape_the_memory_cannot_hold_and_the_override_skips
 }
 
 #[test]
-fn bench_refuses_t5_11b_on_a_24_gb_cpu_before_allocating() {
+fn bench_refuses_t5_11b_on_a_24_gb_cpu_before_measuring_anything() {
     let (ok, stdout, stderr) = fastpt_env(
         &["bench", "--device", "cpu", "--shape", "t5-11b"],
         &[("FASTPT_MEMORY_LIMIT_GB", "24")],
@@ -393,6 +393,19 @@ fn bench_refuses_t5_11b_on_a_24_gb_cpu_before_allocating() {
             && stderr.contains("weights")
             && stderr.contains("the CPU has 24.0 GB available"),
         "{stderr}"
+    );
+    // After a shape that fits, the same refusal comes before the first measurement.
+    let (ok, _, stderr) = fastpt_env(
+        &[
+            "bench", "--device", "cpu", "--shape", "t5-tiny", "--shape", "t5-11b", "--steps", "1",
+        ],
+        &[("FASTPT_MEMORY_LIMIT_GB", "24")],
+    );
+    assert_clean_error(ok, &stderr);
+    assert!(stderr.contains("bench --shape t5-11b"), "{stderr}");
+    assert!(
+        !stderr.contains("bench: t5-tiny"),
+        "measured first: {stderr}"
     );
 }
 

@@ -215,8 +215,9 @@ pub fn run_claims<B: BenchClock + 'static>(
     let mut rows = Vec::new();
     let mut sweeps = Vec::new();
     let mut reports = Vec::new();
+    // Each group's settings, sizes and memory are checked before the first measurement.
+    let mut planned = Vec::new();
     for group in claim_groups(shape, base.max_len)? {
-        let shape = group.shape.clone();
         let mut specs = vec![group.baseline.clone(), group.candidate.clone()];
         if let Some(sweep) = &group.sweep {
             for (_, spec) in &sweep.points {
@@ -230,11 +231,17 @@ pub fn run_claims<B: BenchClock + 'static>(
             .map(|s| Setting::parse(s))
             .collect::<Result<Vec<_>>>()?;
         let cfg = BenchConfig {
-            shapes: vec![shape.clone()],
+            shapes: vec![group.shape.clone()],
             settings,
             quant: group.quant,
             ..base.clone()
         };
+        cfg.check_sizes()?;
+        cfg.check_memory(be, &group.shape)?;
+        planned.push((group, cfg));
+    }
+    for (group, cfg) in planned {
+        let shape = group.shape.clone();
         let report = run_bench(be, &cfg, progress)?;
         let row_of = |spec: &str| -> Result<&Row> {
             report

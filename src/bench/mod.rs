@@ -313,11 +313,14 @@ pub fn run_bench<B: BenchClock + 'static>(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Report> {
     cfg.check_sizes()?;
+    // Every shape is checked before the first measurement.
+    for shape in &cfg.shapes {
+        cfg.check_memory(be, shape)?;
+    }
     let mut rows = Vec::new();
     let mut memory = "";
     let peak = be.gemm_peak_tflops();
     for shape in &cfg.shapes {
-        cfg.check_memory(be, shape)?;
         let model = random_model(be, shape, cfg.seed, cfg.quant)?;
         let inputs = vec![cfg.input_len; cfg.batch];
         let targets = vec![cfg.target_len; cfg.batch];
