@@ -14,10 +14,10 @@ use fastpt::backend::gpu::device::{DType, Device};
 use fastpt::backend::gpu::vgpu::VirtualDevice;
 use fastpt::backend::gpu::{AttentionKernel, GpuBackend};
 use fastpt::backend::Backend;
-use fastpt::bench::baseline::{check_baseline, peft_baseline};
+use fastpt::bench::baseline::{baseline_table, check_baseline, peft_cells};
 use fastpt::bench::charts::{write_memory_chart, write_sweep_charts};
 use fastpt::bench::claims::{claims_markdown, run_claims};
-use fastpt::bench::{markdown_table, run_bench, BenchClock, BenchConfig, Setting};
+use fastpt::bench::{markdown_table, run_bench, BenchClock, BenchConfig, Machine, Setting};
 use fastpt::config::RunConfig;
 use fastpt::data::tasks::LabelStyle;
 use fastpt::data::BatchSpec;
@@ -196,11 +196,18 @@ struct BenchArgs {
     /// Maximum input length m (the length of DePT's and EPT-MS's update; the papers use 256).
     #[arg(long, default_value_t = 256)]
     max_len: usize,
-    /// Untimed steps first.
+    /// Untimed training steps of each cell before the rounds (and one forward pass and one
+    /// generation when above 0).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Timed steps (and as many timed forward passes).
+    /// Interleaved rounds: each round times every cell in turn (order rotated per round), so
+    /// the machine's drift hits all cells alike; medians and 95% intervals are over rounds
+    /// (6 or more for 95%; 1 gives no interval).
     #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// Timed steps of each kind (training step, forward pass, generation) per cell and round;
+    /// a round's time is their mean.
+    #[arg(long, default_value_t = 1)]
     steps: usize,
     /// none or nf4 (the frozen linear weights in 4 bits).
     #[arg(long, default_value = "none", value_parser = ["none", "nf4"])]
@@ -1210,10 +1217,12 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         target_len: args.target_len,
         max_len: args.max_len,
         warmup: args.warmup,
+        rounds: args.rounds,
         steps: args.steps,
         quant: args.quant.parse()?,
         seed: args.seed,
     };
+    cfg.check_sizes()?;
     let progress = &mut |cell: &str| eprintln!("bench: {cell}");
     // What a run needs is checked before the first measurement: the output folder is
     // writable, and --baseline has a PT setting, its script and a Python with its packages.
@@ -1242,6 +1251,8 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         }
         Ok(())
     };
+    // The machine (and on a GPU its GEMM peak and copy bandwidth) before the first cell.
+    let mut machine = Machine::probe(be, option_env!("FASTPT_COMMIT"));
     if args.claims {
         let shape = match args.shapes.first() {
             Some(s) => Some(s.as_str()),
@@ -1262,7 +1273,8 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         let mut partial = |report: &fastpt::bench::claims::ClaimsReport| {
             write_report(report).map_err(|e| fastpt::Error::Input(format!("{e:#}")))
         };
-        let report = run_claims(be, &cfg, shape, progress, &mut partial)?;
+        let mut report = run_claims(be, &cfg, shape, &machine, progress, &mut partial)?;
+        report.machine.finish();
         println!("{}", claims_markdown(&report));
         write_report(&report)?;
         if let Some(dir) = &args.out {
@@ -1272,7 +1284,14 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let report = run_bench(be, &cfg, progress)?;
+    let cuda = be.name().starts_with("cuda");
+    let mut externals = |shape: &str, cells: &[(String, usize)]| match &baseline_tools {
+        Some(tools) => peft_cells(tools, &cfg, cuda, shape, cells),
+        None => Ok(Vec::new()),
+    };
+    let mut report = run_bench(be, &cfg, &machine, progress, &mut externals)?;
+    machine.finish();
+    report.machine = machine;
     let table = markdown_table(&report);
     println!("{table}");
     write(
@@ -1285,14 +1304,9 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         write_memory_chart(&path, &report)?;
         println!("wrote {}", path.display());
     }
-    if let Some(tools) = &baseline_tools {
-        let (side_by_side, json) =
-            peft_baseline(tools, &report, args.seed, be.name().starts_with("cuda"))?;
+    if baseline_tools.is_some() {
+        let side_by_side = baseline_table(&report);
         println!("{side_by_side}");
-        write(
-            "baseline.json",
-            serde_json::to_string_pretty(&json)?.as_bytes(),
-        )?;
         write("baseline.md", side_by_side.as_bytes())?;
     }
     Ok(())

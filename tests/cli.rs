@@ -446,7 +446,7 @@ fn bench_smoke_writes_a_report_with_the_schema() {
         "3",
         "--warmup",
         "1",
-        "--steps",
+        "--rounds",
         "2",
         "--out",
         out.to_str().unwrap(),
@@ -456,11 +456,21 @@ fn bench_smoke_writes_a_report_with_the_schema() {
         stdout.contains("| t5-tiny | pt:prompt_len=5 | 5 |"),
         "{stdout}"
     );
+    // Two rounds: the intervals are [min, max] at 50%, which the table says.
+    assert!(stdout.contains("[interval at 50%: 2 rounds]"), "{stdout}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["schema"], 1);
+    assert_eq!(report["schema"], 2);
     assert_eq!(report["backend"], "cpu-f32");
-    assert!(report["gemm_peak_tflops"].is_null());
+    assert_eq!(report["rounds"], 2);
+    // The machine: the CPU's model, cores and SIMD level and the commit; no GPU figures.
+    let machine = &report["machine"];
+    assert_eq!(machine["device"], "cpu-f32");
+    assert!(machine["cores"].as_u64().unwrap() >= 1, "{machine}");
+    for key in ["cpu", "simd", "commit"] {
+        assert!(!machine[key].as_str().unwrap().is_empty(), "{machine}");
+    }
+    assert!(machine["gemm_peak_tflops"].is_null() && machine["gpu_start"].is_null());
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 4);
     for (row, (shape, setting, prompt_rows, params)) in rows.iter().zip([
@@ -485,6 +495,7 @@ fn bench_smoke_writes_a_report_with_the_schema() {
                 0.0 < min && min <= median && median <= max,
                 "{key}: {stats}"
             );
+            // One value per round.
             assert_eq!(stats["samples"].as_array().unwrap().len(), 2);
         }
         assert!(row["train_tokens_per_s"].as_f64().unwrap() > 0.0);
@@ -540,12 +551,29 @@ fn bench_claims_on_the_cpu_writes_the_table_sweeps_and_charts() {
         "0",
         "--steps",
         "1",
+        "--rounds",
+        "2",
         "--out",
         out.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("every claim runs at t5-tiny"), "{stdout}");
     assert!(stdout.contains("| EPT-MS vs PT (Lan et al. 2024) | training step time | -14.00% |"));
+    // The claims run at the papers' batch 16 × 256, the sweeps at the bench's sizes; every row
+    // says where it was measured and how that differs from the paper.
+    assert!(
+        stdout.contains("t5-tiny, batch 16 × (256 in + 3 target), cpu-f32"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("stand-in shape (the paper: t5-base)"));
+    assert!(stdout.contains("cpu-f32 instead of a GPU"));
+    assert!(stdout.contains("batch 2 × (12 in + 3 target)"));
+    // Two rounds: times carry [min, max] at 50%, and the header says so.
+    assert!(stdout.contains("[interval at 50%: 2 rounds]"), "{stdout}");
+    assert!(
+        stdout.contains("Claims re-measured: cpu-f32 on"),
+        "{stdout}"
+    );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("claims.json")).unwrap()).unwrap();
     let rows = report["rows"].as_array().unwrap();
@@ -573,7 +601,7 @@ fn bench_claims_on_the_cpu_writes_the_table_sweeps_and_charts() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|p| p[0].as_u64().unwrap())
+            .map(|p| p["x"].as_u64().unwrap())
             .collect()
     };
     assert_eq!(xs(0), [0, 20, 40, 60, 80, 100]);

@@ -11,7 +11,8 @@
 # $FASTPT_PYTHON names an interpreter with torch, transformers and peft) and bench-memory.log +
 # memory/ (heap peak by shape, t5-small … t5-large, pt / ept / lamp). CPU figures are f32 on a few cores: they
 # show the methods' relative costs, not what a GPU does.
-# SHAPE (default t5-base) and BENCH_ARGS (default "--steps 5 --warmup 1") change the settings.
+# SHAPE (default t5-base) and BENCH_ARGS (default "--rounds 10 --steps 1 --warmup 1") change the
+# settings.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,7 @@ if [ ! -x "$BIN" ]; then
   exit 2
 fi
 SHAPE=${SHAPE:-t5-base}
-BENCH_ARGS=${BENCH_ARGS:---steps 5 --warmup 1}
+BENCH_ARGS=${BENCH_ARGS:---rounds 10 --steps 1 --warmup 1}
 DIR="bench/results/$(date +%F)-cpu-$(nproc)core"
 mkdir -p "$DIR"
 echo "cpu-bench: logs in $DIR"
@@ -49,6 +50,6 @@ echo "== fastpt bench: memory by shape"
 # The heap a LAMP cell leaves to later cells (faer's SVD workspace, a few MB) is noise at these
 # shapes, so one run holds every setting and memory.svg shows them side by side.
 "$BIN" bench --device cpu --shape t5-small --shape t5-base --shape t5-large --setting pt \
-  --setting ept --setting lamp --steps 1 --warmup 0 --out "$DIR/memory" 2>&1 | tee "$DIR/bench-memory.log"
+  --setting ept --setting lamp --rounds 1 --steps 1 --warmup 1 --out "$DIR/memory" 2>&1 | tee "$DIR/bench-memory.log"
 echo "cpu-bench: logs in $DIR (exit $status)"
 exit "$status"

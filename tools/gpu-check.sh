@@ -4,6 +4,7 @@
 #
 # Build here (the GPU machines have no Rust toolchain), then run it through the device tool:
 #
+#   export FASTPT_COMMIT=$(git rev-parse --short=12 HEAD)   # the reports name the commit
 #   cargo build --profile dist && cargo build --profile dist --example kernel_lab
 #   run(command="bash tools/gpu-check.sh", carry=["target/dist/fastpt", "target/dist/examples/kernel_lab"], timeout_s=600)
 #
@@ -39,7 +40,7 @@
 #                       (0 skips the stage)
 #   GPU_CHECK_RESULTS   the results folder (default bench/results/<date>-<gpu>)
 #   DOCTOR_ARGS (default "--device cuda"), BENCH_ARGS (claims and baseline, default
-#   "--steps 5 --warmup 2"), MEMORY_ARGS (default "--steps 2 --warmup 1"), NCU (the ncu binary;
+#   "--rounds 10 --steps 2 --warmup 2"), MEMORY_ARGS (default "--rounds 1 --steps 1 --warmup 1"), NCU (the ncu binary;
 #   default: on PATH, else /usr/local/cuda/bin/ncu), NCU_SET (default full), NCU_APP_ARGS (the
 #   fastpt command line ncu profiles).
 # nvidia-smi and ncu are looked up on PATH. The kernels are inside the binary (CUBIN for sm_90,
@@ -88,13 +89,13 @@ if [ -z "${NCU+x}" ]; then
 fi
 SMI=$(command -v nvidia-smi || true)
 DOCTOR_ARGS=${DOCTOR_ARGS:---device cuda}
-BENCH_ARGS=${BENCH_ARGS:---steps 5 --warmup 2}
-MEMORY_ARGS=${MEMORY_ARGS:---steps 2 --warmup 1}
+BENCH_ARGS=${BENCH_ARGS:---rounds 10 --steps 2 --warmup 2}
+MEMORY_ARGS=${MEMORY_ARGS:---rounds 1 --steps 1 --warmup 1}
 NCU_SET=${NCU_SET:-full}
 # Batch 8 × 256 tokens + 100 prompt rows on t5-base: the attention of the papers' runs. Its first
 # matching launches are the embed + prompt kernel, NF4 dequantisation of q, k, v and the first
 # attention forward, so a launch count of 8 holds all three.
-NCU_APP_ARGS=${NCU_APP_ARGS:-bench --device cuda --shape t5-base --setting pt --quant nf4 --batch 8 --input-len 256 --steps 1 --warmup 0}
+NCU_APP_ARGS=${NCU_APP_ARGS:-bench --device cuda --shape t5-base --setting pt --quant nf4 --batch 8 --input-len 256 --rounds 1 --steps 1 --warmup 0}
 
 gpu_name=""
 if [ -n "$SMI" ]; then

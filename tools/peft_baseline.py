@@ -14,8 +14,12 @@ its RSS once torch, transformers and peft are imported (so the libraries' own co
 heap, about 0.8 GB, do not count against the baseline; fastpt's CPU figure is its heap peak).
 
 The JSON it writes has the keys of a `fastpt bench` row (shape, setting, train_step_ms,
-generate_ms, peak_memory_bytes, train_params), so `fastpt bench --baseline` can put them side by
-side. Needs torch, transformers and peft (the GPU machines have them).
+generate_ms, peak_memory_bytes, train_params). With --serve it is a cell of `fastpt bench
+--baseline`'s interleaved rounds instead: after the warm-up it prints one JSON line
+{"ready": true, ...}, then answers each `round` line on stdin with one line of the round's mean
+times ({"train_step_ms": ..., "generate_ms": ...}: --steps training steps, then as many
+generations) and `finish` with its peak memory and parameters, and exits. Needs torch,
+transformers and peft (the GPU machines have them).
 """
 
 import argparse
@@ -59,7 +63,16 @@ def main():
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
+    ap.add_argument(
+        "--serve",
+        action="store_true",
+        help="answer round/finish lines on stdin (fastpt bench --baseline's rounds)",
+    )
     args = ap.parse_args()
+    # --serve's replies own stdout: anything the libraries print goes to stderr.
+    replies = sys.stdout
+    if args.serve:
+        sys.stdout = sys.stderr
 
     import torch
     import transformers
@@ -147,22 +160,36 @@ def main():
         fn()
         return (time.perf_counter() - begin) * 1e3
 
+    def peak_memory():
+        if device == "cuda":
+            return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_after_imports
+        return peak, "process peak RSS above the RSS after imports"
+
+    backend = (
+        f"torch {torch.__version__} {device} {str(dtype).removeprefix('torch.')}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}"
+    )
+
     model.train()
     for _ in range(args.warmup):
         train_step()
+    if args.warmup > 0:
+        model.eval()
+        generate()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+
+    if args.serve:
+        serve(args, replies, model, train_step, generate, timed, peak_memory, backend, train_params)
+        return
+
+    model.train()
     train = [timed(train_step) for _ in range(args.steps)]
     model.eval()
-    generate()
     infer = [timed(generate) for _ in range(args.steps)]
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-        memory = "torch.cuda.max_memory_allocated"
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_after_imports
-        memory = "process peak RSS above the RSS after imports"
+    peak, memory = peak_memory()
 
     row = {
         "shape": args.shape,
@@ -175,8 +202,7 @@ def main():
     }
     report = {
         "schema": 1,
-        "backend": f"torch {torch.__version__} {device} {str(dtype).removeprefix('torch.')}, "
-        f"transformers {transformers.__version__}, peft {peft.__version__}",
+        "backend": backend,
         "memory": memory,
         "batch": b,
         "input_len": t,
@@ -190,6 +216,37 @@ def main():
         with open(args.out, "w") as f:
             f.write(text + "\n")
     print(text)
+
+
+def serve(args, replies, model, train_step, generate, timed, peak_memory, backend, train_params):
+    """The --serve loop: one JSON line on `replies` per command on stdin (see the docstring)."""
+
+    def say(obj):
+        replies.write(json.dumps(obj) + "\n")
+        replies.flush()
+
+    say({"ready": True, "train_params": train_params, "backend": backend})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "round":
+            model.train()
+            train = sum(timed(train_step) for _ in range(args.steps)) / args.steps
+            model.eval()
+            infer = sum(timed(generate) for _ in range(args.steps)) / args.steps
+            say({"train_step_ms": train, "generate_ms": infer})
+        elif command == "finish":
+            peak, memory = peak_memory()
+            say(
+                {
+                    "peak_memory_bytes": peak,
+                    "memory": memory,
+                    "train_params": train_params,
+                    "backend": backend,
+                }
+            )
+            return
+        else:
+            sys.exit(f"peft_baseline --serve: unknown command {command!r}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 //! `fastpt bench --baseline`: the same PT steps in PyTorch + PEFT (tools/peft_baseline.py),
-//! side by side with fastpt's rows of a bench report. [`check_baseline`] finds the script and
-//! checks the interpreter's packages before anything is measured.
+//! run as a [`PeftCell`] in the same interleaved rounds as fastpt's cells and put side by side
+//! with fastpt's `pt` rows ([`baseline_table`]). [`check_baseline`] finds the script and checks
+//! the interpreter's packages before anything is measured.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
-use super::Report;
+use super::{report_header, BenchConfig, Change, External, ExternalInfo, Report, RoundTimes};
 use crate::error::{Error, Result};
 
 /// The script's path inside the repository.
@@ -64,7 +68,7 @@ pub fn check_baseline() -> Result<BaselineTools> {
          print(' '.join(missing))\n\
          sys.exit(1 if missing else 0)"
     );
-    let out = std::process::Command::new(&python)
+    let out = Command::new(&python)
         .args(["-c", &code])
         .output()
         .map_err(|e| {
@@ -88,92 +92,267 @@ pub fn check_baseline() -> Result<BaselineTools> {
     Ok(BaselineTools { python, script })
 }
 
-/// Runs the PEFT script of `tools` for every fastpt `pt` row of `report` (same shape, batch, lengths,
-/// steps, prompt length, `seed`; on CUDA when `cuda`) and returns the side-by-side table and the
-/// script's reports.
-pub fn peft_baseline(
-    tools: &BaselineTools,
-    report: &Report,
-    seed: u64,
-    cuda: bool,
-) -> Result<(String, serde_json::Value)> {
-    let (python, script) = (&tools.python, &tools.script);
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::Input(format!("finding the fastpt binary: {e}")))?;
-    let pt_rows: Vec<_> = report
-        .rows
-        .iter()
-        .filter(|r| r.setting.starts_with("pt"))
-        .collect();
-    if pt_rows.is_empty() {
-        return Err(Error::Input(
-            "--baseline compares against fastpt's PT: add --setting pt (or pt:prompt_len=N)".into(),
-        ));
-    }
-    let mut table = String::from(
-        "fastpt vs PyTorch + PEFT prompt tuning (ratio < 1: fastpt is faster or smaller)\n\n\
-         | shape | prompt rows | fastpt step ms | PEFT step ms | ratio | fastpt generate ms | PEFT generate ms | ratio | fastpt memory MB | PEFT memory MB | ratio |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
-    let mut reports = Vec::new();
-    for row in pt_rows {
-        eprintln!(
-            "bench --baseline: PEFT on {} with {} prompt rows",
-            row.shape, row.prompt_rows
-        );
-        let out = std::process::Command::new(python)
+/// The longest line the script may print (its JSON replies are a few hundred bytes).
+const MAX_REPLY_BYTES: u64 = 1 << 20;
+/// How much of the script's stderr an error quotes.
+const STDERR_TAIL: usize = 4000;
+
+/// The PEFT script as a cell of the bench's rounds: one process per fastpt `pt` setting and
+/// shape, started (model built, warmed up) before the rounds; each round sends it `round` on
+/// stdin and reads one JSON line of per-step times, so PyTorch and fastpt alternate and drift
+/// hits both alike. `finish` asks for its peak memory and ends it.
+pub struct PeftCell {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    /// What the process wrote to stderr so far (the last [`STDERR_TAIL`] bytes).
+    stderr: Arc<Mutex<String>>,
+    setting: String,
+    prompt_rows: usize,
+    what: String,
+}
+
+impl PeftCell {
+    /// Starts the script for `prompt_rows` prompt rows at `shape` with `cfg`'s batch, lengths,
+    /// steps and seed, and waits until it is warmed up.
+    pub fn start(
+        tools: &BaselineTools,
+        shape: &str,
+        pt_setting: &str,
+        prompt_rows: usize,
+        cfg: &BenchConfig,
+        cuda: bool,
+    ) -> Result<Self> {
+        let (python, script) = (&tools.python, &tools.script);
+        let what = format!("the PEFT baseline ({python} {})", script.display());
+        let exe = std::env::current_exe()
+            .map_err(|e| Error::Input(format!("finding the fastpt binary: {e}")))?;
+        let mut child = Command::new(python)
             .arg(script)
-            .args(["--shape", &row.shape, "--fastpt"])
+            .arg("--serve")
+            .args(["--shape", shape, "--fastpt"])
             .arg(&exe)
-            .args(["--num-virtual-tokens", &row.prompt_rows.to_string()])
-            .args(["--batch", &report.batch.to_string()])
-            .args(["--input-len", &report.input_len.to_string()])
-            .args(["--target-len", &report.target_len.to_string()])
-            .args(["--warmup", &report.warmup.to_string()])
-            .args(["--steps", &report.steps.to_string()])
-            .args(["--seed", &seed.to_string()])
+            .args(["--num-virtual-tokens", &prompt_rows.to_string()])
+            .args(["--batch", &cfg.batch.to_string()])
+            .args(["--input-len", &cfg.input_len.to_string()])
+            .args(["--target-len", &cfg.target_len.to_string()])
+            .args(["--warmup", &cfg.warmup.to_string()])
+            .args(["--steps", &cfg.steps.to_string()])
+            .args(["--seed", &cfg.seed.to_string()])
             .args(["--device", if cuda { "cuda" } else { "cpu" }])
-            .output()
-            .map_err(|e| Error::Input(format!("running {python} {}: {e}", script.display())))?;
-        if !out.status.success() {
-            return Err(Error::Input(format!(
-                "the PEFT baseline failed ({python} {}; it needs torch, transformers and peft; \
-                 FASTPT_PYTHON picks the interpreter):\n{}",
-                script.display(),
-                String::from_utf8_lossy(&out.stderr).trim_end()
-            )));
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::Input(format!("starting {what}: {e}")))?;
+        let (Some(stdin), Some(stdout), Some(mut err)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            let _ = child.kill();
+            return Err(Error::Input(format!("{what}: no pipes to the process")));
+        };
+        // Drained on a thread: a full stderr pipe would stop the script.
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut text) = sink.lock() {
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    if text.len() > 2 * STDERR_TAIL {
+                        let cut = text.len() - STDERR_TAIL;
+                        let cut = (cut..text.len())
+                            .find(|&i| text.is_char_boundary(i))
+                            .unwrap_or(text.len());
+                        text.drain(..cut);
+                    }
+                }
+            }
+        });
+        let mut cell = PeftCell {
+            child,
+            stdin: Some(stdin),
+            stdout: BufReader::new(stdout),
+            stderr,
+            setting: format!("peft:{pt_setting}"),
+            prompt_rows,
+            what,
+        };
+        let ready = cell.reply()?;
+        if ready["ready"] != true {
+            return Err(cell.fail(&format!("expected its ready line, got {ready}")));
         }
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| Error::Input(format!("reading the PEFT baseline's JSON: {e}")))?;
-        let peft = &json["rows"][0];
-        let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
-        let (p_step, p_gen, p_mem) = (
-            num(&peft["train_step_ms"]["median"]),
-            num(&peft["generate_ms"]["median"]),
-            num(&peft["peak_memory_bytes"]) / 1e6,
+        Ok(cell)
+    }
+
+    /// An error naming the process, with the end of its stderr.
+    fn fail(&mut self, why: &str) -> Error {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Give the drain thread a moment to take the last of stderr.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let tail = self.stderr.lock().map(|t| t.clone()).unwrap_or_default();
+        Error::Input(format!(
+            "{} failed: {why} (it needs torch, transformers and peft; FASTPT_PYTHON picks the \
+             interpreter){}",
+            self.what,
+            if tail.trim().is_empty() {
+                String::new()
+            } else {
+                format!(":\n{}", tail.trim_end())
+            }
+        ))
+    }
+
+    fn send(&mut self, command: &str) -> Result<()> {
+        let sent = match self.stdin.as_mut() {
+            Some(stdin) => writeln!(stdin, "{command}").and_then(|_| stdin.flush()),
+            None => Err(std::io::Error::other("stdin closed")),
+        };
+        sent.map_err(|e| self.fail(&format!("sending {command:?}: {e}")))
+    }
+
+    /// The next JSON line on its stdout.
+    fn reply(&mut self) -> Result<serde_json::Value> {
+        let mut line = String::new();
+        let read = (&mut self.stdout)
+            .take(MAX_REPLY_BYTES)
+            .read_line(&mut line);
+        match read {
+            Ok(0) => Err(self.fail("it exited")),
+            Err(e) => Err(self.fail(&format!("reading its reply: {e}"))),
+            Ok(_) => serde_json::from_str(line.trim())
+                .map_err(|e| self.fail(&format!("its reply is not JSON ({e}): {line:.200}"))),
+        }
+    }
+}
+
+impl External for PeftCell {
+    fn setting(&self) -> String {
+        self.setting.clone()
+    }
+
+    fn prompt_rows(&self) -> usize {
+        self.prompt_rows
+    }
+
+    fn round(&mut self) -> Result<RoundTimes> {
+        self.send("round")?;
+        let r = self.reply()?;
+        let num = |v: &serde_json::Value| v.as_f64().filter(|x| x.is_finite() && *x >= 0.0);
+        match (num(&r["train_step_ms"]), num(&r["generate_ms"])) {
+            (Some(train), Some(generate)) => Ok(RoundTimes {
+                train,
+                forward: f64::NAN,
+                generate,
+            }),
+            _ => Err(self.fail(&format!("a round's reply lacks its times: {r}"))),
+        }
+    }
+
+    fn finish(&mut self) -> Result<(u64, usize, ExternalInfo)> {
+        self.send("finish")?;
+        let r = self.reply()?;
+        self.stdin = None;
+        let _ = self.child.wait();
+        let bytes = r["peak_memory_bytes"].as_f64().unwrap_or(f64::NAN);
+        let params = r["train_params"].as_u64();
+        match (bytes.is_finite() && bytes >= 0.0, params) {
+            (true, Some(params)) => Ok((
+                bytes as u64,
+                params.min(usize::MAX as u64) as usize,
+                ExternalInfo {
+                    backend: r["backend"].as_str().unwrap_or("PEFT").to_string(),
+                    memory: r["memory"].as_str().unwrap_or("?").to_string(),
+                },
+            )),
+            _ => Err(self.fail(&format!("its last reply lacks memory or parameters: {r}"))),
+        }
+    }
+}
+
+impl Drop for PeftCell {
+    fn drop(&mut self) {
+        // A run stopped by an error leaves no Python process behind.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The PEFT cells of a shape: one per fastpt `pt` setting there.
+pub fn peft_cells(
+    tools: &BaselineTools,
+    cfg: &BenchConfig,
+    cuda: bool,
+    shape: &str,
+    cells: &[(String, usize)],
+) -> Result<Vec<Box<dyn External>>> {
+    let mut out: Vec<Box<dyn External>> = Vec::new();
+    for (setting, rows) in cells.iter().filter(|(s, _)| s.starts_with("pt")) {
+        eprintln!("bench --baseline: starting PEFT on {shape} with {rows} prompt rows");
+        out.push(Box::new(PeftCell::start(
+            tools, shape, setting, *rows, cfg, cuda,
+        )?));
+    }
+    Ok(out)
+}
+
+/// fastpt's `pt` rows next to the PEFT rows of the same rounds: times with their intervals and
+/// fastpt's change against PEFT paired by round (negative: fastpt is faster), memory as a ratio.
+pub fn baseline_table(report: &Report) -> String {
+    let mut table = format!(
+        "fastpt vs PyTorch + PEFT prompt tuning, in the same interleaved rounds \
+         (change < 0: fastpt is faster)\n\n{}\n\
+         | shape | prompt rows | fastpt step ms | PEFT step ms | fastpt vs PEFT | fastpt generate ms | PEFT generate ms | fastpt vs PEFT | fastpt memory MB | PEFT memory MB | ratio |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        report_header(report)
+    );
+    let mut memories = Vec::new();
+    for peft in report.rows.iter().filter(|r| r.external.is_some()) {
+        let Some(ours) = report.rows.iter().find(|r| {
+            r.external.is_none()
+                && r.shape == peft.shape
+                && Some(r.setting.as_str()) == peft.setting.strip_prefix("peft:")
+        }) else {
+            continue;
+        };
+        let step = Change::paired(
+            &peft.train_step_ms.samples,
+            &ours.train_step_ms.samples,
+            false,
         );
-        let (f_step, f_gen, f_mem) = (
-            row.train_step_ms.median,
-            row.generate_ms.median,
-            row.peak_memory_bytes as f64 / 1e6,
+        let gen = Change::paired(&peft.generate_ms.samples, &ours.generate_ms.samples, false);
+        let (f_mem, p_mem) = (
+            ours.peak_memory_bytes as f64 / 1e6,
+            peft.peak_memory_bytes as f64 / 1e6,
         );
         table.push_str(&format!(
-            "| {} | {} | {f_step:.2} | {p_step:.2} | {:.2} | {f_gen:.2} | {p_gen:.2} | {:.2} | {f_mem:.1} | {p_mem:.1} | {:.2} |\n",
-            row.shape,
-            row.prompt_rows,
-            f_step / p_step,
-            f_gen / p_gen,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {f_mem:.1} | {p_mem:.1} | {:.2} |\n",
+            ours.shape,
+            ours.prompt_rows,
+            ours.train_step_ms.label(),
+            peft.train_step_ms.label(),
+            step.label(),
+            ours.generate_ms.label(),
+            peft.generate_ms.label(),
+            gen.label(),
             f_mem / p_mem,
         ));
-        reports.push(json);
+        if let Some(info) = &peft.external {
+            if !memories.contains(&info) {
+                memories.push(info);
+            }
+        }
     }
-    let peft_memory = reports
-        .first()
-        .and_then(|r| r["memory"].as_str())
-        .unwrap_or("?");
-    table.push_str(&format!(
-        "\nfastpt memory: {}; PEFT memory: {peft_memory}\n",
-        report.memory
-    ));
-    Ok((table, serde_json::Value::Array(reports)))
+    table.push_str(&format!("\nfastpt memory: {}", report.memory));
+    for info in memories {
+        table.push_str(&format!("; {}: {}", info.backend, info.memory));
+    }
+    table.push('\n');
+    table
 }

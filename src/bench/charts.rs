@@ -12,7 +12,13 @@ use crate::train::report::{write_bars_svg, write_line_svg};
 pub fn write_memory_chart(path: &Path, report: &Report) -> Result<()> {
     let mut shapes: Vec<String> = Vec::new();
     let mut settings: Vec<String> = Vec::new();
-    for r in &report.rows {
+    // fastpt's cells only: an external row's memory is measured differently.
+    let rows: Vec<_> = report
+        .rows
+        .iter()
+        .filter(|r| r.external.is_none())
+        .collect();
+    for r in &rows {
         if !shapes.contains(&r.shape) {
             shapes.push(r.shape.clone());
         }
@@ -26,9 +32,7 @@ pub fn write_memory_chart(path: &Path, report: &Report) -> Result<()> {
             let mb = shapes
                 .iter()
                 .map(|shape| {
-                    report
-                        .rows
-                        .iter()
+                    rows.iter()
                         .find(|r| &r.shape == shape && &r.setting == setting)
                         .map_or(f64::NAN, |r| r.peak_memory_bytes as f64 / 1e6)
                 })
@@ -48,7 +52,11 @@ pub fn write_memory_chart(path: &Path, report: &Report) -> Result<()> {
 pub fn write_sweep_charts(dir: &Path, report: &ClaimsReport) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for (i, sweep) in report.sweeps.iter().enumerate() {
-        let points: Vec<(u64, f64)> = sweep.points.iter().map(|p| (p.0, p.1)).collect();
+        let points: Vec<(u64, f64)> = sweep
+            .points
+            .iter()
+            .map(|p| (p.x, p.train_step_ms.median))
+            .collect();
         let path = dir.join(format!("sweep-{}.svg", i + 1));
         let title = format!("{} ({})", sweep.claim, sweep.shape);
         write_line_svg(&path, &points, &title, (&sweep.axis, "training step (ms)"))?;

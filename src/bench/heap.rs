@@ -68,6 +68,13 @@ pub fn heap_peak_bytes() -> Option<u64> {
         .then(|| PEAK.load(Ordering::Relaxed) as u64)
 }
 
+/// The heap bytes live now; None when [`PeakAlloc`] is not the global allocator.
+pub fn heap_current_bytes() -> Option<u64> {
+    INSTALLED
+        .load(Ordering::Relaxed)
+        .then(|| CURRENT.load(Ordering::Relaxed) as u64)
+}
+
 /// Starts a new peak from the bytes live now.
 pub fn reset_heap_peak() {
     PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
