@@ -120,6 +120,17 @@ fn script(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// A folder for PYTHONPATH with empty packages torch, transformers and peft: what
+/// `--baseline`'s check looks for, without the libraries.
+fn fake_site(dir: &Path) -> std::path::PathBuf {
+    let site = dir.join("site");
+    for pkg in ["torch", "transformers", "peft"] {
+        std::fs::create_dir_all(site.join(pkg)).unwrap();
+        std::fs::write(site.join(pkg).join("__init__.py"), "").unwrap();
+    }
+    site
+}
+
 /// `--baseline` with a stand-in for tools/peft_baseline.py (packages torch, transformers and
 /// peft that are empty folders; the script speaks the --serve protocol and sleeps instead of
 /// training): the PEFT cell is started before the rounds, gets one `round` per round, is
@@ -127,11 +138,7 @@ fn script(path: &Path, text: &str) {
 #[test]
 fn bench_baseline_runs_peft_as_a_cell_of_the_same_rounds() {
     let tmp = tempfile::tempdir().unwrap();
-    let site = tmp.path().join("site");
-    for pkg in ["torch", "transformers", "peft"] {
-        std::fs::create_dir_all(site.join(pkg)).unwrap();
-        std::fs::write(site.join(pkg).join("__init__.py"), "").unwrap();
-    }
+    let site = fake_site(tmp.path());
     let fake = tmp.path().join("fake_peft.py");
     script(
         &fake,
@@ -206,6 +213,12 @@ for line in sys.stdin:
     let started = stderr.find("starting PEFT on t5-tiny").unwrap();
     let first_round = stderr.find("round 1 of 6").unwrap();
     assert!(started < first_round, "{stderr}");
+    // The bench's own table holds the PEFT row too; it measures no forward pass.
+    let peft_line = stdout
+        .lines()
+        .find(|l| l.starts_with("| t5-tiny | peft:pt:prompt_len=3 | 3 |"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(peft_line.contains("| — |"), "{peft_line}");
     let table = std::fs::read_to_string(out_dir.join("baseline.md")).unwrap();
     assert!(stdout.contains(table.trim()), "{stdout}");
     let row = table
@@ -238,11 +251,7 @@ for line in sys.stdin:
 #[test]
 fn bench_baseline_names_a_peft_process_that_fails() {
     let tmp = tempfile::tempdir().unwrap();
-    let site = tmp.path().join("site");
-    for pkg in ["torch", "transformers", "peft"] {
-        std::fs::create_dir_all(site.join(pkg)).unwrap();
-        std::fs::write(site.join(pkg).join("__init__.py"), "").unwrap();
-    }
+    let site = fake_site(tmp.path());
     let fake = tmp.path().join("dying_peft.py");
     script(
         &fake,

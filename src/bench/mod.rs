@@ -445,20 +445,25 @@ impl<B: BenchClock + 'static> Cell<'_, B> {
         Ok(loss)
     }
 
+    /// A forward pass (the loss only).
+    fn forward(&mut self, be: &B, w: &ShapeWork<B>) -> Result<()> {
+        forward_loss(be, &w.model, self.method.as_deref_mut(), &w.batch).map(|_| ())
+    }
+
+    /// Greedy generation of the target length, prompt rows in front.
+    fn generate(&mut self, be: &B, w: &ShapeWork<B>) -> Result<()> {
+        let m = self.method.as_deref_mut();
+        generate_greedy(be, &w.model, m, &w.infer_batch, &w.gen).map(|_| ())
+    }
+
     fn warm_up(&mut self, be: &B, w: &ShapeWork<B>, warmup: usize) -> Result<()> {
         self.metered(be, w.base_bytes, |c| {
             for _ in 0..warmup {
                 c.train_step(be, w)?;
             }
             if warmup > 0 {
-                forward_loss(be, &w.model, c.method.as_deref_mut(), &w.batch)?;
-                generate_greedy(
-                    be,
-                    &w.model,
-                    c.method.as_deref_mut(),
-                    &w.infer_batch,
-                    &w.gen,
-                )?;
+                c.forward(be, w)?;
+                c.generate(be, w)?;
             }
             Ok(())
         })
@@ -477,19 +482,8 @@ impl<B: BenchClock + 'static> Cell<'_, B> {
                 Ok(total / steps as f64)
             };
             let train = mean(&mut || c.train_step(be, w).map(|_| ()))?;
-            let forward = mean(&mut || {
-                forward_loss(be, &w.model, c.method.as_deref_mut(), &w.batch).map(|_| ())
-            })?;
-            let generate = mean(&mut || {
-                generate_greedy(
-                    be,
-                    &w.model,
-                    c.method.as_deref_mut(),
-                    &w.infer_batch,
-                    &w.gen,
-                )
-                .map(|_| ())
-            })?;
+            let forward = mean(&mut || c.forward(be, w))?;
+            let generate = mean(&mut || c.generate(be, w))?;
             Ok(RoundTimes {
                 train,
                 forward,
@@ -733,7 +727,7 @@ pub fn markdown_table(report: &Report) -> String {
     );
     for r in &report.rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.0} | {:.3}{} | {:.2} | {:.2} | {:.1} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {:.0} | {:.3}{} | {} | {:.2} | {:.1} | {} | {} |\n",
             r.shape,
             r.setting,
             r.prompt_rows,
@@ -745,7 +739,11 @@ pub fn markdown_table(report: &Report) -> String {
             r.train_tflops,
             r.mfu
                 .map_or(String::new(), |m| format!(" ({:.1}%)", m * 100.0)),
-            r.forward_ms.median,
+            // An external row may not measure forward passes.
+            match r.forward_ms.median {
+                t if t.is_finite() => format!("{t:.2}"),
+                _ => "—".into(),
+            },
             r.generate_ms.median,
             r.peak_memory_bytes as f64 / 1e6,
             r.train_params,
