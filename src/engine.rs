@@ -92,7 +92,7 @@ pub fn t5_forward_backward<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<StepOutput> {
-    step(be, model, method, batch, Pass::Download)
+    step(be, model, method, batch, Pass::Download, None)
 }
 
 /// What [`step`] runs and hands back.
@@ -115,7 +115,20 @@ pub fn train_step<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<f64> {
-    Ok(step(be, &**model, method, batch, Pass::Train)?.loss)
+    Ok(step(be, &**model, method, batch, Pass::Train, None)?.loss)
+}
+
+/// [`train_step`] on a data-parallel rank's share of a larger batch: the loss and the gradients
+/// it adds are sums over this share's label tokens divided by `loss_tokens`, the whole batch's
+/// count, so the ranks' results add up to what one process computes on the whole batch.
+pub fn train_step_share<'m, B: Backend>(
+    be: &B,
+    model: &Backbone<B>,
+    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    batch: &HostBatch,
+    loss_tokens: usize,
+) -> Result<f64> {
+    Ok(step(be, &**model, method, batch, Pass::Train, Some(loss_tokens))?.loss)
 }
 
 /// The loss of a batch on any backbone, forward only (no gradient is computed or added).
@@ -125,7 +138,7 @@ pub fn forward_loss<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<f64> {
-    Ok(step(be, &**model, method, batch, Pass::Forward)?.loss)
+    Ok(step(be, &**model, method, batch, Pass::Forward, None)?.loss)
 }
 
 /// Each row's negative log-likelihood of its labels, `Σ_t −log p(label_t)` over the row's label
@@ -136,7 +149,7 @@ pub fn label_nll<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<Vec<f64>> {
-    let out = step(be, &**model, method, batch, Pass::Forward)?;
+    let out = step(be, &**model, method, batch, Pass::Forward, None)?;
     // Label rows are flat positions of (B, width) grids: the decoder (T5), prompt + input (Llama).
     let width = model.label_grid_width(batch, out.prompt_rows);
     let mut nll = vec![0.0; batch.batch]; // (B)
@@ -154,7 +167,7 @@ pub fn llama_forward_backward<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<StepOutput> {
-    step(be, model, method, batch, Pass::Download)
+    step(be, model, method, batch, Pass::Download, None)
 }
 
 /// One step of any backbone, its results downloaded (see [`t5_forward_backward`]).
@@ -164,7 +177,7 @@ pub fn forward_backward<'m, B: Backend>(
     method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
 ) -> Result<StepOutput> {
-    step(be, &**model, method, batch, Pass::Download)
+    step(be, &**model, method, batch, Pass::Download, None)
 }
 
 /// The input embeddings of a batch `(B, P+T, C)` with the method's prompt rows in front (and its
@@ -253,6 +266,7 @@ fn step<'m, B: Backend>(
     mut method: Option<&mut (dyn PromptMethod<B> + 'm)>,
     batch: &HostBatch,
     pass: Pass,
+    loss_tokens: Option<usize>,
 ) -> Result<StepOutput> {
     let c = model.width();
     let (b, t) = (batch.batch, batch.enc_len);
@@ -265,6 +279,7 @@ fn step<'m, B: Backend>(
         attention_mask: &mask,
         prompt_rows: p,
         host: batch,
+        loss_tokens,
     };
     let (out, saved) = model.forward_batch(be, &step_batch)?;
     drop(forward_range);

@@ -89,6 +89,12 @@ pub enum Error {
         value: f64,
         hint: String,
     },
+
+    // Data-parallel runs (issue 22).
+    /// A collective across ranks failed or the ranks disagree: another rank stopped, the
+    /// parameters diverged, a launch of several ranks without MPI.
+    #[error("{0}")]
+    Ranks(String),
 }
 
 impl Error {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use fastpt::backend::collective::{from_launcher, Collective};
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::backend::gpu::cuda::CudaDevice;
 use fastpt::backend::gpu::device::{DType, Device};
@@ -324,6 +325,10 @@ struct TrainArgs {
     /// Store the backbone's linear weights in NF4 (same as `--set quant="nf4"`).
     #[arg(long, value_parser = ["none", "nf4"])]
     quant: Option<String>,
+    /// Under mpirun / srun (several ranks): every N steps (and at the last) the ranks compare a
+    /// hash of the method parameters and stop with an error if they differ; 0: never.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    check_replicas_every: u64,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -393,12 +398,34 @@ static EXIT_SIGNAL: AtomicUsize = AtomicUsize::new(0);
 /// Exit codes: 0 done (a finished run, or `--resume` of one), 1 an error, 130 a run stopped by
 /// SIGINT, 143 by SIGTERM (128 + the signal, as shells report it), 2 a bad command line (clap).
 fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // One rank of several when mpirun / srun started this process (MPI in an `mpi` build).
+    let ranks = match from_launcher() {
+        Ok(ranks) => ranks,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     // Errors print as one line with their causes (`{:#}`), without a backtrace.
-    match dispatch(Cli::parse()) {
+    match dispatch(cli, ranks.as_ref()) {
         Ok(()) => match EXIT_SIGNAL.load(Ordering::SeqCst) {
             0 => std::process::ExitCode::SUCCESS,
             sig => std::process::ExitCode::from(u8::try_from(128 + sig).unwrap_or(u8::MAX)),
         },
+        Err(e) if ranks.size() > 1 => {
+            // The other ranks may be waiting in a collective: MPI's abort ends them all (the
+            // launcher names this rank); every file written so far is whole.
+            // One write: the lines of several ranks interleave, not their characters.
+            let msg = format!(
+                "error (rank {} of {}): {e:#}\nfastpt: rank {} failed; stopping every rank\n",
+                ranks.rank(),
+                ranks.size(),
+                ranks.rank()
+            );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+            ranks.abort(1)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -414,7 +441,10 @@ enum Selected {
     Cuda(CudaDevice, DType, AttentionKernel),
 }
 
-fn select_device(args: &DeviceArgs) -> Result<Selected> {
+/// The backend of `args`; a CUDA device is number `ordinal` modulo the devices the driver sees
+/// (the rank's index on its machine: one GPU per rank).
+fn select_device(args: &DeviceArgs, ordinal: usize) -> Result<Selected> {
+    let ordinal = ordinal % fastpt::backend::gpu::cuda::device_count().max(1);
     let dtype = match args.dtype.as_str() {
         "f32" => DType::F32,
         _ => DType::Bf16,
@@ -441,13 +471,13 @@ fn select_device(args: &DeviceArgs) -> Result<Selected> {
             Selected::Vgpu(dtype, attention)
         }
         "cuda" => {
-            let dev = CudaDevice::new(0)?;
+            let dev = CudaDevice::new(ordinal)?;
             if let Some(why) = older_gpu_refusal(&dev, dtype, attention) {
                 bail!("{why}; use --dtype f32 --attention flash on this GPU");
             }
             Selected::Cuda(dev, dtype, attention)
         }
-        _ => match CudaDevice::new(0) {
+        _ => match CudaDevice::new(ordinal) {
             Ok(dev) => match older_gpu_refusal(&dev, dtype, attention) {
                 Some(why) => {
                     eprintln!("fastpt: {why}; running in f32 with the scalar flash kernels");
@@ -485,7 +515,10 @@ fn older_gpu_refusal(dev: &CudaDevice, dtype: DType, attention: AttentionKernel)
 /// Runs `$body` with `$be` bound to the selected backend (each arm is its own instantiation).
 macro_rules! with_backend {
     ($args:expr, |$be:ident| $body:expr) => {
-        match select_device($args)? {
+        with_backend!($args, 0, |$be| $body)
+    };
+    ($args:expr, $ordinal:expr, |$be:ident| $body:expr) => {
+        match select_device($args, $ordinal)? {
             Selected::Cpu32 => {
                 let $be = &CpuBackend::<f32>::new();
                 $body
@@ -507,16 +540,28 @@ macro_rules! with_backend {
     };
 }
 
-fn dispatch(cli: Cli) -> Result<()> {
+fn dispatch(cli: Cli, ranks: &dyn Collective) -> Result<()> {
+    if ranks.size() > 1 && !matches!(cli.command, Command::Run(_) | Command::Doctor(_)) {
+        bail!(
+            "started as rank {} of {} (mpirun / srun): only `fastpt run` (and `fastpt doctor`) \
+             run across ranks; run this command as one process",
+            ranks.rank(),
+            ranks.size()
+        );
+    }
     match cli.command {
-        Command::Run(args) => with_backend!(&args.device, |be| train_cmd(be, &args)),
+        Command::Run(args) => {
+            with_backend!(&args.device, ranks.local_rank(), |be| train_cmd(
+                be, &args, ranks
+            ))
+        }
         Command::Eval(args) => with_backend!(&args.device, |be| eval_cmd(be, &args)),
         Command::Predict(args) => with_backend!(&args.device, |be| predict_cmd(be, &args)),
         Command::Export(args) => with_backend!(&args.device, |be| export_cmd(be, &args)),
         Command::Step(args) => with_backend!(&args.device, |be| run(be, &args)),
         Command::Params(args) => params(&args),
         Command::Forward(args) => with_backend!(&args.device, |be| forward(be, &args)),
-        Command::Doctor(args) => doctor(&args),
+        Command::Doctor(args) => doctor(&args, ranks),
         Command::Bench(args) => with_backend!(&args.device, |be| bench(be, &args)),
         Command::Shape(args) => {
             let json = shape_hf_json(&args.name)?;
@@ -580,7 +625,16 @@ fn install_signal_handlers(signal: &Arc<AtomicUsize>) -> Result<()> {
     Ok(())
 }
 
-fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
+fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs, ranks: &dyn Collective) -> Result<()> {
+    // Rank 0 speaks for a data-parallel run; the other ranks print nothing but errors.
+    let lead = ranks.rank() == 0;
+    macro_rules! say {
+        ($($t:tt)*) => {
+            if lead {
+                println!($($t)*);
+            }
+        };
+    }
     let mut overrides = args.overrides.clone();
     if let Some(model) = &args.model {
         overrides.push(format!("model={model:?}"));
@@ -645,11 +699,17 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
     let resume = args.resume.is_some();
     let random = is_builtin_shape(&cfg.model);
     if args.config.is_none() && !resume && !out_dir_set {
-        // The embedded default never refuses to start: each run gets its own folder.
-        cfg.out_dir = next_free_dir(&cfg.out_dir);
+        // The embedded default never refuses to start: each run gets its own folder (rank
+        // 0's choice, which every rank takes).
+        let mut dir = next_free_dir(&cfg.out_dir)
+            .display()
+            .to_string()
+            .into_bytes();
+        ranks.broadcast(&mut dir, 0)?;
+        cfg.out_dir = PathBuf::from(String::from_utf8_lossy(&dir).into_owned());
     }
     if random {
-        println!(
+        say!(
             "fastpt run: the backbone is the built-in `{}` shape with RANDOM weights (seed {}): the \
              numbers below show the engine working, not a trained model. To prompt-tune a real \
              model: fastpt run --config examples/ept.toml --model DIR --task rte --data DIR \
@@ -658,7 +718,7 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
         );
     }
     // The trainer's banner follows with the data's sizes and the resolved steps and warmup.
-    println!(
+    say!(
         "method {} | model {} | task {} | batches of {} × {} | run folder {}",
         cfg.method.name(),
         cfg.model,
@@ -667,19 +727,33 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
         cfg.train.grad_accum,
         cfg.out_dir.display()
     );
+    if ranks.size() > 1 {
+        let n = ranks.size();
+        let b = cfg.train.batch_size;
+        say!(
+            "data-parallel over {n} ranks ({}): each takes rows r, r + {n}, ... of every batch of \
+             {b} ({} or {} rows per rank); rank 0 writes the run folder",
+            ranks.describe(),
+            b / n,
+            b.div_ceil(n)
+        );
+    }
     let signal = Arc::new(AtomicUsize::new(0));
     install_signal_handlers(&signal)?;
     let opts = TrainOptions {
         resume,
         interrupt: &signal,
-        progress: true,
+        progress: lead,
         init_from: None,
         nan_grad_at_step: None,
+        ranks,
+        check_replicas_every: args.check_replicas_every,
+        diverge_at_step: None,
     };
     let out = train(be, &cfg, &opts)?;
     let done = out.losses.last().map(|l| l.0).unwrap_or(0);
     if out.stopped == Stopped::AlreadyFinished && done < out.total_steps {
-        println!(
+        say!(
             "{}: early stopping ended the run at step {done} of {} (train.early_stopping_patience \
              = {}); nothing was changed. To train it on: {} --set \
              train.early_stopping_patience=N (more evaluations, or 0 for no early stopping)",
@@ -691,7 +765,7 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
         return Ok(());
     }
     if out.stopped == Stopped::AlreadyFinished {
-        println!(
+        say!(
             "{}: the run is finished (step {done} of {}); nothing was changed. To train it \
              longer: {} --set train.steps=N",
             out.run_dir.display(),
@@ -704,7 +778,7 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
     let last = out.losses.last().map(|l| l.1).unwrap_or(f64::NAN);
     let tail = out.losses.len().min(20);
     let mean = |s: &[(u64, f64)]| s.iter().map(|l| l.1).sum::<f64>() / s.len().max(1) as f64;
-    println!(
+    say!(
         "{} after {done} steps in {:.1} s ({:.0} tokens/s): loss {first:.4} at step 1, {last:.4} at the end (mean of the last {tail}: {:.4})",
         match (out.stopped, &out.early_stop) {
             (Stopped::Interrupted(sig), _) => format!("interrupted by {}", signal_name(sig)),
@@ -717,11 +791,11 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
     );
     let text_task = !cfg.data.is_synthetic();
     match out.best {
-        Some((step, score)) if text_task => println!(
+        Some((step, score)) if text_task => say!(
             "best dev score {:.2} at step {step} (best.safetensors: the mean of the task's metrics)",
             score * 100.0
         ),
-        Some((step, loss)) => println!("best dev loss {loss:.4} at step {step} (best.safetensors)"),
+        Some((step, loss)) => say!("best dev loss {loss:.4} at step {step} (best.safetensors)"),
         None => {}
     }
     for split in ["dev", "test"] {
@@ -731,11 +805,11 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
             .filter_map(|(k, v)| Some((k.strip_prefix(&format!("{split}_"))?.to_string(), *v)))
             .collect();
         if !metrics.is_empty() {
-            println!("{split}: {}", metrics_line(&metrics));
+            say!("{split}: {}", metrics_line(&metrics));
         }
     }
     if let Stopped::Interrupted(sig) = out.stopped {
-        println!(
+        say!(
             "wrote {}: checkpoint.safetensors (step {done}), report.json, metrics.jsonl\n\
              resume with: {}",
             out.run_dir.display(),
@@ -743,7 +817,7 @@ fn train_cmd<B: Backend + 'static>(be: &B, args: &TrainArgs) -> Result<()> {
         );
         EXIT_SIGNAL.store(sig, Ordering::SeqCst);
     } else {
-        println!(
+        say!(
             "wrote {}: report.json, metrics.jsonl, loss.svg, config.toml, checkpoint.safetensors, \
              method.safetensors, export/{}",
             out.run_dir.display(),
@@ -1114,12 +1188,21 @@ fn read_batch(path: &Path, spec: BatchSpec, tokenizer_dir: Option<&Path>) -> Res
     Ok(HostBatch::from_json_file(path, spec, Some(&encode))?)
 }
 
-fn doctor(args: &DoctorArgs) -> Result<()> {
+fn doctor(args: &DoctorArgs, ranks: &dyn Collective) -> Result<()> {
+    if ranks.size() > 1 {
+        return doctor_ranks(args, ranks);
+    }
     match args.device.as_str() {
         "vgpu" => doctor_on(VirtualDevice::from_env()?, args),
-        "cuda" => doctor_on(CudaDevice::new(0)?, args),
+        "cuda" => {
+            doctor_on(CudaDevice::new(0)?, args)?;
+            doctor_all_reduce()
+        }
         _ => match CudaDevice::new(0) {
-            Ok(dev) => doctor_on(dev, args),
+            Ok(dev) => {
+                doctor_on(dev, args)?;
+                doctor_all_reduce()
+            }
             Err(e) => {
                 println!("no usable GPU: {e}");
                 println!("running the same checks on the virtual GPU (the CUDA kernels compiled for the CPU)\n");
@@ -1127,6 +1210,104 @@ fn doctor(args: &DoctorArgs) -> Result<()> {
             }
         },
     }
+}
+
+/// NCCL's all-reduce over every visible GPU in this process (one GPU: the identity). Without
+/// NCCL the check is reported unavailable (data-parallel runs then stage gradients through the
+/// host over MPI).
+fn doctor_all_reduce() -> Result<()> {
+    use fastpt::backend::gpu::nccl::{check_all_reduce_on_every_gpu, nccl_available, nccl_version};
+    if !nccl_available() {
+        println!(
+            "\nunavailable all-reduce: no NCCL library (libnccl.so.2); data-parallel runs stage \
+             gradients through the host over MPI"
+        );
+        return Ok(());
+    }
+    let n = (1 << 20) + 3;
+    let checks = check_all_reduce_on_every_gpu(n)?;
+    println!(
+        "\nall-reduce NCCL {} over {} GPU(s), {n} f32 each (sum of (g + 1)·(1 + i mod 7)):",
+        nccl_version()?,
+        checks.len()
+    );
+    for c in &checks {
+        println!(
+            "           {:<40} rel err {:.1e}  {}",
+            c.device,
+            c.rel_err,
+            if c.passed { "ok" } else { "FAILED" }
+        );
+    }
+    if checks.iter().any(|c| !c.passed) {
+        bail!("the NCCL all-reduce gave wrong sums (above)");
+    }
+    Ok(())
+}
+
+/// `mpirun -np N fastpt doctor`: the collectives across the ranks instead of the op checks (run
+/// those with one process): MPI's all-reduce of host buffers, and with GPUs NCCL's across the
+/// ranks' GPUs (each rank's local rank picks its GPU). Rank 0 prints.
+fn doctor_ranks(args: &DoctorArgs, ranks: &dyn Collective) -> Result<()> {
+    let (r, n) = (ranks.rank(), ranks.size());
+    let lead = r == 0;
+    if lead {
+        println!("ranks      {}", ranks.describe());
+    }
+    // Rank r holds x_r[i] = (r + 1)·(1 + i mod 7); the sum is exact in f32 at this size.
+    let len = (1 << 16) + 3;
+    let value = |rank: usize, i: usize| ((rank + 1) * (1 + i % 7)) as f32;
+    let want: Vec<f32> = (0..len)
+        .map(|i| (0..n).map(|q| value(q, i)).sum())
+        .collect();
+    let mut host: Vec<f32> = (0..len).map(|i| value(r, i)).collect();
+    ranks.all_reduce_sum_f32(&mut host)?;
+    let host_ok = host == want;
+    let mut ok = [f64::from(u8::from(host_ok))];
+    ranks.all_reduce_sum_f64(&mut ok)?;
+    if lead {
+        println!(
+            "all-reduce MPI, {len} f32 per rank: {}",
+            if ok[0] as usize == n {
+                "ok on every rank"
+            } else {
+                "FAILED"
+            }
+        );
+    }
+    let mut failed = ok[0] as usize != n;
+    let gpu = args.device != "vgpu" && fastpt::backend::gpu::cuda::device_count() > 0;
+    if gpu && fastpt::backend::gpu::nccl::nccl_available() {
+        use fastpt::backend::gpu::nccl::NcclComm;
+        let ordinal = ranks.local_rank() % fastpt::backend::gpu::cuda::device_count();
+        let dev = CudaDevice::new(ordinal)?;
+        let comm = NcclComm::init(&dev, ranks)?;
+        let mut buf = dev.alloc(len * 4)?;
+        let mine: Vec<f32> = (0..len).map(|i| value(r, i)).collect();
+        dev.upload(&mut buf, bytemuck::cast_slice(&mine))?;
+        comm.all_reduce_sum_f32(&dev, &mut buf, len)?;
+        let mut got = vec![0f32; len];
+        dev.download(&buf, bytemuck::cast_slice_mut(&mut got))?;
+        let mut ok = [f64::from(u8::from(got == want))];
+        ranks.all_reduce_sum_f64(&mut ok)?;
+        if lead {
+            println!(
+                "all-reduce NCCL across {n} ranks' GPUs, {len} f32 each: {}",
+                if ok[0] as usize == n {
+                    "ok on every rank"
+                } else {
+                    "FAILED"
+                }
+            );
+        }
+        failed |= ok[0] as usize != n;
+    } else if lead {
+        println!("all-reduce NCCL: skipped (no GPU or no NCCL library on this rank)");
+    }
+    if failed {
+        bail!("an all-reduce across the ranks gave wrong sums (above)");
+    }
+    Ok(())
 }
 
 /// Every op and whole steps, f32 then bf16, each dtype's table printed as soon as it is done (a

@@ -834,3 +834,52 @@ fn bench_baseline_checks_python_and_the_script_before_measuring() {
         "{stderr}"
     );
 }
+
+/// A build without the `mpi` feature started by mpirun as one of several ranks refuses to run
+/// (N independent runs would each train alone and write the same folder), saying how to build
+/// with MPI.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn run_as_one_of_several_ranks_without_mpi_refuses_and_says_how_to_build() {
+    for (rank_var, size_var) in [
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMI_RANK", "PMI_SIZE"),
+        ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_fastpt"))
+            .args(["run", "--set", "train.steps=1"])
+            .current_dir(tmp.path())
+            .env(rank_var, "1")
+            .env(size_var, "2")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{rank_var}: {stderr}");
+        assert!(
+            stderr.contains("rank 1 of 2") && stderr.contains("--features mpi"),
+            "{rank_var}: {stderr}"
+        );
+        assert!(!tmp.path().join("runs").exists(), "{rank_var}: wrote a run");
+    }
+    // One rank of one (a launcher's single process) is a plain run.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fastpt"))
+        .args([
+            "run",
+            "--set",
+            "train.steps=1",
+            "--set",
+            "train.warmup_steps=0",
+        ])
+        .current_dir(tmp.path())
+        .env("OMPI_COMM_WORLD_RANK", "0")
+        .env("OMPI_COMM_WORLD_SIZE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -77,6 +77,7 @@ fn llama_input_gradient_matches_finite_differences() {
                 labels: &labels,
                 batch: b,
                 len: t,
+                loss_tokens: None,
             };
             m.forward(&be, &batch).unwrap()
         };
@@ -138,6 +139,7 @@ fn cached_generation_matches_full_forwards() {
                     labels: &labels,
                     batch: 1,
                     len: len + 1,
+                    loss_tokens: None,
                 };
                 let (full, _) = m.forward(&be, &batch).unwrap();
                 let v = cfg.vocab_size;

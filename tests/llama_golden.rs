@@ -34,6 +34,7 @@ fn errors<B: Backend>(be: &B, dir: &Path) -> [f64; 3] {
         labels: &labels,
         batch: b,
         len: t,
+        loss_tokens: None,
     };
     let (out, saved) = model.forward(be, &batch).unwrap();
     let dx = model.backward_dinp(be, &saved);

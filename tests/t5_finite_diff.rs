@@ -66,6 +66,7 @@ fn t5_input_gradient_matches_finite_differences() {
                 batch: b,
                 enc_len: t,
                 dec_len: td,
+                loss_tokens: None,
             };
             m.forward(&be, &batch).unwrap()
         };
@@ -133,6 +134,7 @@ fn t5_cached_generation_matches_full_forwards() {
                 batch: 1,
                 enc_len: t,
                 dec_len: new,
+                loss_tokens: None,
             };
             let full = be.download_f64(&m.forward(&be, &batch).unwrap().0.logits);
             for step in 0..new {

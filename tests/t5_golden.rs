@@ -39,6 +39,7 @@ fn errors<B: Backend>(be: &B, dir: &Path) -> [f64; 4] {
         batch: b,
         enc_len: t,
         dec_len: td,
+        loss_tokens: None,
     };
     let (out, saved) = model.forward(be, &batch).unwrap();
     let dx = model.backward_dinp(be, &saved);

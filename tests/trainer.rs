@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 
+use fastpt::backend::collective::SingleProcess;
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::config::RunConfig;
 use fastpt::train::checkpoint::load_checkpoint;
@@ -26,6 +27,9 @@ fn run(cfg: &RunConfig, resume: bool, interrupt: bool) -> fastpt::Result<Outcome
         progress: false,
         init_from: None,
         nan_grad_at_step: None,
+        ranks: &SingleProcess,
+        check_replicas_every: 0,
+        diverge_at_step: None,
     };
     train(&CpuBackend::<f32>::new(), cfg, &opts)
 }
@@ -173,6 +177,9 @@ fn run_nan_grad_at(cfg: &RunConfig, step: u64) -> fastpt::Result<Outcome> {
         progress: false,
         init_from: None,
         nan_grad_at_step: Some(step),
+        ranks: &SingleProcess,
+        check_replicas_every: 0,
+        diverge_at_step: None,
     };
     train(&CpuBackend::<f32>::new(), cfg, &opts)
 }
@@ -357,6 +364,9 @@ fn early_stopping_ends_the_run_at_the_patience_th_evaluation_without_improvement
         progress: false,
         init_from: None,
         nan_grad_at_step: None,
+        ranks: &SingleProcess,
+        check_replicas_every: 0,
+        diverge_at_step: None,
     };
     let mut stop_at = cfg.clone();
     stop_at.train.steps = 5;

@@ -15,6 +15,7 @@
 //! `layernorm_backward`'s dweight/dbias, `lamp_pool_backward`) add (`+=`), so that gradients
 //! accumulate over micro-batches.
 
+pub mod collective;
 pub mod cpu;
 mod dims;
 pub mod gpu;

@@ -15,6 +15,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::collective::{Collective, SingleProcess};
 use crate::backend::Backend;
 use crate::data::batching::Batcher;
 use crate::data::tasks::{TaskSpec, TextExample};
@@ -102,6 +103,29 @@ pub fn evaluate<'m, B: Backend>(
     examples: &[TextExample],
     opts: &EvalOptions,
 ) -> Result<Evaluation> {
+    evaluate_on_ranks(
+        be,
+        model,
+        method,
+        (codec, spec),
+        examples,
+        opts,
+        &SingleProcess,
+    )
+}
+
+/// [`evaluate`] split across the ranks of a data-parallel run: rank r predicts the r-th of
+/// `ranks.size()` contiguous blocks of the examples, the predictions are gathered on every rank
+/// (in example order) and each rank scores them all, so every rank gets the same metrics.
+pub fn evaluate_on_ranks<'m, B: Backend>(
+    be: &B,
+    model: &Backbone<B>,
+    method: Option<&mut (dyn PromptMethod<B> + 'm)>,
+    (codec, spec): (&TextCodec, &TaskSpec),
+    examples: &[TextExample],
+    opts: &EvalOptions,
+    ranks: &dyn Collective,
+) -> Result<Evaluation> {
     if examples.is_empty() {
         return Err(Error::Input(format!(
             "{}: no examples to evaluate",
@@ -109,10 +133,25 @@ pub fn evaluate<'m, B: Backend>(
         )));
     }
     let start = Instant::now();
-    let predictions = match opts.mode {
-        EvalMode::Generate => predict_generate(be, model, method, codec, examples, opts)?,
-        EvalMode::Rank => predict_rank(be, model, method, codec, spec, examples, opts)?,
+    let block = rank_block(examples.len(), ranks.rank(), ranks.size());
+    let mine = &examples[block];
+    let mine_predicted = match (mine.is_empty(), opts.mode) {
+        (true, _) => Vec::new(),
+        (false, EvalMode::Generate) => predict_generate(be, model, method, codec, mine, opts)?,
+        (false, EvalMode::Rank) => predict_rank(be, model, method, codec, spec, mine, opts)?,
     };
+    let predictions = match ranks.size() {
+        1 => mine_predicted,
+        _ => gather_predictions(ranks, &mine_predicted)?,
+    };
+    if predictions.len() != examples.len() {
+        return Err(Error::Ranks(format!(
+            "{}: the ranks predicted {} of {} examples",
+            spec.name,
+            predictions.len(),
+            examples.len()
+        )));
+    }
     let golds: Vec<Gold<'_>> = examples
         .iter()
         .map(|ex| Gold {
@@ -134,6 +173,28 @@ pub fn evaluate<'m, B: Backend>(
         predictions,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The examples rank `rank` of `size` takes: the rank-th of `size` contiguous blocks whose
+/// lengths differ by at most one (the first `n mod size` blocks are the longer ones).
+pub fn rank_block(n: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
+    let size = size.max(1);
+    let (base, extra) = (n / size, n % size);
+    let start = rank * base + rank.min(extra);
+    start..start + base + usize::from(rank < extra)
+}
+
+/// Every rank's predictions, concatenated in rank order, on every rank.
+fn gather_predictions(ranks: &dyn Collective, mine: &[String]) -> Result<Vec<String>> {
+    let bytes =
+        serde_json::to_vec(mine).map_err(|e| Error::Ranks(format!("encoding predictions: {e}")))?;
+    let mut all = Vec::new();
+    for (r, b) in ranks.all_gather(&bytes)?.iter().enumerate() {
+        let part: Vec<String> = serde_json::from_slice(b)
+            .map_err(|e| Error::Ranks(format!("rank {r}'s predictions: {e}")))?;
+        all.extend(part);
+    }
+    Ok(all)
 }
 
 /// A batcher over `rows` that truncates and pads as training does.

@@ -107,6 +107,52 @@ impl HostBatch {
         }
     }
 
+    /// The rows `rows` of this batch (a rank's share of a data-parallel batch), padded to
+    /// their own longest row: trailing columns that are padding in every chosen row are cut
+    /// (encoder positions with mask 0; T5 decoder positions without a label), which changes
+    /// no result. Every index must be below `self.batch`; no rows give an empty batch.
+    pub fn select_rows(&self, rows: &[usize]) -> HostBatch {
+        let (t, td) = (self.enc_len, self.dec_len);
+        let t_new = (0..t)
+            .rev()
+            .find(|&j| rows.iter().any(|&r| self.attention_mask[r * t + j] != 0))
+            .map_or(0, |j| j + 1);
+        let td_new = (0..td)
+            .rev()
+            .find(|&j| rows.iter().any(|&r| self.labels[r * td + j] != -100))
+            .map_or(0, |j| j + 1);
+        // The first `keep` of each chosen row's `width` values.
+        fn pick<T: Copy>(v: &[T], rows: &[usize], width: usize, keep: usize) -> Vec<T> {
+            rows.iter()
+                .flat_map(|&r| v[r * width..r * width + keep].iter().copied())
+                .collect()
+        }
+        let input = match &self.input {
+            EncoderInput::Ids(ids) => EncoderInput::Ids(pick(ids, rows, t, t_new)),
+            EncoderInput::Embeds(x) => {
+                let c = x.len() / (self.batch * t).max(1);
+                EncoderInput::Embeds(pick(x, rows, t * c, t_new * c))
+            }
+        };
+        // Decoder-only labels are aligned with the input (B, T).
+        let (label_width, label_keep) = match td {
+            0 => (t, t_new),
+            _ => (td, td_new),
+        };
+        HostBatch {
+            batch: rows.len(),
+            enc_len: t_new,
+            dec_len: if td == 0 { 0 } else { td_new },
+            input,
+            attention_mask: pick(&self.attention_mask, rows, t, t_new),
+            decoder_input_ids: match td {
+                0 => Vec::new(),
+                _ => pick(&self.decoder_input_ids, rows, td, td_new),
+            },
+            labels: pick(&self.labels, rows, label_width, label_keep),
+        }
+    }
+
     /// A reproducible decoder-only batch of random ids for a Llama config: row `i` is BOS,
     /// `input_lens[i] − 1` random ids, then `target_lens[i]` random ids ending in EOS.
     pub fn random_causal(
@@ -207,6 +253,32 @@ impl From<&LlamaConfig> for BatchSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn select_rows_keeps_the_rows_and_cuts_shared_padding() {
+        // T5: rows of 1, 3 and 2 encoder tokens, 2, 1 and 3 target tokens.
+        let inputs = [vec![5], vec![6, 7, 8], vec![9, 10]];
+        let targets = [vec![11, 1], vec![12], vec![13, 14, 1]];
+        let b = HostBatch::from_ids(&inputs, &targets, 0, 0);
+        let s = b.select_rows(&[0, 2]);
+        let want = HostBatch::from_ids(
+            &[inputs[0].clone(), inputs[2].clone()],
+            &[targets[0].clone(), targets[2].clone()],
+            0,
+            0,
+        );
+        assert_eq!(s, want);
+        // Rows 0 alone: one encoder position, two decoder positions.
+        assert_eq!(
+            b.select_rows(&[0]),
+            HostBatch::from_ids(&[vec![5]], &[vec![11, 1]], 0, 0)
+        );
+        // Llama: input then target in one row.
+        let c = HostBatch::causal_from_ids(&inputs, &targets, 0);
+        let want = HostBatch::causal_from_ids(&[inputs[1].clone()], &[targets[1].clone()], 0);
+        assert_eq!(c.select_rows(&[1]), want);
+        assert_eq!(c.select_rows(&[]).batch, 0);
+    }
 
     #[test]
     fn causal_batches_concatenate_input_and_target_with_unshifted_labels() {

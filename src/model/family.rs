@@ -42,6 +42,10 @@ pub struct StepBatch<'a, B: Backend> {
     /// Prompt rows P in front of every row's T input positions.
     pub prompt_rows: usize,
     pub host: &'a HostBatch,
+    /// The loss is a mean over this many label tokens: a data-parallel rank's share of a
+    /// larger batch divides by the whole batch's count, so the ranks' gradients sum to one
+    /// process's. `None`: this batch's own label tokens.
+    pub loss_tokens: Option<usize>,
 }
 
 /// What one forward saved, with the model that saved it: its backward.
@@ -105,6 +109,10 @@ pub trait Family<B: Backend> {
     /// The width of the `(B, width)` grid whose flat positions [`ModelOutput::label_rows`] are,
     /// for `host` with `prompt_rows` in front.
     fn label_grid_width(&self, host: &HostBatch, prompt_rows: usize) -> usize;
+
+    /// How many label rows the loss of `host` (with `prompt_rows` in front) averages over: the
+    /// count a data-parallel rank divides its share by (see [`StepBatch::loss_tokens`]).
+    fn label_count(&self, host: &HostBatch, prompt_rows: usize) -> usize;
 
     /// The forward of one step: loss and label-row logits, and what the backward needs.
     fn forward_batch<'a>(

@@ -231,6 +231,10 @@ pub struct LlamaBatch<'a, B: Backend> {
     pub labels: &'a [i32], // (B, T)
     pub batch: usize,
     pub len: usize,
+    /// The loss is a mean over this many label tokens: a data-parallel rank's share of a
+    /// larger batch divides by the whole batch's count, so the ranks' gradients sum to one
+    /// process's. `None`: this batch's own label tokens.
+    pub loss_tokens: Option<usize>,
 }
 
 /// What the backward of one layer needs.
@@ -682,7 +686,14 @@ impl<B: Backend> Llama<B> {
         // Logits and loss at the rows that predict a label.
         let rows = label_rows(batch.labels, b, t);
         let targets: Vec<i32> = rows.iter().map(|&r| batch.labels[r + 1]).collect();
-        let (output, loss) = label_rows_loss(be, &hidden, self.lm_head(), rows, &targets, (c, v));
+        let (output, loss) = label_rows_loss(
+            be,
+            &hidden,
+            self.lm_head(),
+            (rows, batch.loss_tokens),
+            &targets,
+            (c, v),
+        );
         let saved = LlamaSaved {
             batch: b,
             len: t,
@@ -886,6 +897,15 @@ fn label_rows(labels: &[i32], b: usize, t: usize) -> Vec<usize> {
         .collect()
 }
 
+/// `host`'s labels `(B, P+T)` with `p` prompt rows in front of every row: the prompt rows
+/// predict nothing (-100), the last one predicts the text's first position.
+fn labels_behind_prompt(host: &HostBatch, p: usize) -> Vec<i32> {
+    host.labels
+        .chunks(host.enc_len.max(1))
+        .flat_map(|row| std::iter::repeat_n(-100, p).chain(row.iter().copied()))
+        .collect()
+}
+
 /// Llama through the family interface (see family.rs).
 impl<B: Backend> Family<B> for Llama<B> {
     fn architecture(&self) -> Architecture {
@@ -953,6 +973,12 @@ impl<B: Backend> Family<B> for Llama<B> {
         prompt_rows + host.enc_len
     }
 
+    /// The positions whose next position carries a label (see [`label_rows`]).
+    fn label_count(&self, host: &HostBatch, prompt_rows: usize) -> usize {
+        let labels = labels_behind_prompt(host, prompt_rows);
+        label_rows(&labels, host.batch, prompt_rows + host.enc_len).len()
+    }
+
     fn forward_batch<'a>(
         &'a self,
         be: &B,
@@ -968,18 +994,14 @@ impl<B: Backend> Family<B> for Llama<B> {
                 host.dec_len
             )));
         }
-        // The prompt rows predict nothing: -100 in front of every row's labels.
-        let labels: Vec<i32> = host
-            .labels
-            .chunks(t)
-            .flat_map(|row| std::iter::repeat_n(-100, p).chain(row.iter().copied()))
-            .collect();
+        let labels = labels_behind_prompt(host, p);
         let llama_batch = LlamaBatch::<B> {
             inputs_embeds: batch.inputs_embeds,
             attention_mask: batch.attention_mask,
             labels: &labels,
             batch: b,
             len: p + t,
+            loss_tokens: batch.loss_tokens,
         };
         let (out, saved) = self.forward(be, &llama_batch)?;
         Ok((out, Box::new(Saved { model: self, saved })))

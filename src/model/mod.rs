@@ -190,7 +190,8 @@ pub(crate) fn check_attention_mask(mask: &[i32], t: usize) -> Result<()> {
 
 /// What a model's forward returns: the loss and the logits of the rows that enter it.
 pub struct ModelOutput<B: Backend> {
-    /// Mean cross-entropy over the label positions.
+    /// Mean cross-entropy over the label positions (sum over them / `loss_tokens` when the
+    /// batch gives it).
     pub loss: f64,
     /// Logits of the label rows only; row `i` is flat position `label_rows[i]`.
     pub logits: B::Tensor, // (M, V)
@@ -222,17 +223,19 @@ pub(crate) struct LossSaved<B: Backend> {
 
 /// The loss head shared by the backbones: gathers the rows `rows (M)` of `hidden (N, C)`,
 /// projects them with the lm_head and runs the fused cross-entropy against `targets (M)`, mean
-/// over the rows. Only these M rows ever get logits.
+/// over the rows (or over `loss_tokens` when given: a rank's share of a larger batch). Only these
+/// M rows ever get logits.
 pub(crate) fn label_rows_loss<B: Backend>(
     be: &B,
     hidden: &B::Tensor,
     head: LmHead<'_, B::Tensor>,
-    rows: Vec<usize>,
+    (rows, loss_tokens): (Vec<usize>, Option<usize>),
     targets: &[i32],
     (c, v): (usize, usize),
 ) -> (ModelOutput<B>, LossSaved<B>) {
     let _range = nvtx_range("loss (label rows)");
     let m = rows.len();
+    let denominator = loss_tokens.unwrap_or(m);
     let rows_i32: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
     let rows_idx = be.upload_index(&rows_i32);
     let mut h_rows = be.zeros(m * c); // (M, C)
@@ -251,11 +254,11 @@ pub(crate) fn label_rows_loss<B: Backend>(
         &mut dlogits,
         &logits,
         &be.upload_index(targets),
-        1.0 / m as f64,
+        1.0 / denominator as f64,
         CrossEntropyDims { m, v },
     );
     let row_losses = be.download_f64(&losses);
-    let loss = row_losses.iter().sum::<f64>() / m as f64;
+    let loss = row_losses.iter().sum::<f64>() / denominator as f64;
     let output = ModelOutput {
         loss,
         logits,

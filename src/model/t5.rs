@@ -316,6 +316,10 @@ pub struct T5Batch<'a, B: Backend> {
     pub batch: usize,
     pub enc_len: usize,
     pub dec_len: usize,
+    /// The loss is a mean over this many label tokens: a data-parallel rank's share of a
+    /// larger batch divides by the whole batch's count, so the ranks' gradients sum to one
+    /// process's. `None`: this batch's own label tokens.
+    pub loss_tokens: Option<usize>,
 }
 
 /// What the backward of one attention sub-layer needs.
@@ -785,7 +789,14 @@ impl<B: Backend> T5<B> {
         // Logits and loss at the label rows only.
         let rows: Vec<usize> = (0..b * td).filter(|&i| batch.labels[i] != -100).collect();
         let targets: Vec<i32> = rows.iter().map(|&i| batch.labels[i]).collect();
-        let (output, loss) = label_rows_loss(be, &dec_out, self.lm_head(), rows, &targets, (c, v));
+        let (output, loss) = label_rows_loss(
+            be,
+            &dec_out,
+            self.lm_head(),
+            (rows, batch.loss_tokens),
+            &targets,
+            (c, v),
+        );
         let saved = T5Saved {
             batch: b,
             enc_len: t,
@@ -1134,6 +1145,11 @@ impl<B: Backend> Family<B> for T5<B> {
         host.dec_len
     }
 
+    /// Every decoder position with a label.
+    fn label_count(&self, host: &HostBatch, _prompt_rows: usize) -> usize {
+        host.labels.iter().filter(|&&l| l != -100).count()
+    }
+
     fn forward_batch<'a>(
         &'a self,
         be: &B,
@@ -1148,6 +1164,7 @@ impl<B: Backend> Family<B> for T5<B> {
             batch: host.batch,
             enc_len: batch.prompt_rows + host.enc_len,
             dec_len: host.dec_len,
+            loss_tokens: batch.loss_tokens,
         };
         let (out, saved) = self.forward(be, &t5_batch)?;
         Ok((out, Box::new(Saved { model: self, saved })))

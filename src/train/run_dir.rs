@@ -286,6 +286,27 @@ impl MetricsLog {
     /// Returns the kept lines.
     pub fn resume(dir: &Path, step: u64) -> Result<(Self, Vec<serde_json::Value>)> {
         let path = dir.join(METRICS);
+        let (kept, kept_text, dropped) = Self::kept_lines(dir, step)?;
+        if dropped {
+            write_file_atomic(&path, kept_text.as_bytes(), &mut || Ok(()))?;
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok((MetricsLog { file, path }, kept))
+    }
+
+    /// The lines [`Self::resume`] keeps, read only (the other ranks of a data-parallel run).
+    pub fn history(dir: &Path, step: u64) -> Result<Vec<serde_json::Value>> {
+        Ok(Self::kept_lines(dir, step)?.0)
+    }
+
+    /// The lines of `dir/metrics.jsonl` up to and including `step`, their text, and whether
+    /// anything was dropped (a later step, a torn or unreadable line).
+    fn kept_lines(dir: &Path, step: u64) -> Result<(Vec<serde_json::Value>, String, bool)> {
+        let path = dir.join(METRICS);
         let text = match std::fs::read(&path) {
             Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -306,15 +327,8 @@ impl MetricsLog {
             }
         }
         // A file that does not end in a newline has a torn last line (dropped above).
-        if dropped || (!text.is_empty() && !text.ends_with('\n')) {
-            write_file_atomic(&path, kept_text.as_bytes(), &mut || Ok(()))?;
-        }
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        Ok((MetricsLog { file, path }, kept))
+        dropped |= !text.is_empty() && !text.ends_with('\n');
+        Ok((kept, kept_text, dropped))
     }
 
     /// Appends one line.

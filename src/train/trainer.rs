@@ -24,15 +24,16 @@ use super::run_dir::{
     check_new_run_dir, check_resume_dir, write_marker, MetricsLog, RunLock, MARKER,
 };
 use super::schedule::lr_factor;
+use crate::backend::collective::{Collective, SingleProcess};
 use crate::backend::Backend;
 use crate::config::{RunConfig, StepPlan, RESUME_MAY_CHANGE};
 use crate::data::batching::{Batcher, Position};
 use crate::data::tasks::{load_custom_task, load_task, TaskData, TextExample};
 use crate::data::tokenize::TextCodec;
 use crate::data::{synthetic, Example, HostBatch};
-use crate::engine::{build_backbone_method, forward_loss, train_step};
+use crate::engine::{build_backbone_method, forward_loss, train_step, train_step_share};
 use crate::error::{Error, Result};
-use crate::eval::{evaluate, EvalMode, EvalOptions, Evaluation};
+use crate::eval::{evaluate, evaluate_on_ranks, EvalMode, EvalOptions, Evaluation};
 use crate::fsutil::write_file_atomic;
 use crate::model::hf::load_tokenizer;
 use crate::model::shapes::is_builtin_shape;
@@ -145,6 +146,37 @@ pub struct TrainOptions<'a> {
     /// the gradient-norm check, as a diverging backward would leave them. `None` in every
     /// real run (the CLI never sets it).
     pub nan_grad_at_step: Option<u64>,
+    /// The ranks of a data-parallel run (`&SingleProcess` for one process): each rank takes
+    /// rows r, r + N, ... of every batch one process would take and its share of every
+    /// evaluation; the gradients are summed across ranks before each optimizer step; rank 0
+    /// alone writes the run folder, which every rank must see (a resume reads it).
+    pub ranks: &'a dyn Collective,
+    /// Every this many steps (0: never) the ranks compare a hash of the method parameters and
+    /// stop with an error naming the step when they differ (they must stay identical).
+    pub check_replicas_every: u64,
+    /// Fault injection for tests: at this step the last rank nudges one parameter after the
+    /// optimizer step, as a rank computing something else would. `None` in every real run.
+    pub diverge_at_step: Option<u64>,
+}
+
+/// The signal several ranks stop on, from the sums of their flags: 0 when none was signalled;
+/// the signal when every signalled rank got the same one; SIGTERM's number otherwise (a mix,
+/// as when a scheduler's SIGTERM and a user's SIGINT cross).
+fn agreed_signal([signalled, sum, sum_sq]: [f64; 3]) -> usize {
+    if signalled < 0.5 {
+        return 0;
+    }
+    // All equal exactly when count · Σs² = (Σs)² (small integers: exact in f64).
+    match signalled * sum_sq == sum * sum {
+        true => (sum / signalled) as usize,
+        false => SIGTERM,
+    }
+}
+
+/// This rank's stop flags for [`agreed_signal`]: (signalled, signal, signal²).
+fn signal_flags(signal: usize) -> [f64; 3] {
+    let s = signal as f64;
+    [f64::from(u8::from(signal != 0)), s, s * s]
 }
 
 /// A short hash of the effective config: a resume must continue the same run.
@@ -197,6 +229,7 @@ struct TextTask {
 
 impl TextTask {
     /// The task's metrics on `examples` (one of its splits) with `method`'s prompt.
+    /// `ranks` split the examples (see [`evaluate_on_ranks`]); every rank gets the result.
     fn evaluate<B: Backend>(
         &self,
         be: &B,
@@ -204,15 +237,16 @@ impl TextTask {
         method: &mut dyn PromptMethod<B>,
         examples: &[TextExample],
         opts: &EvalOptions,
+        ranks: &dyn Collective,
     ) -> Result<Evaluation> {
-        evaluate(
+        evaluate_on_ranks(
             be,
             model,
             Some(method),
-            &self.codec,
-            &self.task.spec,
+            (&self.codec, &self.task.spec),
             examples,
             opts,
+            ranks,
         )
     }
 }
@@ -300,9 +334,15 @@ fn model_and_method<B: Backend + 'static>(
     };
     let tokenize_ref: Option<&crate::prompt::Tokenize<'_>> =
         tokenizer.as_ref().map(|_| &tokenize as _);
-    cfg.method.validate(model.width(), tc.max_len)?;
+    // The text rows a method may update (DePT, EPT-MS): the input, and on a decoder-only model
+    // the target after it (one row holds both).
+    let update_rows = match model.is_decoder_only() {
+        true => tc.max_len.saturating_add(tc.max_target_len),
+        false => tc.max_len,
+    };
+    cfg.method.validate(model.width(), update_rows)?;
     let method =
-        build_backbone_method(be, &model, &cfg.method, tc.max_len, cfg.seed, tokenize_ref)?;
+        build_backbone_method(be, &model, &cfg.method, update_rows, cfg.seed, tokenize_ref)?;
     Ok((model, method))
 }
 
@@ -374,22 +414,28 @@ fn check_positions<B: Backend>(
     Ok(())
 }
 
-/// Mean loss over the dev examples, forward only.
+/// Mean loss over the dev examples, forward only. Chunk i of 32 examples is computed by rank
+/// i mod N and the sums are added across ranks.
 fn dev_loss<B: Backend>(
     be: &B,
     model: &Backbone<B>,
     method: &mut dyn PromptMethod<B>,
     batcher: &Batcher<'_>,
     dev: &[Example],
+    ranks: &dyn Collective,
 ) -> Result<f64> {
-    let (mut sum, mut n) = (0.0, 0usize);
-    for chunk in dev.chunks(32) {
+    let mut sum_n = [0.0, 0.0]; // (Σ chunk loss × rows, rows)
+    for (i, chunk) in dev.chunks(32).enumerate() {
+        if i % ranks.size() != ranks.rank() {
+            continue;
+        }
         let rows: Vec<&Example> = chunk.iter().collect();
         let (batch, _) = batcher.pad(&rows);
-        sum += forward_loss(be, model, Some(method), &batch)? * chunk.len() as f64;
-        n += chunk.len();
+        sum_n[0] += forward_loss(be, model, Some(method), &batch)? * chunk.len() as f64;
+        sum_n[1] += chunk.len() as f64;
     }
-    Ok(sum / n.max(1) as f64)
+    ranks.all_reduce_sum_f64(&mut sum_n)?;
+    Ok(sum_n[0] / sum_n[1].max(1.0))
 }
 
 /// The evaluation settings of a run.
@@ -433,13 +479,20 @@ pub fn train<B: Backend + 'static>(
     }
     let asked = &asked;
     let dir = &asked.out_dir;
-    // A folder in use is refused first, naming the pid that holds it. Opening the existing
-    // lock file writes nothing.
-    let lock = RunLock::existing(dir)?;
+    // Rank 0 alone owns the folder (the other ranks of a data-parallel run only read it). A
+    // folder in use is refused first, naming the pid that holds it. Opening the existing lock
+    // file writes nothing.
+    let writer = opts.ranks.rank() == 0;
+    let lock = match writer {
+        true => RunLock::existing(dir)?,
+        false => None,
+    };
     let resume = match opts.resume {
         true => Some(check_resume(asked, &plan_before_setup(asked)?)?),
         false => {
-            check_new_run_dir(dir)?;
+            if writer {
+                check_new_run_dir(dir)?;
+            }
             None
         }
     };
@@ -470,7 +523,9 @@ pub fn train<B: Backend + 'static>(
     // A resume's parameters come from its checkpoint.
     if let (Some(dir), None) = (&asked.init_from, &resume) {
         if let Some(note) = init_from_adapter(be, method.as_mut(), dir)? {
-            println!("{note}");
+            if opts.ranks.rank() == 0 {
+                println!("{note}");
+            }
         }
     }
     check_positions(&model, method.prompt_rows(), &data, &asked.train)?;
@@ -823,10 +878,11 @@ struct Run<'a, B: Backend> {
     /// Tokens of this process's steps (tokens/s is this process's).
     tokens_total: u64,
     run_start: Instant,
-    /// metrics.jsonl, open for appending.
-    metrics: MetricsLog,
-    /// The folder's lock, held until the run ends.
-    _lock: RunLock,
+    /// metrics.jsonl, open for appending (rank 0; `None` on the other ranks, which write
+    /// nothing).
+    metrics: Option<MetricsLog>,
+    /// The folder's lock, held until the run ends (rank 0).
+    _lock: Option<RunLock>,
     /// Plain progress lines (stdout is not a terminal): every `line_every` steps or
     /// [`LINE_SECONDS`], whichever comes first; when the last one was printed.
     line_every: u64,
@@ -895,7 +951,9 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         let mut opt = Optimizer::new(be, method.as_ref(), &cfg.train);
         let batcher = run_batcher(model, &data.train, cfg)?;
         if let Some(note) = batcher.reduced_note("train.batch_size") {
-            println!("{note}");
+            if opts.ranks.rank() == 0 {
+                println!("{note}");
+            }
         }
         let dev_batcher = run_batcher(model, &data.dev, cfg)?;
 
@@ -933,6 +991,23 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             state = r.state.clone();
             state.config_hash = hash;
             changed = r.changed.clone();
+        }
+
+        // The other ranks read the run's history before rank 0 writes anything.
+        let history = match (&resume, opts.ranks.rank()) {
+            (Some(_), 1..) => MetricsLog::history(out_dir, state.step)?,
+            _ => Vec::new(),
+        };
+        opts.ranks.barrier()?;
+        if opts.ranks.rank() > 0 {
+            let bar = ProgressBar::hidden();
+            return Ok(Self::new(
+                (be, cfg, opts, model, method, data),
+                (opt, batcher, dev_batcher),
+                (config_text, state, bar),
+                (None, None),
+                (step_records(&history), eval_points(&history), changed),
+            ));
         }
 
         // Every check passed: from here on the folder is written.
@@ -982,8 +1057,36 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         }
 
         let bar = progress_bar(opts, cfg.train.steps as u64, state.step);
-        let line_every = (cfg.train.steps as u64 / 10).max(1);
-        Ok(Run {
+        Ok(Self::new(
+            (be, cfg, opts, model, method, data),
+            (opt, batcher, dev_batcher),
+            (config_text, state, bar),
+            (Some(metrics), Some(lock)),
+            (records, evals, changed),
+        ))
+    }
+
+    /// A run from its parts (rank 0 holds the metrics log and the lock; the other ranks none).
+    #[allow(clippy::type_complexity)]
+    fn new(
+        (be, cfg, opts, model, method, data): (
+            &'a B,
+            &'a RunConfig,
+            &'a TrainOptions<'a>,
+            &'a Backbone<B>,
+            Box<dyn PromptMethod<B>>,
+            &'a RunData,
+        ),
+        (opt, batcher, dev_batcher): (Optimizer<B>, Batcher<'a>, Batcher<'a>),
+        (config_text, state, bar): (String, TrainState, ProgressBar),
+        (metrics, lock): (Option<MetricsLog>, Option<RunLock>),
+        (records, evals, changed): (
+            Vec<StepRecord>,
+            Vec<EvalPoint>,
+            Vec<(String, String, String)>,
+        ),
+    ) -> Self {
+        Run {
             be,
             cfg,
             opts,
@@ -994,7 +1097,7 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             batcher,
             dev_batcher,
             eval_opts: eval_options(cfg),
-            ckpt_path,
+            ckpt_path: cfg.out_dir.join("checkpoint.safetensors"),
             config_text,
             state,
             bar,
@@ -1006,12 +1109,30 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             run_start: Instant::now(),
             metrics,
             _lock: lock,
-            line_every,
+            line_every: (cfg.train.steps as u64 / 10).max(1),
             last_line: Instant::now(),
             changed,
             evals,
             early_stop: None,
-        })
+        }
+    }
+
+    /// Rank 0: the one that writes the run folder.
+    fn writer(&self) -> bool {
+        self.metrics.is_some()
+    }
+
+    /// Appends a metrics.jsonl line (rank 0; nothing on the other ranks).
+    fn append_metrics(&mut self, line: &serde_json::Value) -> Result<()> {
+        match &mut self.metrics {
+            Some(m) => m.append(line),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes metrics.jsonl durable (rank 0).
+    fn sync_metrics(&self) -> Result<()> {
+        self.metrics.as_ref().map_or(Ok(()), MetricsLog::sync)
     }
 
     /// Steps until the configured count or an interrupt: each step, then the dev evaluation
@@ -1031,12 +1152,15 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
                 return Ok(Stopped::Finished);
             }
             let step = self.state.step + 1;
-            pos = self.train_step(step, pos)?;
+            let agreed;
+            (pos, agreed) = self.train_step(step, pos)?;
             if tc.eval_every > 0 && step.is_multiple_of(tc.eval_every as u64) {
                 self.evaluate_dev(step)?;
             }
             self.progress_line(step, total);
-            let signal = self.opts.interrupt.load(Ordering::SeqCst);
+            // Several ranks stop at the step they agreed on in its all-reduce; one process
+            // looks at its flag now.
+            let signal = agreed.unwrap_or_else(|| self.opts.interrupt.load(Ordering::SeqCst));
             if (tc.checkpoint_every > 0 && step.is_multiple_of(tc.checkpoint_every as u64))
                 || signal != 0
             {
@@ -1069,7 +1193,7 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             compared: compared(self.data).to_string(),
         };
         let line = stop.describe();
-        self.metrics.append(&serde_json::json!({
+        self.append_metrics(&serde_json::json!({
             "kind": "early_stop",
             "step": stop.step,
             "patience": patience,
@@ -1120,20 +1244,44 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
     }
 
     /// Optimizer step `step` over `grad_accum` micro-batches from data position `pos`; returns
-    /// the position after them. The loss and the gradient norm are checked before the
+    /// the position after them, and with several ranks the signal they agreed on (see
+    /// [`Self::all_reduce_step`]). The loss and the gradient norm are checked before the
     /// optimizer step: a non-finite one stops the run (its metrics line is written first).
-    fn train_step(&mut self, step: u64, mut pos: Position) -> Result<Position> {
+    fn train_step(&mut self, step: u64, mut pos: Position) -> Result<(Position, Option<usize>)> {
         let (be, tc) = (self.be, &self.cfg.train);
+        let ranks = self.opts.ranks;
         let t0 = Instant::now();
         zero_grads(be, self.method.as_mut());
         let (mut loss_sum, mut tokens) = (0.0, 0u64);
         for _ in 0..tc.grad_accum {
+            // Every rank forms the whole batch (the same on all: same data, seed, position).
             let (batch, next, truncated) = self.batcher.next_batch(pos)?;
             pos = next;
             self.truncated_rows += truncated as u64;
             tokens += batch_tokens(&batch);
-            loss_sum += train_step(be, self.model, Some(self.method.as_mut()), &batch)?;
+            loss_sum += match ranks.size() {
+                1 => train_step(be, self.model, Some(self.method.as_mut()), &batch)?,
+                n => {
+                    // Rank r's rows r, r + n, ..., their loss a share of the whole batch's mean.
+                    let label_tokens = self.model.label_count(&batch, self.method.prompt_rows());
+                    let rows: Vec<usize> = (ranks.rank()..batch.batch).step_by(n).collect();
+                    match rows.is_empty() {
+                        true => 0.0,
+                        false => train_step_share(
+                            be,
+                            self.model,
+                            Some(self.method.as_mut()),
+                            &batch.select_rows(&rows),
+                            label_tokens,
+                        )?,
+                    }
+                }
+            };
         }
+        let agreed = match ranks.size() {
+            1 => None,
+            _ => Some(self.all_reduce_step(&mut loss_sum)?),
+        };
         let loss = loss_sum / tc.grad_accum as f64;
         if self.opts.nan_grad_at_step == Some(step) {
             for p in self.method.params_mut() {
@@ -1162,6 +1310,19 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         let info = self
             .opt
             .apply(be, self.method.as_mut(), factor, grad_scale, grad_norm);
+        if ranks.size() > 1 {
+            if self.opts.diverge_at_step == Some(step) && ranks.rank() + 1 == ranks.size() {
+                if let Some(p) = self.method.params_mut().first_mut() {
+                    let mut v = be.download_f64(&p.value);
+                    v[0] += 1e-3;
+                    p.value = be.upload_f64(&v);
+                }
+            }
+            let every = self.opts.check_replicas_every;
+            if every > 0 && (step.is_multiple_of(every) || step == tc.steps as u64) {
+                self.check_replicas(step)?;
+            }
+        }
         self.state.step = step;
         self.state.epoch = pos.epoch;
         self.state.cursor = pos.cursor;
@@ -1173,13 +1334,80 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             info.lr,
             tokens as f64 / seconds.max(1e-9)
         ));
-        Ok(pos)
+        Ok((pos, agreed))
+    }
+
+    /// The one collective of a step on several ranks: a flat buffer of every method gradient,
+    /// this rank's share of the loss and its stop flags (signalled, signal number), summed
+    /// across ranks. The gradients and `loss_sum` become the whole batch's; returns the signal
+    /// the ranks agree to stop on (0: none; the number when they all got the same one).
+    fn all_reduce_step(&mut self, loss_sum: &mut f64) -> Result<usize> {
+        let be = self.be;
+        let mut flat: Vec<f64> = Vec::new(); // (Σ param numel + 4)
+        for p in self.method.params() {
+            flat.extend(be.download_f64(&p.grad));
+        }
+        let signal = self.opts.interrupt.load(Ordering::SeqCst);
+        flat.push(*loss_sum);
+        flat.extend(signal_flags(signal));
+        self.opts.ranks.all_reduce_sum_f64(&mut flat)?;
+        let mut at = 0;
+        for p in self.method.params_mut() {
+            let n = p.numel();
+            p.grad = be.upload_f64(&flat[at..at + n]);
+            at += n;
+        }
+        *loss_sum = flat[at];
+        Ok(agreed_signal([flat[at + 1], flat[at + 2], flat[at + 3]]))
+    }
+
+    /// Every rank compares a hash of its method parameters with the others': an error naming
+    /// the step and the ranks when they differ (data-parallel replicas must stay identical).
+    fn check_replicas(&self, step: u64) -> Result<()> {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for p in self.method.params() {
+            for x in self.be.download_f64(&p.value) {
+                for b in x.to_bits().to_le_bytes() {
+                    h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+                }
+            }
+        }
+        let all = self.opts.ranks.all_gather(&h.to_le_bytes())?;
+        let hashes: Vec<String> = all
+            .iter()
+            .map(|b| b.iter().rev().map(|x| format!("{x:02x}")).collect())
+            .collect();
+        if hashes.iter().any(|x| *x != hashes[0]) {
+            let list = hashes
+                .iter()
+                .enumerate()
+                .map(|(r, x)| format!("rank {r} {x}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(Error::Ranks(format!(
+                "step {step}: the method parameters differ across ranks after the optimizer \
+                 step ({list}); the ranks must run the same fastpt, config and data. {}",
+                self.last_good()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The signal every rank stops on, agreed through a collective (one process: its flag).
+    fn agreed_signal_now(&self) -> Result<usize> {
+        let signal = self.opts.interrupt.load(Ordering::SeqCst);
+        if self.opts.ranks.size() == 1 {
+            return Ok(signal);
+        }
+        let mut flags = signal_flags(signal);
+        self.opts.ranks.all_reduce_sum_f64(&mut flags)?;
+        Ok(agreed_signal(flags))
     }
 
     /// One `kind: step` line of metrics.jsonl.
     fn log_step(&mut self, r: &StepRecord) -> Result<()> {
         let finite = |x: f64| x.is_finite().then_some(x);
-        self.metrics.append(&serde_json::json!({
+        self.append_metrics(&serde_json::json!({
             "kind": "step",
             "step": r.step,
             "loss": finite(r.loss),
@@ -1201,7 +1429,7 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         metrics: &BTreeMap<String, f64>,
         score: Option<f64>,
     ) -> Result<()> {
-        self.metrics.append(&serde_json::json!({
+        self.append_metrics(&serde_json::json!({
             "kind": "eval",
             "step": step,
             "split": split,
@@ -1278,6 +1506,7 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             self.method.as_mut(),
             &self.dev_batcher,
             &self.data.dev,
+            self.opts.ranks,
         )?;
         self.dev_losses.push((step, dl));
         let (value, line) = match &self.data.text {
@@ -1292,6 +1521,7 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
                     self.method.as_mut(),
                     &t.task.dev[..cap],
                     &self.eval_opts,
+                    self.opts.ranks,
                 )?;
                 self.dev_scores.push((step, ev.score));
                 self.log_eval(step, "dev", Some(dl), &ev.metrics, Some(ev.score))?;
@@ -1320,8 +1550,10 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         if self.state.best_metric.is_none_or(better) {
             self.state.best_metric = Some(value);
             self.state.best_step = Some(step);
-            let best = self.cfg.out_dir.join("best.safetensors");
-            save_params(be, self.method.as_ref(), &best)?;
+            if self.writer() {
+                let best = self.cfg.out_dir.join("best.safetensors");
+                save_params(be, self.method.as_ref(), &best)?;
+            }
         }
         Ok(())
     }
@@ -1345,8 +1577,11 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
                 }
             }
         }
+        if !self.writer() {
+            return Ok(());
+        }
         save_checkpoint(&self.ckpt_path, &tensors, &self.state)?;
-        self.metrics.sync()?;
+        self.sync_metrics()?;
         self.write_report("running", &BTreeMap::new())
     }
 
@@ -1354,7 +1589,10 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
     /// durable, best effort (the error itself is what the user needs).
     fn failed(&mut self, e: Error) -> Error {
         self.bar.abandon();
-        let _ = self.metrics.sync();
+        if !self.writer() {
+            return e;
+        }
+        let _ = self.sync_metrics();
         let _ = self.write_report(&format!("error: {e}"), &BTreeMap::new());
         if !self.state.losses.is_empty() {
             let _ = self.write_loss_svg();
@@ -1389,10 +1627,12 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
                 stopped = Stopped::Interrupted(signal);
             }
         }
-        self.metrics.sync()?;
-        self.write_report(&stopped.describe(), &eval)?;
-        if !self.state.losses.is_empty() {
-            self.write_loss_svg()?;
+        if self.writer() {
+            self.sync_metrics()?;
+            self.write_report(&stopped.describe(), &eval)?;
+            if !self.state.losses.is_empty() {
+                self.write_loss_svg()?;
+            }
         }
         Ok(Outcome {
             run_dir: self.cfg.out_dir.clone(),
@@ -1418,27 +1658,28 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
         &mut self,
         eval: &mut BTreeMap<String, f64>,
     ) -> Result<Option<usize>> {
-        let signalled = |opts: &TrainOptions<'_>| match opts.interrupt.load(Ordering::SeqCst) {
-            0 => None,
-            signal => Some(signal),
-        };
         let be = self.be;
         let out_dir = self.cfg.out_dir.clone();
+        let writer = self.writer();
         self.save_checkpoint()?;
-        save_params(
-            be,
-            self.method.as_ref(),
-            &out_dir.join("method.safetensors"),
-        )?;
-        // The final evaluation and the export use the best parameters when there are any.
+        if writer {
+            save_params(
+                be,
+                self.method.as_ref(),
+                &out_dir.join("method.safetensors"),
+            )?;
+        }
+        // The final evaluation and the export use the best parameters when there are any
+        // (every rank evaluates its share with them: the folder is one all ranks see).
         let best = out_dir.join("best.safetensors");
         if self.state.best_step.is_some() && best.exists() {
             load_params(be, self.method.as_mut(), &best)?;
         }
         if let Some(t) = &self.data.text {
             for (split, examples) in [("dev", &t.task.dev), ("test", &t.task.test)] {
-                if let Some(signal) = signalled(self.opts) {
-                    return Ok(Some(signal));
+                match self.agreed_signal_now()? {
+                    0 => {}
+                    signal => return Ok(Some(signal)),
                 }
                 let ev = t.evaluate(
                     be,
@@ -1446,6 +1687,7 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
                     self.method.as_mut(),
                     examples,
                     &self.eval_opts,
+                    self.opts.ranks,
                 )?;
                 for (name, value) in &ev.metrics {
                     eval.insert(format!("{split}_{name}"), *value);
@@ -1453,7 +1695,7 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
                 eval.insert(format!("{split}_score"), ev.score);
                 let step = self.state.step;
                 self.log_eval(step, split, None, &ev.metrics, Some(ev.score))?;
-                if split == "test" {
+                if split == "test" && writer {
                     write_predictions(&out_dir.join("predictions.jsonl"), examples, &ev)?;
                 }
             }
@@ -1462,10 +1704,13 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             kind: self.model.architecture(),
             base_model: Some(&self.cfg.model),
         };
-        if let Some(signal) = signalled(self.opts) {
-            return Ok(Some(signal));
+        match self.agreed_signal_now()? {
+            0 => {}
+            signal => return Ok(Some(signal)),
         }
-        export_prompt(be, self.method.as_mut(), &info, &out_dir.join("export"))?;
+        if writer {
+            export_prompt(be, self.method.as_mut(), &info, &out_dir.join("export"))?;
+        }
         Ok(None)
     }
 
@@ -1665,7 +1910,14 @@ pub fn evaluate_run<B: Backend + 'static>(
     if let Some(mode) = mode {
         opts.mode = mode;
     }
-    let ev = t.evaluate(be, &s.model, s.method.as_mut(), examples, &opts)?;
+    let ev = t.evaluate(
+        be,
+        &s.model,
+        s.method.as_mut(),
+        examples,
+        &opts,
+        &SingleProcess,
+    )?;
     Ok((ev, path))
 }
 

@@ -37,6 +37,18 @@ pub fn cuda_available() -> bool {
     .unwrap_or(false)
 }
 
+/// The number of CUDA devices the driver sees (0 without a driver). Never panics.
+pub fn device_count() -> usize {
+    std::panic::catch_unwind(|| {
+        // SAFETY: only tries to open libcuda by name.
+        if !(unsafe { sys::is_culib_present() }) || drv::init().is_err() {
+            return 0;
+        }
+        drv::device::get_count().map_or(0, |n| n.max(0) as usize)
+    })
+    .unwrap_or(0)
+}
+
 /// A driver error as "what: CUDA_ERROR_NAME (description)".
 fn driver_err(what: &str, e: DriverError) -> GpuError {
     let name = e.error_name().map(|s| s.to_string_lossy().into_owned());
@@ -829,6 +841,20 @@ impl GemmPlan {
         .map_err(|e| blas_err(&format!("no algorithm for {key:?}"), e))?;
         plan.algo = heuristic.algo;
         Ok(plan)
+    }
+}
+
+impl CudaDevice {
+    /// Makes this device's context current on the calling thread and returns our stream (for
+    /// NCCL, which enqueues on it).
+    pub(crate) fn bound_stream(&self) -> Result<sys::CUstream, GpuError> {
+        self.ctx.bind()?;
+        Ok(self.ctx.stream)
+    }
+
+    /// The device's index in the driver's list.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
     }
 }
 

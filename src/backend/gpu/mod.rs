@@ -21,6 +21,7 @@ pub mod check;
 pub mod cuda;
 pub mod device;
 pub mod images;
+pub mod nccl;
 pub mod nvrtc;
 #[cfg(test)]
 mod tests;
