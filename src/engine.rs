@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::backend::collective::Collective;
 use crate::backend::profiling::nvtx_range;
 use crate::backend::{Backend, EmbedPromptDims};
 use crate::error::{Error, Result};
@@ -129,6 +130,31 @@ pub fn train_step_share<'m, B: Backend>(
     loss_tokens: usize,
 ) -> Result<f64> {
     Ok(step(be, &**model, method, batch, Pass::Train, Some(loss_tokens))?.loss)
+}
+
+/// Sums the method's gradients across `ranks` in one call: a flat f64 buffer of every
+/// parameter's gradient, then `extra` (scalars that ride along: a step's loss, stop flags),
+/// summed in place on every rank. A data-parallel step's one collective.
+pub fn all_reduce_grads<B: Backend>(
+    be: &B,
+    method: &mut (dyn PromptMethod<B> + '_),
+    ranks: &dyn Collective,
+    extra: &mut [f64],
+) -> Result<()> {
+    let mut flat: Vec<f64> = Vec::new(); // (Σ numel + extra)
+    for p in method.params() {
+        flat.extend(be.download_f64(&p.grad));
+    }
+    flat.extend_from_slice(extra);
+    ranks.all_reduce_sum_f64(&mut flat)?;
+    let mut at = 0;
+    for p in method.params_mut() {
+        let n = p.numel();
+        p.grad = be.upload_f64(&flat[at..at + n]);
+        at += n;
+    }
+    extra.copy_from_slice(&flat[at..]);
+    Ok(())
 }
 
 /// The loss of a batch on any backbone, forward only (no gradient is computed or added).

@@ -541,9 +541,13 @@ macro_rules! with_backend {
 }
 
 fn dispatch(cli: Cli, ranks: &dyn Collective) -> Result<()> {
-    if ranks.size() > 1 && !matches!(cli.command, Command::Run(_) | Command::Doctor(_)) {
+    let across = matches!(
+        cli.command,
+        Command::Run(_) | Command::Doctor(_) | Command::Bench(_)
+    );
+    if ranks.size() > 1 && !across {
         bail!(
-            "started as rank {} of {} (mpirun / srun): only `fastpt run` (and `fastpt doctor`) \
+            "started as rank {} of {} (mpirun / srun): only `fastpt run`, `bench` and `doctor` \
              run across ranks; run this command as one process",
             ranks.rank(),
             ranks.size()
@@ -562,7 +566,11 @@ fn dispatch(cli: Cli, ranks: &dyn Collective) -> Result<()> {
         Command::Params(args) => params(&args),
         Command::Forward(args) => with_backend!(&args.device, |be| forward(be, &args)),
         Command::Doctor(args) => doctor(&args, ranks),
-        Command::Bench(args) => with_backend!(&args.device, |be| bench(be, &args)),
+        Command::Bench(args) => {
+            with_backend!(&args.device, ranks.local_rank(), |be| bench(
+                be, &args, ranks
+            ))
+        }
         Command::Shape(args) => {
             let json = shape_hf_json(&args.name)?;
             println!("{}", serde_json::to_string_pretty(&json)?);
@@ -1379,7 +1387,57 @@ fn doctor_on<D: Device>(dev: D, args: &DoctorArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
+/// `mpirun -np N fastpt bench`: each shape × setting as one rank's step on the whole batch
+/// against the N ranks' steps on their shares (src/bench/ranks.rs); rank 0 prints the table and
+/// writes scaling.json and scaling.md into `out`.
+fn bench_ranks<B: BenchClock + 'static>(
+    be: &B,
+    cfg: &BenchConfig,
+    out: Option<&Path>,
+    ranks: &dyn Collective,
+) -> Result<()> {
+    use fastpt::bench::ranks::{run_scaling, scaling_table};
+    let lead = ranks.rank() == 0;
+    if let (Some(dir), true) = (out, lead) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut machine = Machine::probe(be, option_env!("FASTPT_COMMIT"));
+    let progress = &mut |cell: &str| eprintln!("bench: {cell}");
+    let rows = run_scaling(be, cfg, ranks, progress)?;
+    machine.finish();
+    if !lead {
+        return Ok(());
+    }
+    let table = format!(
+        "{}\n\n{} ranks ({}); batch {} × ({} in + {} target); times in ms, median (interval) \
+         over {} rounds; speedup per round = 1 rank / N ranks; efficiency = speedup / N\n\n{}",
+        machine.summary(),
+        ranks.size(),
+        ranks.describe(),
+        cfg.batch,
+        cfg.input_len,
+        cfg.target_len,
+        cfg.rounds,
+        scaling_table(&rows)
+    );
+    print!("{table}");
+    if let Some(dir) = out {
+        let json = serde_json::json!({ "machine": machine, "ranks": ranks.size(), "rows": rows });
+        for (name, bytes) in [
+            (
+                "scaling.json",
+                serde_json::to_string_pretty(&json)?.into_bytes(),
+            ),
+            ("scaling.md", table.into_bytes()),
+        ] {
+            write_file_atomic(&dir.join(name), &bytes, &mut || Ok(()))?;
+            println!("wrote {}", dir.join(name).display());
+        }
+    }
+    Ok(())
+}
+
+fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs, ranks: &dyn Collective) -> Result<()> {
     let settings = args
         .settings
         .iter()
@@ -1404,6 +1462,15 @@ fn bench<B: BenchClock + 'static>(be: &B, args: &BenchArgs) -> Result<()> {
         seed: args.seed,
     };
     cfg.check_sizes()?;
+    if ranks.size() > 1 {
+        if args.claims || args.baseline {
+            bail!(
+                "--claims and --baseline run in one process; under mpirun, bench measures \
+                 data-parallel scaling (one rank on the whole batch against the ranks' shares)"
+            );
+        }
+        return bench_ranks(be, &cfg, args.out.as_deref(), ranks);
+    }
     let progress = &mut |cell: &str| eprintln!("bench: {cell}");
     // What a run needs is checked before the first measurement: the output folder is
     // writable, and --baseline has a PT setting, its script and a Python with its packages.

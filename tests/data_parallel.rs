@@ -12,6 +12,8 @@ use std::sync::atomic::AtomicUsize;
 
 use fastpt::backend::collective::{Collective, SingleProcess, ThreadGroup};
 use fastpt::backend::cpu::CpuBackend;
+use fastpt::bench::ranks::{run_scaling, scaling_table};
+use fastpt::bench::{BenchConfig, Setting};
 use fastpt::config::RunConfig;
 use fastpt::train::checkpoint::load_checkpoint;
 use fastpt::train::trainer::{train, Outcome, Stopped, TrainOptions, DEFAULT_RUN_TOML, SIGINT};
@@ -285,4 +287,58 @@ fn diverged_parameters_stop_the_run_at_the_check_naming_the_step() {
         },
     );
     assert!(out.iter().all(|r| r.is_ok()));
+}
+
+#[test]
+fn bench_on_two_ranks_times_one_rank_against_both_for_every_setting() {
+    let cfg = BenchConfig {
+        shapes: vec!["t5-tiny".into()],
+        settings: vec![
+            Setting::parse("none").unwrap(),
+            Setting::parse("pt").unwrap(),
+        ],
+        batch: 6,
+        input_len: 12,
+        target_len: 3,
+        max_len: 16,
+        warmup: 1,
+        rounds: 3,
+        steps: 1,
+        quant: "none".parse().unwrap(),
+        seed: 0,
+    };
+    let out = std::thread::scope(|s| {
+        let cfg = &cfg;
+        let handles: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|g| {
+                s.spawn(move || {
+                    let be = CpuBackend::<f32>::new();
+                    run_scaling(&be, cfg, &g, &mut |_| {}).unwrap()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let rows = &out[0];
+    assert_eq!(rows.len(), 2);
+    // Every rank reports the same (slowest-rank) figures.
+    assert_eq!(
+        serde_json::to_string(&out[0]).unwrap(),
+        serde_json::to_string(&out[1]).unwrap()
+    );
+    let pt = &rows[1];
+    assert_eq!((pt.setting.as_str(), pt.ranks, pt.batch), ("pt", 2, 6));
+    assert_eq!(pt.reduce_bytes, 8 * (pt.params + 4));
+    assert!(pt.params > 0 && rows[0].params == 0);
+    for r in rows {
+        assert_eq!(r.one_ms.samples.len(), 3);
+        assert!(r.one_ms.median > 0.0 && r.parallel_ms.median > 0.0);
+        assert!((r.efficiency - r.speedup.median / 2.0).abs() < 1e-12);
+    }
+    let table = scaling_table(rows);
+    assert!(table.contains("| t5-tiny | pt | 2 | 6 (3–3) |"), "{table}");
 }

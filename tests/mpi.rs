@@ -305,7 +305,7 @@ fn sigterm_to_mpirun_stops_every_rank_at_the_same_step_with_a_checkpoint() {
             "train.checkpoint_every=50",
         ],
     );
-    let mut child = mpirun(2)
+    let child = mpirun(2)
         .args(strs(&args))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -338,4 +338,41 @@ fn sigterm_to_mpirun_stops_every_rank_at_the_same_step_with_a_checkpoint() {
         &format!("train.steps={}", state.step + 1),
     ]);
     check(&resume, "resume after SIGTERM");
+}
+
+#[test]
+fn bench_under_mpirun_reports_speedup_and_efficiency_against_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("scaling");
+    let out = ranks(
+        2,
+        &[
+            "bench",
+            "--device",
+            "cpu",
+            "--shape",
+            "t5-tiny",
+            "--setting",
+            "pt",
+            "--batch",
+            "6",
+            "--rounds",
+            "2",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    check(&out, "bench under mpirun");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("| t5-tiny | pt | 2 | 6 (3–3) |"),
+        "{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("scaling.json")).unwrap())
+            .unwrap();
+    let row = &json["rows"][0];
+    assert_eq!(json["ranks"], 2);
+    assert!(row["speedup"]["median"].as_f64().unwrap() > 0.0);
+    assert!(out_dir.join("scaling.md").exists());
 }

@@ -19,6 +19,7 @@ pub mod charts;
 pub mod claims;
 pub mod heap;
 pub mod machine;
+pub mod ranks;
 pub mod stats;
 
 use std::time::Instant;

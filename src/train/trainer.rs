@@ -31,7 +31,9 @@ use crate::data::batching::{Batcher, Position};
 use crate::data::tasks::{load_custom_task, load_task, TaskData, TextExample};
 use crate::data::tokenize::TextCodec;
 use crate::data::{synthetic, Example, HostBatch};
-use crate::engine::{build_backbone_method, forward_loss, train_step, train_step_share};
+use crate::engine::{
+    all_reduce_grads, build_backbone_method, forward_loss, train_step, train_step_share,
+};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, evaluate_on_ranks, EvalMode, EvalOptions, Evaluation};
 use crate::fsutil::write_file_atomic;
@@ -1342,23 +1344,11 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
     /// across ranks. The gradients and `loss_sum` become the whole batch's; returns the signal
     /// the ranks agree to stop on (0: none; the number when they all got the same one).
     fn all_reduce_step(&mut self, loss_sum: &mut f64) -> Result<usize> {
-        let be = self.be;
-        let mut flat: Vec<f64> = Vec::new(); // (Σ param numel + 4)
-        for p in self.method.params() {
-            flat.extend(be.download_f64(&p.grad));
-        }
-        let signal = self.opts.interrupt.load(Ordering::SeqCst);
-        flat.push(*loss_sum);
-        flat.extend(signal_flags(signal));
-        self.opts.ranks.all_reduce_sum_f64(&mut flat)?;
-        let mut at = 0;
-        for p in self.method.params_mut() {
-            let n = p.numel();
-            p.grad = be.upload_f64(&flat[at..at + n]);
-            at += n;
-        }
-        *loss_sum = flat[at];
-        Ok(agreed_signal([flat[at + 1], flat[at + 2], flat[at + 3]]))
+        let flags = signal_flags(self.opts.interrupt.load(Ordering::SeqCst));
+        let mut extra = [*loss_sum, flags[0], flags[1], flags[2]];
+        all_reduce_grads(self.be, self.method.as_mut(), self.opts.ranks, &mut extra)?;
+        *loss_sum = extra[0];
+        Ok(agreed_signal([extra[1], extra[2], extra[3]]))
     }
 
     /// Every rank compares a hash of its method parameters with the others': an error naming
