@@ -1268,22 +1268,20 @@ fn doctor_ranks(args: &DoctorArgs, ranks: &dyn Collective) -> Result<()> {
     let want: Vec<f32> = (0..len)
         .map(|i| (0..n).map(|q| value(q, i)).sum())
         .collect();
+    // Whether every rank got `want`, said by rank 0 after `what`.
+    let everywhere = |what: &str, got: &[f32]| -> Result<bool> {
+        let mut ok = [f64::from(u8::from(got == want.as_slice()))];
+        ranks.all_reduce_sum_f64(&mut ok)?;
+        let all = ok[0] as usize == n;
+        if lead {
+            let verdict = if all { "ok on every rank" } else { "FAILED" };
+            println!("all-reduce {what}, {len} f32 per rank: {verdict}");
+        }
+        Ok(all)
+    };
     let mut host: Vec<f32> = (0..len).map(|i| value(r, i)).collect();
     ranks.all_reduce_sum_f32(&mut host)?;
-    let host_ok = host == want;
-    let mut ok = [f64::from(u8::from(host_ok))];
-    ranks.all_reduce_sum_f64(&mut ok)?;
-    if lead {
-        println!(
-            "all-reduce MPI, {len} f32 per rank: {}",
-            if ok[0] as usize == n {
-                "ok on every rank"
-            } else {
-                "FAILED"
-            }
-        );
-    }
-    let mut failed = ok[0] as usize != n;
+    let mut failed = !everywhere("MPI", &host)?;
     let gpu = args.device != "vgpu" && fastpt::backend::gpu::cuda::device_count() > 0;
     if gpu && fastpt::backend::gpu::nccl::nccl_available() {
         use fastpt::backend::gpu::nccl::NcclComm;
@@ -1296,19 +1294,7 @@ fn doctor_ranks(args: &DoctorArgs, ranks: &dyn Collective) -> Result<()> {
         comm.all_reduce_sum_f32(&dev, &mut buf, len)?;
         let mut got = vec![0f32; len];
         dev.download(&buf, bytemuck::cast_slice_mut(&mut got))?;
-        let mut ok = [f64::from(u8::from(got == want))];
-        ranks.all_reduce_sum_f64(&mut ok)?;
-        if lead {
-            println!(
-                "all-reduce NCCL across {n} ranks' GPUs, {len} f32 each: {}",
-                if ok[0] as usize == n {
-                    "ok on every rank"
-                } else {
-                    "FAILED"
-                }
-            );
-        }
-        failed |= ok[0] as usize != n;
+        failed |= !everywhere(&format!("NCCL across {n} ranks' GPUs"), &got)?;
     } else if lead {
         println!("all-reduce NCCL: skipped (no GPU or no NCCL library on this rank)");
     }

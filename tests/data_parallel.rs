@@ -7,8 +7,11 @@
 //! bit); a run resumes on another number of ranks; one failing rank stops the others with an
 //! error naming it; ranks whose parameters diverge are stopped at the check.
 
-use std::path::Path;
 use std::sync::atomic::AtomicUsize;
+
+mod common;
+
+use common::{default_config as config, DATA_PARALLEL_CASES};
 
 use fastpt::backend::collective::{Collective, SingleProcess, ThreadGroup};
 use fastpt::backend::cpu::CpuBackend;
@@ -16,16 +19,7 @@ use fastpt::bench::ranks::{run_scaling, scaling_table};
 use fastpt::bench::{BenchConfig, Setting};
 use fastpt::config::RunConfig;
 use fastpt::train::checkpoint::load_checkpoint;
-use fastpt::train::trainer::{train, Outcome, Stopped, TrainOptions, DEFAULT_RUN_TOML, SIGINT};
-
-/// The embedded default (synthetic task) with `overrides`, writing into `dir`.
-fn config(dir: &Path, overrides: &[&str]) -> RunConfig {
-    let mut all: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    all.push(format!("out_dir={:?}", dir.display().to_string()));
-    let cfg = RunConfig::from_toml_str(DEFAULT_RUN_TOML, Path::new("default"), &all).unwrap();
-    cfg.validate(Path::new("default")).unwrap();
-    cfg
-}
+use fastpt::train::trainer::{train, Outcome, Stopped, TrainOptions, SIGINT};
 
 /// What a test run may change.
 #[derive(Clone, Copy, Default)]
@@ -107,29 +101,7 @@ fn strs(v: &[String]) -> Vec<&str> {
 #[test]
 fn two_ranks_with_half_batches_give_one_process_losses_for_t5_and_llama() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: &[(&str, &[&str])] = &[
-        ("t5-pt", &["method=pt", "pt.prompt_len=6"]),
-        (
-            "t5-dept",
-            &["method=dept", "dept.prompt_len=6", "dept.rank=4"],
-        ),
-        ("t5-ept", &[]), // the default: EPT-MS
-        (
-            "llama-pt",
-            &["model=llama-tiny", "method=pt", "pt.prompt_len=6"],
-        ),
-        (
-            "llama-dept",
-            &[
-                "model=llama-tiny",
-                "method=dept",
-                "dept.prompt_len=6",
-                "dept.rank=4",
-            ],
-        ),
-        ("llama-ept", &["model=llama-tiny"]),
-    ];
-    for (name, extra) in cases {
+    for (name, extra) in DATA_PARALLEL_CASES {
         let o = with(extra);
         let one = run_on(
             &config(&tmp.path().join(format!("{name}-1")), &strs(&o)),

@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 use fastpt::train::checkpoint::load_checkpoint;
 
+mod common;
+
+use common::DATA_PARALLEL_CASES;
+
 /// `fastpt ARGS` as one process.
 fn one(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fastpt"))
@@ -97,29 +101,7 @@ fn strs(v: &[String]) -> Vec<&str> {
 #[test]
 fn two_mpi_ranks_with_8_rows_give_the_losses_of_one_process_with_16() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: &[(&str, &[&str])] = &[
-        ("t5-pt", &["method=\"pt\"", "pt.prompt_len=6"]),
-        (
-            "t5-dept",
-            &["method=\"dept\"", "dept.prompt_len=6", "dept.rank=4"],
-        ),
-        ("t5-ept", &[]),
-        (
-            "llama-pt",
-            &["model=\"llama-tiny\"", "method=\"pt\"", "pt.prompt_len=6"],
-        ),
-        (
-            "llama-dept",
-            &[
-                "model=\"llama-tiny\"",
-                "method=\"dept\"",
-                "dept.prompt_len=6",
-                "dept.rank=4",
-            ],
-        ),
-        ("llama-ept", &["model=\"llama-tiny\""]),
-    ];
-    for (name, extra) in cases {
+    for (name, extra) in DATA_PARALLEL_CASES {
         let mut e = extra.to_vec();
         e.push("train.steps=20");
         let (d1, d2) = (tmp.path().join(format!("{name}-1")), tmp.path().join(name));

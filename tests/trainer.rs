@@ -1,23 +1,17 @@
 //! The trainer: determinism, exact resume after interruptions, the NaN guard, the run folder,
 //! and the embedded default's loss drop.
 
-use std::path::Path;
 use std::sync::atomic::AtomicUsize;
+
+mod common;
+
+use common::default_config as config;
 
 use fastpt::backend::collective::SingleProcess;
 use fastpt::backend::cpu::CpuBackend;
 use fastpt::config::RunConfig;
 use fastpt::train::checkpoint::load_checkpoint;
-use fastpt::train::trainer::{train, Outcome, Stopped, TrainOptions, DEFAULT_RUN_TOML, SIGINT};
-
-/// The embedded default with `overrides`, writing into `dir`.
-fn config(dir: &Path, overrides: &[&str]) -> RunConfig {
-    let mut all: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    all.push(format!("out_dir={:?}", dir.display().to_string()));
-    let cfg = RunConfig::from_toml_str(DEFAULT_RUN_TOML, Path::new("default"), &all).unwrap();
-    cfg.validate(Path::new("default")).unwrap();
-    cfg
-}
+use fastpt::train::trainer::{train, Outcome, Stopped, TrainOptions, SIGINT};
 
 fn run(cfg: &RunConfig, resume: bool, interrupt: bool) -> fastpt::Result<Outcome> {
     let flag = AtomicUsize::new(if interrupt { SIGINT } else { 0 });

@@ -496,6 +496,35 @@ impl<B: BenchClock + 'static> Cell<'_, B> {
     }
 }
 
+/// A setting's method at the bench's sizes and seed, with its optimizer (None, None: the
+/// backbone alone).
+#[allow(clippy::type_complexity)]
+fn build_setting<B: Backend + 'static>(
+    be: &B,
+    model: &crate::model::Backbone<B>,
+    setting: &Setting,
+    cfg: &BenchConfig,
+) -> Result<(
+    Option<Box<dyn crate::prompt::PromptMethod<B>>>,
+    Option<Optimizer<B>>,
+)> {
+    let method = match &setting.method {
+        Some(m) => Some(build_backbone_method(
+            be,
+            model,
+            m,
+            cfg.max_len.max(cfg.input_len),
+            cfg.seed,
+            None,
+        )?),
+        None => None,
+    };
+    let optim = method
+        .as_deref()
+        .map(|m| Optimizer::new(be, m, &TrainConfig::default()));
+    Ok((method, optim))
+}
+
 /// The per-round values of one kind of time.
 fn per_round(rounds: &[RoundTimes], kind: fn(&RoundTimes) -> f64) -> Vec<f64> {
     rounds.iter().map(kind).collect()
@@ -555,20 +584,7 @@ pub fn run_bench<B: BenchClock + 'static>(
         for setting in &cfg.settings {
             progress(&format!("{shape} × {}: build and warm up", setting.name));
             let before = be.current_memory() as i128;
-            let method = match &setting.method {
-                Some(m) => Some(build_backbone_method(
-                    be,
-                    &work.model,
-                    m,
-                    cfg.max_len.max(cfg.input_len),
-                    cfg.seed,
-                    None,
-                )?),
-                None => None,
-            };
-            let optim = method
-                .as_deref()
-                .map(|m| Optimizer::new(be, m, &TrainConfig::default()));
+            let (method, optim) = build_setting(be, &work.model, setting, cfg)?;
             let mut cell = Cell {
                 setting,
                 method,

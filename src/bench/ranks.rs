@@ -11,10 +11,9 @@
 use serde::Serialize;
 
 use super::stats::Stats;
-use super::{BenchClock, BenchConfig};
+use super::{build_setting, BenchClock, BenchConfig};
 use crate::backend::collective::Collective;
-use crate::config::TrainConfig;
-use crate::engine::{all_reduce_grads, build_backbone_method, train_step, train_step_share};
+use crate::engine::{all_reduce_grads, train_step, train_step_share};
 use crate::error::Result;
 use crate::model::random_model;
 use crate::prompt::{train_params, zero_grads, PromptMethod};
@@ -99,20 +98,7 @@ pub fn run_scaling<B: BenchClock + 'static>(
                 progress(&format!("{shape} × {}: build and warm up", setting.name));
             }
             let build = || -> Result<Trained<B>> {
-                let method = match &setting.method {
-                    Some(m) => Some(build_backbone_method(
-                        be,
-                        &model,
-                        m,
-                        cfg.max_len.max(cfg.input_len),
-                        cfg.seed,
-                        None,
-                    )?),
-                    None => None,
-                };
-                let optim = method
-                    .as_deref()
-                    .map(|m| Optimizer::new(be, m, &TrainConfig::default()));
+                let (method, optim) = build_setting(be, &model, setting, cfg)?;
                 Ok(Trained { method, optim })
             };
             // Separate copies, so the two kinds of step do not share an optimizer's state.

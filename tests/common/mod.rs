@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::process::Command;
 
+use fastpt::config::RunConfig;
 use fastpt::model::hf::{save_safetensors, SafetensorsFolder, TensorData};
+use fastpt::train::trainer::DEFAULT_RUN_TOML;
 
 /// Runs `fastpt ARGS`: (success, stdout, stderr).
 pub fn fastpt(args: &[&str]) -> (bool, String, String) {
@@ -62,3 +64,38 @@ pub fn model_with_edited_tensor(
         .collect();
     save_safetensors(&dst.join("model.safetensors"), &tensors).unwrap();
 }
+
+/// The embedded default run config (the synthetic task) with `overrides` (`--set` syntax),
+/// writing into `dir`.
+pub fn default_config(dir: &Path, overrides: &[&str]) -> RunConfig {
+    let mut all: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    all.push(format!("out_dir={:?}", dir.display().to_string()));
+    let cfg = RunConfig::from_toml_str(DEFAULT_RUN_TOML, Path::new("default"), &all).unwrap();
+    cfg.validate(Path::new("default")).unwrap();
+    cfg
+}
+
+/// The backbones × methods whose data-parallel losses are compared with one process's
+/// (tests/data_parallel.rs in process, tests/mpi.rs under mpirun): (name, `--set` overrides).
+pub const DATA_PARALLEL_CASES: &[(&str, &[&str])] = &[
+    ("t5-pt", &["method=pt", "pt.prompt_len=6"]),
+    (
+        "t5-dept",
+        &["method=dept", "dept.prompt_len=6", "dept.rank=4"],
+    ),
+    ("t5-ept", &[]), // the default: EPT-MS
+    (
+        "llama-pt",
+        &["model=llama-tiny", "method=pt", "pt.prompt_len=6"],
+    ),
+    (
+        "llama-dept",
+        &[
+            "model=llama-tiny",
+            "method=dept",
+            "dept.prompt_len=6",
+            "dept.rank=4",
+        ],
+    ),
+    ("llama-ept", &["model=llama-tiny"]),
+];

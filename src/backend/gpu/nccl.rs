@@ -115,21 +115,7 @@ impl NcclComm {
                 buf.len()
             )));
         }
-        let stream = dev.bound_stream()?;
-        let ptr = dev.ptr(buf) as *mut std::ffi::c_void;
-        // SAFETY: `ptr` holds n f32 on this device (checked above); in place is allowed.
-        unsafe {
-            nccl::all_reduce(
-                ptr,
-                ptr,
-                n,
-                nccl_sys::ncclDataType_t::ncclFloat32,
-                nccl_sys::ncclRedOp_t::ncclSum,
-                self.comm,
-                stream as _,
-            )
-        }
-        .map_err(|e| nccl_err("ncclAllReduce", e))?;
+        enqueue_sum_f32(self.comm, dev, buf, n)?;
         dev.synchronize()
     }
 }
@@ -139,6 +125,32 @@ impl Drop for NcclComm {
         // SAFETY: created by ncclCommInitRank / InitAll and destroyed once, here.
         let _ = unsafe { nccl::comm_destroy(self.comm) };
     }
+}
+
+/// Enqueues the in-place all-reduce (sum) of `buf`'s first `n` f32 on `dev`'s stream; `buf` must
+/// hold at least `n` f32 (both callers check or allocate it so).
+fn enqueue_sum_f32(
+    comm: nccl_sys::ncclComm_t,
+    dev: &CudaDevice,
+    buf: &CudaBuffer,
+    n: usize,
+) -> Result<(), GpuError> {
+    let stream = dev.bound_stream()?;
+    let ptr = dev.ptr(buf) as *mut std::ffi::c_void;
+    // SAFETY: `ptr` holds n f32 on this device; in place is allowed.
+    unsafe {
+        nccl::all_reduce(
+            ptr,
+            ptr,
+            n,
+            nccl_sys::ncclDataType_t::ncclFloat32,
+            nccl_sys::ncclRedOp_t::ncclSum,
+            comm,
+            stream as _,
+        )
+    }
+    .map_err(|e| nccl_err("ncclAllReduce", e))?;
+    Ok(())
 }
 
 /// What [`check_all_reduce_on_every_gpu`] found on one GPU.
@@ -177,21 +189,7 @@ pub fn check_all_reduce_on_every_gpu(n: usize) -> Result<Vec<AllReduceCheck>, Gp
     let reduced = (|| {
         nccl::group_start().map_err(|e| nccl_err("ncclGroupStart", e))?;
         for ((dev, buf), &comm) in devs.iter().zip(&bufs).zip(&comms) {
-            let stream = dev.bound_stream()?;
-            let ptr = dev.ptr(buf) as *mut std::ffi::c_void;
-            // SAFETY: `ptr` holds n f32 on this device; in place is allowed.
-            unsafe {
-                nccl::all_reduce(
-                    ptr,
-                    ptr,
-                    n,
-                    nccl_sys::ncclDataType_t::ncclFloat32,
-                    nccl_sys::ncclRedOp_t::ncclSum,
-                    comm,
-                    stream as _,
-                )
-            }
-            .map_err(|e| nccl_err("ncclAllReduce", e))?;
+            enqueue_sum_f32(comm, dev, buf, n)?;
         }
         nccl::group_end().map_err(|e| nccl_err("ncclGroupEnd", e))?;
         Ok::<(), GpuError>(())
