@@ -314,3 +314,36 @@ fn bench_on_two_ranks_times_one_rank_against_both_for_every_setting() {
     let table = scaling_table(rows);
     assert!(table.contains("| t5-tiny | pt | 2 | 6 (3–3) |"), "{table}");
 }
+
+#[test]
+fn ranks_given_different_configs_are_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mixed");
+    let (a, b) = (
+        config(&dir, &strs(&with(&["method=pt"]))),
+        config(&dir, &strs(&with(&["method=pt", "train.steps=21"]))),
+    );
+    let out = std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|g| {
+                let cfg = if g.rank() == 0 { &a } else { &b };
+                s.spawn(move || run_on(cfg, &g, Knobs::default()).map(|_| ()))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for r in &out {
+        let e = r.as_ref().unwrap_err().to_string();
+        assert!(
+            e.contains("the ranks were given different runs")
+                && e.contains("(20 steps)")
+                && e.contains("(21 steps)"),
+            "{e}"
+        );
+    }
+    assert!(!dir.exists(), "a refused run wrote its folder");
+}

@@ -181,6 +181,39 @@ fn signal_flags(signal: usize) -> [f64; 3] {
     [f64::from(u8::from(signal != 0)), s, s * s]
 }
 
+/// Every rank must run the same run: the same effective config (steps resolved) and the same
+/// number of method parameters. Ranks that differ would make collectives of different sizes
+/// (under MPI a crash, not an error), so they are refused first, naming each rank's. A
+/// collective: every rank calls it.
+fn check_same_run(ranks: &dyn Collective, cfg: &RunConfig, params: usize) -> Result<()> {
+    if ranks.size() == 1 {
+        return Ok(());
+    }
+    let mine = format!(
+        "config {} ({} steps), {params} method parameters",
+        config_hash(&cfg.to_toml_string()),
+        cfg.train.steps
+    );
+    let all = ranks.all_gather(mine.as_bytes())?;
+    let all: Vec<String> = all
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    if all.iter().all(|x| *x == all[0]) {
+        return Ok(());
+    }
+    let list = all
+        .iter()
+        .enumerate()
+        .map(|(r, x)| format!("rank {r}: {x}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(Error::Ranks(format!(
+        "the ranks were given different runs ({list}): every rank must get the same config, \
+         model and data (nothing was written)"
+    )))
+}
+
 /// A short hash of the effective config: a resume must continue the same run.
 fn config_hash(text: &str) -> String {
     let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -1000,7 +1033,8 @@ impl<'a, B: Backend + 'static> Run<'a, B> {
             (Some(_), 1..) => MetricsLog::history(out_dir, state.step)?,
             _ => Vec::new(),
         };
-        opts.ranks.barrier()?;
+        // Also the barrier before rank 0 writes anything.
+        check_same_run(opts.ranks, cfg, train_params(method.as_ref()))?;
         if opts.ranks.rank() > 0 {
             let bar = ProgressBar::hidden();
             return Ok(Self::new(
