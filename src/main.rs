@@ -444,6 +444,12 @@ enum Selected {
 /// The backend of `args`; a CUDA device is number `ordinal` modulo the devices the driver sees
 /// (the rank's index on its machine: one GPU per rank).
 fn select_device(args: &DeviceArgs, ordinal: usize) -> Result<Selected> {
+    // The fallback notes once per machine (local rank 0), not once per rank.
+    let note = |line: String| {
+        if ordinal == 0 {
+            eprintln!("{line}");
+        }
+    };
     let ordinal = ordinal % fastpt::backend::gpu::cuda::device_count().max(1);
     let dtype = match args.dtype.as_str() {
         "f32" => DType::F32,
@@ -480,13 +486,15 @@ fn select_device(args: &DeviceArgs, ordinal: usize) -> Result<Selected> {
         _ => match CudaDevice::new(ordinal) {
             Ok(dev) => match older_gpu_refusal(&dev, dtype, attention) {
                 Some(why) => {
-                    eprintln!("fastpt: {why}; running in f32 with the scalar flash kernels");
+                    note(format!(
+                        "fastpt: {why}; running in f32 with the scalar flash kernels"
+                    ));
                     Selected::Cuda(dev, DType::F32, AttentionKernel::Flash)
                 }
                 None => Selected::Cuda(dev, dtype, attention),
             },
             Err(e) => {
-                eprintln!("fastpt: no usable GPU ({e}); running on the CPU");
+                note(format!("fastpt: no usable GPU ({e}); running on the CPU"));
                 Selected::Cpu32
             }
         },

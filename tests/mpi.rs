@@ -110,6 +110,9 @@ fn two_mpi_ranks_with_8_rows_give_the_losses_of_one_process_with_16() {
         check(&out, name);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(stdout.contains("2 ranks"), "{name}: {stdout}");
+        // --device auto's fallback note comes once per machine, not once per rank.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.matches("no usable GPU").count(), 1, "{stderr}");
         let (a, b) = (losses(&d2), losses(&d1));
         assert_eq!(b.len(), 20);
         let d = rel_diff(&a, &b);
