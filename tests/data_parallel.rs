@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicUsize;
 
 mod common;
 
-use common::{default_config as config, DATA_PARALLEL_CASES};
+use common::{default_config as config, rel_diff, DATA_PARALLEL_CASES};
 
 use fastpt::backend::collective::{Collective, SingleProcess, ThreadGroup};
 use fastpt::backend::cpu::CpuBackend;
@@ -64,18 +64,6 @@ fn run_ranks(cfg: &RunConfig, n: usize, k: Knobs) -> Vec<fastpt::Result<Outcome>
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
-}
-
-/// ‖a − b‖ / ‖b‖ over the losses, which must be of the same steps.
-fn rel_diff(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
-    assert_eq!(a.len(), b.len(), "runs of different lengths");
-    let (mut num, mut den) = (0.0, 0.0);
-    for (x, y) in a.iter().zip(b) {
-        assert_eq!(x.0, y.0);
-        num += (x.1 - y.1).powi(2);
-        den += y.1 * y.1;
-    }
-    (num / den).sqrt()
 }
 
 /// 20 steps of batch 16 (8 per rank on 2 ranks), dev evaluations and checkpoints on the way.

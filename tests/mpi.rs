@@ -15,7 +15,7 @@ use fastpt::train::checkpoint::load_checkpoint;
 
 mod common;
 
-use common::DATA_PARALLEL_CASES;
+use common::{rel_diff, DATA_PARALLEL_CASES};
 
 /// `fastpt ARGS` as one process.
 fn one(args: &[&str]) -> Output {
@@ -60,16 +60,6 @@ fn losses(dir: &Path) -> Vec<(u64, f64)> {
         .filter(|v| v["kind"] == "step")
         .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
         .collect()
-}
-
-fn rel_diff(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
-    assert_eq!(
-        a.iter().map(|x| x.0).collect::<Vec<_>>(),
-        b.iter().map(|x| x.0).collect::<Vec<_>>()
-    );
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x.1 - y.1).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y.1 * y.1).sum();
-    (num / den).sqrt()
 }
 
 /// `run` with the embedded default's synthetic task at test sizes, into `dir`.

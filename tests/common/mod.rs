@@ -99,3 +99,12 @@ pub const DATA_PARALLEL_CASES: &[(&str, &[&str])] = &[
     ),
     ("llama-ept", &["model=llama-tiny"]),
 ];
+
+/// ‖a − b‖ / ‖b‖ over two runs' (step, loss) lists, which must hold the same steps.
+pub fn rel_diff(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
+    let steps = |v: &[(u64, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+    assert_eq!(steps(a), steps(b), "runs of different steps");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x.1 - y.1).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y.1 * y.1).sum();
+    (num / den).sqrt()
+}
